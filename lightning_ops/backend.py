@@ -1,0 +1,140 @@
+"""Backend choice: which implementation (torch | triton | cuda) runs an op.
+
+Default by device: CPU tensors -> torch; CUDA tensors -> the fastest implemented backend of the
+op's family. Override with env LIGHTNING_OPS_BACKEND or `use_backend(name)`. An explicitly asked
+backend that is unavailable raises an error naming what is missing; it never silently falls back.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import shutil
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+
+# family -> backends that implement it, fastest first (the default order on CUDA)
+_FAMILY_BACKENDS: Dict[str, Tuple[str, ...]] = {
+    "gla": ("triton", "torch"),
+    "delta": ("triton", "torch"),
+    "selective_scan": ("cuda", "triton", "torch"),
+    "ssd": ("triton", "torch"),
+    "conv": ("triton", "torch"),
+}
+# (family, backend) -> module implementing it
+_MODULES: Dict[Tuple[str, str], str] = {
+    ("gla", "torch"): "lightning_ops.gla.torch",
+    ("gla", "triton"): "lightning_ops.gla.triton",
+    ("delta", "torch"): "lightning_ops.delta.torch",
+    ("delta", "triton"): "lightning_ops.delta.triton",
+    ("selective_scan", "torch"): "lightning_ops.ssm.torch",
+    ("selective_scan", "triton"): "lightning_ops.ssm.triton",
+    ("selective_scan", "cuda"): "lightning_ops.ssm.cuda",
+    ("ssd", "torch"): "lightning_ops.ssm.torch",
+    ("ssd", "triton"): "lightning_ops.ssm.triton",
+    ("conv", "torch"): "lightning_ops.ssm.torch",
+    ("conv", "triton"): "lightning_ops.ssm.triton",
+}
+
+_forced: List[str] = []  # use_backend() stack; a plain list so torch.compile can trace it
+
+
+class BackendUnavailableError(RuntimeError):
+    """The asked-for backend cannot run here; the message says what is missing."""
+
+
+def _triton_missing(device: torch.device) -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "the 'triton' package is not installed (pip install triton)"
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"Triton needs CUDA tensors, or TRITON_INTERPRET=1 set before import to run on "
+            f"{device.type} tensors through the interpreter")
+
+
+def _cuda_missing(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        return "nvcc was not found (install the CUDA toolkit or set CUDA_HOME) to build csrc/"
+    return None
+
+
+def missing(backend: str, device: torch.device, family: Optional[str] = None) -> Optional[str]:
+    """Why `backend` cannot run `family` on `device`, or None if it can."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; choose one of {BACKENDS}"
+    if family is not None and backend not in _FAMILY_BACKENDS[family]:
+        return (f"the {family} ops have no {backend} backend; available: "
+                f"{_FAMILY_BACKENDS[family]}")
+    if backend == "triton":
+        return _triton_missing(device)
+    if backend == "cuda":
+        return _cuda_missing(device)
+    return None
+
+
+def requested() -> Optional[str]:
+    """The backend forced by use_backend() (innermost) or LIGHTNING_OPS_BACKEND, if any."""
+    if _forced:
+        return _forced[-1]
+    env = os.environ.get("LIGHTNING_OPS_BACKEND", "").strip().lower()
+    return env or None
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend for ops called inside the block: `with use_backend("torch"): ...`."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    _forced.append(name)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def resolve(family: str, device: torch.device) -> str:
+    """The backend that runs `family` on `device`."""
+    forced = requested()
+    if forced is not None:
+        why = missing(forced, device, family)
+        if why is not None:
+            raise BackendUnavailableError(f"backend {forced!r} is unavailable: {why}")
+        return forced
+    if device.type != "cuda":
+        return "torch"
+    for name in _FAMILY_BACKENDS[family]:
+        if missing(name, device, family) is None and _loadable(family, name):
+            return name
+    return "torch"
+
+
+_load_errors: Dict[Tuple[str, str], str] = {}
+
+
+def _loadable(family: str, backend: str) -> bool:
+    try:
+        implementation(family, backend)
+        return True
+    except BackendUnavailableError:
+        return False
+
+
+def implementation(family: str, backend: str):
+    """The module implementing `family` on `backend` (imported lazily)."""
+    key = (family, backend)
+    if key in _load_errors:
+        raise BackendUnavailableError(_load_errors[key])
+    try:
+        return importlib.import_module(_MODULES[key])
+    except ImportError as e:
+        _load_errors[key] = f"backend {backend!r} for {family} ops failed to load: {e}"
+        raise BackendUnavailableError(_load_errors[key]) from e

@@ -1,0 +1,175 @@
+"""Public ops of the gated-linear-attention family (linear attention, simple GLA / Lightning /
+RetNet, GLA): validation, backend dispatch and the torch.library custom ops around one engine.
+
+Every op here is `S_t = decay_t * S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t` with decay none,
+scalar (g [B,T,H] and/or constant g_gamma [H]) or vector (g [B,T,H,K]). One pair of custom ops
+(forward, backward) serves all of them; the backend module gets the gate tensors as they are.
+
+Backend module contract (lightning_ops.gla.torch / .triton):
+  forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode)
+      -> (o, final_state or None)
+  backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht)
+      -> (dq, dk, dv, dg or None, dh0 or None)
+mode is "chunk" or "recurrent"; g_gamma takes no gradient (a fixed per-head decay).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import backend as _backend
+from .. import validation as V
+from .._custom_op import empty_like_none, none_if_empty
+
+Tensor = torch.Tensor
+
+
+def _state_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("lightning_ops::gated_linear_attn", mutates_args=())
+def _gla_fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], g_gamma: Optional[Tensor],
+             initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
+             output_final_state: bool, mode: str, backend: str) -> Tuple[Tensor, Tensor]:
+    impl = _backend.implementation("gla", backend)
+    o, ht = impl.forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
+                         cu_seqlens, mode)
+    return o, empty_like_none(ht, q, _state_dtype(q))
+
+
+@_gla_fwd.register_fake
+def _(q, k, v, g, g_gamma, initial_state, cu_seqlens, scale, output_final_state, mode, backend):
+    B, T, H, K = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    o = v.new_empty(v.shape)
+    ht = q.new_empty((N, H, K, v.shape[-1]) if output_final_state else (0,),
+                     dtype=_state_dtype(q))
+    return o, ht
+
+
+@torch.library.custom_op("lightning_ops::gated_linear_attn_backward", mutates_args=())
+def _gla_bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+             g: Optional[Tensor], g_gamma: Optional[Tensor], initial_state: Optional[Tensor],
+             cu_seqlens: Optional[Tensor], scale: float, mode: str, backend: str
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = _backend.implementation("gla", backend)
+    dq, dk, dv, dg, dh0 = impl.backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens,
+                                        mode, do, dht)
+    return dq, dk, dv, empty_like_none(dg, q), empty_like_none(dh0, q)
+
+
+@_gla_bwd.register_fake
+def _(do, dht, q, k, v, g, g_gamma, initial_state, cu_seqlens, scale, mode, backend):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(0) if g is None else torch.empty_like(g),
+            q.new_empty(0) if initial_state is None else torch.empty_like(initial_state))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, g, g_gamma, h0, cu, scale, _, mode, backend = inputs
+    ctx.save_for_backward(q, k, v, g, g_gamma, h0, cu)
+    ctx.scale, ctx.mode, ctx.backend = scale, mode, backend
+
+
+def _backward(ctx, do, dht):
+    q, k, v, g, g_gamma, h0, cu = ctx.saved_tensors
+    dht = None if dht is None or dht.numel() == 0 else dht
+    dq, dk, dv, dg, dh0 = _gla_bwd(do.contiguous(), dht, q, k, v, g, g_gamma, h0, cu,
+                                   ctx.scale, ctx.mode, ctx.backend)
+    return (dq, dk, dv, none_if_empty(dg) if g is not None else None, None,
+            none_if_empty(dh0) if h0 is not None else None, None, None, None, None, None)
+
+
+_gla_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _run(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode,
+         gate: str):
+    """Validate, pick the backend, call the custom op. gate: 'none' | 'scalar' | 'vector'."""
+    B, T, H, K, Vd = V.qkv_dims(q, k, v)
+    if gate == "scalar":
+        V.check_tensor("g", g, (B, T, H), "[B, T, H]", q)
+        V.check_tensor("g_gamma", g_gamma, (H,), "[H]", q)
+    elif gate == "vector":
+        if g is None:
+            raise ValueError("g is required: the GLA gate must have shape [B, T, H, K]")
+        V.check_tensor("g", g, (B, T, H, K), "[B, T, H, K]", q)
+    V.check_scale(scale)
+    V.check_flag("output_final_state", output_final_state)
+    N = V.check_cu_seqlens(cu_seqlens, B, T, q)
+    V.check_state("initial_state", initial_state, (N, H, K, Vd), "[N, H, K, V]", q)
+    scale = float(K ** -0.5 if scale is None else scale)
+    name = _backend.resolve("gla", q.device)
+    o, ht = _gla_fwd(q, k, v, g, g_gamma, initial_state, cu_seqlens, scale,
+                     output_final_state, mode, name)
+    return o, (ht if output_final_state else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API (signatures as in fla)
+# ---------------------------------------------------------------------------------------------
+def chunk_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
+                      initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+                      cu_seqlens: Optional[Tensor] = None):
+    """Linear attention S_t = S_{t-1} + k_t v_t^T, chunked. Returns (o, final_state)."""
+    return _run(q, k, v, None, None, scale, initial_state, output_final_state, cu_seqlens,
+                "chunk", "none")
+
+
+def chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
+                     g_gamma: Optional[Tensor] = None, scale: Optional[float] = None,
+                     initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+                     cu_seqlens: Optional[Tensor] = None):
+    """Scalar-gated linear attention: decay exp(g [B,T,H]) and/or exp(g_gamma [H]) per head."""
+    return _run(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens,
+                "chunk", "scalar")
+
+
+def lightning_attn(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, scale: Optional[float] = None,
+                   initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+                   cu_seqlens: Optional[Tensor] = None):
+    """Lightning Attention (TNL): constant per-head decay exp(-slope[h]); slope takes no grad."""
+    B, T, H, K, _ = V.qkv_dims(q, k, v)
+    V.check_tensor("slope", slope, (H,), "[H]", q)
+    return _run(q, k, v, None, -slope.detach(), scale, initial_state, output_final_state,
+                cu_seqlens, "chunk", "scalar")
+
+
+def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float] = None,
+              initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+              cu_seqlens: Optional[Tensor] = None):
+    """Gated linear attention with a vector gate g [B,T,H,K] (log decays, <= 0)."""
+    return _run(q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens,
+                "chunk", "vector")
+
+
+def fused_recurrent_linear_attn(q, k, v, scale=None, initial_state=None,
+                                output_final_state=False, cu_seqlens=None):
+    """Token-by-token form of chunk_linear_attn (decode, short T)."""
+    return _run(q, k, v, None, None, scale, initial_state, output_final_state, cu_seqlens,
+                "recurrent", "none")
+
+
+def fused_recurrent_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
+                               output_final_state=False, cu_seqlens=None):
+    """Token-by-token form of chunk_simple_gla (decode, short T)."""
+    return _run(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens,
+                "recurrent", "scalar")
+
+
+def fused_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None,
+                                   output_final_state=False, cu_seqlens=None):
+    """Token-by-token form of lightning_attn (decode, short T)."""
+    B, T, H, K, _ = V.qkv_dims(q, k, v)
+    V.check_tensor("slope", slope, (H,), "[H]", q)
+    return _run(q, k, v, None, -slope.detach(), scale, initial_state, output_final_state,
+                cu_seqlens, "recurrent", "scalar")
+
+
+def fused_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
+                        cu_seqlens=None):
+    """Token-by-token form of chunk_gla (decode, short T)."""
+    return _run(q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens,
+                "recurrent", "vector")

@@ -1,0 +1,342 @@
+"""The spec: naive token-by-token recurrences for every op in lightning_ops.
+
+Each function is the math of one op written as plainly as possible. Tests run these in float64
+and compare every backend against them. This file imports nothing from lightning_ops.
+
+Conventions (shared by all ops):
+  * q, k: [B, T, H, K]; v: [B, T, H, V]; states: [N, H, K, V] (float32, or float64 for float64
+    inputs); outputs in the input dtype.
+  * Gates are natural-log decays (g <= 0): the state is multiplied by exp(g) before the update.
+  * o_t = scale * S_t^T q_t, scale defaults to K ** -0.5.
+  * cu_seqlens (B == 1) packs N sequences; each starts from initial_state[n] and reports its own
+    final state. Without cu_seqlens, N == B.
+  * Every function returns (output, final_state); final_state is None unless asked for.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _segments(T: int, B: int, cu_seqlens: Optional[Tensor]):
+    """Yield (n, b, start, end): sequence n lives in batch row b, tokens [start, end)."""
+    if cu_seqlens is None:
+        for b in range(B):
+            yield b, b, 0, T
+    else:
+        bounds = cu_seqlens.tolist()
+        for n in range(len(bounds) - 1):
+            yield n, 0, bounds[n], bounds[n + 1]
+
+
+def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim (the in-kernel q/k norm of the delta rule)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gated linear attention family: S_t = decay_t * S_{t-1} + k_t v_t^T ; o_t = scale * S_t^T q_t
+# ------------------------------------------------------------------------------------------------
+def gated_linear_attn_ref(
+    q: Tensor, k: Tensor, v: Tensor,
+    g: Optional[Tensor] = None,
+    g_gamma: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[Tensor] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """One recurrence for linear attention (no gate), simple GLA (scalar g [B,T,H] and/or
+    constant g_gamma [H]) and GLA (vector g [B,T,H,K])."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    scale = K ** -0.5 if scale is None else scale
+    dt, out_dtype = _acc_dtype(q), v.dtype
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    o = torch.zeros(B, T, H, V, dtype=dt, device=q.device)
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    ht = torch.zeros(N, H, K, V, dtype=dt, device=q.device)
+    for n, b, bos, eos in _segments(T, B, cu_seqlens):
+        S = torch.zeros(H, K, V, dtype=dt, device=q.device)
+        if initial_state is not None:
+            S = initial_state[n].to(dt).clone()
+        for t in range(bos, eos):
+            log_decay = torch.zeros(H, K, dtype=dt, device=q.device)
+            if g is not None:
+                gt = g[b, t].to(dt)
+                log_decay = log_decay + (gt if gt.dim() == 2 else gt[:, None])
+            if g_gamma is not None:
+                log_decay = log_decay + g_gamma.to(dt)[:, None]
+            S = S * log_decay.exp()[..., None] + k[b, t][..., None] * v[b, t][:, None, :]
+            o[b, t] = scale * torch.einsum("hk,hkv->hv", q[b, t], S)
+        ht[n] = S
+    return o.to(out_dtype), (ht if output_final_state else None)
+
+
+def linear_attn_ref(q, k, v, scale=None, initial_state=None, output_final_state=False,
+                    cu_seqlens=None):
+    return gated_linear_attn_ref(q, k, v, None, None, scale, initial_state, output_final_state,
+                                 cu_seqlens)
+
+
+def simple_gla_ref(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
+                   output_final_state=False, cu_seqlens=None):
+    return gated_linear_attn_ref(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
+                                 cu_seqlens)
+
+
+def lightning_attn_ref(q, k, v, slope, scale=None, initial_state=None, output_final_state=False,
+                       cu_seqlens=None):
+    """Lightning Attention / TNL: constant per-head decay exp(-slope[h])."""
+    return gated_linear_attn_ref(q, k, v, None, -slope, scale, initial_state, output_final_state,
+                                 cu_seqlens)
+
+
+def gla_ref(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
+            cu_seqlens=None):
+    return gated_linear_attn_ref(q, k, v, g, None, scale, initial_state, output_final_state,
+                                 cu_seqlens)
+
+
+# ------------------------------------------------------------------------------------------------
+# Delta rule: S_t = exp(g_t) S_{t-1};  S_t += beta_t k_t (v_t - S_t^T k_t)^T ; o_t = scale S_t^T q_t
+# Grouped value heads: v, beta, g may have HV = m * H heads; value head j reads q/k head j // m.
+# ------------------------------------------------------------------------------------------------
+def gated_delta_rule_ref(
+    q: Tensor, k: Tensor, v: Tensor,
+    g: Optional[Tensor],
+    beta: Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[Tensor] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[Tensor] = None,
+    use_qk_l2norm_in_kernel: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    B, T, H, K = q.shape
+    HV, V = v.shape[-2:]
+    scale = K ** -0.5 if scale is None else scale
+    dt, out_dtype = _acc_dtype(q), v.dtype
+    q, k, v, beta = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    if HV != H:  # repeat q/k heads for each group of value heads
+        q = q.repeat_interleave(HV // H, dim=2)
+        k = k.repeat_interleave(HV // H, dim=2)
+    o = torch.zeros(B, T, HV, V, dtype=dt, device=q.device)
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    ht = torch.zeros(N, HV, K, V, dtype=dt, device=q.device)
+    for n, b, bos, eos in _segments(T, B, cu_seqlens):
+        S = torch.zeros(HV, K, V, dtype=dt, device=q.device)
+        if initial_state is not None:
+            S = initial_state[n].to(dt).clone()
+        for t in range(bos, eos):
+            if g is not None:
+                S = S * g[b, t].to(dt).exp()[:, None, None]
+            kt, vt = k[b, t], v[b, t]
+            v_err = vt - torch.einsum("hk,hkv->hv", kt, S)
+            S = S + beta[b, t][:, None, None] * kt[..., None] * v_err[:, None, :]
+            o[b, t] = scale * torch.einsum("hk,hkv->hv", q[b, t], S)
+        ht[n] = S
+    return o.to(out_dtype), (ht if output_final_state else None)
+
+
+def delta_rule_ref(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
+                   cu_seqlens=None, use_qk_l2norm_in_kernel=False):
+    return gated_delta_rule_ref(q, k, v, None, beta, scale, initial_state, output_final_state,
+                                cu_seqlens, use_qk_l2norm_in_kernel)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mamba-1 selective scan (mamba-ssm layout): per channel d and state n,
+#   h_t = exp(delta_t A[d, n]) h_{t-1} + delta_t B_t[n] u_t ;  y_t = sum_n C_t[n] h_t + D u_t
+# ------------------------------------------------------------------------------------------------
+def _expand_groups(X: Tensor, D: int) -> Tensor:
+    """B/C [b, N, L] or [b, G, N, L] -> [b, D, N, L] (channel d reads group d // (D // G))."""
+    if X.dim() == 3:
+        X = X[:, None]
+    return X.repeat_interleave(D // X.shape[1], dim=1)
+
+
+def selective_scan_ref(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    initial_state: Optional[Tensor] = None,
+):
+    """u, delta, z: [b, D, L]; A: [D, N]; B, C: [b, N, L] or [b, G, N, L]; D, delta_bias: [D];
+    initial_state / last state: [b, D, N]. Returns y, or (y, last_state)."""
+    dt = _acc_dtype(u)
+    b, Dm, L = u.shape
+    uf, deltaf, Af = u.to(dt), delta.to(dt), A.to(dt)
+    if delta_bias is not None:
+        deltaf = deltaf + delta_bias.to(dt)[:, None]
+    if delta_softplus:
+        deltaf = F.softplus(deltaf)
+    Bf, Cf = _expand_groups(B.to(dt), Dm), _expand_groups(C.to(dt), Dm)
+    h = torch.zeros(b, Dm, A.shape[1], dtype=dt, device=u.device)
+    if initial_state is not None:
+        h = initial_state.to(dt).clone()
+    ys = []
+    for t in range(L):
+        h = torch.exp(deltaf[:, :, t, None] * Af) * h + (deltaf[:, :, t] * uf[:, :, t])[..., None] * Bf[..., t]
+        ys.append((h * Cf[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1) if L > 0 else uf.new_zeros(b, Dm, 0)
+    if D is not None:
+        y = y + D.to(dt)[:, None] * uf
+    if z is not None:
+        y = y * F.silu(z.to(dt))
+    y = y.to(u.dtype)
+    return (y, h) if return_last_state else y
+
+
+# ------------------------------------------------------------------------------------------------
+# Mamba-2 SSD: per head h (state [p, n]), dt_t processed by bias / softplus / clamp, then
+#   H_t = exp(dt_t A[h]) H_{t-1} + dt_t x_t B_t^T ;  y_t = H_t C_t + D x_t ; y *= silu(z) if z
+# ------------------------------------------------------------------------------------------------
+def ssd_ref(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    dt_bias: Optional[Tensor] = None,
+    initial_states: Optional[Tensor] = None,
+    seq_idx: Optional[Tensor] = None,
+    cu_seqlens: Optional[Tensor] = None,
+    dt_softplus: bool = False,
+    dt_limit: Tuple[float, float] = (0.0, float("inf")),
+) -> Tuple[Tensor, Tensor]:
+    """x [b,l,h,p], dt [b,l,h], A [h], B/C [b,l,g,n], D [h] or [h,p], z [b,l,h,p], dt_bias [h].
+    initial_states / final states: [N, h, p, n] (N = b, or the number of cu_seqlens segments).
+    seq_idx [b,l]: the state resets to zero where seq_idx changes. Returns (y, final_states)."""
+    acc = _acc_dtype(x)
+    b, l, h, p = x.shape
+    ng, n = B.shape[-2:]
+    xf, dtf, Af = x.to(acc), dt.to(acc), A.to(acc)
+    if dt_bias is not None:
+        dtf = dtf + dt_bias.to(acc)
+    if dt_softplus:
+        dtf = F.softplus(dtf)
+    if dt_limit != (0.0, float("inf")):
+        dtf = dtf.clamp(dt_limit[0], dt_limit[1])
+    Bf = B.to(acc).repeat_interleave(h // ng, dim=2)  # [b, l, h, n]
+    Cf = C.to(acc).repeat_interleave(h // ng, dim=2)
+    y = torch.zeros(b, l, h, p, dtype=acc, device=x.device)
+    N = b if cu_seqlens is None else cu_seqlens.numel() - 1
+    final = torch.zeros(N, h, p, n, dtype=acc, device=x.device)
+    for s, bi, bos, eos in _segments(l, b, cu_seqlens):
+        H = torch.zeros(h, p, n, dtype=acc, device=x.device)
+        if initial_states is not None:
+            H = initial_states[s].to(acc).clone()
+        for t in range(bos, eos):
+            if seq_idx is not None and t > bos and seq_idx[bi, t] != seq_idx[bi, t - 1]:
+                H = torch.zeros_like(H)
+            H = torch.exp(dtf[bi, t] * Af)[:, None, None] * H \
+                + (dtf[bi, t][:, None] * xf[bi, t])[..., None] * Bf[bi, t][:, None, :]
+            y[bi, t] = torch.einsum("hpn,hn->hp", H, Cf[bi, t])
+        final[s] = H
+    if D is not None:
+        Df = D.to(acc)
+        y = y + (Df[:, None] if Df.dim() == 1 else Df) * xf
+    if z is not None:
+        y = y * F.silu(z.to(acc))
+    return y.to(x.dtype), final
+
+
+# ------------------------------------------------------------------------------------------------
+# Causal depthwise conv1d (causal-conv1d layout): x [b, D, L], weight [D, W]
+#   out[t] = act(bias + sum_i weight[i] * x[t - W + 1 + i]),  history before t=0 from initial_states
+# ------------------------------------------------------------------------------------------------
+def _activate(x: Tensor, activation: Optional[str]) -> Tensor:
+    if activation in ("silu", "swish"):
+        return F.silu(x)
+    if activation is None:
+        return x
+    raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+
+
+def causal_conv1d_ref(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+    initial_states: Optional[Tensor] = None,
+    return_final_states: bool = False,
+    activation: Optional[str] = None,
+):
+    """initial_states / final states: [b, D, W-1]. Returns out, or (out, final_states)."""
+    acc = _acc_dtype(x)
+    b, Dm, L = x.shape
+    W = weight.shape[1]
+    hist = x.new_zeros(b, Dm, W - 1, dtype=acc) if initial_states is None \
+        else initial_states.to(acc)
+    xp = torch.cat([hist, x.to(acc)], dim=-1)  # [b, D, W-1+L]
+    out = torch.zeros(b, Dm, L, dtype=acc, device=x.device)
+    for i in range(W):
+        out = out + weight.to(acc)[:, i, None] * xp[:, :, i:i + L]
+    if bias is not None:
+        out = out + bias.to(acc)[:, None]
+    out = _activate(out, activation).to(x.dtype)
+    if return_final_states:
+        return out, xp[:, :, xp.shape[-1] - (W - 1):].to(x.dtype)
+    return out
+
+
+def causal_conv1d_update_ref(
+    x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+    activation: Optional[str] = None,
+) -> Tensor:
+    """Decode: x [b, D] or [b, D, L]; conv_state [b, D, S] (S >= W-1) holds the last S inputs and
+    is shifted in place. Returns out shaped like x."""
+    squeeze = x.dim() == 2
+    xs = x[..., None] if squeeze else x
+    W, S, L = weight.shape[1], conv_state.shape[-1], xs.shape[-1]
+    full = torch.cat([conv_state, xs.to(conv_state.dtype)], dim=-1)  # [b, D, S+L]
+    out = causal_conv1d_ref(xs, weight, bias, initial_states=full[:, :, S - (W - 1):S],
+                            activation=activation)
+    conv_state.copy_(full[:, :, L:])
+    return out[..., 0] if squeeze else out
+
+
+# ------------------------------------------------------------------------------------------------
+# Selective-state decode step (mamba-ssm layout), state updated in place:
+#   state = exp(dt A) state + dt B x ;  out = state C + D x ; out *= silu(z) if z
+# ------------------------------------------------------------------------------------------------
+def selective_state_update_ref(
+    state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+    D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+    dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+) -> Tensor:
+    """With heads: state [b,h,p,n], x/dt/z [b,h,p], A [h,p,n], B/C [b,g,n], D/dt_bias [h,p].
+    Without heads (Mamba-1): state [b,D,n], x/dt/z [b,D], A [D,n], B/C [b,n], D/dt_bias [D]."""
+    if state.dim() == 3:  # Mamba-1 form: one head
+        out = selective_state_update_ref(
+            state[:, None], x[:, None], dt[:, None], A[None], B[:, None], C[:, None],
+            None if D is None else D[None], None if z is None else z[:, None],
+            None if dt_bias is None else dt_bias[None], dt_softplus)
+        return out[:, 0]
+    acc = _acc_dtype(x)
+    h, ng = state.shape[1], B.shape[1]
+    dtf = dt.to(acc)
+    if dt_bias is not None:
+        dtf = dtf + dt_bias.to(acc)
+    if dt_softplus:
+        dtf = F.softplus(dtf)
+    Bf = B.to(acc).repeat_interleave(h // ng, dim=1)  # [b, h, n]
+    Cf = C.to(acc).repeat_interleave(h // ng, dim=1)
+    new = torch.exp(dtf[..., None] * A.to(acc)) * state.to(acc) \
+        + (dtf * x.to(acc))[..., None] * Bf[:, :, None, :]
+    out = torch.einsum("bhpn,bhn->bhp", new, Cf)
+    if D is not None:
+        out = out + D.to(acc) * x.to(acc)
+    if z is not None:
+        out = out * F.silu(z.to(acc))
+    state.copy_(new.to(state.dtype))
+    return out.to(x.dtype)
