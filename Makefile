@@ -1,0 +1,48 @@
+SHELL := /bin/bash
+# Two commands do all the set-up on a fresh machine:
+#   make test    create .venv, install torch (CPU build here) + triton + deps, run the CPU suite
+#   make bench   the main job: kernel throughput table (+ results/results.csv)
+# On a GPU machine with its own python3 and no network (no venv): make test-gpu, make bench-gpu.
+
+PYTHON        ?= python3
+VENV          := .venv
+VPY           := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+TRITON_VERSION ?= 3.9.0
+# Extra pip flags for torch, e.g. TORCH_PIP_ARGS="--index-url <your CPU wheel index>"
+TORCH_PIP_ARGS ?=
+BENCH_OUT     ?= benchmarks/results
+STAMP         := $(VENV)/.installed-$(TORCH_VERSION)
+
+.PHONY: test test-gpu bench bench-gpu demo venv clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
+	$(VPY) -m pip install -q triton==$(TRITON_VERSION) einops ninja numpy pytest pytest-benchmark tqdm matplotlib setuptools wheel
+	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+# The CPU suite; Triton kernels run through the interpreter (set before any kernel import).
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider
+
+# GPU lane: the device's own python3 (torch, triton preinstalled), no venv, no network.
+test-gpu:
+	PYTHONPATH=. $(PYTHON) -m pytest -q -p no:cacheprovider -m gpu
+
+bench: $(STAMP)
+	$(VPY) -m benchmarks
+
+bench-gpu:
+	mkdir -p $(BENCH_OUT)
+	set -o pipefail; PYTHONPATH=. $(PYTHON) -m pytest -q -p no:cacheprovider -m gpu 2>&1 | tee $(BENCH_OUT)/gpu-tests.log
+	PYTHONPATH=. $(PYTHON) -m benchmarks --gpu-suite --out $(BENCH_OUT)
+
+demo: $(STAMP)
+	$(VPY) examples/mqar.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,164 @@
+"""Public ops of the delta-rule family (DeltaNet, Gated DeltaNet): validation, backend dispatch
+and the torch.library custom ops around one engine.
+
+Every op here is `S_t = exp(g_t) S_{t-1}; S_t += beta_t k_t (v_t - S_t^T k_t)^T;
+o_t = scale * S_t^T q_t`, with g absent for the plain delta rule. One pair of custom ops
+(forward, backward) serves both; the backend module gets g (or None) as given.
+
+Grouped value heads: v, beta and g may have HV = m * H heads (H the q/k heads); value head j
+reads q/k head j // m and the states are [N, HV, K, V].
+
+Backend module contract (lightning_ops.delta.torch / .triton):
+  forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+          use_qk_l2norm_in_kernel, mode) -> (o, final_state or None)
+  backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, mode,
+           do, dht) -> (dq, dk, dv, dg or None, dbeta, dh0 or None)
+mode is "chunk" or "recurrent"; dht may be None (no gradient flows into the final state).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import backend as _backend
+from .. import validation as V
+from .._custom_op import empty_like_none, none_if_empty
+
+Tensor = torch.Tensor
+
+
+def _state_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("lightning_ops::gated_delta_rule", mutates_args=())
+def _delta_fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Tensor,
+               initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
+               output_final_state: bool, use_qk_l2norm_in_kernel: bool, mode: str,
+               backend: str) -> Tuple[Tensor, Tensor]:
+    impl = _backend.implementation("delta", backend)
+    o, ht = impl.forward(q, k, v, g, beta, scale, initial_state, output_final_state,
+                         cu_seqlens, use_qk_l2norm_in_kernel, mode)
+    return o, empty_like_none(ht, q, _state_dtype(q))
+
+
+@_delta_fwd.register_fake
+def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state,
+      use_qk_l2norm_in_kernel, mode, backend):
+    B, T, H, K = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    o = v.new_empty(v.shape)
+    ht = q.new_empty((N, v.shape[2], K, v.shape[-1]) if output_final_state else (0,),
+                     dtype=_state_dtype(q))
+    return o, ht
+
+
+@torch.library.custom_op("lightning_ops::gated_delta_rule_backward", mutates_args=())
+def _delta_bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+               g: Optional[Tensor], beta: Tensor, initial_state: Optional[Tensor],
+               cu_seqlens: Optional[Tensor], scale: float, use_qk_l2norm_in_kernel: bool,
+               mode: str, backend: str
+               ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = _backend.implementation("delta", backend)
+    dq, dk, dv, dg, dbeta, dh0 = impl.backward(q, k, v, g, beta, scale, initial_state,
+                                               cu_seqlens, use_qk_l2norm_in_kernel, mode,
+                                               do, dht)
+    return dq, dk, dv, empty_like_none(dg, q), dbeta, empty_like_none(dh0, q)
+
+
+@_delta_bwd.register_fake
+def _(do, dht, q, k, v, g, beta, initial_state, cu_seqlens, scale, use_qk_l2norm_in_kernel,
+      mode, backend):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(0) if g is None else torch.empty_like(g),
+            torch.empty_like(beta),
+            q.new_empty(0) if initial_state is None else torch.empty_like(initial_state))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, g, beta, h0, cu, scale, _, l2, mode, backend = inputs
+    ctx.save_for_backward(q, k, v, g, beta, h0, cu)
+    ctx.scale, ctx.l2, ctx.mode, ctx.backend = scale, l2, mode, backend
+
+
+def _backward(ctx, do, dht):
+    q, k, v, g, beta, h0, cu = ctx.saved_tensors
+    dht = None if dht is None or dht.numel() == 0 else dht
+    dq, dk, dv, dg, dbeta, dh0 = _delta_bwd(do.contiguous(), dht, q, k, v, g, beta, h0, cu,
+                                            ctx.scale, ctx.l2, ctx.mode, ctx.backend)
+    return (dq, dk, dv, none_if_empty(dg) if g is not None else None, dbeta,
+            none_if_empty(dh0) if h0 is not None else None, None, None, None, None, None, None)
+
+
+_delta_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+         use_qk_l2norm_in_kernel, mode, gated: bool):
+    """Validate, pick the backend, call the custom op."""
+    B, T, H, K, Vd = V.qkv_dims(q, k, v, v_heads_multiple=True)
+    HV = v.shape[2]
+    if beta is None:
+        raise ValueError(f"beta is required: the delta-rule write strength, shape [B, T, H] = "
+                         f"[{B}, {T}, {HV}]")
+    V.check_tensor("beta", beta, (B, T, HV), "[B, T, H]", q)
+    if gated:
+        if g is None:
+            raise ValueError(f"g is required: the gated delta rule's log decay, shape "
+                             f"[B, T, H] = [{B}, {T}, {HV}]")
+        V.check_tensor("g", g, (B, T, HV), "[B, T, H]", q)
+    V.check_scale(scale)
+    V.check_flag("output_final_state", output_final_state)
+    V.check_flag("use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel)
+    N = V.check_cu_seqlens(cu_seqlens, B, T, q)
+    V.check_state("initial_state", initial_state, (N, HV, K, Vd), "[N, H, K, V]", q)
+    scale = float(K ** -0.5 if scale is None else scale)
+    name = _backend.resolve("delta", q.device)
+    o, ht = _delta_fwd(q, k, v, g if gated else None, beta, initial_state, cu_seqlens, scale,
+                       output_final_state, use_qk_l2norm_in_kernel, mode, name)
+    return o, (ht if output_final_state else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API (signatures as in fla)
+# ---------------------------------------------------------------------------------------------
+def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
+                     scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
+                     output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
+                     use_qk_l2norm_in_kernel: bool = False):
+    """DeltaNet: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T, chunked (WY/UT form).
+    q, k [B,T,H,K]; v [B,T,HV,V]; beta [B,T,HV]; states [N,HV,K,V]. Returns (o, final_state)."""
+    return _run(q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm_in_kernel, "chunk", gated=False)
+
+
+def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                           scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
+                           output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
+                           use_qk_l2norm_in_kernel: bool = False):
+    """Gated DeltaNet: the delta rule after decaying the state by exp(g [B,T,HV]), chunked."""
+    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm_in_kernel, "chunk", gated=True)
+
+
+def fused_recurrent_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
+                               scale: Optional[float] = None,
+                               initial_state: Optional[Tensor] = None,
+                               output_final_state: bool = False,
+                               cu_seqlens: Optional[Tensor] = None,
+                               use_qk_l2norm_in_kernel: bool = False):
+    """Token-by-token form of chunk_delta_rule (decode, short T)."""
+    return _run(q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm_in_kernel, "recurrent", gated=False)
+
+
+def fused_recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                                     scale: Optional[float] = None,
+                                     initial_state: Optional[Tensor] = None,
+                                     output_final_state: bool = False,
+                                     cu_seqlens: Optional[Tensor] = None,
+                                     use_qk_l2norm_in_kernel: bool = False):
+    """Token-by-token form of chunk_gated_delta_rule (decode, short T)."""
+    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm_in_kernel, "recurrent", gated=True)

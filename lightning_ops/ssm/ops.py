@@ -1,0 +1,529 @@
+"""Public ops of the state-space family: Mamba-1 selective scan, Mamba-2 SSD, causal depthwise
+conv1d and the decode steps. Validation, backend dispatch and the torch.library custom ops.
+
+Signatures are drop-in for mamba-ssm (`selective_scan_fn`, `mamba_chunk_scan_combined`,
+`selective_state_update`) and causal-conv1d (`causal_conv1d_fn`, `causal_conv1d_update`).
+
+Backend module contract (lightning_ops.ssm.torch / .triton / .cuda; families "selective_scan",
+"ssd" and "conv" in lightning_ops.backend):
+  selective_scan:
+    scan_aux_shape(batch, dim, dstate, seqlen) -> shape of the tensor the forward saves for the
+        backward (chunk carries for the CUDA kernel; (0,) when the backward recomputes)
+    scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        -> (y, last_state or None, aux)
+    scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, aux, dy, dlast)
+        -> (du, ddelta, dA, dB, dC, dD or None, dz or None, ddelta_bias or None)
+  ssd:
+    ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
+                dt_softplus, dt_min, dt_max, return_final_states) -> (y, final_states or None)
+    ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
+                 dt_softplus, dt_min, dt_max, dy, dfinal)
+        -> (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states) (None for absent inputs)
+    state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> out   (state in place;
+        heads form: state [b,h,p,n]; the Mamba-1 form is mapped onto it with h = 1)
+  conv:
+    conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, activation)
+        -> (out, final_states or None)
+    conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal)
+        -> (dx, dweight, dbias or None, dinitial_states or None)
+    conv_update(x, conv_state, weight, bias, activation) -> out   (x [b, D, L]; state in place)
+activation is "none" or "silu". States are float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from .. import backend as _backend
+from .. import validation as V
+from .._custom_op import empty_like_none, none_if_empty
+
+Tensor = torch.Tensor
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+def _state_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _empty_grad(x: Optional[Tensor], ref: Tensor) -> Tensor:
+    return ref.new_empty(0) if x is None else torch.empty_like(x)
+
+
+def _none_for_absent(grads, inputs):
+    return tuple(none_if_empty(g) if x is not None else None for g, x in zip(grads, inputs))
+
+
+# =============================================================================================
+# Mamba-1 selective scan
+# =============================================================================================
+@torch.library.custom_op("lightning_ops::selective_scan", mutates_args=())
+def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+              z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool,
+              return_last_state: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    impl = _backend.implementation("selective_scan", backend)
+    y, last, aux = impl.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                     return_last_state)
+    return y, empty_like_none(last, u, _state_dtype(u)), aux
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, backend):
+    b, d, L = u.shape
+    n = A.shape[1]
+    impl = _backend.implementation("selective_scan", backend)
+    last = u.new_empty((b, d, n) if return_last_state else (0,), dtype=_state_dtype(u))
+    aux = u.new_empty(impl.scan_aux_shape(b, d, n, L), dtype=_state_dtype(u))
+    return u.new_empty(u.shape), last, aux
+
+
+@torch.library.custom_op("lightning_ops::selective_scan_backward", mutates_args=())
+def _scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor,
+              B: Tensor, C: Tensor, D: Optional[Tensor], z: Optional[Tensor],
+              delta_bias: Optional[Tensor], aux: Tensor, delta_softplus: bool, backend: str
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = _backend.implementation("selective_scan", backend)
+    grads = impl.scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, aux, dy,
+                               dlast)
+    du, ddelta, dA, dB, dC, dD, dz, ddb = grads
+    return (du, ddelta, dA, dB, dC, empty_like_none(dD, u), empty_like_none(dz, u),
+            empty_like_none(ddb, u))
+
+
+@_scan_bwd.register_fake
+def _(dy, dlast, u, delta, A, B, C, D, z, delta_bias, aux, delta_softplus, backend):
+    return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A),
+            torch.empty_like(B), torch.empty_like(C), _empty_grad(D, u), _empty_grad(z, u),
+            _empty_grad(delta_bias, u))
+
+
+def _scan_setup(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, _, backend = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.delta_softplus, ctx.backend = delta_softplus, backend
+
+
+def _scan_backward(ctx, dy, dlast, _daux):
+    u, delta, A, B, C, D, z, delta_bias, aux = ctx.saved_tensors
+    dlast = None if dlast is None or dlast.numel() == 0 else dlast
+    grads = _scan_bwd(dy.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias, aux,
+                      ctx.delta_softplus, ctx.backend)
+    du, ddelta, dA, dB, dC = grads[:5]
+    rest = _none_for_absent(grads[5:], (D, z, delta_bias))
+    return (du, ddelta, dA, dB, dC) + rest + (None, None, None)
+
+
+_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
+
+
+def _check_bc(name: str, X: Tensor, b: int, d: int, L: int, ref: Tensor) -> int:
+    """B/C: [b, N, L] or [b, G, N, L] with D % G == 0. Returns N."""
+    V.check_float(name, X)
+    if X.dim() == 3:
+        V.check_tensor(name, X, (b, None, L), "[B, N, L]", ref)
+        return X.shape[1]
+    if X.dim() == 4:
+        V.check_tensor(name, X, (b, None, None, L), "[B, G, N, L]", ref)
+        if X.shape[1] < 1 or d % X.shape[1]:
+            raise ValueError(f"{name} has {X.shape[1]} groups (shape {list(X.shape)}), which "
+                             f"must divide the {d} channels of u")
+        return X.shape[2]
+    raise ValueError(f"{name} must have shape [B, N, L] or [B, G, N, L] = [{b}, *, {L}] or "
+                     f"[{b}, *, *, {L}], got {list(X.shape)}")
+
+
+def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                      D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                      delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                      return_last_state: bool = False):
+    """Mamba-1 selective scan (mamba-ssm layout). Per channel d and state n:
+    h_t = exp(delta_t A[d,n]) h_{t-1} + delta_t B_t[n] u_t ; y_t = sum_n C_t[n] h_t + D[d] u_t,
+    y *= silu(z) if z is given; delta = softplus(delta + delta_bias) when asked.
+    u, delta, z: [B, D, L]; A: [D, N]; B, C: [B, N, L] or [B, G, N, L]; D, delta_bias: [D].
+    Returns y [B, D, L] (u's dtype), or (y, last_state [B, D, N] float32)."""
+    V.check_float("u", u)
+    if u.dim() != 3:
+        raise ValueError(f"u must have shape [B, D, L] (3 dims), got {list(u.shape)}")
+    b, d, L = u.shape
+    V.check_tensor("delta", delta, (b, d, L), "[B, D, L]", u)
+    V.check_tensor("A", A, (d, None), "[D, N]", u)
+    n = A.shape[1]
+    V.check_head_dim("A (state size N)", n)
+    nb = _check_bc("B", B, b, d, L, u)
+    _check_bc("C", C, b, d, L, u)
+    if C.shape != B.shape:
+        raise ValueError(f"C must have B's shape {list(B.shape)}, got {list(C.shape)}")
+    if nb != n:
+        raise ValueError(f"B has state size {nb} (shape {list(B.shape)}) but A has "
+                         f"{n} (shape {list(A.shape)})")
+    V.check_tensor("D", D, (d,), "[D]", u)
+    V.check_tensor("z", z, (b, d, L), "[B, D, L]", u)
+    V.check_tensor("delta_bias", delta_bias, (d,), "[D]", u)
+    V.check_flag("delta_softplus", delta_softplus)
+    V.check_flag("return_last_state", return_last_state)
+    name = _backend.resolve("selective_scan", u.device)
+    y, last, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                           return_last_state, name)
+    return (y, last) if return_last_state else y
+
+
+# =============================================================================================
+# Mamba-2 SSD
+# =============================================================================================
+@torch.library.custom_op("lightning_ops::ssd", mutates_args=())
+def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+             z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
+             seq_idx: Optional[Tensor], cu_seqlens: Optional[Tensor], chunk_size: int,
+             dt_softplus: bool, dt_min: float, dt_max: float, return_final_states: bool,
+             backend: str) -> Tuple[Tensor, Tensor]:
+    impl = _backend.implementation("ssd", backend)
+    y, final = impl.ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
+                                cu_seqlens, chunk_size, dt_softplus, dt_min, dt_max,
+                                return_final_states)
+    return y, empty_like_none(final, x, _state_dtype(x))
+
+
+@_ssd_fwd.register_fake
+def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
+      dt_softplus, dt_min, dt_max, return_final_states, backend):
+    b, l, h, p = x.shape
+    N = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    final = x.new_empty((N, h, p, B.shape[-1]) if return_final_states else (0,),
+                        dtype=_state_dtype(x))
+    return x.new_empty(x.shape), final
+
+
+@torch.library.custom_op("lightning_ops::ssd_backward", mutates_args=())
+def _ssd_bwd(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+             C: Tensor, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+             initial_states: Optional[Tensor], seq_idx: Optional[Tensor],
+             cu_seqlens: Optional[Tensor], chunk_size: int, dt_softplus: bool, dt_min: float,
+             dt_max: float, backend: str
+             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = _backend.implementation("ssd", backend)
+    dx, ddt, dA, dB, dC, dD, dz, ddtb, dh0 = impl.ssd_backward(
+        x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
+        dt_softplus, dt_min, dt_max, dy, dfinal)
+    return (dx, ddt, dA, dB, dC, empty_like_none(dD, x), empty_like_none(dz, x),
+            empty_like_none(ddtb, x), empty_like_none(dh0, x))
+
+
+@_ssd_bwd.register_fake
+def _(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+      chunk_size, dt_softplus, dt_min, dt_max, backend):
+    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B),
+            torch.empty_like(C), _empty_grad(D, x), _empty_grad(z, x), _empty_grad(dt_bias, x),
+            _empty_grad(initial_states, x))
+
+
+def _ssd_setup(ctx, inputs, output):
+    (x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, cu, chunk_size, dt_softplus, dt_min, dt_max,
+     _, backend) = inputs
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, cu)
+    ctx.opts = (chunk_size, dt_softplus, dt_min, dt_max, backend)
+
+
+def _ssd_backward(ctx, dy, dfinal):
+    x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, cu = ctx.saved_tensors
+    dfinal = None if dfinal is None or dfinal.numel() == 0 else dfinal
+    grads = _ssd_bwd(dy.contiguous(), dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, cu,
+                     *ctx.opts)
+    rest = _none_for_absent(grads[5:], (D, z, dt_bias, h0))
+    return tuple(grads[:5]) + rest + (None,) * 8
+
+
+_ssd_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup)
+
+
+def _check_dt_limit(dt_limit) -> Tuple[float, float]:
+    if not isinstance(dt_limit, (tuple, list)) or len(dt_limit) != 2 or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in dt_limit):
+        raise TypeError(f"dt_limit must be a pair of Python floats (min, max), got {dt_limit!r}")
+    lo, hi = float(dt_limit[0]), float(dt_limit[1])
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise ValueError(f"dt_limit must satisfy min <= max, got {dt_limit!r}")
+    return lo, hi
+
+
+def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                              chunk_size: int, D: Optional[Tensor] = None,
+                              z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
+                              initial_states: Optional[Tensor] = None,
+                              seq_idx: Optional[Tensor] = None,
+                              cu_seqlens: Optional[Tensor] = None, dt_softplus: bool = False,
+                              dt_limit: Tuple[float, float] = (0.0, float("inf")),
+                              return_final_states: bool = False,
+                              return_varlen_states: bool = False):
+    """Mamba-2 SSD (mamba-ssm layout). Per head h, state H [p, n]:
+    H_t = exp(dt_t A[h]) H_{t-1} + dt_t x_t B_t^T ; y_t = H_t C_t + D x_t ; y *= silu(z).
+    dt is processed as clamp(softplus(dt + dt_bias), *dt_limit) (each step when asked).
+    x, z: [b, l, h, p]; dt: [b, l, h]; A: [h]; B, C: [b, l, g, n]; D: [h] or [h, p];
+    dt_bias: [h]; initial_states / final states: [N, h, p, n] float32 with N = b, or the number
+    of sequences when cu_seqlens packs them (b == 1; each gets its own initial/final state).
+    seq_idx [b, l] (int): the state resets where it changes.
+    Returns y, (y, final_states); with return_varlen_states (needs cu_seqlens), as mamba-ssm:
+    (y, varlen_states) or (y, final_states, varlen_states) where varlen_states are the
+    per-sequence final states [N, h, p, n] and final_states the row's last one [1, h, p, n]."""
+    V.check_float("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [b, l, h, p] (4 dims), got {list(x.shape)}")
+    b, l, h, p = x.shape
+    V.check_tensor("dt", dt, (b, l, h), "[b, l, h]", x)
+    V.check_tensor("A", A, (h,), "[h]", x)
+    V.check_float("B", B)
+    if B.dim() != 4:
+        raise ValueError(f"B must have shape [b, l, g, n] = [{b}, {l}, *, *], "
+                         f"got {list(B.shape)}")
+    V.check_tensor("B", B, (b, l, None, None), "[b, l, g, n]", x)
+    g, n = B.shape[2:]
+    if g < 1 or h % g:
+        raise ValueError(f"B has {g} groups (shape {list(B.shape)}), which must divide the "
+                         f"{h} heads of x")
+    V.check_tensor("C", C, (b, l, g, n), "[b, l, g, n]", x)
+    V.check_head_dim("x (head dim p)", p)
+    V.check_head_dim("B (state size n)", n)
+    if D is not None:
+        V.check_tensor("D", D, (h,) if D.dim() <= 1 else (h, p),
+                       "[h]" if D.dim() <= 1 else "[h, p]", x)
+    V.check_tensor("z", z, (b, l, h, p), "[b, l, h, p]", x)
+    V.check_tensor("dt_bias", dt_bias, (h,), "[h]", x)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be a Python int, got {type(chunk_size).__name__}")
+    V.check_power_of_two("chunk_size", chunk_size)
+    V.check_flag("dt_softplus", dt_softplus)
+    V.check_flag("return_final_states", return_final_states)
+    V.check_flag("return_varlen_states", return_varlen_states)
+    dt_min, dt_max = _check_dt_limit(dt_limit)
+    if seq_idx is not None:
+        if not isinstance(seq_idx, torch.Tensor) or seq_idx.dtype not in _INT_DTYPES:
+            raise TypeError(f"seq_idx must be an int32 or int64 tensor, got "
+                            f"{getattr(seq_idx, 'dtype', type(seq_idx).__name__)}")
+        V.check_shape("seq_idx", seq_idx, (b, l), "[b, l]")
+        if seq_idx.device != x.device:
+            raise ValueError(f"seq_idx is on {seq_idx.device} but the inputs are on "
+                             f"{x.device}; all tensors must be on one device")
+    if return_varlen_states and cu_seqlens is None:
+        raise ValueError("return_varlen_states=True needs cu_seqlens")
+    N = V.check_cu_seqlens(cu_seqlens, b, l, x)
+    V.check_state("initial_states", initial_states, (N, h, p, n), "[N, h, p, n]", x)
+    name = _backend.resolve("ssd", x.device)
+    want_states = return_final_states or return_varlen_states
+    y, final = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+                        chunk_size, dt_softplus, dt_min, dt_max, want_states, name)
+    if return_varlen_states:
+        return (y, final[-1:], final) if return_final_states else (y, final)
+    return (y, final) if return_final_states else y
+
+
+# =============================================================================================
+# Decode step: selective_state_update (state updated in place)
+# =============================================================================================
+@torch.library.custom_op("lightning_ops::selective_state_update", mutates_args=("state",))
+def _state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                  D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
+                  dt_softplus: bool, backend: str) -> Tensor:
+    impl = _backend.implementation("ssd", backend)
+    return impl.state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+@_state_update.register_fake
+def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
+    return x.new_empty(x.shape)
+
+
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+                           C: Tensor, D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                           dt_bias: Optional[Tensor] = None, dt_softplus: bool = False) -> Tensor:
+    """One decode step (mamba-ssm layout); `state` is updated in place:
+    state = exp(dt A) state + dt B x ; out = state C + D x ; out *= silu(z) if z.
+    Heads form: state [b,h,p,n], x/dt/z [b,h,p], A [h,p,n], B/C [b,g,n], D/dt_bias [h,p].
+    Mamba-1 form: state [b,D,n], x/dt/z [b,D], A [D,n], B/C [b,n], D/dt_bias [D].
+    A, dt and dt_bias expanded with stride 0 over p (and n), as Mamba-2 passes them, take a
+    per-head fast path."""
+    V.check_float("state", state)
+    if state.dim() == 3:
+        b, d, n = state.shape
+        V.check_tensor("x", x, (b, d), "[b, D]", state)
+        V.check_tensor("dt", dt, (b, d), "[b, D]", state)
+        V.check_tensor("A", A, (d, n), "[D, n]", state)
+        V.check_tensor("B", B, (b, n), "[b, n]", state)
+        V.check_tensor("C", C, (b, n), "[b, n]", state)
+        V.check_tensor("D", D, (d,), "[D]", state)
+        V.check_tensor("z", z, (b, d), "[b, D]", state)
+        V.check_tensor("dt_bias", dt_bias, (d,), "[D]", state)
+        V.check_flag("dt_softplus", dt_softplus)
+        name = _backend.resolve("ssd", state.device)
+        out = _state_update(state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0),
+                            B.unsqueeze(1), C.unsqueeze(1),
+                            None if D is None else D.unsqueeze(0),
+                            None if z is None else z.unsqueeze(1),
+                            None if dt_bias is None else dt_bias.unsqueeze(0), dt_softplus, name)
+        return out.squeeze(1)
+    if state.dim() != 4:
+        raise ValueError(f"state must have shape [b, h, p, n] (heads) or [b, D, n] (Mamba-1), "
+                         f"got {list(state.shape)}")
+    b, h, p, n = state.shape
+    V.check_tensor("x", x, (b, h, p), "[b, h, p]", state)
+    V.check_tensor("dt", dt, (b, h, p), "[b, h, p]", state)
+    V.check_tensor("A", A, (h, p, n), "[h, p, n]", state)
+    V.check_float("B", B)
+    if B.dim() != 3:
+        raise ValueError(f"B must have shape [b, g, n] = [{b}, *, {n}], got {list(B.shape)}")
+    V.check_tensor("B", B, (b, None, n), "[b, g, n]", state)
+    g = B.shape[1]
+    if g < 1 or h % g:
+        raise ValueError(f"B has {g} groups (shape {list(B.shape)}), which must divide the "
+                         f"{h} heads of state")
+    V.check_tensor("C", C, (b, g, n), "[b, g, n]", state)
+    V.check_tensor("D", D, (h, p), "[h, p]", state)
+    V.check_tensor("z", z, (b, h, p), "[b, h, p]", state)
+    V.check_tensor("dt_bias", dt_bias, (h, p), "[h, p]", state)
+    V.check_flag("dt_softplus", dt_softplus)
+    name = _backend.resolve("ssd", state.device)
+    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, name)
+
+
+# =============================================================================================
+# Causal depthwise conv1d
+# =============================================================================================
+_ACTIVATIONS = {None: "none", "silu": "silu", "swish": "silu"}
+
+
+def _activation(activation) -> str:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+    return _ACTIVATIONS[activation]
+
+
+@torch.library.custom_op("lightning_ops::causal_conv1d", mutates_args=())
+def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor],
+              initial_states: Optional[Tensor], seq_idx: Optional[Tensor],
+              return_final_states: bool, activation: str, backend: str
+              ) -> Tuple[Tensor, Tensor]:
+    impl = _backend.implementation("conv", backend)
+    out, final = impl.conv_forward(x, weight, bias, initial_states, seq_idx,
+                                   return_final_states, activation)
+    return out, empty_like_none(final, x)
+
+
+@_conv_fwd.register_fake
+def _(x, weight, bias, initial_states, seq_idx, return_final_states, activation, backend):
+    b, d, _ = x.shape
+    final = x.new_empty((b, d, weight.shape[1] - 1) if return_final_states else (0,))
+    return x.new_empty(x.shape), final
+
+
+@torch.library.custom_op("lightning_ops::causal_conv1d_backward", mutates_args=())
+def _conv_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, weight: Tensor,
+              bias: Optional[Tensor], initial_states: Optional[Tensor],
+              seq_idx: Optional[Tensor], activation: str, backend: str
+              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = _backend.implementation("conv", backend)
+    dx, dw, db, dh0 = impl.conv_backward(x, weight, bias, initial_states, seq_idx, activation,
+                                         dout, dfinal)
+    return dx, dw, empty_like_none(db, x), empty_like_none(dh0, x)
+
+
+@_conv_bwd.register_fake
+def _(dout, dfinal, x, weight, bias, initial_states, seq_idx, activation, backend):
+    return (torch.empty_like(x), torch.empty_like(weight), _empty_grad(bias, x),
+            _empty_grad(initial_states, x))
+
+
+def _conv_setup(ctx, inputs, output):
+    x, weight, bias, h0, seq_idx, _, activation, backend = inputs
+    ctx.save_for_backward(x, weight, bias, h0, seq_idx)
+    ctx.activation, ctx.backend = activation, backend
+
+
+def _conv_backward(ctx, dout, dfinal):
+    x, weight, bias, h0, seq_idx = ctx.saved_tensors
+    dfinal = None if dfinal is None or dfinal.numel() == 0 else dfinal
+    dx, dw, db, dh0 = _conv_bwd(dout.contiguous(), dfinal, x, weight, bias, h0, seq_idx,
+                                ctx.activation, ctx.backend)
+    db, dh0 = _none_for_absent((db, dh0), (bias, h0))
+    return dx, dw, db, dh0, None, None, None, None
+
+
+_conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
+def _check_conv_weight(weight: Tensor, d: int, ref: Tensor) -> int:
+    V.check_tensor("weight", weight, (d, None), "[D, W]", ref)
+    W = weight.shape[1]
+    if not 2 <= W <= 4:
+        raise ValueError(f"weight width W must be 2, 3 or 4, got W={W} "
+                         f"(weight shape {list(weight.shape)})")
+    return W
+
+
+def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                     initial_states: Optional[Tensor] = None, return_final_states: bool = False,
+                     activation: Optional[str] = None, seq_idx: Optional[Tensor] = None):
+    """Causal depthwise conv1d (causal-conv1d layout):
+    out[t] = act(bias + sum_i weight[:, i] * x[:, t - W + 1 + i]), history before t = 0 from
+    initial_states [B, D, W-1] (zeros if absent). x [B, D, L]; weight [D, W], W in 2..4;
+    bias [D]; activation None, 'silu' or 'swish'. seq_idx [B, L] (int, keyword only): no tap
+    reaches across a change of seq_idx (packed sequences).
+    Returns out, or (out, final_states [B, D, W-1]: the last W-1 inputs)."""
+    V.check_float("x", x)
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape [B, D, L] (3 dims), got {list(x.shape)}")
+    b, d, L = x.shape
+    W = _check_conv_weight(weight, d, x)
+    V.check_tensor("bias", bias, (d,), "[D]", x)
+    V.check_state("initial_states", initial_states, (b, d, W - 1), "[B, D, W-1]", x)
+    V.check_flag("return_final_states", return_final_states)
+    act = _activation(activation)
+    if seq_idx is not None:
+        if not isinstance(seq_idx, torch.Tensor) or seq_idx.dtype not in _INT_DTYPES:
+            raise TypeError(f"seq_idx must be an int32 or int64 tensor, got "
+                            f"{getattr(seq_idx, 'dtype', type(seq_idx).__name__)}")
+        V.check_shape("seq_idx", seq_idx, (b, L), "[B, L]")
+        if seq_idx.device != x.device:
+            raise ValueError(f"seq_idx is on {seq_idx.device} but the inputs are on "
+                             f"{x.device}; all tensors must be on one device")
+    name = _backend.resolve("conv", x.device)
+    out, final = _conv_fwd(x, weight, bias, initial_states, seq_idx, return_final_states, act,
+                           name)
+    return (out, final) if return_final_states else out
+
+
+@torch.library.custom_op("lightning_ops::causal_conv1d_update", mutates_args=("conv_state",))
+def _conv_update(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor],
+                 activation: str, backend: str) -> Tensor:
+    impl = _backend.implementation("conv", backend)
+    return impl.conv_update(x, conv_state, weight, bias, activation)
+
+
+@_conv_update.register_fake
+def _(x, conv_state, weight, bias, activation, backend):
+    return x.new_empty(x.shape)
+
+
+def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
+                         bias: Optional[Tensor] = None, activation: Optional[str] = None
+                         ) -> Tensor:
+    """Decode step of causal_conv1d_fn. x [B, D] or [B, D, L]; conv_state [B, D, S] with
+    S >= W-1 holds the last S inputs and is shifted in place. Returns out shaped like x."""
+    V.check_float("x", x)
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must have shape [B, D] or [B, D, L], got {list(x.shape)}")
+    b, d = x.shape[:2]
+    W = _check_conv_weight(weight, d, x)
+    V.check_tensor("conv_state", conv_state, (b, d, None), "[B, D, S]", x)
+    if conv_state.shape[2] < W - 1:
+        raise ValueError(f"conv_state must have shape [B, D, S] with S >= W-1 = {W - 1}, "
+                         f"got {list(conv_state.shape)}")
+    V.check_tensor("bias", bias, (d,), "[D]", x)
+    act = _activation(activation)
+    name = _backend.resolve("conv", x.device)
+    xs = x.unsqueeze(-1) if x.dim() == 2 else x
+    out = _conv_update(xs, conv_state, weight, bias, act, name)
+    return out.squeeze(-1) if x.dim() == 2 else out
+
+
+__all__ = ["selective_scan_fn", "mamba_chunk_scan_combined", "selective_state_update",
+           "causal_conv1d_fn", "causal_conv1d_update"]
