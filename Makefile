@@ -22,7 +22,6 @@ $(STAMP): setup.py
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	$(VPY) -m pip install -q triton==$(TRITON_VERSION) einops ninja numpy pytest pytest-benchmark tqdm matplotlib setuptools wheel
-	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # The CPU suite; Triton kernels run through the interpreter (set before any kernel import).

@@ -1,15 +1,415 @@
-"""PLACEHOLDER (to be replaced by the chunked engine): runs the reference recurrence."""
-from .. import reference
-from .._custom_op import grad_by_recompute
+"""Chunked PyTorch engine of the gated-linear-attention family: the CPU default and the
+executable spec of the Triton kernels.
+
+One engine serves every gate kind of `S_t = decay_t * S_{t-1} + k_t v_t^T, o_t = scale S_t^T q_t`:
+
+  kind      decay_t            gate tensor in the engine
+  "none"    1                  None
+  "scalar"  exp(g_t [+ gamma]) b [NC, H, C]      (data-dependent g and/or constant g_gamma)
+  "vector"  diag(exp(g_t))     b [NC, H, C, K]
+
+Tokens are regrouped into a *chunk stream* of C-token chunks ([NC, H, C, *], see ChunkLayout).
+Inside a chunk, with b the chunk-local cumulative log decay (b_t = sum of g up to and including
+t, all <= 0) and b_last its value at the chunk's last token:
+
+  intra   A_ij = sum_k q_ik k_jk exp(b_ik - b_jk)  (j <= i)      o  = A v
+  inter   o += (q * exp(b)) @ H_n                                (H_n: state before chunk n)
+  state   H_{n+1} = exp(b_last) * H_n + (k * exp(b_last - b))^T v
+
+Every exponent is <= 0, so gates down to -20 per token over any T stay finite. For vector gates,
+A is built from secondary sub-chunks of c tokens: off-diagonal sub-blocks are plain matmuls of
+q * exp(b_i - r) and k * exp(r - b_j) (r = b at the query sub-block's first token, both factors
+<= 1); only the c x c diagonal blocks pay the element-wise [c, c, K] cost. Nothing T x T is ever
+formed: the largest intermediates are [NC, H, C, C] (T * C per head).
+
+Backward is hand-written (recomputing the cheap forward pieces): the same intra/inter split run
+in reverse, plus the gate gradient from the identity  d b_t = q_t * dq_t - k_t * dk_t  (chunk-local,
+reverse-cumsummed) and  d b_last = sum_V (E_n * dE_n)  with E_n the state after chunk n.
+
+Reusable API (for the delta-rule and SSD engines):
+  ChunkLayout.build(B, T, cu_seqlens, chunk_size, device)   where tokens live in the chunk stream
+  layout.pack(x, dtype) / layout.unpack(y)                    [B,T,H,*] <-> [NC,H,C,*]
+  chunk_local_cumsum(g)                                       b from per-token log decays
+  gate_factors(b)                                             exp(b), exp(b_last - b), exp(b_last)
+  intra_chunk_scores(q, k, b, kind) / intra_chunk_scores_backward(dA, q, k, b, kind)
+  scan_chunks(layout, h0, step) / scan_chunks_reverse(layout, dht, step)   generic state loops
+  state_passing(layout, h0, chunk_decay, local_states)        GLA inter-chunk recurrence
+  state_passing_backward(layout, chunk_decay, q_states, dht)
+  chunk_output(q_inter, states, A, v)                         o = q_inter @ H + A @ v
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+# Chunk and sub-chunk sizes, picked by measurement on CPU (see the module report / timing
+# script): C=64 balances the O(T*C) intra work against the per-chunk Python loop of the state
+# passing; c=16 keeps the element-wise diagonal-block cost of vector gates small.
+CHUNK_SIZE = 64
+SUB_CHUNK = 16
+# mode="recurrent" runs the literal token-by-token form (chunks of one token) up to this length;
+# beyond it the chunk engine is faster and gives the same result.
+RECURRENT_MAX_T = 16
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout: where every token lives in the chunk stream
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class ChunkLayout:
+    """Sequences cut into chunks of C tokens, laid out *step-major*: all sequences' chunk 0, then
+    all chunk 1, ... Sequences are ordered by chunk count (descending), so the sequences still
+    running at step j are a prefix 0..n_j-1 and step j's chunks a contiguous slice of the stream:
+    the state loops touch only slices. The last chunk of a sequence is zero-padded.
+
+    Fields: C; N sequences; NC chunks; steps [(base_j, n_j)]; order [N] (stream rank -> sequence)
+    and inv_order (sequence -> rank); chunk_of / slot_of [B*T] (each token's chunk and position);
+    valid [NC, 1, C] (1 for real tokens, 0 for padding)."""
+    C: int
+    N: int
+    NC: int
+    B: int
+    T: int
+    steps: List[Tuple[int, int]]
+    order: Tensor
+    inv_order: Tensor
+    chunk_of: Tensor
+    slot_of: Tensor
+    valid: Tensor
+
+    @staticmethod
+    def build(B: int, T: int, cu_seqlens: Optional[Tensor], chunk_size: int,
+              device) -> "ChunkLayout":
+        """Without cu_seqlens the B rows are N=B sequences of length T; with it (B == 1) the
+        sequences are cu_seqlens' segments. Reads cu_seqlens on the host (a device sync on GPU):
+        acceptable for this reference-grade torch path, the Triton path builds indices on device."""
+        if cu_seqlens is None:
+            starts = torch.arange(B, dtype=torch.int64) * T
+            lengths = torch.full((B,), T, dtype=torch.int64)
+        else:
+            cu = cu_seqlens.to("cpu", torch.int64)
+            starts, lengths = cu[:-1], cu[1:] - cu[:-1]
+        C = chunk_size
+        N = lengths.numel()
+        n_chunks = (lengths + C - 1) // C
+        order = torch.argsort(-n_chunks, stable=True)
+        inv_order = torch.empty_like(order)
+        inv_order[order] = torch.arange(N)
+        J = int(n_chunks.max()) if N else 0
+        # n_j = number of sequences with more than j chunks (a prefix in stream order)
+        n_per_step = (n_chunks[None, :] > torch.arange(J)[:, None]).sum(1)
+        bases = torch.cumsum(n_per_step, 0) - n_per_step
+        NC = int(n_per_step.sum())
+        step_of_chunk = torch.repeat_interleave(torch.arange(J), n_per_step)
+        rank_of_chunk = torch.arange(NC) - bases[step_of_chunk]
+        seq_of_chunk = order[rank_of_chunk]
+        first_token = starts[seq_of_chunk] + step_of_chunk * C
+        n_valid = (lengths[seq_of_chunk] - step_of_chunk * C).clamp(max=C)
+        slots = torch.arange(C)
+        valid = slots[None, :] < n_valid[:, None]  # [NC, C]
+        tokens = (first_token[:, None] + slots)[valid]  # packed token index, in stream order
+        pos = torch.nonzero(valid.reshape(-1)).squeeze(1)  # its stream position
+        chunk_of = torch.empty(B * T, dtype=torch.int64)
+        slot_of = torch.empty(B * T, dtype=torch.int64)
+        chunk_of[tokens], slot_of[tokens] = pos // C, pos % C
+        return ChunkLayout(
+            C=C, N=N, NC=NC, B=B, T=T,
+            steps=list(zip(bases.tolist(), n_per_step.tolist())),
+            order=order.to(device), inv_order=inv_order.to(device),
+            chunk_of=chunk_of.to(device), slot_of=slot_of.to(device),
+            valid=valid[:, None, :].to(device))
+
+    def pack(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """[B, T, H, *] -> [NC, H, C, *] in `dtype`, zero in padding slots."""
+        flat = x.reshape(self.B * self.T, *x.shape[2:]).to(dtype)
+        out = flat.new_zeros(self.NC, flat.shape[1], self.C, *flat.shape[2:])
+        out.transpose(1, 2)[self.chunk_of, self.slot_of] = flat
+        return out
+
+    def unpack(self, y: Tensor) -> Tensor:
+        """[NC, H, C, *] -> [B, T, H, *] (drops the padding)."""
+        flat = y.transpose(1, 2)[self.chunk_of, self.slot_of]
+        return flat.reshape(self.B, self.T, *flat.shape[1:])
+
+    def to_stream_order(self, states: Tensor) -> Tensor:
+        """Per-sequence tensor [N, ...] in sequence order -> stream (rank) order."""
+        return states[self.order]
+
+    def to_sequence_order(self, states: Tensor) -> Tensor:
+        return states[self.inv_order]
+
+
+# ------------------------------------------------------------------------------------------------
+# Gates
+# ------------------------------------------------------------------------------------------------
+def chunk_local_cumsum(g: Optional[Tensor]) -> Optional[Tensor]:
+    """b_t = sum_{s <= t} g_s inside each chunk. g: [NC, H, C] (scalar) or [NC, H, C, K]
+    (vector), zero in padding slots so b_last equals b at the chunk's last real token."""
+    if g is None:
+        return None
+    return g.cumsum(2)
+
+
+def gate_kind(b: Optional[Tensor]) -> str:
+    return "none" if b is None else ("scalar" if b.dim() == 3 else "vector")
+
+
+def gate_factors(b: Optional[Tensor]):
+    """(q_decay, k_decay, chunk_decay) = exp(b), exp(b_last - b), exp(b_last): all <= 1.
+    Shapes broadcast against [NC, H, C, K] / [NC, H, K, V]: scalar gates give [NC, H, C, 1] and
+    [NC, H, 1, 1], vector gates [NC, H, C, K] and [NC, H, K, 1]. None for kind "none"."""
+    if b is None:
+        return None, None, None
+    bk = b[..., None] if b.dim() == 3 else b  # [NC, H, C, 1 | K]
+    b_last = bk[:, :, -1:, :]  # [NC, H, 1, 1 | K]
+    return bk.exp(), (b_last - bk).exp(), b_last.transpose(-1, -2).exp()
+
+
+def _mul(x: Tensor, factor: Optional[Tensor]) -> Tensor:
+    return x if factor is None else x * factor
+
+
+# ------------------------------------------------------------------------------------------------
+# Intra-chunk scores
+# ------------------------------------------------------------------------------------------------
+def _causal_decay_mask(b: Optional[Tensor], C: int, like: Tensor) -> Tensor:
+    """M_ij = exp(b_i - b_j) for j <= i, else 0: [NC, H, C, C] (scalar) or [C, C] (no gate).
+    Masking before exp keeps every exponent <= 0."""
+    tril = torch.ones(C, C, dtype=torch.bool, device=like.device).tril()
+    if b is None:
+        return tril.to(like.dtype)
+    diff = b[..., :, None] - b[..., None, :]
+    return diff.masked_fill(~tril, float("-inf")).exp()
+
+
+def _diag_blocks(x: Tensor, c: int) -> Tensor:
+    """[..., C, C] -> view [..., ns, c, c] of its ns = C/c diagonal c x c blocks."""
+    *lead, C, _ = x.shape
+    ns = C // c
+    return x.view(*lead, ns, c, ns, c).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+
+
+def _sub_blocks(x: Tensor, c: int) -> Tensor:
+    """[NC, H, C, K] -> view [NC, H, ns, c, K]."""
+    return x.view(*x.shape[:2], x.shape[2] // c, c, x.shape[3])
+
+
+def _off_diagonal_factors(q: Tensor, k: Tensor, b: Tensor, s: int, e: int):
+    """For the query sub-block [s, e) against keys [0, s): q * exp(b_i - r), k * exp(r - b_j)
+    with r = b_s; both exponents are <= 0. Returns (q factor, k factor, q scaled, k scaled)."""
+    r = b[..., s:s + 1, :]
+    eq = (b[..., s:e, :] - r).exp()
+    ek = (r - b[..., :s, :]).exp()
+    return eq, ek, q[..., s:e, :] * eq, k[..., :s, :] * ek
+
+
+def intra_chunk_scores(q: Tensor, k: Tensor, b: Optional[Tensor], sub_chunk: int = SUB_CHUNK
+                       ) -> Tensor:
+    """A [NC, H, C, C]: A_ij = sum_k q_ik k_jk exp(b_ik - b_jk) for j <= i (0 above the
+    diagonal). q, k [NC, H, C, K]; b None, [NC, H, C] or [NC, H, C, K] (chunk-local cumsum)."""
+    C = q.shape[2]
+    if gate_kind(b) != "vector":
+        return (q @ k.transpose(-1, -2)) * _causal_decay_mask(b, C, q)
+    c = min(sub_chunk, C)
+    A = q.new_zeros(*q.shape[:3], C)
+    for s in range(c, C, c):  # off-diagonal sub-blocks: plain matmuls
+        _, _, qs, ks = _off_diagonal_factors(q, k, b, s, s + c)
+        A[..., s:s + c, :s] = qs @ ks.transpose(-1, -2)
+    # diagonal c x c blocks, one key column j at a time (rows i >= j only): [.., ns, c-j, K]
+    Ad, qb, kb, bb = _diag_blocks(A, c), _sub_blocks(q, c), _sub_blocks(k, c), _sub_blocks(b, c)
+    for j in range(c):
+        decay = (bb[..., j:, :] - bb[..., j:j + 1, :]).exp()
+        Ad[..., j:, j] = ((qb[..., j:, :] * decay) @ kb[..., j, :, None]).squeeze(-1)
+    return A
+
+
+def intra_chunk_scores_backward(dA: Tensor, q: Tensor, k: Tensor, b: Optional[Tensor],
+                                sub_chunk: int = SUB_CHUNK) -> Tuple[Tensor, Tensor]:
+    """Gradients (dq, dk) of intra_chunk_scores given dA [NC, H, C, C] (its upper triangle is
+    ignored). The gate's share is recovered later from q*dq - k*dk."""
+    C = q.shape[2]
+    if gate_kind(b) != "vector":
+        dS = dA * _causal_decay_mask(b, C, q)
+        return dS @ k, dS.transpose(-1, -2) @ q
+    c = min(sub_chunk, C)
+    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    for s in range(c, C, c):
+        eq, ek, qs, ks = _off_diagonal_factors(q, k, b, s, s + c)
+        dAs = dA[..., s:s + c, :s]
+        dq[..., s:s + c, :] += (dAs @ ks) * eq
+        dk[..., :s, :] += (dAs.transpose(-1, -2) @ qs) * ek
+    dAd, qb, kb, bb = _diag_blocks(dA, c), _sub_blocks(q, c), _sub_blocks(k, c), _sub_blocks(b, c)
+    dqb, dkb = _sub_blocks(dq, c), _sub_blocks(dk, c)
+    for j in range(c):
+        w = (bb[..., j:, :] - bb[..., j:j + 1, :]).exp() * dAd[..., j:, j, None]
+        dqb[..., j:, :] += w * kb[..., j:j + 1, :]
+        dkb[..., j, :] += (w * qb[..., j:, :]).sum(-2)
+    return dq, dk
+
+
+# ------------------------------------------------------------------------------------------------
+# Inter-chunk state passing
+# ------------------------------------------------------------------------------------------------
+Step = Callable[[slice, Tensor], Tensor]
+
+
+def scan_chunks(layout: ChunkLayout, h0: Tensor, step: Step) -> Tuple[Tensor, Tensor]:
+    """Run a per-chunk state recurrence along every sequence.
+
+    h0: [N, H, K, V] initial states in sequence order. step(sl, h) gets the stream slice `sl` of
+    one step's chunks (chunk i of sl belongs to the sequence of stream rank i) and their states
+    h [n, H, K, V] before those chunks; it returns the states after them.
+    Returns (states [NC, H, K, V]: the state before each chunk, final [N, H, K, V] in sequence
+    order; a sequence with no tokens keeps its h0)."""
+    h = layout.to_stream_order(h0).clone()
+    states = h.new_empty(layout.NC, *h.shape[1:])
+    for base, n in layout.steps:
+        sl = slice(base, base + n)
+        states[sl] = h[:n]
+        h[:n] = step(sl, h[:n])
+    return states, layout.to_sequence_order(h)
+
+
+def scan_chunks_reverse(layout: ChunkLayout, dht: Tensor, step: Step) -> Tuple[Tensor, Tensor]:
+    """The adjoint loop of scan_chunks: from the final-state gradients dht [N, H, K, V]
+    (sequence order) backwards over the chunks. step(sl, dh) gets the gradients w.r.t. the states
+    *after* chunks sl and returns those w.r.t. the states before them.
+    Returns (d_after [NC, H, K, V]: gradient w.r.t. the state after each chunk, dh0 [N, ...])."""
+    dh = layout.to_stream_order(dht).clone()
+    d_after = dh.new_empty(layout.NC, *dh.shape[1:])
+    for base, n in reversed(layout.steps):
+        sl = slice(base, base + n)
+        d_after[sl] = dh[:n]
+        dh[:n] = step(sl, dh[:n])
+    return d_after, layout.to_sequence_order(dh)
+
+
+def state_passing(layout: ChunkLayout, h0: Tensor, chunk_decay: Optional[Tensor],
+                  local_states: Tensor) -> Tuple[Tensor, Tensor]:
+    """H_{n+1} = chunk_decay_n * H_n + local_states_n along each sequence.
+    chunk_decay: None or [NC, H, 1 | K, 1] (exp(b_last)); local_states [NC, H, K, V]
+    ((k * exp(b_last - b))^T v). Returns (states before each chunk [NC, ...], final [N, ...])."""
+    def step(sl, h):
+        return local_states[sl] + _mul(h, None if chunk_decay is None else chunk_decay[sl])
+    return scan_chunks(layout, h0, step)
+
+
+def state_passing_backward(layout: ChunkLayout, chunk_decay: Optional[Tensor],
+                           q_states: Tensor, dht: Tensor) -> Tuple[Tensor, Tensor]:
+    """Adjoint of state_passing with the outputs' pull on each state: dH_n = chunk_decay_n *
+    dE_n + q_states_n, where q_states_n = (q * exp(b))^T do of chunk n ([NC, H, K, V]).
+    Returns (dE [NC, ...]: gradient w.r.t. the state after each chunk, dh0 [N, ...])."""
+    def step(sl, dh):
+        return q_states[sl] + _mul(dh, None if chunk_decay is None else chunk_decay[sl])
+    return scan_chunks_reverse(layout, dht, step)
+
+
+def chunk_output(q_inter: Tensor, states: Tensor, A: Tensor, v: Tensor) -> Tensor:
+    """o = q_inter @ H_n + A @ v per chunk: [NC, H, C, V]. q_inter = scaled q * exp(b)."""
+    return torch.baddbmm(
+        (A.flatten(0, 1) @ v.flatten(0, 1)), q_inter.flatten(0, 1), states.flatten(0, 1)
+    ).view(v.shape)
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine
+# ------------------------------------------------------------------------------------------------
+def _compute_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _chunk_size(mode: str, max_len: int) -> int:
+    """Chunks never longer than the longest sequence (rounded up to a power of two)."""
+    if mode == "recurrent" and max_len <= RECURRENT_MAX_T:
+        return 1  # the token-by-token form
+    C = 1
+    while C < min(max_len, CHUNK_SIZE):
+        C *= 2
+    return C
+
+
+@dataclass
+class _Chunked:
+    """The inputs in the chunk stream, in the compute dtype (q already multiplied by scale)."""
+    layout: ChunkLayout
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    b: Optional[Tensor]
+    h0: Tensor
+
+
+def _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode) -> _Chunked:
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if cu_seqlens is None:
+        max_len = T
+    else:  # host read of the lengths (see ChunkLayout.build)
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+    layout = ChunkLayout.build(B, T, cu_seqlens, _chunk_size(mode, max_len), q.device)
+    dt = _compute_dtype(q)
+    gc = None if g is None else layout.pack(g, dt)
+    if g_gamma is not None:  # constant decay on real tokens only (padding must stay 0)
+        gamma = g_gamma.to(dt)[None, :, None] * layout.valid.to(dt)
+        gc = gamma if gc is None else gc + gamma
+    h0 = (q.new_zeros(layout.N, H, K, V, dtype=dt) if initial_state is None
+          else initial_state.to(dt))
+    return _Chunked(layout, layout.pack(q, dt) * scale, layout.pack(k, dt), layout.pack(v, dt),
+                    chunk_local_cumsum(gc), h0)
+
+
+def _local_states(kd: Tensor, v: Tensor) -> Tensor:
+    """(k * exp(b_last - b))^T v per chunk: [NC, H, K, V]."""
+    return kd.transpose(-1, -2) @ v
+
+
+def _forward_states(x: _Chunked):
+    q_decay, k_decay, chunk_decay = gate_factors(x.b)
+    qi, kd = _mul(x.q, q_decay), _mul(x.k, k_decay)
+    states, final = state_passing(x.layout, x.h0, chunk_decay, _local_states(kd, x.v))
+    return qi, kd, q_decay, k_decay, chunk_decay, states, final
 
 
 def forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode):
-    return reference.gated_linear_attn_ref(q, k, v, g, g_gamma, scale, initial_state,
-                                           output_final_state, cu_seqlens)
+    x = _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode)
+    qi, _, _, _, _, states, final = _forward_states(x)
+    A = intra_chunk_scores(x.q, x.k, x.b)
+    o = x.layout.unpack(chunk_output(qi, states, A, x.v)).to(v.dtype)
+    return o, (final if output_final_state else None)
 
 
 def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht):
-    def f(q, k, v, g, h0):
-        return reference.gated_linear_attn_ref(q, k, v, g, g_gamma, scale, h0, True, cu_seqlens)
-    dq, dk, dv, dg, dh0 = grad_by_recompute(f, [q, k, v, g, initial_state], [do, dht])
-    return dq, dk, dv, dg, dh0
+    x = _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode)
+    layout, dt = x.layout, x.q.dtype
+    qi, kd, q_decay, k_decay, chunk_decay, states, _ = _forward_states(x)
+    A = intra_chunk_scores(x.q, x.k, x.b)
+    doc = layout.pack(do, dt)
+    dht = torch.zeros_like(x.h0) if dht is None else dht.to(dt)
+
+    dE, dh0 = state_passing_backward(layout, chunk_decay, qi.transpose(-1, -2) @ doc, dht)
+    dA = (doc @ x.v.transpose(-1, -2)).tril()
+    dq, dk = intra_chunk_scores_backward(dA, x.q, x.k, x.b)
+    dq += _mul(doc @ states.transpose(-1, -2), q_decay)
+    dk += _mul(x.v @ dE.transpose(-1, -2), k_decay)
+    dv = A.transpose(-1, -2) @ doc + kd @ dE
+
+    dg = None
+    if g is not None:
+        # d b_t = q*dq - k*dk (every use of b is through exp(b_i - b_j) pairs); b_last also
+        # scales the carried state: d b_last = sum_V E*dE with E the state after the chunk.
+        db = x.q * dq - x.k * dk  # [NC, H, C, K]
+        E = _mul(states, chunk_decay) + _local_states(kd, x.v)
+        db_last = (E * dE).sum(-1)  # [NC, H, K]
+        if x.b.dim() == 3:
+            db, db_last = db.sum(-1), db_last.sum(-1, keepdim=True)
+        else:
+            db_last = db_last[:, :, None, :]
+        dgc = db.flip(2).cumsum(2).flip(2) + db_last  # b_t and b_last are sums of g_s, s <= t
+        dg = layout.unpack(dgc).to(g.dtype)
+    return (layout.unpack(dq * scale).to(q.dtype), layout.unpack(dk).to(k.dtype),
+            layout.unpack(dv).to(v.dtype), dg,
+            None if initial_state is None else dh0.to(initial_state.dtype))

@@ -1,0 +1,106 @@
+"""The short causal depthwise convolution every layer with a conv uses, and its cache handling.
+
+One implementation for GLA / DeltaNet / Gated DeltaNet (q, k, v convs), Mamba (x conv) and
+Mamba-2 (xBC conv), over the public `causal_conv1d_fn`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _ops
+from .utils import apply_mask, left_pad_lengths, repack, segment_ids, unpack_left
+
+Tensor = torch.Tensor
+
+
+class ShortConvolution(nn.Conv1d):
+    """Depthwise causal conv over [B, T, D] inputs, `out[t] = act(bias + sum_i w[:, i] x[t-W+1+i])`.
+
+    An `nn.Conv1d(D, D, W, groups=D)` underneath, so its weight is [D, 1, W] and its state dict and
+    init (PyTorch's default) match fla's ShortConvolution and mamba-ssm's `conv1d`.
+
+    Args:
+        hidden_size: channels D.
+        kernel_size: width W (2, 3 or 4, as causal-conv1d supports).
+        bias: learn a bias.
+        activation: None or 'silu' / 'swish', applied after the conv.
+    """
+
+    def __init__(self, hidden_size: int, kernel_size: int = 4, bias: bool = False,
+                 activation: Optional[str] = "silu", device=None, dtype=None):
+        if not 2 <= kernel_size <= 4:
+            raise ValueError(f"conv kernel_size (conv_size / d_conv) must be 2, 3 or 4, "
+                             f"got {kernel_size}")
+        if activation not in (None, "silu", "swish"):
+            raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+        super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size,
+                         padding=kernel_size - 1, bias=bias, device=device, dtype=dtype)
+        self.hidden_size = hidden_size
+        self.activation = activation
+
+    @property
+    def width(self) -> int:
+        return self.kernel_size[0]
+
+    def state_shape(self) -> Tuple[int, int]:
+        """Shape of one sequence's conv state: [D, W - 1]."""
+        return (self.hidden_size, self.width - 1)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None, initial_state: Optional[Tensor] = None,
+                output_final_state: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        """x [B, T, D] -> (out [B, T, D], final state [N, D, W-1] or None).
+
+        mask [B, T] (bool, left padding): padded inputs are zeroed, and an initial state is
+        placed right before each row's first real token, so padding never enters the state.
+        cu_seqlens [N + 1] (B == 1): packed sequences; no tap reaches across a boundary.
+        initial_state [N, D, W-1]: the inputs before the first token (zeros if None).
+        """
+        x = apply_mask(x, mask)
+        if cu_seqlens is None:
+            lengths = None if mask is None else left_pad_lengths(mask)
+            return self._rows(x, lengths, initial_state, output_final_state)
+        if initial_state is None and not output_final_state:
+            # the common packed training case: one call, seq_idx stops taps at boundaries
+            seq_idx = segment_ids(cu_seqlens, x.shape[1])[None]
+            out = _ops.causal_conv1d_fn(x.transpose(1, 2), self.weight[:, 0], self.bias,
+                                        activation=self.activation, seq_idx=seq_idx)
+            return out.transpose(1, 2), None
+        # per-sequence states: run the sequences as left-padded rows
+        rows, row_mask, index = unpack_left(x, cu_seqlens)
+        out, final = self._rows(rows, left_pad_lengths(row_mask), initial_state,
+                                output_final_state)
+        return repack(out, index), final
+
+    def _rows(self, x: Tensor, lengths: Optional[Tensor], initial_state: Optional[Tensor],
+              output_final_state: bool) -> Tuple[Tensor, Optional[Tensor]]:
+        """x [N, L, D] rows whose real tokens are the last `lengths` (all when None)."""
+        W = self.width
+        if initial_state is not None and lengths is not None:
+            # The history must sit right before each row's first real token, not before the
+            # padding: build [zeros, history, tokens] rows and convolve them from zero.
+            N, L, D = x.shape
+            j = torch.arange(L + W - 1, device=x.device)
+            pos = j[None, :] - (L - lengths.to(j.dtype))[:, None]        # [N, L+W-1]
+            valid = (pos >= 0) & (pos < W - 1)
+            hist = initial_state.transpose(1, 2).to(x.dtype)             # [N, W-1, D]
+            placed = hist.gather(1, pos.clamp(0, W - 2)[..., None].expand(N, L + W - 1, D))
+            ext = F.pad(x, (0, 0, W - 1, 0)) + apply_mask(placed, valid)
+            res = _ops.causal_conv1d_fn(ext.transpose(1, 2), self.weight[:, 0], self.bias,
+                                        return_final_states=output_final_state,
+                                        activation=self.activation)
+            out, final = res if output_final_state else (res, None)
+            return out[:, :, W - 1:].transpose(1, 2), final
+        res = _ops.causal_conv1d_fn(x.transpose(1, 2), self.weight[:, 0], self.bias,
+                                    initial_states=initial_state,
+                                    return_final_states=output_final_state,
+                                    activation=self.activation)
+        out, final = res if output_final_state else (res, None)
+        return out.transpose(1, 2), final
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", activation={self.activation}"

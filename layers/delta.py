@@ -1,0 +1,202 @@
+"""DeltaNet (Yang et al., 2024) and Gated DeltaNet (Yang, Kautz & Hatamizadeh, 2025) layers."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _ops
+from .base import MixerStep, RecurrentMixer
+from .conv import ShortConvolution
+from .gla import _check_mode, _init_linear, _recurrent, _split_heads
+from .norm import RMSNorm
+from .utils import apply_mask, init_dt_bias
+
+Tensor = torch.Tensor
+
+_QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
+
+
+class _DeltaRuleMixer(RecurrentMixer):
+    """Shared structure of DeltaNet and Gated DeltaNet: q/k/v projections with short convs,
+    a sigmoid write strength beta, the delta-rule op, a per-head (gated) RMSNorm, o_proj."""
+
+    def _build(self, hidden_size, num_heads, num_v_heads, head_k_dim, head_v_dim, mode,
+               use_gate, use_short_conv, conv_size, conv_bias, allow_neg_eigval, qk_activation,
+               norm_eps, layer_idx, kw):
+        if qk_activation not in _QK_ACTIVATIONS:
+            raise ValueError(f"qk_activation must be one of {_QK_ACTIVATIONS}, "
+                             f"got {qk_activation!r}")
+        if num_v_heads % num_heads:
+            raise ValueError(f"num_v_heads {num_v_heads} must be a multiple of num_heads "
+                             f"{num_heads} (each group of value heads shares one q/k head)")
+        self.hidden_size, self.num_heads, self.num_v_heads = hidden_size, num_heads, num_v_heads
+        self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
+        self.key_dim, self.value_dim = num_heads * head_k_dim, num_v_heads * head_v_dim
+        self.mode = _check_mode(mode)
+        self.use_gate, self.use_short_conv = use_gate, use_short_conv
+        self.allow_neg_eigval, self.qk_activation = allow_neg_eigval, qk_activation
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False, **kw)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False, **kw)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False, **kw)
+        if use_short_conv:
+            qk_act = "silu" if qk_activation == "silu" else None
+            self.q_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias, qk_act, **kw)
+            self.k_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias, qk_act, **kw)
+            self.v_conv1d = ShortConvolution(self.value_dim, conv_size, conv_bias, "silu", **kw)
+        if use_gate:
+            self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False, **kw)
+        self.o_norm = RMSNorm(self.head_v_dim, norm_eps, gate_fn="swish", **kw)
+        self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False, **kw)
+
+    def state_shape(self) -> Tuple[int, ...]:
+        return (self.num_v_heads, self.head_k_dim, self.head_v_dim)
+
+    def conv_layers(self) -> List[ShortConvolution]:
+        return [self.q_conv1d, self.k_conv1d, self.v_conv1d] if self.use_short_conv else []
+
+    def _qkv(self, x: Tensor, step: MixerStep):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.use_short_conv:
+            q, k, v = step.conv(self.q_conv1d, q), step.conv(self.k_conv1d, k), \
+                step.conv(self.v_conv1d, v)
+        else:
+            v = F.silu(v)
+            if self.qk_activation == "silu":
+                q, k = F.silu(q), F.silu(k)
+        if self.qk_activation == "relu":
+            q, k = F.relu(q), F.relu(k)
+        elif self.qk_activation == "elu":  # elu + 1, a positive feature map
+            q, k = F.elu(q) + 1, F.elu(k) + 1
+        # after every activation, so padded tokens write nothing (k = v = 0)
+        k, v = apply_mask(k, step.mask), apply_mask(v, step.mask)
+        return (_split_heads(q, self.num_heads), _split_heads(k, self.num_heads),
+                _split_heads(v, self.num_v_heads))
+
+    def _beta(self, x: Tensor, step: MixerStep) -> Tensor:
+        beta = torch.sigmoid(self.b_proj(x).float()) if self.b_proj is not None else \
+            x.new_ones(*x.shape[:2], self.num_v_heads, dtype=torch.float32)
+        if self.allow_neg_eigval:  # beta in (0, 2): eigenvalues of (I - beta k k^T) in (-1, 1)
+            beta = beta * 2
+        return apply_mask(beta, step.mask)
+
+    def _out(self, o: Tensor, x: Tensor, step: MixerStep) -> Tensor:
+        g = _split_heads(self.g_proj(x), self.num_v_heads) if self.use_gate else None
+        o = self.o_norm(o, g).reshape(*x.shape[:2], self.value_dim)
+        return apply_mask(self.o_proj(o), step.mask)
+
+
+class DeltaNet(_DeltaRuleMixer):
+    """DeltaNet: `S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T`, `o_t = S_t^T q_t / sqrt(K)`,
+    with L2-normalised q/k (in the kernel), as in fla's `DeltaNet` (same argument names,
+    defaults and parameter names).
+
+    Args:
+        hidden_size (alias d_model): model width.
+        num_heads: heads.
+        expand_k, expand_v: key / value width as a multiple of hidden_size.
+        mode: 'chunk' or 'fused_recurrent' (eval inputs <= 64 tokens take the recurrent path).
+        use_beta: learn beta = sigmoid(b_proj(x)) per head (else beta = 1).
+        use_gate: gate the normed output with swish(g_proj(x)).
+        use_short_conv, conv_size, conv_bias: causal depthwise convs on q, k (SiLU when
+            qk_activation is 'silu') and v (SiLU).
+        allow_neg_eigval: beta in (0, 2) instead of (0, 1).
+        qk_activation: 'silu', 'relu', 'elu' (elu + 1) or 'identity'.
+        qk_norm: 'l2' (normalise q and k, in the kernel) or None.
+        norm_eps: eps of the output RMSNorm.
+    """
+
+    def __init__(self, hidden_size: int = 1024, num_heads: int = 4, expand_k: float = 1.0,
+                 expand_v: float = 1.0, mode: str = "chunk", use_beta: bool = True,
+                 use_gate: bool = False, use_short_conv: bool = True, conv_size: int = 4,
+                 conv_bias: bool = False, allow_neg_eigval: bool = False,
+                 qk_activation: str = "silu", qk_norm: Optional[str] = "l2",
+                 norm_eps: float = 1e-5, layer_idx: Optional[int] = None,
+                 d_model: Optional[int] = None, device=None, dtype=None):
+        super().__init__()
+        hidden_size = d_model if d_model is not None else hidden_size
+        if qk_norm not in ("l2", None):
+            raise ValueError(f"qk_norm must be 'l2' or None, got {qk_norm!r}")
+        key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
+        if key_dim % num_heads or value_dim % num_heads:
+            raise ValueError(f"key_dim {key_dim} and value_dim {value_dim} must be divisible "
+                             f"by num_heads {num_heads}")
+        kw = dict(device=device, dtype=dtype)
+        self._build(hidden_size, num_heads, num_heads, key_dim // num_heads,
+                    value_dim // num_heads, mode, use_gate, use_short_conv, conv_size,
+                    conv_bias, allow_neg_eigval, qk_activation, norm_eps, layer_idx, kw)
+        self.use_beta, self.qk_norm = use_beta, qk_norm
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False, **kw) if use_beta else None
+        _init_linear(self)
+
+    def _mix(self, x: Tensor, step: MixerStep):
+        q, k, v = self._qkv(x, step)
+        fn = _ops.fused_recurrent_delta_rule if _recurrent(self, x) else _ops.chunk_delta_rule
+        o, state = fn(q, k, v, self._beta(x, step).to(q.dtype), initial_state=step.state,
+                      output_final_state=step.want_state, cu_seqlens=step.cu_seqlens,
+                      use_qk_l2norm_in_kernel=self.qk_norm == "l2")
+        return self._out(o, x, step), state
+
+
+class GatedDeltaNet(_DeltaRuleMixer):
+    """Gated DeltaNet: `S_t = exp(g_t) S_{t-1}` then the delta update, with Mamba-2's gate
+    `g_t = -exp(A_log) * softplus(a_proj(x_t) + dt_bias)` per value head, as in fla's
+    `GatedDeltaNet` (same argument names, defaults and parameter names).
+
+    Args:
+        hidden_size (alias d_model): model width.
+        expand_v: value head dim = head_dim * expand_v.
+        head_dim: q/k head dim.
+        num_heads: q/k heads.
+        num_v_heads: value heads (a multiple of num_heads; groups of value heads share one
+            q/k head, as in Qwen3-Next); default num_heads.
+        mode: 'chunk' or 'fused_recurrent' (eval inputs <= 64 tokens take the recurrent path).
+        use_gate: gate the normed output with swish(g_proj(x)).
+        use_short_conv, conv_size, conv_bias: causal depthwise convs (SiLU) on q, k, v.
+        allow_neg_eigval: beta in (0, 2) instead of (0, 1).
+        norm_eps: eps of the output RMSNorm.
+        dt_min, dt_max, dt_init_floor: init of dt_bias (softplus(dt_bias) log-uniform in
+            [dt_min, dt_max]); A_log = log(U(0, 16)). Both float32, no weight decay.
+    """
+
+    def __init__(self, hidden_size: int = 2048, expand_v: float = 2, head_dim: int = 256,
+                 num_heads: int = 6, num_v_heads: Optional[int] = None, mode: str = "chunk",
+                 use_gate: bool = True, use_short_conv: bool = True,
+                 allow_neg_eigval: bool = False, conv_size: int = 4, conv_bias: bool = False,
+                 layer_idx: Optional[int] = None, norm_eps: float = 1e-5,
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
+                 d_model: Optional[int] = None, device=None, dtype=None):
+        super().__init__()
+        hidden_size = d_model if d_model is not None else hidden_size
+        num_v_heads = num_heads if num_v_heads is None else num_v_heads
+        head_v_dim = int(head_dim * expand_v)
+        kw = dict(device=device, dtype=dtype)
+        self._build(hidden_size, num_heads, num_v_heads, head_dim, head_v_dim, mode, use_gate,
+                    use_short_conv, conv_size, conv_bias, allow_neg_eigval, "silu", norm_eps,
+                    layer_idx, kw)
+        self.head_dim, self.expand_v = head_dim, expand_v
+        self.a_proj = nn.Linear(hidden_size, num_v_heads, bias=False, **kw)
+        self.b_proj = nn.Linear(hidden_size, num_v_heads, bias=False, **kw)
+        _init_linear(self)
+        A = torch.empty(num_v_heads, dtype=torch.float32, device=device).uniform_(0, 16)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.dt_bias = nn.Parameter(init_dt_bias(num_v_heads, dt_min, dt_max, dt_init_floor,
+                                                 device))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+
+    def _gate(self, x: Tensor, step: MixerStep) -> Tensor:
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        return apply_mask(g, step.mask)  # log-decay 0 (no decay) over padding
+
+    def _mix(self, x: Tensor, step: MixerStep):
+        q, k, v = self._qkv(x, step)
+        fn = _ops.fused_recurrent_gated_delta_rule if _recurrent(self, x) \
+            else _ops.chunk_gated_delta_rule
+        o, state = fn(q, k, v, self._gate(x, step), self._beta(x, step).to(q.dtype),
+                      initial_state=step.state, output_final_state=step.want_state,
+                      cu_seqlens=step.cu_seqlens, use_qk_l2norm_in_kernel=True)
+        return self._out(o, x, step), state

@@ -1,0 +1,169 @@
+"""A small causal language model around any mixer layer, with cached generation."""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import RecurrentMixer
+from .cache import LayerCache
+from .delta import DeltaNet, GatedDeltaNet
+from .gla import GatedLinearAttention, LightningAttention
+from .mamba import Mamba, Mamba2
+from .norm import RMSNorm
+
+Tensor = torch.Tensor
+
+MIXERS: Dict[str, type] = {
+    "gla": GatedLinearAttention,
+    "deltanet": DeltaNet,
+    "gated_deltanet": GatedDeltaNet,
+    "mamba": Mamba,
+    "mamba2": Mamba2,
+    "lightning": LightningAttention,
+}
+
+
+def make_mixer(mixer: str, hidden_size: int, layer_idx: int = 0, num_layers: int = 1,
+               **kwargs) -> RecurrentMixer:
+    """Build a mixer by name ('gla', 'deltanet', 'gated_deltanet', 'mamba', 'mamba2',
+    'lightning'); kwargs go to its constructor."""
+    if mixer not in MIXERS:
+        raise ValueError(f"unknown mixer {mixer!r}; choose one of {sorted(MIXERS)}")
+    cls = MIXERS[mixer]
+    if cls is LightningAttention:
+        kwargs.setdefault("num_layers", num_layers)
+    return cls(hidden_size=hidden_size, layer_idx=layer_idx, **kwargs)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, **kw)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, **kw)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, **kw)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) (no MLP if None)."""
+
+    def __init__(self, mixer: RecurrentMixer, hidden_size: int, intermediate_size: int,
+                 norm_eps: float, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.mixer_norm = RMSNorm(hidden_size, norm_eps, **kw)
+        self.mixer = mixer
+        self.mlp = GatedMLP(hidden_size, intermediate_size, **kw) if intermediate_size else None
+        self.mlp_norm = RMSNorm(hidden_size, norm_eps, **kw) if intermediate_size else None
+
+    def forward(self, x, attention_mask=None, cu_seqlens=None, cache=None, use_cache=False):
+        h, cache = self.mixer(self.mixer_norm(x), attention_mask, cu_seqlens, cache, use_cache)
+        x = x + h
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, cache
+
+
+class CausalLM(nn.Module):
+    """embedding -> num_layers x Block(norm, mixer, norm, SwiGLU MLP) -> norm -> lm_head.
+
+    Args:
+        vocab_size, hidden_size, num_layers: the usual.
+        mixer: a name from MIXERS, or a callable (layer_idx) -> mixer module.
+        mixer_kwargs: constructor arguments of a named mixer (hidden_size / layer_idx are set).
+        mlp_ratio: MLP width as a multiple of hidden_size (0: no MLP, as Mamba-1 models).
+        norm_eps: RMSNorm eps.
+        tie_word_embeddings: share the embedding and the output projection.
+        initializer_range: std of the embedding (and lm_head, MLP) normal init.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int = 128, num_layers: int = 2,
+                 mixer: Union[str, Callable[[int], nn.Module]] = "gated_deltanet",
+                 mixer_kwargs: Optional[dict] = None, mlp_ratio: float = 4.0,
+                 norm_eps: float = 1e-5, tie_word_embeddings: bool = False,
+                 initializer_range: float = 0.02, device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.embeddings = nn.Embedding(vocab_size, hidden_size, **kw)
+        inter = int(round(mlp_ratio * hidden_size))
+
+        def build(i):
+            if callable(mixer):
+                return mixer(i)
+            return make_mixer(mixer, hidden_size, i, num_layers, **(mixer_kwargs or {}), **kw)
+        self.layers = nn.ModuleList(Block(build(i), hidden_size, inter, norm_eps, **kw)
+                                    for i in range(num_layers))
+        self.norm = RMSNorm(hidden_size, norm_eps, **kw)
+        self.lm_head = nn.Linear(hidden_size, vocab_size, bias=False, **kw)
+        std = initializer_range
+        nn.init.normal_(self.embeddings.weight, std=std)
+        for blk in self.layers:
+            if blk.mlp is not None:
+                for lin in (blk.mlp.gate_proj, blk.mlp.up_proj, blk.mlp.down_proj):
+                    nn.init.normal_(lin.weight, std=std)
+        if tie_word_embeddings:
+            self.lm_head.weight = self.embeddings.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=std)
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None,
+                cache: Optional[List[LayerCache]] = None, use_cache: bool = False
+                ) -> Tuple[Tensor, Optional[List[LayerCache]]]:
+        """input_ids [B, T] -> (logits [B, T, vocab] float32, caches (one per layer) or None).
+        attention_mask / cu_seqlens / cache / use_cache: as for the mixer layers."""
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layer caches, the model has "
+                             f"{len(self.layers)} layers")
+        x = self.embeddings(input_ids)
+        new = []
+        for i, blk in enumerate(self.layers):
+            x, c = blk(x, attention_mask, cu_seqlens, None if cache is None else cache[i],
+                       use_cache)
+            new.append(c)
+        logits = self.lm_head(self.norm(x)).float()
+        return logits, (new if (use_cache or cache is not None) else None)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int,
+                 attention_mask: Optional[Tensor] = None, temperature: float = 0.0,
+                 top_k: Optional[int] = None, eos_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> Tensor:
+        """Prefill the (left-padded) prompt once, then decode token by token from the caches.
+        temperature 0 is greedy; otherwise sample (optionally from the top_k logits). Rows that
+        produced eos_token_id keep emitting it. Returns [B, T + max_new_tokens]."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        out = [input_ids]
+        if max_new_tokens == 0:
+            return input_ids
+        logits, cache = self(input_ids, attention_mask=attention_mask, use_cache=True)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for i in range(max_new_tokens):
+            nxt = self._pick(logits[:, -1], temperature, top_k, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done = done | (nxt == eos_token_id)
+            out.append(nxt[:, None])
+            if i + 1 < max_new_tokens:
+                logits, cache = self(nxt[:, None], cache=cache)
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def _pick(logits: Tensor, temperature: float, top_k: Optional[int], generator) -> Tensor:
+        if temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

@@ -1,0 +1,79 @@
+"""Small helpers shared by the layers: masks, packed-sequence (un)packing, parameter init."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def apply_mask(x: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """Zero x [B, T, ...] where mask [B, T] (bool) is False; x unchanged when mask is None."""
+    if mask is None:
+        return x
+    return x * mask.view(*mask.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+
+
+def segment_ids(cu_seqlens: Tensor, T: int) -> Tensor:
+    """[T] int32: the index of the packed sequence each token belongs to (no host sync)."""
+    t = torch.arange(T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), t, right=True).to(torch.int32)
+
+
+def unpack_left(x: Tensor, cu_seqlens: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Packed x [1, T, ...] -> left-padded rows [N, L, ...] (L = longest sequence, zeros before
+    each row's tokens), their mask [N, L] and the index that `repack` needs. Reads the longest
+    length on the host (the only host sync in the layers, on packed paths that need rows)."""
+    cu = cu_seqlens.to(torch.int64)
+    T = x.shape[1]
+    lens = cu[1:] - cu[:-1]
+    N = lens.numel()
+    L = max(int(lens.max()), 1)
+    j = torch.arange(L, device=x.device)
+    src = cu[1:, None] - L + j                      # token index of row n, column j
+    mask = src >= cu[:-1, None]
+    rows = apply_mask(x[0][src.clamp_min(0)], mask)
+    t = torch.arange(T, device=x.device)
+    seg = segment_ids(cu, T).to(torch.int64)
+    index = seg * L + (L - (cu[1:][seg] - t))       # flat row position of token t
+    return rows, mask, index
+
+
+def repack(rows: Tensor, index: Tensor) -> Tensor:
+    """Inverse of unpack_left: rows [N, L, ...] -> packed [1, T, ...]."""
+    return rows.reshape(-1, *rows.shape[2:])[index][None]
+
+
+def left_pad_lengths(mask: Tensor) -> Tensor:
+    """Number of real tokens per row of a left-padded mask [B, T] (they are the last ones)."""
+    return mask.sum(-1)
+
+
+def inv_softplus(x: Tensor) -> Tensor:
+    """softplus^{-1}(x) = x + log(-expm1(-x)), stable for small and large x > 0."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+def init_dt_bias(n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_floor: float = 1e-4,
+                 device=None) -> Tensor:
+    """Mamba's dt bias: dt log-uniform in [dt_min, dt_max] (floored), stored as the inverse
+    softplus so that softplus(dt_bias) = dt at init. Float32."""
+    if not 0 < dt_min <= dt_max:
+        raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+    u = torch.rand(n, device=device, dtype=torch.float32)
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+    return inv_softplus(dt.clamp(min=dt_init_floor))
+
+
+def activation_fn(name: Optional[str]):
+    """'swish'/'silu', 'sigmoid', 'relu', 'elu', 'identity'/None -> callable."""
+    table = {"swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid, "relu": F.relu,
+             "elu": F.elu, "identity": None, None: None}
+    if name not in table:
+        raise ValueError(f"unknown activation {name!r}; choose one of "
+                         f"{sorted(k for k in table if k)}")
+    fn = table[name]
+    return (lambda x: x) if fn is None else fn

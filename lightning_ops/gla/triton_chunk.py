@@ -1,0 +1,518 @@
+"""Triton kernels of the GLA chunk engine (launchers in lightning_ops/gla/triton.py).
+
+One engine for every gate kind, picked by the constexpr GATE:
+  0 none (linear attention)      1 scalar, cumulative sums in gc [tokens, H] (g, plus g_gamma)
+  2 constant g_gamma [H] only    3 vector, cumulative sums in gc [tokens, H, K] (GLA)
+G below is the chunk-local inclusive cumulative log decay of a row, G_L that of the chunk's last
+valid row, h_c the state before chunk c, dh_c the gradient of the state after chunk c.
+
+Math of one chunk (rows t, s; A_ts = scale * sum_k q_tk k_sk exp(G_tk - G_sk) for s <= t):
+  o_t       = scale * (q_t * e^{G_t}) h_c + sum_{s<=t} A_ts v_s
+  h_{c+1}   = e^{G_L} h_c + sum_s (k_s * e^{G_L - G_s}) v_s^T
+  dh_{c-1}  = e^{G_L} dh_c + scale * sum_t (q_t * e^{G_t}) do_t^T
+  dv_s      = (k_s * e^{G_L - G_s}) dh_c + sum_{t>=s} A_ts do_t
+  dq_t      = scale * (do_t h_c^T) * e^{G_t} + sum_{s<=t} dA_ts k_s e^{G_t - G_s},  dA_ts = scale do_t.v_s
+  dk_s      = (v_s dh_c^T) * e^{G_L - G_s} + sum_{t>=s} dA_ts q_t e^{G_t - G_s}
+  dg_t      = sum_{t'>=t in chunk} (q dq - k dk)_t' + e^{G_L} rowsum(h_c * dh_c) + sum_s k_s dk_s^inter
+Every exponent is <= 0: decays are taken relative to a later row. The vector-gate scores, which
+need e^{G_t - G_s} per channel inside a matmul, are tiled in BC-row sub-chunks; a pair of
+sub-chunks is factored through a row between them (exponents <= 0 on both sides) and the
+diagonal sub-chunks are summed elementwise.
+
+The same state kernel walks chunks forward (h) or backward (dh, REV) and may fuse the per-chunk
+output (o forward: the single-pass Lightning-Attention-2 form; dv backward); chunk_out_kernel
+is the chunk-parallel output for the two-pass form.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..triton_utils import chunk_program, row_ptrs, seq_bounds, tile_ptrs
+
+
+@triton.jit
+def _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k,
+           H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr):
+    """(G, G_L) of the chunk starting at local row r0: scalar gates give G [C] and a scalar G_L,
+    vector gates G [C, BK] and G_L [BK] for columns o_k; GATE 0 gives zeros."""
+    last = tl.minimum(T_n - r0, C) - 1
+    has_last = last >= 0
+    tok_last = bos + r0 + tl.maximum(last, 0)
+    if GATE == 1:
+        G = tl.load(gc + (bos + r0 + o_t) * H + i_h, mask=m_t, other=0.)
+        G_L = tl.load(gc + tok_last * H + i_h, mask=has_last, other=0.)
+    elif GATE == 2:
+        gm = tl.load(gamma + i_h).to(tl.float32)
+        G = gm * (o_t + 1).to(tl.float32)
+        G_L = gm * (last + 1).to(tl.float32)
+    elif GATE == 3:
+        G = tl.load(tile_ptrs(gc, bos + r0 + o_t, i_h, H, K, o_k),
+                    mask=m_t[:, None] & m_k[None, :], other=0.)
+        G_L = tl.load(row_ptrs(gc, tok_last, i_h, H, K, o_k), mask=m_k & has_last, other=0.)
+    else:
+        G = tl.zeros([C], dtype=tl.float32)
+        G_L = tl.sum(G, axis=0)
+    return G, G_L
+
+
+@triton.jit
+def _row_decay(G, G_L, m_t, FROM_LAST: tl.constexpr, GATE: tl.constexpr):
+    """Per-row factor broadcastable to [C, BK]: e^{G_L - G} (FROM_LAST) or e^{G}; 0 on rows past
+    the sequence end (where the exponent is meaningless and could overflow)."""
+    if GATE == 3:
+        if FROM_LAST:
+            e = G_L[None, :] - G
+        else:
+            e = G
+        f = tl.where(m_t[:, None], tl.exp(e), 0.)
+    else:
+        if FROM_LAST:
+            e = G_L - G
+        else:
+            e = G
+        f = tl.where(m_t, tl.exp(e), 0.)[:, None]
+    return f
+
+
+@triton.jit
+def _intra_mask(Sraw, G, m_t, o_t, scale, REV: tl.constexpr, GATE: tl.constexpr):
+    """Causal, decayed, scaled intra-chunk scores from raw dot products (scalar gates or none).
+    Forward: M[t, s] = scale Sraw[t, s] e^{G_t - G_s}, s <= t. REV: M[s, t], the transpose."""
+    if REV:
+        keep = (o_t[None, :] >= o_t[:, None]) & m_t[:, None] & m_t[None, :]
+    else:
+        keep = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+    if GATE == 1 or GATE == 2:
+        if REV:
+            e = G[None, :] - G[:, None]
+        else:
+            e = G[:, None] - G[None, :]
+        Sraw = Sraw * tl.exp(tl.where(keep, e, 0.))
+    return tl.where(keep, Sraw * scale, 0.)
+
+
+@triton.jit
+def _load_A(A, tok, i_h, m_t, o_t, H: tl.constexpr, C: tl.constexpr, REV: tl.constexpr):
+    """The precomputed vector-gate scores of a chunk, A[t, s] (or its transpose for REV); only
+    the causal part is read (the upper sub-chunk blocks are never written)."""
+    if REV:
+        keep = (o_t[None, :] >= o_t[:, None]) & m_t[:, None] & m_t[None, :]
+        p = A + (tok[None, :] * H + i_h) * C + o_t[:, None]
+    else:
+        keep = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
+        p = A + (tok[:, None] * H + i_h) * C + o_t[None, :]
+    return tl.load(p, mask=keep, other=0.)
+
+
+@triton.jit
+def chunk_cumsum_kernel(g, gamma, gc, cu_seqlens, chunk_indices, T, NT,
+                        H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+                        HAS_GAMMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """gc = chunk-local inclusive cumsum of (g + g_gamma) in fp32; g is [tokens, H, D]."""
+    i_d, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    o_t = tl.arange(0, C)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_t = (i_c * C + o_t) < T_n
+    mask = m_t[:, None] & (o_d < D)[None, :]
+    tok = bos + i_c * C + o_t
+    x = tl.load(tile_ptrs(g, tok, i_h, H, D, o_d), mask=mask, other=0.).to(tl.float32)
+    if HAS_GAMMA:
+        x += tl.load(gamma + i_h).to(tl.float32)
+    tl.store(tile_ptrs(gc, tok, i_h, H, D, o_d), tl.cumsum(x, axis=0), mask=mask)
+
+
+@triton.jit
+def seq_revcumsum_kernel(x, add, out, cu_seqlens, T,
+                         H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                         HAS_ADD: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """out_t = sum_{t' >= t in its sequence} x_t' (+ add[n]); x, out [tokens, H, D] fp32."""
+    i_d, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    o_t = tl.arange(0, BT)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m_d = o_d < D
+    if HAS_ADD:
+        carry = tl.load(add + (i_n * H + i_h).to(tl.int64) * D + o_d, mask=m_d, other=0.)
+    else:
+        carry = tl.zeros([BD], dtype=tl.float32)
+    n_b = tl.cdiv(T_n, BT)
+    for j in range(0, n_b):
+        r0 = (n_b - 1 - j) * BT
+        tok = bos + r0 + o_t
+        mask = ((r0 + o_t) < T_n)[:, None] & m_d[None, :]
+        xt = tl.load(tile_ptrs(x, tok, i_h, H, D, o_d), mask=mask, other=0.)
+        y = tl.cumsum(xt, axis=0, reverse=True) + carry[None, :]
+        tl.store(tile_ptrs(out, tok, i_h, H, D, o_d), y.to(out.dtype.element_ty), mask=mask)
+        carry += tl.sum(xt, axis=0)
+
+
+@triton.jit
+def chunk_state_kernel(
+    x, y, z, gc, gamma, A, hs, h0, ht, out,
+    cu_seqlens, chunk_offsets, scale, T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, REV: tl.constexpr,
+    USE_H0: tl.constexpr, STORE_HT: tl.constexpr, STORE_HS: tl.constexpr,
+    FUSE_OUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DT: tl.constexpr, DT_S: tl.constexpr, PREC: tl.constexpr,
+):
+    """One program per (K block, V block, sequence x head) walks the chunks of its sequence with
+    the fp32 state in registers.
+
+    Forward (x=k, y=v): h <- e^{G_L} h + (k e^{G_L - G})^T v, from h0, to ht.
+    REV (x=q, y=do): dh <- e^{G_L} dh + scale (q e^{G})^T do, from dht, to dh0.
+    STORE_HS writes the state met at each chunk (h_c, or dh after chunk c) for chunk-parallel
+    kernels. FUSE_OUT (needs BK >= K) also writes the chunk's output from the register state:
+    forward z=q gives o (single-pass forward); REV z=k gives dv."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    n_c = tl.cdiv(T_n, C)
+    if IS_VARLEN:
+        base = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        base = i_n.to(tl.int64) * NT
+    o_t = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+    head = (i_n * H + i_h).to(tl.int64) * K * V
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        S += tl.load(h0 + head + kv, mask=m_kv, other=0.).to(tl.float32)
+    for j in range(0, n_c):
+        if REV:
+            i_c = n_c - 1 - j
+        else:
+            i_c = j
+        r0 = i_c * C
+        if STORE_HS:
+            tl.store(hs + ((base + i_c) * H + i_h) * K * V + kv, S.to(hs.dtype.element_ty),
+                     mask=m_kv)
+        tok = bos + r0 + o_t
+        m_t = (r0 + o_t) < T_n
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        xt = tl.load(tile_ptrs(x, tok, i_h, H, K, o_k), mask=m_tk, other=0.).to(tl.float32)
+        yt = tl.load(tile_ptrs(y, tok, i_h, H, V, o_v), mask=m_tv, other=0.).to(tl.float32)
+        G, G_L = _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k, H, K, C, GATE)
+        if FUSE_OUT:
+            zt = tl.load(tile_ptrs(z, tok, i_h, H, K, o_k), mask=m_tk, other=0.).to(tl.float32)
+            if GATE == 0:
+                zs = zt
+            else:
+                zs = zt * _row_decay(G, G_L, m_t, REV, GATE)
+            acc = tl.dot(zs.to(DT_S), S.to(DT_S), input_precision=PREC)
+            if REV == 0:
+                acc = acc * scale
+            if GATE == 3:
+                M = _load_A(A, tok, i_h, m_t, o_t, H, C, REV)
+            else:
+                Sraw = tl.dot(zt.to(DT), tl.trans(xt).to(DT), input_precision=PREC)
+                M = _intra_mask(Sraw, G, m_t, o_t, scale, REV, GATE)
+            acc += tl.dot(M.to(DT), yt.to(DT), input_precision=PREC)
+            tl.store(tile_ptrs(out, tok, i_h, H, V, o_v), acc.to(out.dtype.element_ty),
+                     mask=m_tv)
+        if GATE == 0:
+            xs = xt
+        else:
+            if REV:
+                xs = xt * _row_decay(G, G_L, m_t, False, GATE)
+            else:
+                xs = xt * _row_decay(G, G_L, m_t, True, GATE)
+            if GATE == 3:
+                S = S * tl.exp(G_L)[:, None]
+            else:
+                S = S * tl.exp(G_L)
+        upd = tl.dot(tl.trans(xs).to(DT), yt.to(DT), input_precision=PREC)
+        if REV:
+            upd = upd * scale
+        S += upd
+    if STORE_HT:
+        tl.store(ht + head + kv, S.to(ht.dtype.element_ty), mask=m_kv)
+
+
+@triton.jit
+def chunk_out_kernel(
+    z, x, y, gc, gamma, A, hs, out,
+    cu_seqlens, chunk_indices, scale, T, NT,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, REV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DT: tl.constexpr, DT_S: tl.constexpr, PREC: tl.constexpr,
+):
+    """Chunk-parallel output of one (V block, chunk, batch x head) from the stored states.
+    Forward (z=q, x=k, y=v, hs=h): o = scale (q e^{G}) h_c + A v.
+    REV (z=k, x=q, y=do, hs=dh): dv = (k e^{G_L - G}) dh_c + A^T do."""
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    r0 = i_c * C
+    o_t = tl.arange(0, C)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    tok = bos + r0 + o_t
+    m_t = (r0 + o_t) < T_n
+    m_tv = m_t[:, None] & m_v[None, :]
+    state = hs + (gid * H + i_h) * K * V
+    if GATE != 3:
+        o_k0 = tl.arange(0, BK)
+        G, G_L = _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k0, o_k0 < K, H, K, C, GATE)
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    Sraw = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        zt = tl.load(tile_ptrs(z, tok, i_h, H, K, o_k), mask=m_tk, other=0.).to(tl.float32)
+        Sb = tl.load(state + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                     other=0.).to(tl.float32)
+        if GATE == 3:
+            Gk, GkL = _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k, H, K, C, GATE)
+            zs = zt * _row_decay(Gk, GkL, m_t, REV, GATE)
+        else:
+            zs = zt
+            xt = tl.load(tile_ptrs(x, tok, i_h, H, K, o_k), mask=m_tk, other=0.).to(tl.float32)
+            Sraw += tl.dot(zt.to(DT), tl.trans(xt).to(DT), input_precision=PREC)
+        acc += tl.dot(zs.to(DT_S), Sb.to(DT_S), input_precision=PREC)
+    if GATE == 1 or GATE == 2:
+        acc = acc * _row_decay(G, G_L, m_t, REV, GATE)
+    if REV == 0:
+        acc = acc * scale
+    if GATE == 3:
+        M = _load_A(A, tok, i_h, m_t, o_t, H, C, REV)
+    else:
+        M = _intra_mask(Sraw, G, m_t, o_t, scale, REV, GATE)
+    yt = tl.load(tile_ptrs(y, tok, i_h, H, V, o_v), mask=m_tv, other=0.).to(tl.float32)
+    acc += tl.dot(M.to(DT), yt.to(DT), input_precision=PREC)
+    tl.store(tile_ptrs(out, tok, i_h, H, V, o_v), acc.to(out.dtype.element_ty), mask=m_tv)
+
+
+@triton.jit
+def chunk_scores_kernel(
+    x, y, gc, A, cu_seqlens, chunk_indices, scale, T, NT,
+    H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
+    GATED: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """A[t, s] = scale sum_d x_td y_sd (e^{G_td - G_sd} if GATED), s <= t in one chunk, stored
+    [tokens, H, C] fp32. One program per (chunk, sub-chunk pair (i, j), batch x head); pairs
+    with i < j (all zero) are skipped and never written. GATED (vector gates): block (i > j) is
+    factored through the first row n of sub-chunk i, (x e^{G - G_n}) (y e^{G_n - G})^T, both
+    exponents <= 0; diagonal blocks are summed column by column. Ungated use: BC = C."""
+    NC: tl.constexpr = C // BC
+    i_t, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_i, i_j = i_ij // NC, i_ij % NC
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    if i_i >= i_j:
+        o_c = tl.arange(0, BC)
+        ri = i_c * C + i_i * BC + o_c
+        rj = i_c * C + i_j * BC + o_c
+        m_i, m_j = ri < T_n, rj < T_n
+        tok_i, tok_j = bos + ri, bos + rj
+        acc = tl.zeros([BC, BC], dtype=tl.float32)
+        if i_i > i_j:
+            rn = i_c * C + i_i * BC
+            for i_d in range(0, tl.cdiv(D, BD)):
+                o_d = i_d * BD + tl.arange(0, BD)
+                m_d = o_d < D
+                xi = tl.load(tile_ptrs(x, tok_i, i_h, H, D, o_d), mask=m_i[:, None] & m_d[None, :],
+                             other=0.).to(tl.float32)
+                yj = tl.load(tile_ptrs(y, tok_j, i_h, H, D, o_d), mask=m_j[:, None] & m_d[None, :],
+                             other=0.).to(tl.float32)
+                if GATED:
+                    Gi = tl.load(tile_ptrs(gc, tok_i, i_h, H, D, o_d),
+                                 mask=m_i[:, None] & m_d[None, :], other=0.)
+                    Gj = tl.load(tile_ptrs(gc, tok_j, i_h, H, D, o_d),
+                                 mask=m_j[:, None] & m_d[None, :], other=0.)
+                    Gn = tl.load(row_ptrs(gc, bos + rn, i_h, H, D, o_d), mask=m_d & (rn < T_n),
+                                 other=0.)
+                    xi = xi * tl.where(m_i[:, None], tl.exp(Gi - Gn[None, :]), 0.)
+                    yj = yj * tl.where(m_j[:, None], tl.exp(Gn[None, :] - Gj), 0.)
+                acc += tl.dot(xi.to(DT), tl.trans(yj).to(DT), input_precision=PREC)
+        else:
+            for i_d in range(0, tl.cdiv(D, BD)):
+                o_d = i_d * BD + tl.arange(0, BD)
+                m_d = o_d < D
+                xi = tl.load(tile_ptrs(x, tok_i, i_h, H, D, o_d), mask=m_i[:, None] & m_d[None, :],
+                             other=0.).to(tl.float32)
+                if GATED:
+                    Gi = tl.load(tile_ptrs(gc, tok_i, i_h, H, D, o_d),
+                                 mask=m_i[:, None] & m_d[None, :], other=0.)
+                    for s in range(0, BC):
+                        rs = i_c * C + i_i * BC + s
+                        m_s = rs < T_n
+                        ys = tl.load(row_ptrs(y, bos + rs, i_h, H, D, o_d), mask=m_d & m_s,
+                                     other=0.).to(tl.float32)
+                        Gs = tl.load(row_ptrs(gc, bos + rs, i_h, H, D, o_d), mask=m_d & m_s,
+                                     other=0.)
+                        keep = (o_c >= s) & m_i
+                        e = tl.where(keep[:, None], Gi - Gs[None, :], float("-inf"))
+                        col = tl.sum(xi * ys[None, :] * tl.exp(e), axis=1)
+                        acc += tl.where(o_c[None, :] == s, col[:, None], 0.)
+                else:
+                    yi = tl.load(tile_ptrs(y, tok_i, i_h, H, D, o_d),
+                                 mask=m_i[:, None] & m_d[None, :], other=0.).to(tl.float32)
+                    acc += tl.dot(xi.to(DT), tl.trans(yi).to(DT), input_precision=PREC)
+            acc = tl.where(o_c[:, None] >= o_c[None, :], acc, 0.)
+        tl.store(A + (tok_i[:, None] * H + i_h) * C + i_j * BC + o_c[None, :], acc * scale,
+                 mask=m_i[:, None])
+
+
+@triton.jit
+def chunk_intra_grad_kernel(
+    q, k, gc, dA, dq, dk, cu_seqlens, chunk_indices, T, NT,
+    H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Vector gates, intra-chunk part of dq and dk for one (K block, chunk x sub-chunk i,
+    batch x head), fp32 out:
+      dq_t = sum_{s<=t} dA_ts k_s e^{G_t - G_s},  dk_s = sum_{t>=s} dA_ts q_t e^{G_t - G_s}.
+    Earlier sub-chunks enter dq through the first row of i, later ones dk through the last
+    valid row of i (exponents <= 0 on both sides); the diagonal sub-chunk row by row."""
+    NC: tl.constexpr = C // BC
+    i_k, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_i = i_tc // NC, i_tc % NC
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    o_c = tl.arange(0, BC)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    r0 = i_c * C + i_i * BC
+    ri = r0 + o_c
+    m_i = ri < T_n
+    tok_i = bos + ri
+    m_ik = m_i[:, None] & m_k[None, :]
+    Gi = tl.load(tile_ptrs(gc, tok_i, i_h, H, K, o_k), mask=m_ik, other=0.)
+    dA_i = dA + (tok_i * H + i_h) * C   # row pointers of dA for the rows of sub-chunk i
+
+    dq_acc = tl.zeros([BC, BK], dtype=tl.float32)
+    Gn = tl.load(row_ptrs(gc, bos + r0, i_h, H, K, o_k), mask=m_k & (r0 < T_n), other=0.)
+    for j in range(0, i_i):
+        rj = i_c * C + j * BC + o_c
+        m_j = rj < T_n
+        kj = tl.load(tile_ptrs(k, bos + rj, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
+                     other=0.).to(tl.float32)
+        Gj = tl.load(tile_ptrs(gc, bos + rj, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
+                     other=0.)
+        dAij = tl.load(dA_i[:, None] + j * BC + o_c[None, :], mask=m_i[:, None] & m_j[None, :],
+                       other=0.)
+        kj = kj * tl.where(m_j[:, None], tl.exp(Gn[None, :] - Gj), 0.)
+        dq_acc += tl.dot(dAij.to(DT), kj.to(DT), input_precision=PREC)
+    dq_acc *= tl.where(m_i[:, None], tl.exp(Gi - Gn[None, :]), 0.)
+    for s in range(0, BC):
+        rs = r0 + s
+        m_s = rs < T_n
+        dAc = tl.load(dA_i + i_i * BC + s, mask=m_i, other=0.)
+        ks = tl.load(row_ptrs(k, bos + rs, i_h, H, K, o_k), mask=m_k & m_s, other=0.).to(tl.float32)
+        Gs = tl.load(row_ptrs(gc, bos + rs, i_h, H, K, o_k), mask=m_k & m_s, other=0.)
+        keep = (o_c >= s) & m_i
+        e = tl.where(keep[:, None], Gi - Gs[None, :], float("-inf"))
+        dq_acc += dAc[:, None] * ks[None, :] * tl.exp(e)
+
+    dk_acc = tl.zeros([BC, BK], dtype=tl.float32)
+    rm = tl.minimum(r0 + BC, T_n) - 1
+    Gm = tl.load(row_ptrs(gc, bos + tl.maximum(rm, 0), i_h, H, K, o_k), mask=m_k & (rm >= r0),
+                 other=0.)
+    for j in range(i_i + 1, NC):
+        rj = i_c * C + j * BC + o_c
+        m_j = rj < T_n
+        tok_j = bos + rj
+        qj = tl.load(tile_ptrs(q, tok_j, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
+                     other=0.).to(tl.float32)
+        Gj = tl.load(tile_ptrs(gc, tok_j, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
+                     other=0.)
+        dAji = tl.load(dA + ((tok_j * H + i_h) * C + i_i * BC)[:, None] + o_c[None, :],
+                       mask=m_j[:, None] & m_i[None, :], other=0.)
+        qj = qj * tl.where(m_j[:, None], tl.exp(Gj - Gm[None, :]), 0.)
+        dk_acc += tl.dot(tl.trans(dAji).to(DT), qj.to(DT), input_precision=PREC)
+    dk_acc *= tl.where(m_i[:, None], tl.exp(Gm[None, :] - Gi), 0.)
+    for s in range(0, BC):
+        rt = r0 + s
+        m_s = rt < T_n
+        dAr = tl.load(dA + ((bos + rt) * H + i_h) * C + i_i * BC + o_c, mask=m_i & m_s, other=0.)
+        qt = tl.load(row_ptrs(q, bos + rt, i_h, H, K, o_k), mask=m_k & m_s, other=0.).to(tl.float32)
+        Gt = tl.load(row_ptrs(gc, bos + rt, i_h, H, K, o_k), mask=m_k & m_s, other=0.)
+        keep = (o_c <= s) & m_i & m_s
+        e = tl.where(keep[:, None], Gt[None, :] - Gi, float("-inf"))
+        dk_acc += dAr[:, None] * qt[None, :] * tl.exp(e)
+
+    tl.store(tile_ptrs(dq, tok_i, i_h, H, K, o_k), dq_acc, mask=m_ik)
+    tl.store(tile_ptrs(dk, tok_i, i_h, H, K, o_k), dk_acc, mask=m_ik)
+
+
+@triton.jit
+def chunk_dqkg_kernel(
+    q, k, v, do, gc, gamma, hs, dhs, dqi, dki, dq, dk, dg,
+    cu_seqlens, chunk_indices, scale, T, NT, dg_stride,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_DG: tl.constexpr,
+    IS_VARLEN: tl.constexpr, DT: tl.constexpr, DT_S: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq, dk (and dg) of one (K block, chunk, batch x head). The inter-chunk parts come from the
+    stored h_c and dh_c, the intra parts from dA = scale do v^T (scalar gates, in registers) or
+    from dqi/dki (vector gates, chunk_intra_grad_kernel). dg: vector [tokens, H, K] in g's dtype;
+    scalar: fp32 partials [NK, tokens, H] (dg_stride = tokens * H), summed by the launcher."""
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    r0 = i_c * C
+    o_t = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    tok = bos + r0 + o_t
+    m_t = (r0 + o_t) < T_n
+    m_tk = m_t[:, None] & m_k[None, :]
+    G, G_L = _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k, H, K, C, GATE)
+    state = (gid * H + i_h) * K * V
+    dq_acc = tl.zeros([C, BK], dtype=tl.float32)
+    dk_acc = tl.zeros([C, BK], dtype=tl.float32)
+    dAs = tl.zeros([C, C], dtype=tl.float32)
+    hdh = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        vt = tl.load(tile_ptrs(v, tok, i_h, H, V, o_v), mask=m_tv, other=0.).to(tl.float32)
+        dot_ = tl.load(tile_ptrs(do, tok, i_h, H, V, o_v), mask=m_tv, other=0.).to(tl.float32)
+        kv = o_k[:, None] * V + o_v[None, :]
+        m_kv = m_k[:, None] & m_v[None, :]
+        h = tl.load(hs + state + kv, mask=m_kv, other=0.).to(tl.float32)
+        dh = tl.load(dhs + state + kv, mask=m_kv, other=0.).to(tl.float32)
+        dq_acc += tl.dot(dot_.to(DT_S), tl.trans(h).to(DT_S), input_precision=PREC)
+        dk_acc += tl.dot(vt.to(DT_S), tl.trans(dh).to(DT_S), input_precision=PREC)
+        if HAS_DG:
+            hdh += tl.sum(h * dh, axis=1)
+        if GATE != 3:
+            dAs += tl.dot(dot_.to(DT), tl.trans(vt).to(DT), input_precision=PREC)
+    qt = tl.load(tile_ptrs(q, tok, i_h, H, K, o_k), mask=m_tk, other=0.).to(tl.float32)
+    kt = tl.load(tile_ptrs(k, tok, i_h, H, K, o_k), mask=m_tk, other=0.).to(tl.float32)
+    if GATE == 0:
+        dq_acc = dq_acc * scale
+    else:
+        dq_acc = dq_acc * (scale * _row_decay(G, G_L, m_t, False, GATE))
+        dk_acc = dk_acc * _row_decay(G, G_L, m_t, True, GATE)
+    if HAS_DG:
+        d_last = hdh * tl.exp(G_L) + tl.sum(kt * dk_acc, axis=0)
+    if GATE == 3:
+        dq_acc += tl.load(tile_ptrs(dqi, tok, i_h, H, K, o_k), mask=m_tk, other=0.)
+        dk_acc += tl.load(tile_ptrs(dki, tok, i_h, H, K, o_k), mask=m_tk, other=0.)
+    else:
+        M = _intra_mask(dAs, G, m_t, o_t, scale, False, GATE)
+        dq_acc += tl.dot(M.to(DT), kt.to(DT), input_precision=PREC)
+        dk_acc += tl.dot(tl.trans(M).to(DT), qt.to(DT), input_precision=PREC)
+    tl.store(tile_ptrs(dq, tok, i_h, H, K, o_k), dq_acc.to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(tile_ptrs(dk, tok, i_h, H, K, o_k), dk_acc.to(dk.dtype.element_ty), mask=m_tk)
+    if HAS_DG:
+        dgt = qt * dq_acc - kt * dk_acc
+        if GATE == 3:
+            dgv = tl.cumsum(dgt, axis=0, reverse=True) + d_last[None, :]
+            tl.store(tile_ptrs(dg, tok, i_h, H, K, o_k), dgv.to(dg.dtype.element_ty), mask=m_tk)
+        else:
+            dgs = tl.cumsum(tl.sum(dgt, axis=1), axis=0, reverse=True) + tl.sum(d_last, axis=0)
+            tl.store(dg + i_k.to(tl.int64) * dg_stride + tok * H + i_h, dgs, mask=m_t)

@@ -1,0 +1,122 @@
+"""Generic Triton helpers shared by the kernel families: launch-side chunk tables for packed
+sequences (built on the device, no host sync), dtype plumbing for tl.dot, and small @triton.jit
+helpers for sequence bounds and [tokens, H, D] tiles with 64-bit offsets."""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    """Block size for a (possibly non-power-of-two) dim; at least 16, the smallest tl.dot side."""
+    return max(minimum, triton.next_power_of_2(n))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 off-GPU, e.g. under the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dot_config(dtype: torch.dtype) -> Tuple[object, object, str]:
+    """(DT, DT_S, PREC) for the kernels' tl.dot calls.
+
+    DT: operand dtype of products of inputs (q k^T, A v): the input dtype, fp32 for fp32.
+    DT_S: operand dtype of products with the fp32 state: bf16 keeps bf16 (fp32 range), fp16 goes
+    through tf32 because a long un-decayed state can pass fp16's 65504.
+    PREC: fp32 inputs get exact ('ieee') products, not tf32, so fp32 results match fp32 math."""
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, tl.bfloat16, "tf32"
+    if dtype == torch.float16:
+        return tl.float16, tl.float32, "tf32"
+    return tl.float32, tl.float32, "ieee"
+
+
+class ChunkMeta:
+    """Where the chunks of a (possibly packed) batch live.
+
+    Unpacked (cu_seqlens None): sequence n = batch row n, NT = cdiv(T, C) chunks each, chunk
+    (n, c) has global id n * NT + c. Packed: chunk_offsets[n] is the global id of the first chunk
+    of sequence n and chunk_indices[i] = (n, c) for global chunk i. Both are built with torch ops on
+    the device; the grid is sized by the upper bound cdiv(T, C) + N, and ids past the real count
+    point past the end of the last sequence, so their programs mask every load and store."""
+
+    def __init__(self, cu_seqlens: Optional[Tensor], B: int, T: int, C: int):
+        self.C = C
+        self.is_varlen = cu_seqlens is not None
+        if cu_seqlens is None:
+            self.N = B
+            self.NT = triton.cdiv(T, C)
+            self.grid_t = self.NT            # chunk axis of chunk-parallel grids (times B)
+            self.n_chunks = B * self.NT      # rows of per-chunk buffers
+            self.offsets = self.indices = None
+        else:
+            N = cu_seqlens.numel() - 1
+            self.N = N
+            self.NT = 0  # unused when packed
+            bound = triton.cdiv(T, C) + N  # sum_n cdiv(L_n, C) <= T / C + N
+            cu = cu_seqlens.to(torch.int64)
+            n_chunks = (cu[1:] - cu[:-1] + C - 1) // C
+            offsets = torch.cat([n_chunks.new_zeros(1), n_chunks.cumsum(0)])
+            gid = torch.arange(bound, device=cu.device)
+            seq = torch.searchsorted(offsets[1:].contiguous(), gid, right=True).clamp_(max=N - 1)
+            self.offsets = offsets.to(torch.int32)
+            self.indices = torch.stack([seq, gid - offsets[seq]], 1).to(torch.int32).contiguous()
+            self.grid_t = bound
+            self.n_chunks = bound
+
+
+@triton.jit
+def seq_bounds(i_n, cu_seqlens, T, IS_VARLEN: tl.constexpr):
+    """(bos, length) of sequence i_n: bos is int64, the token index of its first row."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, (eos - bos).to(tl.int32)
+
+
+@triton.jit
+def chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN: tl.constexpr):
+    """For a chunk-parallel program: (sequence, chunk in sequence, global chunk id, bos, length)."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + 2 * i_t).to(tl.int64)
+        i_c = tl.load(chunk_indices + 2 * i_t + 1).to(tl.int32)
+        gid = i_t.to(tl.int64)
+    else:
+        i_n = i_b.to(tl.int64)
+        i_c = i_t.to(tl.int32)
+        gid = i_b.to(tl.int64) * NT + i_t
+    bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    return i_n, i_c, gid, bos, T_n
+
+
+@triton.jit
+def tile_ptrs(base, tok, i_h, H: tl.constexpr, D: tl.constexpr, o_d):
+    """Pointers to rows `tok` (int64 token ids) x columns o_d of a [tokens, H, D] tensor, head i_h."""
+    return base + (tok * H + i_h)[:, None] * D + o_d[None, :]
+
+
+@triton.jit
+def row_ptrs(base, tok, i_h, H: tl.constexpr, D: tl.constexpr, o_d):
+    """Pointers to one row (scalar int64 token id) of a [tokens, H, D] tensor, head i_h."""
+    return base + (tok * H + i_h) * D + o_d
