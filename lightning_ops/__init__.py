@@ -24,12 +24,23 @@ __all__ = [
     "fused_recurrent_lightning_attn", "fused_recurrent_gla",
 ]
 
-try:  # the other families (their own modules; present once their ops exist)
-    from .delta.ops import (  # noqa: F401
-        chunk_delta_rule, chunk_gated_delta_rule,
-        fused_recurrent_delta_rule, fused_recurrent_gated_delta_rule,
-    )
-    __all__ += ["chunk_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_delta_rule",
-                "fused_recurrent_gated_delta_rule"]
-except ImportError:  # pragma: no cover - removed once the family lands
-    pass
+from .delta.ops import (
+    chunk_delta_rule,
+    chunk_gated_delta_rule,
+    fused_recurrent_delta_rule,
+    fused_recurrent_gated_delta_rule,
+)
+from .ssm.ops import (
+    causal_conv1d_fn,
+    causal_conv1d_update,
+    mamba_chunk_scan_combined,
+    selective_scan_fn,
+    selective_state_update,
+)
+
+__all__ += [
+    "chunk_delta_rule", "chunk_gated_delta_rule",
+    "fused_recurrent_delta_rule", "fused_recurrent_gated_delta_rule",
+    "selective_scan_fn", "mamba_chunk_scan_combined", "selective_state_update",
+    "causal_conv1d_fn", "causal_conv1d_update",
+]
