@@ -1,7 +1,7 @@
 """The per-layer decoding cache: recurrent state + short-conv states."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -21,8 +21,9 @@ class LayerCache:
         seen_tokens: tokens consumed so far (the largest row length; padding included).
 
     A layer returns the updated cache from every call that was given one (or use_cache=True).
-    Treat a cache passed in as consumed: decode steps under no_grad may update its tensors in
-    place (as mamba-ssm's inference cache does).
+    Treat a cache passed in as consumed: one-token decode steps of Mamba / Mamba2 under no_grad
+    update its recurrent_state in place (as mamba-ssm's inference cache does); keep a `clone()`
+    to hold on to an old state.
     """
 
     def __init__(self, layer_type: str, recurrent_state: Tensor,
@@ -42,6 +43,11 @@ class LayerCache:
                           tuple(c.index_select(0, index) for c in self.conv_states),
                           self.seen_tokens)
 
+    def clone(self) -> "LayerCache":
+        """A copy with its own tensors."""
+        return LayerCache(self.layer_type, self.recurrent_state.clone(),
+                          tuple(c.clone() for c in self.conv_states), self.seen_tokens)
+
     def detach(self) -> "LayerCache":
         """A cache cut from the autograd graph (truncated backprop through time)."""
         return LayerCache(self.layer_type, self.recurrent_state.detach(),
@@ -52,6 +58,3 @@ class LayerCache:
         return (f"LayerCache({self.layer_type}, state={list(self.recurrent_state.shape)}, "
                 f"conv=[{convs}], seen_tokens={self.seen_tokens})")
 
-
-def conv_state_or_none(cache: Optional[LayerCache], i: int) -> Optional[Tensor]:
-    return None if cache is None or not cache.conv_states else cache.conv_states[i]

@@ -17,6 +17,12 @@ from .utils import apply_mask, left_pad_lengths, repack, segment_ids, unpack_lef
 Tensor = torch.Tensor
 
 
+def _channels_first(x: Tensor) -> Tensor:
+    """[B, T, D] -> contiguous [B, D, T], the layout causal-conv1d kernels take (a strided view
+    would also break compiled backward graphs, whose fake gradients copy the input strides)."""
+    return x.transpose(1, 2).contiguous()
+
+
 class ShortConvolution(nn.Conv1d):
     """Depthwise causal conv over [B, T, D] inputs, `out[t] = act(bias + sum_i w[:, i] x[t-W+1+i])`.
 
@@ -67,7 +73,7 @@ class ShortConvolution(nn.Conv1d):
         if initial_state is None and not output_final_state:
             # the common packed training case: one call, seq_idx stops taps at boundaries
             seq_idx = segment_ids(cu_seqlens, x.shape[1])[None]
-            out = _ops.causal_conv1d_fn(x.transpose(1, 2), self.weight[:, 0], self.bias,
+            out = _ops.causal_conv1d_fn(_channels_first(x), self.weight[:, 0], self.bias,
                                         activation=self.activation, seq_idx=seq_idx)
             return out.transpose(1, 2), None
         # per-sequence states: run the sequences as left-padded rows
@@ -90,12 +96,12 @@ class ShortConvolution(nn.Conv1d):
             hist = initial_state.transpose(1, 2).to(x.dtype)             # [N, W-1, D]
             placed = hist.gather(1, pos.clamp(0, W - 2)[..., None].expand(N, L + W - 1, D))
             ext = F.pad(x, (0, 0, W - 1, 0)) + apply_mask(placed, valid)
-            res = _ops.causal_conv1d_fn(ext.transpose(1, 2), self.weight[:, 0], self.bias,
+            res = _ops.causal_conv1d_fn(_channels_first(ext), self.weight[:, 0], self.bias,
                                         return_final_states=output_final_state,
                                         activation=self.activation)
             out, final = res if output_final_state else (res, None)
             return out[:, :, W - 1:].transpose(1, 2), final
-        res = _ops.causal_conv1d_fn(x.transpose(1, 2), self.weight[:, 0], self.bias,
+        res = _ops.causal_conv1d_fn(_channels_first(x), self.weight[:, 0], self.bias,
                                     initial_states=initial_state,
                                     return_final_states=output_final_state,
                                     activation=self.activation)

@@ -22,10 +22,12 @@ def _no_weight_decay(*params: nn.Parameter) -> None:
         p._no_weight_decay = True
 
 
-def _decode_state(state: Tensor) -> Tensor:
-    """The decode ops update the state in place: do that on the cache's own tensor when no
-    gradient is recorded (inference), on a copy otherwise (autograd needs the old value)."""
-    return state.clone() if torch.is_grad_enabled() else state
+def _decode_state(state: Tensor, single_token: bool) -> Tensor:
+    """selective_state_update works in place. A one-token decode step under no_grad (inference)
+    updates the cache's own tensor, as mamba-ssm does (no copy of a large state per token);
+    anything else works on a copy (autograd needs the old value; multi-token calls leave the
+    caller's cache intact)."""
+    return state if single_token and not torch.is_grad_enabled() else state.clone()
 
 
 class Mamba(RecurrentMixer):
@@ -113,16 +115,16 @@ class Mamba(RecurrentMixer):
             dt = apply_mask(F.softplus(dt.float() + dt_bias), step.mask).to(x.dtype)
             dt_bias, softplus = None, False
         if step.has_history:  # continue the cached state token by token
-            state = _decode_state(step.state)
+            state = _decode_state(step.state, x.shape[1] == 1)
             ys = [_ops.selective_state_update(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D,
                                               z[:, t], dt_bias, softplus)
                   for t in range(x.shape[1])]
             y = torch.stack(ys, dim=1)
         else:
-            res = _ops.selective_scan_fn(x.transpose(1, 2), dt.transpose(1, 2), A,
-                                         B.transpose(1, 2), C.transpose(1, 2), D,
-                                         z.transpose(1, 2), dt_bias, softplus,
-                                         return_last_state=step.want_state)
+            def cf(t):  # [B, L, D] -> contiguous [B, D, L], mamba-ssm's layout
+                return t.transpose(1, 2).contiguous()
+            res = _ops.selective_scan_fn(cf(x), cf(dt), A, cf(B), cf(C), D, cf(z), dt_bias,
+                                         softplus, return_last_state=step.want_state)
             y, state = res if step.want_state else (res, None)
             y = y.transpose(1, 2)
         return apply_mask(self.out_proj(y), step.mask), state
@@ -219,7 +221,7 @@ class Mamba2(RecurrentMixer):
             dt = apply_mask(dt, step.mask)
         gate = None if self.rmsnorm else z
         if step.has_history and l == 1 and step.cu_seqlens is None:
-            state = _decode_state(step.state)
+            state = _decode_state(step.state, True)
             y = _ops.selective_state_update(
                 state, x[:, 0], dt[:, 0, :, None].expand(b, h, p),
                 A[:, None, None].expand(h, p, n), B[:, 0], C[:, 0],

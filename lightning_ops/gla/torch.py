@@ -80,6 +80,7 @@ class ChunkLayout:
     chunk_of: Tensor
     slot_of: Tensor
     valid: Tensor
+    dense: bool  # no cu_seqlens: B rows of T tokens, chunk (j, b) at stream index j*B + b
 
     @staticmethod
     def build(B: int, T: int, cu_seqlens: Optional[Tensor], chunk_size: int,
@@ -121,19 +122,38 @@ class ChunkLayout:
             steps=list(zip(bases.tolist(), n_per_step.tolist())),
             order=order.to(device), inv_order=inv_order.to(device),
             chunk_of=chunk_of.to(device), slot_of=slot_of.to(device),
-            valid=valid[:, None, :].to(device))
+            valid=valid[:, None, :].to(device), dense=cu_seqlens is None)
 
     def pack(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """[B, T, H, *] -> [NC, H, C, *] in `dtype`, zero in padding slots."""
-        flat = x.reshape(self.B * self.T, *x.shape[2:]).to(dtype)
-        out = flat.new_zeros(self.NC, flat.shape[1], self.C, *flat.shape[2:])
-        out.transpose(1, 2)[self.chunk_of, self.slot_of] = flat
+        rest = x.shape[2:]
+        out = x.new_empty(self.NC, rest[0], self.C, *rest[1:], dtype=dtype)
+        if self.dense:  # chunk (j, b) is rows [j*C, (j+1)*C) of batch row b: strided copies
+            B, C, full = self.B, self.C, self.T // self.C
+            view = out.view(-1, B, *out.shape[1:]).transpose(2, 3).transpose(0, 1)  # [B,NT,C,H,*]
+            view[:, :full] = x[:, :full * C].view(B, full, C, *rest)
+            if full < view.shape[1]:  # the ragged last chunk
+                view[:, full].zero_()
+                view[:, full, :self.T - full * C] = x[:, full * C:]
+            return out
+        out.zero_()
+        flat = x.reshape(self.B * self.T, *rest)
+        out.transpose(1, 2)[self.chunk_of, self.slot_of] = flat.to(dtype)
         return out
 
-    def unpack(self, y: Tensor) -> Tensor:
-        """[NC, H, C, *] -> [B, T, H, *] (drops the padding)."""
+    def unpack(self, y: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """[NC, H, C, *] -> [B, T, H, *] in `dtype` (default y's), dropping the padding."""
+        rest = (y.shape[1],) + y.shape[3:]
+        if self.dense:
+            B, C, full = self.B, self.C, self.T // self.C
+            out = y.new_empty(B, self.T, *rest, dtype=dtype)
+            view = y.view(-1, B, *y.shape[1:]).transpose(2, 3).transpose(0, 1)  # [B,NT,C,H,*]
+            out[:, :full * C].view(B, full, C, *rest).copy_(view[:, :full])
+            if full < view.shape[1]:
+                out[:, full * C:] = view[:, full, :self.T - full * C]
+            return out
         flat = y.transpose(1, 2)[self.chunk_of, self.slot_of]
-        return flat.reshape(self.B, self.T, *flat.shape[1:])
+        return flat.reshape(self.B, self.T, *rest).to(dtype or y.dtype)
 
     def to_stream_order(self, states: Tensor) -> Tensor:
         """Per-sequence tensor [N, ...] in sequence order -> stream (rank) order."""
@@ -207,48 +227,62 @@ def _off_diagonal_factors(q: Tensor, k: Tensor, b: Tensor, s: int, e: int):
     return eq, ek, q[..., s:e, :] * eq, k[..., :s, :] * ek
 
 
-def intra_chunk_scores(q: Tensor, k: Tensor, b: Optional[Tensor], sub_chunk: int = SUB_CHUNK
+def intra_chunk_scores(q: Tensor, k: Tensor, b: Optional[Tensor], sub_chunk: Optional[int] = None
                        ) -> Tensor:
     """A [NC, H, C, C]: A_ij = sum_k q_ik k_jk exp(b_ik - b_jk) for j <= i (0 above the
     diagonal). q, k [NC, H, C, K]; b None, [NC, H, C] or [NC, H, C, K] (chunk-local cumsum)."""
     C = q.shape[2]
     if gate_kind(b) != "vector":
         return (q @ k.transpose(-1, -2)) * _causal_decay_mask(b, C, q)
-    c = min(sub_chunk, C)
+    c = min(sub_chunk or SUB_CHUNK, C)
     A = q.new_zeros(*q.shape[:3], C)
     for s in range(c, C, c):  # off-diagonal sub-blocks: plain matmuls
         _, _, qs, ks = _off_diagonal_factors(q, k, b, s, s + c)
         A[..., s:s + c, :s] = qs @ ks.transpose(-1, -2)
-    # diagonal c x c blocks, one key column j at a time (rows i >= j only): [.., ns, c-j, K]
+    # diagonal c x c blocks, one sub-diagonal d = i - j at a time: element-wise over K
     Ad, qb, kb, bb = _diag_blocks(A, c), _sub_blocks(q, c), _sub_blocks(k, c), _sub_blocks(b, c)
-    for j in range(c):
-        decay = (bb[..., j:, :] - bb[..., j:j + 1, :]).exp()
-        Ad[..., j:, j] = ((qb[..., j:, :] * decay) @ kb[..., j, :, None]).squeeze(-1)
+    for d in range(c):
+        qk = qb[..., d:, :] * kb[..., :c - d, :]
+        if d:
+            qk.mul_(torch.sub(bb[..., d:, :], bb[..., :c - d, :]).exp_())  # exp(b_i - b_j) <= 1
+        Ad.diagonal(-d, -2, -1).copy_(qk.sum(-1))
     return A
 
 
 def intra_chunk_scores_backward(dA: Tensor, q: Tensor, k: Tensor, b: Optional[Tensor],
-                                sub_chunk: int = SUB_CHUNK) -> Tuple[Tensor, Tensor]:
-    """Gradients (dq, dk) of intra_chunk_scores given dA [NC, H, C, C] (its upper triangle is
-    ignored). The gate's share is recovered later from q*dq - k*dk."""
+                                sub_chunk: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of intra_chunk_scores given dA [NC, H, C, C] (its upper triangle is ignored).
+    Returns (dq, dk, A): A is recomputed on the way (it shares every decay factor with the
+    gradients, and the caller needs it for dv = A^T do). The gate's share is recovered later
+    from q*dq - k*dk."""
     C = q.shape[2]
     if gate_kind(b) != "vector":
-        dS = dA * _causal_decay_mask(b, C, q)
-        return dS @ k, dS.transpose(-1, -2) @ q
-    c = min(sub_chunk, C)
+        M = _causal_decay_mask(b, C, q)
+        dS = dA * M
+        return dS @ k, dS.transpose(-1, -2) @ q, (q @ k.transpose(-1, -2)) * M
+    c = min(sub_chunk or SUB_CHUNK, C)
+    A = q.new_zeros(*q.shape[:3], C)
     dq, dk = torch.zeros_like(q), torch.zeros_like(k)
     for s in range(c, C, c):
         eq, ek, qs, ks = _off_diagonal_factors(q, k, b, s, s + c)
         dAs = dA[..., s:s + c, :s]
+        A[..., s:s + c, :s] = qs @ ks.transpose(-1, -2)
         dq[..., s:s + c, :] += (dAs @ ks) * eq
         dk[..., :s, :] += (dAs.transpose(-1, -2) @ qs) * ek
-    dAd, qb, kb, bb = _diag_blocks(dA, c), _sub_blocks(q, c), _sub_blocks(k, c), _sub_blocks(b, c)
+    Ad, dAd = _diag_blocks(A, c), _diag_blocks(dA, c)
+    qb, kb, bb = _sub_blocks(q, c), _sub_blocks(k, c), _sub_blocks(b, c)
     dqb, dkb = _sub_blocks(dq, c), _sub_blocks(dk, c)
-    for j in range(c):
-        w = (bb[..., j:, :] - bb[..., j:j + 1, :]).exp() * dAd[..., j:, j, None]
-        dqb[..., j:, :] += w * kb[..., j:j + 1, :]
-        dkb[..., j, :] += (w * qb[..., j:, :]).sum(-2)
-    return dq, dk
+    for d in range(c):  # sub-diagonal d = i - j of every diagonal block
+        w = dAd.diagonal(-d, -2, -1)[..., None]  # dA_{i, i-d}: [.., c-d, 1]
+        qe, ke = qb[..., d:, :], kb[..., :c - d, :]
+        if d:
+            decay = torch.sub(bb[..., d:, :], bb[..., :c - d, :]).exp_()  # exp(b_i - b_j) <= 1
+            qe = qe * decay  # q_i exp(b_i - b_j)
+            ke = decay.mul_(ke)  # k_j exp(b_i - b_j)
+        Ad.diagonal(-d, -2, -1).copy_((qe * kb[..., :c - d, :]).sum(-1))
+        dkb[..., :c - d, :].addcmul_(w, qe)
+        dqb[..., d:, :].addcmul_(w, ke)
+    return dq, dk, A
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,7 +304,10 @@ def scan_chunks(layout: ChunkLayout, h0: Tensor, step: Step) -> Tuple[Tensor, Te
     for base, n in layout.steps:
         sl = slice(base, base + n)
         states[sl] = h[:n]
-        h[:n] = step(sl, h[:n])
+        if n == h.shape[0]:
+            h = step(sl, h)
+        else:  # sequences n.. have ended: keep their final states
+            h[:n] = step(sl, h[:n])
     return states, layout.to_sequence_order(h)
 
 
@@ -284,7 +321,10 @@ def scan_chunks_reverse(layout: ChunkLayout, dht: Tensor, step: Step) -> Tuple[T
     for base, n in reversed(layout.steps):
         sl = slice(base, base + n)
         d_after[sl] = dh[:n]
-        dh[:n] = step(sl, dh[:n])
+        if n == dh.shape[0]:
+            dh = step(sl, dh)
+        else:
+            dh[:n] = step(sl, dh[:n])
     return d_after, layout.to_sequence_order(dh)
 
 
@@ -294,7 +334,9 @@ def state_passing(layout: ChunkLayout, h0: Tensor, chunk_decay: Optional[Tensor]
     chunk_decay: None or [NC, H, 1 | K, 1] (exp(b_last)); local_states [NC, H, K, V]
     ((k * exp(b_last - b))^T v). Returns (states before each chunk [NC, ...], final [N, ...])."""
     def step(sl, h):
-        return local_states[sl] + _mul(h, None if chunk_decay is None else chunk_decay[sl])
+        if chunk_decay is None:
+            return local_states[sl] + h
+        return torch.addcmul(local_states[sl], chunk_decay[sl], h)
     return scan_chunks(layout, h0, step)
 
 
@@ -304,7 +346,9 @@ def state_passing_backward(layout: ChunkLayout, chunk_decay: Optional[Tensor],
     dE_n + q_states_n, where q_states_n = (q * exp(b))^T do of chunk n ([NC, H, K, V]).
     Returns (dE [NC, ...]: gradient w.r.t. the state after each chunk, dh0 [N, ...])."""
     def step(sl, dh):
-        return q_states[sl] + _mul(dh, None if chunk_decay is None else chunk_decay[sl])
+        if chunk_decay is None:
+            return q_states[sl] + dh
+        return torch.addcmul(q_states[sl], chunk_decay[sl], dh)
     return scan_chunks_reverse(layout, dht, step)
 
 
@@ -378,7 +422,7 @@ def forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_se
     x = _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode)
     qi, _, _, _, _, states, final = _forward_states(x)
     A = intra_chunk_scores(x.q, x.k, x.b)
-    o = x.layout.unpack(chunk_output(qi, states, A, x.v)).to(v.dtype)
+    o = x.layout.unpack(chunk_output(qi, states, A, x.v), v.dtype)
     return o, (final if output_final_state else None)
 
 
@@ -386,13 +430,11 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dh
     x = _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode)
     layout, dt = x.layout, x.q.dtype
     qi, kd, q_decay, k_decay, chunk_decay, states, _ = _forward_states(x)
-    A = intra_chunk_scores(x.q, x.k, x.b)
     doc = layout.pack(do, dt)
     dht = torch.zeros_like(x.h0) if dht is None else dht.to(dt)
 
     dE, dh0 = state_passing_backward(layout, chunk_decay, qi.transpose(-1, -2) @ doc, dht)
-    dA = (doc @ x.v.transpose(-1, -2)).tril()
-    dq, dk = intra_chunk_scores_backward(dA, x.q, x.k, x.b)
+    dq, dk, A = intra_chunk_scores_backward(doc @ x.v.transpose(-1, -2), x.q, x.k, x.b)
     dq += _mul(doc @ states.transpose(-1, -2), q_decay)
     dk += _mul(x.v @ dE.transpose(-1, -2), k_decay)
     dv = A.transpose(-1, -2) @ doc + kd @ dE
@@ -409,7 +451,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dh
         else:
             db_last = db_last[:, :, None, :]
         dgc = db.flip(2).cumsum(2).flip(2) + db_last  # b_t and b_last are sums of g_s, s <= t
-        dg = layout.unpack(dgc).to(g.dtype)
-    return (layout.unpack(dq * scale).to(q.dtype), layout.unpack(dk).to(k.dtype),
-            layout.unpack(dv).to(v.dtype), dg,
+        dg = layout.unpack(dgc, g.dtype)
+    return (layout.unpack(dq * scale, q.dtype), layout.unpack(dk, k.dtype),
+            layout.unpack(dv, v.dtype), dg,
             None if initial_state is None else dh0.to(initial_state.dtype))

@@ -49,7 +49,8 @@ def _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k,
     elif GATE == 3:
         G = tl.load(tile_ptrs(gc, bos + r0 + o_t, i_h, H, K, o_k),
                     mask=m_t[:, None] & m_k[None, :], other=0.)
-        G_L = tl.load(row_ptrs(gc, tok_last, i_h, H, K, o_k), mask=m_k & has_last, other=0.)
+        G_L = tl.load(row_ptrs(gc, tok_last, i_h, H, K, o_k), mask=m_k & (o_k * 0 + last >= 0),
+                      other=0.)
     else:
         G = tl.zeros([C], dtype=tl.float32)
         G_L = tl.sum(G, axis=0)
@@ -300,68 +301,52 @@ def chunk_scores_kernel(
     GATED: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """A[t, s] = scale sum_d x_td y_sd (e^{G_td - G_sd} if GATED), s <= t in one chunk, stored
-    [tokens, H, C] fp32. One program per (chunk, sub-chunk pair (i, j), batch x head); pairs
-    with i < j (all zero) are skipped and never written. GATED (vector gates): block (i > j) is
-    factored through the first row n of sub-chunk i, (x e^{G - G_n}) (y e^{G_n - G})^T, both
-    exponents <= 0; diagonal blocks are summed column by column. Ungated use: BC = C."""
-    NC: tl.constexpr = C // BC
-    i_t, i_ij, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_i, i_j = i_ij // NC, i_ij % NC
+    [tokens, H, C] fp32; one program per (chunk, sub-chunk i of BC rows, batch x head) writes
+    the columns s <= the end of sub-chunk i (the rest is never written: readers mask it).
+    GATED (vector gates): the columns before sub-chunk i are factored through its first row n,
+    (x e^{G - G_n}) (y e^{G_n - G})^T, both exponents <= 0; the diagonal block is summed
+    elementwise over [BC, BC, BD] products. Ungated use: BC = C."""
+    i_t, i_i, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
-    if i_i >= i_j:
-        o_c = tl.arange(0, BC)
-        ri = i_c * C + i_i * BC + o_c
-        rj = i_c * C + i_j * BC + o_c
-        m_i, m_j = ri < T_n, rj < T_n
-        tok_i, tok_j = bos + ri, bos + rj
-        acc = tl.zeros([BC, BC], dtype=tl.float32)
-        if i_i > i_j:
-            rn = i_c * C + i_i * BC
-            for i_d in range(0, tl.cdiv(D, BD)):
-                o_d = i_d * BD + tl.arange(0, BD)
-                m_d = o_d < D
-                xi = tl.load(tile_ptrs(x, tok_i, i_h, H, D, o_d), mask=m_i[:, None] & m_d[None, :],
-                             other=0.).to(tl.float32)
-                yj = tl.load(tile_ptrs(y, tok_j, i_h, H, D, o_d), mask=m_j[:, None] & m_d[None, :],
-                             other=0.).to(tl.float32)
-                if GATED:
-                    Gi = tl.load(tile_ptrs(gc, tok_i, i_h, H, D, o_d),
-                                 mask=m_i[:, None] & m_d[None, :], other=0.)
-                    Gj = tl.load(tile_ptrs(gc, tok_j, i_h, H, D, o_d),
-                                 mask=m_j[:, None] & m_d[None, :], other=0.)
-                    Gn = tl.load(row_ptrs(gc, bos + rn, i_h, H, D, o_d), mask=m_d & (rn < T_n),
-                                 other=0.)
-                    xi = xi * tl.where(m_i[:, None], tl.exp(Gi - Gn[None, :]), 0.)
-                    yj = yj * tl.where(m_j[:, None], tl.exp(Gn[None, :] - Gj), 0.)
-                acc += tl.dot(xi.to(DT), tl.trans(yj).to(DT), input_precision=PREC)
-        else:
-            for i_d in range(0, tl.cdiv(D, BD)):
-                o_d = i_d * BD + tl.arange(0, BD)
-                m_d = o_d < D
-                xi = tl.load(tile_ptrs(x, tok_i, i_h, H, D, o_d), mask=m_i[:, None] & m_d[None, :],
-                             other=0.).to(tl.float32)
-                if GATED:
-                    Gi = tl.load(tile_ptrs(gc, tok_i, i_h, H, D, o_d),
-                                 mask=m_i[:, None] & m_d[None, :], other=0.)
-                    for s in range(0, BC):
-                        rs = i_c * C + i_i * BC + s
-                        m_s = rs < T_n
-                        ys = tl.load(row_ptrs(y, bos + rs, i_h, H, D, o_d), mask=m_d & m_s,
-                                     other=0.).to(tl.float32)
-                        Gs = tl.load(row_ptrs(gc, bos + rs, i_h, H, D, o_d), mask=m_d & m_s,
-                                     other=0.)
-                        keep = (o_c >= s) & m_i
-                        e = tl.where(keep[:, None], Gi - Gs[None, :], float("-inf"))
-                        col = tl.sum(xi * ys[None, :] * tl.exp(e), axis=1)
-                        acc += tl.where(o_c[None, :] == s, col[:, None], 0.)
-                else:
-                    yi = tl.load(tile_ptrs(y, tok_i, i_h, H, D, o_d),
-                                 mask=m_i[:, None] & m_d[None, :], other=0.).to(tl.float32)
-                    acc += tl.dot(xi.to(DT), tl.trans(yi).to(DT), input_precision=PREC)
-            acc = tl.where(o_c[:, None] >= o_c[None, :], acc, 0.)
-        tl.store(A + (tok_i[:, None] * H + i_h) * C + i_j * BC + o_c[None, :], acc * scale,
-                 mask=m_i[:, None])
+    o_c = tl.arange(0, BC)
+    o_C = tl.arange(0, C)
+    rn = i_c * C + i_i * BC  # first row of sub-chunk i
+    if rn < T_n:  # a sub-chunk past the sequence end has nothing to write
+        ri = rn + o_c
+        m_i = ri < T_n
+        tok_i = bos + ri
+        before = (o_C < i_i * BC) & ((i_c * C + o_C) < T_n)  # chunk rows of earlier sub-chunks
+        tok_c = bos + i_c * C + o_C
+        acc = tl.zeros([BC, C], dtype=tl.float32)
+        accd = tl.zeros([BC, BC], dtype=tl.float32)
+        for i_d in range(0, tl.cdiv(D, BD)):
+            o_d = i_d * BD + tl.arange(0, BD)
+            m_d = o_d < D
+            m_id = m_i[:, None] & m_d[None, :]
+            xi = tl.load(tile_ptrs(x, tok_i, i_h, H, D, o_d), mask=m_id, other=0.).to(tl.float32)
+            yi = tl.load(tile_ptrs(y, tok_i, i_h, H, D, o_d), mask=m_id, other=0.).to(tl.float32)
+            if GATED:
+                Gi = tl.load(tile_ptrs(gc, tok_i, i_h, H, D, o_d), mask=m_id, other=0.)
+                if i_i > 0:
+                    m_cd = before[:, None] & m_d[None, :]
+                    Gn = tl.load(row_ptrs(gc, bos + rn, i_h, H, D, o_d), mask=m_d, other=0.)
+                    yc = tl.load(tile_ptrs(y, tok_c, i_h, H, D, o_d), mask=m_cd, other=0.)
+                    Gc = tl.load(tile_ptrs(gc, tok_c, i_h, H, D, o_d), mask=m_cd, other=0.)
+                    ys = yc.to(tl.float32) * tl.where(before[:, None], tl.exp(Gn[None, :] - Gc), 0.)
+                    xs = xi * tl.where(m_i[:, None], tl.exp(Gi - Gn[None, :]), 0.)
+                    acc += tl.dot(xs.to(DT), tl.trans(ys).to(DT), input_precision=PREC)
+                # [t, s, d] products with e^{G_t - G_s} for s <= t only (the others would grow)
+                keep = (o_c[:, None] >= o_c[None, :]) & m_i[:, None] & m_i[None, :]
+                e = tl.where(keep[:, :, None], Gi[:, None, :] - Gi[None, :, :], float("-inf"))
+                accd += tl.sum(xi[:, None, :] * yi[None, :, :] * tl.exp(e), axis=2)
+            else:
+                accd += tl.dot(xi.to(DT), tl.trans(yi).to(DT), input_precision=PREC)
+        rows = A + (tok_i * H + i_h) * C
+        if GATED:
+            tl.store(rows[:, None] + o_C[None, :], acc * scale, mask=m_i[:, None] & before[None, :])
+        accd = tl.where(o_c[:, None] >= o_c[None, :], accd, 0.)
+        tl.store(rows[:, None] + i_i * BC + o_c[None, :], accd * scale, mask=m_i[:, None])
 
 
 @triton.jit
@@ -372,9 +357,9 @@ def chunk_intra_grad_kernel(
 ):
     """Vector gates, intra-chunk part of dq and dk for one (K block, chunk x sub-chunk i,
     batch x head), fp32 out:
-      dq_t = sum_{s<=t} dA_ts k_s e^{G_t - G_s},  dk_s = sum_{t>=s} dA_ts q_t e^{G_t - G_s}.
+      dq_t = sum_{s<t} dA_ts k_s e^{G_t - G_s},  dk_s = sum_{t>s} dA_ts q_t e^{G_t - G_s}.
     Earlier sub-chunks enter dq through the first row of i, later ones dk through the last
-    valid row of i (exponents <= 0 on both sides); the diagonal sub-chunk row by row."""
+    valid row of i (exponents <= 0 on both sides); the diagonal sub-chunk elementwise."""
     NC: tl.constexpr = C // BC
     i_k, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, i_i = i_tc // NC, i_tc % NC
@@ -388,67 +373,61 @@ def chunk_intra_grad_kernel(
     m_i = ri < T_n
     tok_i = bos + ri
     m_ik = m_i[:, None] & m_k[None, :]
-    Gi = tl.load(tile_ptrs(gc, tok_i, i_h, H, K, o_k), mask=m_ik, other=0.)
-    dA_i = dA + (tok_i * H + i_h) * C   # row pointers of dA for the rows of sub-chunk i
+    if r0 < T_n:  # a sub-chunk past the sequence end has nothing to write
+        Gi = tl.load(tile_ptrs(gc, tok_i, i_h, H, K, o_k), mask=m_ik, other=0.)
+        dA_i = dA + (tok_i * H + i_h) * C   # row pointers of dA for the rows of sub-chunk i
 
-    dq_acc = tl.zeros([BC, BK], dtype=tl.float32)
-    Gn = tl.load(row_ptrs(gc, bos + r0, i_h, H, K, o_k), mask=m_k & (r0 < T_n), other=0.)
-    for j in range(0, i_i):
-        rj = i_c * C + j * BC + o_c
-        m_j = rj < T_n
-        kj = tl.load(tile_ptrs(k, bos + rj, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
-                     other=0.).to(tl.float32)
-        Gj = tl.load(tile_ptrs(gc, bos + rj, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
-                     other=0.)
-        dAij = tl.load(dA_i[:, None] + j * BC + o_c[None, :], mask=m_i[:, None] & m_j[None, :],
-                       other=0.)
-        kj = kj * tl.where(m_j[:, None], tl.exp(Gn[None, :] - Gj), 0.)
-        dq_acc += tl.dot(dAij.to(DT), kj.to(DT), input_precision=PREC)
-    dq_acc *= tl.where(m_i[:, None], tl.exp(Gi - Gn[None, :]), 0.)
-    for s in range(0, BC):
-        rs = r0 + s
-        m_s = rs < T_n
-        dAc = tl.load(dA_i + i_i * BC + s, mask=m_i, other=0.)
-        ks = tl.load(row_ptrs(k, bos + rs, i_h, H, K, o_k), mask=m_k & m_s, other=0.).to(tl.float32)
-        Gs = tl.load(row_ptrs(gc, bos + rs, i_h, H, K, o_k), mask=m_k & m_s, other=0.)
-        keep = (o_c >= s) & m_i
-        e = tl.where(keep[:, None], Gi - Gs[None, :], float("-inf"))
-        dq_acc += dAc[:, None] * ks[None, :] * tl.exp(e)
+        dq_acc = tl.zeros([BC, BK], dtype=tl.float32)
+        Gn = tl.load(row_ptrs(gc, bos + r0, i_h, H, K, o_k), mask=m_k, other=0.)
+        for j in range(0, i_i):
+            rj = i_c * C + j * BC + o_c
+            m_j = rj < T_n
+            kj = tl.load(tile_ptrs(k, bos + rj, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
+                         other=0.).to(tl.float32)
+            Gj = tl.load(tile_ptrs(gc, bos + rj, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
+                         other=0.)
+            dAij = tl.load(dA_i[:, None] + j * BC + o_c[None, :], mask=m_i[:, None] & m_j[None, :],
+                           other=0.)
+            kj = kj * tl.where(m_j[:, None], tl.exp(Gn[None, :] - Gj), 0.)
+            dq_acc += tl.dot(dAij.to(DT), kj.to(DT), input_precision=PREC)
+        dq_acc *= tl.where(m_i[:, None], tl.exp(Gi - Gn[None, :]), 0.)
+        dk_acc = tl.zeros([BC, BK], dtype=tl.float32)
+        rm = tl.minimum(r0 + BC, T_n) - 1
+        Gm = tl.load(row_ptrs(gc, bos + tl.maximum(rm, 0), i_h, H, K, o_k),
+                     mask=m_k & (o_k * 0 + rm >= r0), other=0.)
+        for j in range(i_i + 1, NC):
+            rj = i_c * C + j * BC + o_c
+            m_j = rj < T_n
+            tok_j = bos + rj
+            qj = tl.load(tile_ptrs(q, tok_j, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
+                         other=0.).to(tl.float32)
+            Gj = tl.load(tile_ptrs(gc, tok_j, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
+                         other=0.)
+            dAji = tl.load(dA + ((tok_j * H + i_h) * C + i_i * BC)[:, None] + o_c[None, :],
+                           mask=m_j[:, None] & m_i[None, :], other=0.)
+            qj = qj * tl.where(m_j[:, None], tl.exp(Gj - Gm[None, :]), 0.)
+            dk_acc += tl.dot(tl.trans(dAji).to(DT), qj.to(DT), input_precision=PREC)
+        dk_acc *= tl.where(m_i[:, None], tl.exp(Gm[None, :] - Gi), 0.)
+        # diagonal sub-chunk: [t, s, k] products with e^{G_t - G_s} for s < t only; the s == t term
+        # (dA_tt k_t in dq, dA_tt q_t in dk) is added by chunk_dqkg_kernel, after dg is formed
+        # without it (it cancels exactly in q dq - k dk and would only add rounding error)
+        m_ii = m_i[:, None] & m_i[None, :]
+        keep = (o_c[:, None] > o_c[None, :]) & m_ii
+        dAii = tl.load(dA_i[:, None] + i_i * BC + o_c[None, :], mask=keep, other=0.)
+        qi = tl.load(tile_ptrs(q, tok_i, i_h, H, K, o_k), mask=m_ik, other=0.).to(tl.float32)
+        ki = tl.load(tile_ptrs(k, tok_i, i_h, H, K, o_k), mask=m_ik, other=0.).to(tl.float32)
+        E = dAii[:, :, None] * tl.exp(tl.where(keep[:, :, None], Gi[:, None, :] - Gi[None, :, :],
+                                               float("-inf")))
+        dq_acc += tl.sum(E * ki[None, :, :], axis=1)
+        dk_acc += tl.sum(E * qi[:, None, :], axis=0)
 
-    dk_acc = tl.zeros([BC, BK], dtype=tl.float32)
-    rm = tl.minimum(r0 + BC, T_n) - 1
-    Gm = tl.load(row_ptrs(gc, bos + tl.maximum(rm, 0), i_h, H, K, o_k), mask=m_k & (rm >= r0),
-                 other=0.)
-    for j in range(i_i + 1, NC):
-        rj = i_c * C + j * BC + o_c
-        m_j = rj < T_n
-        tok_j = bos + rj
-        qj = tl.load(tile_ptrs(q, tok_j, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
-                     other=0.).to(tl.float32)
-        Gj = tl.load(tile_ptrs(gc, tok_j, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
-                     other=0.)
-        dAji = tl.load(dA + ((tok_j * H + i_h) * C + i_i * BC)[:, None] + o_c[None, :],
-                       mask=m_j[:, None] & m_i[None, :], other=0.)
-        qj = qj * tl.where(m_j[:, None], tl.exp(Gj - Gm[None, :]), 0.)
-        dk_acc += tl.dot(tl.trans(dAji).to(DT), qj.to(DT), input_precision=PREC)
-    dk_acc *= tl.where(m_i[:, None], tl.exp(Gm[None, :] - Gi), 0.)
-    for s in range(0, BC):
-        rt = r0 + s
-        m_s = rt < T_n
-        dAr = tl.load(dA + ((bos + rt) * H + i_h) * C + i_i * BC + o_c, mask=m_i & m_s, other=0.)
-        qt = tl.load(row_ptrs(q, bos + rt, i_h, H, K, o_k), mask=m_k & m_s, other=0.).to(tl.float32)
-        Gt = tl.load(row_ptrs(gc, bos + rt, i_h, H, K, o_k), mask=m_k & m_s, other=0.)
-        keep = (o_c <= s) & m_i & m_s
-        e = tl.where(keep[:, None], Gt[None, :] - Gi, float("-inf"))
-        dk_acc += dAr[:, None] * qt[None, :] * tl.exp(e)
-
-    tl.store(tile_ptrs(dq, tok_i, i_h, H, K, o_k), dq_acc, mask=m_ik)
-    tl.store(tile_ptrs(dk, tok_i, i_h, H, K, o_k), dk_acc, mask=m_ik)
+        tl.store(tile_ptrs(dq, tok_i, i_h, H, K, o_k), dq_acc, mask=m_ik)
+        tl.store(tile_ptrs(dk, tok_i, i_h, H, K, o_k), dk_acc, mask=m_ik)
 
 
 @triton.jit
 def chunk_dqkg_kernel(
-    q, k, v, do, gc, gamma, hs, dhs, dqi, dki, dq, dk, dg,
+    q, k, v, do, gc, gamma, hs, dhs, dA, dqi, dki, dq, dk, dg,
     cu_seqlens, chunk_indices, scale, T, NT, dg_stride,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_DG: tl.constexpr,
@@ -499,15 +478,23 @@ def chunk_dqkg_kernel(
         dk_acc = dk_acc * _row_decay(G, G_L, m_t, True, GATE)
     if HAS_DG:
         d_last = hdh * tl.exp(G_L) + tl.sum(kt * dk_acc, axis=0)
+    # the s == t intra term (dA_tt k_t in dq_t, dA_tt q_t in dk_t) is kept apart: it cancels
+    # exactly in q dq - k dk, so dg is formed without it
     if GATE == 3:
         dq_acc += tl.load(tile_ptrs(dqi, tok, i_h, H, K, o_k), mask=m_tk, other=0.)
         dk_acc += tl.load(tile_ptrs(dki, tok, i_h, H, K, o_k), mask=m_tk, other=0.)
+        d_tt = tl.load(dA + (tok * H + i_h) * C + o_t, mask=m_t, other=0.)
     else:
         M = _intra_mask(dAs, G, m_t, o_t, scale, False, GATE)
+        on_diag = o_t[:, None] == o_t[None, :]
+        d_tt = tl.sum(tl.where(on_diag, M, 0.), axis=1)
+        M = tl.where(on_diag, 0., M)
         dq_acc += tl.dot(M.to(DT), kt.to(DT), input_precision=PREC)
         dk_acc += tl.dot(tl.trans(M).to(DT), qt.to(DT), input_precision=PREC)
-    tl.store(tile_ptrs(dq, tok, i_h, H, K, o_k), dq_acc.to(dq.dtype.element_ty), mask=m_tk)
-    tl.store(tile_ptrs(dk, tok, i_h, H, K, o_k), dk_acc.to(dk.dtype.element_ty), mask=m_tk)
+    tl.store(tile_ptrs(dq, tok, i_h, H, K, o_k), (dq_acc + d_tt[:, None] * kt).to(
+        dq.dtype.element_ty), mask=m_tk)
+    tl.store(tile_ptrs(dk, tok, i_h, H, K, o_k), (dk_acc + d_tt[:, None] * qt).to(
+        dk.dtype.element_ty), mask=m_tk)
     if HAS_DG:
         dgt = qt * dq_acc - kt * dk_acc
         if GATE == 3:

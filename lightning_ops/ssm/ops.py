@@ -7,8 +7,9 @@ Signatures are drop-in for mamba-ssm (`selective_scan_fn`, `mamba_chunk_scan_com
 Backend module contract (lightning_ops.ssm.torch / .triton / .cuda; families "selective_scan",
 "ssd" and "conv" in lightning_ops.backend):
   selective_scan:
-    scan_aux_shape(batch, dim, dstate, seqlen) -> shape of the tensor the forward saves for the
-        backward (chunk carries for the CUDA kernel; (0,) when the backward recomputes)
+    scan_aux_shape(u, A) -> shape of the tensor the forward saves for the backward (chunk
+        carries for the CUDA kernel; (0,) when the backward recomputes); its dtype is float32
+        (float64 for float64 u). Called by the fake impl, so it reads only shapes and dtypes.
     scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         -> (y, last_state or None, aux)
     scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, aux, dy, dlast)
@@ -75,7 +76,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, ba
     n = A.shape[1]
     impl = _backend.implementation("selective_scan", backend)
     last = u.new_empty((b, d, n) if return_last_state else (0,), dtype=_state_dtype(u))
-    aux = u.new_empty(impl.scan_aux_shape(b, d, n, L), dtype=_state_dtype(u))
+    aux = u.new_empty(impl.scan_aux_shape(u, A), dtype=_state_dtype(u))
     return u.new_empty(u.shape), last, aux
 
 

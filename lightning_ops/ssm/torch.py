@@ -9,13 +9,15 @@ Triton / CUDA kernels. No Python loop over single tokens anywhere.
   length stay finite. Backward: autograd through that forward (recomputed).
 * SSD (Mamba-2) is simple GLA with q = C, k = B, v = x * dt, g = dt * A per head: the core runs on
   the GLA family's chunk engine (lightning_ops.gla.torch.forward / backward, with its hand-written
-  backward); the cheap element-wise parts around it (dt bias / softplus / clamp, groups, D, z,
-  state transposes) are differentiated by autograd. seq_idx resets become extra segments.
+  backward; the Triton backend passes lightning_ops.gla.triton instead); the cheap element-wise
+  parts around it (dt bias / softplus / clamp, groups, D, z, state transposes) are
+  differentiated by autograd. seq_idx resets become extra segments (read on the host).
 * causal conv1d: a sum over the W <= 4 taps of shifted inputs (autograd backward).
 * Decode steps: direct vectorised updates, states written in place.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -28,6 +30,31 @@ Tensor = torch.Tensor
 
 SCAN_CHUNK = 64  # Hillis-Steele span: log2(64) = 6 whole-tensor steps, then the carries
 SSD_CHUNK_MAX = 64  # the GLA engine picks its own chunk (<= 64 on CPU); results are chunk-free
+
+
+@contextlib.contextmanager
+def autograd_enabled():
+    """Custom-op implementations run below the Autograd dispatch key, where even
+    torch.enable_grad() records nothing (torch.autograd.grad would see no graph). Re-admit the
+    autograd keys for a backward that differentiates a recomputed forward."""
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                torch._C.DispatchKey.AutogradNestedTensor):
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield
+
+
+def _own(ts):
+    """Custom-op outputs may not alias each other: copy gradients that are views (e.g. two
+    slices of one concatenation's gradient)."""
+    return tuple(t.clone() if t is not None and t._base is not None else t for t in ts)
+
+
+def _recompute_grads(forward, inputs, grads):
+    with autograd_enabled():
+        return _own(grad_by_recompute(forward, inputs, grads))
 
 
 def _acc(x: Tensor) -> torch.dtype:
@@ -98,7 +125,7 @@ def _scan_math(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return y.to(u.dtype), last
 
 
-def scan_aux_shape(batch, dim, dstate, seqlen):
+def scan_aux_shape(u, A):
     return (0,)
 
 
@@ -111,7 +138,7 @@ def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_las
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, aux, dy, dlast):
     def f(u, delta, A, B, C, D, z, db):
         return _scan_math(u, delta, A, B, C, D, z, db, delta_softplus)
-    return grad_by_recompute(f, [u, delta, A, B, C, D, z, delta_bias], [dy, dlast])
+    return _recompute_grads(f, [u, delta, A, B, C, D, z, delta_bias], [dy, dlast])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,32 +250,34 @@ def _ssd_core_args(segs: _Segments, ref: Tensor):
 
 
 def ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
-                dt_softplus, dt_min, dt_max, return_final_states):
+                dt_softplus, dt_min, dt_max, return_final_states, engine=_gla):
+    """engine: a GLA-family backend module (its forward/backward contract): lightning_ops.gla.torch
+    here, lightning_ops.gla.triton for the Triton backend."""
     b, l = x.shape[:2]
     segs = _Segments(b, l, seq_idx, cu_seqlens)
     with torch.no_grad():
         q, k, v, g, h0 = _ssd_pre(x, dt, A, B, C, dt_bias, initial_states, dt_softplus, dt_min,
                                   dt_max, segs)
-        core, ht = _gla.forward(q, k, v, g, None, 1.0, h0, return_final_states,
-                                _ssd_core_args(segs, x), "chunk")
+        core, ht = engine.forward(q, k, v, g, None, 1.0, h0, return_final_states,
+                                  _ssd_core_args(segs, x), "chunk")
         y = _ssd_post(core, x, D, z, b, l).to(x.dtype)
     final = None if ht is None else segs.final(ht).transpose(-1, -2).contiguous()
     return y, final
 
 
 def ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
-                 dt_softplus, dt_min, dt_max, dy, dfinal):
+                 dt_softplus, dt_min, dt_max, dy, dfinal, engine=_gla):
     b, l = x.shape[:2]
     segs = _Segments(b, l, seq_idx, cu_seqlens)
     cu = _ssd_core_args(segs, x)
     ins = [x, dt, A, B, C, D, z, dt_bias, initial_states]
     leaves = [t.detach().requires_grad_() if t is not None else None for t in ins]
     lx, ldt, lA, lB, lC, lD, lz, ldtb, lh0 = leaves
-    with torch.enable_grad():
+    with autograd_enabled():
         q, k, v, g, h0 = _ssd_pre(lx, ldt, lA, lB, lC, ldtb, lh0, dt_softplus, dt_min, dt_max,
                                   segs)
         with torch.no_grad():
-            core, _ = _gla.forward(q, k, v, g, None, 1.0, h0, False, cu, "chunk")
+            core, _ = engine.forward(q, k, v, g, None, 1.0, h0, False, cu, "chunk")
         core = core.detach().requires_grad_()
         y = _ssd_post(core, lx, lD, lz, b, l)
         # the D / z part first: it yields d core for the engine's hand-written backward
@@ -256,9 +285,9 @@ def ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seql
         post_g = torch.autograd.grad(y, post_wrt, dy.to(y.dtype), allow_unused=True)
         dcore = post_g[0]
         dht = segs.dfinal(None if dfinal is None else dfinal.to(core.dtype).transpose(-1, -2))
-        dq, dk, dv, dg, dh0 = _gla.backward(q.detach(), k.detach(), v.detach(), g.detach(), None,
-                                            1.0, None if h0 is None else h0.detach(), cu,
-                                            "chunk", dcore, dht)
+        dq, dk, dv, dg, dh0 = engine.backward(q.detach(), k.detach(), v.detach(), g.detach(),
+                                              None, 1.0, None if h0 is None else h0.detach(), cu,
+                                              "chunk", dcore, dht)
         pre_out = [t for t in (q, k, v, g, h0) if t is not None]
         pre_grad = [t for t in (dq, dk, dv, dg, dh0) if t is not None]
         wrt = [t for t in leaves if t is not None]
@@ -274,7 +303,7 @@ def ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seql
         else:
             gr = grads.get(id(t))
             out.append(torch.zeros_like(t) if gr is None else gr.to(t.dtype))
-    return tuple(out)
+    return _own(out)
 
 
 def _tied(t: Optional[Tensor], dims: Sequence[int]) -> bool:
@@ -346,7 +375,7 @@ def conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, 
 def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal):
     def f(x, w, b, h0):
         return _conv_math(x, w, b, h0, seq_idx, activation)
-    return grad_by_recompute(f, [x, weight, bias, initial_states], [dout, dfinal])
+    return _recompute_grads(f, [x, weight, bias, initial_states], [dout, dfinal])
 
 
 def conv_update(x, conv_state, weight, bias, activation):

@@ -1,0 +1,527 @@
+"""The registry: every benchmarked op, its inputs, providers, shapes and cost model, in ONE place.
+
+Used by the CLI (`python -m benchmarks`) and by pytest-benchmark (tests/benchmarks). Nothing here
+times anything; timing.py does.
+
+Shapes. A run is described by a model config `Config(B, T, H, K, V)`; each op maps it to its own
+layout (`OpSpec.dims`) so one row of the table compares like with like:
+  * GLA / delta ops and SDPA:  q, k [B, T, H, K], v [B, T, H, V]
+  * selective_scan_fn (Mamba-1): u, delta, z [B, D, L] with D = H*V channels, N = 16 states
+  * mamba_chunk_scan_combined (Mamba-2 SSD): x [B, L, h, p] with p = min(V, 64) (Mamba-2 head dim),
+    h = H*V/p heads, n = K states, one group, chunk_size = cfg.ssd_chunk (256, Mamba-2's default)
+  * causal_conv1d_fn: x [B, D, L] with D = H*V channels, width W = 4, SiLU
+Inputs are random and never zero; gates are realistic decays (logsigmoid of randn), delta-rule keys
+are L2-normalised (as models feed them), Mamba parameters follow Mamba's init. Parameters that
+mamba-ssm requires in fp32 (A, D, dt_bias, delta_bias) and lightning's slope are fp32; everything
+else is in the benchmark dtype.
+
+Cost model (what GB/s, % of floor, TFLOP/s are computed from; tests check them by hand):
+  BYTES, the memory floor: every input read once + every output written once, at their dtypes.
+    fwd     = sum(inputs) + output
+    bwd     = sum(inputs) + d(output) + sum(gradients of the differentiable inputs)
+    fwd+bwd = fwd + bwd
+  FLOPS, matmul work of the chunked algorithm (element-wise work ignored), per (batch, head),
+  chunk C (64 for GLA/delta), causal blocks counted as half:
+    linear attn / simple GLA / lightning / GLA:  4*T*K*V + T*C*(K+V)
+        (state update k^T v and inter-chunk q S: 2*T*K*V each; intra-chunk q k^T and A v)
+    delta / gated delta rule:  6*T*K*V + T*C*(3K+2V) + T*C^2/3
+        (the above, plus the WY transform: beta k k^T, the triangular solve C^3/3 per chunk,
+         w = A (beta k), u = A (beta v), and the state correction u - w S: 2*T*K*V)
+    SDPA causal:  T^2 * (K+V)   (FlashAttention's convention, causal half of 4*T^2*D)
+    SSD (Mamba-2):  the linear-attention count with K=n, V=p, C=chunk_size, per (batch, head)
+    selective scan:  9*B*L*D*N + B*D*L (D skip) + B*D*L (z gate)   (mamba-ssm's own count)
+    causal conv1d:  2*B*D*L*W
+  bwd = 2 x fwd for every op (the usual convention: two matmuls per forward matmul), except
+  SDPA where bwd = 2.5 x fwd (FlashAttention's convention: 5 matmuls vs 2).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "fp64": torch.float64}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+GLA_CHUNK = 64  # chunk size the GLA / delta FLOP counts assume (fla's and ours)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A model config; every op derives its own tensor dims from it (see OpSpec.dims)."""
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    ssd_chunk: int = 256
+
+    def with_T(self, T: int) -> "Config":
+        return replace(self, T=T)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input tensor: its dims (names looked up in OpSpec.dims, or ints), how it is filled,
+    whether it takes a gradient, and whether it is an fp32 parameter (else: benchmark dtype)."""
+    name: str
+    dims: Tuple[Any, ...]
+    init: str = "randn"
+    grad: bool = True
+    fp32: bool = False
+
+
+def _fill(init: str, shape: Tuple[int, ...], gen: torch.Generator, device) -> torch.Tensor:
+    """float32 values for one init kind, made on `device` (host-side generation of GPU-sized
+    inputs would dominate the run); cast by make_inputs."""
+    def rand():
+        return torch.rand(shape, generator=gen, device=device, dtype=torch.float32)
+
+    x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    if init == "randn":
+        return x
+    if init == "unit":  # L2-normalised rows (delta-rule keys, as models feed them)
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    if init == "logsigmoid":  # realistic log decays, all < 0
+        return F.logsigmoid(x)
+    if init == "sigmoid":  # delta-rule beta in (0, 1)
+        return torch.sigmoid(x)
+    if init == "slope":  # ALiBi / Lightning slopes 2^(-8(h+1)/H), positive
+        H = shape[0]
+        return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], device=device)
+    if init == "mamba_A":  # A = -(1..N) per channel (Mamba-1 init), or -U(1, 16) per head
+        if len(shape) == 2:
+            return -torch.arange(1, shape[1] + 1, device=device, dtype=torch.float32
+                                 ).expand(shape).clone()
+        return -(1 + 15 * rand())
+    if init == "dt_bias":  # inverse softplus of dt ~ logU(1e-3, 1e-1) (Mamba init)
+        dt = torch.exp(rand() * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        return dt + torch.log(-torch.expm1(-dt))
+    if init == "small":  # pre-softplus dt activations around the bias
+        return 0.5 * x
+    raise ValueError(f"unknown init {init!r}")
+
+
+@dataclass
+class OpSpec:
+    name: str
+    family: Optional[str]              # lightning_ops.backend family; None: not ours (SDPA)
+    tensors: Tuple[TensorSpec, ...]
+    output: Tuple[str, ...]            # dims of the main output (the one we backprop through)
+    dims: Callable[[Config], Dict[str, int]]
+    flops_fwd: Callable[[Dict[str, int]], int]
+    label: Callable[[Dict[str, int]], str]
+    reference: Callable[..., Any]      # (inputs: dict, kwargs: dict) -> output(s), float64 spec
+    kwargs: Callable[[Dict[str, int]], Dict[str, Any]] = lambda d: {}
+    bwd_factor: float = 2.0
+    attention_like: bool = False       # q/k/v layout: SDPA is a baseline for it
+    peers: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # provider -> (module, attr)
+    module: str = "lightning_ops"      # where the public function lives (fallbacks below)
+
+    # -- shapes ---------------------------------------------------------------------------------
+    def shape_of(self, spec_dims: Sequence[Any], d: Dict[str, int]) -> Tuple[int, ...]:
+        return tuple(x if isinstance(x, int) else d[x] for x in spec_dims)
+
+    def make_inputs(self, cfg: Config, dtype: torch.dtype, device, seed: int = 0,
+                    grad: bool = False) -> Dict[str, torch.Tensor]:
+        """Random inputs (same values for every provider given the same seed). With grad=True
+        the differentiable ones are leaves that require grad."""
+        d = self.dims(cfg)
+        device = torch.device(device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        out = {}
+        for s in self.tensors:
+            x = _fill(s.init, self.shape_of(s.dims, d), gen, device)
+            dt = torch.float32 if (s.fp32 and dtype != torch.float64) else dtype
+            x = x.to(dtype=dt)
+            out[s.name] = x.requires_grad_(grad and s.grad)
+        return out
+
+    # -- cost model (documented in the module docstring) ----------------------------------------
+    def bytes(self, cfg: Config, dtype: torch.dtype, mode: str) -> int:
+        d = self.dims(cfg)
+        e = torch.finfo(dtype).bits // 8
+        size = {s.name: math.prod(self.shape_of(s.dims, d)) *
+                (4 if (s.fp32 and dtype != torch.float64) else e) for s in self.tensors}
+        inputs = sum(size.values())
+        out = math.prod(self.shape_of(self.output, d)) * e
+        grads = sum(size[s.name] for s in self.tensors if s.grad)
+        fwd, bwd = inputs + out, inputs + out + grads
+        return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+    def flops(self, cfg: Config, mode: str) -> float:
+        f = float(self.flops_fwd(self.dims(cfg)))
+        return {"fwd": f, "bwd": self.bwd_factor * f, "fwd+bwd": (1 + self.bwd_factor) * f}[mode]
+
+    def tokens(self, cfg: Config) -> int:
+        return cfg.B * cfg.T
+
+    def shape_label(self, cfg: Config) -> str:
+        return self.label(self.dims(cfg))
+
+
+def main_output(result) -> torch.Tensor:
+    """The tensor we time and backprop through: ops return o, or (o, final_state)."""
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+# ------------------------------------------------------------------------------------------------
+# The ops
+# ------------------------------------------------------------------------------------------------
+def _qkv_dims(cfg: Config) -> Dict[str, int]:
+    return dict(B=cfg.B, T=cfg.T, H=cfg.H, K=cfg.K, V=cfg.V)
+
+
+def _qkv_label(d) -> str:
+    return f"B{d['B']} T{d['T']} H{d['H']} K{d['K']} V{d['V']}"
+
+
+def _linear_flops(d) -> int:
+    return d["B"] * d["H"] * (4 * d["T"] * d["K"] * d["V"] + d["T"] * GLA_CHUNK * (d["K"] + d["V"]))
+
+
+def _delta_flops(d) -> int:
+    T, K, V, C = d["T"], d["K"], d["V"], GLA_CHUNK
+    return d["B"] * d["H"] * (6 * T * K * V + T * C * (3 * K + 2 * V) + T * C * C // 3)
+
+
+Q = TensorSpec("q", ("B", "T", "H", "K"))
+KK = TensorSpec("k", ("B", "T", "H", "K"))
+KU = TensorSpec("k", ("B", "T", "H", "K"), init="unit")
+VV = TensorSpec("v", ("B", "T", "H", "V"))
+QKV_OUT = ("B", "T", "H", "V")
+
+
+def _ref(name):
+    """A reference-spec function, looked up when called (reference.py is another engineer's)."""
+    def call(inputs, kwargs, _fn=name):
+        from lightning_ops import reference
+        return getattr(reference, _fn)(**inputs, **kwargs)
+    return call
+
+
+def _sdpa_ref(inputs, kwargs):
+    """Plain causal softmax attention (the math SDPA computes), [B, H, T, D] layout."""
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    T = q.shape[-2]
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+    return torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1) @ v
+
+
+def _ssd_dims(cfg: Config) -> Dict[str, int]:
+    p = min(cfg.V, 64)
+    return dict(B=cfg.B, L=cfg.T, h=cfg.H * cfg.V // p, p=p, n=cfg.K, g=1, C=cfg.ssd_chunk)
+
+
+def _ssd_ref(inputs, kwargs):
+    from lightning_ops import reference
+    kw = {k: v for k, v in kwargs.items() if k != "chunk_size"}
+    return reference.ssd_ref(**inputs, **kw)
+
+
+def _ssd_flops(d) -> int:
+    T, n, p = d["L"], d["n"], d["p"]
+    return d["B"] * d["h"] * (4 * T * n * p + T * d["C"] * (n + p))
+
+
+def _mamba1_dims(cfg: Config) -> Dict[str, int]:
+    return dict(B=cfg.B, D=cfg.H * cfg.V, N=16, L=cfg.T)
+
+
+def _conv_dims(cfg: Config) -> Dict[str, int]:
+    return dict(B=cfg.B, D=cfg.H * cfg.V, L=cfg.T, W=4)
+
+
+_FLA = "fla.ops"
+OPS: Dict[str, OpSpec] = {}
+
+
+def _add(spec: OpSpec) -> None:
+    OPS[spec.name] = spec
+
+
+_add(OpSpec(
+    "chunk_gla", "gla", (Q, KK, VV, TensorSpec("g", ("B", "T", "H", "K"), "logsigmoid")),
+    QKV_OUT, _qkv_dims, _linear_flops, _qkv_label, _ref("gla_ref"), attention_like=True,
+    peers={"fla": ("fla.ops.gla", "chunk_gla")}))
+_add(OpSpec(
+    "chunk_simple_gla", "gla", (Q, KK, VV, TensorSpec("g", ("B", "T", "H"), "logsigmoid")),
+    QKV_OUT, _qkv_dims, _linear_flops, _qkv_label, _ref("simple_gla_ref"), attention_like=True,
+    peers={"fla": ("fla.ops.simple_gla", "chunk_simple_gla")}))
+_add(OpSpec(
+    "chunk_linear_attn", "gla", (Q, KK, VV), QKV_OUT, _qkv_dims, _linear_flops, _qkv_label,
+    _ref("linear_attn_ref"), attention_like=True))
+_add(OpSpec(
+    "lightning_attn", "gla",
+    (Q, KK, VV, TensorSpec("slope", ("H",), "slope", grad=False, fp32=True)),
+    QKV_OUT, _qkv_dims, _linear_flops, _qkv_label, _ref("lightning_attn_ref"),
+    attention_like=True))
+_add(OpSpec(
+    "chunk_delta_rule", "delta", (Q, KU, VV, TensorSpec("beta", ("B", "T", "H"), "sigmoid")),
+    QKV_OUT, _qkv_dims, _delta_flops, _qkv_label, _ref("delta_rule_ref"), attention_like=True,
+    peers={"fla": ("fla.ops.delta_rule", "chunk_delta_rule")}, module="lightning_ops.delta.ops"))
+_add(OpSpec(
+    "chunk_gated_delta_rule", "delta",
+    (Q, KU, VV, TensorSpec("g", ("B", "T", "H"), "logsigmoid"),
+     TensorSpec("beta", ("B", "T", "H"), "sigmoid")),
+    QKV_OUT, _qkv_dims, _delta_flops, _qkv_label, _ref("gated_delta_rule_ref"),
+    attention_like=True,
+    peers={"fla": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")},
+    module="lightning_ops.delta.ops"))
+_add(OpSpec(
+    "selective_scan_fn", "selective_scan",
+    (TensorSpec("u", ("B", "D", "L")), TensorSpec("delta", ("B", "D", "L"), "small"),
+     TensorSpec("A", ("D", "N"), "mamba_A", fp32=True), TensorSpec("B", ("B", "N", "L")),
+     TensorSpec("C", ("B", "N", "L")), TensorSpec("D", ("D",), fp32=True),
+     TensorSpec("z", ("B", "D", "L")), TensorSpec("delta_bias", ("D",), "dt_bias", fp32=True)),
+    ("B", "D", "L"), _mamba1_dims,
+    lambda d: 9 * d["B"] * d["L"] * d["D"] * d["N"] + 2 * d["B"] * d["D"] * d["L"],
+    lambda d: f"B{d['B']} D{d['D']} N{d['N']} L{d['L']}", _ref("selective_scan_ref"),
+    kwargs=lambda d: {"delta_softplus": True},
+    peers={"mamba-ssm": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")},
+    module="lightning_ops.ssm.ops"))
+_add(OpSpec(
+    "mamba_chunk_scan_combined", "ssd",
+    (TensorSpec("x", ("B", "L", "h", "p")), TensorSpec("dt", ("B", "L", "h"), "small"),
+     TensorSpec("A", ("h",), "mamba_A", fp32=True), TensorSpec("B", ("B", "L", "g", "n")),
+     TensorSpec("C", ("B", "L", "g", "n")), TensorSpec("D", ("h",), fp32=True),
+     TensorSpec("dt_bias", ("h",), "dt_bias", fp32=True)),
+    ("B", "L", "h", "p"), _ssd_dims, _ssd_flops,
+    lambda d: f"B{d['B']} L{d['L']} h{d['h']} p{d['p']} n{d['n']} chunk{d['C']}", _ssd_ref,
+    kwargs=lambda d: {"chunk_size": d["C"], "dt_softplus": True},
+    peers={"mamba-ssm": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")},
+    module="lightning_ops.ssm.ops"))
+_add(OpSpec(
+    "causal_conv1d_fn", "conv",
+    (TensorSpec("x", ("B", "D", "L")), TensorSpec("weight", ("D", "W")),
+     TensorSpec("bias", ("D",))),
+    ("B", "D", "L"), _conv_dims, lambda d: 2 * d["B"] * d["D"] * d["L"] * d["W"],
+    lambda d: f"B{d['B']} D{d['D']} L{d['L']} W{d['W']}", _ref("causal_conv1d_ref"),
+    kwargs=lambda d: {"activation": "silu"},
+    peers={"causal-conv1d": ("causal_conv1d", "causal_conv1d_fn")},
+    module="lightning_ops.ssm.ops"))
+
+# The SDPA baseline: its own inputs (q/k/v in SDPA's [B, H, T, D] layout) and cost; it is shown
+# under every attention-like op at the same (B, T, H, K, V).
+SDPA = OpSpec(
+    "sdpa_causal", None,
+    (TensorSpec("q", ("B", "H", "T", "K")), TensorSpec("k", ("B", "H", "T", "K")),
+     TensorSpec("v", ("B", "H", "T", "V"))),
+    ("B", "H", "T", "V"), _qkv_dims,
+    lambda d: d["B"] * d["H"] * d["T"] * d["T"] * (d["K"] + d["V"]), _qkv_label, _sdpa_ref,
+    bwd_factor=2.5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Providers
+# ------------------------------------------------------------------------------------------------
+OURS = ("ours-torch", "ours-triton", "ours-cuda")
+PEERS = ("sdpa", "fla", "mamba-ssm", "causal-conv1d")
+PROVIDERS = OURS + PEERS + ("reference",)
+
+
+def our_function(op: OpSpec) -> Tuple[Optional[Callable], Optional[str]]:
+    """lightning_ops' public function for op, or (None, why not). Imported defensively: the
+    families are written in parallel, so a missing or broken module is a note, not a crash."""
+    try:
+        import lightning_ops
+    except Exception as e:  # noqa: BLE001 - report whatever broke the import
+        return None, f"import lightning_ops failed: {type(e).__name__}: {e}"
+    fn = getattr(lightning_ops, op.name, None)
+    if fn is not None:
+        return fn, None
+    try:
+        fn = getattr(importlib.import_module(op.module), op.name, None)
+    except Exception as e:  # noqa: BLE001
+        return None, f"{op.module} failed to import ({type(e).__name__}: {e})"
+    if fn is None:
+        return None, f"lightning_ops.{op.name} does not exist yet"
+    return fn, None
+
+
+def provider_missing(provider: str, op: OpSpec, device: torch.device) -> Optional[str]:
+    """Why `provider` cannot run `op` on `device`, or None when it can."""
+    if provider in OURS:
+        if op.family is None:
+            return "not a lightning_ops op"
+        fn, why = our_function(op)
+        if fn is None:
+            return why
+        backend = provider.split("-", 1)[1]
+        if backend == "triton" and device.type != "cuda":
+            return "Triton is benchmarked on CUDA only (the interpreter is for tests)"
+        from lightning_ops import backend as lob
+        why = lob.missing(backend, device, op.family)
+        if why is None:
+            try:
+                lob.implementation(op.family, backend)
+            except Exception as e:  # noqa: BLE001
+                why = str(e)
+        return why
+    if provider == "sdpa":
+        return None if op.attention_like else "SDPA is a baseline for q/k/v ops only"
+    if provider == "reference":
+        return None
+    if provider in op.peers:
+        if device.type != "cuda":
+            return f"{provider} runs on CUDA only"
+        mod, attr = op.peers[provider]
+        try:
+            getattr(importlib.import_module(mod), attr)
+        except Exception as e:  # noqa: BLE001 - an optional extra: any failure means absent
+            return f"{provider} not importable ({type(e).__name__})"
+        return None
+    return f"{provider} has no {op.name}"
+
+
+def provider_function(provider: str, op: OpSpec) -> Callable[[Dict[str, torch.Tensor], Dict], Any]:
+    """(inputs, kwargs) -> result, for an available provider. The spec used for inputs and cost
+    is `spec_for(provider, op)`."""
+    if provider in OURS:
+        from lightning_ops import use_backend
+        fn, _ = our_function(op)
+        backend = provider.split("-", 1)[1]
+
+        def run(inputs, kwargs):
+            with use_backend(backend):
+                return fn(**inputs, **kwargs)
+        return run
+    if provider == "sdpa":
+        def run(inputs, kwargs):
+            return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"],
+                                                  is_causal=True)
+        return run
+    if provider == "reference":
+        return op.reference
+    mod, attr = op.peers[provider]
+    fn = getattr(importlib.import_module(mod), attr)
+    return lambda inputs, kwargs: fn(**inputs, **kwargs)
+
+
+def spec_for(provider: str, op: OpSpec) -> OpSpec:
+    return SDPA if provider == "sdpa" else op
+
+
+# ------------------------------------------------------------------------------------------------
+# Suites: which (op, config, providers, modes) a run measures
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    op: str
+    provider: str
+    cfg: Config
+    mode: str
+    dtype: str
+
+    @property
+    def spec(self) -> OpSpec:
+        return spec_for(self.provider, OPS[self.op])
+
+    def key(self) -> Tuple:
+        """Identity of a measurement; SDPA's is shared by every op at the same shape."""
+        op = "sdpa" if self.provider == "sdpa" else self.op
+        return (op, self.provider, self.cfg, self.mode, self.dtype)
+
+
+@dataclass
+class Suite:
+    name: str
+    device: str
+    dtype: str
+    modes: Tuple[str, ...]
+    base: Config
+    Ts: Tuple[int, ...]
+    extra: Tuple[Tuple[str, str, int], ...] = ()  # (op, provider, T): rows beyond the grid
+    err_cfg: Config = Config(B=1, T=100, H=2, K=32, V=48, ssd_chunk=32)
+    max_case_s: float = 30.0   # skip a case predicted to take longer than this
+    budget_s: float = 150.0    # the whole run from its start, leaving time for the report
+    target_s: float = 0.5      # measured time per case (more repeats until reached)
+    min_reps: int = 3
+    max_reps: int = 50
+    warmup: int = 1
+
+
+def suite(name: str) -> Suite:
+    if name == "cpu":
+        # issue 2's CPU targets: chunk_gla vs SDPA at T=16384 and vs the reference at T=4096
+        extra = (("chunk_gla", "ours-torch", 16384), ("chunk_gla", "sdpa", 16384),
+                 ("chunk_gla", "reference", 4096))
+        return Suite("cpu", "cpu", "fp32", ("fwd", "fwd+bwd"), Config(1, 1024, 4, 64, 64),
+                     (1024, 4096), extra)
+    if name == "quick":
+        return Suite("quick", "cpu", "fp32", ("fwd", "fwd+bwd"), Config(1, 64, 2, 32, 32),
+                     (64, 128), (), Config(B=1, T=40, H=1, K=16, V=24, ssd_chunk=16),
+                     max_case_s=20.0, budget_s=60.0, target_s=0.02, min_reps=2, max_reps=3)
+    if name == "gpu":
+        return Suite("gpu", "cuda", "bf16", MODES, Config(2, 2048, 16, 128, 128),
+                     (2048, 4096, 8192, 16384), (),
+                     max_case_s=20.0, budget_s=400.0, target_s=0.15, min_reps=10,
+                     max_reps=100, warmup=3)
+    raise ValueError(f"unknown suite {name!r}: cpu, quick or gpu")
+
+
+def default_providers(device: torch.device) -> Tuple[str, ...]:
+    """Every lightning_ops backend, SDPA and the peers; unavailable ones drop out per op."""
+    return OURS + PEERS
+
+
+def plan(s: Suite, ops: Sequence[str], providers: Optional[Sequence[str]],
+         modes: Sequence[str], Ts: Sequence[int], dtypes: Sequence[str],
+         device: torch.device, extras: bool = True) -> Tuple[List[Case], List[str]]:
+    """The cases to run, in priority order, so a run that hits its time budget still has every
+    op at its smallest size and the suite's targets: the smallest T for every op, then the target
+    ops (suite.extra) by growing T, then the reference, then everything else by growing T.
+    Returns (cases, notes)."""
+    notes, cases, seen = [], [], set()
+    wanted = list(providers) if providers else list(default_providers(device))
+    rows = [(op, p, T) for T in Ts for op in ops for p in wanted]
+    if extras:
+        rows += [(op, p, T) for op, p, T in s.extra
+                 if op in ops and (providers is None or p in providers)]
+    reported = set()
+    for op_name, p, T in rows:
+        op = OPS[op_name]
+        why = provider_missing(p, op, device)
+        if why is not None:
+            # say it once per (op, provider), and only when someone would expect the pair
+            # (ours-triton / ours-cuda are absent for most families on most devices: only
+            # said when asked for; a missing op or peer is always said)
+            if (op_name, p) not in reported and (providers or p == "ours-torch"
+                                                 or p in op.peers):
+                notes.append(f"{op_name}: {p} skipped: {why}")
+            reported.add((op_name, p))
+            continue
+        for dt in dtypes:
+            for m in modes:
+                c = Case(op_name, p, s.base.with_T(T), m, dt)
+                if c not in seen:
+                    seen.add(c)
+                    cases.append(c)
+    order = {n: i for i, n in enumerate(OPS)}
+    first_T = min((c.cfg.T for c in cases), default=0)
+    targets = {op for op, _, _ in s.extra} if extras else set()
+
+    def priority(c: Case) -> int:
+        if c.cfg.T == first_T and c.provider != "reference":
+            return 0  # every op at the smallest size first
+        if c.op in targets and c.provider != "reference":
+            return 1  # then the suite's target rows, growing T (for the runtime prediction)
+        return 2 if c.provider == "reference" else 3
+
+    cases.sort(key=lambda c: (priority(c), c.cfg.T, order[c.op], PROVIDERS.index(c.provider),
+                              MODES.index(c.mode)))
+    return cases, notes
+
+
+def pytest_cases(quick: bool = True) -> List[Case]:
+    """The registry as pytest-benchmark parameters (tiny shapes unless quick=False)."""
+    s = suite("quick" if quick else "cpu")
+    cases, _ = plan(s, list(OPS), None, ("fwd", "fwd+bwd"), s.Ts[:1], (s.dtype,),
+                    torch.device("cpu"), extras=False)
+    return cases

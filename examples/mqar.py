@@ -1,0 +1,181 @@
+"""Multi-query associative recall (MQAR, Arora et al. 2023 "Zoology") with every mixer.
+
+Each sequence lists key-value pairs, then asks for some keys again at random later positions;
+the model must output each queried key's value. Keys come from the lower half of the vocabulary,
+values from the upper half, token 0 fills the gaps. The loss and the accuracy count only the
+query positions (predict the value right after seeing the key).
+
+    .venv/bin/python examples/mqar.py                       # the default demo, all mixers
+    .venv/bin/python examples/mqar.py --mixers deltanet,mamba2 --num-kv-pairs 16 --seq-len 128
+
+Prints one row per mixer: parameters, recall accuracy on held-out sequences, training
+throughput (tokens/s, forward + backward + optimizer) and wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import layers  # noqa: E402
+
+ALL_MIXERS = ["deltanet", "gated_deltanet", "gla", "mamba", "mamba2", "lightning"]
+
+
+def mqar_batch(batch: int, vocab_size: int, num_kv_pairs: int, seq_len: int,
+               generator: torch.Generator):
+    """(inputs [batch, seq_len], labels [batch, seq_len]) with labels -100 except at queries."""
+    P, ctx = num_kv_pairs, 2 * num_kv_pairs
+    half = vocab_size // 2
+    if half - 1 < P:
+        raise ValueError(f"vocab_size {vocab_size} too small for {P} distinct keys "
+                         f"(keys come from 1..{half - 1})")
+    slots = (seq_len - ctx) // 2  # query slots: a key, then a gap where the value would go
+    if slots < P:
+        raise ValueError(f"seq_len {seq_len} too short: need >= {4 * P} for {P} pairs")
+    keys = torch.rand(batch, half - 1, generator=generator).argsort(-1)[:, :P] + 1
+    values = torch.randint(half, vocab_size, (batch, P), generator=generator)
+    inputs = torch.zeros(batch, seq_len, dtype=torch.long)
+    labels = torch.full((batch, seq_len), -100, dtype=torch.long)
+    inputs[:, 0:ctx:2], inputs[:, 1:ctx:2] = keys, values
+    order = torch.rand(batch, P, generator=generator).argsort(-1)       # which pair is asked
+    where = torch.rand(batch, slots, generator=generator).argsort(-1)[:, :P]  # and where
+    pos = ctx + 2 * where
+    inputs.scatter_(1, pos, keys.gather(1, order))
+    labels.scatter_(1, pos, values.gather(1, order))
+    return inputs, labels
+
+
+def mixer_kwargs(name: str, d_model: int, args) -> dict:
+    """Small-model settings per mixer (head dims of 16-32 suit d_model 64-128)."""
+    heads = max(1, d_model // 32)
+    return {
+        "gla": dict(num_heads=heads, expand_k=0.5, expand_v=1.0, use_short_conv=True),
+        "deltanet": dict(num_heads=heads),
+        "gated_deltanet": dict(num_heads=heads, head_dim=d_model // heads, expand_v=1.0),
+        "mamba": dict(d_state=16, expand=2),
+        "mamba2": dict(d_state=32, headdim=16, expand=2, chunk_size=64),
+        "lightning": dict(num_heads=heads),
+    }[name]
+
+
+def evaluate(model, data, batch_size):
+    correct = total = 0
+    model.eval()
+    with torch.no_grad():
+        inputs, labels = data
+        for i in range(0, inputs.shape[0], batch_size):
+            x, y = inputs[i:i + batch_size], labels[i:i + batch_size]
+            logits, _ = model(x)
+            m = y != -100
+            correct += (logits.argmax(-1)[m] == y[m]).sum().item()
+            total += m.sum().item()
+    model.train()
+    return correct / max(total, 1)
+
+
+def train_one(name: str, args, device, dtype):
+    torch.manual_seed(args.seed)
+    model = layers.CausalLM(args.vocab_size, args.d_model, args.layers, mixer=name,
+                            mixer_kwargs=mixer_kwargs(name, args.d_model, args),
+                            mlp_ratio=args.mlp_ratio).to(device=device, dtype=dtype)
+    params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
+                            betas=(0.9, 0.98))
+    warmup = max(1, args.steps // 10)
+
+    def lr_at(step):  # linear warm-up, cosine decay to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, args.steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    eval_gen = torch.Generator().manual_seed(12345)
+    eval_data = mqar_batch(args.eval_examples, args.vocab_size, args.num_kv_pairs,
+                           args.seq_len, eval_gen)
+    eval_data = (eval_data[0].to(device), eval_data[1].to(device))
+    tokens, train_time, t_start, loss_val = 0, 0.0, time.perf_counter(), float("nan")
+    for step in range(args.steps):
+        x, y = mqar_batch(args.batch_size, args.vocab_size, args.num_kv_pairs, args.seq_len,
+                          gen)
+        x, y = x.to(device), y.to(device)
+        t0 = time.perf_counter()
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time += time.perf_counter() - t0
+        tokens += x.numel()
+        loss_val = loss.item()
+        if args.log_every and (step + 1) % args.log_every == 0:
+            print(f"  {name:>15} step {step + 1:5d}  loss {loss_val:.3f}", flush=True)
+    acc = evaluate(model, eval_data, args.batch_size)
+    return dict(mixer=name, params=params, loss=loss_val, acc=acc,
+                tok_s=tokens / max(train_time, 1e-9), wall=time.perf_counter() - t_start)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--mixers", default=",".join(ALL_MIXERS),
+                   help=f"comma-separated subset of {ALL_MIXERS}")
+    p.add_argument("--vocab-size", type=int, default=64)
+    p.add_argument("--num-kv-pairs", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--mlp-ratio", type=float, default=2.0)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--eval-examples", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--log-every", type=int, default=0, help="print the loss every N steps")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    names = [m.strip() for m in args.mixers.split(",") if m.strip()]
+    for n in names:
+        if n not in layers.MIXERS:
+            p.error(f"unknown mixer {n!r}; choose from {sorted(layers.MIXERS)}")
+    print(f"MQAR: vocab {args.vocab_size}, {args.num_kv_pairs} kv pairs, seq_len "
+          f"{args.seq_len}; {args.layers} layers, d_model {args.d_model}, {args.steps} steps "
+          f"x batch {args.batch_size}, lr {args.lr}; {device.type} {args.dtype}", flush=True)
+    rows = []
+    for n in names:
+        r = train_one(n, args, device, dtype)
+        rows.append(r)
+        print(f"  {n:>15}: accuracy {r['acc']:6.1%}  ({r['tok_s']:,.0f} tok/s train, "
+              f"{r['wall']:.0f} s)", flush=True)
+    print()
+    print(f"| {'mixer':<15} | {'params':>8} | {'final loss':>10} | {'recall acc':>10} | "
+          f"{'train tok/s':>11} | {'time (s)':>8} |")
+    print(f"|{'-' * 17}|{'-' * 10}:|{'-' * 12}:|{'-' * 12}:|{'-' * 13}:|{'-' * 10}:|")
+    for r in rows:
+        print(f"| {r['mixer']:<15} | {r['params']:>8,} | {r['loss']:>10.3f} | "
+              f"{r['acc']:>10.1%} | {r['tok_s']:>11,.0f} | {r['wall']:>8.1f} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

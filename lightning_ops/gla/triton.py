@@ -1,0 +1,349 @@
+"""Triton backend of the GLA family (linear attention, simple GLA / Lightning, GLA).
+
+Contract (lightning_ops/gla/ops.py):
+  forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode)
+      -> (o, final_state or None)
+  backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht)
+      -> (dq, dk, dv, dg or None, dh0 or None)
+
+mode "chunk" runs the chunk engine (triton_chunk.py), "recurrent" the token walk
+(triton_recurrent.py). States, gate cumsums and accumulators are fp32; o and the gradients come
+back in their inputs' dtypes, dh0 in initial_state's. float64 inputs are computed in fp32 (the
+kernels' widest arithmetic) and the results cast back to float64: use the torch backend when
+float64 accuracy matters.
+
+Chunk forward, two forms chosen by `_single_pass` (env LIGHTNING_OPS_GLA_SINGLE_PASS=0/1
+overrides):
+  two-pass     state kernel writes h_c per chunk (fp32), then a chunk-parallel output kernel;
+  single-pass  Lightning-Attention-2 style: one program per (sequence, head, V block) walks its
+               chunks and writes o from the register state, no per-chunk state in memory.
+The backward mirrors the choice: single-pass fuses dv into the reverse state walk, two-pass runs
+it chunk-parallel. Both backward forms store h_c and dh_c for the chunk-parallel dq/dk/dg kernel.
+Launch configs are fixed by shape (no autotuning); varlen chunk tables are built on the device.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from ..triton_utils import ChunkMeta, dot_config, next_pow2, sm_count
+from .triton_chunk import (
+    chunk_cumsum_kernel,
+    chunk_dqkg_kernel,
+    chunk_intra_grad_kernel,
+    chunk_out_kernel,
+    chunk_scores_kernel,
+    chunk_state_kernel,
+    seq_revcumsum_kernel,
+)
+from .triton_recurrent import recurrent_bwd_kernel, recurrent_fwd_kernel
+
+Tensor = torch.Tensor
+
+CHUNK = 64      # rows per chunk
+SUB_CHUNK = 16  # rows per sub-chunk of the vector-gate intra scores
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared launch helpers
+# ---------------------------------------------------------------------------------------------
+def _gate_kind(g: Optional[Tensor], g_gamma: Optional[Tensor]) -> int:
+    """The chunk kernels' GATE: 0 none, 1 scalar cumsum, 2 g_gamma only, 3 vector cumsum."""
+    if g is None:
+        return 2 if g_gamma is not None else 0
+    return 1 if g.dim() == 3 else 3
+
+
+def _as_compute(*xs: Optional[Tensor]):
+    """Contiguous tensors; float64 -> float32 (see the module docstring)."""
+    out = []
+    for x in xs:
+        if x is not None:
+            if x.dtype == torch.float64:
+                x = x.float()
+            x = x.contiguous()
+        out.append(x)
+    return out
+
+
+def _single_pass(N: int, H: int, K: int, V: int, device: torch.device) -> bool:
+    """Single-pass forward when the (sequence, head, V block) programs alone fill the device
+    (it then moves no per-chunk state through memory), and the full-K tiles fit in registers.
+    Otherwise the two-pass form buys chunk parallelism. Not tuned on hardware yet."""
+    env = os.environ.get("LIGHTNING_OPS_GLA_SINGLE_PASS", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    if K > 128:
+        return False
+    return N * H * triton.cdiv(V, _single_bv(K, V)) >= sm_count(device)
+
+
+def _single_bv(K: int, V: int) -> int:
+    return min(next_pow2(V), 64 if next_pow2(K) <= 64 else 32)
+
+
+def _blocks(K: int, V: int) -> Tuple[int, int]:
+    return min(64, next_pow2(K)), min(64, next_pow2(V))
+
+
+def _cumsum(g: Optional[Tensor], g_gamma: Optional[Tensor], meta: ChunkMeta, B: int, T: int,
+            H: int) -> Optional[Tensor]:
+    """Chunk-local cumulative log decays (fp32), g_gamma folded in; None without g."""
+    if g is None:
+        return None
+    D = 1 if g.dim() == 3 else g.shape[-1]
+    gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    BD = min(64, next_pow2(D))
+    chunk_cumsum_kernel[(triton.cdiv(D, BD), meta.grid_t, B * H)](
+        g, g_gamma, gc, _cu(meta), meta.indices, T, meta.NT,
+        H=H, D=D, C=meta.C, BD=BD, HAS_GAMMA=g_gamma is not None, IS_VARLEN=meta.is_varlen)
+    return gc
+
+
+def _cu(meta: ChunkMeta):
+    return meta.cu if meta.is_varlen else None
+
+
+def _scores(x: Tensor, y: Tensor, gc: Optional[Tensor], scale: float, meta: ChunkMeta,
+            gated: bool) -> Tensor:
+    """Intra-chunk scores [B, T, H, C] fp32 (causal part only): vector-gated q k^T, or do v^T."""
+    B, T, H, D = x.shape
+    C = meta.C
+    BC = SUB_CHUNK if gated else C
+    A = torch.empty(B, T, H, C, dtype=torch.float32, device=x.device)
+    DT, _, PREC = dot_config(x.dtype)
+    chunk_scores_kernel[(meta.grid_t, C // BC, B * H)](
+        x, y, gc, A, _cu(meta), meta.indices, scale, T, meta.NT,
+        H=H, D=D, C=C, BC=BC, BD=min(32 if gated else 64, next_pow2(D)), GATED=gated, IS_VARLEN=meta.is_varlen,
+        DT=DT, PREC=PREC)
+    return A
+
+
+def _state(x, y, z, gc, g_gamma, A, hs, s0, s_fin, out, meta, scale, T, H, K, V, GATE, rev,
+           fuse, dtype):
+    """Launch the chunk state walk (see chunk_state_kernel)."""
+    if fuse:
+        BK, BV = next_pow2(K), _single_bv(K, V)
+    else:
+        BK, BV = _blocks(K, V)
+    DT, DT_S, PREC = dot_config(dtype)
+    chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), meta.N * H)](
+        x, y, z, gc, g_gamma, A, hs, s0, s_fin, out,
+        _cu(meta), meta.offsets, scale, T, meta.NT,
+        H=H, K=K, V=V, C=meta.C, BK=BK, BV=BV, GATE=GATE, REV=rev,
+        USE_H0=s0 is not None, STORE_HT=s_fin is not None, STORE_HS=hs is not None,
+        FUSE_OUT=fuse, IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC,
+        num_warps=8 if fuse and BK * BV >= 128 * 64 else 4)
+
+
+def _out(z, x, y, gc, g_gamma, A, hs, out, meta, scale, T, B, H, K, V, GATE, rev, dtype):
+    """Launch the chunk-parallel output (see chunk_out_kernel)."""
+    BK, BV = _blocks(K, V)
+    DT, DT_S, PREC = dot_config(dtype)
+    chunk_out_kernel[(triton.cdiv(V, BV), meta.grid_t, B * H)](
+        z, x, y, gc, g_gamma, A, hs, out, _cu(meta), meta.indices, scale, T, meta.NT,
+        H=H, K=K, V=V, C=meta.C, BK=BK, BV=BV, GATE=GATE, REV=rev, IS_VARLEN=meta.is_varlen,
+        DT=DT, DT_S=DT_S, PREC=PREC)
+
+
+def _f32(ref: Tensor, *shape: int) -> Tensor:
+    """fp32 scratch/output (torch.empty, so tests' NaN-filling reaches it)."""
+    return torch.empty(*shape, dtype=torch.float32, device=ref.device)
+
+
+def _meta(cu_seqlens, B, T):
+    meta = ChunkMeta(cu_seqlens, B, T, CHUNK)
+    meta.cu = cu_seqlens
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk mode
+# ---------------------------------------------------------------------------------------------
+def _chunk_forward(q, k, v, g, g_gamma, scale, h0, output_final_state, cu_seqlens):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    meta = _meta(cu_seqlens, B, T)
+    GATE = _gate_kind(g, g_gamma)
+    gc = _cumsum(g, g_gamma, meta, B, T, H)
+    A = _scores(q, k, gc, scale, meta, gated=True) if GATE == 3 else None
+    o = torch.empty_like(v)
+    ht = _f32(q, meta.N, H, K, V) if output_final_state else None
+    if _single_pass(meta.N, H, K, V, q.device):
+        _state(k, v, q, gc, g_gamma, A, None, h0, ht, o, meta, scale, T, H, K, V, GATE,
+               rev=False, fuse=True, dtype=q.dtype)
+    else:
+        hs = _f32(q, meta.n_chunks, H, K, V)
+        _state(k, v, None, gc, g_gamma, None, hs, h0, ht, None, meta, scale, T, H, K, V, GATE,
+               rev=False, fuse=False, dtype=q.dtype)
+        _out(q, k, v, gc, g_gamma, A, hs, o, meta, scale, T, B, H, K, V, GATE, rev=False,
+             dtype=q.dtype)
+    return o, ht
+
+
+def _chunk_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    meta = _meta(cu_seqlens, B, T)
+    GATE = _gate_kind(g, g_gamma)
+    gc = _cumsum(g, g_gamma, meta, B, T, H)
+    # recompute the per-chunk states h_c (not kept from the forward: NT*K*V fp32 per head)
+    hs = _f32(q, meta.n_chunks, H, K, V)
+    _state(k, v, None, gc, g_gamma, None, hs, h0, None, None, meta, scale, T, H, K, V, GATE,
+           rev=False, fuse=False, dtype=q.dtype)
+    A = _scores(q, k, gc, scale, meta, gated=True) if GATE == 3 else None
+    dhs = _f32(q, meta.n_chunks, H, K, V)
+    dh0 = _f32(q, meta.N, H, K, V) if h0 is not None else None
+    dv = torch.empty_like(v)
+    if _single_pass(meta.N, H, K, V, q.device):
+        _state(q, do, k, gc, g_gamma, A, dhs, dht, dh0, dv, meta, scale, T, H, K, V, GATE,
+               rev=True, fuse=True, dtype=q.dtype)
+    else:
+        _state(q, do, None, gc, g_gamma, None, dhs, dht, dh0, None, meta, scale, T, H, K, V,
+               GATE, rev=True, fuse=False, dtype=q.dtype)
+        _out(k, q, do, gc, g_gamma, A, dhs, dv, meta, scale, T, B, H, K, V, GATE, rev=True,
+             dtype=q.dtype)
+    BK, BV = _blocks(K, V)
+    NK = triton.cdiv(K, BK)
+    DT, DT_S, PREC = dot_config(q.dtype)
+    dA = dqi = dki = None
+    if GATE == 3:
+        dA = _scores(do, v, None, scale, meta, gated=False)
+        dqi = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dki = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        BKi = min(32, BK)  # the diagonal sub-chunk holds [BC, BC, BKi] products
+        chunk_intra_grad_kernel[(triton.cdiv(K, BKi), meta.grid_t * (CHUNK // SUB_CHUNK), B * H)](
+            q, k, gc, dA, dqi, dki, _cu(meta), meta.indices, T, meta.NT,
+            H=H, K=K, C=CHUNK, BC=SUB_CHUNK, BK=BKi, IS_VARLEN=meta.is_varlen, DT=DT, PREC=PREC)
+    dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dg = None
+    if g is not None:
+        dg = (torch.empty(g.shape, dtype=g.dtype, device=g.device) if GATE == 3 else
+              torch.empty(NK, B * T * H, dtype=torch.float32, device=g.device))
+    chunk_dqkg_kernel[(NK, meta.grid_t, B * H)](
+        q, k, v, do, gc, g_gamma, hs, dhs, dA, dqi, dki, dq, dk, dg,
+        _cu(meta), meta.indices, scale, T, meta.NT, B * T * H,
+        H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, GATE=GATE, HAS_DG=g is not None,
+        IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC)
+    if dg is not None and GATE != 3:
+        dg = dg.sum(0).view(g.shape).to(g.dtype)
+    return dq, dk, dv, dg, dh0
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrent mode
+# ---------------------------------------------------------------------------------------------
+def _recurrent_cfg(g, K, V):
+    BK = next_pow2(K)
+    BV = min(next_pow2(V), max(16, 8192 // BK))
+    g_kind = 0 if g is None else (1 if g.dim() == 3 else 2)
+    return BK, BV, g_kind
+
+
+def _recurrent_forward(q, k, v, g, g_gamma, scale, h0, output_final_state, cu_seqlens):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BK, BV, g_kind = _recurrent_cfg(g, K, V)
+    o = torch.empty_like(v)
+    ht = _f32(q, N, H, K, V) if output_final_state else None
+    recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+        q, k, v, g, g_gamma, h0, None, None, o, ht, None, cu_seqlens, scale, T, 0,
+        H=H, K=K, V=V, BK=BK, BV=BV, G_KIND=g_kind, HAS_GAMMA=g_gamma is not None,
+        USE_H0=h0 is not None, STORE_FIN=ht is not None, BWD=False,
+        IS_VARLEN=cu_seqlens is not None)
+    return o, ht
+
+
+def _recurrent_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BK, BV, g_kind = _recurrent_cfg(g, K, V)
+    NV = triton.cdiv(V, BV)
+    n_qk = B * T * H * K
+    common = dict(H=H, K=K, V=V, BK=BK, BV=BV, G_KIND=g_kind, HAS_GAMMA=g_gamma is not None,
+                  IS_VARLEN=cu_seqlens is not None)
+    dq_part = torch.empty(NV, n_qk, dtype=torch.float32, device=q.device)
+    fin = (torch.empty(NV, N, H, K, dtype=torch.float32, device=q.device)
+           if g is not None and dht is not None else None)
+    c_part = torch.empty(NV, B * T * H, dtype=torch.float32, device=q.device)
+    recurrent_fwd_kernel[(NV, N * H)](
+        q, k, v, g, g_gamma, h0, do, dht, dq_part, fin, c_part, cu_seqlens, scale, T, n_qk,
+        USE_H0=h0 is not None, STORE_FIN=fin is not None, BWD=True, **common)
+    dk_part = torch.empty(NV, n_qk, dtype=torch.float32, device=q.device)
+    dv = torch.empty_like(v)
+    dh0 = _f32(q, N, H, K, V) if h0 is not None else None
+    recurrent_bwd_kernel[(NV, N * H)](
+        q, k, v, g, g_gamma, do, dht, dk_part, dv, dh0, cu_seqlens, scale, T, n_qk,
+        USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **common)
+    dq = dq_part.sum(0).view(q.shape)  # without the c_t k_t term (see triton_recurrent.py)
+    dk = dk_part.sum(0).view(k.shape)  # without the c_t q_t term
+    c = c_part.sum(0).view(B, T, H, 1)
+    dg = None
+    if g is not None:
+        # dg_t = sum_{t' >= t} (q dq - k dk)_t' + rowsum(S_T * dht), per sequence
+        x = q.float() * dq - k.float() * dk
+        add = None if fin is None else fin.sum(0)
+        if g.dim() == 3:
+            x = x.sum(-1, keepdim=True)
+            add = None if add is None else add.sum(-1, keepdim=True)
+        D = x.shape[-1]
+        out = torch.empty_like(x)
+        BD = min(64, next_pow2(D))
+        seq_revcumsum_kernel[(triton.cdiv(D, BD), N * H)](
+            x, add, out, cu_seqlens, T, H=H, D=D, BT=64, BD=BD, HAS_ADD=add is not None,
+            IS_VARLEN=cu_seqlens is not None)
+        dg = out.view(g.shape).to(g.dtype)
+    dq = dq + c * k.float()
+    dk = dk + c * q.float()
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend contract
+# ---------------------------------------------------------------------------------------------
+def _check_mode(mode: str) -> None:
+    if mode not in ("chunk", "recurrent"):
+        raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
+
+
+def forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode):
+    _check_mode(mode)
+    in_dtype, state_dtype = v.dtype, (torch.float64 if q.dtype == torch.float64 else None)
+    q, k, v, g, g_gamma, h0 = _as_compute(q, k, v, g, g_gamma, initial_state)
+    B, T, H, K = q.shape
+    if T == 0:
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        o = torch.empty_like(v)
+        ht = None
+        if output_final_state:
+            ht = (h0.float().clone() if h0 is not None else
+                  q.new_zeros(N, H, K, v.shape[-1], dtype=torch.float32))
+    else:
+        run = _chunk_forward if mode == "chunk" else _recurrent_forward
+        o, ht = run(q, k, v, g, g_gamma, float(scale), h0, output_final_state, cu_seqlens)
+    if state_dtype is not None and ht is not None:
+        ht = ht.to(state_dtype)
+    return o.to(in_dtype), ht
+
+
+def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht):
+    _check_mode(mode)
+    dtypes = (q.dtype, k.dtype, v.dtype, None if g is None else g.dtype,
+              None if initial_state is None else initial_state.dtype)
+    q, k, v, g, g_gamma, h0, do, dht = _as_compute(q, k, v, g, g_gamma, initial_state, do, dht)
+    if q.shape[1] == 0:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dg = None if g is None else torch.zeros_like(g)
+        dh0 = None
+        if h0 is not None:
+            dh0 = dht.float().clone() if dht is not None else torch.zeros_like(h0, dtype=torch.float32)
+    else:
+        run = _chunk_backward if mode == "chunk" else _recurrent_backward
+        dq, dk, dv, dg, dh0 = run(q, k, v, g, g_gamma, float(scale), h0, cu_seqlens, do, dht)
+    outs = (dq, dk, dv, dg, dh0)
+    return tuple(None if x is None else x.to(dt) for x, dt in zip(outs, dtypes))

@@ -1,0 +1,133 @@
+"""Triton token-by-token (fused recurrent) kernels of the GLA family: decode and short T.
+
+One program per (V block, sequence x head) keeps the fp32 state [K, BV] in registers and walks
+the tokens of its sequence. Gates: G_KIND 0 none, 1 scalar g [tokens, H], 2 vector g
+[tokens, H, K]; HAS_GAMMA adds the constant g_gamma[h] to the log decay of every token.
+
+  forward:  S_t = e^{g_t} S_{t-1} + k_t v_t^T,  o_t = scale S_t^T q_t
+  backward: dq_t = scale S_t do_t (forward walk, recomputing S);
+            D_t = scale q_t do_t^T + e^{g_{t+1}} D_{t+1} (D_T adds dht), dk_t = D_t v_t,
+            dv_t = D_t^T k_t, dh0 = e^{g_0} D_0 (reverse walk);
+            dg_t = sum_{t' >= t} (q dq - k dk)_t' + rowsum(S_T * dht) (launcher).
+The kernels write dq and dk without their k_t v_t^T / q_t do_t^T terms, c_t k_t and c_t q_t with
+c_t = scale do_t.v_t (written apart): those cancel exactly in q dq - k dk, so the launcher forms
+dg without them (no rounding error from large cancelling terms) and then adds them back.
+dq and dk reduce over V, so with several V blocks each block writes an fp32 partial (summed by
+the launcher, in a fixed order: deterministic)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..triton_utils import seq_bounds
+
+
+@triton.jit
+def _decay(S, g, gm, p, i_h, o_k, m_k, H: tl.constexpr, K: tl.constexpr,
+           G_KIND: tl.constexpr, HAS_GAMMA: tl.constexpr):
+    """S * exp(log decay of token p)."""
+    if G_KIND == 2:
+        gt = tl.load(g + (p * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        if HAS_GAMMA:
+            gt += gm
+        S = S * tl.exp(gt)[:, None]
+    elif G_KIND == 1:
+        gt = tl.load(g + p * H + i_h).to(tl.float32)
+        if HAS_GAMMA:
+            gt += gm
+        S = S * tl.exp(gt)
+    elif HAS_GAMMA:
+        S = S * tl.exp(gm)
+    return S
+
+
+@triton.jit
+def recurrent_fwd_kernel(
+    q, k, v, g, gamma, h0, do, dht, out, fin, cdiag, cu_seqlens, scale, T, part_stride,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    G_KIND: tl.constexpr, HAS_GAMMA: tl.constexpr, USE_H0: tl.constexpr,
+    STORE_FIN: tl.constexpr, BWD: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Forward token walk. BWD=0: out = o [tokens, H, V], fin = final state [N, H, K, V].
+    BWD=1: out = dq partials [NV, tokens, H, K] (part_stride = tokens * H * K) without the c_t k_t
+    term, cdiag = c_t partials [NV, tokens, H], fin = the final-state term of dg,
+    rowsum(S_T * dht), as partials [NV, N, H, K]."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    head = (i_n * H + i_h).to(tl.int64)
+    kv = o_k[:, None] * V + o_v[None, :]
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        S += tl.load(h0 + head * K * V + kv, mask=m_kv, other=0.).to(tl.float32)
+    gm = 0.
+    if HAS_GAMMA:
+        gm = tl.load(gamma + i_h).to(tl.float32)
+    for t in range(0, T_n):
+        p = bos + t
+        kt = tl.load(k + (p * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        vt = tl.load(v + (p * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        S = _decay(S, g, gm, p, i_h, o_k, m_k, H, K, G_KIND, HAS_GAMMA)
+        if BWD:
+            dot_ = tl.load(do + (p * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+            dqt = tl.sum(S * dot_[None, :], axis=1) * scale
+            tl.store(out + i_v.to(tl.int64) * part_stride + (p * H + i_h) * K + o_k, dqt,
+                     mask=m_k)
+            tl.store(cdiag + i_v.to(tl.int64) * (part_stride // K) + p * H + i_h,
+                     tl.sum(vt * dot_, axis=0) * scale)
+        S += kt[:, None] * vt[None, :]
+        if BWD == 0:
+            qt = tl.load(q + (p * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+            ot = tl.sum(S * qt[:, None], axis=0) * scale
+            tl.store(out + (p * H + i_h) * V + o_v, ot.to(out.dtype.element_ty), mask=m_v)
+    if STORE_FIN:
+        if BWD:
+            dS = tl.load(dht + head * K * V + kv, mask=m_kv, other=0.).to(tl.float32)
+            n_heads = tl.num_programs(1).to(tl.int64)
+            tl.store(fin + (i_v * n_heads + head) * K + o_k, tl.sum(S * dS, axis=1), mask=m_k)
+        else:
+            tl.store(fin + head * K * V + kv, S.to(fin.dtype.element_ty), mask=m_kv)
+
+
+@triton.jit
+def recurrent_bwd_kernel(
+    q, k, v, g, gamma, do, dht, dk, dv, dh0, cu_seqlens, scale, T, part_stride,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    G_KIND: tl.constexpr, HAS_GAMMA: tl.constexpr, USE_DHT: tl.constexpr,
+    STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Reverse token walk carrying D = dL/dS_t: dk partials [NV, tokens, H, K] fp32 without the
+    c_t q_t term, dv [tokens, H, V], dh0 [N, H, K, V] fp32."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    head = (i_n * H + i_h).to(tl.int64)
+    kv = o_k[:, None] * V + o_v[None, :]
+    D = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        D += tl.load(dht + head * K * V + kv, mask=m_kv, other=0.).to(tl.float32)
+    gm = 0.
+    if HAS_GAMMA:
+        gm = tl.load(gamma + i_h).to(tl.float32)
+    for j in range(0, T_n):
+        p = bos + T_n - 1 - j
+        qt = tl.load(q + (p * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        kt = tl.load(k + (p * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        vt = tl.load(v + (p * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        dot_ = tl.load(do + (p * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        tl.store(dk + i_v.to(tl.int64) * part_stride + (p * H + i_h) * K + o_k,
+                 tl.sum(D * vt[None, :], axis=1), mask=m_k)
+        D += (scale * qt)[:, None] * dot_[None, :]
+        tl.store(dv + (p * H + i_h) * V + o_v, tl.sum(D * kt[:, None], axis=0).to(
+            dv.dtype.element_ty), mask=m_v)
+        D = _decay(D, g, gm, p, i_h, o_k, m_k, H, K, G_KIND, HAS_GAMMA)
+    if STORE_DH0:
+        tl.store(dh0 + head * K * V + kv, D.to(dh0.dtype.element_ty), mask=m_kv)

@@ -1,0 +1,65 @@
+"""Timing helpers: percentiles, repeat policy, time limits, input rotation, run prediction."""
+import time
+
+import pytest
+import torch
+
+from benchmarks import timing
+from benchmarks.cli import Runner
+from benchmarks.registry import Case, Config, suite
+
+
+def test_percentile_interpolates():
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert timing.percentile(xs, 50) == 3.0
+    assert timing.percentile(xs, 20) == pytest.approx(1.8)
+    assert timing.percentile(xs, 80) == pytest.approx(4.2)
+    assert timing.percentile([7.0], 20) == 7.0
+
+
+def test_measure_warms_up_rotates_and_repeats():
+    calls = []
+
+    def step(i):
+        calls.append(i)
+        time.sleep(0.002)
+
+    t = timing.measure(step, torch.device("cpu"), warmup=2, min_reps=4, max_reps=6,
+                       target_s=0.0, once_over_s=10.0)
+    assert calls[:2] == [0, 1] and t.reps == 4 and calls[2:] == [2, 3, 4, 5]
+    assert 0.0015 < t.median_s < 0.2 and t.p20_s <= t.median_s <= t.p80_s
+    one = timing.measure(step, torch.device("cpu"), warmup=2, min_reps=4, max_reps=6,
+                         target_s=1.0, once_over_s=10.0, once=True)
+    assert one.reps == 1 and "once" in one.note
+
+
+def test_time_limit_interrupts_a_python_loop():
+    with pytest.raises(timing.CaseTimeout):
+        with timing.time_limit(0.2):
+            while True:
+                pass
+    with timing.time_limit(5.0):  # and is disarmed after the block
+        pass
+    time.sleep(0.01)
+
+
+def test_rotation_overflows_the_cache():
+    cpu = torch.device("cpu")
+    c = timing.cache_bytes(cpu)
+    assert timing.n_input_sets(c * 4, cpu) == 1
+    assert timing.n_input_sets(c // 2, cpu) == 4
+    assert timing.n_input_sets(1, cpu) == 8
+
+
+def test_prediction_is_conservative_then_fitted():
+    r = Runner(suite("cpu"), torch.device("cpu"), {}, None, None, print, 30.0, 100.0)
+    base = Config(1, 1024, 4, 64, 64)
+    case = lambda T: Case("chunk_gla", "ours-torch", base.with_T(T), "fwd", "fp32")  # noqa
+    assert r.predict(case(1024)) is None
+    r.history[r._hkey(case(1024))] = [(1024, 1.0)]
+    assert r.predict(case(4096)) == pytest.approx(16.0)  # one size: assume quadratic
+    r.history[r._hkey(case(1024))].append((2048, 2.0))
+    assert r.predict(case(8192)) == pytest.approx(8.0)  # fitted: linear
+    # a case predicted over the cap is skipped with a note, not run
+    res = r.run_case(case(1 << 20))
+    assert res.status == "skipped" and "predicted" in res.note

@@ -1,0 +1,396 @@
+"""Triton backend of the GLA family (lightning_ops/gla/triton.py) against the float64 reference.
+
+CPU: under TRITON_INTERPRET=1 in fp32 (1e-5 relative RMS on o, the final state and every
+gradient, from one (o*do).sum() + (ht*dht).sum() backward), through the public API with the
+triton backend forced and every torch.empty NaN-filled. The interpreter is slow: shapes stay
+small (T <= ~130, a few cases at K/V 128/256 with T <= 5).
+GPU (@pytest.mark.gpu): fp32 at larger shapes, bf16/fp16 parity (within 2x of the reference run
+in that dtype), torch.compile(fullgraph=True), determinism and extreme gates at long T.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lightning_ops as lo
+from lightning_ops import reference
+from helpers import (INTERPRET, backward_probe, cu_seqlens_from_lengths, grads_of, log_gate,
+                     nan_filled_empty, rel_rms, requires_gpu, requires_triton, triton_device)
+
+pytestmark = requires_triton
+
+TOL = 1e-5
+DEV = triton_device()
+
+# op name -> how it is called; gate: which gate tensors it takes
+OPS = ("linear", "simple_g", "simple_gamma", "simple_both", "lightning", "gla")
+
+
+def _inputs(op, B, T, H, K, V, lengths=None, h0=True, low=-0.5, dtype=torch.float32, seed=0,
+            device=DEV):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*s):
+        return torch.randn(*s, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V)
+    g = gamma = None
+    if op in ("simple_g", "simple_both"):
+        g = log_gate(B, T, H, low=low, generator=gen).to(device=device, dtype=dtype)
+    if op == "gla":
+        g = log_gate(B, T, H, K, low=low, generator=gen).to(device=device, dtype=dtype)
+    if op in ("simple_gamma", "simple_both", "lightning"):
+        gamma = -(0.02 + 0.2 * torch.rand(H, generator=gen, dtype=torch.float64)).to(device)
+        gamma = gamma.float()
+    cu = None if lengths is None else cu_seqlens_from_lengths(lengths, device=device)
+    N = B if lengths is None else len(lengths)
+    s0 = randn(N, H, K, V).float() if h0 else None
+    return dict(q=q, k=k, v=v, g=g, gamma=gamma, h0=s0, cu=cu)
+
+
+def _call(op, mode, x, output_final_state=True, scale=None):
+    """The public op for (op, mode) on inputs x."""
+    q, k, v, g, gamma = x["q"], x["k"], x["v"], x["g"], x["gamma"]
+    kw = dict(scale=scale, initial_state=x["h0"], output_final_state=output_final_state,
+              cu_seqlens=x["cu"])
+    rec = mode == "recurrent"
+    if op == "linear":
+        return (lo.fused_recurrent_linear_attn if rec else lo.chunk_linear_attn)(q, k, v, **kw)
+    if op.startswith("simple"):
+        f = lo.fused_recurrent_simple_gla if rec else lo.chunk_simple_gla
+        return f(q, k, v, g=g, g_gamma=gamma, **kw)
+    if op == "lightning":
+        f = lo.fused_recurrent_lightning_attn if rec else lo.lightning_attn
+        return f(q, k, v, -gamma, **kw)
+    return (lo.fused_recurrent_gla if rec else lo.chunk_gla)(q, k, v, g, **kw)
+
+
+GRAD_NAMES = ("q", "k", "v", "g", "h0")
+
+
+def _with_grad(x, dtype=None):
+    """Leaf copies of the differentiable inputs: all in float64 for dtype=float64, else q, k,
+    v, g cast to dtype (initial_state kept); g_gamma takes no gradient."""
+    out = dict(x)
+    for name in GRAD_NAMES:
+        t = x[name]
+        if t is None:
+            continue
+        t = t.detach()
+        if dtype == torch.float64:
+            t = t.double()
+        elif dtype is not None and name != "h0":
+            t = t.to(dtype)
+        out[name] = t.clone().requires_grad_(True)
+    if dtype == torch.float64 and x["gamma"] is not None:
+        out["gamma"] = x["gamma"].double()
+    return out
+
+
+def _run(x, fn, output_final_state=True):
+    o, ht = fn(x)
+    loss = backward_probe([o, ht] if output_final_state else [o])
+    grads = grads_of(loss, [x[n] for n in GRAD_NAMES])
+    return o, ht, dict(zip(GRAD_NAMES, grads))
+
+
+def _reference(x, output_final_state=True, scale=None):
+    """Float64 reference outputs and gradients for inputs x."""
+    r = _with_grad(x, torch.float64)
+    return _run(r, lambda r: reference.gated_linear_attn_ref(
+        r["q"], r["k"], r["v"], r["g"], r["gamma"], scale, r["h0"], output_final_state, r["cu"]),
+        output_final_state)
+
+
+def _errors(got, want):
+    (o, ht, dg), (o_r, ht_r, dg_r) = got, want
+    errs = {"o": rel_rms(o, o_r)}
+    assert o.dtype == o_r.dtype or o_r.dtype == torch.float64
+    assert (ht is None) == (ht_r is None)
+    if ht is not None:
+        assert ht.dtype == torch.float32 or ht_r.dtype == ht.dtype
+        errs["ht"] = rel_rms(ht, ht_r)
+    for n in GRAD_NAMES:
+        assert (dg[n] is None) == (dg_r[n] is None), n
+        if dg[n] is not None:
+            errs["d" + n] = rel_rms(dg[n], dg_r[n])
+    for name, t in [("o", o), ("ht", ht)] + [("d" + n, dg[n]) for n in GRAD_NAMES]:
+        if t is not None:
+            assert torch.isfinite(t).all(), f"{name}: non-finite values"
+    return errs
+
+
+def check(op, mode, B, T, H, K, V, lengths=None, h0=True, output_final_state=True,
+          low=-0.5, scale=None, tol=TOL, tols=None, seed=0):
+    x = _inputs(op, B, T, H, K, V, lengths, h0, low, seed=seed)
+    want = _reference(x, output_final_state, scale)
+    t = _with_grad(x)
+    with lo.use_backend("triton"):
+        got = _run(t, lambda t: _call(op, mode, t, output_final_state, scale), output_final_state)
+    errs = _errors(got, want)
+    bad = {n: e for n, e in errs.items() if e > (tols or {}).get(n, tol)}
+    assert not bad, f"relative RMS over {tol:g}: {bad} (all: {errs})"
+    return errs
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    nan_filled_empty(monkeypatch)
+
+
+@pytest.fixture(params=["single", "two"])
+def fwd_path(request, monkeypatch):
+    """Force the single-pass (Lightning-Attention-2) or the two-pass chunk form."""
+    monkeypatch.setenv("LIGHTNING_OPS_GLA_SINGLE_PASS", "1" if request.param == "single" else "0")
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk mode, both forward forms
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op,B,T,H,K,V", [
+    ("linear", 2, 70, 2, 16, 32),        # ragged second chunk, K != V
+    ("simple_g", 1, 130, 1, 20, 12),     # three chunks, non-power-of-two K and V
+    ("simple_both", 2, 33, 2, 16, 16),   # g + g_gamma, T < chunk
+    ("gla", 1, 70, 2, 20, 12),           # vector gates, ragged, non-power-of-two
+    ("gla", 1, 130, 1, 32, 16),          # vector gates over three chunks
+])
+def test_chunk(op, B, T, H, K, V, fwd_path, nan_empty):
+    check(op, "chunk", B, T, H, K, V)
+
+
+@pytest.mark.parametrize("op,B,T,H,K,V,kw", [
+    ("simple_gamma", 1, 100, 2, 16, 16, dict(h0=False)),
+    ("lightning", 2, 50, 1, 16, 24, dict(scale=0.3)),
+    ("linear", 1, 1, 1, 16, 16, {}),                            # T = 1
+    ("gla", 2, 1, 1, 16, 8, dict(output_final_state=False)),    # T = 1, no dht
+    ("gla", 1, 17, 1, 16, 16, dict(h0=False)),                  # T < chunk
+    ("simple_g", 1, 64, 1, 16, 16, dict(output_final_state=False)),  # T == chunk
+])
+def test_chunk_odd(op, B, T, H, K, V, kw, nan_empty):
+    check(op, "chunk", B, T, H, K, V, **kw)
+
+
+@pytest.mark.parametrize("op,lengths", [
+    ("gla", [1, 40, 0, 33, 1]),          # length-1 and empty segments, a chunk boundary crossed
+    ("simple_both", [65, 1, 9]),
+    ("linear", [1, 1, 70, 3]),
+])
+def test_chunk_varlen(op, lengths, fwd_path, nan_empty):
+    check(op, "chunk", 1, sum(lengths), 2, 20, 12, lengths=lengths)
+
+
+@pytest.mark.parametrize("op,T,K,V", [
+    ("gla", 3, 256, 256),
+    ("simple_g", 5, 128, 256),
+    ("linear", 4, 100, 200),
+])
+def test_chunk_large_head_dims(op, T, K, V, fwd_path, nan_empty):
+    check(op, "chunk", 1, T, 1, K, V)
+
+
+@pytest.mark.parametrize("op", ["gla", "simple_g"])
+def test_chunk_extreme_gates(op, nan_empty):
+    """Gates down to -20 per token: finite everywhere. dg gets a looser bound: chunk-local
+    cumulative gates reach ~-1300 in fp32 (ulp ~1e-4), and dg is a difference of such sums."""
+    check(op, "chunk", 1, 100, 1, 32, 32, low=-20.0, tols={"dg": 3e-5})
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrent (decode) mode
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("op,B,T,H,K,V,kw", [
+    ("gla", 1, 30, 2, 20, 12, dict(lengths=[1, 20, 0, 8, 1])),
+    ("simple_both", 2, 17, 2, 16, 24, {}),
+    ("simple_gamma", 1, 9, 1, 16, 16, dict(output_final_state=False)),
+    ("lightning", 1, 5, 2, 16, 16, dict(h0=False)),
+    ("linear", 2, 1, 1, 16, 200, {}),
+    ("simple_g", 1, 12, 1, 16, 16, dict(lengths=[1, 11])),
+    ("gla", 1, 3, 1, 256, 256, {}),
+    ("gla", 1, 40, 1, 16, 16, dict(low=-20.0)),
+])
+def test_recurrent(op, B, T, H, K, V, kw, nan_empty):
+    check(op, "recurrent", B, T, H, K, V, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Contract details
+# ---------------------------------------------------------------------------------------------
+def test_float64_inputs_compute_in_fp32():
+    """float64 inputs run in fp32 and come back as float64 (state included)."""
+    x = _inputs("gla", 1, 20, 1, 16, 16, dtype=torch.float64)
+    want = _reference(x)
+    with lo.use_backend("triton"):
+        got = _run(_with_grad(x), lambda t: _call("gla", "chunk", t))
+    assert got[0].dtype == torch.float64 and got[1].dtype == torch.float64
+    assert all(got[2][n].dtype == torch.float64 for n in GRAD_NAMES)
+    errs = _errors(got, want)
+    assert max(errs.values()) <= TOL, errs
+
+
+def test_deterministic():
+    x = _inputs("gla", 1, 70, 1, 16, 16, lengths=[30, 40])
+    outs = []
+    for _ in range(2):
+        with lo.use_backend("triton"):
+            o, ht, grads = _run(_with_grad(x), lambda t: _call("gla", "chunk", t))
+        outs.append([o, ht] + [grads[n] for n in GRAD_NAMES])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_low_precision_initial_state():
+    """initial_state in bf16 is used as fp32; dh0 comes back in its dtype."""
+    x = _inputs("simple_g", 1, 10, 1, 16, 16)
+    x["h0"] = x["h0"].to(torch.bfloat16)
+    want = _reference(x)
+    with lo.use_backend("triton"):
+        got = _run(_with_grad(x), lambda t: _call("simple_g", "chunk", t))
+    assert got[2]["h0"].dtype == torch.bfloat16
+    got[2]["h0"] = got[2]["h0"].float()
+    errs = _errors(got, want)
+    errs.pop("dh0")  # rounded to bf16 on the way out
+    assert max(errs.values()) <= TOL, errs
+
+
+def test_chunk_tables():
+    """Varlen chunk tables: built with torch ops, sized by an upper bound, slack ids masked."""
+    from lightning_ops.triton_utils import ChunkMeta
+    cu = cu_seqlens_from_lengths([1, 64, 0, 65, 3])
+    m = ChunkMeta(cu, 1, 133, 64)
+    assert m.offsets.tolist() == [0, 1, 2, 2, 4, 5]
+    assert m.grid_t == 3 + 5
+    real = [tuple(r) for r in m.indices.tolist()[:5]]
+    assert real == [(0, 0), (1, 0), (3, 0), (3, 1), (4, 0)]
+    # slack ids point past the end of the last sequence (all their rows masked)
+    assert all(n == 4 and c >= 1 for n, c in m.indices.tolist()[5:])
+
+
+def test_compile_fullgraph_interpreter():
+    """torch.compile(fullgraph=True) traces the triton path (custom ops); on CPU the aot_eager
+    backend (inductor also works here but spends ~1 min compiling C++ on the CPU)."""
+    x = _inputs("gla", 1, 20, 1, 16, 16)
+
+    def f(q, k, v, g, h0):
+        with lo.use_backend("triton"):
+            o, ht = lo.chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True)
+        return o, ht
+
+    backend = "inductor" if DEV == "cuda" else "aot_eager"
+    cf = torch.compile(f, fullgraph=True, backend=backend)
+    eager = _run(_with_grad(x), lambda t: f(t["q"], t["k"], t["v"], t["g"], t["h0"]))
+    comp = _run(_with_grad(x), lambda t: cf(t["q"], t["k"], t["v"], t["g"], t["h0"]))
+    assert torch.equal(eager[0], comp[0]) and torch.equal(eager[1], comp[1])
+    for n in GRAD_NAMES:
+        if eager[2][n] is not None:
+            assert torch.equal(eager[2][n], comp[2][n]), n
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("path", ["single", "two"])
+def test_gpu_fp32(op, path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_OPS_GLA_SINGLE_PASS", "1" if path == "single" else "0")
+    nan_filled_empty(monkeypatch)
+    check(op, "chunk", 2, 300, 2, 128, 64, lengths=None)
+    check(op, "chunk", 1, 300, 2, 64, 100, lengths=[1, 130, 0, 169])
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("op", ["gla", "simple_both"])
+def test_gpu_recurrent_fp32(op):
+    check(op, "recurrent", 2, 64, 2, 128, 128)
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op,mode,path", [
+    ("gla", "chunk", "single"), ("gla", "chunk", "two"), ("simple_both", "chunk", "single"),
+    ("simple_g", "chunk", "two"), ("linear", "chunk", "two"), ("gla", "recurrent", None),
+])
+def test_gpu_low_precision_parity(op, mode, path, dtype, monkeypatch):
+    """Against the fp32-input float64 truth, the triton path in bf16/fp16 is within 2x of the
+    reference run on the same low-precision inputs (plain PyTorch in that dtype)."""
+    if path is not None:
+        monkeypatch.setenv("LIGHTNING_OPS_GLA_SINGLE_PASS", "1" if path == "single" else "0")
+    x = _inputs(op, 2, 200, 2, 64, 64, device="cuda")
+    truth = _reference(x)
+    low = _with_grad(x, dtype)
+
+    def ref_low(t):
+        return reference.gated_linear_attn_ref(t["q"], t["k"], t["v"], t["g"], t["gamma"], None,
+                                               t["h0"], True, t["cu"])
+
+    base = _errors(_run(low, ref_low), truth)
+    with lo.use_backend("triton"):
+        ours = _errors(_run(_with_grad(x, dtype), lambda t: _call(op, mode, t)), truth)
+    bad = {n: (e, base[n]) for n, e in ours.items() if e > 2 * base[n]}
+    assert not bad, f"(ours, plain {dtype}) over 2x: {bad}"
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("op", ["gla", "simple_both"])
+def test_gpu_compile_fullgraph(op):
+    x = _inputs(op, 2, 256, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
+
+    def f(t):
+        with lo.use_backend("triton"):
+            return _call(op, "chunk", t)
+
+    cf = torch.compile(f, fullgraph=True)
+    eager = _run(_with_grad(x), f)
+    comp = _run(_with_grad(x), cf)
+    assert torch.equal(eager[0], comp[0]) and torch.equal(eager[1], comp[1])
+    for n in GRAD_NAMES:
+        if eager[2][n] is not None:
+            assert torch.equal(eager[2][n], comp[2][n]), n
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("op", ["gla", "simple_g"])
+def test_gpu_long_extreme_gates_finite(op):
+    """Gates down to -20 per token over 8K tokens: outputs and gradients stay finite."""
+    x = _inputs(op, 1, 8192, 2, 64, 64, low=-20.0, device="cuda", dtype=torch.bfloat16)
+    with lo.use_backend("triton"):
+        o, ht, grads = _run(_with_grad(x), lambda t: _call(op, "chunk", t))
+    for t in [o, ht] + [grads[n] for n in GRAD_NAMES if grads[n] is not None]:
+        assert torch.isfinite(t).all()
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_varlen_no_host_sync():
+    """Varlen forward + backward with CUDA sync debugging set to error on any host sync."""
+    x = _inputs("gla", 1, 300, 2, 64, 64, lengths=[1, 130, 0, 169], device="cuda",
+                dtype=torch.bfloat16)
+    t = _with_grad(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with lo.use_backend("triton"):
+            o, ht = _call("gla", "chunk", t)
+            (o.float().sum() + ht.sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_deterministic():
+    x = _inputs("gla", 2, 1000, 4, 128, 128, device="cuda", dtype=torch.bfloat16,
+                lengths=None)
+    outs = []
+    for _ in range(2):
+        with lo.use_backend("triton"):
+            o, ht, grads = _run(_with_grad(x), lambda t: _call("gla", "chunk", t))
+        outs.append([o, ht] + [grads[n] for n in GRAD_NAMES if grads[n] is not None])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
