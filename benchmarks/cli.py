@@ -216,17 +216,25 @@ class Runner:
     def predict(self, case: Case) -> Optional[float]:
         """Seconds one call will take. From smaller T of the same (op, provider, mode):
         t * (T / T0)^p, p fitted on the last two sizes and clamped to [1, 2], p = 2 from one size
-        (conservative: the reference's autograd backward is quadratic in T). Else, from the
-        forward at this T: bwd ~ 2x, fwd+bwd ~ 3x the forward."""
+        (conservative) unless the forward's growth is known. Else, from the forward at this T:
+        bwd ~ 2x, fwd+bwd ~ 3x the forward."""
+        def exponent(h) -> Optional[float]:
+            if len(h) >= 2:
+                (T0, t0), (T1, t1) = h[-2], h[-1]
+                if T1 > T0 and t0 > 0 and t1 > 0:
+                    return min(2.0, max(1.0, math.log(t1 / t0) / math.log(T1 / T0)))
+            return None
+
         h = [x for x in self.history.get(self._hkey(case), []) if x[0] <= case.cfg.T]
         if h:
             (T1, t1) = h[-1]
-            p = 2.0
-            if len(h) >= 2:
-                (T0, t0) = h[-2]
-                if T1 > T0 and t0 > 0 and t1 > 0:
-                    p = min(2.0, max(1.0, math.log(t1 / t0) / math.log(T1 / T0)))
-            return t1 * (case.cfg.T / T1) ** p
+            p = exponent(h)
+            if p is None and case.provider != "reference":
+                # one size of this mode: borrow the forward's growth (our ops' backward is
+                # Python-level code the time limit can still stop, unlike the reference's)
+                p = exponent([x for x in self.history.get(self._hkey(case, "fwd"), [])
+                              if x[0] <= case.cfg.T])
+            return t1 * (case.cfg.T / T1) ** (2.0 if p is None else p)
         if case.mode != "fwd":
             f = dict(self.history.get(self._hkey(case, "fwd"), []))
             if case.cfg.T in f:
@@ -291,6 +299,8 @@ class Runner:
         if limit <= 1:
             return self._result(case, status="skipped", note="out of the run's time budget")
         isolate = case.provider == "reference"
+        if isolate:  # it may well run to its limit: leave half the time to the cases after it
+            limit = min(limit, max(self.remaining() / 2, 1.0))
         pred = self.predict(case)
         # what the case needs at least: one call when slow (or isolated), else warm-up + 1 rep
         need = None if pred is None else (
@@ -418,7 +428,8 @@ def _run(args, s, device, out, log, t_start) -> int:
     log(f"lightning_ops benchmarks: suite={s.name} device={info['device']} torch={info['torch']} "
         f"triton={info['triton']} rev={info['git_rev']} date={info['date']}")
     log(f"config: B={s.base.B} H={s.base.H} K={s.base.K} V={s.base.V} T={Ts} modes={modes} "
-        f"dtypes={dtypes}" + ("" if args.T else f" + extras {list(s.extra)}" if s.extra else ""))
+        f"dtypes={dtypes}" + ("" if args.T or not s.extra else " + " + ", ".join(
+            f"{op} {p} T={T}{' ' + '/'.join(ms) if ms else ''}" for op, p, T, ms in s.extra)))
     if device.type == "cpu" and torch.cuda.is_available() and not args.device:
         log("(a CUDA device is present: `--gpu-suite` benchmarks it)")
     peaks = None

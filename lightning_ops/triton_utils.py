@@ -1,6 +1,9 @@
 """Generic Triton helpers shared by the kernel families: launch-side chunk tables for packed
-sequences (built on the device, no host sync), dtype plumbing for tl.dot, and small @triton.jit
-helpers for sequence bounds and [tokens, H, D] tiles with 64-bit offsets."""
+sequences (built on the device, no host sync), dtype plumbing for tl.dot, and @triton.jit helpers
+for sequence and chunk bounds (token offsets in int64).
+
+Interpreter note: every call of a @triton.jit helper re-patches triton.language (~1 ms under
+TRITON_INTERPRET=1), so hot loops should inline small helpers such as pointer arithmetic."""
 from __future__ import annotations
 
 import functools
@@ -53,9 +56,9 @@ class ChunkMeta:
     """Where the chunks of a (possibly packed) batch live.
 
     Unpacked (cu_seqlens None): sequence n = batch row n, NT = cdiv(T, C) chunks each, chunk
-    (n, c) has global id n * NT + c. Packed: chunk_offsets[n] is the global id of the first chunk
-    of sequence n and chunk_indices[i] = (n, c) for global chunk i. Both are built with torch ops on
-    the device; the grid is sized by the upper bound cdiv(T, C) + N, and ids past the real count
+    (n, c) has global id n * NT + c. Packed: offsets[n] is the global id of the first chunk of
+    sequence n and indices[i] = (n, c) for global chunk i. Both are built with torch ops on the
+    device; the grid is sized by the upper bound cdiv(T, C) + N, and ids past the real count
     point past the end of the last sequence, so their programs mask every load and store."""
 
     def __init__(self, cu_seqlens: Optional[Tensor], B: int, T: int, C: int):
@@ -108,15 +111,3 @@ def chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN: tl.cons
         gid = i_b.to(tl.int64) * NT + i_t
     bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
     return i_n, i_c, gid, bos, T_n
-
-
-@triton.jit
-def tile_ptrs(base, tok, i_h, H: tl.constexpr, D: tl.constexpr, o_d):
-    """Pointers to rows `tok` (int64 token ids) x columns o_d of a [tokens, H, D] tensor, head i_h."""
-    return base + (tok * H + i_h)[:, None] * D + o_d[None, :]
-
-
-@triton.jit
-def row_ptrs(base, tok, i_h, H: tl.constexpr, D: tl.constexpr, o_d):
-    """Pointers to one row (scalar int64 token id) of a [tokens, H, D] tensor, head i_h."""
-    return base + (tok * H + i_h) * D + o_d

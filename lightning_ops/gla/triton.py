@@ -117,8 +117,8 @@ def _scores(x: Tensor, y: Tensor, gc: Optional[Tensor], scale: float, meta: Chun
     DT, _, PREC = dot_config(x.dtype)
     chunk_scores_kernel[(meta.grid_t, C // BC, B * H)](
         x, y, gc, A, _cu(meta), meta.indices, scale, T, meta.NT,
-        H=H, D=D, C=C, BC=BC, BD=min(32 if gated else 64, next_pow2(D)), GATED=gated, IS_VARLEN=meta.is_varlen,
-        DT=DT, PREC=PREC)
+        H=H, D=D, C=C, BC=BC, BD=min(32 if gated else 64, next_pow2(D)), GATED=gated,
+        IS_VARLEN=meta.is_varlen, DT=DT, PREC=PREC)
     return A
 
 
@@ -341,7 +341,8 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dh
         dg = None if g is None else torch.zeros_like(g)
         dh0 = None
         if h0 is not None:
-            dh0 = dht.float().clone() if dht is not None else torch.zeros_like(h0, dtype=torch.float32)
+            dh0 = (dht.float().clone() if dht is not None else
+                   torch.zeros_like(h0, dtype=torch.float32))
     else:
         run = _chunk_backward if mode == "chunk" else _recurrent_backward
         dq, dk, dv, dg, dh0 = run(q, k, v, g, g_gamma, float(scale), h0, cu_seqlens, do, dht)

@@ -6,29 +6,33 @@ One engine for every gate kind, picked by the constexpr GATE:
 G below is the chunk-local inclusive cumulative log decay of a row, G_L that of the chunk's last
 valid row, h_c the state before chunk c, dh_c the gradient of the state after chunk c.
 
-Math of one chunk (rows t, s; A_ts = scale * sum_k q_tk k_sk exp(G_tk - G_sk) for s <= t):
-  o_t       = scale * (q_t * e^{G_t}) h_c + sum_{s<=t} A_ts v_s
-  h_{c+1}   = e^{G_L} h_c + sum_s (k_s * e^{G_L - G_s}) v_s^T
-  dh_{c-1}  = e^{G_L} dh_c + scale * sum_t (q_t * e^{G_t}) do_t^T
-  dv_s      = (k_s * e^{G_L - G_s}) dh_c + sum_{t>=s} A_ts do_t
-  dq_t      = scale * (do_t h_c^T) * e^{G_t} + sum_{s<=t} dA_ts k_s e^{G_t - G_s},  dA_ts = scale do_t.v_s
-  dk_s      = (v_s dh_c^T) * e^{G_L - G_s} + sum_{t>=s} dA_ts q_t e^{G_t - G_s}
-  dg_t      = sum_{t'>=t in chunk} (q dq - k dk)_t' + e^{G_L} rowsum(h_c * dh_c) + sum_s k_s dk_s^inter
-Every exponent is <= 0: decays are taken relative to a later row. The vector-gate scores, which
-need e^{G_t - G_s} per channel inside a matmul, are tiled in BC-row sub-chunks; a pair of
-sub-chunks is factored through a row between them (exponents <= 0 on both sides) and the
-diagonal sub-chunks are summed elementwise.
+Math of one chunk (rows t, s; A_ts = scale sum_k q_tk k_sk e^{G_tk - G_sk} for s <= t,
+dA_ts = scale do_t . v_s for s <= t):
+  o_t      = scale (q_t e^{G_t}) h_c + sum_{s<=t} A_ts v_s
+  h_{c+1}  = e^{G_L} h_c + sum_s (k_s e^{G_L - G_s}) v_s^T
+  dh_{c-1} = e^{G_L} dh_c + scale sum_t (q_t e^{G_t}) do_t^T
+  dv_s     = (k_s e^{G_L - G_s}) dh_c + sum_{t>=s} A_ts do_t
+  dq_t     = scale (do_t h_c^T) e^{G_t} + sum_{s<=t} dA_ts k_s e^{G_t - G_s}
+  dk_s     = (v_s dh_c^T) e^{G_L - G_s} + sum_{t>=s} dA_ts q_t e^{G_t - G_s}
+  dg_t     = sum_{t'>=t in chunk} (q dq - k dk)_t' + e^{G_L} rowsum(h_c dh_c) + sum_s k_s dk_s^inter
+(summed over K for scalar gates). Every exponent is <= 0: decays are taken relative to a later
+row. The vector-gate scores, which need e^{G_t - G_s} per channel inside a matmul, are tiled in
+BC-row sub-chunks: earlier sub-chunks are factored through a row between them (exponents <= 0
+on both sides), the diagonal sub-chunk is summed elementwise.
 
-The same state kernel walks chunks forward (h) or backward (dh, REV) and may fuse the per-chunk
-output (o forward: the single-pass Lightning-Attention-2 form; dv backward); chunk_out_kernel
-is the chunk-parallel output for the two-pass form.
+The state kernel walks chunks forward (h) or backward (dh, REV) and may fuse the per-chunk
+output into the walk (o forward: the single-pass Lightning-Attention-2 form; dv backward);
+chunk_out_kernel is the chunk-parallel output of the two-pass form.
+
+Pointers: rows are token ids (int64, from bos) times H plus the head, times the row length; each
+kernel forms its row offsets once (rk = (tok * H + i_h) * K etc.).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ..triton_utils import chunk_program, row_ptrs, seq_bounds, tile_ptrs
+from ..triton_utils import chunk_program, seq_bounds
 
 
 @triton.jit
@@ -37,19 +41,19 @@ def _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k,
     """(G, G_L) of the chunk starting at local row r0: scalar gates give G [C] and a scalar G_L,
     vector gates G [C, BK] and G_L [BK] for columns o_k; GATE 0 gives zeros."""
     last = tl.minimum(T_n - r0, C) - 1
-    has_last = last >= 0
     tok_last = bos + r0 + tl.maximum(last, 0)
     if GATE == 1:
         G = tl.load(gc + (bos + r0 + o_t) * H + i_h, mask=m_t, other=0.)
-        G_L = tl.load(gc + tok_last * H + i_h, mask=has_last, other=0.)
+        G_L = tl.load(gc + tok_last * H + i_h, mask=last >= 0, other=0.)
     elif GATE == 2:
         gm = tl.load(gamma + i_h).to(tl.float32)
         G = gm * (o_t + 1).to(tl.float32)
         G_L = gm * (last + 1).to(tl.float32)
     elif GATE == 3:
-        G = tl.load(tile_ptrs(gc, bos + r0 + o_t, i_h, H, K, o_k),
-                    mask=m_t[:, None] & m_k[None, :], other=0.)
-        G_L = tl.load(row_ptrs(gc, tok_last, i_h, H, K, o_k), mask=m_k & (o_k * 0 + last >= 0),
+        rk = ((bos + r0 + o_t) * H + i_h) * K
+        G = tl.load(gc + rk[:, None] + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
+        # (vector & scalar masks are rejected by the interpreter: compare a vector)
+        G_L = tl.load(gc + (tok_last * H + i_h) * K + o_k, mask=m_k & (o_k * 0 + last >= 0),
                       other=0.)
     else:
         G = tl.zeros([C], dtype=tl.float32)
@@ -60,19 +64,19 @@ def _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k,
 @triton.jit
 def _row_decay(G, G_L, m_t, FROM_LAST: tl.constexpr, GATE: tl.constexpr):
     """Per-row factor broadcastable to [C, BK]: e^{G_L - G} (FROM_LAST) or e^{G}; 0 on rows past
-    the sequence end (where the exponent is meaningless and could overflow)."""
+    the sequence end (their exponent is meaningless and could overflow, so it is not taken)."""
     if GATE == 3:
         if FROM_LAST:
             e = G_L[None, :] - G
         else:
             e = G
-        f = tl.where(m_t[:, None], tl.exp(e), 0.)
+        f = tl.where(m_t[:, None], tl.exp(tl.where(m_t[:, None], e, 0.)), 0.)
     else:
         if FROM_LAST:
             e = G_L - G
         else:
             e = G
-        f = tl.where(m_t, tl.exp(e), 0.)[:, None]
+        f = tl.where(m_t, tl.exp(tl.where(m_t, e, 0.)), 0.)[:, None]
     return f
 
 
@@ -96,17 +100,18 @@ def _intra_mask(Sraw, G, m_t, o_t, scale, REV: tl.constexpr, GATE: tl.constexpr)
 @triton.jit
 def _load_A(A, tok, i_h, m_t, o_t, H: tl.constexpr, C: tl.constexpr, REV: tl.constexpr):
     """The precomputed vector-gate scores of a chunk, A[t, s] (or its transpose for REV); only
-    the causal part is read (the upper sub-chunk blocks are never written)."""
+    the causal part is read (the rest is never written)."""
+    rc = (tok * H + i_h) * C
     if REV:
         keep = (o_t[None, :] >= o_t[:, None]) & m_t[:, None] & m_t[None, :]
-        p = A + (tok[None, :] * H + i_h) * C + o_t[:, None]
+        p = A + rc[None, :] + o_t[:, None]
     else:
         keep = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
-        p = A + (tok[:, None] * H + i_h) * C + o_t[None, :]
+        p = A + rc[:, None] + o_t[None, :]
     return tl.load(p, mask=keep, other=0.)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NT"])
 def chunk_cumsum_kernel(g, gamma, gc, cu_seqlens, chunk_indices, T, NT,
                         H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
                         HAS_GAMMA: tl.constexpr, IS_VARLEN: tl.constexpr):
@@ -116,16 +121,15 @@ def chunk_cumsum_kernel(g, gamma, gc, cu_seqlens, chunk_indices, T, NT,
     i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
     o_t = tl.arange(0, C)
     o_d = i_d * BD + tl.arange(0, BD)
-    m_t = (i_c * C + o_t) < T_n
-    mask = m_t[:, None] & (o_d < D)[None, :]
-    tok = bos + i_c * C + o_t
-    x = tl.load(tile_ptrs(g, tok, i_h, H, D, o_d), mask=mask, other=0.).to(tl.float32)
+    mask = ((i_c * C + o_t) < T_n)[:, None] & (o_d < D)[None, :]
+    p = ((bos + i_c * C + o_t) * H + i_h)[:, None] * D + o_d[None, :]
+    x = tl.load(g + p, mask=mask, other=0.).to(tl.float32)
     if HAS_GAMMA:
         x += tl.load(gamma + i_h).to(tl.float32)
-    tl.store(tile_ptrs(gc, tok, i_h, H, D, o_d), tl.cumsum(x, axis=0), mask=mask)
+    tl.store(gc + p, tl.cumsum(x, axis=0), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def seq_revcumsum_kernel(x, add, out, cu_seqlens, T,
                          H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                          HAS_ADD: tl.constexpr, IS_VARLEN: tl.constexpr):
@@ -143,15 +147,15 @@ def seq_revcumsum_kernel(x, add, out, cu_seqlens, T,
     n_b = tl.cdiv(T_n, BT)
     for j in range(0, n_b):
         r0 = (n_b - 1 - j) * BT
-        tok = bos + r0 + o_t
         mask = ((r0 + o_t) < T_n)[:, None] & m_d[None, :]
-        xt = tl.load(tile_ptrs(x, tok, i_h, H, D, o_d), mask=mask, other=0.)
+        p = ((bos + r0 + o_t) * H + i_h)[:, None] * D + o_d[None, :]
+        xt = tl.load(x + p, mask=mask, other=0.)
         y = tl.cumsum(xt, axis=0, reverse=True) + carry[None, :]
-        tl.store(tile_ptrs(out, tok, i_h, H, D, o_d), y.to(out.dtype.element_ty), mask=mask)
+        tl.store(out + p, y.to(out.dtype.element_ty), mask=mask)
         carry += tl.sum(xt, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NT"])
 def chunk_state_kernel(
     x, y, z, gc, gamma, A, hs, h0, ht, out,
     cu_seqlens, chunk_offsets, scale, T, NT,
@@ -200,11 +204,13 @@ def chunk_state_kernel(
         m_t = (r0 + o_t) < T_n
         m_tk = m_t[:, None] & m_k[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        xt = tl.load(tile_ptrs(x, tok, i_h, H, K, o_k), mask=m_tk, other=0.).to(tl.float32)
-        yt = tl.load(tile_ptrs(y, tok, i_h, H, V, o_v), mask=m_tv, other=0.).to(tl.float32)
+        rk = ((tok * H + i_h) * K)[:, None] + o_k[None, :]
+        rv = ((tok * H + i_h) * V)[:, None] + o_v[None, :]
+        xt = tl.load(x + rk, mask=m_tk, other=0.).to(tl.float32)
+        yt = tl.load(y + rv, mask=m_tv, other=0.).to(tl.float32)
         G, G_L = _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k, H, K, C, GATE)
         if FUSE_OUT:
-            zt = tl.load(tile_ptrs(z, tok, i_h, H, K, o_k), mask=m_tk, other=0.).to(tl.float32)
+            zt = tl.load(z + rk, mask=m_tk, other=0.).to(tl.float32)
             if GATE == 0:
                 zs = zt
             else:
@@ -218,8 +224,7 @@ def chunk_state_kernel(
                 Sraw = tl.dot(zt.to(DT), tl.trans(xt).to(DT), input_precision=PREC)
                 M = _intra_mask(Sraw, G, m_t, o_t, scale, REV, GATE)
             acc += tl.dot(M.to(DT), yt.to(DT), input_precision=PREC)
-            tl.store(tile_ptrs(out, tok, i_h, H, V, o_v), acc.to(out.dtype.element_ty),
-                     mask=m_tv)
+            tl.store(out + rv, acc.to(out.dtype.element_ty), mask=m_tv)
         if GATE == 0:
             xs = xt
         else:
@@ -239,7 +244,7 @@ def chunk_state_kernel(
         tl.store(ht + head + kv, S.to(ht.dtype.element_ty), mask=m_kv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NT"])
 def chunk_out_kernel(
     z, x, y, gc, gamma, A, hs, out,
     cu_seqlens, chunk_indices, scale, T, NT,
@@ -260,6 +265,8 @@ def chunk_out_kernel(
     tok = bos + r0 + o_t
     m_t = (r0 + o_t) < T_n
     m_tv = m_t[:, None] & m_v[None, :]
+    rk = (tok * H + i_h) * K
+    rv = ((tok * H + i_h) * V)[:, None] + o_v[None, :]
     state = hs + (gid * H + i_h) * K * V
     if GATE != 3:
         o_k0 = tl.arange(0, BK)
@@ -270,7 +277,7 @@ def chunk_out_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        zt = tl.load(tile_ptrs(z, tok, i_h, H, K, o_k), mask=m_tk, other=0.).to(tl.float32)
+        zt = tl.load(z + rk[:, None] + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
         Sb = tl.load(state + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
                      other=0.).to(tl.float32)
         if GATE == 3:
@@ -278,7 +285,7 @@ def chunk_out_kernel(
             zs = zt * _row_decay(Gk, GkL, m_t, REV, GATE)
         else:
             zs = zt
-            xt = tl.load(tile_ptrs(x, tok, i_h, H, K, o_k), mask=m_tk, other=0.).to(tl.float32)
+            xt = tl.load(x + rk[:, None] + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
             Sraw += tl.dot(zt.to(DT), tl.trans(xt).to(DT), input_precision=PREC)
         acc += tl.dot(zs.to(DT_S), Sb.to(DT_S), input_precision=PREC)
     if GATE == 1 or GATE == 2:
@@ -289,12 +296,12 @@ def chunk_out_kernel(
         M = _load_A(A, tok, i_h, m_t, o_t, H, C, REV)
     else:
         M = _intra_mask(Sraw, G, m_t, o_t, scale, REV, GATE)
-    yt = tl.load(tile_ptrs(y, tok, i_h, H, V, o_v), mask=m_tv, other=0.).to(tl.float32)
+    yt = tl.load(y + rv, mask=m_tv, other=0.).to(tl.float32)
     acc += tl.dot(M.to(DT), yt.to(DT), input_precision=PREC)
-    tl.store(tile_ptrs(out, tok, i_h, H, V, o_v), acc.to(out.dtype.element_ty), mask=m_tv)
+    tl.store(out + rv, acc.to(out.dtype.element_ty), mask=m_tv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NT"])
 def chunk_scores_kernel(
     x, y, gc, A, cu_seqlens, chunk_indices, scale, T, NT,
     H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
@@ -313,28 +320,29 @@ def chunk_scores_kernel(
     o_C = tl.arange(0, C)
     rn = i_c * C + i_i * BC  # first row of sub-chunk i
     if rn < T_n:  # a sub-chunk past the sequence end has nothing to write
-        ri = rn + o_c
-        m_i = ri < T_n
-        tok_i = bos + ri
-        before = (o_C < i_i * BC) & ((i_c * C + o_C) < T_n)  # chunk rows of earlier sub-chunks
-        tok_c = bos + i_c * C + o_C
+        m_i = (rn + o_c) < T_n
+        ri = (bos + rn + o_c) * H + i_h                   # rows of sub-chunk i
+        rc = (bos + i_c * C + o_C) * H + i_h              # rows of the whole chunk
+        before = (o_C < i_i * BC) & ((i_c * C + o_C) < T_n)  # rows of earlier sub-chunks
         acc = tl.zeros([BC, C], dtype=tl.float32)
         accd = tl.zeros([BC, BC], dtype=tl.float32)
         for i_d in range(0, tl.cdiv(D, BD)):
             o_d = i_d * BD + tl.arange(0, BD)
             m_d = o_d < D
             m_id = m_i[:, None] & m_d[None, :]
-            xi = tl.load(tile_ptrs(x, tok_i, i_h, H, D, o_d), mask=m_id, other=0.).to(tl.float32)
-            yi = tl.load(tile_ptrs(y, tok_i, i_h, H, D, o_d), mask=m_id, other=0.).to(tl.float32)
+            pi = ri[:, None] * D + o_d[None, :]
+            xi = tl.load(x + pi, mask=m_id, other=0.).to(tl.float32)
+            yi = tl.load(y + pi, mask=m_id, other=0.).to(tl.float32)
             if GATED:
-                Gi = tl.load(tile_ptrs(gc, tok_i, i_h, H, D, o_d), mask=m_id, other=0.)
+                Gi = tl.load(gc + pi, mask=m_id, other=0.)
                 if i_i > 0:
                     m_cd = before[:, None] & m_d[None, :]
-                    Gn = tl.load(row_ptrs(gc, bos + rn, i_h, H, D, o_d), mask=m_d, other=0.)
-                    yc = tl.load(tile_ptrs(y, tok_c, i_h, H, D, o_d), mask=m_cd, other=0.)
-                    Gc = tl.load(tile_ptrs(gc, tok_c, i_h, H, D, o_d), mask=m_cd, other=0.)
-                    ys = yc.to(tl.float32) * tl.where(before[:, None], tl.exp(Gn[None, :] - Gc), 0.)
-                    xs = xi * tl.where(m_i[:, None], tl.exp(Gi - Gn[None, :]), 0.)
+                    pc = rc[:, None] * D + o_d[None, :]
+                    Gn = tl.load(gc + ((bos + rn) * H + i_h) * D + o_d, mask=m_d, other=0.)
+                    yc = tl.load(y + pc, mask=m_cd, other=0.).to(tl.float32)
+                    Gc = tl.load(gc + pc, mask=m_cd, other=0.)
+                    ys = yc * tl.where(before[:, None], tl.exp(Gn[None, :] - Gc), 0.)
+                    xs = xi * tl.exp(tl.where(m_i[:, None], Gi - Gn[None, :], float("-inf")))
                     acc += tl.dot(xs.to(DT), tl.trans(ys).to(DT), input_precision=PREC)
                 # [t, s, d] products with e^{G_t - G_s} for s <= t only (the others would grow)
                 keep = (o_c[:, None] >= o_c[None, :]) & m_i[:, None] & m_i[None, :]
@@ -342,14 +350,15 @@ def chunk_scores_kernel(
                 accd += tl.sum(xi[:, None, :] * yi[None, :, :] * tl.exp(e), axis=2)
             else:
                 accd += tl.dot(xi.to(DT), tl.trans(yi).to(DT), input_precision=PREC)
-        rows = A + (tok_i * H + i_h) * C
+        rows = A + ri * C
         if GATED:
-            tl.store(rows[:, None] + o_C[None, :], acc * scale, mask=m_i[:, None] & before[None, :])
+            tl.store(rows[:, None] + o_C[None, :], acc * scale,
+                     mask=m_i[:, None] & before[None, :])
         accd = tl.where(o_c[:, None] >= o_c[None, :], accd, 0.)
         tl.store(rows[:, None] + i_i * BC + o_c[None, :], accd * scale, mask=m_i[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NT"])
 def chunk_intra_grad_kernel(
     q, k, gc, dA, dq, dk, cu_seqlens, chunk_indices, T, NT,
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
@@ -359,7 +368,9 @@ def chunk_intra_grad_kernel(
     batch x head), fp32 out:
       dq_t = sum_{s<t} dA_ts k_s e^{G_t - G_s},  dk_s = sum_{t>s} dA_ts q_t e^{G_t - G_s}.
     Earlier sub-chunks enter dq through the first row of i, later ones dk through the last
-    valid row of i (exponents <= 0 on both sides); the diagonal sub-chunk elementwise."""
+    valid row of i (exponents <= 0 on both sides); the diagonal sub-chunk elementwise. The s == t
+    term (dA_tt k_t in dq, dA_tt q_t in dk) is added by chunk_dqkg_kernel after dg is formed
+    without it: it cancels exactly in q dq - k dk and would only add rounding error there."""
     NC: tl.constexpr = C // BC
     i_k, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, i_i = i_tc // NC, i_tc % NC
@@ -368,64 +379,56 @@ def chunk_intra_grad_kernel(
     o_c = tl.arange(0, BC)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
-    r0 = i_c * C + i_i * BC
-    ri = r0 + o_c
-    m_i = ri < T_n
-    tok_i = bos + ri
-    m_ik = m_i[:, None] & m_k[None, :]
+    r0 = i_c * C + i_i * BC  # first row of sub-chunk i
     if r0 < T_n:  # a sub-chunk past the sequence end has nothing to write
-        Gi = tl.load(tile_ptrs(gc, tok_i, i_h, H, K, o_k), mask=m_ik, other=0.)
-        dA_i = dA + (tok_i * H + i_h) * C   # row pointers of dA for the rows of sub-chunk i
+        m_i = (r0 + o_c) < T_n
+        ri = (bos + r0 + o_c) * H + i_h
+        m_ik = m_i[:, None] & m_k[None, :]
+        pi = ri[:, None] * K + o_k[None, :]
+        Gi = tl.load(gc + pi, mask=m_ik, other=0.)
+        dA_i = dA + ri * C  # dA rows of sub-chunk i
 
         dq_acc = tl.zeros([BC, BK], dtype=tl.float32)
-        Gn = tl.load(row_ptrs(gc, bos + r0, i_h, H, K, o_k), mask=m_k, other=0.)
-        for j in range(0, i_i):
-            rj = i_c * C + j * BC + o_c
-            m_j = rj < T_n
-            kj = tl.load(tile_ptrs(k, bos + rj, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
-                         other=0.).to(tl.float32)
-            Gj = tl.load(tile_ptrs(gc, bos + rj, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
-                         other=0.)
-            dAij = tl.load(dA_i[:, None] + j * BC + o_c[None, :], mask=m_i[:, None] & m_j[None, :],
-                           other=0.)
-            kj = kj * tl.where(m_j[:, None], tl.exp(Gn[None, :] - Gj), 0.)
+        Gn = tl.load(gc + ((bos + r0) * H + i_h) * K + o_k, mask=m_k, other=0.)
+        for j in range(0, i_i):  # earlier sub-chunks: all rows valid
+            pj = ((bos + i_c * C + j * BC + o_c) * H + i_h)[:, None] * K + o_k[None, :]
+            kj = tl.load(k + pj, mask=m_k[None, :], other=0.).to(tl.float32)
+            Gj = tl.load(gc + pj, mask=m_k[None, :], other=0.)
+            dAij = tl.load(dA_i[:, None] + j * BC + o_c[None, :], mask=m_i[:, None], other=0.)
+            kj = kj * tl.exp(Gn[None, :] - Gj)
             dq_acc += tl.dot(dAij.to(DT), kj.to(DT), input_precision=PREC)
-        dq_acc *= tl.where(m_i[:, None], tl.exp(Gi - Gn[None, :]), 0.)
+        dq_acc *= tl.exp(tl.where(m_i[:, None], Gi - Gn[None, :], float("-inf")))
+
         dk_acc = tl.zeros([BC, BK], dtype=tl.float32)
-        rm = tl.minimum(r0 + BC, T_n) - 1
-        Gm = tl.load(row_ptrs(gc, bos + tl.maximum(rm, 0), i_h, H, K, o_k),
-                     mask=m_k & (o_k * 0 + rm >= r0), other=0.)
+        rm = tl.minimum(r0 + BC, T_n) - 1  # last valid row of sub-chunk i
+        Gm = tl.load(gc + ((bos + rm) * H + i_h) * K + o_k, mask=m_k, other=0.)
         for j in range(i_i + 1, NC):
-            rj = i_c * C + j * BC + o_c
-            m_j = rj < T_n
-            tok_j = bos + rj
-            qj = tl.load(tile_ptrs(q, tok_j, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
-                         other=0.).to(tl.float32)
-            Gj = tl.load(tile_ptrs(gc, tok_j, i_h, H, K, o_k), mask=m_j[:, None] & m_k[None, :],
-                         other=0.)
-            dAji = tl.load(dA + ((tok_j * H + i_h) * C + i_i * BC)[:, None] + o_c[None, :],
+            m_j = (i_c * C + j * BC + o_c) < T_n
+            rj = (bos + i_c * C + j * BC + o_c) * H + i_h
+            m_jk = m_j[:, None] & m_k[None, :]
+            pj = rj[:, None] * K + o_k[None, :]
+            qj = tl.load(q + pj, mask=m_jk, other=0.).to(tl.float32)
+            Gj = tl.load(gc + pj, mask=m_jk, other=0.)
+            dAji = tl.load(dA + (rj * C + i_i * BC)[:, None] + o_c[None, :],
                            mask=m_j[:, None] & m_i[None, :], other=0.)
-            qj = qj * tl.where(m_j[:, None], tl.exp(Gj - Gm[None, :]), 0.)
+            qj = qj * tl.exp(tl.where(m_j[:, None], Gj - Gm[None, :], float("-inf")))
             dk_acc += tl.dot(tl.trans(dAji).to(DT), qj.to(DT), input_precision=PREC)
         dk_acc *= tl.where(m_i[:, None], tl.exp(Gm[None, :] - Gi), 0.)
-        # diagonal sub-chunk: [t, s, k] products with e^{G_t - G_s} for s < t only; the s == t term
-        # (dA_tt k_t in dq, dA_tt q_t in dk) is added by chunk_dqkg_kernel, after dg is formed
-        # without it (it cancels exactly in q dq - k dk and would only add rounding error)
-        m_ii = m_i[:, None] & m_i[None, :]
-        keep = (o_c[:, None] > o_c[None, :]) & m_ii
+
+        # diagonal sub-chunk: [t, s, k] products with e^{G_t - G_s} for s < t only
+        keep = (o_c[:, None] > o_c[None, :]) & m_i[:, None] & m_i[None, :]
         dAii = tl.load(dA_i[:, None] + i_i * BC + o_c[None, :], mask=keep, other=0.)
-        qi = tl.load(tile_ptrs(q, tok_i, i_h, H, K, o_k), mask=m_ik, other=0.).to(tl.float32)
-        ki = tl.load(tile_ptrs(k, tok_i, i_h, H, K, o_k), mask=m_ik, other=0.).to(tl.float32)
+        qi = tl.load(q + pi, mask=m_ik, other=0.).to(tl.float32)
+        ki = tl.load(k + pi, mask=m_ik, other=0.).to(tl.float32)
         E = dAii[:, :, None] * tl.exp(tl.where(keep[:, :, None], Gi[:, None, :] - Gi[None, :, :],
                                                float("-inf")))
         dq_acc += tl.sum(E * ki[None, :, :], axis=1)
         dk_acc += tl.sum(E * qi[:, None, :], axis=0)
+        tl.store(dq + pi, dq_acc, mask=m_ik)
+        tl.store(dk + pi, dk_acc, mask=m_ik)
 
-        tl.store(tile_ptrs(dq, tok_i, i_h, H, K, o_k), dq_acc, mask=m_ik)
-        tl.store(tile_ptrs(dk, tok_i, i_h, H, K, o_k), dk_acc, mask=m_ik)
 
-
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NT", "dg_stride"])
 def chunk_dqkg_kernel(
     q, k, v, do, gc, gamma, hs, dhs, dA, dqi, dki, dq, dk, dg,
     cu_seqlens, chunk_indices, scale, T, NT, dg_stride,
@@ -435,7 +438,7 @@ def chunk_dqkg_kernel(
 ):
     """dq, dk (and dg) of one (K block, chunk, batch x head). The inter-chunk parts come from the
     stored h_c and dh_c, the intra parts from dA = scale do v^T (scalar gates, in registers) or
-    from dqi/dki (vector gates, chunk_intra_grad_kernel). dg: vector [tokens, H, K] in g's dtype;
+    from dqi/dki and dA's diagonal (vector gates). dg: vector [tokens, H, K] in g's dtype;
     scalar: fp32 partials [NK, tokens, H] (dg_stride = tokens * H), summed by the launcher."""
     i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
@@ -447,6 +450,8 @@ def chunk_dqkg_kernel(
     tok = bos + r0 + o_t
     m_t = (r0 + o_t) < T_n
     m_tk = m_t[:, None] & m_k[None, :]
+    rows = tok * H + i_h
+    pk = (rows * K)[:, None] + o_k[None, :]
     G, G_L = _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k, H, K, C, GATE)
     state = (gid * H + i_h) * K * V
     dq_acc = tl.zeros([C, BK], dtype=tl.float32)
@@ -457,8 +462,9 @@ def chunk_dqkg_kernel(
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         m_tv = m_t[:, None] & m_v[None, :]
-        vt = tl.load(tile_ptrs(v, tok, i_h, H, V, o_v), mask=m_tv, other=0.).to(tl.float32)
-        dot_ = tl.load(tile_ptrs(do, tok, i_h, H, V, o_v), mask=m_tv, other=0.).to(tl.float32)
+        pv = (rows * V)[:, None] + o_v[None, :]
+        vt = tl.load(v + pv, mask=m_tv, other=0.).to(tl.float32)
+        dot_ = tl.load(do + pv, mask=m_tv, other=0.).to(tl.float32)
         kv = o_k[:, None] * V + o_v[None, :]
         m_kv = m_k[:, None] & m_v[None, :]
         h = tl.load(hs + state + kv, mask=m_kv, other=0.).to(tl.float32)
@@ -469,8 +475,8 @@ def chunk_dqkg_kernel(
             hdh += tl.sum(h * dh, axis=1)
         if GATE != 3:
             dAs += tl.dot(dot_.to(DT), tl.trans(vt).to(DT), input_precision=PREC)
-    qt = tl.load(tile_ptrs(q, tok, i_h, H, K, o_k), mask=m_tk, other=0.).to(tl.float32)
-    kt = tl.load(tile_ptrs(k, tok, i_h, H, K, o_k), mask=m_tk, other=0.).to(tl.float32)
+    qt = tl.load(q + pk, mask=m_tk, other=0.).to(tl.float32)
+    kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
     if GATE == 0:
         dq_acc = dq_acc * scale
     else:
@@ -481,9 +487,9 @@ def chunk_dqkg_kernel(
     # the s == t intra term (dA_tt k_t in dq_t, dA_tt q_t in dk_t) is kept apart: it cancels
     # exactly in q dq - k dk, so dg is formed without it
     if GATE == 3:
-        dq_acc += tl.load(tile_ptrs(dqi, tok, i_h, H, K, o_k), mask=m_tk, other=0.)
-        dk_acc += tl.load(tile_ptrs(dki, tok, i_h, H, K, o_k), mask=m_tk, other=0.)
-        d_tt = tl.load(dA + (tok * H + i_h) * C + o_t, mask=m_t, other=0.)
+        dq_acc += tl.load(dqi + pk, mask=m_tk, other=0.)
+        dk_acc += tl.load(dki + pk, mask=m_tk, other=0.)
+        d_tt = tl.load(dA + rows * C + o_t, mask=m_t, other=0.)
     else:
         M = _intra_mask(dAs, G, m_t, o_t, scale, False, GATE)
         on_diag = o_t[:, None] == o_t[None, :]
@@ -491,15 +497,13 @@ def chunk_dqkg_kernel(
         M = tl.where(on_diag, 0., M)
         dq_acc += tl.dot(M.to(DT), kt.to(DT), input_precision=PREC)
         dk_acc += tl.dot(tl.trans(M).to(DT), qt.to(DT), input_precision=PREC)
-    tl.store(tile_ptrs(dq, tok, i_h, H, K, o_k), (dq_acc + d_tt[:, None] * kt).to(
-        dq.dtype.element_ty), mask=m_tk)
-    tl.store(tile_ptrs(dk, tok, i_h, H, K, o_k), (dk_acc + d_tt[:, None] * qt).to(
-        dk.dtype.element_ty), mask=m_tk)
+    tl.store(dq + pk, (dq_acc + d_tt[:, None] * kt).to(dq.dtype.element_ty), mask=m_tk)
+    tl.store(dk + pk, (dk_acc + d_tt[:, None] * qt).to(dk.dtype.element_ty), mask=m_tk)
     if HAS_DG:
         dgt = qt * dq_acc - kt * dk_acc
         if GATE == 3:
             dgv = tl.cumsum(dgt, axis=0, reverse=True) + d_last[None, :]
-            tl.store(tile_ptrs(dg, tok, i_h, H, K, o_k), dgv.to(dg.dtype.element_ty), mask=m_tk)
+            tl.store(dg + pk, dgv.to(dg.dtype.element_ty), mask=m_tk)
         else:
             dgs = tl.cumsum(tl.sum(dgt, axis=1), axis=0, reverse=True) + tl.sum(d_last, axis=0)
-            tl.store(dg + i_k.to(tl.int64) * dg_stride + tok * H + i_h, dgs, mask=m_t)
+            tl.store(dg + i_k.to(tl.int64) * dg_stride + rows, dgs, mask=m_t)

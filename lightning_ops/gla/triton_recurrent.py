@@ -41,7 +41,7 @@ def _decay(S, g, gm, p, i_h, o_k, m_k, H: tl.constexpr, K: tl.constexpr,
     return S
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "part_stride"])
 def recurrent_fwd_kernel(
     q, k, v, g, gamma, h0, do, dht, out, fin, cdiag, cu_seqlens, scale, T, part_stride,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -93,7 +93,7 @@ def recurrent_fwd_kernel(
             tl.store(fin + head * K * V + kv, S.to(fin.dtype.element_ty), mask=m_kv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "part_stride"])
 def recurrent_bwd_kernel(
     q, k, v, g, gamma, do, dht, dk, dv, dh0, cu_seqlens, scale, T, part_stride,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,

@@ -33,7 +33,7 @@ activation is "none" or "silu". States are float32 (float64 for float64 inputs).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 

@@ -47,9 +47,12 @@ def autograd_enabled():
 
 
 def _own(ts):
-    """Custom-op outputs may not alias each other: copy gradients that are views (e.g. two
-    slices of one concatenation's gradient)."""
-    return tuple(t.clone() if t is not None and t._base is not None else t for t in ts)
+    """Custom-op outputs may neither alias each other nor be views (the fake impls return fresh
+    tensors): copy views, e.g. two slices of one concatenation's gradient."""
+    def owns_storage(t):
+        return t._base is None and t.storage_offset() == 0 and \
+            t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return tuple(t if t is None or owns_storage(t) else t.clone() for t in ts)
 
 
 def _recompute_grads(forward, inputs, grads):
@@ -132,7 +135,8 @@ def scan_aux_shape(u, A):
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
     with torch.no_grad():
         y, last = _scan_math(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return y, (last if return_last_state else None), u.new_empty(0, dtype=_acc(u))
+    y, last = _own((y, last if return_last_state else None))
+    return y, last, u.new_empty(0, dtype=_acc(u))
 
 
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, aux, dy, dlast):
@@ -158,10 +162,17 @@ def _process_dt(dt, dt_bias, softplus, dt_min, dt_max, acc) -> Tensor:
 class _Segments:
     """The packed segments the GLA engine runs: the batch rows (or cu_seqlens' sequences) split
     further wherever seq_idx changes, since a reset to a zero state is a new sequence.
-    Built on the host (like the GLA engine's ChunkLayout): a device sync on GPU, fine for this
-    reference-grade path; the Triton path keeps indices on the device."""
+    Without seq_idx nothing is read from the device (cu_seqlens passes through as it is). With
+    seq_idx the change points are read on the host: one device sync per call on GPU (both
+    backends share this layer; the engines themselves build their chunk tables)."""
 
     def __init__(self, b: int, l: int, seq_idx: Optional[Tensor], cu_seqlens: Optional[Tensor]):
+        self.flat = seq_idx is not None or cu_seqlens is not None
+        self.split = False
+        if seq_idx is None:  # the engine's own segments: rows, or cu_seqlens as given
+            self.N = b if cu_seqlens is None else cu_seqlens.numel() - 1
+            self.cu = cu_seqlens
+            return
         if cu_seqlens is None:
             starts = [i * l for i in range(b)]
             ends = [(i + 1) * l for i in range(b)]
@@ -169,12 +180,8 @@ class _Segments:
             cu = cu_seqlens.tolist()
             starts, ends = cu[:-1], cu[1:]
         self.N = len(starts)
-        self.flat = seq_idx is not None or cu_seqlens is not None
-        cuts: List[int] = []
-        if seq_idx is not None:
-            s = seq_idx.reshape(-1)
-            change = torch.nonzero(s[1:] != s[:-1]).flatten() + 1  # a new run starts here
-            cuts = change.tolist()
+        s = seq_idx.reshape(-1)
+        cuts = (torch.nonzero(s[1:] != s[:-1]).flatten() + 1).tolist()  # a run starts here
         sub_starts, self.first = [], []  # sub-segment start; is it its sequence's first?
         self.last: List[int] = []  # index of each sequence's last sub-segment
         ci = 0
@@ -246,7 +253,7 @@ def _ssd_post(core, x, D, z, b, l):
 
 
 def _ssd_core_args(segs: _Segments, ref: Tensor):
-    return None if not segs.flat else segs.cu.to(ref.device)
+    return None if segs.cu is None else segs.cu.to(ref.device)
 
 
 def ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
@@ -262,7 +269,7 @@ def ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqle
                                   _ssd_core_args(segs, x), "chunk")
         y = _ssd_post(core, x, D, z, b, l).to(x.dtype)
     final = None if ht is None else segs.final(ht).transpose(-1, -2).contiguous()
-    return y, final
+    return _own((y, final))
 
 
 def ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
@@ -369,7 +376,7 @@ def _conv_math(x, weight, bias, initial_states, seq_idx, activation):
 def conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, activation):
     with torch.no_grad():
         out, final = _conv_math(x, weight, bias, initial_states, seq_idx, activation)
-    return out, (final.contiguous() if return_final_states else None)
+    return _own((out, final.contiguous() if return_final_states else None))
 
 
 def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal):

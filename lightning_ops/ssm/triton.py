@@ -503,8 +503,8 @@ def conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, 
     final = None
     if return_final_states:  # the last W-1 inputs (history included when L < W-1)
         hist = x.new_zeros(b, Dm, W - 1) if initial_states is None else initial_states.to(x.dtype)
-        final = torch.cat([hist, x], -1)[:, :, L:].contiguous()
-    return out, final
+        final = torch.cat([hist, x], -1)[:, :, L:]
+    return _torch_impl._own((out, final))
 
 
 def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal):

@@ -10,6 +10,16 @@ from lightning_ops import reference
 from lightning_ops.delta import torch as delta_torch
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The reference runs thousands of tiny per-token ops: on a shared 2-core machine extra
+    OpenMP threads only spin (T=8192 costs minutes with 2 threads, ~30 s CPU with 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_reference_float64(case, monkeypatch):
     inputs, cu = make_inputs(case)

@@ -177,15 +177,17 @@ def test_chunk_odd(op, B, T, H, K, V, kw, nan_empty):
     ("linear", [1, 1, 70, 3]),
 ])
 def test_chunk_varlen(op, lengths, fwd_path, nan_empty):
-    check(op, "chunk", 1, sum(lengths), 2, 20, 12, lengths=lengths)
+    check(op, "chunk", 1, sum(lengths), 1, 20, 12, lengths=lengths)
 
 
-@pytest.mark.parametrize("op,T,K,V", [
-    ("gla", 3, 256, 256),
-    ("simple_g", 5, 128, 256),
-    ("linear", 4, 100, 200),
+@pytest.mark.parametrize("op,T,K,V,path", [
+    ("gla", 3, 256, 256, "two"),
+    ("gla", 2, 128, 256, "single"),
+    ("simple_g", 5, 128, 256, "single"),
+    ("linear", 4, 100, 200, "two"),
 ])
-def test_chunk_large_head_dims(op, T, K, V, fwd_path, nan_empty):
+def test_chunk_large_head_dims(op, T, K, V, path, monkeypatch, nan_empty):
+    monkeypatch.setenv("LIGHTNING_OPS_GLA_SINGLE_PASS", "1" if path == "single" else "0")
     check(op, "chunk", 1, T, 1, K, V)
 
 
@@ -223,7 +225,8 @@ def test_float64_inputs_compute_in_fp32():
     with lo.use_backend("triton"):
         got = _run(_with_grad(x), lambda t: _call("gla", "chunk", t))
     assert got[0].dtype == torch.float64 and got[1].dtype == torch.float64
-    assert all(got[2][n].dtype == torch.float64 for n in GRAD_NAMES)
+    assert all(got[2][n].dtype == torch.float64 for n in ("q", "k", "v", "g"))
+    assert got[2]["h0"].dtype == x["h0"].dtype  # dh0 in initial_state's dtype
     errs = _errors(got, want)
     assert max(errs.values()) <= TOL, errs
 

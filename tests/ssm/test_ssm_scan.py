@@ -3,7 +3,6 @@ gradient, on every backend (the CUDA kernel's own tests are in test_ssm_cuda.py)
 import pytest
 import torch
 
-from helpers import INTERPRET
 from lightning_ops import reference
 from lightning_ops.ssm.ops import selective_scan_fn
 from ssm_cases import as_ref, cfg, check_parity, scan_inputs  # noqa: F401  (cfg: fixture)

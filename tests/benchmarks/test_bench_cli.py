@@ -21,7 +21,7 @@ def test_quick_cli_run_writes_table_csv_log_and_plots(tmp_path, capsys):
     for T in (32, 64):
         for m in ("fwd", "fwd+bwd"):
             assert ("chunk_linear_attn", "ours-torch", T, m) in got
-            assert ("chunk_linear_attn", "sdpa", T, m) in got
+            assert ("sdpa_causal", "sdpa", T, m) in got
             assert ("causal_conv1d_fn", "ours-torch", T, m) in got
     for r in rows:
         assert r.median_ms > 0 and r.p20_ms <= r.median_ms <= r.p80_ms and r.tokens_per_s > 0

@@ -60,6 +60,12 @@ def test_prediction_is_conservative_then_fitted():
     assert r.predict(case(4096)) == pytest.approx(16.0)  # one size: assume quadratic
     r.history[r._hkey(case(1024))].append((2048, 2.0))
     assert r.predict(case(8192)) == pytest.approx(8.0)  # fitted: linear
+    # fwd+bwd measured at one size only borrows the forward's fitted growth (linear here)
+    fb = lambda T: Case("chunk_gla", "ours-torch", base.with_T(T), "fwd+bwd", "fp32")  # noqa
+    r.history[r._hkey(fb(1024))] = [(1024, 3.0)]
+    assert r.predict(fb(4096)) == pytest.approx(12.0)
+    # a mode not measured yet at this T: from the forward (fwd+bwd ~ 3x fwd)
+    assert r.predict(fb(2048)) == pytest.approx(6.0)
     # a case predicted over the cap is skipped with a note, not run
     res = r.run_case(case(1 << 20))
     assert res.status == "skipped" and "predicted" in res.note

@@ -95,16 +95,18 @@ def test_inputs_are_realistic_and_never_zero():
 
 def test_plan_orders_cheap_first_and_shares_sdpa():
     s = R.suite("cpu")
-    cases, notes = R.plan(s, ["chunk_gla", "causal_conv1d_fn"], None, ("fwd",), (1024, 4096),
-                          ("fp32",), torch.device("cpu"))
-    order = [(c.op, c.provider, c.cfg.T) for c in cases]
+    cases, notes = R.plan(s, ["chunk_gla", "causal_conv1d_fn"], None, ("fwd", "fwd+bwd"),
+                          (1024, 4096), ("fp32",), torch.device("cpu"))
+    order = list(dict.fromkeys((c.op, c.provider, c.cfg.T) for c in cases))
     n1024 = sum(1 for o in order if o[2] == 1024)
     assert all(o[2] == 1024 for o in order[:n1024])  # every op at the smallest T first
-    # then issue 2's targets by growing T, then the reference, then the rest
+    # then issue 2's targets (the reference included) by growing T, then the rest
     assert order[n1024:] == [("chunk_gla", "ours-torch", 4096), ("chunk_gla", "sdpa", 4096),
-                             ("chunk_gla", "ours-torch", 16384), ("chunk_gla", "sdpa", 16384),
                              ("chunk_gla", "reference", 4096),
+                             ("chunk_gla", "ours-torch", 16384), ("chunk_gla", "sdpa", 16384),
                              ("causal_conv1d_fn", "ours-torch", 4096)]
+    ref = [c.mode for c in cases if c.provider == "reference"]
+    assert ref == ["fwd+bwd"]  # the reference is timed in the target's mode only
     sd = [c for c in cases if c.provider == "sdpa"]
     assert sd and all(c.op == "chunk_gla" for c in sd)  # conv1d has no SDPA baseline
     k1 = R.Case("chunk_gla", "sdpa", s.base, "fwd", "fp32").key()

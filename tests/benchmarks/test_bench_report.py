@@ -17,12 +17,17 @@ def _r(op="chunk_gla", provider="ours-torch", mode="fwd+bwd", T=4096, ms=10.0, *
 def test_csv_round_trip_appends_under_one_header(tmp_path):
     path = str(tmp_path / "sub" / "results.csv")
     rows = [_r(), _r(provider="sdpa", ms=25.0, max_rel_err=1.5e-7, note="a, b; c")]
-    assert report.write_csv(path, rows + [_r(status="skipped", note="x")]) == 2
+    # SDPA is shown under every q/k/v op but stored once per shape
+    again = _r(op="chunk_simple_gla", provider="sdpa", ms=25.0)
+    assert report.write_csv(path, rows + [again, _r(status="skipped", note="x")]) == 2
     assert report.write_csv(path, [_r(T=1024, ms=2.5)]) == 1
     lines = open(path).read().splitlines()
     assert lines[0].split(",") == report.CSV_FIELDS and len(lines) == 4
     back = report.read_csv(path)
-    assert [b.key() for b in back] == [r.key() for r in rows] + [_r(T=1024).key()]
+    assert [(b.op, b.provider) for b in back] == [("chunk_gla", "ours-torch"),
+                                                  ("sdpa_causal", "sdpa"),
+                                                  ("chunk_gla", "ours-torch")]
+    assert [b.key()[1:] for b in back] == [r.key()[1:] for r in rows] + [_r(T=1024).key()[1:]]
     assert back[1].median_ms == 25.0 and back[1].max_rel_err == 1.5e-7
     assert back[1].note == "a, b; c" and back[2].T == 1024
     assert math.isnan(back[0].max_rel_err)  # unknown stays unknown, not 0
@@ -52,15 +57,24 @@ def test_summary_counts_wins_and_losses_per_peer():
     assert "slower in 1/2 (0.667x chunk_gla T1024 fwd+bwd)" in line
 
 
-def test_cpu_targets_use_a_lower_bound_when_the_reference_was_not_timed():
+def test_cpu_targets_use_a_lower_bound_when_the_peer_was_not_timed_in_full():
     rs = [_r(ms=100.0), _r(provider="reference", mode="fwd", ms=2000.0),
           _r(provider="reference", status="skipped", note="predicted"),
           _r(T=16384, ms=500.0), _r(T=16384, provider="sdpa", ms=400.0)]
     a, b = report.cpu_targets(rs)
-    assert ">=20.0x" in a and "PASS" in a
-    assert "0.80x" in b and "FAIL" in b
+    assert "T=4096 vs reference: >=20.00x (need >= 10x) PASS" in a
+    assert b.startswith("target chunk_gla fwd+bwd T=16384 vs SDPA causal: 0.80x") and "FAIL" in b
     rs[2] = _r(provider="reference", ms=900.0)
-    assert "=9.0x" in report.cpu_targets(rs)[0] and "FAIL" in report.cpu_targets(rs)[0]
+    assert "reference: 9.00x (need >= 10x) FAIL" in report.cpu_targets(rs)[0]
+    rs[2] = _r(provider="reference", status="timeout", note="ran past 30 s (stopped)")
+    assert "reference: >=300.00x" in report.cpu_targets(rs)[0]  # the limit beats the fwd
+    rs[4] = _r(T=16384, provider="sdpa", status="timeout", note="ran past 0.4 s")
+    assert "SDPA causal: >=0.80x (need > 1x) UNDECIDED" in report.cpu_targets(rs)[1]
+    rs[3] = _r(T=16384, status="skipped", note="predicted ~50 s per call")
+    assert report.cpu_targets(rs)[1] == ("target chunk_gla fwd+bwd T=16384 vs SDPA causal: not "
+                                         "measured (ours-torch: skipped predicted ~50 s per call;"
+                                         " sdpa: timeout ran past 0.4 s)")
+    assert report.cpu_targets([_r(op="chunk_simple_gla")]) == []
 
 
 def test_table_has_a_block_per_op_and_marks_big_errors():

@@ -1,0 +1,650 @@
+"""Triton backend of the delta-rule family (DeltaNet, Gated DeltaNet).
+
+Contract (lightning_ops/delta/ops.py):
+  forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+          use_qk_l2norm_in_kernel, mode) -> (o, final_state or None)
+  backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, mode,
+           do, dht) -> (dq, dk, dv, dg or None, dbeta, dh0 or None)
+
+Chunk mode (C = 64; b = chunk-local cumsum of g; S the state before a chunk), the math of
+lightning_ops/delta/torch.py:
+  wy_inverse_kernel   A = tril(beta (k k^T) e^{b_i - b_j}, -1), Ai = (I + A)^-1 on chip: four
+                      16x16 diagonal blocks by forward substitution, the rest by block products
+  wy_apply_kernel     w = Ai (beta e^b k), u = Ai (beta v)
+  delta_state_kernel  walks the chunks: v_new = u - w S, S <- e^{b_L} S + (k e^{b_L - b})^T v_new
+  GLA chunk_out_kernel   o = scale (q e^b) S + (scale q k^T * decay) v_new       (shared)
+Backward: the forward is recomputed up to the states, then
+  delta_state_bwd_kernel   walks back: dv_new = A_qk^T do + kd dE,
+                           dS = e^{b_L} dE + scale (q e^b)^T do - w^T dv_new
+  GLA chunk_dqkg_kernel    dq, dk, dg of the output and state parts (v_new as v)  (shared)
+  wy_bwd_kernel            the triangular solve's adjoint: dv, dbeta and the WY parts of dk, dg
+The inter-chunk state and output kernels of the GLA family are reused as they are: after the
+WY transform the delta rule is scalar-gated linear attention with v_new for v. Only the state
+walk itself is delta-specific (v_new depends on the state met), so it has its own kernels.
+
+Recurrent mode: one program per (sequence, value head, V block) walks the tokens with the state
+in registers (decode); q/k l2 norm in-kernel; grouped value heads read q/k head i // m directly.
+Its backward runs the chunk backward (the same function, exactly differentiated).
+
+Grouped value heads in chunk mode: q, k are repeated to HV heads before the chunk kernels (the
+shared GLA kernels index q/k by the value head) and their gradients summed back. The chunk
+mode's q/k l2 norm is applied by torch ops before the kernels (and its gradient after).
+fp32 throughout the kernels' accumulators; float64 inputs are computed in fp32.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..gla.triton_chunk import chunk_cumsum_kernel, chunk_dqkg_kernel, chunk_out_kernel
+from ..triton_utils import ChunkMeta, chunk_program, dot_config, next_pow2, seq_bounds
+
+Tensor = torch.Tensor
+
+CHUNK = 64
+L2NORM_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _a_block(ki, kj, Gi, Gj, bi, mi, mj, GATED: tl.constexpr, PREC: tl.constexpr):
+    """Off-diagonal block (i > j) of A = beta_r (k_r . k_s) e^{b_r - b_s} from 16-row blocks."""
+    keep = mi[:, None] & mj[None, :]
+    A = tl.dot(ki, tl.trans(kj), input_precision=PREC)
+    if GATED:
+        A = A * tl.exp(tl.where(keep, Gi[:, None] - Gj[None, :], 0.))
+    return tl.where(keep, A * bi[:, None], 0.)
+
+
+@triton.jit(do_not_specialize=["T", "NT"])
+def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
+                      H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                      GATED: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    """Ai [tokens, H, 64] fp32: (I + A)^-1 of one (chunk, batch x head), A = tril(beta (k k^T)
+    e^{b_r - b_s}, -1); row r of Ai is the chunk's token r. The four 16x16 diagonal blocks are
+    inverted together ([4, 16, 16]) by forward substitution (15 steps), the off-diagonal blocks
+    by block forward substitution T_ij = -T_ii sum_{j <= l < i} A_il T_lj. Upper blocks are
+    written as zeros so a [64, 64] load is the whole inverse."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    r0 = i_c * 64
+    if r0 >= T_n:  # a padding program of a packed batch's grid
+        return
+    o = tl.arange(0, 16)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    # --- diagonal blocks, batched: [4 blocks, 16 rows, *]
+    loc = r0 + tl.arange(0, 4)[:, None] * 16 + o[None, :]
+    m = loc < T_n
+    rows = (bos + loc) * H + i_h
+    k3 = tl.load(k + (rows * K)[:, :, None] + o_k[None, None, :],
+                 mask=m[:, :, None] & m_k[None, None, :], other=0.).to(tl.float32)
+    b3 = tl.load(beta + rows, mask=m, other=0.).to(tl.float32)
+    keep = m[:, :, None] & m[:, None, :] & (o[None, :, None] > o[None, None, :])
+    A3 = tl.dot(k3, tl.permute(k3, (0, 2, 1)), input_precision=PREC)
+    if GATED:
+        G3 = tl.load(gc + rows, mask=m, other=0.)
+        A3 = A3 * tl.exp(tl.where(keep, G3[:, :, None] - G3[:, None, :], 0.))
+    A3 = tl.where(keep, A3 * b3[:, :, None], 0.)
+    # row i of each block's inverse: e_i - sum_{j<i} A_ij row_j (rows >= i are still e_j)
+    T3 = tl.where(o[None, :, None] == o[None, None, :], 1., 0.) + tl.zeros([4, 16, 16], tl.float32)
+    for i in tl.static_range(1, 16):
+        a = tl.sum(tl.where(o[None, :, None] == i, A3, 0.), axis=1)
+        row = tl.where(o[None, :] == i, 1., 0.) - tl.sum(a[:, :, None] * T3, axis=1)
+        T3 = tl.where(o[None, :, None] == i, row[:, None, :], T3)
+    blk = tl.arange(0, 4)[:, None, None]
+    T00 = tl.sum(tl.where(blk == 0, T3, 0.), axis=0)
+    T11 = tl.sum(tl.where(blk == 1, T3, 0.), axis=0)
+    T22 = tl.sum(tl.where(blk == 2, T3, 0.), axis=0)
+    T33 = tl.sum(tl.where(blk == 3, T3, 0.), axis=0)
+    # --- off-diagonal blocks from 16-row blocks of k, beta and b
+    m0 = (r0 + o) < T_n
+    m1 = (r0 + 16 + o) < T_n
+    m2 = (r0 + 32 + o) < T_n
+    m3 = (r0 + 48 + o) < T_n
+    row0 = (bos + r0 + o) * H + i_h
+    row1 = row0 + 16 * H
+    row2 = row0 + 32 * H
+    row3 = row0 + 48 * H
+    k0 = tl.load(k + (row0 * K)[:, None] + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    k1 = tl.load(k + (row1 * K)[:, None] + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    k2 = tl.load(k + (row2 * K)[:, None] + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    b1 = tl.load(beta + row1, mask=m1, other=0.).to(tl.float32)
+    b2 = tl.load(beta + row2, mask=m2, other=0.).to(tl.float32)
+    b3r = tl.load(beta + row3, mask=m3, other=0.).to(tl.float32)
+    k3r = tl.load(k + (row3 * K)[:, None] + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.).to(tl.float32)
+    if GATED:
+        G0 = tl.load(gc + row0, mask=m0, other=0.)
+        G1 = tl.load(gc + row1, mask=m1, other=0.)
+        G2 = tl.load(gc + row2, mask=m2, other=0.)
+        G3r = tl.load(gc + row3, mask=m3, other=0.)
+    else:
+        G0 = tl.zeros([16], dtype=tl.float32)
+        G1 = G0
+        G2 = G0
+        G3r = G0
+    A10 = _a_block(k1, k0, G1, G0, b1, m1, m0, GATED, PREC)
+    A20 = _a_block(k2, k0, G2, G0, b2, m2, m0, GATED, PREC)
+    A21 = _a_block(k2, k1, G2, G1, b2, m2, m1, GATED, PREC)
+    A30 = _a_block(k3r, k0, G3r, G0, b3r, m3, m0, GATED, PREC)
+    A31 = _a_block(k3r, k1, G3r, G1, b3r, m3, m1, GATED, PREC)
+    A32 = _a_block(k3r, k2, G3r, G2, b3r, m3, m2, GATED, PREC)
+    T10 = -tl.dot(T11, tl.dot(A10, T00, input_precision=PREC), input_precision=PREC)
+    T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=PREC), input_precision=PREC)
+    X20 = tl.dot(A20, T00, input_precision=PREC) + tl.dot(A21, T10, input_precision=PREC)
+    T20 = -tl.dot(T22, X20, input_precision=PREC)
+    T32 = -tl.dot(T33, tl.dot(A32, T22, input_precision=PREC), input_precision=PREC)
+    X31 = tl.dot(A31, T11, input_precision=PREC) + tl.dot(A32, T21, input_precision=PREC)
+    T31 = -tl.dot(T33, X31, input_precision=PREC)
+    X30 = tl.dot(A30, T00, input_precision=PREC) + tl.dot(A31, T10, input_precision=PREC) \
+        + tl.dot(A32, T20, input_precision=PREC)
+    T30 = -tl.dot(T33, X30, input_precision=PREC)
+    Z = tl.zeros([16, 16], dtype=tl.float32)
+    full = o[None, :] < 16
+    p0 = Ai + (row0 * 64)[:, None] + o[None, :]
+    p1 = Ai + (row1 * 64)[:, None] + o[None, :]
+    p2 = Ai + (row2 * 64)[:, None] + o[None, :]
+    p3 = Ai + (row3 * 64)[:, None] + o[None, :]
+    tl.store(p0, T00, mask=m0[:, None] & full)
+    tl.store(p0 + 16, Z, mask=m0[:, None] & full)
+    tl.store(p0 + 32, Z, mask=m0[:, None] & full)
+    tl.store(p0 + 48, Z, mask=m0[:, None] & full)
+    tl.store(p1, T10, mask=m1[:, None] & full)
+    tl.store(p1 + 16, T11, mask=m1[:, None] & full)
+    tl.store(p1 + 32, Z, mask=m1[:, None] & full)
+    tl.store(p1 + 48, Z, mask=m1[:, None] & full)
+    tl.store(p2, T20, mask=m2[:, None] & full)
+    tl.store(p2 + 16, T21, mask=m2[:, None] & full)
+    tl.store(p2 + 32, T22, mask=m2[:, None] & full)
+    tl.store(p2 + 48, Z, mask=m2[:, None] & full)
+    tl.store(p3, T30, mask=m3[:, None] & full)
+    tl.store(p3 + 16, T31, mask=m3[:, None] & full)
+    tl.store(p3 + 32, T32, mask=m3[:, None] & full)
+    tl.store(p3 + 48, T33, mask=m3[:, None] & full)
+
+
+@triton.jit(do_not_specialize=["T", "NT"])
+def wy_apply_kernel(k, v, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
+                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                    IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+    """w = Ai (beta e^b k) [tokens, H, K] and u = Ai (beta v) [tokens, H, V], fp32."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    r0 = i_c * 64
+    if r0 >= T_n:  # a padding program of a packed batch's grid
+        return
+    o_t = tl.arange(0, 64)
+    m_t = (r0 + o_t) < T_n
+    rows = (bos + r0 + o_t) * H + i_h
+    Ti = tl.load(Ai + (rows * 64)[:, None] + o_t[None, :], mask=m_t[:, None] & (o_t[None, :] < 64), other=0.)
+    bt = tl.load(beta + rows, mask=m_t, other=0.).to(tl.float32)
+    if GATED:
+        G = tl.load(gc + rows, mask=m_t, other=0.)
+        bk = bt * tl.exp(G)
+    else:
+        bk = bt
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        p = (rows * K)[:, None] + o_k[None, :]
+        kt = tl.load(k + p, mask=m, other=0.).to(tl.float32)
+        tl.store(w + p, tl.dot(Ti, kt * bk[:, None], input_precision=PREC), mask=m)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        p = (rows * V)[:, None] + o_v[None, :]
+        vt = tl.load(v + p, mask=m, other=0.).to(tl.float32)
+        tl.store(u + p, tl.dot(Ti, vt * bt[:, None], input_precision=PREC), mask=m)
+
+
+@triton.jit(do_not_specialize=["T", "NT"])
+def delta_state_kernel(k, w, u, gc, hs, v_new, h0, ht, cu_seqlens, chunk_offsets, T, NT,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                       USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+                       DT_S: tl.constexpr, PREC: tl.constexpr):
+    """One program per (V block, sequence x head), the full K in registers (BK >= K): stores
+    h_c (state before chunk c) and v_new = u - w h_c, and carries
+    h <- e^{b_L} h + (k e^{b_L - b})^T v_new."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    if IS_VARLEN:
+        base = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        base = i_n.to(tl.int64) * NT
+    o_t = tl.arange(0, 64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+    head = (i_n * H + i_h).to(tl.int64) * K * V
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        S += tl.load(h0 + head + kv, mask=m_kv, other=0.).to(tl.float32)
+    for i_c in range(0, tl.cdiv(T_n, 64)):
+        r0 = i_c * 64
+        tl.store(hs + ((base + i_c) * H + i_h) * K * V + kv, S, mask=m_kv)
+        m_t = (r0 + o_t) < T_n
+        rows = (bos + r0 + o_t) * H + i_h
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        pk = (rows * K)[:, None] + o_k[None, :]
+        pv = (rows * V)[:, None] + o_v[None, :]
+        wt = tl.load(w + pk, mask=m_tk, other=0.)
+        ut = tl.load(u + pv, mask=m_tv, other=0.)
+        vn = ut - tl.dot(wt.to(DT_S), S.to(DT_S), input_precision=PREC)
+        tl.store(v_new + pv, vn, mask=m_tv)
+        kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
+        if GATED:
+            G = tl.load(gc + rows, mask=m_t, other=0.)
+            G_L = tl.load(gc + (bos + tl.minimum(r0 + 63, T_n - 1)) * H + i_h)
+            kt = kt * tl.where(m_t, tl.exp(tl.where(m_t, G_L - G, 0.)), 0.)[:, None]
+            S = S * tl.exp(G_L)
+        S += tl.dot(tl.trans(kt).to(DT_S), vn.to(DT_S), input_precision=PREC)
+    if STORE_HT:
+        tl.store(ht + head + kv, S, mask=m_kv)
+
+
+@triton.jit(do_not_specialize=["T", "NT"])
+def delta_state_bwd_kernel(q, k, w, do, gc, dhs, dv_new, dht, dh0, cu_seqlens, chunk_offsets,
+                           scale, T, NT,
+                           H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                           USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+                           IS_VARLEN: tl.constexpr, DT: tl.constexpr, DT_S: tl.constexpr,
+                           PREC: tl.constexpr):
+    """The reverse walk: with dE the gradient of the state after chunk c (stored in dhs),
+    dv_new = A_qk^T do + (k e^{b_L - b}) dE  (A_qk = scale q k^T e^{b_t - b_s}, s <= t), then
+    dS = e^{b_L} dE + scale (q e^b)^T do - w^T dv_new becomes the previous chunk's dE."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    if IS_VARLEN:
+        base = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        base = i_n.to(tl.int64) * NT
+    o_t = tl.arange(0, 64)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+    head = (i_n * H + i_h).to(tl.int64) * K * V
+    dS = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_DHT:
+        dS += tl.load(dht + head + kv, mask=m_kv, other=0.).to(tl.float32)
+    n_c = tl.cdiv(T_n, 64)
+    for j in range(0, n_c):
+        i_c = n_c - 1 - j
+        r0 = i_c * 64
+        tl.store(dhs + ((base + i_c) * H + i_h) * K * V + kv, dS, mask=m_kv)
+        m_t = (r0 + o_t) < T_n
+        rows = (bos + r0 + o_t) * H + i_h
+        m_tk = m_t[:, None] & m_k[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        pk = (rows * K)[:, None] + o_k[None, :]
+        pv = (rows * V)[:, None] + o_v[None, :]
+        qt = tl.load(q + pk, mask=m_tk, other=0.).to(tl.float32)
+        kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
+        wt = tl.load(w + pk, mask=m_tk, other=0.)
+        dot_ = tl.load(do + pv, mask=m_tv, other=0.).to(tl.float32)
+        # A_qk^T [s, t] = scale q_t . k_s e^{b_t - b_s} for t >= s
+        keep = (o_t[None, :] >= o_t[:, None]) & m_t[:, None] & m_t[None, :]
+        At = tl.dot(kt.to(DT), tl.trans(qt).to(DT), input_precision=PREC)
+        if GATED:
+            G = tl.load(gc + rows, mask=m_t, other=0.)
+            G_L = tl.load(gc + (bos + tl.minimum(r0 + 63, T_n - 1)) * H + i_h)
+            At = At * tl.exp(tl.where(keep, G[None, :] - G[:, None], 0.))
+            kd = kt * tl.where(m_t, tl.exp(tl.where(m_t, G_L - G, 0.)), 0.)[:, None]
+            qi = qt * tl.where(m_t, tl.exp(tl.where(m_t, G, 0.)), 0.)[:, None]
+        else:
+            kd = kt
+            qi = qt
+        At = tl.where(keep, At * scale, 0.)
+        dvn = tl.dot(At.to(DT), dot_.to(DT), input_precision=PREC) \
+            + tl.dot(kd.to(DT_S), dS.to(DT_S), input_precision=PREC)
+        tl.store(dv_new + pv, dvn, mask=m_tv)
+        if GATED:
+            dS = dS * tl.exp(G_L)
+        dS += scale * tl.dot(tl.trans(qi).to(DT), dot_.to(DT), input_precision=PREC)
+        dS -= tl.dot(tl.trans(wt).to(DT_S), dvn.to(DT_S), input_precision=PREC)
+    if STORE_DH0:
+        tl.store(dh0 + head + kv, dS, mask=m_kv)
+
+
+@triton.jit(do_not_specialize=["T", "NT"])
+def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
+                  cu_seqlens, chunk_indices, T, NT,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                  IS_VARLEN: tl.constexpr, DT_S: tl.constexpr, PREC: tl.constexpr):
+    """Adjoint of the WY transform of one (chunk, batch x head), full K in registers.
+    From du = dv_new and dw = -dv_new h_c^T:  dvb = Ai^T du, dkb = Ai^T dw,
+    dA = -tril(dvb u^T + dkb w^T, -1); then dv = beta dvb, dbeta, dk (fp32, the WY share) and
+    dg (fp32, the WY share, already reverse-cumsummed within the chunk)."""
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    r0 = i_c * 64
+    if r0 >= T_n:  # a padding program of a packed batch's grid
+        return
+    o_t = tl.arange(0, 64)
+    o_k = tl.arange(0, BK)
+    m_t = (r0 + o_t) < T_n
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    rows = (bos + r0 + o_t) * H + i_h
+    pk = (rows * K)[:, None] + o_k[None, :]
+    Ti = tl.load(Ai + (rows * 64)[:, None] + o_t[None, :], mask=m_t[:, None] & (o_t[None, :] < 64), other=0.)
+    kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
+    bt = tl.load(beta + rows, mask=m_t, other=0.).to(tl.float32)
+    strict = (o_t[:, None] > o_t[None, :]) & m_t[:, None] & m_t[None, :]
+    if GATED:
+        G = tl.load(gc + rows, mask=m_t, other=0.)
+        eG = tl.where(m_t, tl.exp(tl.where(m_t, G, 0.)), 0.)
+        D = tl.exp(tl.where(strict, G[:, None] - G[None, :], 0.))
+    else:
+        eG = tl.where(m_t, 1., 0.)
+        D = tl.full([64, 64], 1., tl.float32)
+    kb = kt * (bt * eG)[:, None]
+    wt = tl.dot(Ti, kb, input_precision=PREC)
+    state = (gid * H + i_h) * K * V
+    dw = tl.zeros([64, BK], dtype=tl.float32)
+    dA = tl.zeros([64, 64], dtype=tl.float32)
+    db_ = tl.zeros([64], dtype=tl.float32)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_tv = m_t[:, None] & m_v[None, :]
+        pv = (rows * V)[:, None] + o_v[None, :]
+        dvn = tl.load(dv_new + pv, mask=m_tv, other=0.)
+        h = tl.load(hs + state + o_k[:, None] * V + o_v[None, :],
+                    mask=m_k[:, None] & m_v[None, :], other=0.)
+        vt = tl.load(v + pv, mask=m_tv, other=0.).to(tl.float32)
+        dw -= tl.dot(dvn.to(DT_S), tl.trans(h).to(DT_S), input_precision=PREC)
+        dvb = tl.dot(tl.trans(Ti), dvn, input_precision=PREC)
+        ut = tl.dot(Ti, vt * bt[:, None], input_precision=PREC)
+        dA += tl.dot(dvb, tl.trans(ut), input_precision=PREC)
+        db_ += tl.sum(dvb * vt, axis=1)
+        tl.store(dv + pv, (dvb * bt[:, None]).to(dv.dtype.element_ty), mask=m_tv)
+    dkb = tl.dot(tl.trans(Ti), dw, input_precision=PREC)
+    dA += tl.dot(dkb, tl.trans(wt), input_precision=PREC)
+    dA = tl.where(strict, -dA, 0.)
+    Akk = tl.where(strict, tl.dot(kt, tl.trans(kt), input_precision=PREC) * D, 0.)
+    db_ += tl.sum(dkb * kt * eG[:, None], axis=1) + tl.sum(dA * Akk, axis=1)
+    dAkk = dA * bt[:, None]
+    dKK = dAkk * D
+    dkt = dkb * (bt * eG)[:, None] + tl.dot(dKK, kt, input_precision=PREC) \
+        + tl.dot(tl.trans(dKK), kt, input_precision=PREC)
+    tl.store(dk + pk, dkt, mask=m_tk)
+    tl.store(dbeta + rows, db_, mask=m_t)
+    if GATED:
+        P = dAkk * Akk
+        dgt = tl.sum(P, axis=1) - tl.sum(P, axis=0) + tl.sum(dkb * kb, axis=1)
+        tl.store(dg + rows, tl.cumsum(dgt, axis=0, reverse=True), mask=m_t)
+
+
+@triton.jit(do_not_specialize=["T"])
+def recurrent_fwd_kernel(q, k, v, g, beta, h0, o, ht, cu_seqlens, scale, T,
+                         H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                         L2: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
+                         IS_VARLEN: tl.constexpr):
+    """Token-by-token delta rule (decode): one program per (V block, sequence x value head),
+    the [K, BV] state in registers. Value head i_hv reads q/k head i_hv // (HV // H)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_hv = i_nh // HV, i_nh % HV
+    i_h = i_hv // (HV // H)
+    bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv = o_k[:, None] * V + o_v[None, :]
+    head = (i_n * HV + i_hv).to(tl.int64) * K * V
+    S = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_H0:
+        S += tl.load(h0 + head + kv, mask=m_kv, other=0.).to(tl.float32)
+    for t in range(0, T_n):
+        tok = bos + t
+        qt = tl.load(q + (tok * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        kt = tl.load(k + (tok * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        vt = tl.load(v + (tok * HV + i_hv) * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        bt = tl.load(beta + tok * HV + i_hv).to(tl.float32)
+        if L2:
+            qt = qt / tl.sqrt(tl.sum(qt * qt, axis=0) + 1e-6)
+            kt = kt / tl.sqrt(tl.sum(kt * kt, axis=0) + 1e-6)
+        if GATED:
+            S = S * tl.exp(tl.load(g + tok * HV + i_hv).to(tl.float32))
+        err = vt - tl.sum(S * kt[:, None], axis=0)
+        S += (bt * kt)[:, None] * err[None, :]
+        ot = scale * tl.sum(S * qt[:, None], axis=0)
+        tl.store(o + (tok * HV + i_hv) * V + o_v, ot.to(o.dtype.element_ty), mask=m_v)
+    if STORE_HT:
+        tl.store(ht + head + kv, S, mask=m_kv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def _as_compute(*xs: Optional[Tensor]):
+    """Contiguous tensors; float64 -> float32 (the kernels' widest arithmetic)."""
+    return [None if x is None else (x.float() if x.dtype == torch.float64 else x).contiguous()
+            for x in xs]
+
+
+def _f32(ref: Tensor, *shape: int) -> Tensor:
+    """fp32 scratch/output (torch.empty, so tests' NaN-filling reaches it)."""
+    return torch.empty(*shape, dtype=torch.float32, device=ref.device)
+
+
+def _l2norm(x: Tensor):
+    xf = x.float()
+    r = torch.rsqrt((xf * xf).sum(-1, keepdim=True) + L2NORM_EPS)
+    return (xf * r).to(x.dtype), xf * r, r
+
+
+def _state_bv(K: int, V: int) -> int:
+    """V block of the state walks (the full K is in registers): [BK, BV] fp32 <= 64 x 64 x 2."""
+    return min(next_pow2(V), 64 if next_pow2(K) <= 128 else 32)
+
+
+class _Prep:
+    """Inputs as the chunk kernels see them: q/k l2-normalised (if asked) and repeated to the
+    value heads, the chunk table and the gate cumsum."""
+
+    def __init__(self, q, k, v, g, beta, cu_seqlens, use_l2):
+        B, T, H, K = q.shape
+        self.H, self.HV, self.K, self.V = H, v.shape[2], K, v.shape[3]
+        self.l2 = use_l2
+        self.qn = self.kn = self.rq = self.rk = None
+        if use_l2:
+            q, self.qn, self.rq = _l2norm(q)
+            k, self.kn, self.rk = _l2norm(k)
+        if self.HV != H:
+            m = self.HV // H
+            q, k = q.repeat_interleave(m, 2).contiguous(), k.repeat_interleave(m, 2).contiguous()
+        self.q, self.k = q, k
+        self.meta = ChunkMeta(cu_seqlens, B, T, CHUNK)
+        self.cu = cu_seqlens
+        self.B, self.T = B, T
+        self.gc = None
+        if g is not None:
+            HV = self.HV
+            self.gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+            chunk_cumsum_kernel[(1, self.meta.grid_t, B * HV)](
+                g, None, self.gc, cu_seqlens, self.meta.indices, T, self.meta.NT,
+                H=HV, D=1, C=CHUNK, BD=16, HAS_GAMMA=False, IS_VARLEN=self.meta.is_varlen)
+
+    def grads_to_inputs(self, dq: Tensor, dk: Tensor):
+        """dq, dk [B, T, HV, K] fp32 of the kernels' q/k -> of the op's q/k (fp32)."""
+        if self.HV != self.H:
+            B, T, _, K = dq.shape
+            dq = dq.view(B, T, self.H, -1, K).sum(3)
+            dk = dk.view(B, T, self.H, -1, K).sum(3)
+        if self.l2:  # y = x r: dx = r (dy - y (y . dy))
+            dq = self.rq * (dq - self.qn * (self.qn * dq).sum(-1, keepdim=True))
+            dk = self.rk * (dk - self.kn * (self.kn * dk).sum(-1, keepdim=True))
+        return dq, dk
+
+
+def _wy(p: _Prep, v, beta):
+    """Ai, w, u of every chunk."""
+    meta, B, T, H, K, V = p.meta, p.B, p.T, p.HV, p.K, p.V
+    _, _, PREC = dot_config(p.q.dtype)
+    grid = (meta.grid_t, B * H)
+    Ai = _f32(v, B, T, H, CHUNK)
+    wy_inverse_kernel[grid](p.k, beta, p.gc, Ai, p.cu, meta.indices, T, meta.NT,
+                            H=H, K=K, BK=next_pow2(K), GATED=p.gc is not None,
+                            IS_VARLEN=meta.is_varlen, PREC=PREC)
+    w, u = _f32(v, B, T, H, K), _f32(v, B, T, H, V)
+    wy_apply_kernel[grid](p.k, v, beta, p.gc, Ai, w, u, p.cu, meta.indices, T, meta.NT,
+                          H=H, K=K, V=V, BK=min(64, next_pow2(K)), BV=min(64, next_pow2(V)),
+                          GATED=p.gc is not None, IS_VARLEN=meta.is_varlen, PREC=PREC)
+    return Ai, w, u
+
+
+def _states(p: _Prep, w, u, h0, output_final_state):
+    """h_c before every chunk, v_new, and the final states."""
+    meta, T, H, K, V = p.meta, p.T, p.HV, p.K, p.V
+    _, DT_S, PREC = dot_config(p.q.dtype)
+    hs = _f32(u, meta.n_chunks, H, K, V)
+    v_new = _f32(u, *u.shape)
+    ht = _f32(u, meta.N, H, K, V) if output_final_state else None
+    BV = _state_bv(K, V)
+    delta_state_kernel[(triton.cdiv(V, BV), meta.N * H)](
+        p.k, w, u, p.gc, hs, v_new, h0, ht, p.cu, meta.offsets, T, meta.NT,
+        H=H, K=K, V=V, BK=next_pow2(K), BV=BV, GATED=p.gc is not None, USE_H0=h0 is not None,
+        STORE_HT=ht is not None, IS_VARLEN=meta.is_varlen, DT_S=DT_S, PREC=PREC)
+    return hs, v_new, ht
+
+
+def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, cu_seqlens, use_l2):
+    p = _Prep(q, k, v, g, beta, cu_seqlens, use_l2)
+    _, w, u = _wy(p, v, beta)
+    hs, v_new, ht = _states(p, w, u, h0, output_final_state)
+    meta, B, T, H, K, V = p.meta, p.B, p.T, p.HV, p.K, p.V
+    DT, DT_S, PREC = dot_config(q.dtype)
+    BK, BV = min(64, next_pow2(K)), min(64, next_pow2(V))
+    o = torch.empty_like(v)
+    chunk_out_kernel[(triton.cdiv(V, BV), meta.grid_t, B * H)](
+        p.q, p.k, v_new, p.gc, None, None, hs, o, p.cu, meta.indices, scale, T, meta.NT,
+        H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, GATE=0 if p.gc is None else 1, REV=False,
+        IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC)
+    return o, ht
+
+
+def _chunk_backward(q, k, v, g, beta, scale, h0, cu_seqlens, use_l2, do, dht):
+    p = _Prep(q, k, v, g, beta, cu_seqlens, use_l2)
+    Ai, w, u = _wy(p, v, beta)
+    hs, v_new, _ = _states(p, w, u, h0, False)
+    meta, B, T, H, K, V = p.meta, p.B, p.T, p.HV, p.K, p.V
+    DT, DT_S, PREC = dot_config(q.dtype)
+    gated = p.gc is not None
+    dhs = _f32(v, meta.n_chunks, H, K, V)
+    dv_new = _f32(v, *v.shape)
+    dh0 = _f32(v, meta.N, H, K, V) if h0 is not None else None
+    BV = _state_bv(K, V)
+    delta_state_bwd_kernel[(triton.cdiv(V, BV), meta.N * H)](
+        p.q, p.k, w, do, p.gc, dhs, dv_new, dht, dh0, p.cu, meta.offsets, scale, T, meta.NT,
+        H=H, K=K, V=V, BK=next_pow2(K), BV=BV, GATED=gated, USE_DHT=dht is not None,
+        STORE_DH0=dh0 is not None, IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC)
+    # output and state parts of dq, dk, dg: the GLA kernel with v_new for v
+    BK, BVo = min(64, next_pow2(K)), min(64, next_pow2(V))
+    NK = triton.cdiv(K, BK)
+    dq, dk_out = _f32(v, B, T, H, K), _f32(v, B, T, H, K)
+    dg_out = _f32(v, NK, B * T * H) if gated else None
+    chunk_dqkg_kernel[(NK, meta.grid_t, B * H)](
+        p.q, p.k, v_new, do, p.gc, None, hs, dhs, None, None, None, dq, dk_out, dg_out,
+        p.cu, meta.indices, scale, T, meta.NT, B * T * H,
+        H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BVo, GATE=1 if gated else 0, HAS_DG=gated,
+        IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC)
+    # the WY transform's adjoint
+    dk_wy = _f32(v, B, T, H, K)
+    dv = torch.empty_like(v)
+    dbeta = _f32(v, *beta.shape)
+    dg_wy = _f32(v, *g.shape) if gated else None
+    wy_bwd_kernel[(meta.grid_t, B * H)](
+        p.k, v, beta, p.gc, Ai, hs, dv_new, dk_wy, dv, dbeta, dg_wy, p.cu, meta.indices,
+        T, meta.NT, H=H, K=K, V=V, BK=next_pow2(K), BV=min(32, next_pow2(V)), GATED=gated,
+        IS_VARLEN=meta.is_varlen, DT_S=DT_S, PREC=PREC)
+    dq, dk = p.grads_to_inputs(dq, dk_out + dk_wy)
+    dg = None if not gated else dg_out.sum(0).view(g.shape) + dg_wy
+    return dq, dk, dv, dg, dbeta, dh0
+
+
+def _recurrent_forward(q, k, v, g, beta, scale, h0, output_final_state, cu_seqlens, use_l2):
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    BK = next_pow2(K)
+    BV = min(next_pow2(V), max(16, 8192 // BK))
+    o = torch.empty_like(v)
+    ht = _f32(q, N, HV, K, V) if output_final_state else None
+    recurrent_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
+        q, k, v, g, beta, h0, o, ht, cu_seqlens, scale, T,
+        H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, GATED=g is not None, L2=use_l2,
+        USE_H0=h0 is not None, STORE_HT=ht is not None, IS_VARLEN=cu_seqlens is not None)
+    return o, ht
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend contract
+# ---------------------------------------------------------------------------------------------
+def _check_mode(mode: str) -> None:
+    if mode not in ("chunk", "recurrent"):
+        raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
+
+
+def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+            use_qk_l2norm_in_kernel, mode):
+    _check_mode(mode)
+    in_dtype, f64 = v.dtype, q.dtype == torch.float64
+    q, k, v, g, beta, h0 = _as_compute(q, k, v, g, beta, initial_state)
+    B, T, H, K = q.shape
+    if T == 0:
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        o, ht = torch.empty_like(v), None
+        if output_final_state:
+            ht = (h0.float().clone() if h0 is not None else
+                  q.new_zeros(N, v.shape[2], K, v.shape[3], dtype=torch.float32))
+    else:
+        run = _chunk_forward if mode == "chunk" else _recurrent_forward
+        o, ht = run(q, k, v, g, beta, float(scale), h0, output_final_state, cu_seqlens,
+                    use_qk_l2norm_in_kernel)
+    if f64 and ht is not None:
+        ht = ht.double()
+    return o.to(in_dtype), ht
+
+
+def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, mode,
+             do, dht):
+    # mode "recurrent" is differentiated by the chunk kernels: the same function, and a
+    # token-by-token reverse walk would need every state (or an unstable inversion).
+    _check_mode(mode)
+    dtypes = (q.dtype, k.dtype, v.dtype, None if g is None else g.dtype, beta.dtype,
+              None if initial_state is None else initial_state.dtype)
+    q, k, v, g, beta, h0, do, dht = _as_compute(q, k, v, g, beta, initial_state, do, dht)
+    if q.shape[1] == 0:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dg = None if g is None else torch.zeros_like(g)
+        dbeta = torch.zeros_like(beta)
+        dh0 = None
+        if h0 is not None:
+            dh0 = dht.float().clone() if dht is not None else torch.zeros_like(h0).float()
+    else:
+        dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, float(scale), h0,
+                                                     cu_seqlens, use_qk_l2norm_in_kernel,
+                                                     do, dht)
+    outs = (dq, dk, dv, dg, dbeta, dh0)
+    return tuple(None if x is None else x.to(dt) for x, dt in zip(outs, dtypes))
