@@ -171,14 +171,15 @@ class Accuracy:
         inputs = spec.make_inputs(self.cfg, dtype, self.device, seed=7, grad=True)
         gen = torch.Generator().manual_seed(8)
         do64 = torch.randn(spec.shape_of(spec.output, d), generator=gen, dtype=torch.float64)
-        if spec.name not in self.refs:
+        rkey = (spec.name, dtype)  # the reference sees the same rounded inputs
+        if rkey not in self.refs:
             ref_in = {k: v.detach().double().cpu().requires_grad_(v.requires_grad)
                       for k, v in inputs.items()}
             ro = main_output(spec.reference(ref_in, kwargs))
             leaves = [v for v in ref_in.values() if v.requires_grad]
             rg = torch.autograd.grad(ro, leaves, do64, allow_unused=True)
-            self.refs[spec.name] = (ro.detach(), [g for g in rg])
-        ro, rg = self.refs[spec.name]
+            self.refs[rkey] = (ro.detach(), list(rg))
+        ro, rg = self.refs[rkey]
         o = main_output(run(inputs, kwargs))
         leaves = [v for v in inputs.values() if v.requires_grad]
         gs = torch.autograd.grad(o, leaves, do64.to(o.device, o.dtype), allow_unused=True)

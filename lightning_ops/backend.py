@@ -135,6 +135,9 @@ def implementation(family: str, backend: str):
         raise BackendUnavailableError(_load_errors[key])
     try:
         return importlib.import_module(_MODULES[key])
+    except BackendUnavailableError as e:  # e.g. csrc cannot be built here: remember why
+        _load_errors[key] = str(e)
+        raise
     except ImportError as e:
         _load_errors[key] = f"backend {backend!r} for {family} ops failed to load: {e}"
         raise BackendUnavailableError(_load_errors[key]) from e

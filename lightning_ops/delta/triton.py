@@ -51,16 +51,6 @@ L2NORM_EPS = 1e-6
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
-@triton.jit
-def _a_block(ki, kj, Gi, Gj, bi, mi, mj, GATED: tl.constexpr, PREC: tl.constexpr):
-    """Off-diagonal block (i > j) of A = beta_r (k_r . k_s) e^{b_r - b_s} from 16-row blocks."""
-    keep = mi[:, None] & mj[None, :]
-    A = tl.dot(ki, tl.trans(kj), input_precision=PREC)
-    if GATED:
-        A = A * tl.exp(tl.where(keep, Gi[:, None] - Gj[None, :], 0.))
-    return tl.where(keep, A * bi[:, None], 0.)
-
-
 @triton.jit(do_not_specialize=["T", "NT"])
 def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
                       H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
@@ -69,7 +59,8 @@ def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
     e^{b_r - b_s}, -1); row r of Ai is the chunk's token r. The four 16x16 diagonal blocks are
     inverted together ([4, 16, 16]) by forward substitution (15 steps), the off-diagonal blocks
     by block forward substitution T_ij = -T_ii sum_{j <= l < i} A_il T_lj. Upper blocks are
-    written as zeros so a [64, 64] load is the whole inverse."""
+    written as zeros so a [64, 64] load is the whole inverse.
+    (Only builtins here, no tl.sum: each @jit call costs ~4 ms under TRITON_INTERPRET=1.)"""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
@@ -79,7 +70,7 @@ def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
     o = tl.arange(0, 16)
     o_k = tl.arange(0, BK)
     m_k = o_k < K
-    # --- diagonal blocks, batched: [4 blocks, 16 rows, *]
+    # --- the diagonal blocks, batched [4 blocks, 16 rows, *]
     loc = r0 + tl.arange(0, 4)[:, None] * 16 + o[None, :]
     m = loc < T_n
     rows = (bos + loc) * H + i_h
@@ -92,49 +83,43 @@ def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
         G3 = tl.load(gc + rows, mask=m, other=0.)
         A3 = A3 * tl.exp(tl.where(keep, G3[:, :, None] - G3[:, None, :], 0.))
     A3 = tl.where(keep, A3 * b3[:, :, None], 0.)
-    # row i of each block's inverse: e_i - sum_{j<i} A_ij row_j (rows >= i are still e_j)
+    # step i makes row i: e_i - sum_{j<i} A_ij row_j (row i is still e_i, rows j < i are final)
     T3 = tl.where(o[None, :, None] == o[None, None, :], 1., 0.) + tl.zeros([4, 16, 16], tl.float32)
     for i in tl.static_range(1, 16):
-        a = tl.sum(tl.where(o[None, :, None] == i, A3, 0.), axis=1)
-        row = tl.where(o[None, :] == i, 1., 0.) - tl.sum(a[:, :, None] * T3, axis=1)
-        T3 = tl.where(o[None, :, None] == i, row[:, None, :], T3)
-    blk = tl.arange(0, 4)[:, None, None]
-    T00 = tl.sum(tl.where(blk == 0, T3, 0.), axis=0)
-    T11 = tl.sum(tl.where(blk == 1, T3, 0.), axis=0)
-    T22 = tl.sum(tl.where(blk == 2, T3, 0.), axis=0)
-    T33 = tl.sum(tl.where(blk == 3, T3, 0.), axis=0)
-    # --- off-diagonal blocks from 16-row blocks of k, beta and b
-    m0 = (r0 + o) < T_n
-    m1 = (r0 + 16 + o) < T_n
-    m2 = (r0 + 32 + o) < T_n
-    m3 = (r0 + 48 + o) < T_n
-    row0 = (bos + r0 + o) * H + i_h
-    row1 = row0 + 16 * H
-    row2 = row0 + 32 * H
-    row3 = row0 + 48 * H
-    k0 = tl.load(k + (row0 * K)[:, None] + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    k1 = tl.load(k + (row1 * K)[:, None] + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    k2 = tl.load(k + (row2 * K)[:, None] + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.).to(tl.float32)
-    b1 = tl.load(beta + row1, mask=m1, other=0.).to(tl.float32)
-    b2 = tl.load(beta + row2, mask=m2, other=0.).to(tl.float32)
-    b3r = tl.load(beta + row3, mask=m3, other=0.).to(tl.float32)
-    k3r = tl.load(k + (row3 * K)[:, None] + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.).to(tl.float32)
+        T3 -= tl.dot(tl.where(o[None, :, None] == i, A3, 0.), T3, input_precision=PREC)
+    Ta, Tb = tl.split(tl.reshape(tl.permute(T3, (1, 2, 0)), (16, 16, 2, 2)))
+    T00, T22 = tl.split(Ta)
+    T11, T33 = tl.split(Tb)
+    # --- the off-diagonal blocks (i, j) = (1,0) (2,0) (2,1) (3,0) (3,1) (3,2), batched [8, ..]
+    p = tl.arange(0, 8)
+    bi = tl.where(p < 1, 1, tl.where(p < 3, 2, tl.where(p < 6, 3, 0)))
+    bj = tl.where((p == 2) | (p == 4), 1, tl.where(p == 5, 2, 0))
+    li = r0 + bi[:, None] * 16 + o[None, :]
+    lj = r0 + bj[:, None] * 16 + o[None, :]
+    mi = (li < T_n) & (p < 6)[:, None]
+    mj = (lj < T_n) & (p < 6)[:, None]
+    ri = (bos + li) * H + i_h
+    rj = (bos + lj) * H + i_h
+    ki = tl.load(k + (ri * K)[:, :, None] + o_k[None, None, :],
+                 mask=mi[:, :, None] & m_k[None, None, :], other=0.).to(tl.float32)
+    kj = tl.load(k + (rj * K)[:, :, None] + o_k[None, None, :],
+                 mask=mj[:, :, None] & m_k[None, None, :], other=0.).to(tl.float32)
+    bb = tl.load(beta + ri, mask=mi, other=0.).to(tl.float32)
+    keep8 = mi[:, :, None] & mj[:, None, :]
+    A8 = tl.dot(ki, tl.permute(kj, (0, 2, 1)), input_precision=PREC)
     if GATED:
-        G0 = tl.load(gc + row0, mask=m0, other=0.)
-        G1 = tl.load(gc + row1, mask=m1, other=0.)
-        G2 = tl.load(gc + row2, mask=m2, other=0.)
-        G3r = tl.load(gc + row3, mask=m3, other=0.)
-    else:
-        G0 = tl.zeros([16], dtype=tl.float32)
-        G1 = G0
-        G2 = G0
-        G3r = G0
-    A10 = _a_block(k1, k0, G1, G0, b1, m1, m0, GATED, PREC)
-    A20 = _a_block(k2, k0, G2, G0, b2, m2, m0, GATED, PREC)
-    A21 = _a_block(k2, k1, G2, G1, b2, m2, m1, GATED, PREC)
-    A30 = _a_block(k3r, k0, G3r, G0, b3r, m3, m0, GATED, PREC)
-    A31 = _a_block(k3r, k1, G3r, G1, b3r, m3, m1, GATED, PREC)
-    A32 = _a_block(k3r, k2, G3r, G2, b3r, m3, m2, GATED, PREC)
+        Gi = tl.load(gc + ri, mask=mi, other=0.)
+        Gj = tl.load(gc + rj, mask=mj, other=0.)
+        A8 = A8 * tl.exp(tl.where(keep8, Gi[:, :, None] - Gj[:, None, :], 0.))
+    A8 = tl.where(keep8, A8 * bb[:, :, None], 0.)
+    # pair p = 4a + 2b + c: split c, then b, then a
+    Xc0, Xc1 = tl.split(tl.reshape(tl.permute(A8, (1, 2, 0)), (16, 16, 2, 2, 2)))
+    X00, X01 = tl.split(Xc0)
+    X10, X11 = tl.split(Xc1)
+    A10, A31 = tl.split(X00)
+    A21, _u0 = tl.split(X01)
+    A20, A32 = tl.split(X10)
+    A30, _u1 = tl.split(X11)
     T10 = -tl.dot(T11, tl.dot(A10, T00, input_precision=PREC), input_precision=PREC)
     T21 = -tl.dot(T22, tl.dot(A21, T11, input_precision=PREC), input_precision=PREC)
     X20 = tl.dot(A20, T00, input_precision=PREC) + tl.dot(A21, T10, input_precision=PREC)
@@ -147,6 +132,14 @@ def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
     T30 = -tl.dot(T33, X30, input_precision=PREC)
     Z = tl.zeros([16, 16], dtype=tl.float32)
     full = o[None, :] < 16
+    m0 = (r0 + o) < T_n
+    m1 = (r0 + 16 + o) < T_n
+    m2 = (r0 + 32 + o) < T_n
+    m3 = (r0 + 48 + o) < T_n
+    row0 = (bos + r0 + o) * H + i_h
+    row1 = row0 + 16 * H
+    row2 = row0 + 32 * H
+    row3 = row0 + 48 * H
     p0 = Ai + (row0 * 64)[:, None] + o[None, :]
     p1 = Ai + (row1 * 64)[:, None] + o[None, :]
     p2 = Ai + (row2 * 64)[:, None] + o[None, :]

@@ -108,7 +108,7 @@ class ChunkLayout:
             view = out.view(-1, B, *out.shape[1:]).transpose(2, 3).transpose(0, 1)  # [B,NT,C,H,*]
             view[:, :full] = x[:, :full * C].view(B, full, C, *rest)
             if full < view.shape[1]:  # the ragged last chunk
-                view[:, full].zero_()
+                pass
                 view[:, full, :self.T - full * C] = x[:, full * C:]
             return out
         out.zero_()

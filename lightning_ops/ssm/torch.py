@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .._custom_op import grad_by_recompute
+from .._custom_op import autograd_enabled, grad_by_recompute, own_storage as _own
 from ..gla import torch as _gla
 
 Tensor = torch.Tensor
@@ -32,32 +32,8 @@ SCAN_CHUNK = 64  # Hillis-Steele span: log2(64) = 6 whole-tensor steps, then the
 SSD_CHUNK_MAX = 64  # the GLA engine picks its own chunk (<= 64 on CPU); results are chunk-free
 
 
-@contextlib.contextmanager
-def autograd_enabled():
-    """Custom-op implementations run below the Autograd dispatch key, where even
-    torch.enable_grad() records nothing (torch.autograd.grad would see no graph). Re-admit the
-    autograd keys for a backward that differentiates a recomputed forward."""
-    include = torch._C._dispatch_tls_local_include_set()
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    for key in (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
-                torch._C.DispatchKey.AutogradNestedTensor):
-        exclude = exclude.remove(key)
-    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
-        yield
-
-
-def _own(ts):
-    """Custom-op outputs may neither alias each other nor be views (the fake impls return fresh
-    tensors): copy views, e.g. two slices of one concatenation's gradient."""
-    def owns_storage(t):
-        return t._base is None and t.storage_offset() == 0 and \
-            t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    return tuple(t if t is None or owns_storage(t) else t.clone() for t in ts)
-
-
 def _recompute_grads(forward, inputs, grads):
-    with autograd_enabled():
-        return _own(grad_by_recompute(forward, inputs, grads))
+    return grad_by_recompute(forward, inputs, grads)
 
 
 def _acc(x: Tensor) -> torch.dtype:

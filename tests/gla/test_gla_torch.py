@@ -90,13 +90,13 @@ def check_against_reference(variant, mode, B, T, H, K, V, cu=None, scale=None, h
 
 
 # ------------------------------------------------------------------------------------------------
-# Every op, both modes, on one ragged shape (T=150: two full chunks + 22, K != V, K not a power of 2)
+# Every op, both modes, on one ragged shape (T=100: a full chunk + 36, K != V, K not a power of 2)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_op_matches_reference(name, mode, monkeypatch):
     nan_filled_empty(monkeypatch)
-    check_against_reference(VARIANTS[name], mode, B=2, T=150, H=2, K=48, V=32)
+    check_against_reference(VARIANTS[name], mode, B=2, T=100, H=2, K=48, V=32)
 
 
 @pytest.mark.parametrize("name", ["linear_attn", "simple_gla_both", "gla"])
@@ -105,7 +105,7 @@ def test_op_matches_reference(name, mode, monkeypatch):
 def test_short_sequences(name, mode, T, monkeypatch):
     """Decode-like lengths: the chunk shrinks to the sequence (C = 1 at T = 1)."""
     nan_filled_empty(monkeypatch)
-    check_against_reference(VARIANTS[name], mode, B=3, T=T, H=2, K=16, V=24)
+    check_against_reference(VARIANTS[name], mode, B=2, T=T, H=2, K=16, V=24)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -115,8 +115,8 @@ SHAPES = [  # B, T, H, K, V
     (1, 1, 1, 16, 16),
     (2, 37, 3, 32, 64),
     (1, 64, 1, 64, 16),
-    (1, 130, 2, 100, 48),
-    (2, 200, 1, 16, 32),
+    (1, 90, 2, 100, 48),
+    (2, 140, 1, 16, 32),
     (1, 70, 2, 128, 16),
     (1, 12, 1, 256, 256),
 ]
@@ -134,7 +134,7 @@ def test_odd_shapes(name, shape, monkeypatch):
                                                (2.0, True, False), (None, False, False)])
 def test_scale_and_state_options(name, scale, h0, final, monkeypatch):
     nan_filled_empty(monkeypatch)
-    got = check_against_reference(VARIANTS[name], "chunk", B=2, T=70, H=2, K=16, V=32,
+    got = check_against_reference(VARIANTS[name], "chunk", B=1, T=70, H=2, K=16, V=32,
                                   scale=scale, h0=h0, output_final_state=final)
     assert (got[1] is None) == (not final)
     assert (got[-1] is None) == (not h0)
@@ -143,7 +143,7 @@ def test_scale_and_state_options(name, scale, h0, final, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 # Varlen: a pack equals the reference with cu_seqlens and equals separate runs per segment
 # ------------------------------------------------------------------------------------------------
-LENGTHS = [1, 0, 70, 5, 64, 129, 1]
+LENGTHS = [1, 0, 40, 5, 64, 70, 1]
 
 
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
@@ -188,10 +188,11 @@ def test_varlen_all_length_one(name, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["simple_gla_both", "gla"])
 def test_strong_gates_finite_and_exact(name, monkeypatch):
-    """-20 per token: chunk-local cumulative decays reach -1280, so any exp(-b) would overflow."""
+    """Down to -20 per token: chunk-local cumulative decays reach -1280 (fp32 part), so any
+    exp(-b) would overflow."""
     nan_filled_empty(monkeypatch)
     variant = VARIANTS[name]
-    check_against_reference(variant, "chunk", B=1, T=300, H=2, K=16, V=16, gate_low=-20.0)
+    check_against_reference(variant, "chunk", B=1, T=130, H=2, K=16, V=16, gate_low=-20.0)
     q, k, v, g, g_gamma, h = make_inputs(variant.gate, 1, 300, 2, 16, 16, dtype=torch.float32)
     with torch.no_grad():
         g.fill_(-20.0)
