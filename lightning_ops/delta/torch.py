@@ -13,18 +13,21 @@ the WY/UT representation turns the C sequential rank-1 updates into one triangul
   o     = (scale q exp(b)) S + [(scale q k^T) * exp(b_i - b_j)]_{j <= i} v_new
 
 From there on the math is the GLA family's with a scalar gate and v_new for v, so this module
-reuses lightning_ops.gla.torch for the layout (ChunkLayout: varlen, padding), gate cumsums and
-factors, intra-chunk scores, the state loops and the output; only the solve and the v_new
-dependence of the state loop are delta-specific. Every exponent is <= 0 (masked before exp).
+reuses lightning_ops.gla.torch for the layout (ChunkLayout: varlen, padding), the gate cumsum and
+factors, the state loops (scan_chunks / scan_chunks_reverse) and the output (chunk_output). The
+delta-specific parts: the WY transform and the v_new dependence of the state loop. The decay
+mask exp(b_i - b_j) is built once per call and shared by the k k^T and q k^T scores (masked
+before exp, so every exponent is <= 0).
 
 Backward is hand-written: the reverse state loop carries dS through v_new = u - w S, then every
-chunk-local gradient is batched; the triangular solve's adjoint is one more solve with L^T. The
-gate gradient uses the pair identity of the GLA engine (db_t = q_t.dq_t - k_t.dk_t for scores
-built from exp(b_i - b_j)) plus the direct uses of exp(b), exp(b_last - b) and exp(b_last).
+chunk-local gradient is batched. The solve's adjoint is a matmul with the stored inverse
+(d rhs = L^-T [du | dw], dA = -tril(d rhs [u | w]^T, -1)). The gate gradient collects the pair
+factors exp(b_i - b_j) of both score matrices as row sums minus column sums of dA * A, plus
+the direct uses of exp(b), exp(b_last - b) and exp(b_last), reverse-cumsummed within a chunk.
 
 Grouped value heads (HV = m * H): q and k are repeated to HV heads before chunking and their
 gradients summed back over each group. The in-kernel l2 norm of q, k (reference.l2norm) is
-applied first, its gradient by hand.
+applied first, its gradient by hand. Varlen reads the lengths on the host (ChunkLayout).
 """
 from __future__ import annotations
 

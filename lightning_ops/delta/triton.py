@@ -177,7 +177,8 @@ def wy_apply_kernel(k, v, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
     o_t = tl.arange(0, 64)
     m_t = (r0 + o_t) < T_n
     rows = (bos + r0 + o_t) * H + i_h
-    Ti = tl.load(Ai + (rows * 64)[:, None] + o_t[None, :], mask=m_t[:, None] & (o_t[None, :] < 64), other=0.)
+    Ti = tl.load(Ai + (rows * 64)[:, None] + o_t[None, :],
+                 mask=m_t[:, None] & (o_t[None, :] < 64), other=0.)
     bt = tl.load(beta + rows, mask=m_t, other=0.).to(tl.float32)
     if GATED:
         G = tl.load(gc + rows, mask=m_t, other=0.)
@@ -338,7 +339,8 @@ def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
     m_tk = m_t[:, None] & m_k[None, :]
     rows = (bos + r0 + o_t) * H + i_h
     pk = (rows * K)[:, None] + o_k[None, :]
-    Ti = tl.load(Ai + (rows * 64)[:, None] + o_t[None, :], mask=m_t[:, None] & (o_t[None, :] < 64), other=0.)
+    Ti = tl.load(Ai + (rows * 64)[:, None] + o_t[None, :],
+                 mask=m_t[:, None] & (o_t[None, :] < 64), other=0.)
     kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
     bt = tl.load(beta + rows, mask=m_t, other=0.).to(tl.float32)
     strict = (o_t[:, None] > o_t[None, :]) & m_t[:, None] & m_t[None, :]
@@ -452,6 +454,12 @@ def _state_bv(K: int, V: int) -> int:
     return min(next_pow2(V), 64 if next_pow2(K) <= 128 else 32)
 
 
+def _walk_warps(K: int, BV: int) -> int:
+    """The state walks hold [K, BV] state plus [64, K] tiles: 8 warps once those are large.
+    (A shape heuristic, not tuned on hardware yet.)"""
+    return 8 if next_pow2(K) * BV >= 128 * 64 else 4
+
+
 class _Prep:
     """Inputs as the chunk kernels see them: q/k l2-normalised (if asked) and repeated to the
     value heads, the chunk table and the gate cumsum."""
@@ -497,9 +505,11 @@ def _wy(p: _Prep, v, beta):
     _, _, PREC = dot_config(p.q.dtype)
     grid = (meta.grid_t, B * H)
     Ai = _f32(v, B, T, H, CHUNK)
+    # exact fp32 products in the inverse whatever the input dtype: its 15 substitution steps
+    # compound rounding (the 16x16 products are cheap)
     wy_inverse_kernel[grid](p.k, beta, p.gc, Ai, p.cu, meta.indices, T, meta.NT,
                             H=H, K=K, BK=next_pow2(K), GATED=p.gc is not None,
-                            IS_VARLEN=meta.is_varlen, PREC=PREC)
+                            IS_VARLEN=meta.is_varlen, PREC="ieee")
     w, u = _f32(v, B, T, H, K), _f32(v, B, T, H, V)
     wy_apply_kernel[grid](p.k, v, beta, p.gc, Ai, w, u, p.cu, meta.indices, T, meta.NT,
                           H=H, K=K, V=V, BK=min(64, next_pow2(K)), BV=min(64, next_pow2(V)),
@@ -518,7 +528,8 @@ def _states(p: _Prep, w, u, h0, output_final_state):
     delta_state_kernel[(triton.cdiv(V, BV), meta.N * H)](
         p.k, w, u, p.gc, hs, v_new, h0, ht, p.cu, meta.offsets, T, meta.NT,
         H=H, K=K, V=V, BK=next_pow2(K), BV=BV, GATED=p.gc is not None, USE_H0=h0 is not None,
-        STORE_HT=ht is not None, IS_VARLEN=meta.is_varlen, DT_S=DT_S, PREC=PREC)
+        STORE_HT=ht is not None, IS_VARLEN=meta.is_varlen, DT_S=DT_S, PREC=PREC,
+        num_warps=_walk_warps(K, BV))
     return hs, v_new, ht
 
 
@@ -551,7 +562,8 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, cu_seqlens, use_l2, do, dht):
     delta_state_bwd_kernel[(triton.cdiv(V, BV), meta.N * H)](
         p.q, p.k, w, do, p.gc, dhs, dv_new, dht, dh0, p.cu, meta.offsets, scale, T, meta.NT,
         H=H, K=K, V=V, BK=next_pow2(K), BV=BV, GATED=gated, USE_DHT=dht is not None,
-        STORE_DH0=dh0 is not None, IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC)
+        STORE_DH0=dh0 is not None, IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC,
+        num_warps=_walk_warps(K, BV))
     # output and state parts of dq, dk, dg: the GLA kernel with v_new for v
     BK, BVo = min(64, next_pow2(K)), min(64, next_pow2(V))
     NK = triton.cdiv(K, BK)
@@ -570,7 +582,7 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, cu_seqlens, use_l2, do, dht):
     wy_bwd_kernel[(meta.grid_t, B * H)](
         p.k, v, beta, p.gc, Ai, hs, dv_new, dk_wy, dv, dbeta, dg_wy, p.cu, meta.indices,
         T, meta.NT, H=H, K=K, V=V, BK=next_pow2(K), BV=min(32, next_pow2(V)), GATED=gated,
-        IS_VARLEN=meta.is_varlen, DT_S=DT_S, PREC=PREC)
+        IS_VARLEN=meta.is_varlen, DT_S=DT_S, PREC=PREC, num_warps=8 if K > 64 else 4)
     dq, dk = p.grads_to_inputs(dq, dk_out + dk_wy)
     dg = None if not gated else dg_out.sum(0).view(g.shape) + dg_wy
     return dq, dk, dv, dg, dbeta, dh0

@@ -108,7 +108,7 @@ class ChunkLayout:
             view = out.view(-1, B, *out.shape[1:]).transpose(2, 3).transpose(0, 1)  # [B,NT,C,H,*]
             view[:, :full] = x[:, :full * C].view(B, full, C, *rest)
             if full < view.shape[1]:  # the ragged last chunk
-                pass
+                view[:, full].zero_()
                 view[:, full, :self.T - full * C] = x[:, full * C:]
             return out
         out.zero_()
@@ -274,6 +274,7 @@ def intra_chunk_scores(q: Tensor, k: Tensor, b: Optional[Tensor], sub_chunk: Opt
     C = q.shape[2]
     if gate_kind(b) != "vector":
         return (q @ k.transpose(-1, -2)) * _causal_decay_mask(b, C, q)
+    q, k, b = q.contiguous(), k.contiguous(), b.contiguous()  # the block views below need it
     c = _diag_size(C, sub_chunk)
     A = q.new_zeros(*q.shape[:3], C)
     size = C
@@ -301,6 +302,7 @@ def intra_chunk_scores_backward(dA: Tensor, q: Tensor, k: Tensor, b: Optional[Te
         M = _causal_decay_mask(b, C, q)
         dS = dA * M
         return dS @ k, dS.transpose(-1, -2) @ q, (q @ k.transpose(-1, -2)) * M
+    dA, q, k, b = dA.contiguous(), q.contiguous(), k.contiguous(), b.contiguous()
     c = _diag_size(C, sub_chunk)
     A = q.new_zeros(*q.shape[:3], C)
     dq, dk = torch.zeros_like(q), torch.zeros_like(k)
@@ -428,7 +430,7 @@ class _Chunked:
     h0: Tensor
 
 
-def _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode) -> _Chunked:
+def _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens) -> _Chunked:
     B, T, H, K = q.shape
     V = v.shape[-1]
     if cu_seqlens is None:
@@ -469,7 +471,9 @@ def _inter_chunk(x: _Chunked) -> _Inter:
 
 
 def forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode):
-    x = _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode)
+    """Backend contract of lightning_ops.gla.ops -> (o in v's dtype, final state fp32/fp64 or
+    None). Both modes run the chunk engine (see the module docstring)."""
+    x = _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens)
     r = _inter_chunk(x)
     A = intra_chunk_scores(x.q, x.k, x.b)
     o = x.layout.unpack(chunk_output(r.q_inter, r.states, A, x.v), v.dtype)
@@ -477,7 +481,8 @@ def forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_se
 
 
 def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht):
-    x = _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode)
+    """-> (dq, dk, dv, dg or None, dh0 or None), each in its input's dtype; dht may be None."""
+    x = _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens)
     layout = x.layout
     r = _inter_chunk(x)  # recomputed: cheaper than saving per-chunk states from the forward
     doc = layout.pack(do, x.q.dtype)

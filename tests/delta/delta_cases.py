@@ -5,7 +5,7 @@ inputs; o, the final state and every gradient (q, k, v, g, beta, initial_state) 
 (o*do).sum() + (ht*dht).sum() backward are compared."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -30,7 +30,6 @@ class Case:
     lengths: Optional[Sequence[int]] = None  # varlen: B == 1, T == sum(lengths)
     mode: str = "chunk"
     scale: Optional[float] = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def id(self) -> str:

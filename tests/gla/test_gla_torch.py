@@ -4,7 +4,7 @@ gradients of q, k, v, g and initial_state from one (o*do).sum() + (ht*dht).sum()
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import pytest
 import torch
@@ -146,11 +146,9 @@ def test_scale_and_state_options(name, scale, h0, final, monkeypatch):
 LENGTHS = [1, 0, 40, 5, 64, 70, 1]
 
 
-@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name, mode", [(n, "chunk") for n in VARIANTS]
+                         + [("simple_gla_both", "recurrent"), ("gla", "recurrent")])
 def test_varlen_matches_reference_and_separate_runs(name, mode, monkeypatch):
-    if mode == "recurrent" and name not in ("simple_gla_both", "gla"):
-        pytest.skip("one scalar and one vector gate suffice for the shared varlen path")
     nan_filled_empty(monkeypatch)
     variant = VARIANTS[name]
     cu = cu_seqlens_from_lengths(LENGTHS)

@@ -282,3 +282,38 @@ def test_bf16_forward_on_gpu(name):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all() and torch.isfinite(step).all()
     err = ((out.float() - ref).norm() / ref.norm()).item()
     assert err < 5e-2, f"{name}: bf16 vs fp32 relative RMS {err:.3e}"
+
+
+# -- the shared short convolution ---------------------------------------------------------------
+def _conv_ref(conv, x, h0):
+    """Plain F.conv1d over [history, tokens] for one sequence x [L, D], history h0 [D, W-1]."""
+    xx = torch.cat([h0, x.t()], 1)[None]
+    if x.shape[0] == 0:  # an empty sequence: no output, the history passes through
+        return x, h0
+    out = torch.nn.functional.conv1d(xx, conv.weight, conv.bias, groups=conv.hidden_size)
+    return torch.nn.functional.silu(out)[0].t(), xx[0, :, -(conv.width - 1):]
+
+
+def test_short_convolution_states_masks_and_packing():
+    """Left-padded rows and packed sequences, each with its own initial history, equal F.conv1d
+    over [history, real tokens]; final states are each sequence's last W-1 inputs."""
+    torch.manual_seed(0)
+    conv = layers.ShortConvolution(6, kernel_size=4, bias=True)
+    lengths = [5, 1, 2, 0]
+    seqs = [torch.randn(n, 6) for n in lengths]
+    h0 = torch.randn(len(lengths), 6, 3)
+    refs = [_conv_ref(conv, s, h) for s, h in zip(seqs, h0)]
+    L = max(lengths)
+    padded = torch.stack([torch.cat([torch.full((L - len(s), 6), 9.0), s]) for s in seqs])
+    mask = torch.stack([torch.arange(L) >= L - len(s) for s in seqs])
+    out, final = conv(padded, mask=mask, initial_state=h0, output_final_state=True)
+    packed, pfinal = conv(torch.cat(seqs)[None], cu_seqlens=cu_seqlens_from_lengths(lengths),
+                          initial_state=h0, output_final_state=True)
+    start = 0
+    for i, ((ref, ref_final), s) in enumerate(zip(refs, seqs)):
+        n = len(s)
+        assert_close(f"row {i}", out[i, L - n:], ref, TOL)
+        assert_close(f"row {i} final", final[i], ref_final, TOL)
+        assert_close(f"packed {i}", packed[0, start:start + n], ref, TOL)
+        assert_close(f"packed {i} final", pfinal[i], ref_final, TOL)
+        start += n
