@@ -101,15 +101,16 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.pop()
 
 
-def resolve(family: str, device: torch.device) -> str:
-    """The backend that runs `family` on `device`."""
+def resolve(family: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that runs `family` on `device` for inputs of `dtype`. Unforced, float64 runs
+    on torch everywhere: the kernels compute in fp32 and would quietly lose the precision."""
     forced = requested()
     if forced is not None:
         why = missing(forced, device, family)
         if why is not None:
             raise BackendUnavailableError(f"backend {forced!r} is unavailable: {why}")
         return forced
-    if device.type != "cuda":
+    if device.type != "cuda" or dtype == torch.float64:
         return "torch"
     for name in _FAMILY_BACKENDS[family]:
         if missing(name, device, family) is None and _loadable(family, name):

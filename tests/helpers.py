@@ -48,7 +48,7 @@ def assert_close(name: str, actual: Optional[torch.Tensor], expected: Optional[t
 def nan_filled_empty(monkeypatch) -> None:
     """Make torch.empty / empty_like / new_empty return NaN-filled float tensors for the rest of
     the test, so outputs a kernel forgets to write fail the comparison (fla's trick)."""
-    real_empty, real_like = torch.empty, torch.empty_like
+    real_empty, real_like, real_new = torch.empty, torch.empty_like, torch.Tensor.new_empty
 
     def _fill(t):
         if t.is_floating_point() and t.numel():
@@ -57,6 +57,8 @@ def nan_filled_empty(monkeypatch) -> None:
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: _fill(real_empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: _fill(real_like(*a, **kw)))
+    monkeypatch.setattr(torch.Tensor, "new_empty",
+                        lambda self, *a, **kw: _fill(real_new(self, *a, **kw)))
 
 
 def log_gate(*shape, low: float = -0.5, dtype=torch.float64, device="cpu",

@@ -114,7 +114,7 @@ def _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
     N = V.check_cu_seqlens(cu_seqlens, B, T, q)
     V.check_state("initial_state", initial_state, (N, HV, K, Vd), "[N, H, K, V]", q)
     scale = float(K ** -0.5 if scale is None else scale)
-    name = _backend.resolve("delta", q.device)
+    name = _backend.resolve("delta", q.device, q.dtype)
     o, ht = _delta_fwd(q, k, v, g if gated else None, beta, initial_state, cu_seqlens, scale,
                        output_final_state, use_qk_l2norm_in_kernel, mode, name)
     return o, (ht if output_final_state else None)

@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 
 from ..gla.torch import (
+    chunk_size_for,
     ChunkLayout,
     chunk_local_cumsum,
     chunk_output,
@@ -57,10 +58,7 @@ L2NORM_EPS = 1e-6
 def _chunk_size(mode: str, max_len: int) -> int:
     if mode == "recurrent" and max_len <= RECURRENT_MAX_T:
         return 1  # the literal token-by-token recurrence
-    C = 1
-    while C < min(max_len, CHUNK_SIZE):
-        C *= 2
-    return C
+    return chunk_size_for(max_len, CHUNK_SIZE)
 
 
 def _mul(x: Tensor, factor: Optional[Tensor]) -> Tensor:

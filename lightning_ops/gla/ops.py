@@ -101,7 +101,7 @@ def _run(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqle
     N = V.check_cu_seqlens(cu_seqlens, B, T, q)
     V.check_state("initial_state", initial_state, (N, H, K, Vd), "[N, H, K, V]", q)
     scale = float(K ** -0.5 if scale is None else scale)
-    name = _backend.resolve("gla", q.device)
+    name = _backend.resolve("gla", q.device, q.dtype)
     o, ht = _gla_fwd(q, k, v, g, g_gamma, initial_state, cu_seqlens, scale,
                      output_final_state, mode, name)
     return o, (ht if output_final_state else None)

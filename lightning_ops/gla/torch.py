@@ -411,10 +411,10 @@ def _compute_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _chunk_size(max_len: int) -> int:
-    """CHUNK_SIZE, or the longest sequence's length rounded up to a power of two if shorter."""
+def chunk_size_for(max_len: int, limit: int = CHUNK_SIZE) -> int:
+    """`limit`, or the longest sequence's length rounded up to a power of two if shorter."""
     C = 1
-    while C < min(max_len, CHUNK_SIZE):
+    while C < min(max_len, limit):
         C *= 2
     return C
 
@@ -437,7 +437,7 @@ def _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens) -> _Chunked:
         max_len = T
     else:  # host read of the lengths (see ChunkLayout.build)
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    layout = ChunkLayout.build(B, T, cu_seqlens, _chunk_size(max_len), q.device)
+    layout = ChunkLayout.build(B, T, cu_seqlens, chunk_size_for(max_len), q.device)
     dt = _compute_dtype(q)
     gc = None if g is None else layout.pack(g, dt)
     if g_gamma is not None:  # constant decay on real tokens only (padding must stay 0)

@@ -13,13 +13,15 @@ kernels' widest arithmetic) and the results cast back to float64: use the torch 
 float64 accuracy matters.
 
 Chunk forward, two forms chosen by `_single_pass` (env LIGHTNING_OPS_GLA_SINGLE_PASS=0/1
-overrides):
-  two-pass     state kernel writes h_c per chunk (fp32), then a chunk-parallel output kernel;
+overrides where the fused form fits):
+  two-pass     the state kernel writes h_c per chunk (fp32, N_chunks x H x K x V), then a
+               chunk-parallel output kernel reads it;
   single-pass  Lightning-Attention-2 style: one program per (sequence, head, V block) walks its
                chunks and writes o from the register state, no per-chunk state in memory.
 The backward mirrors the choice: single-pass fuses dv into the reverse state walk, two-pass runs
-it chunk-parallel. Both backward forms store h_c and dh_c for the chunk-parallel dq/dk/dg kernel.
-Launch configs are fixed by shape (no autotuning); varlen chunk tables are built on the device.
+it chunk-parallel. Both backward forms store h_c and dh_c (fp32) for the chunk-parallel dq/dk/dg
+kernel. Launch configs are fixed by shape (no autotuning); T is a runtime argument, never
+specialized; varlen chunk tables are built on the device (no host sync).
 """
 from __future__ import annotations
 
@@ -69,16 +71,28 @@ def _as_compute(*xs: Optional[Tensor]):
     return out
 
 
-def _single_pass(N: int, H: int, K: int, V: int, device: torch.device) -> bool:
-    """Single-pass forward when the (sequence, head, V block) programs alone fill the device
-    (it then moves no per-chunk state through memory), and the full-K tiles fit in registers.
-    Otherwise the two-pass form buys chunk parallelism. Not tuned on hardware yet."""
+def _single_pass(N: int, H: int, K: int, V: int, dtype: torch.dtype,
+                 device: torch.device) -> bool:
+    """Single-pass forward (and fused dv backward) when its full-K tiles fit on chip and the
+    (sequence, head, V block) programs alone fill the device: it then moves no per-chunk state
+    through memory. Otherwise the two-pass form buys chunk parallelism. Env
+    LIGHTNING_OPS_GLA_SINGLE_PASS=1/0 forces it on (where it fits) or off. The occupancy rule is
+    a first guess, not tuned on hardware yet."""
+    if not _single_pass_fits(K, dtype, device):
+        return False
     env = os.environ.get("LIGHTNING_OPS_GLA_SINGLE_PASS", "").strip()
     if env in ("0", "1"):
         return env == "1"
+    return N * H * triton.cdiv(V, _single_bv(K, V)) >= sm_count(device)
+
+
+def _single_pass_fits(K: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """The fused kernel holds [C, K] tiles of q and k: K <= 128 in 16-bit; fp32 tiles (exact
+    'ieee' products staged through shared memory) need over 227 KB on sm_90 at K = 128, so fp32
+    on a GPU takes it up to K = 64 only."""
     if K > 128:
         return False
-    return N * H * triton.cdiv(V, _single_bv(K, V)) >= sm_count(device)
+    return dtype in (torch.float16, torch.bfloat16) or K <= 64 or device.type != "cuda"
 
 
 def _single_bv(K: int, V: int) -> int:
@@ -172,7 +186,7 @@ def _chunk_forward(q, k, v, g, g_gamma, scale, h0, output_final_state, cu_seqlen
     A = _scores(q, k, gc, scale, meta, gated=True) if GATE == 3 else None
     o = torch.empty_like(v)
     ht = _f32(q, meta.N, H, K, V) if output_final_state else None
-    if _single_pass(meta.N, H, K, V, q.device):
+    if _single_pass(meta.N, H, K, V, q.dtype, q.device):
         _state(k, v, q, gc, g_gamma, A, None, h0, ht, o, meta, scale, T, H, K, V, GATE,
                rev=False, fuse=True, dtype=q.dtype)
     else:
@@ -198,7 +212,7 @@ def _chunk_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
     dhs = _f32(q, meta.n_chunks, H, K, V)
     dh0 = _f32(q, meta.N, H, K, V) if h0 is not None else None
     dv = torch.empty_like(v)
-    if _single_pass(meta.N, H, K, V, q.device):
+    if _single_pass(meta.N, H, K, V, q.dtype, q.device):
         _state(q, do, k, gc, g_gamma, A, dhs, dht, dh0, dv, meta, scale, T, H, K, V, GATE,
                rev=True, fuse=True, dtype=q.dtype)
     else:

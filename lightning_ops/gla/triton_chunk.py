@@ -275,7 +275,8 @@ def chunk_out_kernel(
     Sraw = tl.zeros([C, C], dtype=tl.float32)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
+        # spare programs of a packed batch (r0 >= T_n) read no state: it was never written
+        m_k = (o_k < K) & ((o_k * 0 + r0) < T_n)
         m_tk = m_t[:, None] & m_k[None, :]
         zt = tl.load(z + rk[:, None] + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
         Sb = tl.load(state + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
@@ -450,6 +451,7 @@ def chunk_dqkg_kernel(
     tok = bos + r0 + o_t
     m_t = (r0 + o_t) < T_n
     m_tk = m_t[:, None] & m_k[None, :]
+    m_s = m_k & ((o_k * 0 + r0) < T_n)  # spare programs of a packed batch read no state
     rows = tok * H + i_h
     pk = (rows * K)[:, None] + o_k[None, :]
     G, G_L = _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k, H, K, C, GATE)
@@ -466,7 +468,7 @@ def chunk_dqkg_kernel(
         vt = tl.load(v + pv, mask=m_tv, other=0.).to(tl.float32)
         dot_ = tl.load(do + pv, mask=m_tv, other=0.).to(tl.float32)
         kv = o_k[:, None] * V + o_v[None, :]
-        m_kv = m_k[:, None] & m_v[None, :]
+        m_kv = m_s[:, None] & m_v[None, :]
         h = tl.load(hs + state + kv, mask=m_kv, other=0.).to(tl.float32)
         dh = tl.load(dhs + state + kv, mask=m_kv, other=0.).to(tl.float32)
         dq_acc += tl.dot(dot_.to(DT_S), tl.trans(h).to(DT_S), input_precision=PREC)

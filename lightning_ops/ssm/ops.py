@@ -164,7 +164,7 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     V.check_tensor("delta_bias", delta_bias, (d,), "[D]", u)
     V.check_flag("delta_softplus", delta_softplus)
     V.check_flag("return_last_state", return_last_state)
-    name = _backend.resolve("selective_scan", u.device)
+    name = _backend.resolve("selective_scan", u.device, u.dtype)
     y, last, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                            return_last_state, name)
     return (y, last) if return_last_state else y
@@ -309,7 +309,7 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
         raise ValueError("return_varlen_states=True needs cu_seqlens")
     N = V.check_cu_seqlens(cu_seqlens, b, l, x)
     V.check_state("initial_states", initial_states, (N, h, p, n), "[N, h, p, n]", x)
-    name = _backend.resolve("ssd", x.device)
+    name = _backend.resolve("ssd", x.device, x.dtype)
     want_states = return_final_states or return_varlen_states
     y, final = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
                         chunk_size, dt_softplus, dt_min, dt_max, want_states, name)
@@ -355,7 +355,7 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
         V.check_tensor("z", z, (b, d), "[b, D]", state)
         V.check_tensor("dt_bias", dt_bias, (d,), "[D]", state)
         V.check_flag("dt_softplus", dt_softplus)
-        name = _backend.resolve("ssd", state.device)
+        name = _backend.resolve("ssd", state.device, state.dtype)
         out = _state_update(state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0),
                             B.unsqueeze(1), C.unsqueeze(1),
                             None if D is None else D.unsqueeze(0),
@@ -382,7 +382,7 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     V.check_tensor("z", z, (b, h, p), "[b, h, p]", state)
     V.check_tensor("dt_bias", dt_bias, (h, p), "[h, p]", state)
     V.check_flag("dt_softplus", dt_softplus)
-    name = _backend.resolve("ssd", state.device)
+    name = _backend.resolve("ssd", state.device, state.dtype)
     return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, name)
 
 
@@ -486,7 +486,7 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         if seq_idx.device != x.device:
             raise ValueError(f"seq_idx is on {seq_idx.device} but the inputs are on "
                              f"{x.device}; all tensors must be on one device")
-    name = _backend.resolve("conv", x.device)
+    name = _backend.resolve("conv", x.device, x.dtype)
     out, final = _conv_fwd(x, weight, bias, initial_states, seq_idx, return_final_states, act,
                            name)
     return (out, final) if return_final_states else out
@@ -520,7 +520,7 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
                          f"got {list(conv_state.shape)}")
     V.check_tensor("bias", bias, (d,), "[D]", x)
     act = _activation(activation)
-    name = _backend.resolve("conv", x.device)
+    name = _backend.resolve("conv", x.device, x.dtype)
     xs = x.unsqueeze(-1) if x.dim() == 2 else x
     out = _conv_update(xs, conv_state, weight, bias, act, name)
     return out.squeeze(-1) if x.dim() == 2 else out

@@ -52,3 +52,9 @@ def test_triton_needs_gpu_or_interpreter(monkeypatch):
         assert why is not None and "TRITON_INTERPRET=1" in why
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backend.missing("triton", torch.device("cpu"), "gla") is None
+
+
+def test_float64_defaults_to_torch_even_on_cuda(monkeypatch):
+    """Kernels compute in fp32; unforced float64 must not be routed to them."""
+    monkeypatch.delenv("LIGHTNING_OPS_BACKEND", raising=False)
+    assert backend.resolve("gla", torch.device("cuda"), torch.float64) == "torch"

@@ -14,7 +14,7 @@ import torch
 
 import lightning_ops as lo
 from lightning_ops import reference
-from helpers import (INTERPRET, backward_probe, cu_seqlens_from_lengths, grads_of, log_gate,
+from helpers import (backward_probe, cu_seqlens_from_lengths, grads_of, log_gate,
                      nan_filled_empty, rel_rms, requires_gpu, requires_triton, triton_device)
 
 pytestmark = requires_triton
@@ -22,7 +22,7 @@ pytestmark = requires_triton
 TOL = 1e-5
 DEV = triton_device()
 
-# op name -> how it is called; gate: which gate tensors it takes
+# the ops under test (see _call): gates none, scalar g, g_gamma, both, slope, vector g
 OPS = ("linear", "simple_g", "simple_gamma", "simple_both", "lightning", "gla")
 
 
@@ -269,6 +269,21 @@ def test_chunk_tables():
     assert all(n == 4 and c >= 1 for n, c in m.indices.tolist()[5:])
 
 
+def test_single_pass_choice(monkeypatch):
+    """The fused single-pass form only where its tiles fit (K <= 128; fp32 on a GPU K <= 64);
+    the env override cannot force it elsewhere."""
+    from lightning_ops.gla.triton import _single_pass
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setenv("LIGHTNING_OPS_GLA_SINGLE_PASS", "1")
+    assert _single_pass(1, 1, 128, 128, torch.bfloat16, cuda)
+    assert not _single_pass(1, 1, 256, 64, torch.bfloat16, cuda)
+    assert not _single_pass(1, 1, 128, 64, torch.float32, cuda)
+    assert _single_pass(1, 1, 64, 64, torch.float32, cuda)
+    assert _single_pass(1, 1, 128, 64, torch.float32, cpu)
+    monkeypatch.setenv("LIGHTNING_OPS_GLA_SINGLE_PASS", "0")
+    assert not _single_pass(64, 16, 128, 128, torch.bfloat16, cpu)
+
+
 def test_compile_fullgraph_interpreter():
     """torch.compile(fullgraph=True) traces the triton path (custom ops); on CPU the aot_eager
     backend (inductor also works here but spends ~1 min compiling C++ on the CPU)."""
@@ -287,6 +302,70 @@ def test_compile_fullgraph_interpreter():
     for n in GRAD_NAMES:
         if eager[2][n] is not None:
             assert torch.equal(eager[2][n], comp[2][n]), n
+
+
+def _compile_sm90():
+    """Compile representative kernel configs for sm_90 (frontend, LLVM, ptxas; no GPU needed)
+    and print 'ok <name> <shared bytes>' per kernel. Runs in a subprocess without
+    TRITON_INTERPRET: the interpreter accepts code the compiler rejects."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from lightning_ops.gla import triton_chunk as C, triton_recurrent as R
+
+    def build(fn, types, consts, name, num_warps=4):
+        sig = {p: "constexpr" if p in consts else types.get(p, "*fp32") for p in fn.arg_names}
+        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v
+                                             for n, v in consts.items()})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        assert k.metadata.shared <= 232448, f"{name}: {k.metadata.shared} B of shared memory"
+        print("ok", name, k.metadata.shared, flush=True)
+
+    bf, i32 = "*bf16", "*i32"
+    ints = dict(cu_seqlens=i32, chunk_indices=i32, chunk_offsets=i32, scale="fp32", T="i32",
+                NT="i32", dg_stride="i64", part_stride="i64")
+    dt = dict(DT=tl.bfloat16, DT_S=tl.bfloat16, PREC="tf32")
+    io = dict(ints, x=bf, y=bf, z=bf, out=bf, q=bf, k=bf, v=bf, do=bf, dq=bf, dk=bf, dv=bf, g=bf)
+    build(C.chunk_state_kernel, io, dict(H=4, K=128, V=128, C=64, BK=128, BV=32, GATE=3, REV=True,
+          USE_H0=True, STORE_HT=True, STORE_HS=True, FUSE_OUT=True, IS_VARLEN=True, **dt),
+          "state(fused, vector, rev)")
+    build(C.chunk_out_kernel, io, dict(H=4, K=100, V=128, C=64, BK=64, BV=64, GATE=1, REV=False,
+          IS_VARLEN=False, **dt), "out(scalar)")
+    build(C.chunk_scores_kernel, io, dict(H=4, D=128, C=64, BC=16, BD=32, GATED=True,
+          IS_VARLEN=True, **{n: dt[n] for n in ("DT", "PREC")}), "scores(vector)")
+    build(C.chunk_intra_grad_kernel, io, dict(H=4, K=128, C=64, BC=16, BK=32, IS_VARLEN=False,
+          **{n: dt[n] for n in ("DT", "PREC")}), "intra_grad")
+    build(C.chunk_dqkg_kernel, dict(io, dg=bf), dict(H=4, K=128, V=128, C=64, BK=64, BV=64,
+          GATE=3, HAS_DG=True, IS_VARLEN=True, **dt), "dqkg(vector)")
+    build(R.recurrent_fwd_kernel, io, dict(H=4, K=128, V=128, BK=128, BV=64, G_KIND=2,
+          HAS_GAMMA=True, USE_H0=True, STORE_FIN=True, BWD=True, IS_VARLEN=True),
+          "recurrent_fwd(bwd walk)")
+    build(R.recurrent_bwd_kernel, io, dict(H=4, K=128, V=128, BK=128, BV=64, G_KIND=1,
+          HAS_GAMMA=False, USE_DHT=True, STORE_DH0=True, IS_VARLEN=False), "recurrent_bwd")
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter runs code the compiler would reject (and ignores shared-memory limits):
+    compile the main configs for an H100 target on the CPU, in a subprocess without
+    TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton's NVIDIA backend (ptxas) is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    here = os.path.dirname(os.path.abspath(__file__))
+    root = os.path.dirname(os.path.dirname(here))
+    code = (f"import sys; sys.path[:0] = [{root!r}, {os.path.dirname(here)!r}, {here!r}]; "
+            "import test_gla_triton as t; t._compile_sm90()")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stdout.count("ok ") == 7, r.stdout
 
 
 # ---------------------------------------------------------------------------------------------

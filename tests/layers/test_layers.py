@@ -93,6 +93,18 @@ def test_prefill_then_steps_equals_full_forward(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_allocated_cache_starts_empty(name):
+    """allocate_cache gives zero states: a forward from it equals one with no cache."""
+    layer, x = make(name).train(), inputs(2, 6)
+    cache = layer.allocate_cache(2)
+    with torch.no_grad():
+        ref, ref_cache = layer(x, use_cache=True)
+        out, got = layer(x, cache=cache)
+    assert_close(f"{name} output", out, ref, TOL)
+    assert_cache_close(name, got, ref_cache)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_left_padding_equals_unpadded(name):
     """Row 0 has 4 pad tokens (filled with junk) on the left: its real tokens' outputs, final
     state and next decode step equal a run on the real tokens alone."""
