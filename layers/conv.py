@@ -18,8 +18,14 @@ Tensor = torch.Tensor
 
 
 def _channels_first(x: Tensor) -> Tensor:
-    """[B, T, D] -> contiguous [B, D, T], the layout causal-conv1d kernels take (a strided view
-    would also break compiled backward graphs, whose fake gradients copy the input strides)."""
+    """[B, T, D] -> contiguous [B, D, T], the layout causal-conv1d kernels take."""
+    return x.transpose(1, 2).contiguous()
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """[B, D, T] -> contiguous [B, T, D]: the layout the q/k/v and scan ops take. (Strided views
+    here also break compiled backward graphs: the ops' fake gradients copy the input strides
+    while the kernels return contiguous gradients.)"""
     return x.transpose(1, 2).contiguous()
 
 
@@ -75,7 +81,7 @@ class ShortConvolution(nn.Conv1d):
             seq_idx = segment_ids(cu_seqlens, x.shape[1])[None]
             out = _ops.causal_conv1d_fn(_channels_first(x), self.weight[:, 0], self.bias,
                                         activation=self.activation, seq_idx=seq_idx)
-            return out.transpose(1, 2), None
+            return _channels_last(out), None
         # per-sequence states: run the sequences as left-padded rows
         rows, row_mask, index = unpack_left(x, cu_seqlens)
         out, final = self._rows(rows, left_pad_lengths(row_mask), initial_state,
@@ -100,13 +106,13 @@ class ShortConvolution(nn.Conv1d):
                                         return_final_states=output_final_state,
                                         activation=self.activation)
             out, final = res if output_final_state else (res, None)
-            return out[:, :, W - 1:].transpose(1, 2), final
+            return _channels_last(out[:, :, W - 1:]), final
         res = _ops.causal_conv1d_fn(_channels_first(x), self.weight[:, 0], self.bias,
                                     initial_states=initial_state,
                                     return_final_states=output_final_state,
                                     activation=self.activation)
         out, final = res if output_final_state else (res, None)
-        return out.transpose(1, 2), final
+        return _channels_last(out), final
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation}"

@@ -176,7 +176,7 @@ def test_packed_sequences_equal_separate_runs(name):
     assert_close(f"{name} packed continuation", out2, torch.cat(refs2, 1), TOL)
 
 
-@pytest.mark.parametrize("name", ["gla", "gated_deltanet", "mamba", "mamba2"])
+@pytest.mark.parametrize("name", NAMES)
 def test_torch_compile_fullgraph(name):
     """The whole layer traces into one graph (public ops are custom ops with fake impls);
     compiled forward and backward match eager. aot_eager: tracing is what is under test here
