@@ -18,7 +18,9 @@ class LayerCache:
             [N, nheads, headdim, d_state] for Mamba-2.
         conv_states: one [N, D, conv_size - 1] tensor per short convolution of the layer (the
             last conv_size - 1 inputs of each sequence), in the activations' dtype.
-        seen_tokens: tokens consumed so far (the largest row length; padding included).
+        seen_tokens: tokens consumed so far per row (padding included; for packed calls, the
+            packed length). 0 marks a fresh (all-zero) cache; also lets HF-style [B, seen + T]
+            attention masks through.
 
     A layer returns the updated cache from every call that was given one (or use_cache=True).
     Treat a cache passed in as consumed: one-token decode steps of Mamba / Mamba2 under no_grad

@@ -16,6 +16,12 @@ def empty_like_none(x: Optional[Tensor], ref: Tensor, dtype=None) -> Tensor:
     return ref.new_empty(0, dtype=dtype or ref.dtype) if x is None else x
 
 
+def contiguous(*xs: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """Dense copies (no-ops for dense inputs) of the tensors a custom op takes: kernels index
+    dense memory, and the backward fakes (empty_like) must match the real, dense gradients."""
+    return tuple(None if x is None else x.contiguous() for x in xs)
+
+
 def none_if_empty(x: Optional[Tensor]) -> Optional[Tensor]:
     return None if x is None or x.numel() == 0 and x.dim() == 1 else x
 

@@ -23,7 +23,7 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as V
-from .._custom_op import empty_like_none, none_if_empty
+from .._custom_op import contiguous, empty_like_none, none_if_empty
 
 Tensor = torch.Tensor
 
@@ -64,7 +64,7 @@ def _delta_bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tenso
     dq, dk, dv, dg, dbeta, dh0 = impl.backward(q, k, v, g, beta, scale, initial_state,
                                                cu_seqlens, use_qk_l2norm_in_kernel, mode,
                                                do, dht)
-    return dq, dk, dv, empty_like_none(dg, q), dbeta, empty_like_none(dh0, q)
+    return contiguous(dq, dk, dv, empty_like_none(dg, q), dbeta, empty_like_none(dh0, q))
 
 
 @_delta_bwd.register_fake
@@ -115,6 +115,7 @@ def _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
     V.check_state("initial_state", initial_state, (N, HV, K, Vd), "[N, H, K, V]", q)
     scale = float(K ** -0.5 if scale is None else scale)
     name = _backend.resolve("delta", q.device, q.dtype)
+    q, k, v, g, beta, initial_state = contiguous(q, k, v, g, beta, initial_state)
     o, ht = _delta_fwd(q, k, v, g if gated else None, beta, initial_state, cu_seqlens, scale,
                        output_final_state, use_qk_l2norm_in_kernel, mode, name)
     return o, (ht if output_final_state else None)

@@ -20,7 +20,7 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as V
-from .._custom_op import empty_like_none, none_if_empty
+from .._custom_op import contiguous, empty_like_none, none_if_empty
 
 Tensor = torch.Tensor
 
@@ -57,7 +57,7 @@ def _gla_bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
     impl = _backend.implementation("gla", backend)
     dq, dk, dv, dg, dh0 = impl.backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens,
                                         mode, do, dht)
-    return dq, dk, dv, empty_like_none(dg, q), empty_like_none(dh0, q)
+    return contiguous(dq, dk, dv, empty_like_none(dg, q), empty_like_none(dh0, q))
 
 
 @_gla_bwd.register_fake
@@ -102,6 +102,7 @@ def _run(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqle
     V.check_state("initial_state", initial_state, (N, H, K, Vd), "[N, H, K, V]", q)
     scale = float(K ** -0.5 if scale is None else scale)
     name = _backend.resolve("gla", q.device, q.dtype)
+    q, k, v, g, g_gamma, initial_state = contiguous(q, k, v, g, g_gamma, initial_state)
     o, ht = _gla_fwd(q, k, v, g, g_gamma, initial_state, cu_seqlens, scale,
                      output_final_state, mode, name)
     return o, (ht if output_final_state else None)

@@ -39,7 +39,7 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as V
-from .._custom_op import empty_like_none, none_if_empty
+from .._custom_op import contiguous, empty_like_none, none_if_empty
 
 Tensor = torch.Tensor
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -89,8 +89,8 @@ def _scan_bwd(dy: Tensor, dlast: Optional[Tensor], u: Tensor, delta: Tensor, A: 
     grads = impl.scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, aux, dy,
                                dlast)
     du, ddelta, dA, dB, dC, dD, dz, ddb = grads
-    return (du, ddelta, dA, dB, dC, empty_like_none(dD, u), empty_like_none(dz, u),
-            empty_like_none(ddb, u))
+    return contiguous(du, ddelta, dA, dB, dC, empty_like_none(dD, u), empty_like_none(dz, u),
+                      empty_like_none(ddb, u))
 
 
 @_scan_bwd.register_fake
@@ -165,6 +165,7 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     V.check_flag("delta_softplus", delta_softplus)
     V.check_flag("return_last_state", return_last_state)
     name = _backend.resolve("selective_scan", u.device, u.dtype)
+    u, delta, A, B, C, D, z, delta_bias = contiguous(u, delta, A, B, C, D, z, delta_bias)
     y, last, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                            return_last_state, name)
     return (y, last) if return_last_state else y
@@ -207,8 +208,9 @@ def _ssd_bwd(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Ten
     dx, ddt, dA, dB, dC, dD, dz, ddtb, dh0 = impl.ssd_backward(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
         dt_softplus, dt_min, dt_max, dy, dfinal)
-    return (dx, ddt, dA, dB, dC, empty_like_none(dD, x), empty_like_none(dz, x),
-            empty_like_none(ddtb, x), empty_like_none(dh0, x))
+    # dense like the fakes promise (a gradient computed through a transpose is not)
+    return contiguous(dx, ddt, dA, dB, dC, empty_like_none(dD, x), empty_like_none(dz, x),
+                      empty_like_none(ddtb, x), empty_like_none(dh0, x))
 
 
 @_ssd_bwd.register_fake
@@ -311,6 +313,8 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
     V.check_state("initial_states", initial_states, (N, h, p, n), "[N, h, p, n]", x)
     name = _backend.resolve("ssd", x.device, x.dtype)
     want_states = return_final_states or return_varlen_states
+    x, dt, A, B, C, D, z, dt_bias, initial_states = contiguous(x, dt, A, B, C, D, z, dt_bias,
+                                                               initial_states)
     y, final = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
                         chunk_size, dt_softplus, dt_min, dt_max, want_states, name)
     if return_varlen_states:
@@ -424,7 +428,7 @@ def _conv_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, weight: Tensor,
     impl = _backend.implementation("conv", backend)
     dx, dw, db, dh0 = impl.conv_backward(x, weight, bias, initial_states, seq_idx, activation,
                                          dout, dfinal)
-    return dx, dw, empty_like_none(db, x), empty_like_none(dh0, x)
+    return contiguous(dx, dw, empty_like_none(db, x), empty_like_none(dh0, x))
 
 
 @_conv_bwd.register_fake
@@ -487,6 +491,7 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
             raise ValueError(f"seq_idx is on {seq_idx.device} but the inputs are on "
                              f"{x.device}; all tensors must be on one device")
     name = _backend.resolve("conv", x.device, x.dtype)
+    x, weight, bias, initial_states = contiguous(x, weight, bias, initial_states)
     out, final = _conv_fwd(x, weight, bias, initial_states, seq_idx, return_final_states, act,
                            name)
     return (out, final) if return_final_states else out

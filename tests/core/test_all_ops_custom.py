@@ -34,6 +34,8 @@ def _cases():
     state = _r(g, b, h, p, sn)
     conv_state = _r(g, b, d, 3)
     return {
+        "chunk_gla": (lo.chunk_gla, (q, k, v, _r(g, B, T, H, K, neg=True)),
+                      dict(initial_state=h0, output_final_state=True), True),
         "chunk_delta_rule": (lo.chunk_delta_rule, (q, k, v, beta),
                              dict(initial_state=h0, output_final_state=True,
                                   use_qk_l2norm_in_kernel=True), True),
@@ -128,3 +130,33 @@ def test_compile_fullgraph(name):
     assert len(compiled) == len(eager)
     for i, (c, e) in enumerate(zip(compiled, eager)):
         assert_close(f"{name}[{i}]", c, e, 1e-10)
+
+
+@pytest.mark.parametrize("name", ["chunk_gated_delta_rule", "mamba_chunk_scan_combined",
+                                  "selective_scan_fn", "causal_conv1d_fn", "chunk_gla"])
+def test_compile_with_non_contiguous_inputs(name):
+    """Transposed-but-dense inputs (a common result of projections + rearrange) must compile:
+    the backward fakes and the real gradients agree on strides."""
+    fn, args, kwargs, _ = CASES[name]
+    torch._dynamo.reset()
+
+    def strided(t):  # same values, dense but not contiguous ([B,H,T,K] -> [B,T,H,K] style)
+        if not isinstance(t, torch.Tensor) or t.dim() < 2:
+            return t
+        d = 1 if t.dim() >= 3 else 0
+        return t.transpose(d, d + 1).contiguous().transpose(d, d + 1).detach().requires_grad_()
+
+    def run(f):
+        a, kw = _leaves(args, kwargs, True)
+        a, kw = [strided(x) for x in a], {n: strided(t) for n, t in kw.items()}
+        assert any(isinstance(x, torch.Tensor) and not x.is_contiguous() for x in a)
+        outs = _outputs(f(*a, **kw))
+        sum(o.square().sum() for o in outs).backward()
+        return [o.detach() for o in outs] + [x.grad for x in a
+                                             if isinstance(x, torch.Tensor) and x.grad is not None]
+
+    eager = run(fn)
+    # inductor: it asserts the strides the fakes promise (aot_eager does not)
+    compiled = run(torch.compile(lambda *a, **kw: fn(*a, **kw), fullgraph=True))
+    for i, (c, e) in enumerate(zip(compiled, eager)):
+        assert_close(f"{name}[{i}]", c, e, 1e-8)
