@@ -120,7 +120,13 @@ class RecurrentMixer(nn.Module):
         if attention_mask.device != x.device:
             raise ValueError(f"{name}: attention_mask is on {attention_mask.device} but "
                              f"hidden_states is on {x.device}")
-        return attention_mask[:, -T:] != 0
+        mask = attention_mask[:, -T:] != 0
+        # Only left padding keeps padding out of the carried state; refuse other masks rather
+        # than return a silently wrong cache (values read where that costs no device sync).
+        if V.may_read_values(mask) and bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise ValueError(f"{name}: attention_mask must be left padding (each row zeros, "
+                             f"then ones); got a row with a real token before a padded one")
+        return mask
 
     def _check_cache(self, cache, N: int, x: Tensor) -> None:
         name = type(self).__name__

@@ -44,7 +44,11 @@ def dot_config(dtype: torch.dtype) -> Tuple[object, object, str]:
     DT: operand dtype of products of inputs (q k^T, A v): the input dtype, fp32 for fp32.
     DT_S: operand dtype of products with the fp32 state: bf16 keeps bf16 (fp32 range), fp16 goes
     through tf32 because a long un-decayed state can pass fp16's 65504.
-    PREC: fp32 inputs get exact ('ieee') products, not tf32, so fp32 results match fp32 math."""
+    PREC: fp32 inputs get exact ('ieee') products, not tf32, so fp32 results match fp32 math.
+    Under TRITON_INTERPRET=1 everything is fp32/'ieee': interpreted bf16 tl.dot is wrong (bf16
+    inputs gave garbage, relative errors ~1e9), and fp32 is the interpreter path's contract."""
+    if interpreting():
+        return tl.float32, tl.float32, "ieee"
     if dtype == torch.bfloat16:
         return tl.bfloat16, tl.bfloat16, "tf32"
     if dtype == torch.float16:

@@ -75,7 +75,7 @@ def check_cu_seqlens(cu_seqlens: Optional[Tensor], B: int, T: int, ref: Tensor) 
     if cu_seqlens.device != ref.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on "
                          f"{ref.device}; all tensors must be on one device")
-    if _may_read_values(cu_seqlens):
+    if may_read_values(cu_seqlens):
         c = cu_seqlens.tolist()
         if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:])):
             raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at "
@@ -83,7 +83,8 @@ def check_cu_seqlens(cu_seqlens: Optional[Tensor], B: int, T: int, ref: Tensor) 
     return cu_seqlens.numel() - 1
 
 
-def _may_read_values(x: Tensor) -> bool:
+def may_read_values(x: Tensor) -> bool:
+    """Whether reading x's values is free (no device sync) and traceable, or asked for."""
     if torch.compiler.is_compiling():
         return False
     return x.device.type == "cpu" or os.environ.get("LIGHTNING_OPS_VALIDATE") == "1"

@@ -96,7 +96,8 @@ def _scan_math(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     x = (dl * uf.view(b, G, dg, 1, L)) * Bf
     h = linear_scan(a, x)
     y = (h * Cf).sum(-2).reshape(b, d, L)
-    last = h[..., -1].reshape(b, d, n) if L > 0 else uf.new_zeros(b, d, n)
+    # L == 0: h.sum(-1) is zeros yet stays on the graph, so the recompute backward can run
+    last = h[..., -1].reshape(b, d, n) if L > 0 else h.sum(-1).reshape(b, d, n)
     if D is not None:
         y = y + D.to(acc)[:, None] * uf
     if z is not None:

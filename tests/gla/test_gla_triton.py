@@ -256,6 +256,22 @@ def test_low_precision_initial_state():
     assert max(errs.values()) <= TOL, errs
 
 
+@pytest.mark.parametrize("op", ["simple_both", "gla"])
+def test_bf16_inputs_chunk(op):
+    """bf16 q/k/v/g on the chunk path: close to the float64 reference on the same (bf16-rounded)
+    values. Under the interpreter this once gave garbage (relative errors ~1e9): bf16 tl.dot is
+    wrong there, so dot_config must keep interpreted products in fp32."""
+    x = _inputs(op, 1, 40, 2, 16, 12)
+    for n in ("q", "k", "v", "g"):
+        x[n] = x[n].to(torch.bfloat16).float()  # the reference sees exactly the bf16 inputs
+    want = _reference(x)
+    with lo.use_backend("triton"):
+        got = _run(_with_grad(x, torch.bfloat16), lambda t: _call(op, "chunk", t))
+    assert got[0].dtype == torch.bfloat16 and got[2]["q"].dtype == torch.bfloat16
+    errs = _errors(got, want)
+    assert max(errs.values()) <= 2e-2, errs
+
+
 def test_chunk_tables():
     """Varlen chunk tables: built with torch ops, sized by an upper bound, slack ids masked."""
     from lightning_ops.triton_utils import ChunkMeta

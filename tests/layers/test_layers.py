@@ -339,3 +339,14 @@ def test_short_convolution_states_masks_and_packing():
         assert_close(f"packed {i}", packed[0, start:start + n], ref, TOL)
         assert_close(f"packed {i} final", pfinal[i], ref_final, TOL)
         start += n
+
+
+def test_right_or_gapped_padding_is_refused():
+    """A mask that is not left padding would leave padding in the cached state: clear error."""
+    layer = layers.GatedDeltaNet(hidden_size=32, num_heads=2, head_dim=8)
+    x = torch.randn(2, 5, 32)
+    for bad in ([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], [[0, 1, 0, 1, 1], [1, 1, 1, 1, 1]]):
+        with pytest.raises(ValueError, match="attention_mask must be left padding"):
+            layer(x, attention_mask=torch.tensor(bad))
+    out, _ = layer(x, attention_mask=torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    assert torch.isfinite(out).all()

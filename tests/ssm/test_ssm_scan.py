@@ -46,6 +46,21 @@ def test_selective_scan_y_only(cfg):
     check_parity(("y",), (y,), (y_ref,), inp, ref_in, tol, metric)
 
 
+def test_selective_scan_empty_length(cfg):
+    """L = 0: empty y, zero last state, and a backward that runs (it used to fail on the torch
+    path: the recomputed last state was a fresh zeros tensor off the graph) with zero grads."""
+    backend, dtype, device, tol, metric = cfg
+    inp = scan_inputs(2, 4, 3, 0, 2, dtype=dtype, device=device, seed=1)
+    y, last = selective_scan_fn(*[inp[k] for k in ARGS], delta_softplus=True,
+                                return_last_state=True)
+    assert y.shape == (2, 4, 0) and last.shape == (2, 4, 3)
+    assert torch.equal(last, torch.zeros_like(last))
+    (y.sum() + (last * torch.ones_like(last)).sum()).backward()
+    for k in ARGS:
+        g = inp[k].grad
+        assert g is not None and g.shape == inp[k].shape and not g.any(), k
+
+
 def test_selective_scan_strong_decay_finite():
     """Gates near -20 per token over a long sequence: finite outputs and gradients."""
     g = torch.Generator().manual_seed(0)
