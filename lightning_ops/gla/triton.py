@@ -272,6 +272,15 @@ def _recurrent_forward(q, k, v, g, g_gamma, scale, h0, output_final_state, cu_se
     return o, ht
 
 
+def _last_tokens(B: int, T: int, cu_seqlens: Optional[Tensor], device) -> Tensor:
+    """Flat token index (into B * T) of each sequence's last token (T >= 1). An empty varlen
+    sequence maps to the overall last token, itself a last token: no host sync needed."""
+    if cu_seqlens is None:
+        return torch.arange(1, B + 1, device=device) * T - 1
+    ends = cu_seqlens[1:].long()
+    return torch.where(ends > cu_seqlens[:-1].long(), ends - 1, ends[-1:] - 1)
+
+
 def _recurrent_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -299,8 +308,14 @@ def _recurrent_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
     c = c_part.sum(0).view(B, T, H, 1)
     dg = None
     if g is not None:
-        # dg_t = sum_{t' >= t} (q dq - k dk)_t' + rowsum(S_T * dht), per sequence
-        x = q.float() * dq - k.float() * dk
+        # dg_t = sum_{t' >= t} (q dq - k dk)_t' + rowsum(S_T * dht), per sequence. With dht, the
+        # last token's k_T dk_T = k_T (dht v_T) is left out and fin holds rowsum(e^{g_T} S_{T-1}
+        # * dht): the two dropped terms are equal, large with strong gates, and would cancel in
+        # fp32 leaving an error that the cumsum spreads to every token.
+        kdk = k.float() * dk
+        if fin is not None:
+            kdk.view(-1, H, K)[_last_tokens(B, T, cu_seqlens, q.device)] = 0
+        x = q.float() * dq - kdk
         add = None if fin is None else fin.sum(0)
         if g.dim() == 3:
             x = x.sum(-1, keepdim=True)

@@ -12,6 +12,10 @@ the tokens of its sequence. Gates: G_KIND 0 none, 1 scalar g [tokens, H], 2 vect
 The kernels write dq and dk without their k_t v_t^T / q_t do_t^T terms, c_t k_t and c_t q_t with
 c_t = scale do_t.v_t (written apart): those cancel exactly in q dq - k dk, so the launcher forms
 dg without them (no rounding error from large cancelling terms) and then adds them back.
+Likewise with dht: the last token's dk (without c_T q_T) is exactly dht v_T, whose k_T part
+cancels the k_T v_T^T part of rowsum(S_T * dht); with strong gates S_T ~ k_T v_T^T and that fp32
+cancellation error would spread to every dg_t. So the fin term is rowsum(e^{g_T} S_{T-1} * dht)
+and the launcher drops k_T dk_T from the last token of each sequence (dk itself is kept).
 dq and dk reduce over V, so with several V blocks each block writes an fp32 partial (summed by
 the launcher, in a fixed order: deterministic)."""
 from __future__ import annotations
@@ -50,8 +54,8 @@ def recurrent_fwd_kernel(
 ):
     """Forward token walk. BWD=0: out = o [tokens, H, V], fin = final state [N, H, K, V].
     BWD=1: out = dq partials [NV, tokens, H, K] (part_stride = tokens * H * K) without the c_t k_t
-    term, cdiag = c_t partials [NV, tokens, H], fin = the final-state term of dg,
-    rowsum(S_T * dht), as partials [NV, N, H, K]."""
+    term, cdiag = c_t partials [NV, tokens, H], fin = the final-state term of dg without the
+    last token's k_T v_T^T, rowsum(e^{g_T} S_{T-1} * dht), as partials [NV, N, H, K]."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
@@ -67,12 +71,14 @@ def recurrent_fwd_kernel(
     gm = 0.
     if HAS_GAMMA:
         gm = tl.load(gamma + i_h).to(tl.float32)
+    Sd = S  # BWD: e^{g_T} S_{T-1}, the decayed state before the last token's update
     for t in range(0, T_n):
         p = bos + t
         kt = tl.load(k + (p * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         vt = tl.load(v + (p * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
         S = _decay(S, g, gm, p, i_h, o_k, m_k, H, K, G_KIND, HAS_GAMMA)
         if BWD:
+            Sd = S
             dot_ = tl.load(do + (p * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
             dqt = tl.sum(S * dot_[None, :], axis=1) * scale
             tl.store(out + i_v.to(tl.int64) * part_stride + (p * H + i_h) * K + o_k, dqt,
@@ -88,7 +94,7 @@ def recurrent_fwd_kernel(
         if BWD:
             dS = tl.load(dht + head * K * V + kv, mask=m_kv, other=0.).to(tl.float32)
             n_heads = tl.num_programs(1).to(tl.int64)
-            tl.store(fin + (i_v * n_heads + head) * K + o_k, tl.sum(S * dS, axis=1), mask=m_k)
+            tl.store(fin + (i_v * n_heads + head) * K + o_k, tl.sum(Sd * dS, axis=1), mask=m_k)
         else:
             tl.store(fin + head * K * V + kv, S.to(fin.dtype.element_ty), mask=m_kv)
 
