@@ -199,17 +199,12 @@ def wy_apply_kernel(k, v, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
         tl.store(u + p, tl.dot(Ti, vt * bt[:, None], input_precision=PREC), mask=m)
 
 
-@triton.jit(do_not_specialize=["T", "NT"])
-def delta_state_kernel(k, w, u, gc, hs, v_new, h0, ht, cu_seqlens, chunk_offsets, T, NT,
-                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
-                       USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                       DT_S: tl.constexpr, PREC: tl.constexpr):
-    """One program per (V block, sequence x head), the full K in registers (BK >= K): stores
-    h_c (state before chunk c) and v_new = u - w h_c, and carries
-    h <- e^{b_L} h + (k e^{b_L - b})^T v_new."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
+@triton.jit
+def _walk_setup(i_v, i_n, i_h, cu_seqlens, chunk_offsets, T, NT, H: tl.constexpr,
+                K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                IS_VARLEN: tl.constexpr):
+    """The state walks' shared setup: sequence bounds, the sequence's first chunk slot in the
+    per-chunk state buffer, the [BK, BV] state tile's offsets and masks, and the head's base."""
     bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
     if IS_VARLEN:
         base = tl.load(chunk_offsets + i_n).to(tl.int64)
@@ -222,18 +217,43 @@ def delta_state_kernel(k, w, u, gc, hs, v_new, h0, ht, cu_seqlens, chunk_offsets
     m_kv = m_k[:, None] & m_v[None, :]
     kv = o_k[:, None] * V + o_v[None, :]
     head = (i_n * H + i_h).to(tl.int64) * K * V
+    return bos, T_n, base, o_t, o_k, o_v, m_k, m_v, m_kv, kv, head
+
+
+@triton.jit
+def _chunk_tile(r0, o_t, o_k, o_v, m_k, m_v, bos, T_n, i_h, H: tl.constexpr, K: tl.constexpr,
+                V: tl.constexpr):
+    """Row mask, row ids and [64, K] / [64, BV] offsets of the chunk starting at token r0."""
+    m_t = (r0 + o_t) < T_n
+    rows = (bos + r0 + o_t) * H + i_h
+    m_tk = m_t[:, None] & m_k[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    pk = (rows * K)[:, None] + o_k[None, :]
+    pv = (rows * V)[:, None] + o_v[None, :]
+    return m_t, rows, m_tk, m_tv, pk, pv
+
+
+@triton.jit(do_not_specialize=["T", "NT"])
+def delta_state_kernel(k, w, u, gc, hs, v_new, h0, ht, cu_seqlens, chunk_offsets, T, NT,
+                       H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                       USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+                       DT_S: tl.constexpr, PREC: tl.constexpr):
+    """One program per (V block, sequence x head), the full K in registers (BK >= K): stores
+    h_c (state before chunk c) and v_new = u - w h_c, and carries
+    h <- e^{b_L} h + (k e^{b_L - b})^T v_new."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, T_n, base, o_t, o_k, o_v, m_k, m_v, m_kv, kv, head = _walk_setup(
+        i_v, i_n, i_h, cu_seqlens, chunk_offsets, T, NT, H, K, V, BK, BV, IS_VARLEN)
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         S += tl.load(h0 + head + kv, mask=m_kv, other=0.).to(tl.float32)
     for i_c in range(0, tl.cdiv(T_n, 64)):
         r0 = i_c * 64
         tl.store(hs + ((base + i_c) * H + i_h) * K * V + kv, S, mask=m_kv)
-        m_t = (r0 + o_t) < T_n
-        rows = (bos + r0 + o_t) * H + i_h
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        pk = (rows * K)[:, None] + o_k[None, :]
-        pv = (rows * V)[:, None] + o_v[None, :]
+        m_t, rows, m_tk, m_tv, pk, pv = _chunk_tile(r0, o_t, o_k, o_v, m_k, m_v, bos, T_n, i_h,
+                                                    H, K, V)
         wt = tl.load(w + pk, mask=m_tk, other=0.)
         ut = tl.load(u + pv, mask=m_tv, other=0.)
         vn = ut - tl.dot(wt.to(DT_S), S.to(DT_S), input_precision=PREC)
@@ -262,18 +282,8 @@ def delta_state_bwd_kernel(q, k, w, do, gc, dhs, dv_new, dht, dh0, cu_seqlens, c
     dS = e^{b_L} dE + scale (q e^b)^T do - w^T dv_new becomes the previous chunk's dE."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
-    if IS_VARLEN:
-        base = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        base = i_n.to(tl.int64) * NT
-    o_t = tl.arange(0, 64)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    kv = o_k[:, None] * V + o_v[None, :]
-    head = (i_n * H + i_h).to(tl.int64) * K * V
+    bos, T_n, base, o_t, o_k, o_v, m_k, m_v, m_kv, kv, head = _walk_setup(
+        i_v, i_n, i_h, cu_seqlens, chunk_offsets, T, NT, H, K, V, BK, BV, IS_VARLEN)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         dS += tl.load(dht + head + kv, mask=m_kv, other=0.).to(tl.float32)
@@ -282,12 +292,8 @@ def delta_state_bwd_kernel(q, k, w, do, gc, dhs, dv_new, dht, dh0, cu_seqlens, c
         i_c = n_c - 1 - j
         r0 = i_c * 64
         tl.store(dhs + ((base + i_c) * H + i_h) * K * V + kv, dS, mask=m_kv)
-        m_t = (r0 + o_t) < T_n
-        rows = (bos + r0 + o_t) * H + i_h
-        m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        pk = (rows * K)[:, None] + o_k[None, :]
-        pv = (rows * V)[:, None] + o_v[None, :]
+        m_t, rows, m_tk, m_tv, pk, pv = _chunk_tile(r0, o_t, o_k, o_v, m_k, m_v, bos, T_n, i_h,
+                                                    H, K, V)
         qt = tl.load(q + pk, mask=m_tk, other=0.).to(tl.float32)
         kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
         wt = tl.load(w + pk, mask=m_tk, other=0.)
