@@ -45,6 +45,29 @@ def _decay(S, g, gm, p, i_h, o_k, m_k, H: tl.constexpr, K: tl.constexpr,
     return S
 
 
+@triton.jit
+def _walk_setup(i_v, i_n, i_h, init, gamma, cu_seqlens, T, H: tl.constexpr, K: tl.constexpr,
+                V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
+                HAS_GAMMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Both token walks' setup: sequence bounds, the [BK, BV] tile's offsets and masks, the
+    head index, the carried tile loaded from `init` (h0 forward, dht backward) or zeros, and the
+    head's constant log decay (0 without g_gamma)."""
+    bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    head = (i_n * H + i_h).to(tl.int64)
+    kv = o_k[:, None] * V + o_v[None, :]
+    X = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INIT:
+        X += tl.load(init + head * K * V + kv, mask=m_kv, other=0.).to(tl.float32)
+    gm = 0.
+    if HAS_GAMMA:
+        gm = tl.load(gamma + i_h).to(tl.float32)
+    return bos, T_n, o_k, o_v, m_k, m_v, m_kv, head, kv, X, gm
+
+
 @triton.jit(do_not_specialize=["T", "part_stride"])
 def recurrent_fwd_kernel(
     q, k, v, g, gamma, h0, do, dht, out, fin, cdiag, cu_seqlens, scale, T, part_stride,
@@ -58,19 +81,8 @@ def recurrent_fwd_kernel(
     last token's k_T v_T^T, rowsum(e^{g_T} S_{T-1} * dht), as partials [NV, N, H, K]."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    head = (i_n * H + i_h).to(tl.int64)
-    kv = o_k[:, None] * V + o_v[None, :]
-    S = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_H0:
-        S += tl.load(h0 + head * K * V + kv, mask=m_kv, other=0.).to(tl.float32)
-    gm = 0.
-    if HAS_GAMMA:
-        gm = tl.load(gamma + i_h).to(tl.float32)
+    bos, T_n, o_k, o_v, m_k, m_v, m_kv, head, kv, S, gm = _walk_setup(
+        i_v, i_n, i_h, h0, gamma, cu_seqlens, T, H, K, V, BK, BV, USE_H0, HAS_GAMMA, IS_VARLEN)
     Sd = S  # BWD: e^{g_T} S_{T-1}, the decayed state before the last token's update
     for t in range(0, T_n):
         p = bos + t
@@ -110,19 +122,8 @@ def recurrent_bwd_kernel(
     c_t q_t term, dv [tokens, H, V], dh0 [N, H, K, V] fp32."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    head = (i_n * H + i_h).to(tl.int64)
-    kv = o_k[:, None] * V + o_v[None, :]
-    D = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_DHT:
-        D += tl.load(dht + head * K * V + kv, mask=m_kv, other=0.).to(tl.float32)
-    gm = 0.
-    if HAS_GAMMA:
-        gm = tl.load(gamma + i_h).to(tl.float32)
+    bos, T_n, o_k, o_v, m_k, m_v, m_kv, head, kv, D, gm = _walk_setup(
+        i_v, i_n, i_h, dht, gamma, cu_seqlens, T, H, K, V, BK, BV, USE_DHT, HAS_GAMMA, IS_VARLEN)
     for j in range(0, T_n):
         p = bos + T_n - 1 - j
         qt = tl.load(q + (p * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
