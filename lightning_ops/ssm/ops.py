@@ -53,6 +53,19 @@ def _empty_grad(x: Optional[Tensor], ref: Tensor) -> Tensor:
     return ref.new_empty(0) if x is None else torch.empty_like(x)
 
 
+def _check_seq_idx(seq_idx: Optional[Tensor], shape, layout: str, x: Tensor) -> None:
+    """seq_idx (SSD and conv): an int tensor of the given shape on x's device."""
+    if seq_idx is None:
+        return
+    if not isinstance(seq_idx, torch.Tensor) or seq_idx.dtype not in _INT_DTYPES:
+        raise TypeError(f"seq_idx must be an int32 or int64 tensor, got "
+                        f"{getattr(seq_idx, 'dtype', type(seq_idx).__name__)}")
+    V.check_shape("seq_idx", seq_idx, shape, layout)
+    if seq_idx.device != x.device:
+        raise ValueError(f"seq_idx is on {seq_idx.device} but the inputs are on "
+                         f"{x.device}; all tensors must be on one device")
+
+
 def _none_for_absent(grads, inputs):
     return tuple(none_if_empty(g) if x is not None else None for g, x in zip(grads, inputs))
 
@@ -299,14 +312,7 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
     V.check_flag("return_final_states", return_final_states)
     V.check_flag("return_varlen_states", return_varlen_states)
     dt_min, dt_max = _check_dt_limit(dt_limit)
-    if seq_idx is not None:
-        if not isinstance(seq_idx, torch.Tensor) or seq_idx.dtype not in _INT_DTYPES:
-            raise TypeError(f"seq_idx must be an int32 or int64 tensor, got "
-                            f"{getattr(seq_idx, 'dtype', type(seq_idx).__name__)}")
-        V.check_shape("seq_idx", seq_idx, (b, l), "[b, l]")
-        if seq_idx.device != x.device:
-            raise ValueError(f"seq_idx is on {seq_idx.device} but the inputs are on "
-                             f"{x.device}; all tensors must be on one device")
+    _check_seq_idx(seq_idx, (b, l), "[b, l]", x)
     if return_varlen_states and cu_seqlens is None:
         raise ValueError("return_varlen_states=True needs cu_seqlens")
     N = V.check_cu_seqlens(cu_seqlens, b, l, x)
@@ -482,14 +488,7 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     V.check_state("initial_states", initial_states, (b, d, W - 1), "[B, D, W-1]", x)
     V.check_flag("return_final_states", return_final_states)
     act = _activation(activation)
-    if seq_idx is not None:
-        if not isinstance(seq_idx, torch.Tensor) or seq_idx.dtype not in _INT_DTYPES:
-            raise TypeError(f"seq_idx must be an int32 or int64 tensor, got "
-                            f"{getattr(seq_idx, 'dtype', type(seq_idx).__name__)}")
-        V.check_shape("seq_idx", seq_idx, (b, L), "[B, L]")
-        if seq_idx.device != x.device:
-            raise ValueError(f"seq_idx is on {seq_idx.device} but the inputs are on "
-                             f"{x.device}; all tensors must be on one device")
+    _check_seq_idx(seq_idx, (b, L), "[B, L]", x)
     name = _backend.resolve("conv", x.device, x.dtype)
     x, weight, bias, initial_states = contiguous(x, weight, bias, initial_states)
     out, final = _conv_fwd(x, weight, bias, initial_states, seq_idx, return_final_states, act,
