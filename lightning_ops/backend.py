@@ -1,16 +1,19 @@
 """Backend choice: which implementation (torch | triton | cuda) runs an op.
 
 Default by device: CPU tensors -> torch; CUDA tensors -> the fastest implemented backend of the
-op's family. Override with env LIGHTNING_OPS_BACKEND or `use_backend(name)`. An explicitly asked
-backend that is unavailable raises an error naming what is missing; it never silently falls back.
+op's family. Override with env LIGHTNING_OPS_BACKEND (process-wide) or `use_backend(name)` (local
+to the calling thread / asyncio task: a contextvars.ContextVar). An explicitly asked backend that
+is unavailable raises an error naming what is missing; it never silently falls back.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import os
 import shutil
-from typing import Dict, Iterator, List, Optional, Tuple
+import threading
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -39,7 +42,19 @@ _MODULES: Dict[Tuple[str, str], str] = {
     ("conv", "triton"): "lightning_ops.ssm.triton",
 }
 
-_forced: List[str] = []  # use_backend() stack; a plain list so torch.compile can trace it
+# use_backend() stack (innermost last). The ContextVar is the truth: each thread and each asyncio
+# task sees only its own blocks. torch.compile cannot trace ContextVar.get, so use_backend also
+# mirrors the stack into a threading.local, which dynamo traces and guards on (per thread: a
+# compiled function called in another block recompiles rather than reuse the other choice).
+_forced: contextvars.ContextVar[Tuple[str, ...]] = contextvars.ContextVar(
+    "lightning_ops_backend", default=())
+
+
+_mirror = threading.local()
+
+
+def _mirrored() -> Tuple[str, ...]:
+    return getattr(_mirror, "stack", ())
 
 
 class BackendUnavailableError(RuntimeError):
@@ -82,23 +97,34 @@ def missing(backend: str, device: torch.device, family: Optional[str] = None) ->
 
 
 def requested() -> Optional[str]:
-    """The backend forced by use_backend() (innermost) or LIGHTNING_OPS_BACKEND, if any."""
-    if _forced:
-        return _forced[-1]
+    """The backend forced by use_backend() (innermost, in this thread / task) or
+    LIGHTNING_OPS_BACKEND, if any."""
+    stack = _mirrored() if torch.compiler.is_compiling() else _forced.get()
+    if stack:
+        return stack[-1]
     env = os.environ.get("LIGHTNING_OPS_BACKEND", "").strip().lower()
     return env or None
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Force a backend for ops called inside the block: `with use_backend("torch"): ...`."""
+    """Force a backend for ops called inside the block: `with use_backend("torch"): ...`.
+
+    Blocks nest (the innermost wins) and win over env LIGHTNING_OPS_BACKEND. The choice is
+    local to the calling thread and asyncio task (a contextvars.ContextVar): ops that other
+    threads run meanwhile keep their own choice. A thread started inside the block does not
+    inherit it (run it with contextvars.copy_context().run to pass it on). The backward of an
+    op runs on the backend its forward ran on, wherever the backward is called."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
-    _forced.append(name)
+    stack = _forced.get() + (name,)
+    token = _forced.set(stack)
+    outer, _mirror.stack = _mirrored(), stack
     try:
         yield
     finally:
-        _forced.pop()
+        _forced.reset(token)
+        _mirror.stack = outer
 
 
 def resolve(family: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:

@@ -1,9 +1,13 @@
 """Input checks shared by every public op: run before any compute, mutate nothing, and say which
 tensor is wrong, what was expected and what was given. Only shapes, dtypes and devices are read,
 so the checks are free and trace cleanly under torch.compile; value checks on cu_seqlens run
-where they cost no device sync (CPU tensors), or everywhere with LIGHTNING_OPS_VALIDATE=1."""
+where they cost no device sync (CPU tensors), or everywhere with LIGHTNING_OPS_VALIDATE=1.
+Under torch.compile the wrappers run on fake tensors, so the value checks are repeated inside
+the custom-op bodies (`check_cu_seqlens_values`), which run on real tensors in compiled graphs
+too: a compiled call rejects what eager rejects, with the same error."""
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence, Tuple, Union
 
@@ -11,7 +15,11 @@ import torch
 
 Tensor = torch.Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_HEAD_DIM = 256
+# The supported head-dim maxima, the one place they are set: key/query (and SSM state) head dim K,
+# value head dim V (only a tiling loop in the kernels, as in fla).
+MAX_KEY_DIM = 256
+MAX_VALUE_DIM = 512
+MAX_HEAD_DIM = MAX_KEY_DIM  # older name (key dims)
 Dim = Union[int, None]  # None: any size
 
 
@@ -50,10 +58,11 @@ def check_tensor(name: str, x: Optional[Tensor], expected: Sequence[Dim], layout
                             f"q, k and v must share one dtype")
 
 
-def check_head_dim(name: str, size: int) -> None:
-    if size > MAX_HEAD_DIM:
+def check_head_dim(name: str, size: int, maximum: int = MAX_KEY_DIM) -> None:
+    """maximum: MAX_KEY_DIM for key/query/state dims, MAX_VALUE_DIM for value dims."""
+    if size > maximum:
         raise ValueError(f"{name} head dim is {size}, over the supported maximum of "
-                         f"{MAX_HEAD_DIM}")
+                         f"{maximum}")
     if size < 1:
         raise ValueError(f"{name} head dim must be at least 1, got {size}")
 
@@ -75,12 +84,20 @@ def check_cu_seqlens(cu_seqlens: Optional[Tensor], B: int, T: int, ref: Tensor) 
     if cu_seqlens.device != ref.device:
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but the inputs are on "
                          f"{ref.device}; all tensors must be on one device")
-    if may_read_values(cu_seqlens):
-        c = cu_seqlens.tolist()
-        if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:])):
-            raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at "
-                             f"T={T}, got {c if len(c) <= 16 else c[:8] + ['...'] + c[-4:]}")
+    check_cu_seqlens_values(cu_seqlens, T)
     return cu_seqlens.numel() - 1
+
+
+def check_cu_seqlens_values(cu_seqlens: Optional[Tensor], T: int) -> None:
+    """The value checks of cu_seqlens (start 0, non-decreasing, end T), where reading values is
+    free or asked for. Called by the wrappers (eager) and again inside the custom-op bodies,
+    which run on real tensors under torch.compile too (the wrappers then see fake tensors)."""
+    if cu_seqlens is None or not may_read_values(cu_seqlens):
+        return
+    c = cu_seqlens.tolist()
+    if c[0] != 0 or c[-1] != T or any(b < a for a, b in zip(c, c[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at "
+                         f"T={T}, got {c if len(c) <= 16 else c[:8] + ['...'] + c[-4:]}")
 
 
 def may_read_values(x: Tensor) -> bool:
@@ -102,9 +119,25 @@ def check_flag(name: str, value, kind=bool) -> None:
         raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
 
 
+def is_finite(x) -> bool:
+    """math.isfinite for Python numbers that also traces under torch.compile(dynamic=True),
+    where a float option may arrive as a symbolic float (math.isfinite/isnan cannot take it)."""
+    return -math.inf < x < math.inf
+
+
+def is_nan(x) -> bool:
+    """math.isnan, traceable like is_finite."""
+    return x != x
+
+
 def check_scale(scale) -> None:
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    if scale is None:
+        return
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a Python float or None, got {type(scale).__name__}"
+                        + (f" {scale!r}" if isinstance(scale, bool) else ""))
+    if not is_finite(scale):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
 
 
 def check_power_of_two(name: str, value: int) -> None:
@@ -112,24 +145,75 @@ def check_power_of_two(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive power of two, got {value!r}")
 
 
+def _odd_one_out(sizes: Sequence[int]) -> Optional[int]:
+    """Index of the one size that differs from two agreeing others, else None."""
+    a, b, c = sizes
+    if a != b and b == c:
+        return 0
+    if b != a and a == c:
+        return 1
+    if c != a and a == b:
+        return 2
+    return None
+
+
 def qkv_dims(q: Tensor, k: Tensor, v: Tensor, v_heads_multiple: bool = False
              ) -> Tuple[int, int, int, int, int]:
     """Check q [B,T,H,K], k like q, v [B,T,HV,V] (HV == H, or a multiple of H when allowed).
-    Returns B, T, H, K, V."""
-    check_float("q", q)
-    if q.dim() != 4:
-        raise ValueError(f"q must have shape [B, T, H, K] (4 dims), got {list(q.shape)}")
+    Returns B, T, H, K, V. A mismatch blames the odd one out of q, k and v (q too: its shape is
+    not taken as the truth when k and v agree against it), and shows the shapes compared."""
+    for name, x, layout in (("q", q, "[B, T, H, K]"), ("k", k, "[B, T, H, K]"),
+                            ("v", v, "[B, T, H, V]")):
+        check_float(name, x)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must have shape {layout} (4 dims), got {list(x.shape)}")
+    names, xs = ("q", "k", "v"), (q, k, v)
+    _check_same(names, xs, "device", lambda n, x, ref, rn: ValueError(
+        f"{n} is on {x.device} but the inputs are on {ref.device}; "
+        f"all tensors must be on one device"))
+    _check_same(names, xs, "dtype", lambda n, x, ref, rn: TypeError(
+        f"{n} has dtype {x.dtype} but {rn} has {ref.dtype}; q, k and v must share one dtype"))
+    shapes = {n: list(x.shape) for n, x in zip(names, xs)}
+    for i, dim in ((0, "batch size B"), (1, "sequence length T")):
+        sizes = [x.shape[i] for x in xs]
+        if not sizes[0] == sizes[1] == sizes[2]:  # no set(): sizes may be symbolic
+            odd = _odd_one_out(sizes)
+            bad = names[odd] if odd is not None else "k" if sizes[1] != sizes[0] else "v"
+            good = [n for n in names if n != bad and (odd is not None or n == "q")]
+            want = [x for n, x in zip(names, sizes) if n == good[0]][0]
+            raise ValueError(
+                f"{bad} has {dim} {sizes[names.index(bad)]} but "
+                f"{' and '.join(good)} {'have' if len(good) > 1 else 'has'} {want}: "
+                f"{bad} must have shape {'[B, T, H, V]' if bad == 'v' else '[B, T, H, K]'}"
+                f" with {dim.split()[-1]} = {want}, got {shapes[bad]} "
+                f"({', '.join(f'{n} {shapes[n]}' for n in good)})")
     B, T, H, K = q.shape
-    check_tensor("k", k, (B, T, H, K), "[B, T, H, K]", q, same_dtype=True)
-    check_float("v", v)
-    if v.dim() != 4 or v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"v must have shape [B, T, H, V] = [{B}, {T}, {H}, *], "
-                         f"got {list(v.shape)}")
     HV = v.shape[2]
-    if HV != H and not (v_heads_multiple and HV % H == 0):
+    if k.shape[2] != H:
+        # v arbitrates between q and k when it can: its heads must match (or be a multiple of)
+        # the heads of the right one
+        def fits(h):
+            return HV == h or (v_heads_multiple and h > 0 and HV % h == 0)
+        bad = "q" if fits(k.shape[2]) and not fits(H) else "k"
+        good = "k" if bad == "q" else "q"
+        raise ValueError(f"{bad} has {shapes[bad][2]} heads but {good} has "
+                         f"{shapes[good][2]}: {bad} must have shape [B, T, H, K] = "
+                         f"{_fmt(shapes[good])}, got {shapes[bad]} (v {shapes['v']})")
+    check_shape("k", k, (B, T, H, K), "[B, T, H, K]")
+    if HV != H and not (v_heads_multiple and H > 0 and HV % H == 0):
         need = f"a multiple of q's {H}" if v_heads_multiple else f"q's {H}"
         raise ValueError(f"v must have shape [B, T, H, V] with H = {need}, got {list(v.shape)}")
-    check_tensor("v", v, (B, T, HV, None), "[B, T, H, V]", q, same_dtype=True)
-    check_head_dim("q/k (K)", K)
-    check_head_dim("v (V)", v.shape[3])
+    check_head_dim("q/k (K)", K, MAX_KEY_DIM)
+    check_head_dim("v (V)", v.shape[3], MAX_VALUE_DIM)
     return B, T, H, K, v.shape[3]
+
+
+def _check_same(names, xs, attr: str, error) -> None:
+    """q, k and v agree on attr; else blame the odd one out (q unless k and v disagree)."""
+    vals = [getattr(x, attr) for x in xs]
+    if vals[0] == vals[1] == vals[2]:
+        return
+    odd = _odd_one_out(vals)
+    bad = odd if odd is not None else (1 if vals[1] != vals[0] else 2)
+    ref = 1 if bad == 0 else 0
+    raise error(names[bad], xs[bad], xs[ref], names[ref])

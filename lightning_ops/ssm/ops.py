@@ -32,7 +32,6 @@ activation is "none" or "silu". States are float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -258,7 +257,9 @@ def _check_dt_limit(dt_limit) -> Tuple[float, float]:
             not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in dt_limit):
         raise TypeError(f"dt_limit must be a pair of Python floats (min, max), got {dt_limit!r}")
     lo, hi = float(dt_limit[0]), float(dt_limit[1])
-    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+    # plain comparisons, not math.isnan: under torch.compile(dynamic=True) the floats may be
+    # symbolic, and math.isnan of a symbolic float cannot be traced
+    if V.is_nan(lo) or V.is_nan(hi) or lo > hi:
         raise ValueError(f"dt_limit must satisfy min <= max, got {dt_limit!r}")
     return lo, hi
 
