@@ -15,15 +15,18 @@ the WY/UT representation turns the C sequential rank-1 updates into one triangul
 From there on the math is the GLA family's with a scalar gate and v_new for v, so this module
 reuses lightning_ops.gla.torch for the layout (ChunkLayout: varlen, padding), the gate cumsum and
 factors, the state loops (scan_chunks / scan_chunks_reverse) and the output (chunk_output). The
-delta-specific parts: the WY transform and the v_new dependence of the state loop. The decay
-mask exp(b_i - b_j) is built once per call and shared by the k k^T and q k^T scores (masked
-before exp, so every exponent is <= 0).
+delta-specific parts: the WY transform and the v_new dependence of the state loop. Written
+with b_t = sum_{s<=t} g_s for short, but every decay is computed from its own gates (prefix,
+suffix and segment sums, see the GLA engine's "Gates"), never as a difference of cumsums: reset
+gates (-inf) and huge gates are exact. The decay mask is built once per call and shared by the
+k k^T and q k^T scores.
 
 Backward is hand-written: the reverse state loop carries dS through v_new = u - w S, then every
 chunk-local gradient is batched. The solve's adjoint is a matmul with the stored inverse
-(d rhs = L^-T [du | dw], dA = -tril(d rhs [u | w]^T, -1)). The gate gradient collects the pair
-factors exp(b_i - b_j) of both score matrices as row sums minus column sums of dA * A, plus
-the direct uses of exp(b), exp(b_last - b) and exp(b_last), reverse-cumsummed within a chunk.
+(d rhs = L^-T [du | dw], dA = -tril(d rhs [u | w]^T, -1)). The gate gradient sums, for every
+g_s, only the terms whose decay contains it (pair decays of both score matrices, exp(b) in q and
+w, exp(b_last - b) in the state update, exp(b_last) on the state): accurate relative to its own
+size at strong decays. Non-finite inputs: lightning_ops.nonfinite.NonFiniteGuard.
 
 Grouped value heads (HV = m * H): q and k are repeated to HV heads before chunking and their
 gradients summed back over each group. The in-kernel l2 norm of q, k (reference.l2norm) is
@@ -39,12 +42,16 @@ import torch
 from ..gla.torch import (
     chunk_size_for,
     ChunkLayout,
-    chunk_local_cumsum,
+    causal_scores,
     chunk_output,
     gate_factors,
+    gate_grad,
+    pair_gate_grad,
     scan_chunks,
     scan_chunks_reverse,
+    segment_sums,
 )
+from ..nonfinite import NonFiniteGuard
 
 Tensor = torch.Tensor
 
@@ -84,7 +91,7 @@ class _Chunked:
     k: Tensor
     v: Tensor
     beta: Tensor  # [NC, HV, C, 1]
-    b: Optional[Tensor]  # [NC, HV, C] chunk-local cumsum of g
+    g: Optional[Tensor]  # [NC, HV, C] per-token log decays, 0 in padding
     h0: Tensor
     qn: Tensor  # q, k after the optional l2 norm, [B, T, H, K] (kept for its backward)
     kn: Tensor
@@ -112,17 +119,16 @@ def _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_l2, mode) -
     gc = None if g is None else layout.pack(g, dt)
     return _Chunked(layout, layout.pack(qh, dt) * scale, layout.pack(kh, dt),
                     layout.pack(v, dt), layout.pack(beta, dt)[..., None],
-                    chunk_local_cumsum(gc), h0, qn, kn, rq, rk)
+                    gc, h0, qn, kn, rq, rk)
 
 
-def _decay_mask(b: Optional[Tensor], C: int, like: Tensor) -> Tensor:
-    """D_ij = exp(b_i - b_j) for j <= i, else 0: [NC, HV, C, C], or the 0/1 causal mask [C, C]
-    without a gate. Masked before exp, so every exponent is <= 0. Built once per call and
+def _decay_mask(g: Optional[Tensor], C: int, like: Tensor) -> Tensor:
+    """D_ij = exp(sum_{j<s<=i} g_s) for j <= i, else 0: [NC, HV, C, C], or the 0/1 causal mask
+    [C, C] without a gate (segment sums: exact for -inf and huge gates). Built once per call and
     shared by the k k^T and q k^T scores (and their gradients)."""
-    tril = torch.ones(C, C, dtype=torch.bool, device=like.device).tril()
-    if b is None:
-        return tril.to(like.dtype)
-    return (b[..., :, None] - b[..., None, :]).masked_fill_(~tril, float("-inf")).exp_()
+    if g is None:
+        return torch.ones(C, C, dtype=like.dtype, device=like.device).tril()
+    return segment_sums(g).exp_()
 
 
 def _unit_lower_inverse(Akk: Tensor, beta: Tensor) -> Tensor:
@@ -154,9 +160,9 @@ class _Forward:
 
 def _forward_states(x: _Chunked) -> _Forward:
     """The WY transform and the state loop."""
-    q_decay, k_decay, chunk_decay = gate_factors(x.b)
-    D = _decay_mask(x.b, x.k.shape[2], x.k)
-    Akk = (x.k @ x.k.transpose(-1, -2)).mul_(D)
+    q_decay, k_decay, chunk_decay = gate_factors(x.g)
+    D = _decay_mask(x.g, x.k.shape[2], x.k)
+    Akk = causal_scores(x.k, x.k, D)
     Tinv = _unit_lower_inverse(Akk, x.beta)
     kb = _mul(x.k * x.beta, q_decay)
     u, w = Tinv @ (x.v * x.beta), Tinv @ kb
@@ -178,23 +184,31 @@ def _forward_states(x: _Chunked) -> _Forward:
 
 def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
             use_qk_l2norm_in_kernel, mode):
+    guard = NonFiniteGuard.build(k, v, (g,), (beta,), cu_seqlens=cu_seqlens)
+    if guard is not None:
+        k, v, (g,), (beta,) = guard.clean(k, v, (g,), (beta,))
     x = _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel,
                  mode)
     f = _forward_states(x)
-    Aqk = (x.q @ x.k.transpose(-1, -2)).mul_(f.D)
-    o = chunk_output(_mul(x.q, f.q_decay), f.states, Aqk, f.v_new)
-    return x.layout.unpack(o, v.dtype), (f.final if output_final_state else None)
+    Aqk = causal_scores(x.q, x.k, f.D)
+    o = x.layout.unpack(chunk_output(_mul(x.q, f.q_decay), f.states, Aqk, f.v_new), v.dtype)
+    final = f.final if output_final_state else None
+    return (o, final) if guard is None else guard.poison(o, final)
 
 
 def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, mode,
              do, dht):
+    guard = NonFiniteGuard.build(k, v, (g,), (beta,), cu_seqlens=cu_seqlens)
+    if guard is not None:
+        k, v, (g,), (beta,) = guard.clean(k, v, (g,), (beta,))
+        do, dht = guard.clean_grads(do, dht)
     x = _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel,
                  mode)
     layout, dt = x.layout, x.q.dtype
     f = _forward_states(x)
     T_ = lambda t: t.transpose(-1, -2)  # noqa: E731
     qi = _mul(x.q, f.q_decay)
-    Aqk = (x.q @ T_(x.k)).mul_(f.D)
+    Aqk = causal_scores(x.q, x.k, f.D)
     doc = layout.pack(do, dt)
     dht = torch.zeros_like(x.h0) if dht is None else dht.to(dt)
 
@@ -234,17 +248,14 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
     dk += (dKK + T_(dKK)) @ x.k
 
     dg = None
-    if x.b is not None:
-        # Pair factors exp(b_i - b_j) of both score matrices: row sums minus column sums.
-        P = dAqk * Aqk + dAkk * f.Akk
-        db = P.sum(-1) - P.sum(-2)
-        # Direct factors: exp(b) in qi and kb, exp(b_last - b) in kd, exp(b_last) on S.
-        dkd_kd = (dkd * f.kd).sum(-1)
-        db += (dqi * qi).sum(-1) + (dkb * f.kb).sum(-1) - dkd_kd
-        db_last = dkd_kd.sum(-1, keepdim=True) \
-            + (f.states * f.chunk_decay * dE).sum((-1, -2))[..., None]
-        dgc = db.flip(2).cumsum(2).flip(2) + db_last  # b_t, b_last are sums of g_s, s <= t
-        dg = layout.unpack(dgc, g.dtype)
+    if x.g is not None:
+        # The pair decays of both score matrices, exp(prefix) in qi and kb, exp(suffix) in kd,
+        # exp(total) on the carried state: each summed only where it contains g_s.
+        from_pairs = pair_gate_grad(dAqk * Aqk + dAkk * f.Akk)
+        from_prefix = (dqi * qi).sum(-1) + (dkb * f.kb).sum(-1)
+        from_suffix = (dkd * f.kd).sum(-1)
+        from_total = (f.states * f.chunk_decay * dE).sum((-1, -2))
+        dg = layout.unpack(gate_grad(from_prefix, from_suffix, from_total, from_pairs), g.dtype)
 
     # Back to tokens: undo scale, head repeat and l2 norm.
     B, T, H, K = q.shape

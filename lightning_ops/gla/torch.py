@@ -5,41 +5,46 @@ One engine serves every gate kind of `S_t = decay_t * S_{t-1} + k_t v_t^T, o_t =
 
   kind      decay_t            gate tensor in the engine
   "none"    1                  None
-  "scalar"  exp(g_t [+ gamma]) b [NC, H, C]      (data-dependent g and/or constant g_gamma)
-  "vector"  diag(exp(g_t))     b [NC, H, C, K]
+  "scalar"  exp(g_t [+ gamma]) g [NC, H, C]      (data-dependent g and/or constant g_gamma)
+  "vector"  diag(exp(g_t))     g [NC, H, C, K]
 
 Tokens are regrouped into a *chunk stream* of C-token chunks ([NC, H, C, *], see ChunkLayout).
-Inside a chunk, with b the chunk-local cumulative log decay (b_t = sum of g up to and including
-t, all <= 0) and b_last its value at the chunk's last token:
+Inside a chunk, with the per-token log decays g_s <= 0:
 
-  intra   A_ij = sum_k q_ik k_jk exp(b_ik - b_jk)  (j <= i)      o  = A v
-  inter   o += (q * exp(b)) @ H_n                                (H_n: state before chunk n)
-  state   H_{n+1} = exp(b_last) * H_n + (k * exp(b_last - b))^T v
+  intra   A_ij = sum_k q_ik k_jk exp(sum_{j<s<=i} g_sk)  (j <= i)      o  = A v
+  inter   o += (q * exp(sum_{s<=t} g)) @ H_n                         (H_n: state before chunk n)
+  state   H_{n+1} = exp(sum_chunk g) * H_n + (k * exp(sum_{s>t} g))^T v
 
-Every exponent is <= 0, so gates down to -20 per token over any T stay finite. For vector gates,
-A is built from secondary sub-chunks: each chunk is halved recursively down to c tokens; the
-off-diagonal (lower-left) quadrant of every block is one plain matmul of q * exp(b_i - r) and
-k * exp(r - b_j) (r = b at the block's second half's first token, so both factors are <= 1), and
-only the c x c diagonal blocks pay the element-wise [c, c, K] cost. Nothing T x T is ever formed:
-the largest intermediates are [NC, H, C, C] (T * C per head).
+Every decay is exp of a sum of gates over exactly its own tokens, accumulated directly (prefix,
+suffix and segment sums; see "Gates"), never as a difference of two cumulative sums: exponents are
+<= 0, a reset gate of -inf gives decay 0 exactly, and the accuracy of a decay does not depend on
+the size of any other gate. For vector gates, A is built from secondary sub-chunks: each chunk is
+halved recursively down to c tokens; the off-diagonal (lower-left) quadrant of every block is one
+plain matmul of q_i * exp(sum_{m<=s<=i} g) and k_j * exp(sum_{j<s<m} g) (m the block's middle,
+both factors <= 1), and only the c x c diagonal blocks pay the element-wise [c, c, K] cost.
+Nothing T x T is ever formed: the largest intermediates are [NC, H, C, C] (T * C per head).
 
 Varlen (cu_seqlens) reads the segment lengths on the host to build the chunk layout: a device
 sync on GPU, acceptable for this path (the Triton backend builds its indices on the device).
 mode "recurrent" (decode, short T) runs the same engine: with chunks no longer than the sequence
 (C = 1 at T = 1, which is exactly the token step) it measured as fast as or faster than a literal
-token loop for every T in 1..64 on CPU, and gives the same result.
+token loop for every T in 1..64 on CPU, and gives the same result. Non-finite inputs go through
+lightning_ops.nonfinite.NonFiniteGuard (causality: tokens before a bad one stay exact).
 
 Backward is hand-written (recomputing the cheap forward pieces): the same intra/inter split run
-in reverse, plus the gate gradient from the identity  d b_t = q_t * dq_t - k_t * dk_t  (chunk-local,
-reverse-cumsummed) and  d b_last = sum_V (E_n * dE_n)  with E_n the state after chunk n.
+in reverse. The gate gradient sums, for every g_s, only the terms whose decay contains g_s
+(gate_grad, pair_gate_grad): no large terms added and cancelled, so it is accurate relative to
+its own size at strong decays.
 
 Reusable API (for the delta-rule and SSD engines):
   ChunkLayout.build(B, T, cu_seqlens, chunk_size, device)   where tokens live in the chunk stream
   layout.pack(x, dtype) / layout.unpack(y, dtype)             [B,T,H,*] <-> [NC,H,C,*]
-  chunk_local_cumsum(g)                                       b from per-token log decays
-  gate_factors(b)                                             exp(b), exp(b_last - b), exp(b_last)
-  intra_chunk_scores(q, k, b) -> A                            decayed causal scores per chunk
-  intra_chunk_scores_backward(dA, q, k, b) -> (dq, dk, A)
+  gate_factors(g)                          exp(sum_{s<=t} g), exp(sum_{s>t} g), exp(sum_chunk g)
+  segment_sums(g)                          the log causal decay mask, [.., C, C]
+  gate_grad / pair_gate_grad               gate gradients from the decays' log-gradients
+  causal_scores(x, y, M)                   (x y^T) * M, exact zeros above the diagonal
+  intra_chunk_scores(q, k, g) -> A                            decayed causal scores per chunk
+  intra_chunk_scores_backward(dA, q, k, g) -> (dq, dk, A, dg)
   scan_chunks(layout, h0, step) / scan_chunks_reverse(layout, dht, step)   generic state loops
   state_passing(layout, h0, chunk_decay, local_states)        GLA inter-chunk recurrence
   state_passing_backward(layout, chunk_decay, q_states, dht)
@@ -52,6 +57,8 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 import torch
+
+from ..nonfinite import NonFiniteGuard
 
 Tensor = torch.Tensor
 
@@ -180,45 +187,117 @@ def _varlen_layout(cu: Tensor, T: int, C: int, device) -> ChunkLayout:
 
 # ------------------------------------------------------------------------------------------------
 # Gates
+#
+# Every decay the engine uses is exp of a sum of consecutive per-token log decays g_s <= 0, and
+# every such sum is accumulated directly over its own tokens: prefix sums (s <= t), suffix sums
+# (s > t) and segment sums (j < s <= i). No decay is formed as the difference of two cumulative
+# sums, so a reset gate (g = -inf) gives decay exactly 0 instead of NaN (-inf - -inf), and one
+# huge negative gate cannot swamp the small gates after it by cancellation.
 # ------------------------------------------------------------------------------------------------
-def chunk_local_cumsum(g: Optional[Tensor]) -> Optional[Tensor]:
-    """b_t = sum_{s <= t} g_s inside each chunk. g: [NC, H, C] (scalar) or [NC, H, C, K]
-    (vector), zero in padding slots so b_last equals b at the chunk's last real token."""
+def prefix_sum(x: Tensor, dim: int = 2) -> Tensor:
+    """sum_{s <= t} x_s along dim."""
+    return x.cumsum(dim)
+
+
+def suffix_sum(x: Tensor, dim: int = 2) -> Tensor:
+    """sum_{s >= t} x_s along dim (summed from the end, never total minus prefix)."""
+    return x.flip(dim).cumsum(dim).flip(dim)
+
+
+def _shift(x: Tensor, dim: int, forward: bool) -> Tensor:
+    """x moved one step along dim (towards higher indices if forward), a zero filling the gap."""
+    n = x.shape[dim]
+    zero = torch.zeros_like(x.narrow(dim, 0, min(n, 1)))
+    if forward:
+        return torch.cat([zero, x.narrow(dim, 0, n - 1)], dim) if n else x
+    return torch.cat([x.narrow(dim, 1, n - 1), zero], dim) if n else x
+
+
+def prefix_sum_exclusive(x: Tensor, dim: int = 2) -> Tensor:
+    """sum_{s < t} x_s along dim."""
+    return _shift(x.cumsum(dim), dim, forward=True)
+
+
+def suffix_sum_exclusive(x: Tensor, dim: int = 2) -> Tensor:
+    """sum_{s > t} x_s along dim."""
+    return _shift(suffix_sum(x, dim), dim, forward=False)
+
+
+def gate_kind(g: Optional[Tensor]) -> str:
+    return "none" if g is None else ("scalar" if g.dim() == 3 else "vector")
+
+
+def gate_factors(g: Optional[Tensor]):
+    """(q_decay, k_decay, chunk_decay) = exp(sum_{s<=t} g), exp(sum_{s>t} g), exp(sum_chunk g),
+    all <= 1, from the per-token gates g of each chunk ([NC, H, C] scalar, [NC, H, C, K] vector;
+    zero in padding slots). Shapes broadcast against [NC, H, C, K] / [NC, H, K, V]: scalar gates
+    give [NC, H, C, 1] and [NC, H, 1, 1], vector gates [NC, H, C, K] and [NC, H, K, 1]."""
     if g is None:
-        return None
-    return g.cumsum(2)
-
-
-def gate_kind(b: Optional[Tensor]) -> str:
-    return "none" if b is None else ("scalar" if b.dim() == 3 else "vector")
-
-
-def gate_factors(b: Optional[Tensor]):
-    """(q_decay, k_decay, chunk_decay) = exp(b), exp(b_last - b), exp(b_last): all <= 1.
-    Shapes broadcast against [NC, H, C, K] / [NC, H, K, V]: scalar gates give [NC, H, C, 1] and
-    [NC, H, 1, 1], vector gates [NC, H, C, K] and [NC, H, K, 1]. None for kind "none"."""
-    if b is None:
         return None, None, None
-    bk = b[..., None] if b.dim() == 3 else b  # [NC, H, C, 1 | K]
-    b_last = bk[:, :, -1:, :]  # [NC, H, 1, 1 | K]
-    return bk.exp(), (b_last - bk).exp(), b_last.transpose(-1, -2).exp()
+    gk = g[..., None] if g.dim() == 3 else g  # [NC, H, C, 1 | K]
+    b = prefix_sum(gk)
+    return b.exp(), suffix_sum_exclusive(gk).exp(), b[:, :, -1:, :].transpose(-1, -2).exp()
+
+
+def segment_sums(g: Tensor) -> Tensor:
+    """S_ij = sum_{j < s <= i} g_s for j <= i, -inf above the diagonal: [.., C, C] from g [.., C].
+    Accumulated column by column over i (never b_i - b_j), so -inf gates and huge gates are
+    exact; exp(S) is the causal decay mask."""
+    C = g.shape[-1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
+    seg = g[..., :, None].expand(*g.shape, C).masked_fill(~causal.tril(-1), 0).cumsum(-2)
+    return seg.masked_fill(~causal, float("-inf"))
 
 
 def _mul(x: Tensor, factor: Optional[Tensor]) -> Tensor:
     return x if factor is None else x * factor
 
 
+def gate_grad(through_prefix: Optional[Tensor], through_suffix: Optional[Tensor],
+              through_total: Optional[Tensor], intra: Optional[Tensor]) -> Tensor:
+    """d g_s of a chunk from the gradients w.r.t. the logs of the decays it enters, each summed
+    only over the terms that really contain g_s (no add-then-cancel, so gradients at strong decay
+    stay accurate relative to their own size):
+      through_prefix_t  (log of exp(sum_{s<=t} g))  reaches g_s for s <= t
+      through_suffix_t  (log of exp(sum_{s>t} g))   reaches g_s for s > t
+      through_total     (log of exp(sum_chunk g))   reaches every g_s  ([NC, H] or [NC, H, K])
+      intra             the intra-chunk pair terms, already per g_s.
+    Tensors are [NC, H, C] (scalar) or [NC, H, C, K] (vector)."""
+    dg = intra
+    for part in (None if through_prefix is None else suffix_sum(through_prefix),
+                 None if through_suffix is None else prefix_sum_exclusive(through_suffix),
+                 None if through_total is None else through_total.unsqueeze(2)):
+        if part is not None:
+            dg = part if dg is None else dg + part
+    return dg
+
+
+def pair_gate_grad(P: Tensor) -> Tensor:
+    """Scalar gates: d g_s = sum over pairs i >= s > j of P_ij, where P = dA * A [.., C, C] are
+    the gradients w.r.t. the log pair decays sum_{j<s<=i} g_s. Only pairs that straddle s are
+    summed: prefix sums over j, then suffix sums over i, read on the sub-diagonal."""
+    R = suffix_sum(P.cumsum(-1), -2)  # R[i, s-1] summed over i' >= i: pairs (i' >= i, j <= s-1)
+    sub = R.diagonal(-1, -2, -1)  # [.., C-1]: s = 1..C-1
+    return torch.cat([torch.zeros_like(R[..., :1, 0]), sub], -1)  # s = 0 straddles no pair
+
+
 # ------------------------------------------------------------------------------------------------
 # Intra-chunk scores
 # ------------------------------------------------------------------------------------------------
-def _causal_decay_mask(b: Optional[Tensor], C: int, like: Tensor) -> Tensor:
-    """M_ij = exp(b_i - b_j) for j <= i, else 0: [NC, H, C, C] (scalar) or [C, C] (no gate).
-    Masking before exp keeps every exponent <= 0."""
-    tril = torch.ones(C, C, dtype=torch.bool, device=like.device).tril()
-    if b is None:
-        return tril.to(like.dtype)
-    diff = b[..., :, None] - b[..., None, :]
-    return diff.masked_fill(~tril, float("-inf")).exp()
+def _causal_decay_mask(g: Optional[Tensor], C: int, like: Tensor) -> Tensor:
+    """M_ij = exp(sum_{j<s<=i} g_s) for j <= i, else 0: [NC, H, C, C] (scalar) or [C, C]."""
+    if g is None:
+        return torch.ones(C, C, dtype=like.dtype, device=like.device).tril()
+    return segment_sums(g).exp()
+
+
+def causal_scores(x: Tensor, y: Tensor, M: Tensor) -> Tensor:
+    """(x @ y^T) * M with exact zeros above the diagonal: masked by selection, not by multiplying
+    with 0, so a non-finite y_j never reaches rows i < j."""
+    C = x.shape[-2]
+    s = x @ y.transpose(-1, -2)
+    s.masked_fill_(torch.ones(C, C, dtype=torch.bool, device=x.device).triu(1), 0)
+    return s.mul_(M)
 
 
 def _halves(x: Tensor, size: int) -> Tensor:
@@ -247,15 +326,14 @@ def _sub_blocks(x: Tensor, c: int) -> Tensor:
     return x.view(*x.shape[:2], x.shape[2] // c, c, x.shape[3])
 
 
-def _quadrant_factors(q: Tensor, k: Tensor, b: Tensor, size: int):
-    """For every size-block, its second half's queries against its first half's keys:
-    q * exp(b_i - r) and k * exp(r - b_j) with r = b at the second half's first token, so both
-    exponents are <= 0 and exp(b_i - b_j) = product of the two. Returns (q factor, k factor,
-    q scaled, k scaled), each [NC, H, C/size, size/2, K]."""
-    qh, kh, bh = _halves(q, size), _halves(k, size), _halves(b, size)
-    r = bh[..., 1, :1, :]
-    eq = (bh[..., 1, :, :] - r).exp()
-    ek = (r - bh[..., 0, :, :]).exp()
+def _quadrant_factors(q: Tensor, k: Tensor, g: Tensor, size: int):
+    """For every size-block, its second half's queries (tokens m..) against its first half's
+    keys: q_i * exp(sum_{m<=s<=i} g) and k_j * exp(sum_{j<s<m} g), whose product carries
+    exp(sum_{j<s<=i} g) and where each factor is <= 1 and summed over its own half only.
+    Returns (q factor, k factor, q scaled, k scaled), each [NC, H, C/size, size/2, K]."""
+    qh, kh, gh = _halves(q, size), _halves(k, size), _halves(g, size)
+    eq = prefix_sum(gh[..., 1, :, :], -2).exp()
+    ek = suffix_sum_exclusive(gh[..., 0, :, :], -2).exp()
     return eq, ek, qh[..., 1, :, :] * eq, kh[..., 0, :, :] * ek
 
 
@@ -263,71 +341,93 @@ def _diag_size(C: int, sub_chunk: Optional[int]) -> int:
     return min(sub_chunk or SUB_CHUNK, C)
 
 
-def intra_chunk_scores(q: Tensor, k: Tensor, b: Optional[Tensor], sub_chunk: Optional[int] = None
-                       ) -> Tensor:
-    """A [NC, H, C, C]: A_ij = sum_k q_ik k_jk exp(b_ik - b_jk) for j <= i (0 above the
-    diagonal). q, k [NC, H, C, K]; b None, [NC, H, C] or [NC, H, C, K] (chunk-local cumsum).
+def _sub_diagonal_logs(gb: Tensor, c: int):
+    """Yield (d, sum_{j<s<=j+d} g_s) for d = 1..c-1 over the sub-blocks gb [.., c, K]: the log
+    decays of sub-diagonal d, each [.., c-d, K], built by adding one gate per step."""
+    seg = None
+    for d in range(1, c):
+        seg = gb[..., d:, :] if seg is None else seg[..., :c - d, :] + gb[..., d:, :]
+        yield d, seg
+
+
+def intra_chunk_scores(q: Tensor, k: Tensor, g: Optional[Tensor],
+                       sub_chunk: Optional[int] = None) -> Tensor:
+    """A [NC, H, C, C]: A_ij = sum_k q_ik k_jk exp(sum_{j<s<=i} g_sk) for j <= i (0 above the
+    diagonal). q, k [NC, H, C, K]; g None, [NC, H, C] or [NC, H, C, K] (per-token gates).
 
     Vector gates: the chunk is halved recursively down to sub-chunks of c = sub_chunk tokens;
     the lower-left quadrant of every block is one plain matmul of pre-decayed q and k, and only
     the c x c diagonal blocks are built element-wise (one sub-diagonal at a time)."""
     C = q.shape[2]
-    if gate_kind(b) != "vector":
-        return (q @ k.transpose(-1, -2)) * _causal_decay_mask(b, C, q)
-    q, k, b = q.contiguous(), k.contiguous(), b.contiguous()  # the block views below need it
+    if gate_kind(g) != "vector":
+        return causal_scores(q, k, _causal_decay_mask(g, C, q))
+    q, k, g = q.contiguous(), k.contiguous(), g.contiguous()  # the block views below need it
     c = _diag_size(C, sub_chunk)
     A = q.new_zeros(*q.shape[:3], C)
     size = C
     while size > c:
-        _, _, qs, ks = _quadrant_factors(q, k, b, size)
+        _, _, qs, ks = _quadrant_factors(q, k, g, size)
         _lower_quadrants(A, size).copy_(qs @ ks.transpose(-1, -2))
         size //= 2
-    Ad, qb, kb, bb = _diag_blocks(A, c), _sub_blocks(q, c), _sub_blocks(k, c), _sub_blocks(b, c)
-    for d in range(c):  # sub-diagonal d = i - j of every diagonal block
-        qk = qb[..., d:, :] * kb[..., :c - d, :]
-        if d:
-            qk.mul_(torch.sub(bb[..., d:, :], bb[..., :c - d, :]).exp_())  # exp(b_i - b_j) <= 1
-        Ad.diagonal(-d, -2, -1).copy_(qk.sum(-1))
+    Ad, qb, kb, gb = _diag_blocks(A, c), _sub_blocks(q, c), _sub_blocks(k, c), _sub_blocks(g, c)
+    Ad.diagonal(0, -2, -1).copy_((qb * kb).sum(-1))
+    for d, seg in _sub_diagonal_logs(gb, c):
+        Ad.diagonal(-d, -2, -1).copy_((qb[..., d:, :] * kb[..., :c - d, :] * seg.exp()).sum(-1))
     return A
 
 
-def intra_chunk_scores_backward(dA: Tensor, q: Tensor, k: Tensor, b: Optional[Tensor],
-                                sub_chunk: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def intra_chunk_scores_backward(dA: Tensor, q: Tensor, k: Tensor, g: Optional[Tensor],
+                                sub_chunk: Optional[int] = None, need_dg: bool = True
+                                ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Gradients of intra_chunk_scores given dA [NC, H, C, C] (its upper triangle is ignored).
-    Returns (dq, dk, A): A is recomputed on the way (it shares every decay factor with the
-    gradients, and the caller needs it for dv = A^T do). The gate's share is recovered later
-    from q*dq - k*dk."""
+    Returns (dq, dk, A, dg): A is recomputed on the way (it shares every decay factor with the
+    gradients, and the caller needs it for dv = A^T do); dg is the gates' share through the
+    scores (None without a gate or need_dg), [NC, H, C] or [NC, H, C, K]."""
     C = q.shape[2]
-    if gate_kind(b) != "vector":
-        M = _causal_decay_mask(b, C, q)
+    kind = gate_kind(g)
+    if kind != "vector":
+        M = _causal_decay_mask(g, C, q)
         dS = dA * M
-        return dS @ k, dS.transpose(-1, -2) @ q, (q @ k.transpose(-1, -2)) * M
-    dA, q, k, b = dA.contiguous(), q.contiguous(), k.contiguous(), b.contiguous()
+        A = causal_scores(q, k, M)
+        dg = pair_gate_grad(dA * A) if kind == "scalar" and need_dg else None
+        return dS @ k, dS.transpose(-1, -2) @ q, A, dg
+    dA, q, k, g = dA.contiguous(), q.contiguous(), k.contiguous(), g.contiguous()
     c = _diag_size(C, sub_chunk)
     A = q.new_zeros(*q.shape[:3], C)
-    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    dq, dk, dg = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(g)
     size = C
     while size > c:
-        eq, ek, qs, ks = _quadrant_factors(q, k, b, size)
+        eq, ek, qs, ks = _quadrant_factors(q, k, g, size)
         dAq = _lower_quadrants(dA, size)
         _lower_quadrants(A, size).copy_(qs @ ks.transpose(-1, -2))
-        _halves(dq, size)[..., 1, :, :].addcmul_(dAq @ ks, eq)
-        _halves(dk, size)[..., 0, :, :].addcmul_(dAq.transpose(-1, -2) @ qs, ek)
+        dqs, dks = dAq @ ks, dAq.transpose(-1, -2) @ qs  # gradients w.r.t. qs, ks
+        _halves(dq, size)[..., 1, :, :].addcmul_(dqs, eq)
+        _halves(dk, size)[..., 0, :, :].addcmul_(dks, ek)
+        # log eq_i reaches g_s for m <= s <= i; log ek_j reaches g_s for j < s < m
+        dgh = _halves(dg, size)
+        dgh[..., 1, :, :] += suffix_sum(qs * dqs, -2)
+        dgh[..., 0, :, :] += prefix_sum_exclusive(ks * dks, -2)
         size //= 2
     Ad, dAd = _diag_blocks(A, c), _diag_blocks(dA, c)
-    qb, kb, bb = _sub_blocks(q, c), _sub_blocks(k, c), _sub_blocks(b, c)
-    dqb, dkb = _sub_blocks(dq, c), _sub_blocks(dk, c)
-    for d in range(c):  # sub-diagonal d = i - j of every diagonal block
+    qb, kb, gb = _sub_blocks(q, c), _sub_blocks(k, c), _sub_blocks(g, c)
+    dqb, dkb, dgb = _sub_blocks(dq, c), _sub_blocks(dk, c), _sub_blocks(dg, c)
+    w = dAd.diagonal(0, -2, -1)[..., None]
+    Ad.diagonal(0, -2, -1).copy_((qb * kb).sum(-1))
+    dkb.addcmul_(w, qb)
+    dqb.addcmul_(w, kb)
+    for d, seg in _sub_diagonal_logs(gb, c):  # sub-diagonal d = i - j of every diagonal block
         w = dAd.diagonal(-d, -2, -1)[..., None]  # dA_{i, i-d}: [.., c-d, 1]
-        qe, ke = qb[..., d:, :], kb[..., :c - d, :]
-        if d:
-            decay = torch.sub(bb[..., d:, :], bb[..., :c - d, :]).exp_()  # exp(b_i - b_j) <= 1
-            qe = qe * decay  # q_i exp(b_i - b_j)
-            ke = decay.mul_(ke)  # k_j exp(b_i - b_j)
-        Ad.diagonal(-d, -2, -1).copy_((qe * kb[..., :c - d, :]).sum(-1))
+        decay = seg.exp()  # exp(sum_{j<s<=i} g_s) <= 1
+        qe = qb[..., d:, :] * decay  # q_i exp(..)
+        ke = decay.mul_(kb[..., :c - d, :])  # k_j exp(..)
+        P = qe * kb[..., :c - d, :]
+        Ad.diagonal(-d, -2, -1).copy_(P.sum(-1))
         dkb[..., :c - d, :].addcmul_(w, qe)
         dqb[..., d:, :].addcmul_(w, ke)
-    return dq, dk, A
+        P.mul_(w)  # gradient w.r.t. the pair's log decay: reaches g_s for j < s <= i
+        for e in range(1, d + 1):
+            dgb[..., e:e + c - d, :] += P
+    return dq, dk, A, dg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,7 +526,7 @@ class _Chunked:
     q: Tensor
     k: Tensor
     v: Tensor
-    b: Optional[Tensor]
+    g: Optional[Tensor]  # per-token log decays, 0 in padding: [NC, H, C] or [NC, H, C, K]
     h0: Tensor
 
 
@@ -446,7 +546,7 @@ def _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens) -> _Chunked:
     h0 = (q.new_zeros(layout.N, H, K, V, dtype=dt) if initial_state is None
           else initial_state.to(dt))
     return _Chunked(layout, layout.pack(q, dt) * scale, layout.pack(k, dt), layout.pack(v, dt),
-                    chunk_local_cumsum(gc), h0)
+                    gc, h0)
 
 
 @dataclass
@@ -455,15 +555,15 @@ class _Inter:
     q_decay: Optional[Tensor]
     k_decay: Optional[Tensor]
     chunk_decay: Optional[Tensor]
-    q_inter: Tensor  # q * exp(b)            [NC, H, C, K]
-    k_inter: Tensor  # k * exp(b_last - b)   [NC, H, C, K]
+    q_inter: Tensor  # q * exp(sum_{s<=t} g)   [NC, H, C, K]
+    k_inter: Tensor  # k * exp(sum_{s>t} g)    [NC, H, C, K]
     local: Tensor  # k_inter^T v             [NC, H, K, V]
     states: Tensor  # state before each chunk [NC, H, K, V]
     final: Tensor  # [N, H, K, V]
 
 
 def _inter_chunk(x: _Chunked) -> _Inter:
-    q_decay, k_decay, chunk_decay = gate_factors(x.b)
+    q_decay, k_decay, chunk_decay = gate_factors(x.g)
     q_inter, k_inter = _mul(x.q, q_decay), _mul(x.k, k_decay)
     local = k_inter.transpose(-1, -2) @ x.v
     states, final = state_passing(x.layout, x.h0, chunk_decay, local)
@@ -473,15 +573,23 @@ def _inter_chunk(x: _Chunked) -> _Inter:
 def forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode):
     """Backend contract of lightning_ops.gla.ops -> (o in v's dtype, final state fp32/fp64 or
     None). Both modes run the chunk engine (see the module docstring)."""
+    guard = NonFiniteGuard.build(k, v, (g,), cu_seqlens=cu_seqlens)
+    if guard is not None:
+        k, v, (g,) = guard.clean(k, v, (g,))
     x = _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens)
     r = _inter_chunk(x)
-    A = intra_chunk_scores(x.q, x.k, x.b)
+    A = intra_chunk_scores(x.q, x.k, x.g)
     o = x.layout.unpack(chunk_output(r.q_inter, r.states, A, x.v), v.dtype)
-    return o, (r.final if output_final_state else None)
+    final = r.final if output_final_state else None
+    return (o, final) if guard is None else guard.poison(o, final)
 
 
 def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht):
     """-> (dq, dk, dv, dg or None, dh0 or None), each in its input's dtype; dht may be None."""
+    guard = NonFiniteGuard.build(k, v, (g,), cu_seqlens=cu_seqlens)
+    if guard is not None:
+        k, v, (g,) = guard.clean(k, v, (g,))
+        do, dht = guard.clean_grads(do, dht)
     x = _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens)
     layout = x.layout
     r = _inter_chunk(x)  # recomputed: cheaper than saving per-chunk states from the forward
@@ -490,24 +598,23 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dh
 
     dE, dh0 = state_passing_backward(layout, r.chunk_decay, r.q_inter.transpose(-1, -2) @ doc,
                                      dht)
-    dq, dk, A = intra_chunk_scores_backward(doc @ x.v.transpose(-1, -2), x.q, x.k, x.b)
-    dq += _mul(doc @ r.states.transpose(-1, -2), r.q_decay)
-    dk += _mul(x.v @ dE.transpose(-1, -2), r.k_decay)
+    dq, dk, A, dg_intra = intra_chunk_scores_backward(doc @ x.v.transpose(-1, -2), x.q, x.k,
+                                                      x.g, need_dg=g is not None)
+    dq_inter = doc @ r.states.transpose(-1, -2)  # w.r.t. q_inter
+    dk_inter = x.v @ dE.transpose(-1, -2)  # w.r.t. k_inter
+    dq += _mul(dq_inter, r.q_decay)
+    dk += _mul(dk_inter, r.k_decay)
     dv = A.transpose(-1, -2) @ doc + r.k_inter @ dE
 
     dg = None
     if g is not None:
-        # d b_t = q*dq - k*dk (every use of b is through exp(b_i - b_j) pairs); b_last also
-        # scales the carried state: d b_last = sum_V E*dE with E the state after the chunk.
-        db = x.q * dq - x.k * dk  # [NC, H, C, K]
-        E = _mul(r.states, r.chunk_decay) + r.local
-        db_last = (E * dE).sum(-1)  # [NC, H, K]
-        if x.b.dim() == 3:  # scalar gate: one decay per head
-            db, db_last = db.sum(-1), db_last.sum(-1, keepdim=True)
-        else:
-            db_last = db_last[:, :, None, :]
-        dgc = db.flip(2).cumsum(2).flip(2) + db_last  # b_t and b_last are sums of g_s, s <= t
-        dg = layout.unpack(dgc, g.dtype)
+        # The gates enter through exp(prefix) in q_inter, exp(suffix) in k_inter, exp(total) on
+        # the carried state and the pair decays of the scores (dg_intra).
+        from_q, from_k = r.q_inter * dq_inter, r.k_inter * dk_inter  # [NC, H, C, K]
+        from_total = (r.states * r.chunk_decay * dE).sum(-1)  # [NC, H, K]
+        if x.g.dim() == 3:  # scalar gate: one decay per head
+            from_q, from_k, from_total = from_q.sum(-1), from_k.sum(-1), from_total.sum(-1)
+        dg = layout.unpack(gate_grad(from_q, from_k, from_total, dg_intra), g.dtype)
     return (layout.unpack(dq * scale, q.dtype), layout.unpack(dk, k.dtype),
             layout.unpack(dv, v.dtype), dg,
             None if initial_state is None else dh0.to(initial_state.dtype))
