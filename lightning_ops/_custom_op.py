@@ -73,3 +73,58 @@ def grad_by_recompute(forward: Callable[..., Sequence[Optional[Tensor]]],
         else:
             result.append(None)
     return own_storage(result)
+
+
+def is_empty(*xs: Optional[Tensor]) -> bool:
+    """Whether any given tensor has no elements (a zero batch, head or length dim). The custom-op
+    bodies answer such calls themselves (zeros, states passed through), so no backend ever sees
+    an empty launch. Runs on real tensors (op bodies), so the sizes are plain ints."""
+    return any(x is not None and x.numel() == 0 for x in xs)
+
+
+def passthrough_state(initial_state: Optional[Tensor], shape, ref: Tensor, dtype,
+                      want: bool) -> Tensor:
+    """The final state of a call with no tokens: the initial state (as the state dtype, in fresh
+    memory: custom-op outputs must not alias inputs), or zeros; an empty tensor if not wanted."""
+    if not want:
+        return ref.new_empty(0, dtype=dtype)
+    if initial_state is None:
+        return ref.new_zeros(shape, dtype=dtype)
+    return initial_state.to(dtype=dtype, copy=True)
+
+
+def passthrough_grad(dfinal: Optional[Tensor], initial_state: Optional[Tensor],
+                     ref: Tensor) -> Tensor:
+    """d initial_state of a call with no tokens: d final_state (or zeros), in initial_state's
+    dtype; an empty tensor when there is no initial state."""
+    if initial_state is None:
+        return ref.new_empty(0)
+    if dfinal is None or dfinal.numel() == 0:
+        return torch.zeros_like(initial_state)
+    return dfinal.to(dtype=initial_state.dtype, copy=True)
+
+
+def zeros_or_empty(x: Optional[Tensor], ref: Tensor) -> Tensor:
+    """The zero gradient of x, or the empty placeholder when x is absent."""
+    return ref.new_empty(0) if x is None else torch.zeros_like(x)
+
+
+class DoubleBackwardError(NotImplementedError):
+    """A gradient of a gradient was asked of an op whose backward is not differentiable."""
+
+
+def forbid_double_backward(backward_op, describe: Callable[[Sequence], str]) -> None:
+    """Give a backward custom op an autograd formula that raises a clear error: double backward
+    (torch.autograd.grad(..., create_graph=True), then a gradient of that gradient) is not
+    supported. describe(inputs of the backward op) names the public op. Without this, PyTorch
+    says only that no autograd formula was registered for an internal op."""
+    def setup(ctx, inputs, output):
+        ctx.op_name = describe(inputs)
+
+    def backward(ctx, *grads):
+        raise DoubleBackwardError(
+            f"{ctx.op_name}: double backward is not supported (a gradient of a gradient, e.g. "
+            f"torch.autograd.grad(..., create_graph=True) and then differentiating that "
+            f"gradient). First-order gradients work; compute second-order terms another way.")
+
+    backward_op.register_autograd(backward, setup_context=setup)

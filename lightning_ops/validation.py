@@ -217,3 +217,23 @@ def _check_same(names, xs, attr: str, error) -> None:
     bad = odd if odd is not None else (1 if vals[1] != vals[0] else 2)
     ref = 1 if bad == 0 else 0
     raise error(names[bad], xs[bad], xs[ref], names[ref])
+
+
+def check_inplace(name: str, t: Tensor) -> None:
+    """t is updated in place (a decode state): each element must have its own memory, and the
+    memory must be writable here. Raised before anything is written."""
+    shared = any(st == 0 and sz > 1 for st, sz in zip(t.stride(), t.shape))
+    if not shared and not torch.compiler.is_compiling():
+        shared = torch._debug_has_internal_overlap(t) == 1  # overlapping as_strided views
+    if shared:
+        raise ValueError(
+            f"{name} is updated in place, but several of its elements share memory (shape "
+            f"{list(t.shape)}, strides {list(t.stride())}: an expanded or stride-0 view?). Pass "
+            f"a tensor that owns its memory, e.g. {name} = {name}.contiguous(), and keep using "
+            f"that tensor")
+    if not torch.compiler.is_compiling() and t.is_inference() and \
+            not torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{name} is updated in place, but it is an inference tensor (made under "
+            f"torch.inference_mode()), which cannot be written outside inference mode: call "
+            f"inside torch.inference_mode(), or pass {name}.clone()")

@@ -14,6 +14,8 @@ Backend module contract (lightning_ops.delta.torch / .triton):
   backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, mode,
            do, dht) -> (dq, dk, dv, dg or None, dbeta, dh0 or None)
 mode is "chunk" or "recurrent"; dht may be None (no gradient flows into the final state).
+Calls with no tokens (B, T or H = 0) never reach a backend: the custom-op bodies answer them
+(zero outputs, the initial state passed through).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as V
-from .._custom_op import contiguous, empty_like_none, none_if_empty
+from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, is_empty,
+                          none_if_empty, passthrough_grad, passthrough_state, zeros_or_empty)
 
 Tensor = torch.Tensor
 
@@ -37,6 +40,14 @@ def _delta_fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Tenso
                initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
                output_final_state: bool, use_qk_l2norm_in_kernel: bool, mode: str,
                backend: str) -> Tuple[Tensor, Tensor]:
+    # value checks here too: under torch.compile only this body sees real tensors
+    V.check_cu_seqlens_values(cu_seqlens, q.shape[1])
+    if is_empty(q, v):
+        B, T, H, K = q.shape
+        N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        return v.new_zeros(v.shape), passthrough_state(
+            initial_state, (N, v.shape[2], K, v.shape[-1]), q, _state_dtype(q),
+            output_final_state)
     impl = _backend.implementation("delta", backend)
     o, ht = impl.forward(q, k, v, g, beta, scale, initial_state, output_final_state,
                          cu_seqlens, use_qk_l2norm_in_kernel, mode)
@@ -60,6 +71,10 @@ def _delta_bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tenso
                cu_seqlens: Optional[Tensor], scale: float, use_qk_l2norm_in_kernel: bool,
                mode: str, backend: str
                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if is_empty(q, v):
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                zeros_or_empty(g, q), torch.zeros_like(beta),
+                passthrough_grad(dht, initial_state, q))
     impl = _backend.implementation("delta", backend)
     dq, dk, dv, dg, dbeta, dh0 = impl.backward(q, k, v, g, beta, scale, initial_state,
                                                cu_seqlens, use_qk_l2norm_in_kernel, mode,
@@ -92,6 +107,16 @@ def _backward(ctx, do, dht):
 
 
 _delta_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _public_name(inputs) -> str:
+    """The public op a gated_delta_rule_backward call serves (for error messages)."""
+    g, mode = inputs[5], inputs[11]
+    return (f"{'chunk' if mode == 'chunk' else 'fused_recurrent'}_"
+            f"{'delta_rule' if g is None else 'gated_delta_rule'}")
+
+
+forbid_double_backward(_delta_bwd, _public_name)
 
 
 def _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,

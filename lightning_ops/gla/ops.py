@@ -10,7 +10,10 @@ Backend module contract (lightning_ops.gla.torch / .triton):
       -> (o, final_state or None)
   backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht)
       -> (dq, dk, dv, dg or None, dh0 or None)
-mode is "chunk" or "recurrent"; g_gamma takes no gradient (a fixed per-head decay).
+mode is "chunk" or "recurrent". Backends never see g_gamma that needs a gradient: the wrappers
+fold a g_gamma (or lightning slope) that requires grad into a dense gate g + g_gamma, so autograd
+sums its gradient from dg. Calls with no tokens (B, T or H = 0) never reach a backend either: the
+custom-op bodies answer them (zero outputs, the initial state passed through).
 """
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as V
-from .._custom_op import contiguous, empty_like_none, none_if_empty
+from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, is_empty,
+                          none_if_empty, passthrough_grad, passthrough_state, zeros_or_empty)
 
 Tensor = torch.Tensor
 
@@ -33,6 +37,13 @@ def _state_dtype(q: Tensor) -> torch.dtype:
 def _gla_fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], g_gamma: Optional[Tensor],
              initial_state: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float,
              output_final_state: bool, mode: str, backend: str) -> Tuple[Tensor, Tensor]:
+    # value checks here too: under torch.compile only this body sees real tensors
+    V.check_cu_seqlens_values(cu_seqlens, q.shape[1])
+    if is_empty(q, v):
+        B, T, H, K = q.shape
+        N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        return v.new_zeros(v.shape), passthrough_state(
+            initial_state, (N, H, K, v.shape[-1]), q, _state_dtype(q), output_final_state)
     impl = _backend.implementation("gla", backend)
     o, ht = impl.forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
                          cu_seqlens, mode)
@@ -54,6 +65,9 @@ def _gla_bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
              g: Optional[Tensor], g_gamma: Optional[Tensor], initial_state: Optional[Tensor],
              cu_seqlens: Optional[Tensor], scale: float, mode: str, backend: str
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if is_empty(q, v):
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                zeros_or_empty(g, q), passthrough_grad(dht, initial_state, q))
     impl = _backend.implementation("gla", backend)
     dq, dk, dv, dg, dh0 = impl.backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens,
                                         mode, do, dht)
@@ -85,6 +99,20 @@ def _backward(ctx, do, dht):
 _gla_fwd.register_autograd(_backward, setup_context=_setup)
 
 
+def _public_name(inputs) -> str:
+    """The public op a gated_linear_attn_backward call serves (for error messages)."""
+    g, g_gamma, mode = inputs[5], inputs[6], inputs[10]
+    prefix = "chunk" if mode == "chunk" else "fused_recurrent"
+    if g is not None and g.dim() == 4:
+        return f"{prefix}_gla"
+    if g is None and g_gamma is None:
+        return f"{prefix}_linear_attn"
+    return f"{prefix}_simple_gla / {prefix}_lightning_attn"
+
+
+forbid_double_backward(_gla_bwd, _public_name)
+
+
 def _run(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode,
          gate: str):
     """Validate, pick the backend, call the custom op. gate: 'none' | 'scalar' | 'vector'."""
@@ -92,6 +120,11 @@ def _run(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqle
     if gate == "scalar":
         V.check_tensor("g", g, (B, T, H), "[B, T, H]", q)
         V.check_tensor("g_gamma", g_gamma, (H,), "[H]", q)
+        if g_gamma is not None and g_gamma.requires_grad and torch.is_grad_enabled():
+            # a learnable per-head decay: fold it into a dense gate, autograd sums its gradient
+            # from dg (the constant path, cheaper, stays for a fixed g_gamma)
+            g = g_gamma.expand(B, T, H) if g is None else g + g_gamma
+            g_gamma = None
     elif gate == "vector":
         if g is None:
             raise ValueError("g is required: the GLA gate must have shape [B, T, H, K]")
@@ -123,7 +156,8 @@ def chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None
                      g_gamma: Optional[Tensor] = None, scale: Optional[float] = None,
                      initial_state: Optional[Tensor] = None, output_final_state: bool = False,
                      cu_seqlens: Optional[Tensor] = None):
-    """Scalar-gated linear attention: decay exp(g [B,T,H]) and/or exp(g_gamma [H]) per head."""
+    """Scalar-gated linear attention: decay exp(g [B,T,H]) and/or exp(g_gamma [H]) per head.
+    g_gamma takes a gradient when it requires one (a learnable per-head decay)."""
     return _run(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens,
                 "chunk", "scalar")
 
@@ -131,10 +165,11 @@ def chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None
 def lightning_attn(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, scale: Optional[float] = None,
                    initial_state: Optional[Tensor] = None, output_final_state: bool = False,
                    cu_seqlens: Optional[Tensor] = None):
-    """Lightning Attention (TNL): constant per-head decay exp(-slope[h]); slope takes no grad."""
+    """Lightning Attention (TNL): constant per-head decay exp(-slope[h]). slope takes a gradient
+    when it requires one (a learnable decay)."""
     B, T, H, K, _ = V.qkv_dims(q, k, v)
     V.check_tensor("slope", slope, (H,), "[H]", q)
-    return _run(q, k, v, None, -slope.detach(), scale, initial_state, output_final_state,
+    return _run(q, k, v, None, -slope, scale, initial_state, output_final_state,
                 cu_seqlens, "chunk", "scalar")
 
 
@@ -165,7 +200,7 @@ def fused_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=Non
     """Token-by-token form of lightning_attn (decode, short T)."""
     B, T, H, K, _ = V.qkv_dims(q, k, v)
     V.check_tensor("slope", slope, (H,), "[H]", q)
-    return _run(q, k, v, None, -slope.detach(), scale, initial_state, output_final_state,
+    return _run(q, k, v, None, -slope, scale, initial_state, output_final_state,
                 cu_seqlens, "recurrent", "scalar")
 
 

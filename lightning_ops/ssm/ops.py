@@ -38,7 +38,8 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as V
-from .._custom_op import contiguous, empty_like_none, none_if_empty
+from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, is_empty,
+                          none_if_empty, passthrough_grad, passthrough_state, zeros_or_empty)
 
 Tensor = torch.Tensor
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -129,6 +130,7 @@ def _scan_backward(ctx, dy, dlast, _daux):
 
 
 _scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
+forbid_double_backward(_scan_bwd, lambda inputs: "selective_scan_fn")
 
 
 def _check_bc(name: str, X: Tensor, b: int, d: int, L: int, ref: Tensor) -> int:
@@ -192,6 +194,13 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
              seq_idx: Optional[Tensor], cu_seqlens: Optional[Tensor], chunk_size: int,
              dt_softplus: bool, dt_min: float, dt_max: float, return_final_states: bool,
              backend: str) -> Tuple[Tensor, Tensor]:
+    # value checks here too: under torch.compile only this body sees real tensors
+    V.check_cu_seqlens_values(cu_seqlens, x.shape[1])
+    if is_empty(x):  # no tokens (b, l or h = 0): no backend sees the call
+        b, l, h, p = x.shape
+        N = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        return x.new_zeros(x.shape), passthrough_state(
+            initial_states, (N, h, p, B.shape[-1]), x, _state_dtype(x), return_final_states)
     impl = _backend.implementation("ssd", backend)
     y, final = impl.ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
                                 cu_seqlens, chunk_size, dt_softplus, dt_min, dt_max,
@@ -216,6 +225,11 @@ def _ssd_bwd(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Ten
              cu_seqlens: Optional[Tensor], chunk_size: int, dt_softplus: bool, dt_min: float,
              dt_max: float, backend: str
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if is_empty(x):
+        return (torch.zeros_like(x), torch.zeros_like(dt), torch.zeros_like(A),
+                torch.zeros_like(B), torch.zeros_like(C), zeros_or_empty(D, x),
+                zeros_or_empty(z, x), zeros_or_empty(dt_bias, x),
+                passthrough_grad(dfinal, initial_states, x))
     impl = _backend.implementation("ssd", backend)
     dx, ddt, dA, dB, dC, dD, dz, ddtb, dh0 = impl.ssd_backward(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
@@ -250,6 +264,7 @@ def _ssd_backward(ctx, dy, dfinal):
 
 
 _ssd_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup)
+forbid_double_backward(_ssd_bwd, lambda inputs: "mamba_chunk_scan_combined")
 
 
 def _check_dt_limit(dt_limit) -> Tuple[float, float]:
@@ -366,6 +381,7 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
         V.check_tensor("z", z, (b, d), "[b, D]", state)
         V.check_tensor("dt_bias", dt_bias, (d,), "[D]", state)
         V.check_flag("dt_softplus", dt_softplus)
+        V.check_inplace("state", state)
         name = _backend.resolve("ssd", state.device, state.dtype)
         out = _state_update(state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0),
                             B.unsqueeze(1), C.unsqueeze(1),
@@ -393,6 +409,7 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     V.check_tensor("z", z, (b, h, p), "[b, h, p]", state)
     V.check_tensor("dt_bias", dt_bias, (h, p), "[h, p]", state)
     V.check_flag("dt_softplus", dt_softplus)
+    V.check_inplace("state", state)
     name = _backend.resolve("ssd", state.device, state.dtype)
     return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, name)
 
@@ -460,6 +477,7 @@ def _conv_backward(ctx, dout, dfinal):
 
 
 _conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+forbid_double_backward(_conv_bwd, lambda inputs: "causal_conv1d_fn")
 
 
 def _check_conv_weight(weight: Tensor, d: int, ref: Tensor) -> int:
@@ -525,6 +543,7 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
                          f"got {list(conv_state.shape)}")
     V.check_tensor("bias", bias, (d,), "[D]", x)
     act = _activation(activation)
+    V.check_inplace("conv_state", conv_state)
     name = _backend.resolve("conv", x.device, x.dtype)
     xs = x.unsqueeze(-1) if x.dim() == 2 else x
     out = _conv_update(xs, conv_state, weight, bias, act, name)
