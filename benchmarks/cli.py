@@ -1,34 +1,51 @@
-"""`python -m benchmarks`: run the registry, print the table and the summary, append the CSV,
-draw the plots, optionally compare with another git revision.
+"""`python -m benchmarks`: time lightning_ops against its peers, print the table and a summary,
+write the CSV, plots and (with --report) a Markdown page into a results folder.
 
-  python -m benchmarks                      CPU suite (fp32, B=1 H=4 K=V=64, T=1024/4096 for every
-                                            op, plus issue 2's targets: chunk_gla vs SDPA at
-                                            T=16384 and vs the reference at T=4096); < 3 min
-  python -m benchmarks --gpu-suite --out D  GPU suite (bf16, B=2 H=16 K=V=128, T=2K..16K, fwd /
-                                            bwd / fwd+bwd, every backend and peer); < 8 min
+  python -m benchmarks                      CPU suite: fp32, B=1 H=4 K=V=64, T=256/1024/4096 for
+                                            every op, chunk_gla vs SDPA at T=16384 (a few minutes)
   python -m benchmarks --quick              tiny shapes, seconds (a smoke test)
+  python -m benchmarks --threads 1          torch CPU threads (default: the physical cores)
   python -m benchmarks --op chunk_gla --provider ours-torch,sdpa --T 2048,8192 --mode fwd
-  python -m benchmarks --compare HEAD~1     the same cases at another revision; prints speedups
+  python -m benchmarks --compare HEAD~1     current tree vs a revision, interleaved A B A B ...,
+                                            speedups with 95 % intervals
+  python -m benchmarks --report             also write report.md (table + plots) for this run
+  python -m benchmarks --report-from F.csv  only render report.md from an earlier results.csv
+  python -m benchmarks --save               also append the rows to the committed
+                                            benchmarks/results/results.csv (clean checkouts only)
+  python -m benchmarks --gpu-suite          GPU suite: bf16, B=2 H=16 K=V=128, T=2K..16K
   python -m benchmarks --list               ops, providers and why unavailable ones are
+
+Every run writes into benchmarks/runs/<date-time>/ (untracked) unless --out says otherwise.
+Timing: torch.utils.benchmark.Timer on CPU, triton.testing.do_bench on GPU; each row gives the
+median per call with its 95 % bootstrap interval, the p20-p80 spread, the threads it ran with and
+how many cores other processes used meanwhile (rows where they took cores we needed are 'noisy').
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
+import logging
 import math
 import os
+import shutil
+import statistics
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import env, registry, report, roofline, timing
+from . import env, load, registry, report, roofline, stats, timing
 from .registry import DTYPES, MODES, OPS, PROVIDERS, Case, Config, main_output
 from .report import Result
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(HERE, "results")   # curated, committed (--save)
+RUNS_DIR = os.path.join(HERE, "runs")          # every run, untracked
+
+log = logging.getLogger("benchmarks")
 
 
 def _csv_list(kind, choices=None):
@@ -36,7 +53,10 @@ def _csv_list(kind, choices=None):
         items = [x.strip() for x in text.split(",") if x.strip()]
         out = []
         for x in items:
-            x = kind(x)
+            try:
+                x = kind(x)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{x!r} is not a {kind.__name__}")
             if choices is not None and x not in choices:
                 raise argparse.ArgumentTypeError(f"{x!r} is not one of {', '.join(choices)}")
             out.append(x)
@@ -50,79 +70,64 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--op", type=_csv_list(str, list(OPS)), action="extend",
                    help="ops to run (comma list; default all)")
     p.add_argument("--provider", type=_csv_list(str, list(PROVIDERS)), action="extend",
-                   help=f"providers (comma list of {', '.join(PROVIDERS)}; default all "
-                        f"available but the reference)")
+                   help=f"providers (comma list of {', '.join(PROVIDERS)}; default every "
+                        f"available one but the reference). One that cannot run is an error.")
     p.add_argument("--dtype", type=_csv_list(str, list(DTYPES)), action="extend",
                    help="fp32, bf16, fp16 (default fp32 on CPU, bf16 on GPU)")
     p.add_argument("--T", type=_csv_list(int), action="extend",
                    help="sequence lengths (comma list; replaces the suite's, drops its extras)")
     p.add_argument("--mode", type=_csv_list(str, list(MODES)), action="extend",
                    help="fwd, bwd, fwd+bwd (default fwd,fwd+bwd on CPU, all on GPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads (default: the physical cores, "
+                        f"{load.physical_cores()} here)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds")
     p.add_argument("--gpu-suite", action="store_true", help="the GPU suite (bf16, big shapes)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="override the suite's device")
-    p.add_argument("--out", help=f"folder for results.csv, bench.log, plots/ (default "
-                                 f"{os.path.relpath(RESULTS_DIR)})")
-    p.add_argument("--compare", metavar="REV", help="also run the same cases at git revision "
-                                                    "REV (in a temporary worktree); print speedups")
+    p.add_argument("--out", help="folder for results.csv, bench.log, plots/, report.md "
+                                 "(default benchmarks/runs/<date-time>/)")
+    p.add_argument("--save", action="store_true",
+                   help="also append the rows to benchmarks/results/results.csv and copy the "
+                        "plots to benchmarks/results/plots/ (to be committed; needs a clean "
+                        "checkout)")
+    p.add_argument("--report", action="store_true", help="also write report.md (Markdown)")
+    p.add_argument("--report-from", metavar="CSV",
+                   help="render report.md (and plots) from an earlier results.csv; no timing")
+    p.add_argument("--compare", metavar="REV",
+                   help="time the same cases in the current tree and at git revision REV, "
+                        "interleaved; print speedups with 95%% intervals")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="--compare: A/B rounds per case (default 4: A B A B A B A B)")
     p.add_argument("--max-case-s", type=float, help="skip a case predicted to take longer")
     p.add_argument("--budget-s", type=float, help="time budget of the whole run")
     p.add_argument("--list", action="store_true", help="list ops and providers, then exit")
-    p.add_argument("--no-csv", action="store_true", help="do not append to results.csv")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-roofline", action="store_true", help="skip measuring device peaks")
     p.add_argument("--no-err", action="store_true", help="skip the accuracy check")
-    p.add_argument("--json-out", help=argparse.SUPPRESS)  # used by --compare's child run
-    return p.parse_args(argv)
+    p.add_argument("-q", "--quiet", action="store_true", help="no line per case")
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
+    if args.rounds < 2:
+        p.error("--rounds must be >= 2 (an interval needs samples from several rounds)")
+    return args
 
 
-class Log:
-    """Print to stdout and to the run's log file."""
-
-    def __init__(self, path: Optional[str]):
-        self.f = None
-        if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.f = open(path, "w")
-
-    def __call__(self, msg: str = "", console: bool = True) -> None:
-        if console:
-            print(msg, flush=True)
-        if self.f:
-            self.f.write(msg + "\n")
-            self.f.flush()
-
-    def close(self):
-        if self.f:
-            self.f.close()
+def _setup_logging(quiet: bool) -> logging.Handler:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    h = logging.StreamHandler(sys.stdout)
+    h.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(h)
+    return h
 
 
-class Progress:
-    """tqdm when installed, else one plain line per case."""
-
-    def __init__(self, total: int, log: Log):
-        self.log, self.total, self.i = log, total, 0
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="case", dynamic_ncols=True, file=sys.stderr)
-        except Exception:  # noqa: BLE001 - bare GPU machines may lack tqdm
-            self.bar = None
-
-    def start(self, desc: str) -> None:
-        if self.bar is not None:
-            self.bar.set_description(desc)
-
-    def done(self, line: str) -> None:
-        self.i += 1
-        if self.bar is not None:
-            self.bar.update(1)
-            self.log(f"[{self.i}/{self.total}] {line}", console=False)
-        else:
-            self.log(f"[{self.i}/{self.total}] {line}")
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+def _log_to_file(path: str) -> logging.Handler:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    h = logging.FileHandler(path, mode="w")
+    h.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(h)
+    return h
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,13 +205,15 @@ def _short(e: BaseException, n: int = 160) -> str:
 # ------------------------------------------------------------------------------------------------
 class Runner:
     def __init__(self, s: registry.Suite, device: torch.device, info: Dict[str, str],
-                 peaks: Optional[roofline.Peaks], acc: Optional[Accuracy], log: Log,
-                 max_case_s: float, budget_s: float, t0: Optional[float] = None):
-        self.s, self.device, self.info, self.peaks, self.acc, self.log = \
-            s, device, info, peaks, acc, log
+                 peaks: Optional[roofline.Peaks], acc: Optional[Accuracy], threads: int,
+                 max_case_s: float, budget_s: float, t0: Optional[float] = None,
+                 quiet: bool = False):
+        self.s, self.device, self.info, self.peaks, self.acc, self.threads = \
+            s, device, info, peaks, acc, threads
+        self.quiet = quiet
         self.max_case_s, self.budget_s = max_case_s, budget_s
         self.t0 = time.monotonic() if t0 is None else t0
-        self.once_over_s = max(2 * s.target_s, 1.0)
+        self.once_over_s = s.once_over_s
         self.done: Dict[Tuple, Result] = {}
         self.warmed: set = set()
         self.history: Dict[Tuple, List[Tuple[int, float]]] = {}
@@ -252,7 +259,7 @@ class Runner:
         c = case.cfg
         return Result(op=case.op, provider=case.provider, mode=case.mode,
                       shape=spec.shape_label(c), T=c.T, dtype=case.dtype,
-                      B=c.B, H=c.H, K=c.K, V=c.V, **self.info, **kw)
+                      B=c.B, H=c.H, K=c.K, V=c.V, threads=self.threads, **self.info, **kw)
 
     def _warm(self, case: Case, run) -> None:
         """One small fwd+bwd call per (op, provider, dtype) before its first timing, so one-time
@@ -272,7 +279,8 @@ class Runner:
         """Time a case in a child process that is killed at `limit` seconds."""
         import subprocess
         job = {"op": case.op, "provider": case.provider, "cfg": case.cfg.__dict__,
-               "mode": case.mode, "dtype": case.dtype, "device": str(self.device)}
+               "mode": case.mode, "dtype": case.dtype, "device": str(self.device),
+               "threads": self.threads, "once": True}
         here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         import lightning_ops
         lib = os.path.dirname(os.path.dirname(os.path.abspath(lightning_ops.__file__)))
@@ -288,8 +296,13 @@ class Runner:
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
                                else f"worker exited with {proc.returncode}")
-        got = json.loads(proc.stdout.strip().splitlines()[-1])
-        return timing.Timing(got["times"], got["peak_mb"], got["note"] + " (in a child process)")
+        from ._worker import REPLY
+        lines = [x for x in proc.stdout.splitlines() if x.startswith(REPLY)]
+        if not lines:
+            raise RuntimeError("the child process gave no timing")
+        got = json.loads(lines[-1][len(REPLY):])
+        return timing.Timing(got["times"], got["peak_mb"], got["note"] + " (in a child process)",
+                             once=True, others=got["others"], noisy=got["noisy"])
 
     def run_case(self, case: Case) -> Result:
         key = case.key()
@@ -305,7 +318,7 @@ class Runner:
         pred = self.predict(case)
         # what the case needs at least: one call when slow (or isolated), else warm-up + 1 rep
         need = None if pred is None else (
-            pred if isolate or pred >= self.once_over_s else pred * (1 + self.s.warmup))
+            pred if isolate or pred >= self.once_over_s else pred * 6)  # warm-up + 5 calls
         if need is not None and need > limit:
             why = "the run's remaining budget" if limit < self.max_case_s else "the per-case cap"
             return self._result(case, status="skipped",
@@ -329,10 +342,11 @@ class Runner:
                     set_bytes = spec.bytes(case.cfg, dtype, "fwd")
                     sets = timing.n_input_sets(set_bytes, self.device)
                     step = timing.build_step(case, spec, run, self.device, sets)
+                    left = limit - (time.monotonic() - t0)
                     t = timing.measure(
-                        step, self.device, warmup=self.s.warmup, min_reps=self.s.min_reps,
-                        max_reps=self.s.max_reps, target_s=self.s.target_s,
-                        once_over_s=self.once_over_s, deadline=t0 + max(limit - 1, 0))
+                        step, self.device, threads=self.threads, min_time_s=self.s.min_time_s,
+                        max_time_s=max(min(self.s.max_time_s, left / 3), 0.01),
+                        once_over_s=self.once_over_s)
         except timing.CaseTimeout as e:
             self.history.setdefault(self._hkey(case), []).append((case.cfg.T, limit))
             return self._result(case, status="timeout", note=str(e), max_rel_err=err)
@@ -347,8 +361,17 @@ class Runner:
         self.history.setdefault(self._hkey(case), []).append((case.cfg.T, med))
         flops, nbytes = spec.flops(case.cfg, case.mode), spec.bytes(case.cfg, dtype, case.mode)
         ach = roofline.achieved(flops, nbytes, med, self.peaks)
+        if t.noisy:
+            t.note = "; ".join(x for x in (t.note, f"noisy: other processes used "
+                                                   f"{t.others:.1f} cores meanwhile") if x)
+        if ach.get("pct_compute", 0) > 100:
+            t.note = "; ".join(x for x in (t.note, "above the measured compute peak (the peak "
+                                                   "was measured while the machine was busy)")
+                               if x)
         note = "; ".join(x for x in (t.note, err_note) if x)
+        lo, hi = t.ci_s
         r = self._result(case, median_ms=1e3 * med, p20_ms=1e3 * t.p20_s, p80_ms=1e3 * t.p80_s,
+                         ci_lo_ms=1e3 * lo, ci_hi_ms=1e3 * hi, others=t.others, noisy=t.noisy,
                          reps=t.reps, tokens_per_s=spec.tokens(case.cfg) / med,
                          peak_mb=t.peak_mb, max_rel_err=err, flops=flops, bytes=nbytes,
                          note=note, **ach)
@@ -356,17 +379,21 @@ class Runner:
         return r
 
     def run(self, cases: Sequence[Case]) -> List[Result]:
-        prog = Progress(len(cases), self.log)
         out = []
-        try:
-            for c in cases:
-                prog.start(f"{c.op} {c.provider} T{c.cfg.T} {c.mode}")
-                r = self.run_case(c)
-                out.append(r)
-                ms = f"{r.median_ms:.3g} ms" if r.status == "ok" else f"{r.status} {r.note}"
-                prog.done(f"{c.op} {c.provider} {r.shape} {c.mode} {c.dtype}: {ms}")
-        finally:
-            prog.close()
+        for i, c in enumerate(cases):
+            r = self.run_case(c)
+            out.append(r)
+            if self.quiet:
+                continue
+            if r.status == "ok":
+                what = (f"{report._num(r.median_ms)} ms"
+                        + (f" [{report._num(r.ci_lo_ms)}-{report._num(r.ci_hi_ms)}]"
+                           if r.reps > 1 else " (timed once)")
+                        + f", {r.reps} samples" + (", noisy" if r.noisy else ""))
+            else:
+                what = f"{r.status}: {r.note}"
+            log.info(f"[{i + 1}/{len(cases)}] {c.op} {c.provider} T{c.cfg.T} {c.mode} "
+                     f"{c.dtype}: {what}  ({time.monotonic() - self.t0:.0f} s)")
         return out
 
 
@@ -396,83 +423,181 @@ def list_all(device: torch.device) -> None:
             print(f"   {p:14s} {'available' if why is None else 'unavailable: ' + why}")
 
 
+def _error(msg: str) -> int:
+    log.error(f"error: {msg}")
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    console = _setup_logging(args.quiet)
+    handlers = [console]
+    try:
+        return _main(args, handlers)
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+
+
+def _main(args, handlers) -> int:
+    t_start = time.monotonic()
+    if args.report_from:
+        return _report_only(args)
     name = "quick" if args.quick else ("gpu" if args.gpu_suite else "cpu")
     s = registry.suite(name)
     dev = args.device or ("cuda" if args.gpu_suite else s.device)
     if dev == "cuda" and not torch.cuda.is_available():
-        print("error: a CUDA device was asked for (--gpu-suite / --device cuda) but torch sees "
-              "none", file=sys.stderr)
-        return 2
+        return _error("a CUDA device was asked for (--gpu-suite / --device cuda) but torch "
+                      "sees none")
     device = torch.device(dev)
     if device.type == "cuda" and name == "quick":
         s.dtype = "bf16"
     if args.list:
         list_all(device)
         return 0
-    out = args.out or RESULTS_DIR
-    log = Log(None if args.json_out else os.path.join(out, "bench.log"))
-    t_start = time.monotonic()
-    try:
-        return _run(args, s, device, out, log, t_start)
-    finally:
-        log.close()
-
-
-def _run(args, s, device, out, log, t_start) -> int:
+    threads = args.threads or load.physical_cores()
+    torch.set_num_threads(threads)
     ops = args.op or list(OPS)
     modes = args.mode or list(s.modes)
     Ts = args.T or list(s.Ts)
     dtypes = args.dtype or [s.dtype]
+    # everything that can fail is checked before any timing
+    errors = registry.asked_but_unavailable(ops, args.provider, device)
+    if errors:
+        for e in errors:
+            log.error(f"error: {e}")
+        log.error("(`python -m benchmarks --list` shows every op and provider)")
+        return 2
+    resolved = None
+    if args.compare:
+        from . import compare
+        try:
+            resolved = compare.resolve(args.compare)
+        except compare.CompareError as e:
+            return _error(str(e))
     info = env.run_info(device)
-    log(f"lightning_ops benchmarks: suite={s.name} device={info['device']} torch={info['torch']} "
-        f"triton={info['triton']} rev={info['git_rev']} date={info['date']}")
-    log(f"config: B={s.base.B} H={s.base.H} K={s.base.K} V={s.base.V} T={Ts} modes={modes} "
-        f"dtypes={dtypes}" + ("" if args.T or not s.extra else " + " + ", ".join(
-            f"{op} {p} T={T}{' ' + '/'.join(ms) if ms else ''}" for op, p, T, ms in s.extra)))
+    if args.save and info["git_rev"].endswith("+dirty"):
+        return _error("--save records curated results: commit (or stash) your changes first "
+                      f"(the checkout is at {info['git_rev']})")
+    if threads > len(load.usable_cpus()) and device.type == "cpu":
+        log.warning(f"warning: --threads {threads} is more than the {len(load.usable_cpus())} "
+                    f"CPUs this process may use")
+
+    chk = load.check(threads)
+    log.info(f"lightning_ops benchmarks: suite={s.name} device={info['device']} "
+             f"torch={info['torch']} triton={info['triton']} rev={info['git_rev']} "
+             f"threads={threads} date={info['date']}")
+    log.info(f"load before the run: 1-min load average {chk.load1:.2f}, other processes use "
+             f"{chk.others:.2f} of {chk.cpus} CPUs")
+    if chk.warning():
+        log.warning(chk.warning())
+
+    if args.compare:
+        from . import compare
+        cases, _ = registry.plan(s, ops, args.provider or list(registry.OURS), modes,
+                                 args.T or list(s.Ts[:2]), dtypes, device, extras=False)
+        cases = [c for c in cases if c.provider != "sdpa" or args.provider]
+        return compare.run(args.compare, cases, str(device), threads, args.rounds, log,
+                           min_time_s=min(s.min_time_s, 0.1),
+                           max_time_s=min(s.max_time_s, 0.5), root_and_sha=resolved)
+
+    out = args.out or os.path.join(RUNS_DIR, datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    handlers.append(_log_to_file(os.path.join(out, "bench.log")))
+    info["load1"] = chk.load1
+    log.info(f"config: B={s.base.B} H={s.base.H} K={s.base.K} V={s.base.V} T={Ts} "
+             f"modes={modes} dtypes={dtypes}" + ("" if args.T or not s.extra else " + " +
+             ", ".join(f"{op} {p} T={T}{' ' + '/'.join(ms) if ms else ''}"
+                       for op, p, T, ms in s.extra)))
     if device.type == "cpu" and torch.cuda.is_available() and not args.device:
-        log("(a CUDA device is present: `--gpu-suite` benchmarks it)")
+        log.info("(a CUDA device is present: `--gpu-suite` benchmarks it)")
     peaks = None
     if not args.no_roofline:
         peaks = roofline.measure_peaks(device, DTYPES[dtypes[0]], quick=s.name == "quick")
-        log(f"device peaks (measured now): {peaks.what}")
+        log.info(f"device peaks (measured now, {threads} thread(s)): {peaks.what}")
     cases, notes = registry.plan(s, ops, args.provider, modes, Ts, dtypes, device,
                                  extras=args.T is None)
     for n in _group_notes(notes):
-        log(f"note: {n}")
+        log.info(f"note: {n}")
     acc = None if args.no_err else Accuracy(s.err_cfg, device)
-    runner = Runner(s, device, info, peaks, acc, log,
-                    args.max_case_s or s.max_case_s, args.budget_s or s.budget_s, t0=t_start)
+    runner = Runner(s, device, info, peaks, acc, threads,
+                    args.max_case_s or s.max_case_s, args.budget_s or s.budget_s, t0=t_start,
+                    quiet=args.quiet)
     results = runner.run(cases)
-    log(report.table(results, acc.header(dtypes) if acc else ""))
-    log("")
-    log("timing: median of repeats (p20-p80), warm-up first, inputs rotated across repeats; "
-        + ("CUDA events" if device.type == "cuda" else "wall clock")
-        + "; TFLOP/s, GB/s, % floor (of the measured copy bandwidth) and % comp (of the "
-          "measured matmul peak) are for the main mode; formulas in benchmarks/registry.py; "
-        + ("peak MB: allocator peak above the inputs" if device.type == "cuda" else
-           "peak MB: growth of the process's resident memory (approximate: reused memory "
-           "reads as 0)"))
+    log.info(report.table(results, acc.header(dtypes) if acc else ""))
+    log.info("")
+    log.info("timing: median per call; ±: half-width of its 95% bootstrap interval; "
+             "* timed once; ~ noisy; warm-up first, inputs rotated across repeats; "
+             + ("triton.testing.do_bench (CUDA events)" if device.type == "cuda" else
+                f"torch.utils.benchmark.Timer, {threads} thread(s)")
+             + "; TFLOP/s, GB/s, % floor (of the measured copy bandwidth) and % comp (of the "
+               "measured matmul peak) are for the main mode; formulas in "
+               "benchmarks/registry.py"
+             + ("; peak MB: allocator peak above the inputs" if device.type == "cuda" else ""))
     lines = report.summary(results)
     if s.name == "cpu":
         lines += report.cpu_targets(results)
-    log("summary (our fastest backend vs each peer, same op, shape and mode; >1x = we are "
-        "faster):" if lines else "summary: no peer measured alongside our ops")
+    log.info("summary (our fastest backend vs each peer, same op, shape and mode; >1x = we are "
+             "faster; [95% interval]):" if lines else
+             "summary: no peer measured alongside our ops")
     for line in lines:
-        log("  " + line)
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(report.to_dicts(results), f)
-    else:
-        if not args.no_csv:
-            n = report.write_csv(os.path.join(out, "results.csv"), results)
-            log(f"appended {n} rows to {os.path.join(out, 'results.csv')}")
-        if not args.no_plots:
-            paths, why = report.plot(results, os.path.join(out, "plots"))
-            log(why or f"wrote {len(paths)} plots to {os.path.join(out, 'plots')}")
-    if args.compare:
-        from . import compare
-        compare.run(args, results, log)
-    log(f"done in {time.monotonic() - t_start:.0f} s")
+        log.info("  " + line)
+    hl = report.holes(results)
+    log.info("not fully timed: " + ("none" if not hl else ""))
+    for line in hl:
+        log.info("  " + line)
+    oth = [r.others for r in results if r.status == "ok" and not math.isnan(r.others)]
+    if oth:
+        log.info(f"load during the run: other processes used {statistics.median(oth):.2f} "
+                 f"cores (median over cases, max {max(oth):.2f}); {threads} thread(s) here, "
+                 f"{len(load.usable_cpus())} CPUs")
+    n = report.write_csv(os.path.join(out, "results.csv"), results)
+    log.info(f"wrote {n} rows to {os.path.join(out, 'results.csv')}")
+    paths: List[str] = []
+    if not args.no_plots:
+        paths, why = report.plot(results, os.path.join(out, "plots"))
+        log.info(why or f"wrote {len(paths)} plots to {os.path.join(out, 'plots')}")
+    if args.report:
+        path = os.path.join(out, "report.md")
+        with open(path, "w") as f:
+            f.write(report.markdown(results, paths, out, _header(info, threads, chk), lines))
+        log.info(f"wrote {path}")
+    if args.save:
+        n = report.write_csv(os.path.join(RESULTS_DIR, "results.csv"), results)
+        for p in paths:
+            os.makedirs(os.path.join(RESULTS_DIR, "plots"), exist_ok=True)
+            shutil.copy(p, os.path.join(RESULTS_DIR, "plots", os.path.basename(p)))
+        log.info(f"saved {n} rows to {os.path.join(RESULTS_DIR, 'results.csv')} and "
+                 f"{len(paths)} plots to {os.path.join(RESULTS_DIR, 'plots')} (commit them)")
+    log.info(f"done in {time.monotonic() - t_start:.0f} s")
+    return 0
+
+
+def _header(info: Dict, threads: int, chk) -> List[str]:
+    return [f"device: {info['device']}", f"torch {info['torch']}, triton {info['triton']}",
+            f"revision: {info['git_rev']}, date {info['date']}",
+            f"threads: {threads}; load before the run: load average {chk.load1:.2f}, other "
+            f"processes {chk.others:.2f} cores"]
+
+
+def _report_only(args) -> int:
+    if not os.path.exists(args.report_from):
+        return _error(f"--report-from {args.report_from}: no such file")
+    results = report.read_csv(args.report_from)
+    if not results:
+        return _error(f"{args.report_from} has no rows")
+    out = args.out or os.path.dirname(os.path.abspath(args.report_from))
+    paths: List[str] = []
+    if not args.no_plots:
+        paths, why = report.plot(results, os.path.join(out, "plots"))
+        if why:
+            log.info(why)
+    r0 = results[-1]
+    hdr = [f"device: {r0.device}", f"torch {r0.torch}, triton {r0.triton}",
+           f"revisions: {', '.join(sorted({r.git_rev for r in results}))}",
+           f"rows: {len(results)} from {args.report_from}"]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write(report.markdown(results, paths, out, hdr, report.summary(results)))
+    log.info(f"wrote {path}")
     return 0

@@ -1,11 +1,11 @@
-"""Results as data and for people: the row type, CSV append/read, the table, the summary lines
-and the PNG plots."""
+"""Results as data and for people: the row type, CSV append/read, the table, the summary (with
+every case that was not fully timed), the plots (one figure per op family) and the Markdown
+report."""
 from __future__ import annotations
 
 import csv
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, fields
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -32,6 +32,12 @@ class Result:
     pct_compute: float = float("nan")
     peak_mb: float = float("nan")
     max_rel_err: float = float("nan")
+    ci_lo_ms: float = float("nan")    # 95 % bootstrap interval of the median
+    ci_hi_ms: float = float("nan")
+    threads: int = 0                  # torch CPU threads the case ran with
+    load1: float = float("nan")       # 1-min load average at the start of the run
+    others: float = float("nan")      # cores other processes used while the case ran
+    noisy: bool = False               # others took cores our threads needed (see load.py)
     flops: float = float("nan")
     bytes: float = float("nan")
     device: str = ""
@@ -51,12 +57,15 @@ class Result:
 
 
 CSV_FIELDS = [f.name for f in fields(Result)]
-_INT = {"T", "reps", "B", "H", "K", "V"}
+_INT = {"T", "reps", "B", "H", "K", "V", "threads"}
+_BOOL = {"noisy"}
 _STR = {"op", "provider", "mode", "shape", "dtype", "device", "torch", "triton", "git_rev",
         "date", "status", "note"}
 
 
 def _fmt_csv(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else ""
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.6g}"
     return str(v)
@@ -65,7 +74,8 @@ def _fmt_csv(v) -> str:
 def write_csv(path: str, results: Iterable[Result]) -> int:
     """Append the 'ok' results to `path` (header written when the file is new). SDPA, shown
     under every q/k/v op, is written once per shape as op 'sdpa_causal'. A file with a different
-    header (an older schema) is kept aside as <path>.<timestamp>.old. Returns rows written."""
+    header (an older schema) is rewritten under the current header, its rows kept (columns it
+    lacked left empty). Returns rows written."""
     rows, seen = [], set()
     for r in results:
         if r.status != "ok":
@@ -82,7 +92,12 @@ def write_csv(path: str, results: Iterable[Result]) -> int:
         with open(path, newline="") as f:
             header = next(csv.reader(f), [])
         if header != CSV_FIELDS:
-            os.replace(path, f"{path}.{time.strftime('%Y%m%d-%H%M%S')}.old")
+            old = read_csv(path)
+            with open(path, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(CSV_FIELDS)
+                for r in old:
+                    w.writerow([_fmt_csv(getattr(r, k)) for k in CSV_FIELDS])
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", newline="") as f:
         w = csv.writer(f)
@@ -102,6 +117,8 @@ def read_csv(path: str) -> List[Result]:
                 v = row.get(k, "")
                 if k in _STR:
                     kw[k] = v
+                elif k in _BOOL:
+                    kw[k] = v.strip().lower() in ("yes", "true", "1")
                 elif k in _INT:
                     kw[k] = int(v) if v else 0
                 else:
@@ -132,13 +149,16 @@ def _num(x: float, digits: int = 3) -> str:
 
 
 def _ms_cell(r: Optional[Result]) -> str:
+    """'12.3 ±2%': median and the half-width of its 95 % interval; '*' once timed, '~' noisy."""
     if r is None:
         return ""
     if r.status != "ok":
         return {"skipped": "skip", "timeout": "timeout", "error": "error"}.get(r.status, r.status)
-    if r.reps <= 1:
-        return f"{_num(r.median_ms)} (n=1)"
-    return f"{_num(r.median_ms)} ({_num(r.p20_ms)}-{_num(r.p80_ms)})"
+    mark = "~" if r.noisy else ""
+    if r.reps <= 1 or math.isnan(r.ci_lo_ms):
+        return f"{_num(r.median_ms)} *{mark}"
+    half = 100 * (r.ci_hi_ms - r.ci_lo_ms) / 2 / r.median_ms if r.median_ms > 0 else float("nan")
+    return f"{_num(r.median_ms)} ±{half:.0f}%{mark}"
 
 
 def _err_cell(err: float, dtype: str) -> str:
@@ -157,8 +177,9 @@ def _render(rows: List[List[str]], header: List[str]) -> List[str]:
 
 
 def table(results: Sequence[Result], err_note: str = "") -> str:
-    """One block per op: a row per (T, provider), a column per mode (median ms, p20-p80), then
-    throughput and roofline numbers of the main mode (fwd+bwd when measured, else fwd)."""
+    """One block per op: a row per (T, provider), a column per mode (median ms and its 95 %
+    interval), then throughput and roofline numbers of the main mode (fwd+bwd when measured,
+    else fwd)."""
     out: List[str] = []
     modes = [m for m in MODES if any(r.mode == m for r in results)]
     main = "fwd+bwd" if "fwd+bwd" in modes else (modes[-1] if modes else "fwd")
@@ -172,7 +193,7 @@ def table(results: Sequence[Result], err_note: str = "") -> str:
         grid: Dict[Tuple, Dict[str, Result]] = {}
         for r in rs:
             grid.setdefault((r.T, r.provider, r.dtype), {})[r.mode] = r
-        header = (["T", "provider"] + [f"{m} ms (p20-p80)" for m in modes] +
+        header = (["T", "provider"] + [f"{m} ms" for m in modes] +
                   [f"tok/s {main}", "TFLOP/s", "GB/s", "% floor", "% comp", "peak MB",
                    "max rel err"])
         body, notes = [], []
@@ -214,28 +235,48 @@ def _ours_best(results: Sequence[Result]) -> Dict[Tuple, Result]:
     return best
 
 
-def speedups(results: Sequence[Result], peer: str) -> List[Tuple[float, Result, Result]]:
-    """(peer time / our best time, ours, peer) for every shape both measured."""
+def _ends(r: Result) -> Tuple[float, float]:
+    """The 95 % interval of a median, or the median twice when it is unknown (one call)."""
+    if math.isnan(r.ci_lo_ms):
+        return r.median_ms, r.median_ms
+    return r.ci_lo_ms, r.ci_hi_ms
+
+
+def speedups(results: Sequence[Result], peer: str
+             ) -> List[Tuple[float, Result, Result, float, float]]:
+    """(peer time / our best time, ours, peer, lo, hi) for every shape both measured; lo-hi is
+    the ratio of the two medians' 95 % intervals (conservative: their far ends)."""
     best = _ours_best(results)
     out = []
     for r in results:
         if r.provider == peer and r.status == "ok":
             ours = best.get((r.op, r.T, r.shape, r.mode, r.dtype))
             if ours is not None and ours.median_ms > 0:
-                out.append((r.median_ms / ours.median_ms, ours, r))
+                (olo, ohi), (plo, phi) = _ends(ours), _ends(r)
+                out.append((r.median_ms / ours.median_ms, ours, r, plo / ohi, phi / olo))
     return out
 
 
+def verdict(lo: float, hi: float) -> str:
+    if lo > 1:
+        return "faster"
+    if hi < 1:
+        return "slower"
+    return "no significant difference"
+
+
 def summary(results: Sequence[Result]) -> List[str]:
-    """One line per peer: how often our fastest backend beats it, best and worst cases."""
+    """One line per peer: in how many shapes our fastest backend is faster / slower (95 %
+    intervals apart) / not significantly different, with the best and worst cases."""
     lines = []
     for peer in [p for p in PROVIDERS if p not in OURS]:
         sp = speedups(results, peer)
         if not sp:
             continue
-        win = [s for s in sp if s[0] >= 1]
-        lose = [s for s in sp if s[0] < 1]
-        tag = lambda s: f"{s[0]:.3g}x {s[1].op} T{s[1].T} {s[1].mode}"  # noqa: E731
+        win = [s for s in sp if verdict(s[3], s[4]) == "faster"]
+        lose = [s for s in sp if verdict(s[3], s[4]) == "slower"]
+        tie = len(sp) - len(win) - len(lose)
+        tag = lambda s: f"{s[0]:.3g}x [{s[3]:.3g}-{s[4]:.3g}] {s[1].op} T{s[1].T} {s[1].mode}"  # noqa
         parts = [f"vs {peer}: faster in {len(win)}/{len(sp)}"]
         if win:
             parts.append(f"(best {tag(max(win, key=lambda s: s[0]))})")
@@ -244,8 +285,34 @@ def summary(results: Sequence[Result]) -> List[str]:
             worst = sorted(lose, key=lambda s: s[0])
             parts.append("(" + ", ".join(tag(s) for s in worst[:3]) +
                          (f", +{len(worst) - 3} more" if len(worst) > 3 else "") + ")")
+        if tie:
+            parts.append(f", no significant difference in {tie}/{len(sp)}")
         lines.append(" ".join(parts).replace(" ,", ","))
     return lines
+
+
+def holes(results: Sequence[Result]) -> List[str]:
+    """Every case that was not timed with repeats: skipped, stopped, failed, timed once; and the
+    rows flagged noisy. One line each (grouped by reason)."""
+    def name(r):
+        return f"{r.op} {r.provider} T{r.T} {r.mode}"
+    seen = set()
+    groups: Dict[str, List[str]] = {}
+    for r in results:
+        k = (r.op if r.provider != "sdpa" else "sdpa", r.provider, r.T, r.mode, r.dtype)
+        if k in seen:
+            continue
+        seen.add(k)
+        if r.status != "ok":
+            groups.setdefault(f"{r.status}: {r.note}", []).append(name(r))
+        elif r.reps <= 1:
+            groups.setdefault("timed once (no warm-up, no interval)", []).append(name(r))
+    out = [f"{len(v)} {why}: {', '.join(v)}" for why, v in groups.items()]
+    noisy = [r for r in results if r.status == "ok" and r.noisy]
+    if noisy:
+        out.append(f"{len(noisy)} of {sum(r.status == 'ok' for r in results)} timed rows are "
+                   f"noisy (other processes took cores our threads needed)")
+    return out
 
 
 def _time_or_bound(r: Optional[Result]) -> Optional[Tuple[float, bool]]:
@@ -264,8 +331,8 @@ def _time_or_bound(r: Optional[Result]) -> Optional[Tuple[float, bool]]:
 
 
 def cpu_targets(results: Sequence[Result]) -> List[str]:
-    """Issue 2's CPU targets (fp32, B=1, H=4, K=V=64): chunk_gla fwd+bwd >= 10x faster than the
-    reference at T=4096 and faster than causal SDPA at T=16384. A peer that was not timed in
+    """The CPU headline claims (fp32, B=1, H=4, K=V=64): chunk_gla fwd+bwd >= 10x faster than
+    the reference recurrence at T=4096 and faster than causal SDPA at T=16384. A peer that was not timed in
     full still bounds the speedup from below: its time limit, or (for the reference) its
     forward alone."""
     def get(prov, T, mode):
@@ -279,7 +346,7 @@ def cpu_targets(results: Sequence[Result]) -> List[str]:
     lines = []
     for T, peer, need, label in ((4096, "reference", 10.0, ">= 10x"),
                                  (16384, "sdpa", 1.0, "> 1x")):
-        name = f"target chunk_gla fwd+bwd T={T} vs {'SDPA causal' if peer == 'sdpa' else peer}"
+        name = f"headline: chunk_gla fwd+bwd T={T} vs {'SDPA causal' if peer == 'sdpa' else peer}"
         o = next((r for k, r in best.items() if k[0] == "chunk_gla" and k[1] == T
                   and k[3] == "fwd+bwd" and (r.B, r.H, r.K, r.V) == (1, 4, 64, 64)
                   and r.dtype == "fp32"), None)
@@ -298,8 +365,8 @@ def cpu_targets(results: Sequence[Result]) -> List[str]:
         ms, exact = max(bounds, key=lambda b: (b[1], b[0]))
         x = ms / o.median_ms
         ok = x >= need if need > 1 else x > need
-        verdict = "PASS" if ok else ("FAIL" if exact else "UNDECIDED (lower bound)")
-        lines.append(f"{name}: {'' if exact else '>='}{x:.2f}x (need {label}) {verdict}" +
+        v = "PASS" if ok else ("FAIL" if exact else "UNDECIDED (lower bound)")
+        lines.append(f"{name}: {'' if exact else '>='}{x:.2f}x (goal {label}) {v}" +
                      ("" if exact else f"  [{peer} fwd+bwd not timed in full: bound from its "
                                        f"time limit / its forward]"))
     return lines
@@ -314,56 +381,171 @@ def _why_not(ours: Optional[Result], peer: Optional[Result]) -> str:
 # ------------------------------------------------------------------------------------------------
 # Plots
 # ------------------------------------------------------------------------------------------------
+FAMILIES = {"gla": ("linear attention family", ("chunk_gla", "chunk_simple_gla",
+                                                  "chunk_linear_attn", "lightning_attn")),
+            "delta": ("delta-rule family", ("chunk_delta_rule", "chunk_gated_delta_rule")),
+            "ssm": ("state-space family", ("selective_scan_fn", "mamba_chunk_scan_combined",
+                                           "causal_conv1d_fn"))}
+
+
+def _ms_of_hole(r: Result) -> Optional[float]:
+    b = _time_or_bound(r)
+    return b[0] if b else None
+
+
 def plot(results: Sequence[Result], folder: str) -> Tuple[List[str], Optional[str]]:
-    """Per op one PNG: a row per mode, time and tokens/s vs T, one line per provider.
+    """One PNG per op family: a column per op; a row per mode with time vs T (log-log), one line
+    per provider, its p20-p80 band shaded; a last row with our speedup vs each peer (95 %
+    interval as error bars; 1x dashed). Cases timed once are hollow markers, noisy ones ringed,
+    and cases not timed (skipped, stopped, failed) are an x at the top of their panel.
     Returns (paths written, note when plotting was skipped)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import LogLocator
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
     except Exception as e:  # noqa: BLE001 - plots are optional on bare GPU machines
         return [], f"plots skipped: matplotlib unavailable ({type(e).__name__})"
-    ok = [r for r in results if r.status == "ok"]
     paths = []
     os.makedirs(folder, exist_ok=True)
-    for op in [o for o in OPS if any(r.op == o for r in ok)]:
-        rs = [r for r in ok if r.op == op]
-        modes = [m for m in MODES if any(r.mode == m for r in rs)]
-        height = 3.4 * len(modes) + 0.9
-        fig, axes = plt.subplots(len(modes), 2, figsize=(11, height), squeeze=False)
-        for i, m in enumerate(modes):
-            lines: Dict[Tuple[str, str], List[Result]] = {}
-            for r in rs:
-                if r.mode == m:
-                    lines.setdefault((r.provider, r.dtype), []).append(r)
-            for (prov, dt), pts in sorted(lines.items(), key=lambda kv: PROVIDERS.index(kv[0][0])):
-                pts.sort(key=lambda r: r.T)
-                lab = prov if len({k[1] for k in lines}) == 1 else f"{prov} {dt}"
-                style = dict(marker="o", linestyle="--" if prov not in OURS else "-", label=lab)
-                axes[i][0].plot([r.T for r in pts], [r.median_ms for r in pts], **style)
-                axes[i][1].plot([r.T for r in pts], [r.tokens_per_s for r in pts], **style)
-            Ts = sorted({r.T for r in rs if r.mode == m})
-            for j, (what, unit) in enumerate((("time", "ms (median)"), ("throughput", "tokens/s"))):
+    provs = [p for p in PROVIDERS if any(r.provider == p for r in results)]
+    colors = {p: f"C{i}" for i, p in enumerate(provs)}
+    for fam, (title, fam_ops) in FAMILIES.items():
+        ops = [o for o in fam_ops if any(r.op == o for r in results)]
+        if not ops:
+            continue
+        rs_all = [r for r in results if r.op in ops]
+        modes = [m for m in MODES if any(r.mode == m for r in rs_all)]
+        nrow = len(modes) + 1
+        fig, axes = plt.subplots(nrow, len(ops), figsize=(4.2 * len(ops) + 0.6, 3.0 * nrow + 1),
+                                 squeeze=False)
+        for j, op in enumerate(ops):
+            rs = [r for r in rs_all if r.op == op]
+            Ts = sorted({r.T for r in rs})
+            for i, m in enumerate(modes):
                 ax = axes[i][j]
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                ax.set_xticks(Ts, [str(T) for T in Ts])
-                ax.minorticks_off()  # (labelled minor ticks of log axes make plotting slow)
-                ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-                ax.set_xlabel("T (sequence length)")
-                ax.set_ylabel(unit)
-                ax.set_title(f"{op} {m}: {what}", fontsize=10)
-                ax.grid(True, alpha=0.3)
-                ax.legend(fontsize=8, loc="best")
-        r0 = rs[0]
-        fig.suptitle(f"{op}  [{r0.shape.replace(f'T{r0.T}', 'T').replace(f'L{r0.T}', 'L')}]  "
-                     f"{r0.dtype}, {r0.device}, rev {r0.git_rev}", fontsize=9)
-        # fixed margins: tight_layout measures every label and takes seconds per figure
-        fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.75 / height,
-                            bottom=0.6 / height, hspace=0.5, wspace=0.22)
-        path = os.path.join(folder, f"{op}.png")
-        fig.savefig(path, dpi=90)
+                for prov in provs:
+                    pts = sorted((r for r in rs if r.mode == m and r.provider == prov),
+                                 key=lambda r: r.T)
+                    ok = [r for r in pts if r.status == "ok"]
+                    c = colors[prov]
+                    ls = "-" if prov in OURS else "--"
+                    if ok:
+                        x = [r.T for r in ok]
+                        ax.plot(x, [r.median_ms for r in ok], ls, color=c, label=prov, lw=1.5)
+                        ax.fill_between(x, [r.p20_ms for r in ok], [r.p80_ms for r in ok],
+                                        color=c, alpha=0.2, lw=0)
+                        full = [r for r in ok if r.reps > 1]
+                        once = [r for r in ok if r.reps <= 1]
+                        ax.plot([r.T for r in full], [r.median_ms for r in full], "o",
+                                color=c, ms=4)
+                        if once:
+                            ax.plot([r.T for r in once], [r.median_ms for r in once], "o",
+                                    mfc="white", color=c, ms=6, label=f"{prov}: timed once")
+                        nz = [r for r in ok if r.noisy]
+                        if nz:
+                            ax.plot([r.T for r in nz], [r.median_ms for r in nz], "o",
+                                    mfc="none", mec="red", ms=10, mew=1)
+                    for r in pts:
+                        if r.status != "ok":
+                            ax.plot([r.T], [0.97], "x", color=c, ms=9, mew=2,
+                                    transform=ax.get_xaxis_transform(), clip_on=False)
+                            ax.annotate(r.status, (r.T, 0.9), xycoords=ax.get_xaxis_transform(),
+                                        ha="center", fontsize=7, color=c)
+                ax.set_title(f"{op} {m}", fontsize=9)
+                ax.set_ylabel("ms per call (median, p20-p80)", fontsize=8)
+            ax = axes[-1][j]
+            peers = [p for p in provs if p not in OURS]
+            for m_i, m in enumerate(modes):
+                for peer in peers:
+                    sp = sorted((s for s in speedups(rs, peer) if s[1].mode == m),
+                                key=lambda s: s[1].T)
+                    if not sp:
+                        continue
+                    x = [s[1].T for s in sp]
+                    y = [s[0] for s in sp]
+                    err = [[max(s[0] - s[3], 0) for s in sp], [max(s[4] - s[0], 0) for s in sp]]
+                    ax.errorbar(x, y, yerr=err, fmt="o" + ("-" if m_i == 0 else ":"),
+                                color=colors[peer], capsize=3, ms=4,
+                                label=f"vs {peer} ({m})")
+            ax.axhline(1.0, color="gray", ls="--", lw=1)
+            ax.set_title(f"{op}: our fastest vs peer (>1: ours faster)", fontsize=9)
+            ax.set_ylabel("speedup (x)", fontsize=8)
+            if not ax.has_data() or not ax.get_lines()[:-1]:
+                ax.text(0.5, 0.5, "no peer measured", ha="center", va="center",
+                        transform=ax.transAxes, fontsize=9, color="gray")
+            for i in range(nrow):
+                a = axes[i][j]
+                a.set_xscale("log", base=2)
+                if i < nrow - 1 or a.get_lines()[:-1]:
+                    a.set_yscale("log")
+                if Ts:
+                    a.set_xticks(Ts, [str(T) for T in Ts])
+                    a.xaxis.set_minor_formatter(NullFormatter())
+                if a.get_yscale() == "log":
+                    a.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                    a.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                    a.yaxis.set_minor_locator(NullLocator())
+                a.set_xlabel("T (sequence length)", fontsize=8)
+                a.grid(True, which="major", alpha=0.3)
+                a.tick_params(labelsize=7)
+                if a.get_legend_handles_labels()[0]:
+                    a.legend(fontsize=7, loc="best")
+        r0 = rs_all[0]
+        fig.suptitle(f"{title}: {r0.dtype}, {r0.device}, rev {r0.git_rev}, "
+                     f"{r0.threads or '?'} thread(s)\nbands: p20-p80; red ring: noisy (machine "
+                     f"busy); hollow: timed once; x: not timed", fontsize=9)
+        fig.subplots_adjust(left=0.07, right=0.98, top=1 - 0.8 / (3.0 * nrow + 1),
+                            bottom=0.5 / (3.0 * nrow + 1), hspace=0.55, wspace=0.28)
+        path = os.path.join(folder, f"{fam}.png")
+        fig.savefig(path, dpi=80)
         plt.close(fig)
         paths.append(path)
     return paths, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Markdown report
+# ------------------------------------------------------------------------------------------------
+def _md_ms(r: Optional[Result]) -> str:
+    if r is None:
+        return ""
+    if r.status != "ok":
+        return f"{r.status}"
+    if r.reps <= 1 or math.isnan(r.ci_lo_ms):
+        return f"{_num(r.median_ms)} (once)" + (" noisy" if r.noisy else "")
+    return (f"{_num(r.median_ms)} [{_num(r.ci_lo_ms)}–{_num(r.ci_hi_ms)}]"
+            + (" noisy" if r.noisy else ""))
+
+
+def markdown(results: Sequence[Result], plots: Sequence[str], folder: str,
+             header: Sequence[str] = (), summary_lines: Sequence[str] = ()) -> str:
+    """A Markdown page: run info, summary, cases not fully timed, a table per op, the plots
+    (linked relative to `folder`, where the page is written)."""
+    out = ["# lightning_ops benchmark report", ""]
+    out += [f"* {h}" for h in header]
+    out += ["", "## Summary", ""] + [f"* {x}" for x in summary_lines or ["no peer measured"]]
+    hl = holes(results)
+    out += ["", "## Not fully timed", ""] + ([f"* {x}" for x in hl] or ["* none"])
+    modes = [m for m in MODES if any(r.mode == m for r in results)]
+    for op in [o for o in OPS if any(r.op == o for r in results)]:
+        rs = [r for r in results if r.op == op]
+        out += ["", f"## {op}", "",
+                "| T | provider | " + " | ".join(f"{m} ms [95% interval]" for m in modes)
+                + " | tok/s | GB/s | threads | others (cores) |",
+                "|---:|---|" + "---:|" * len(modes) + "---:|---:|---:|---:|"]
+        grid: Dict[Tuple, Dict[str, Result]] = {}
+        for r in rs:
+            grid.setdefault((r.T, r.provider, r.dtype), {})[r.mode] = r
+        for (T, prov, dt) in sorted(grid, key=lambda k: (k[0], PROVIDERS.index(k[1]))):
+            cells = grid[(T, prov, dt)]
+            main = cells.get("fwd+bwd") or cells.get(modes[-1]) or next(iter(cells.values()))
+            ok = main.status == "ok"
+            out.append(f"| {T} | {prov} | " + " | ".join(_md_ms(cells.get(m)) for m in modes)
+                       + f" | {_num(main.tokens_per_s) if ok else '-'} | "
+                         f"{_num(main.gbps) if ok else '-'} | {main.threads or '-'} | "
+                         f"{_num(main.others, 2)} |")
+    if plots:
+        out += ["", "## Plots", ""]
+        out += [f"![{os.path.basename(p)}]({os.path.relpath(p, folder)})" for p in plots]
+    return "\n".join(out) + "\n"

@@ -1,25 +1,33 @@
-"""Honest timing of one case: warm-up, then repeats until a time target, inputs rotated across
-repeats, median and 20/80 percentiles, peak memory.
+"""Timing of one case with maintained timers: warm-up, enough repeats for a stated confidence,
+input rotation, and the load the machine was under meanwhile.
 
-GPU: CUDA events around each call (GPU time, launch gaps included), all reps queued then one
-sync. CPU: wall clock (time.perf_counter) around each call. Inputs are rotated over several
-independent sets, enough to exceed the last-level cache, so repeats do not measure a warm L2.
-Modes: fwd (inputs do not require grad: the inference path), bwd (the forward graph is built
-untimed once per input set, then `autograd.grad(..., retain_graph=True)` is timed), fwd+bwd.
+CPU: torch.utils.benchmark.Timer(num_threads=--threads).adaptive_autorange: it warms up, sizes
+blocks of calls so the timer's overhead is negligible, and repeats until the interquartile range
+is under 10 % of the median (or its time cap). GPU: triton.testing.do_bench (CUDA events, L2
+flushed before every call, all times returned). Both report per-call times; the median, its 95 %
+bootstrap interval and the p20-p80 spread come from stats.py. A call slower than a few seconds is
+timed once (listed as such in the summary and on the plots).
+
+Inputs are rotated over several independent sets, enough to exceed the CPU's last-level cache,
+so repeats do not measure a warm cache. Modes: fwd (inputs do not require grad: the inference
+path), bwd (the forward graph is built untimed once per input set, then `autograd.grad(...,
+retain_graph=True)` is timed), fwd+bwd.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import signal
 import statistics
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch
 
+from . import load, stats
 from .registry import Case, OpSpec, main_output
 
 
@@ -49,15 +57,7 @@ def time_limit(seconds: Optional[float]):
         signal.signal(signal.SIGALRM, old)
 
 
-def percentile(xs: List[float], q: float) -> float:
-    """Linear-interpolated percentile, q in [0, 100]."""
-    s = sorted(xs)
-    if len(s) == 1:
-        return s[0]
-    pos = (len(s) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+percentile = stats.percentile
 
 
 @dataclass
@@ -65,43 +65,35 @@ class Timing:
     times_s: List[float]
     peak_mb: float = float("nan")
     note: str = ""
-    sets: int = 1
+    once: bool = False              # one call, no warm-up and no interval
+    others: float = float("nan")    # cores other processes used meanwhile (load.Sampler)
+    noisy: bool = False
 
     @property
     def median_s(self) -> float:
-        return statistics.median(self.times_s)
+        return statistics.median(self.times_s) if self.times_s else float("nan")
+
+    @property
+    def ci_s(self):
+        """95 % bootstrap interval of the median (nan, nan with one sample)."""
+        return stats.median_ci(self.times_s)[1:]
 
     @property
     def p20_s(self) -> float:
-        return percentile(self.times_s, 20)
+        return stats.percentile(self.times_s, 20)
 
     @property
     def p80_s(self) -> float:
-        return percentile(self.times_s, 80)
+        return stats.percentile(self.times_s, 80)
 
     @property
     def reps(self) -> int:
         return len(self.times_s)
 
 
-# ------------------------------------------------------------------------------------------------
-# Memory
-# ------------------------------------------------------------------------------------------------
-def _rss_kb(field_name: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class PeakMemory:
-    """Peak memory allocated during a block, above what was allocated before it (MB).
-    CUDA: the caching allocator's counters. CPU: the process's resident-set high-water mark
-    (reset through /proc/self/clear_refs; approximate, since freed memory may stay resident)."""
+class CudaPeakMemory:
+    """Allocator peak above what was allocated before the block (MB); CUDA only (on CPU there
+    is no per-block peak a harness can read reliably, so none is reported)."""
 
     def __init__(self, device: torch.device):
         self.device, self.mb = device, float("nan")
@@ -111,25 +103,12 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")  # resets VmHWM to the current RSS
-                self.base = _rss_kb("VmRSS")
-            except OSError:
-                self.base = None
         return self
 
     def __exit__(self, *exc):
-        if exc[0] is not None:
-            return False
-        if self.device.type == "cuda":
+        if exc[0] is None and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.mb = (torch.cuda.max_memory_allocated(self.device) - self.base) / 2 ** 20
-        elif self.base is not None:
-            hwm = _rss_kb("VmHWM")
-            if hwm is not None:
-                self.mb = max(hwm - self.base, 0) / 1024
         return False
 
 
@@ -203,62 +182,55 @@ def build_step(case: Case, spec: OpSpec, run: Callable, device: torch.device,
     return step
 
 
-def measure(step: Callable[[int], None], device: torch.device, *, warmup: int, min_reps: int,
-            max_reps: int, target_s: float, once_over_s: float, once: bool = False,
-            deadline: Optional[float] = None) -> Timing:
-    """Time step(i) repeatedly. The first call (compile, caches) is a warm-up; when it alone
-    takes over `once_over_s` (or once=True), it is the only measurement, reported as such.
-    Repeats continue until `target_s` of measured time and at least `min_reps` calls, stopping
-    early past `deadline` (time.monotonic())."""
-    mem = PeakMemory(device)
-    t0 = time.perf_counter()
-    with mem:
-        step(0)
-        _sync(device)
-    first = time.perf_counter() - t0
-    if once:
-        return Timing([first], mem.mb, "timed once, no warm-up")
-    if first >= once_over_s and device.type == "cuda":
-        # a slow first GPU call is usually JIT compilation: look at a second one
-        t0 = time.perf_counter()
-        step(1)
-        _sync(device)
-        second = time.perf_counter() - t0
-        if second >= once_over_s:
-            return Timing([second], mem.mb, f"timed once after one warm-up call "
-                                            f"({second:.1f} s per call)")
-    elif first >= once_over_s:
-        return Timing([first], mem.mb, f"timed once (the first call took {first:.1f} s), "
-                                       f"no warm-up")
-    for i in range(1, warmup):
-        step(i)
-    _sync(device)
-    times: List[float] = []
-    i = warmup
-    # estimate per-call cost from the first call to size the batch of reps between syncs
-    est = max(first, 1e-6)
-    while True:
-        n = max(1, min(max_reps - len(times),
-                       math.ceil((target_s - sum(times)) / est) if times else min_reps))
-        if device.type == "cuda":
-            ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(n)]
-            for a, b in ev:
-                a.record()
-                step(i)
-                b.record()
-                i += 1
-            torch.cuda.synchronize(device)
-            times += [a.elapsed_time(b) / 1e3 for a, b in ev]
+def measure(step: Callable[[int], None], device: torch.device, *, threads: int,
+            min_time_s: float, max_time_s: float, once_over_s: float, once: bool = False,
+            threshold: float = 0.1) -> Timing:
+    """Time step(i) (i counts up: input rotation). The first call is a warm-up; when it alone
+    takes `once_over_s` or more (or once=True), it is the only measurement, reported as such.
+    Else CPU: Timer.adaptive_autorange(threshold, min_run_time, max_run_time); GPU: do_bench."""
+    counter = itertools.count()
+
+    def fn():
+        step(next(counter))
+
+    cpus = len(load.usable_cpus())
+    with load.Sampler() as ls, CudaPeakMemory(device) as mem:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            first = time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(prev)
+        if once or first >= once_over_s:
+            note = ("timed once, no warm-up" if once else
+                    f"timed once ({first:.1f} s per call), no warm-up")
+            times = [first]
+        elif device.type == "cuda":
+            times = _do_bench(fn, max_time_s)
+            note = ""
         else:
-            for _ in range(n):
-                t = time.perf_counter()
-                step(i)
-                times.append(time.perf_counter() - t)
-                i += 1
-        est = statistics.median(times)
-        done = len(times) >= max_reps or (len(times) >= min_reps and sum(times) >= target_s)
-        late = deadline is not None and time.monotonic() > deadline and len(times) >= 1
-        if done or late:
-            break
-    return Timing(times, mem.mb)
+            from torch.utils.benchmark import Timer
+            timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+            # it stops after > 3 blocks once IQR/median < threshold; give it room for 4-6
+            # blocks of a slow call, whatever max_time_s says (the case's time limit rules)
+            m = timer.adaptive_autorange(threshold=threshold, min_run_time=min_time_s,
+                                         max_run_time=max(max_time_s, 6 * first))
+            times = list(m.times)
+            note = ""
+    noisy = load.is_noisy(ls.others, threads, cpus)
+    return Timing(times, mem.mb, note, once=len(times) == 1, others=ls.others,
+                  noisy=noisy)
+
+
+def _do_bench(fn: Callable[[], None], max_time_s: float) -> List[float]:
+    """triton.testing.do_bench's per-call times in seconds (CUDA events, L2 flushed)."""
+    import triton.testing as tt
+    rep_ms = max(25.0, 1e3 * max_time_s / 2)
+    try:
+        ms = tt.do_bench(fn, warmup=25, rep=rep_ms, return_mode="all")
+    except (TypeError, ValueError):  # an older triton without return_mode="all"
+        ms = list(tt.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.2, 0.35, 0.5, 0.65, 0.8]))
+    return [x / 1e3 for x in ms]
