@@ -1,11 +1,36 @@
 """Plain-Python install: `pip install .` never runs nvcc. The CUDA kernels in csrc/ are shipped
-as sources and JIT-built with ninja on first use (lightning_ops/ssm/cuda.py)."""
+as sources and JIT-built with ninja on first use (lightning_ops/ssm/cuda.py).
+
+Packages: `lightning_ops` (ops, backends, kernels, compat) and `lightning_ops.layers`, whose
+sources live in the top-level `layers/` folder (mapped here; no top-level `layers` package is
+installed, so a user's own `layers.py` never collides with ours).
+
+Dependencies: torch only (plus ninja, for the JIT build of the CUDA backend). Triton is used on
+CUDA only and torch's CUDA wheels already bring it; `pip install .[triton]` asks for it
+explicitly (e.g. to run the Triton kernels in the interpreter on CPU).
+"""
 import os
 
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HAS_CSRC = os.path.isdir(os.path.join(HERE, "csrc"))
+HAS_LAYERS = os.path.isfile(os.path.join(HERE, "layers", "__init__.py"))
+
+# lightning_ops/layers/ in the source tree is only a shim pointing at layers/ (see its
+# docstring); the wheel gets the real sources under that name instead.
+packages = find_packages(include=["lightning_ops", "lightning_ops.*"],
+                         exclude=["lightning_ops.layers", "lightning_ops.layers.*"])
+package_dir = {}
+package_data = {}
+if HAS_LAYERS:
+    packages += ["lightning_ops.layers"] + [
+        "lightning_ops.layers." + p for p in find_packages(where=os.path.join(HERE, "layers"))]
+    package_dir["lightning_ops.layers"] = "layers"
+if HAS_CSRC:  # csrc/ ships as sources inside the package (lightning_ops/csrc) for the JIT build
+    packages.append("lightning_ops.csrc")
+    package_dir["lightning_ops.csrc"] = "csrc"
+    package_data["lightning_ops.csrc"] = ["*.cu", "*.cuh", "*.cpp", "*.h"]
 
 setup(
     name="lightning_ops",
@@ -13,19 +38,16 @@ setup(
     description="Kernels for linear-attention and state-space sequence models "
                 "(GLA, DeltaNet, Mamba) in PyTorch, Triton and CUDA",
     python_requires=">=3.9",
-    packages=find_packages(include=["lightning_ops", "lightning_ops.*", "layers", "layers.*"])
-    + (["lightning_ops.csrc"] if HAS_CSRC else []),
-    # csrc/ ships as sources inside the package (lightning_ops/csrc) for the JIT build
-    package_dir={"lightning_ops.csrc": "csrc"} if HAS_CSRC else {},
-    package_data={"lightning_ops.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]} if HAS_CSRC else {},
+    packages=packages,
+    package_dir=package_dir,
+    package_data=package_data,
     install_requires=[
         "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
-        "einops",
         "ninja",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "triton": ["triton>=3.0; platform_system == 'Linux'"],
+        "test": ["pytest", "pytest-benchmark", "triton>=3.0; platform_system == 'Linux'"],
         "bench": ["tqdm", "matplotlib"],
     },
 )

@@ -1,0 +1,394 @@
+"""fla (flash-linear-attention 0.6.0) signatures over lightning_ops' public ops.
+
+Every function takes fla's arguments in fla's positional order with fla's defaults and returns
+what fla returns; the work is done by lightning_ops' public ops plus cheap torch glue (gate
+activations, transposes, time reversal, dtype promotion). Arguments we cannot honour exactly
+raise `UnsupportedArgumentError` (a NotImplementedError) naming them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+import lightning_ops as lo
+
+from ._common import (
+    check_bool,
+    check_chunk_size,
+    flip_time,
+    promote,
+    reverse_index,
+    state_v_first_alias,
+    take_kwargs,
+    transpose_state,
+    unsupported,
+)
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# shared glue
+# ---------------------------------------------------------------------------------------------
+def _call(op, q, k, v, extra: dict, scale, initial_state, output_final_state, cu_seqlens,
+          reverse: bool = False, state_v_first: bool = False, out_dtype=None, time_args=()):
+    """Run `op(q, k, v, **extra, ...)` with fla's layout options applied around it:
+    state_v_first transposes states, reverse flips time (per sequence), mixed float dtypes
+    are promoted; `time_args` names the entries of `extra` that have a time axis."""
+    out_dtype = out_dtype or v.dtype
+    q, k, v = promote(q, k, v)
+    idx = reverse_index(q.shape[1], cu_seqlens, q.device) if reverse else None
+    if idx is not None:
+        q, k, v = flip_time(q, idx), flip_time(k, idx), flip_time(v, idx)
+        extra = {n: (flip_time(t, idx) if n in time_args else t) for n, t in extra.items()}
+    h0 = transpose_state(initial_state, state_v_first)
+    o, ht = op(q, k, v, **extra, scale=scale, initial_state=h0,
+               output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    o = flip_time(o, idx)
+    return o.to(out_dtype), transpose_state(ht, state_v_first)
+
+
+def _normalize(o, q, k, scale, z_init, reverse, cu_seqlens, recurrent):
+    """fla's normalised linear attention: o_t / (scale q_t . z_t + 1e-10), z_t the running sum
+    of keys (plus z_init [N, 1, H, K]). The denominator is itself linear attention with a value
+    of ones, so it runs through our own op: exact for varlen, reverse and initial states, no
+    difference of large cumulative sums. Returns (o, z_state [N, 1, H, K] in k's dtype)."""
+    kdt = k.dtype
+    q, k = promote(q, k)
+    ones = q.new_ones(q.shape[:3] + (1,))
+    h0 = None if z_init is None else z_init.squeeze(1).unsqueeze(-1)
+    op = lo.fused_recurrent_linear_attn if recurrent else lo.chunk_linear_attn
+    den, z = _call(op, q, k, ones, {}, scale, h0, True, cu_seqlens, reverse=reverse)
+    o = (o / (den + 1e-10)).to(o.dtype)
+    return o, z.squeeze(-1).unsqueeze(1).to(kdt)
+
+
+def _linear_attn(fn, q, k, v, scale, initial_state, output_final_state, normalize, cu_seqlens,
+                 reverse, recurrent):
+    check_bool(fn, "normalize", normalize)
+    if normalize and isinstance(initial_state, tuple):
+        kv_init, z_init = initial_state
+    else:
+        kv_init, z_init = initial_state, None
+    if scale is None:
+        scale = k.shape[-1] ** -0.5
+    op = lo.fused_recurrent_linear_attn if recurrent else lo.chunk_linear_attn
+    o, ht = _call(op, q, k, v, {}, scale, kv_init, output_final_state, cu_seqlens,
+                  reverse=reverse)
+    if normalize:
+        o, z = _normalize(o, q, k, scale, z_init, reverse, cu_seqlens, recurrent)
+        return o, (ht, z)
+    return o, ht
+
+
+def _gdn_gate(fn, g: Optional[Tensor], A_log: Optional[Tensor], dt_bias: Optional[Tensor]):
+    """The GDN / Mamba-2 gate fla computes in-kernel: -exp(A_log) * softplus(g + dt_bias), in
+    fp32 (fp64 for fp64 inputs)."""
+    if A_log is None:
+        raise ValueError("`A_log` must be provided when `use_gate_in_kernel=True`.")
+    if g is None:
+        raise ValueError("`g` (raw pre-activation) must be provided when "
+                         "`use_gate_in_kernel=True`.")
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    x = g.to(acc)
+    if dt_bias is not None:
+        x = x + dt_bias.to(acc)
+    return -A_log.to(acc).exp() * F.softplus(x)
+
+
+def _beta(beta: Tensor, use_sigmoid: bool, allow_neg_eigval: bool) -> Tensor:
+    if allow_neg_eigval and not use_sigmoid:
+        raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
+    if not use_sigmoid:
+        return beta
+    acc = torch.float64 if beta.dtype == torch.float64 else torch.float32
+    b = torch.sigmoid(beta.to(acc))
+    return (2.0 * b if allow_neg_eigval else b).to(beta.dtype)
+
+
+def _reject_cp(fn, cp_context):
+    if cp_context is not None:
+        raise unsupported(fn, "cp_context", "context parallelism is not implemented; pass "
+                          "cp_context=None (one device per sequence)")
+
+
+# ---------------------------------------------------------------------------------------------
+# linear attention
+# ---------------------------------------------------------------------------------------------
+def chunk_linear_attn(q, k, v, scale: Optional[float] = None, initial_state=None,
+                      output_final_state: bool = False, normalize: bool = True,
+                      cu_seqlens: Optional[Tensor] = None):
+    """fla.ops.linear_attn.chunk_linear_attn. normalize=True (fla's default) divides by the
+    running normaliser and returns (o, (final_state, z_state)); initial_state may then be a
+    (kv_state [N,H,K,V], z_state [N,1,H,K]) tuple."""
+    return _linear_attn("chunk_linear_attn", q, k, v, scale, initial_state, output_final_state,
+                        normalize, cu_seqlens, False, recurrent=False)
+
+
+def fused_chunk_linear_attn(q, k, v, scale: Optional[float] = None, initial_state=None,
+                            output_final_state: bool = False, normalize: bool = True,
+                            cu_seqlens: Optional[Tensor] = None):
+    """fla.ops.linear_attn.fused_chunk_linear_attn (same math as chunk_linear_attn)."""
+    return _linear_attn("fused_chunk_linear_attn", q, k, v, scale, initial_state,
+                        output_final_state, normalize, cu_seqlens, False, recurrent=False)
+
+
+def fused_recurrent_linear_attn(q, k, v, scale: Optional[float] = None, initial_state=None,
+                                output_final_state: bool = False, reverse: bool = False,
+                                normalize: bool = False, cu_seqlens: Optional[Tensor] = None):
+    """fla.ops.linear_attn.fused_recurrent_linear_attn (normalize defaults to False here, as
+    in fla)."""
+    check_bool("fused_recurrent_linear_attn", "reverse", reverse)
+    return _linear_attn("fused_recurrent_linear_attn", q, k, v, scale, initial_state,
+                        output_final_state, normalize, cu_seqlens, reverse, recurrent=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# simple GLA
+# ---------------------------------------------------------------------------------------------
+def chunk_simple_gla(q, k, v, g: Optional[Tensor] = None, g_gamma: Optional[Tensor] = None,
+                     scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
+                     output_final_state: bool = False, state_v_first: bool = False,
+                     cu_seqlens: Optional[Tensor] = None,
+                     cu_seqlens_cpu: Optional[Tensor] = None, **kwargs):
+    """fla.ops.simple_gla.chunk_simple_gla. kwargs: chunk_size (a power of 2; tiling only),
+    chunk_indices (derived from cu_seqlens; ignored)."""
+    kw = take_kwargs("chunk_simple_gla", kwargs, ("chunk_size", "chunk_indices"))
+    check_chunk_size("chunk_simple_gla", kw.get("chunk_size"))
+    check_bool("chunk_simple_gla", "state_v_first", state_v_first)
+    return _call(lo.chunk_simple_gla, q, k, v, {"g": g, "g_gamma": g_gamma}, scale,
+                 initial_state, output_final_state, cu_seqlens, state_v_first=state_v_first)
+
+
+def fused_chunk_simple_gla(q, k, v, g: Optional[Tensor] = None,
+                           g_gamma: Optional[Tensor] = None, scale: Optional[float] = None,
+                           initial_state: Optional[Tensor] = None,
+                           output_final_state: bool = False,
+                           cu_seqlens: Optional[Tensor] = None):
+    """fla.ops.simple_gla.fused_chunk_simple_gla (same math as chunk_simple_gla)."""
+    return _call(lo.chunk_simple_gla, q, k, v, {"g": g, "g_gamma": g_gamma}, scale,
+                 initial_state, output_final_state, cu_seqlens)
+
+
+def fused_recurrent_simple_gla(q, k, v, g: Optional[Tensor] = None,
+                               g_gamma: Optional[Tensor] = None, scale: Optional[float] = None,
+                               initial_state: Optional[Tensor] = None,
+                               output_final_state: bool = False, reverse: bool = False,
+                               state_v_first: bool = False,
+                               cu_seqlens: Optional[Tensor] = None, **kwargs):
+    """fla.ops.simple_gla.fused_recurrent_simple_gla."""
+    kw = take_kwargs("fused_recurrent_simple_gla", kwargs, ("transpose_state_layout",))
+    state_v_first = state_v_first_alias("fused_recurrent_simple_gla", state_v_first, kw)
+    check_bool("fused_recurrent_simple_gla", "reverse", reverse)
+    return _call(lo.fused_recurrent_simple_gla, q, k, v, {"g": g, "g_gamma": g_gamma}, scale,
+                 initial_state, output_final_state, cu_seqlens, reverse=reverse,
+                 state_v_first=state_v_first, time_args=("g",))
+
+
+# ---------------------------------------------------------------------------------------------
+# GLA
+# ---------------------------------------------------------------------------------------------
+def chunk_gla(q, k, v, g: Tensor, scale: Optional[float] = None,
+              initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+              state_v_first: bool = False, cu_seqlens: Optional[Tensor] = None,
+              cu_seqlens_cpu: Optional[Tensor] = None):
+    """fla.ops.gla.chunk_gla (g [B, T, H, K] log decays)."""
+    check_bool("chunk_gla", "state_v_first", state_v_first)
+    return _call(lo.chunk_gla, q, k, v, {"g": g}, scale, initial_state, output_final_state,
+                 cu_seqlens, state_v_first=state_v_first)
+
+
+def fused_chunk_gla(**kwargs):
+    """Deprecated in fla, which raises the same error."""
+    raise NotImplementedError("`fused_chunk_gla` is deprecated. Please use `chunk_gla` instead.")
+
+
+def fused_recurrent_gla(q, k, v, gk: Optional[Tensor] = None, gv: Optional[Tensor] = None,
+                        scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
+                        output_final_state: bool = False, reverse: bool = False,
+                        state_v_first: bool = False, cu_seqlens: Optional[Tensor] = None,
+                        **kwargs):
+    """fla.ops.gla.fused_recurrent_gla: gk [B, T, H, K] key-side gate; no gate at all is plain
+    linear attention. The value-side gate gv is not supported."""
+    fn = "fused_recurrent_gla"
+    kw = take_kwargs(fn, kwargs, ("transpose_state_layout",))
+    state_v_first = state_v_first_alias(fn, state_v_first, kw)
+    check_bool(fn, "reverse", reverse)
+    if gv is not None:
+        raise unsupported(fn, "gv", "the value-side gate (decay over V) has no counterpart in "
+                          "lightning_ops' chunk engine; pass gk only")
+    if gk is None:
+        return _call(lo.fused_recurrent_linear_attn, q, k, v, {}, scale, initial_state,
+                     output_final_state, cu_seqlens, reverse=reverse,
+                     state_v_first=state_v_first)
+    return _call(lo.fused_recurrent_gla, q, k, v, {"g": gk}, scale, initial_state,
+                 output_final_state, cu_seqlens, reverse=reverse, state_v_first=state_v_first,
+                 time_args=("g",))
+
+
+# ---------------------------------------------------------------------------------------------
+# Lightning Attention (fla: per-layer slopes from layer_idx / num_layers)
+# ---------------------------------------------------------------------------------------------
+def lightning_g_gamma(H: int, layer_idx: int, num_layers: int, device=None) -> Tensor:
+    """fla's per-head log decay for layer `layer_idx` of `num_layers`:
+    g_gamma[h] = -(8 / H) * (1 - layer_idx / num_layers) * h  (float32; head 0 never decays)."""
+    for name, val in (("layer_idx", layer_idx), ("num_layers", num_layers)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise TypeError(f"{name} must be a Python int, got {val!r}")
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    return -(8 / H * (1 - layer_idx / num_layers)) * torch.arange(H, dtype=torch.float32,
+                                                                   device=device)
+
+
+def chunk_lightning_attn(q, k, v, layer_idx: int, num_layers: int,
+                         scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
+                         output_final_state: bool = False,
+                         cu_seqlens: Optional[Tensor] = None, **kwargs):
+    """fla.ops.lightning_attn.chunk_lightning_attn. kwargs: chunk_size (tiling only)."""
+    kw = take_kwargs("chunk_lightning_attn", kwargs, ("chunk_size",))
+    check_chunk_size("chunk_lightning_attn", kw.get("chunk_size"))
+    g_gamma = lightning_g_gamma(q.shape[2], layer_idx, num_layers, q.device)
+    return _call(lo.chunk_simple_gla, q, k, v, {"g_gamma": g_gamma}, scale, initial_state,
+                 output_final_state, cu_seqlens)
+
+
+def fused_recurrent_lightning_attn(q, k, v, layer_idx: int, num_layers: int,
+                                   scale: Optional[float] = None,
+                                   initial_state: Optional[Tensor] = None,
+                                   output_final_state: bool = False, reverse: bool = False,
+                                   cu_seqlens: Optional[Tensor] = None, **kwargs):
+    """fla.ops.lightning_attn.fused_recurrent_lightning_attn."""
+    take_kwargs("fused_recurrent_lightning_attn", kwargs, ())
+    check_bool("fused_recurrent_lightning_attn", "reverse", reverse)
+    g_gamma = lightning_g_gamma(q.shape[2], layer_idx, num_layers, q.device)
+    return _call(lo.fused_recurrent_simple_gla, q, k, v, {"g_gamma": g_gamma}, scale,
+                 initial_state, output_final_state, cu_seqlens, reverse=reverse)
+
+
+# ---------------------------------------------------------------------------------------------
+# delta rule
+# ---------------------------------------------------------------------------------------------
+def chunk_delta_rule(q, k, v, beta: Tensor, scale: Optional[float] = None,
+                     initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+                     use_qk_l2norm_in_kernel: bool = False,
+                     cu_seqlens: Optional[Tensor] = None,
+                     cu_seqlens_cpu: Optional[Tensor] = None, **kwargs):
+    """fla.ops.delta_rule.chunk_delta_rule (note fla's order: use_qk_l2norm_in_kernel comes
+    before cu_seqlens). kwargs: chunk_size in (16, 32, 64) (tiling only). Unlike fla, float32
+    inputs are accepted."""
+    kw = take_kwargs("chunk_delta_rule", kwargs, ("chunk_size", "chunk_indices"))
+    check_chunk_size("chunk_delta_rule", kw.get("chunk_size"), (16, 32, 64))
+    if beta is None or beta.dim() != 3:
+        raise AssertionError("beta must be of shape (batch size, num of head, seq len).")
+    return _call(lambda q, k, v, **a: lo.chunk_delta_rule(
+        q, k, v, beta, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **a),
+        q, k, v, {}, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def fused_recurrent_delta_rule(q, k, v, beta: Optional[Tensor] = None,
+                               scale: Optional[float] = None,
+                               initial_state: Optional[Tensor] = None,
+                               output_final_state: bool = False,
+                               use_qk_l2norm_in_kernel: bool = False,
+                               cu_seqlens: Optional[Tensor] = None):
+    """fla.ops.delta_rule.fused_recurrent_delta_rule (beta defaults to ones)."""
+    if scale is not None and not scale > 0:
+        raise AssertionError("scale must be positive")
+    if beta is None:
+        beta = torch.ones_like(q[..., 0])
+    return _call(lambda q, k, v, **a: lo.fused_recurrent_delta_rule(
+        q, k, v, beta, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **a),
+        q, k, v, {}, scale, initial_state, output_final_state, cu_seqlens)
+
+
+def chunk_gated_delta_rule(q, k, v, g: Tensor, beta: Tensor, scale: Optional[float] = None,
+                           initial_state: Optional[Tensor] = None,
+                           output_final_state: bool = False,
+                           use_qk_l2norm_in_kernel: bool = False,
+                           use_beta_sigmoid_in_kernel: bool = False,
+                           allow_neg_eigval: bool = False, state_v_first: bool = False,
+                           cu_seqlens: Optional[Tensor] = None,
+                           cu_seqlens_cpu: Optional[Tensor] = None,
+                           chunk_indices: Optional[Tensor] = None, cp_context=None, **kwargs):
+    """fla.ops.gated_delta_rule.chunk_gated_delta_rule. kwargs: use_gate_in_kernel, A_log,
+    dt_bias (g is then the raw input of -exp(A_log) * softplus(g + dt_bias)), chunk_size in
+    (16, 32, 64) (tiling only). Output in q's dtype, as fla."""
+    fn = "chunk_gated_delta_rule"
+    kw = take_kwargs(fn, kwargs, ("use_gate_in_kernel", "A_log", "dt_bias", "chunk_size",
+                                  "transpose_state_layout"))
+    state_v_first = state_v_first_alias(fn, state_v_first, kw)
+    check_chunk_size(fn, kw.get("chunk_size", 64), (16, 32, 64))
+    _reject_cp(fn, cp_context)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same number of heads, but got "
+                         f"q.shape[2]={q.shape[2]} and k.shape[2]={k.shape[2]}")
+    if kw.get("use_gate_in_kernel", False):
+        g = _gdn_gate(fn, g, kw.get("A_log"), kw.get("dt_bias"))
+    beta = _beta(beta, check_bool(fn, "use_beta_sigmoid_in_kernel", use_beta_sigmoid_in_kernel),
+                 check_bool(fn, "allow_neg_eigval", allow_neg_eigval))
+    return _call(lambda q, k, v, **a: lo.chunk_gated_delta_rule(
+        q, k, v, g, beta, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **a),
+        q, k, v, {}, scale, initial_state, output_final_state, cu_seqlens,
+        state_v_first=state_v_first, out_dtype=q.dtype)
+
+
+def fused_recurrent_gated_delta_rule(q, k, v, g: Optional[Tensor] = None,
+                                     gk: Optional[Tensor] = None, gv: Optional[Tensor] = None,
+                                     beta: Optional[Tensor] = None,
+                                     scale: Optional[float] = None,
+                                     initial_state: Optional[Tensor] = None,
+                                     output_final_state: bool = False,
+                                     use_qk_l2norm_in_kernel: bool = False,
+                                     use_gate_in_kernel: bool = False,
+                                     A_log: Optional[Tensor] = None,
+                                     dt_bias: Optional[Tensor] = None,
+                                     use_beta_sigmoid_in_kernel: bool = False,
+                                     allow_neg_eigval: bool = False,
+                                     state_v_first: bool = False,
+                                     cu_seqlens: Optional[Tensor] = None, **kwargs):
+    """fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule: g [B, T, HV] (None: the
+    ungated delta rule), beta defaults to ones. Vector gates gk / gv are not supported."""
+    fn = "fused_recurrent_gated_delta_rule"
+    kw = take_kwargs(fn, kwargs, ("transpose_state_layout",))
+    state_v_first = state_v_first_alias(fn, state_v_first, kw)
+    for name, t in (("gk", gk), ("gv", gv)):
+        if t is not None:
+            raise unsupported(fn, name, "vector (per-key / per-value) gates in the delta rule "
+                              "have no counterpart in lightning_ops; pass the scalar gate g")
+    if beta is None:
+        beta = torch.ones_like(q[..., 0])
+    if check_bool(fn, "use_gate_in_kernel", use_gate_in_kernel):
+        g = _gdn_gate(fn, g, A_log, dt_bias)
+    beta = _beta(beta, check_bool(fn, "use_beta_sigmoid_in_kernel", use_beta_sigmoid_in_kernel),
+                 check_bool(fn, "allow_neg_eigval", allow_neg_eigval))
+    if g is None:
+        op = (lambda q, k, v, **a: lo.fused_recurrent_delta_rule(
+            q, k, v, beta, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **a))
+    else:
+        op = (lambda q, k, v, **a: lo.fused_recurrent_gated_delta_rule(
+            q, k, v, g, beta, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **a))
+    return _call(op, q, k, v, {}, scale, initial_state, output_final_state, cu_seqlens,
+                 state_v_first=state_v_first)
+
+
+def fused_chunk_delta_rule(**kwargs):
+    """Deprecated in fla, which raises the same error."""
+    raise NotImplementedError("fused_chunk_delta_rule is deprecated. Please use "
+                              "chunk_delta_rule instead.")
+
+
+chunk_gdn = chunk_gated_delta_rule
+fused_recurrent_gdn = fused_recurrent_gated_delta_rule
+
+__all__ = [
+    "chunk_linear_attn", "fused_chunk_linear_attn", "fused_recurrent_linear_attn",
+    "chunk_simple_gla", "fused_chunk_simple_gla", "fused_recurrent_simple_gla",
+    "chunk_gla", "fused_chunk_gla", "fused_recurrent_gla",
+    "chunk_lightning_attn", "fused_recurrent_lightning_attn",
+    "chunk_delta_rule", "fused_chunk_delta_rule", "fused_recurrent_delta_rule",
+    "chunk_gated_delta_rule", "chunk_gdn", "fused_recurrent_gated_delta_rule",
+    "fused_recurrent_gdn",
+]

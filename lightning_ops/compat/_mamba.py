@@ -1,0 +1,269 @@
+"""mamba-ssm 2.3.2 and causal-conv1d 1.7.0 signatures over lightning_ops' public ops.
+
+Same rules as _fla.py: the peers' positional order, defaults and return conventions; the work
+is done by lightning_ops' public ops plus torch glue; argument values we cannot honour exactly
+raise `UnsupportedArgumentError` naming them.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import lightning_ops as lo
+
+from ._common import check_bool, unsupported, with_state_rows
+
+Tensor = torch.Tensor
+
+_ACTIVATIONS = (None, "silu", "swish")
+
+
+def _check_activation(activation):
+    if activation not in _ACTIVATIONS:
+        raise NotImplementedError("activation must be None, silu, or swish")
+
+
+# =============================================================================================
+# causal-conv1d
+# =============================================================================================
+def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                     seq_idx: Optional[Tensor] = None, initial_states: Optional[Tensor] = None,
+                     return_final_states: bool = False,
+                     final_states_out: Optional[Tensor] = None, activation=None):
+    """causal_conv1d.causal_conv1d_fn (note the order: seq_idx is the fourth argument).
+    x [B, D, L], weight [D, W], bias [D], seq_idx [B, L], initial_states [B, D, W-1];
+    final_states_out [B, D, W-1] is written (and returned) when return_final_states.
+    Unlike causal-conv1d, seq_idx may be combined with initial_states / final states, and x
+    need not be channel-last to return final states."""
+    _check_activation(activation)
+    check_bool("causal_conv1d_fn", "return_final_states", return_final_states)
+    res = lo.causal_conv1d_fn(x, weight, bias, initial_states=initial_states,
+                              return_final_states=return_final_states, activation=activation,
+                              seq_idx=seq_idx)
+    if not return_final_states:
+        return res
+    out, final = res
+    if final_states_out is not None:
+        if final_states_out.shape != final.shape:
+            raise ValueError(f"final_states_out must have shape {list(final.shape)} "
+                             f"[B, D, W-1], got {list(final_states_out.shape)}")
+        final_states_out.copy_(final)
+        final = final_states_out
+    return out, final
+
+
+def _conv_update_circular(x, conv_state, weight, bias, activation, cache_seqlens):
+    """conv_state is a circular buffer: the history of batch row b ends at cache_seqlens[b]
+    (mod S); the new inputs are written from there."""
+    b, d, L = x.shape
+    S, W = conv_state.shape[-1], weight.shape[-1]
+    if cache_seqlens.shape != (b,):
+        raise ValueError(f"cache_seqlens must have shape [batch] = [{b}], "
+                         f"got {list(cache_seqlens.shape)}")
+    if cache_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cache_seqlens must be int32 or int64, got {cache_seqlens.dtype}")
+    c = cache_seqlens.to(device=x.device, dtype=torch.long).unsqueeze(1)
+    read = torch.remainder(c + torch.arange(-(W - 1), 0, device=x.device), S)
+    hist = conv_state.gather(2, read.unsqueeze(1).expand(b, d, W - 1))
+    out = lo.causal_conv1d_fn(x, weight, bias, initial_states=hist.to(x.dtype),
+                              activation=activation)
+    n = min(L, S)  # only the last S inputs survive in the buffer
+    write = torch.remainder(c + torch.arange(L - n, L, device=x.device), S)
+    conv_state.scatter_(2, write.unsqueeze(1).expand(b, d, n), x[..., L - n:].to(conv_state.dtype))
+    return out
+
+
+def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
+                         bias: Optional[Tensor] = None, activation=None,
+                         cache_seqlens: Optional[Tensor] = None,
+                         conv_state_indices: Optional[Tensor] = None):
+    """causal_conv1d.causal_conv1d_update: x [B, D] or [B, D, L]; conv_state [B, D, S]
+    (S >= W-1) updated in place. cache_seqlens [B] makes conv_state a circular buffer;
+    conv_state_indices [B] picks each row's state in a larger pool (an index < 0 is a padding
+    row: zero output, no state touched)."""
+    _check_activation(activation)
+    squeeze = x.dim() == 2
+    xs = x.unsqueeze(-1) if squeeze else x
+    if xs.dim() != 3:
+        raise ValueError(f"x must have shape [B, D] or [B, D, L], got {list(x.shape)}")
+    if conv_state.dim() != 3:
+        raise ValueError(f"conv_state must have shape [B, D, S], got {list(conv_state.shape)}")
+
+    def step(state):
+        if cache_seqlens is None:
+            return lo.causal_conv1d_update(xs, state, weight, bias, activation)
+        if state.shape[:2] != xs.shape[:2]:
+            raise ValueError(f"conv_state must have shape [B, D, S] = [{xs.shape[0]}, "
+                             f"{xs.shape[1]}, S], got {list(state.shape)}")
+        return _conv_update_circular(xs, state, weight, bias, activation, cache_seqlens)
+
+    out = step(conv_state) if conv_state_indices is None else \
+        with_state_rows(conv_state, conv_state_indices, step)
+    return out.squeeze(-1) if squeeze else out
+
+
+# =============================================================================================
+# mamba-ssm: selective scan (Mamba-1)
+# =============================================================================================
+def _fixed_bc(name: str, X: Tensor, u: Tensor) -> Tensor:
+    """mamba-ssm also takes input-independent B / C of shape [D, N]: the same as a grouped
+    B / C [b, D, N, L] with one group per channel (an expand, no copy here)."""
+    if X.dim() != 2:
+        return X
+    b, d, L = u.shape
+    if X.shape[0] != d:
+        raise ValueError(f"{name} of shape [D, N] must have D = {d} rows, got {list(X.shape)}")
+    return X[None, :, :, None].expand(b, d, X.shape[1], L)
+
+
+def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                      D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                      delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                      return_last_state: bool = False):
+    """mamba_ssm.ops.selective_scan_interface.selective_scan_fn. B / C: [B, N, L],
+    [B, G, N, L] or input-independent [D, N]. Complex A is not supported."""
+    if A.is_complex():
+        raise unsupported("selective_scan_fn", "A", "complex A (S4D-style) is not supported; "
+                          "use a real A [D, N]")
+    return lo.selective_scan_fn(u, delta, A, _fixed_bc("B", B, u), _fixed_bc("C", C, u), D, z,
+                                delta_bias, delta_softplus, return_last_state)
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(acc)
+    return y.to(x.dtype)
+
+
+def mamba_inner_fn(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tensor],
+                   x_proj_weight: Tensor, delta_proj_weight: Tensor, out_proj_weight: Tensor,
+                   out_proj_bias: Optional[Tensor], A: Tensor, B: Optional[Tensor] = None,
+                   C: Optional[Tensor] = None, D: Optional[Tensor] = None,
+                   delta_bias: Optional[Tensor] = None, B_proj_bias: Optional[Tensor] = None,
+                   C_proj_bias: Optional[Tensor] = None, delta_softplus: bool = True,
+                   checkpoint_lvl: int = 1, b_rms_weight: Optional[Tensor] = None,
+                   c_rms_weight: Optional[Tensor] = None,
+                   dt_rms_weight: Optional[Tensor] = None, b_c_dt_rms_eps: float = 1e-6):
+    """mamba_ssm.ops.selective_scan_interface.mamba_inner_fn: Mamba-1's fused block (conv1d +
+    silu, x_proj, dt_proj, selective scan gated by silu(z), out_proj), as torch glue over our
+    causal_conv1d_fn and selective_scan_fn. xz [b, 2*D, L] -> out [b, L, d_model].
+    checkpoint_lvl (0 or 1) only trades memory in mamba-ssm; autograd here recomputes nothing."""
+    if checkpoint_lvl not in (0, 1):
+        raise AssertionError("checkpoint_lvl must be 0 or 1")
+    if A.is_complex():
+        raise unsupported("mamba_inner_fn", "A", "complex A is not supported; use a real A")
+    L = xz.shape[-1]
+    delta_rank = delta_proj_weight.shape[1]
+    d_state = A.shape[-1]
+    x, z = xz.chunk(2, dim=1)
+    w = conv1d_weight.squeeze(1) if conv1d_weight.dim() == 3 else conv1d_weight
+    x = lo.causal_conv1d_fn(x, w, conv1d_bias, activation="silu")
+    b, d = x.shape[:2]
+    x_dbl = F.linear(x.transpose(1, 2).reshape(b * L, d), x_proj_weight)        # (b l, r+2n)
+    delta = (delta_proj_weight @ x_dbl[:, :delta_rank].t()).view(d, b, L).transpose(0, 1)
+    if dt_rms_weight is not None:
+        delta = _rms_norm(delta.transpose(1, 2), dt_rms_weight, b_c_dt_rms_eps).transpose(1, 2)
+
+    def variable(start, bias, rms):                     # (b l, n) -> (b, 1, n, l)
+        M = x_dbl[:, start:start + d_state]
+        if bias is not None:
+            M = M + bias.to(M.dtype)
+        if rms is not None:
+            M = _rms_norm(M, rms, b_c_dt_rms_eps)
+        return M.view(b, L, 1, d_state).permute(0, 2, 3, 1)
+
+    if B is None:
+        B = variable(delta_rank, B_proj_bias, b_rms_weight)
+    if C is None:
+        C = variable(x_dbl.shape[1] - d_state, C_proj_bias, c_rms_weight)
+    y = selective_scan_fn(x, delta.contiguous(), A, B, C, D, z=z, delta_bias=delta_bias,
+                          delta_softplus=delta_softplus)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+
+# =============================================================================================
+# mamba-ssm: Mamba-2 SSD and decode step
+# =============================================================================================
+_STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                              chunk_size: int, D: Optional[Tensor] = None,
+                              z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
+                              initial_states: Optional[Tensor] = None,
+                              seq_idx: Optional[Tensor] = None,
+                              cu_seqlens: Optional[Tensor] = None, dt_softplus: bool = False,
+                              dt_limit: Tuple[float, float] = (0.0, float("inf")),
+                              return_final_states: bool = False,
+                              return_varlen_states: bool = False,
+                              state_dtype: Optional[torch.dtype] = None):
+    """mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined, with mamba-ssm's semantics:
+    sequences are separated by seq_idx only; cu_seqlens is read only for return_varlen_states
+    (then batch must be 1 and seq_idx must mark the same sequences). initial_states
+    [batch, h, p, n] applies to the tokens of sequence id 0 at the start of each row.
+    Final / varlen states come back in state_dtype (default: C's dtype), as mamba-ssm; they
+    are accumulated in float32 whatever state_dtype says."""
+    fn = "mamba_chunk_scan_combined"
+    if state_dtype is not None and state_dtype not in _STATE_DTYPES:
+        raise TypeError(f"state_dtype must be None or a float dtype, got {state_dtype!r}")
+    check_bool(fn, "return_final_states", return_final_states)
+    check_bool(fn, "return_varlen_states", return_varlen_states)
+    out_state_dtype = state_dtype or C.dtype
+    h0 = initial_states
+    if h0 is not None and seq_idx is not None:
+        # mamba-ssm carries the initial state into sequence id 0 only
+        h0 = h0 * (seq_idx[:, 0] == 0).to(h0.dtype).view(-1, 1, 1, 1)
+    if not return_varlen_states:
+        res = lo.mamba_chunk_scan_combined(
+            x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=h0,
+            seq_idx=seq_idx, cu_seqlens=None, dt_softplus=dt_softplus, dt_limit=dt_limit,
+            return_final_states=return_final_states)
+        if return_final_states:
+            return res[0], res[1].to(out_state_dtype)
+        return res
+    if cu_seqlens is None:
+        raise AssertionError("cu_seqlens must be provided if return_varlen_states is True")
+    if x.shape[0] != 1:
+        raise AssertionError("passing cu_seqlens to get the varlen states is only supported if "
+                             "batch dimension is 1")
+    if seq_idx is None:
+        raise unsupported(fn, "seq_idx=None with return_varlen_states=True",
+                          "mamba-ssm then lets states flow across the cu_seqlens boundaries in "
+                          "a way that depends on its chunking; pass the seq_idx that marks the "
+                          "same sequences")
+    if initial_states is not None:
+        raise unsupported(fn, "initial_states with return_varlen_states=True",
+                          "mamba-ssm's varlen state of the first sequence includes the initial "
+                          "state only when that sequence spans more than one chunk; use "
+                          "lightning_ops.mamba_chunk_scan_combined (one initial state per "
+                          "sequence) instead")
+    y, final, varlen = lo.mamba_chunk_scan_combined(
+        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, seq_idx=seq_idx,
+        cu_seqlens=cu_seqlens, dt_softplus=dt_softplus, dt_limit=dt_limit,
+        return_final_states=True, return_varlen_states=True)
+    varlen = varlen.to(out_state_dtype)
+    if return_final_states:
+        return y, final.to(out_state_dtype), varlen
+    return y, varlen
+
+
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+                           C: Tensor, D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                           dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
+                           state_batch_indices: Optional[Tensor] = None) -> Tensor:
+    """mamba_ssm.ops.triton.selective_state_update.selective_state_update: one decode step,
+    `state` updated in place. state_batch_indices [batch] picks each row's state in a larger
+    pool (an index < 0 is a padding row: zero output, no state touched)."""
+    def step(s):
+        return lo.selective_state_update(s, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                                         dt_softplus=dt_softplus)
+    if state_batch_indices is None:
+        return step(state)
+    return with_state_rows(state, state_batch_indices, step)
+
+
+__all__ = ["causal_conv1d_fn", "causal_conv1d_update", "selective_scan_fn", "mamba_inner_fn",
+           "mamba_chunk_scan_combined", "selective_state_update"]

@@ -1,0 +1,7 @@
+"""Mirror of `causal_conv1d` (lightning_ops.compat): same names and signatures, our kernels."""
+from lightning_ops.compat._mamba import (  # noqa: F401
+    causal_conv1d_fn,
+    causal_conv1d_update,
+)
+
+__all__ = ['causal_conv1d_fn', 'causal_conv1d_update']

@@ -1,0 +1,9 @@
+"""Mirror of `fla.ops.gated_delta_rule` (lightning_ops.compat): same names and signatures, our kernels."""
+from lightning_ops.compat._fla import (  # noqa: F401
+    chunk_gated_delta_rule,
+    chunk_gdn,
+    fused_recurrent_gated_delta_rule,
+    fused_recurrent_gdn,
+)
+
+__all__ = ['chunk_gated_delta_rule', 'chunk_gdn', 'fused_recurrent_gated_delta_rule', 'fused_recurrent_gdn']

@@ -1,0 +1,6 @@
+"""Mirror of `fla.ops.linear_attn.chunk` (lightning_ops.compat): same names and signatures, our kernels."""
+from lightning_ops.compat._fla import (  # noqa: F401
+    chunk_linear_attn,
+)
+
+__all__ = ['chunk_linear_attn']

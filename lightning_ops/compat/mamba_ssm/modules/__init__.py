@@ -1,0 +1,1 @@
+"""Mirror of `mamba_ssm.modules` (lightning_ops.compat): namespace package."""

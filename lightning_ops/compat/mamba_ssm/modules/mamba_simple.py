@@ -1,0 +1,5 @@
+"""Mirror of `mamba_ssm.modules.mamba_simple` (lightning_ops.compat): layer classes of lightning_ops.layers (lazy)."""
+from lightning_ops.compat._layers import lazy_layers
+
+__all__ = ['Mamba']
+__getattr__, __dir__ = lazy_layers(__name__, __all__)

@@ -1,0 +1,6 @@
+"""Mirror of `mamba_ssm.ops.triton.selective_state_update` (lightning_ops.compat): same names and signatures, our kernels."""
+from lightning_ops.compat._mamba import (  # noqa: F401
+    selective_state_update,
+)
+
+__all__ = ['selective_state_update']

@@ -1,0 +1,6 @@
+"""Mirror of `mamba_ssm.ops.triton.ssd_combined` (lightning_ops.compat): same names and signatures, our kernels."""
+from lightning_ops.compat._mamba import (  # noqa: F401
+    mamba_chunk_scan_combined,
+)
+
+__all__ = ['mamba_chunk_scan_combined']
