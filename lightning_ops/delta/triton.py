@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..nonfinite import NonFiniteGuard
 from ..gla.triton_chunk import chunk_cumsum_kernel, chunk_dqkg_kernel, chunk_out_kernel
 from ..triton_utils import ChunkMeta, chunk_program, dot_config, next_pow2, seq_bounds
 
@@ -620,6 +621,14 @@ def _check_mode(mode: str) -> None:
 def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
             use_qk_l2norm_in_kernel, mode):
     _check_mode(mode)
+    # Chunks mix tokens both ways (0 * inf); the token walk of mode "recurrent" is causal as is.
+    guard = (NonFiniteGuard.build(k, v, (g,), (beta,), cu_seqlens=cu_seqlens)
+             if mode == "chunk" else None)
+    if guard is not None:
+        k, v, (g,), (beta,) = guard.clean(k, v, (g,), (beta,))
+        o, ht = forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                        use_qk_l2norm_in_kernel, mode)
+        return guard.poison(o, ht)
     in_dtype, f64 = v.dtype, q.dtype == torch.float64
     q, k, v, g, beta, h0 = _as_compute(q, k, v, g, beta, initial_state)
     B, T, H, K = q.shape
@@ -643,6 +652,12 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
     # mode "recurrent" is differentiated by the chunk kernels: the same function, and a
     # token-by-token reverse walk would need every state (or an unstable inversion).
     _check_mode(mode)
+    guard = NonFiniteGuard.build(k, v, (g,), (beta,), cu_seqlens=cu_seqlens)
+    if guard is not None:
+        k, v, (g,), (beta,) = guard.clean(k, v, (g,), (beta,))
+        do, dht = guard.clean_grads(do, dht)
+        return backward(q, k, v, g, beta, scale, initial_state, cu_seqlens,
+                        use_qk_l2norm_in_kernel, mode, do, dht)
     dtypes = (q.dtype, k.dtype, v.dtype, None if g is None else g.dtype, beta.dtype,
               None if initial_state is None else initial_state.dtype)
     q, k, v, g, beta, h0, do, dht = _as_compute(q, k, v, g, beta, initial_state, do, dht)

@@ -31,7 +31,8 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from ..triton_utils import ChunkMeta, dot_config, next_pow2, sm_count
+from ..nonfinite import NonFiniteGuard
+from ..triton_utils import ChunkMeta, dot_config, next_pow2, on_gpu, sm_count
 from .triton_chunk import (
     chunk_cumsum_kernel,
     chunk_dqkg_kernel,
@@ -92,7 +93,7 @@ def _single_pass_fits(K: int, dtype: torch.dtype, device: torch.device) -> bool:
     on a GPU takes it up to K = 64 only."""
     if K > 128:
         return False
-    return dtype in (torch.float16, torch.bfloat16) or K <= 64 or device.type != "cuda"
+    return dtype in (torch.float16, torch.bfloat16) or K <= 64 or not on_gpu(device)
 
 
 def _single_bv(K: int, V: int) -> int:
@@ -342,6 +343,13 @@ def _check_mode(mode: str) -> None:
 
 def forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode):
     _check_mode(mode)
+    # Chunks mix tokens both ways (0 * inf); the token walk of mode "recurrent" is causal as is.
+    guard = NonFiniteGuard.build(k, v, (g,), cu_seqlens=cu_seqlens) if mode == "chunk" else None
+    if guard is not None:
+        k, v, (g,) = guard.clean(k, v, (g,))
+        o, ht = forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
+                        cu_seqlens, mode)
+        return guard.poison(o, ht)
     in_dtype, state_dtype = v.dtype, (torch.float64 if q.dtype == torch.float64 else None)
     q, k, v, g, g_gamma, h0 = _as_compute(q, k, v, g, g_gamma, initial_state)
     B, T, H, K = q.shape
@@ -362,6 +370,11 @@ def forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_se
 
 def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht):
     _check_mode(mode)
+    guard = NonFiniteGuard.build(k, v, (g,), cu_seqlens=cu_seqlens)
+    if guard is not None:
+        k, v, (g,) = guard.clean(k, v, (g,))
+        do, dht = guard.clean_grads(do, dht)
+        return backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht)
     dtypes = (q.dtype, k.dtype, v.dtype, None if g is None else g.dtype,
               None if initial_state is None else initial_state.dtype)
     q, k, v, g, g_gamma, h0, do, dht = _as_compute(q, k, v, g, g_gamma, initial_state, do, dht)

@@ -34,6 +34,13 @@ import triton.language as tl
 
 from ..triton_utils import chunk_program, seq_bounds
 
+# Per-token log decays below -GATE_FLOOR count as -GATE_FLOOR in the chunk kernels: decays are
+# differences of chunk cumsums here (e^{G_t - G_s}), so a -inf gate (a reset) would give
+# -inf - -inf = NaN and one huge gate would swamp the small ones after it by cancellation.
+# e^-30 ~ 1e-13 is a reset at fp32 resolution, and a floored gate costs at most 30 * eps_fp32 of
+# relative error in the later decays of its chunk. Gates between -30 and 0 are untouched.
+GATE_FLOOR = tl.constexpr(30.0)
+
 
 @triton.jit
 def _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k,
@@ -115,7 +122,8 @@ def _load_A(A, tok, i_h, m_t, o_t, H: tl.constexpr, C: tl.constexpr, REV: tl.con
 def chunk_cumsum_kernel(g, gamma, gc, cu_seqlens, chunk_indices, T, NT,
                         H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
                         HAS_GAMMA: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """gc = chunk-local inclusive cumsum of (g + g_gamma) in fp32; g is [tokens, H, D]."""
+    """gc = chunk-local inclusive cumsum of max(g + g_gamma, -GATE_FLOOR) in fp32; g is
+    [tokens, H, D]."""
     i_d, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
@@ -126,6 +134,7 @@ def chunk_cumsum_kernel(g, gamma, gc, cu_seqlens, chunk_indices, T, NT,
     x = tl.load(g + p, mask=mask, other=0.).to(tl.float32)
     if HAS_GAMMA:
         x += tl.load(gamma + i_h).to(tl.float32)
+    x = tl.where(x < -GATE_FLOOR, -GATE_FLOOR, x)  # keeps NaN (NaN < c is false)
     tl.store(gc + p, tl.cumsum(x, axis=0), mask=mask)
 
 
