@@ -2,6 +2,7 @@
 promotion, time reversal, and gather/scatter of state rows (continuous batching)."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
@@ -38,6 +39,8 @@ def state_v_first_alias(fn: str, state_v_first: bool, kwargs: Dict) -> bool:
         if state_v_first:
             raise ValueError("Cannot pass both `state_v_first` and the deprecated "
                              "`transpose_state_layout`.")
+        warnings.warn("`transpose_state_layout` is deprecated and renamed to `state_v_first`.",
+                      DeprecationWarning, stacklevel=3)
         return bool(kwargs.pop("transpose_state_layout"))
     return state_v_first
 
