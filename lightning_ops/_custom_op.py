@@ -26,6 +26,13 @@ def none_if_empty(x: Optional[Tensor]) -> Optional[Tensor]:
     return None if x is None or x.numel() == 0 and x.dim() == 1 else x
 
 
+def grad_if_present(grad: Optional[Tensor], x: Optional[Tensor]) -> Optional[Tensor]:
+    """The gradient of an optional input: None when the input was absent (the placeholder),
+    else the gradient as computed, even when empty (an input with a zero dim, e.g. D [0] for
+    H = 0, gets its [0] gradient; none_if_empty would take it for the placeholder)."""
+    return None if x is None else grad
+
+
 @contextlib.contextmanager
 def autograd_enabled() -> Iterator[None]:
     """Custom-op implementations run below the Autograd dispatch key, where even

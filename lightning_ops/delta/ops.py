@@ -25,8 +25,8 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as V
-from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, is_empty,
-                          none_if_empty, passthrough_grad, passthrough_state, zeros_or_empty)
+from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_if_present,
+                          is_empty, passthrough_grad, passthrough_state, zeros_or_empty)
 
 Tensor = torch.Tensor
 
@@ -102,8 +102,8 @@ def _backward(ctx, do, dht):
     dht = None if dht is None or dht.numel() == 0 else dht
     dq, dk, dv, dg, dbeta, dh0 = _delta_bwd(do.contiguous(), dht, q, k, v, g, beta, h0, cu,
                                             ctx.scale, ctx.l2, ctx.mode, ctx.backend)
-    return (dq, dk, dv, none_if_empty(dg) if g is not None else None, dbeta,
-            none_if_empty(dh0) if h0 is not None else None, None, None, None, None, None, None)
+    return (dq, dk, dv, grad_if_present(dg, g), dbeta,
+            grad_if_present(dh0, h0), None, None, None, None, None, None)
 
 
 _delta_fwd.register_autograd(_backward, setup_context=_setup)

@@ -23,8 +23,8 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as V
-from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, is_empty,
-                          none_if_empty, passthrough_grad, passthrough_state, zeros_or_empty)
+from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_if_present,
+                          is_empty, passthrough_grad, passthrough_state, zeros_or_empty)
 
 Tensor = torch.Tensor
 
@@ -92,8 +92,8 @@ def _backward(ctx, do, dht):
     dht = None if dht is None or dht.numel() == 0 else dht
     dq, dk, dv, dg, dh0 = _gla_bwd(do.contiguous(), dht, q, k, v, g, g_gamma, h0, cu,
                                    ctx.scale, ctx.mode, ctx.backend)
-    return (dq, dk, dv, none_if_empty(dg) if g is not None else None, None,
-            none_if_empty(dh0) if h0 is not None else None, None, None, None, None, None)
+    return (dq, dk, dv, grad_if_present(dg, g), None,
+            grad_if_present(dh0, h0), None, None, None, None, None)
 
 
 _gla_fwd.register_autograd(_backward, setup_context=_setup)

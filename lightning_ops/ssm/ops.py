@@ -38,8 +38,8 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as V
-from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, is_empty,
-                          none_if_empty, passthrough_grad, passthrough_state, zeros_or_empty)
+from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_if_present,
+                          is_empty, passthrough_grad, passthrough_state, zeros_or_empty)
 
 Tensor = torch.Tensor
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -67,7 +67,7 @@ def _check_seq_idx(seq_idx: Optional[Tensor], shape, layout: str, x: Tensor) -> 
 
 
 def _none_for_absent(grads, inputs):
-    return tuple(none_if_empty(g) if x is not None else None for g, x in zip(grads, inputs))
+    return tuple(grad_if_present(g, x) for g, x in zip(grads, inputs))
 
 
 # =============================================================================================
