@@ -1,0 +1,234 @@
+"""mamba-ssm 2.3.2 / causal-conv1d 1.7.0 signatures (lightning_ops.compat) against the reference
+and independent torch code, float64 on CPU."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lightning_ops as lo
+from lightning_ops import reference as R
+from lightning_ops.compat import UnsupportedArgumentError
+from lightning_ops.compat import _mamba as M
+
+from helpers import assert_close, cu_seqlens_from_lengths
+
+TOL = 1e-10
+f64 = torch.float64
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _rand(*shape, seed=0):
+    return torch.randn(*shape, generator=_gen(seed), dtype=f64)
+
+
+# ---------------------------------------------------------------------------------------------
+# causal-conv1d
+# ---------------------------------------------------------------------------------------------
+def test_causal_conv1d_fn_positional_order_and_final_states_out():
+    x, w, b = _rand(2, 3, 6), _rand(3, 4, seed=1), _rand(3, seed=2)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0]], dtype=torch.int32)
+    # causal-conv1d: (x, weight, bias, seq_idx, initial_states, return_final_states,
+    #                 final_states_out, activation)
+    out = M.causal_conv1d_fn(x, w, b, seq_idx, None, False, None, "silu")
+    ref = lo.causal_conv1d_fn(x, w, b, activation="silu", seq_idx=seq_idx)
+    assert torch.equal(out, ref)
+    h0 = _rand(2, 3, 3, seed=3)
+    buf = torch.full((2, 3, 3), float("nan"), dtype=f64)
+    out, fin = M.causal_conv1d_fn(x, w, b, None, h0, True, buf, "swish")
+    out_ref, fin_ref = R.causal_conv1d_ref(x, w, b, h0, True, "silu")
+    assert fin is buf
+    assert_close("out", out, out_ref, TOL)
+    assert_close("final", fin, fin_ref, TOL)
+    with pytest.raises(NotImplementedError, match="activation"):
+        M.causal_conv1d_fn(x, w, activation="relu")
+
+
+def _ring_update_ref(x, conv_state, weight, bias, activation, cache_seqlens):
+    """causal-conv1d's circular-buffer update, written out token by token."""
+    b, d, L = x.shape
+    S, W = conv_state.shape[-1], weight.shape[-1]
+    out = torch.empty_like(x)
+    for i in range(b):
+        c = int(cache_seqlens[i])
+        hist = [conv_state[i, :, (c - (W - 1) + j) % S].clone() for j in range(W - 1)]
+        for t in range(L):
+            conv_state[i, :, (c + t) % S] = x[i, :, t]
+            win = torch.stack(hist + [x[i, :, t]], -1)
+            o = (win * weight).sum(-1) + (0 if bias is None else bias)
+            out[i, :, t] = F.silu(o) if activation else o
+            hist = hist[1:] + [x[i, :, t]]
+    return out
+
+
+@pytest.mark.parametrize("L", [1, 3, 7])
+def test_causal_conv1d_update_circular(L):
+    b, d, S, W = 3, 4, 5, 4
+    x, w, bias = _rand(b, d, L), _rand(d, W, seed=1), _rand(d, seed=2)
+    st = _rand(b, d, S, seed=3)
+    cache = torch.tensor([0, 2, 9], dtype=torch.int32)
+    st_ref = st.clone()
+    out_ref = _ring_update_ref(x, st_ref, w, bias, "silu", cache)
+    out = M.causal_conv1d_update(x, st, w, bias, "silu", cache)
+    assert_close("out", out, out_ref, TOL)
+    assert_close("state", st, st_ref, TOL)
+    # x [B, D] form
+    st2 = _rand(b, d, S, seed=3)
+    out1 = M.causal_conv1d_update(x[..., 0], st2, w, bias, None, cache)
+    assert out1.shape == (b, d)
+
+
+def test_causal_conv1d_update_state_indices_with_padding():
+    b, d, W, pool = 3, 4, 3, 5
+    x, w = _rand(b, d), _rand(d, W, seed=1)
+    states = _rand(pool, d, W - 1, seed=2)
+    idx = torch.tensor([4, -1, 1], dtype=torch.int32)
+    before = states.clone()
+    out = M.causal_conv1d_update(x, states, w, None, "silu", None, idx)
+    sub = before[[4, 1]].clone()
+    out_ref = R.causal_conv1d_update_ref(x[[0, 2]], sub, w, None, "silu")
+    assert_close("out", out[[0, 2]], out_ref, TOL)
+    assert torch.equal(out[1], torch.zeros(d, dtype=f64))          # padding row
+    assert_close("state rows", states[[4, 1]], sub, TOL)
+    for r in (0, 2, 3):                                             # untouched rows
+        assert torch.equal(states[r], before[r])
+    # every row padding: nothing moves
+    st = before.clone()
+    M.causal_conv1d_update(x, st, w, None, None, None, torch.full((b,), -1, dtype=torch.int64))
+    assert torch.equal(st, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# mamba-ssm: selective scan and mamba_inner_fn
+# ---------------------------------------------------------------------------------------------
+def test_selective_scan_fixed_B_C():
+    b, d, n, L = 2, 3, 4, 5
+    u, delta = _rand(b, d, L), _rand(b, d, L, seed=1).sigmoid()
+    A = -_rand(d, n, seed=2).exp()
+    Bf, Cf = _rand(d, n, seed=3), _rand(d, n, seed=4)
+    y, last = M.selective_scan_fn(u, delta, A, Bf, Cf, return_last_state=True)
+    Bx = Bf[None, :, :, None].expand(b, d, n, L)                    # one group per channel
+    Cx = Cf[None, :, :, None].expand(b, d, n, L)
+    y_ref, last_ref = R.selective_scan_ref(u, delta, A, Bx, Cx, return_last_state=True)
+    assert_close("y", y, y_ref, TOL)
+    assert_close("last", last, last_ref, TOL)
+    with pytest.raises(UnsupportedArgumentError, match="complex"):
+        M.selective_scan_fn(u, delta, A.to(torch.complex128), Bf, Cf)
+
+
+def _rms(x, w, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_mamba_inner_fn(rms):
+    b, d_model, d, n, r, W, L = 2, 6, 4, 3, 2, 4, 5
+    xz = _rand(b, 2 * d, L)
+    conv_w, conv_b = _rand(d, 1, W, seed=1), _rand(d, seed=2)
+    x_proj = _rand(r + 2 * n, d, seed=3)
+    dt_proj = _rand(d, r, seed=4)
+    out_w, out_b = _rand(d_model, d, seed=5), _rand(d_model, seed=6)
+    A = -_rand(d, n, seed=7).exp()
+    D, dt_bias = _rand(d, seed=8), _rand(d, seed=9)
+    bw, cw, dw = (_rand(n, seed=10), _rand(n, seed=11), _rand(d, seed=12)) if rms else \
+        (None, None, None)
+    out = M.mamba_inner_fn(xz, conv_w, conv_b, x_proj, dt_proj, out_w, out_b, A, None, None, D,
+                           dt_bias, None, None, True, 1, bw, cw, dw, 1e-6)
+    # the same block written plainly over the reference ops
+    x, z = xz.chunk(2, dim=1)
+    x = R.causal_conv1d_ref(x, conv_w[:, 0], conv_b, activation="silu")
+    xt = x.transpose(1, 2)                                          # b l d
+    dbl = xt @ x_proj.t()
+    delta = dbl[..., :r] @ dt_proj.t()                              # b l d
+    Bm, Cm = dbl[..., r:r + n], dbl[..., r + n:]
+    if rms:
+        delta, Bm, Cm = _rms(delta, dw, 1e-6), _rms(Bm, bw, 1e-6), _rms(Cm, cw, 1e-6)
+    y = R.selective_scan_ref(x, delta.transpose(1, 2), A, Bm.transpose(1, 2),
+                             Cm.transpose(1, 2), D, z, dt_bias, True)
+    ref = y.transpose(1, 2) @ out_w.t() + out_b
+    assert out.shape == (b, L, d_model)
+    assert_close("out", out, ref, TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# mamba-ssm: Mamba-2 SSD with mamba-ssm's cu_seqlens / seq_idx / state_dtype semantics
+# ---------------------------------------------------------------------------------------------
+def _ssd_inputs(b=1, l=9, h=2, p=3, g=1, n=4):
+    x = _rand(b, l, h, p)
+    dt = _rand(b, l, h, seed=1)
+    A = -_rand(h, seed=2).exp()
+    B, C = _rand(b, l, g, n, seed=3), _rand(b, l, g, n, seed=4)
+    return x, dt, A, B, C
+
+
+def test_ssd_cu_seqlens_only_for_varlen_states():
+    x, dt, A, B, C = _ssd_inputs()
+    cu = cu_seqlens_from_lengths([4, 5])
+    # mamba-ssm ignores cu_seqlens unless return_varlen_states: no reset at 4
+    y = M.mamba_chunk_scan_combined(x, dt, A, B, C, 4, cu_seqlens=cu, dt_softplus=True)
+    y_ref, _ = R.ssd_ref(x, dt, A, B, C, dt_softplus=True)
+    assert_close("y", y, y_ref, TOL)
+    seq_idx = torch.tensor([[0] * 4 + [1] * 5], dtype=torch.int32)
+    y, fin, var = M.mamba_chunk_scan_combined(x, dt, A, B, C, 4, seq_idx=seq_idx, cu_seqlens=cu,
+                                              dt_softplus=True, return_final_states=True,
+                                              return_varlen_states=True)
+    y_ref, var_ref = R.ssd_ref(x, dt, A, B, C, cu_seqlens=cu, dt_softplus=True)
+    assert_close("y varlen", y, y_ref, TOL)
+    assert_close("varlen states", var, var_ref, TOL)
+    assert_close("final", fin, var_ref[-1:], TOL)
+    y2, var2 = M.mamba_chunk_scan_combined(x, dt, A, B, C, 4, seq_idx=seq_idx, cu_seqlens=cu,
+                                           dt_softplus=True, return_varlen_states=True)
+    assert torch.equal(var2, var)
+    with pytest.raises(UnsupportedArgumentError, match="seq_idx"):
+        M.mamba_chunk_scan_combined(x, dt, A, B, C, 4, cu_seqlens=cu, return_varlen_states=True)
+    with pytest.raises(UnsupportedArgumentError, match="initial_states"):
+        M.mamba_chunk_scan_combined(x, dt, A, B, C, 4, seq_idx=seq_idx, cu_seqlens=cu,
+                                    initial_states=_rand(1, 2, 3, 4),
+                                    return_varlen_states=True)
+
+
+def test_ssd_state_dtype_and_initial_state_of_sequence_zero():
+    x, dt, A, B, C = _ssd_inputs(b=2)
+    h0 = _rand(2, 2, 3, 4, seed=5)
+    y, fin = M.mamba_chunk_scan_combined(x, dt, A, B, C, 8, initial_states=h0,
+                                         return_final_states=True)
+    assert fin.dtype == C.dtype                                     # mamba-ssm: C's dtype
+    y_ref, fin_ref = R.ssd_ref(x, dt, A, B, C, initial_states=h0)
+    assert_close("y", y, y_ref, TOL)
+    assert_close("final", fin, fin_ref, TOL)
+    _, fin32 = M.mamba_chunk_scan_combined(x, dt, A, B, C, 8, initial_states=h0,
+                                           return_final_states=True, state_dtype=torch.float32)
+    assert fin32.dtype == torch.float32
+    # the initial state reaches sequence id 0 only (row 1 starts at id 1: dropped)
+    seq_idx = torch.tensor([[0] * 9, [1] * 9], dtype=torch.int32)
+    y = M.mamba_chunk_scan_combined(x, dt, A, B, C, 8, initial_states=h0, seq_idx=seq_idx)
+    h0_eff = h0.clone()
+    h0_eff[1] = 0
+    assert_close("y seq_idx", y, R.ssd_ref(x, dt, A, B, C, initial_states=h0_eff)[0], TOL)
+    with pytest.raises(TypeError, match="state_dtype"):
+        M.mamba_chunk_scan_combined(x, dt, A, B, C, 8, state_dtype="float32")
+
+
+def test_selective_state_update_batch_indices():
+    pool, b, h, p, n = 4, 3, 2, 3, 4
+    state = _rand(pool, h, p, n)
+    x, dt = _rand(b, h, p, seed=1), _rand(b, h, p, seed=2)
+    A = -_rand(h, p, n, seed=3).exp()
+    B, C = _rand(b, 1, n, seed=4), _rand(b, 1, n, seed=5)
+    D, z, dt_bias = _rand(h, p, seed=6), _rand(b, h, p, seed=7), _rand(h, p, seed=8)
+    idx = torch.tensor([2, -1, 0])
+    before = state.clone()
+    out = M.selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, True, idx)
+    sub = before[[2, 0]].clone()
+    out_ref = R.selective_state_update_ref(sub, x[[0, 2]], dt[[0, 2]], A, B[[0, 2]],
+                                           C[[0, 2]], D, z[[0, 2]], dt_bias, True)
+    assert_close("out", out[[0, 2]], out_ref, TOL)
+    assert torch.equal(out[1], torch.zeros(h, p, dtype=f64))
+    assert_close("rows", state[[2, 0]], sub, TOL)
+    assert torch.equal(state[[1, 3]], before[[1, 3]])
+    # without indices: plain in-place update, as ours
+    st1, st2 = before[:3].clone(), before[:3].clone()
+    o1 = M.selective_state_update(st1, x, dt, A, B, C, D, z, dt_bias, True)
+    o2 = lo.selective_state_update(st2, x, dt, A, B, C, D, z, dt_bias, True)
+    assert torch.equal(o1, o2) and torch.equal(st1, st2)
