@@ -10,8 +10,10 @@ CUDA only and torch's CUDA wheels already bring it; `pip install .[triton]` asks
 explicitly (e.g. to run the Triton kernels in the interpreter on CPU).
 """
 import os
+import shutil
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HAS_CSRC = os.path.isdir(os.path.join(HERE, "csrc"))
@@ -32,6 +34,18 @@ if HAS_CSRC:  # csrc/ ships as sources inside the package (lightning_ops/csrc) f
     package_dir["lightning_ops.csrc"] = "csrc"
     package_data["lightning_ops.csrc"] = ["*.cu", "*.cuh", "*.cpp", "*.h"]
 
+
+
+class clean_build_py(build_py):
+    """Stage into an empty build/lib: a stale one (an older layout, e.g. a top-level `layers`
+    package) would otherwise end up in the wheel."""
+
+    def run(self):
+        if os.path.isdir(self.build_lib):
+            shutil.rmtree(self.build_lib)
+        super().run()
+
+
 setup(
     name="lightning_ops",
     version="0.1.0",
@@ -41,6 +55,7 @@ setup(
     packages=packages,
     package_dir=package_dir,
     package_data=package_data,
+    cmdclass={"build_py": clean_build_py},
     install_requires=[
         "torch>=2.4",
         "ninja",
