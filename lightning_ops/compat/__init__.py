@@ -203,7 +203,9 @@ def patch_fla(layers: bool = True) -> str:
     fla.ops.{linear_attn, simple_gla, gla, delta_rule, gated_delta_rule, lightning_attn} and,
     unless layers=False, fla.layers.{GatedLinearAttention, DeltaNet, GatedDeltaNet,
     LightningAttention}. Returns 'replace' (fla installed: its attributes were replaced) or
-    'alias' (not installed: our mirror modules serve its import paths). Idempotent."""
+    'alias' (not installed: our mirror modules serve its import paths). Idempotent.
+    layers=False keeps an installed fla's own layer classes (in alias mode there are no others:
+    the mirrors serve ours, imported only when asked for)."""
     return _patch("fla", layers)
 
 
