@@ -37,16 +37,18 @@ test: $(STAMP)
 test-gpu:
 	PYTHONPATH=. $(PYTHON) -m pytest -q -p no:cacheprovider -m gpu
 
+# Results go to benchmarks/runs/<date-time>/ (untracked); e.g. make bench BENCH_ARGS="--threads 1 --report"
 bench: $(STAMP)
-	$(VPY) -m benchmarks
+	$(VPY) -m benchmarks $(BENCH_ARGS)
 
+# The curated GPU run: rows and plots saved into benchmarks/results/ to be committed.
 bench-gpu:
-	mkdir -p $(BENCH_OUT)
-	set -o pipefail; PYTHONPATH=. $(PYTHON) -m pytest -q -p no:cacheprovider -m gpu 2>&1 | tee $(BENCH_OUT)/gpu-tests.log
-	PYTHONPATH=. $(PYTHON) -m benchmarks --gpu-suite --out $(BENCH_OUT)
+	mkdir -p benchmarks/runs/gpu
+	set -o pipefail; PYTHONPATH=. $(PYTHON) -m pytest -q -p no:cacheprovider -m gpu 2>&1 | tee benchmarks/runs/gpu/gpu-tests.log
+	PYTHONPATH=. $(PYTHON) -m benchmarks --gpu-suite --out benchmarks/runs/gpu --report --save $(BENCH_ARGS)
 
 demo: $(STAMP)
-	$(VPY) examples/mqar.py
+	$(VPY) examples/mqar.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -148,3 +148,38 @@ def check(threads: int, window_s: float = 0.5) -> Check:
     cpus = len(usable_cpus())
     others = others_now(window_s)
     return Check(loadavg(), others, threads, cpus, is_noisy(others, threads, cpus))
+
+
+class Monitor:
+    """Samples `others` in the background every `period_s` for the whole run, for cases too
+    short to measure on their own (/proc/stat ticks at 100 Hz)."""
+
+    def __init__(self, period_s: float = 0.5):
+        import threading
+        self.period_s = period_s
+        self.readings = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with Sampler() as s:
+                self._stop.wait(self.period_s)
+            if s.others == s.others:
+                self.readings.append((time.monotonic(), s.others))
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=2)
+        return False
+
+    def around(self, t0: float, t1: float) -> float:
+        """Mean of the readings that end within [t0, t1 + period], else the latest one."""
+        got = [o for t, o in self.readings if t0 <= t <= t1 + self.period_s]
+        if got:
+            return sum(got) / len(got)
+        return self.readings[-1][1] if self.readings else float("nan")

@@ -9,14 +9,6 @@ from benchmarks.cli import Runner
 from benchmarks.registry import Case, Config, suite
 
 
-def test_percentile_interpolates():
-    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
-    assert timing.percentile(xs, 50) == 3.0
-    assert timing.percentile(xs, 20) == pytest.approx(1.8)
-    assert timing.percentile(xs, 80) == pytest.approx(4.2)
-    assert timing.percentile([7.0], 20) == 7.0
-
-
 def test_measure_warms_up_rotates_and_repeats():
     calls = []
 
@@ -24,13 +16,28 @@ def test_measure_warms_up_rotates_and_repeats():
         calls.append(i)
         time.sleep(0.002)
 
-    t = timing.measure(step, torch.device("cpu"), warmup=2, min_reps=4, max_reps=6,
-                       target_s=0.0, once_over_s=10.0)
-    assert calls[:2] == [0, 1] and t.reps == 4 and calls[2:] == [2, 3, 4, 5]
+    t = timing.measure(step, torch.device("cpu"), threads=1, min_time_s=0.02, max_time_s=0.2,
+                       once_over_s=10.0)
+    assert calls[0] == 0 and calls == list(range(len(calls)))  # inputs rotate: i counts up
+    assert t.reps >= 4 and not t.once  # Timer.adaptive_autorange: more than 3 blocks
     assert 0.0015 < t.median_s < 0.2 and t.p20_s <= t.median_s <= t.p80_s
-    one = timing.measure(step, torch.device("cpu"), warmup=2, min_reps=4, max_reps=6,
-                         target_s=1.0, once_over_s=10.0, once=True)
-    assert one.reps == 1 and "once" in one.note
+    lo, hi = t.ci_s
+    assert lo <= t.median_s <= hi
+    assert t.others == t.others  # measured (not nan): the run took > 0.2 s
+    one = timing.measure(step, torch.device("cpu"), threads=1, min_time_s=1.0, max_time_s=1.0,
+                         once_over_s=10.0, once=True)
+    assert one.reps == 1 and one.once and "once" in one.note
+    slow = timing.measure(lambda i: time.sleep(0.05), torch.device("cpu"), threads=1,
+                          min_time_s=1.0, max_time_s=1.0, once_over_s=0.01)
+    assert slow.reps == 1 and slow.once and "timed once" in slow.note
+
+
+def test_measure_runs_with_the_asked_threads_and_restores_them():
+    seen = []
+    before = torch.get_num_threads()
+    timing.measure(lambda i: seen.append(torch.get_num_threads()), torch.device("cpu"),
+                   threads=1, min_time_s=0.0, max_time_s=0.01, once_over_s=10.0)
+    assert set(seen) == {1} and torch.get_num_threads() == before
 
 
 def test_time_limit_interrupts_a_python_loop():
@@ -52,7 +59,7 @@ def test_rotation_overflows_the_cache():
 
 
 def test_prediction_is_conservative_then_fitted():
-    r = Runner(suite("cpu"), torch.device("cpu"), {}, None, None, print, 30.0, 100.0)
+    r = Runner(suite("cpu"), torch.device("cpu"), {}, None, None, 1, 30.0, 100.0)
     base = Config(1, 1024, 4, 64, 64)
     case = lambda T: Case("chunk_gla", "ours-torch", base.with_T(T), "fwd", "fp32")  # noqa
     assert r.predict(case(1024)) is None
