@@ -1,24 +1,34 @@
 """nn.Module layers over lightning_ops: GLA, DeltaNet, Gated DeltaNet, Mamba, Mamba-2 and
 Lightning Attention mixers, their decoding caches, and a small causal LM to wrap them.
 
-Every mixer is called as `out, cache = layer(hidden_states, attention_mask=None,
-cu_seqlens=None, cache=None, use_cache=False)`; see `RecurrentMixer.forward`:
+The mixers follow their peers' contracts, so code written for fla / mamba-ssm runs unchanged
+and the peers' state_dicts load strictly:
 
     import layers
-    mixer = layers.GatedDeltaNet(hidden_size=512, num_heads=4, head_dim=128)
-    out, _ = mixer(x)                                      # x [B, T, 512] -> out [B, T, 512]
-    out, cache = mixer(prompt, attention_mask=mask, use_cache=True)   # left-padded prefill
-    step, cache = mixer(next_token_states, cache=cache)    # one decode step [B, 1, 512]
-    out, _ = mixer(packed, cu_seqlens=cu)                  # packed [1, sum(T_i), 512]
+    # fla's contract: GatedLinearAttention, DeltaNet, GatedDeltaNet, LightningAttention
+    mixer = layers.GatedDeltaNet(hidden_size=512, num_heads=4, head_dim=128, layer_idx=0)
+    o, _, _ = mixer(x)                                     # x [B, T, 512] -> o [B, T, 512]
+    cache = layers.Cache()
+    o, _, cache = mixer(prompt, attention_mask=mask, past_key_values=cache, use_cache=True)
+    o, _, cache = mixer(next_token, past_key_values=cache, use_cache=True)  # decode step
+    o, _, _ = mixer(packed, cu_seqlens=cu)                 # packed [1, sum(T_i), 512]
+
+    # mamba-ssm's contract: Mamba, Mamba2
+    m = layers.Mamba2(d_model=512, layer_idx=0)
+    out = m(x)
+    params = layers.InferenceParams(max_seqlen=64, max_batch_size=B)
+    out = m(prompt, inference_params=params); params.seqlen_offset += prompt.shape[1]
+    out = m(next_token, inference_params=params)           # or m.step(...)
 
     model = layers.CausalLM(vocab_size, hidden_size=256, num_layers=4, mixer="mamba2")
     tokens = model.generate(prompt_ids, max_new_tokens=32, attention_mask=mask)
 
-The layers call only the public lightning_ops functions, so they run on whatever backend
-dispatch picks (torch on CPU, Triton / CUDA on GPUs) with no change.
+Padding masks may be left, right or arbitrary 0/1 (each row's real tokens form one sequence,
+as fla's unpad/pad). The layers call only the public lightning_ops functions, so they run on
+whatever backend dispatch picks (torch on CPU, Triton / CUDA on GPUs) with no change.
 """
-from .base import RecurrentMixer
-from .cache import LayerCache
+from .base import FlaMixer, MambaMixer, RecurrentMixer
+from .cache import Cache, InferenceParams
 from .conv import ShortConvolution
 from .delta import DeltaNet, GatedDeltaNet
 from .gla import GatedLinearAttention, LightningAttention
@@ -27,7 +37,7 @@ from .mamba import Mamba, Mamba2
 from .norm import RMSNorm
 
 __all__ = [
-    "RecurrentMixer", "LayerCache", "ShortConvolution", "RMSNorm",
+    "RecurrentMixer", "FlaMixer", "MambaMixer", "Cache", "InferenceParams", "ShortConvolution", "RMSNorm",
     "GatedLinearAttention", "LightningAttention", "DeltaNet", "GatedDeltaNet", "Mamba", "Mamba2",
     "CausalLM", "make_mixer", "MIXERS",
 ]

@@ -1,39 +1,44 @@
-"""What every mixer layer shares: the forward contract, input and cache checks, cache building."""
+"""What every mixer layer shares: the internal `mix` call (masks, packing, states), input and
+state checks, and the two public forward contracts built on it: fla's (GLA, DeltaNet,
+GatedDeltaNet, Lightning) and mamba-ssm's (Mamba, Mamba2)."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from lightning_ops import validation as V
 
-from .cache import LayerCache
 from .conv import ShortConvolution
+from .utils import compute_dtype, gather_tokens, left_align
 
 Tensor = torch.Tensor
+State = Dict[str, Any]  # {'recurrent_state': Tensor, 'conv_state': tuple of Tensors or None}
 
 
 class MixerStep:
-    """One forward call's context handed to a layer's `_mix`: the mask, packing, the cache's
-    states, and whether final states are wanted. `conv` runs a ShortConvolution with its slot of
-    the cache and collects the new conv states in order."""
+    """One call's context handed to a layer's `_mix`: the (left-padding) mask, packing, the
+    incoming states, whether final states are wanted. `conv` runs a ShortConvolution with its
+    slot of the incoming conv states and collects the new conv states in order."""
 
     def __init__(self, mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
-                 cache: Optional[LayerCache], want_state: bool):
+                 state: Optional[State], want_state: bool, seq_idx: Optional[Tensor] = None):
         self.mask = mask
         self.cu_seqlens = cu_seqlens
-        self.state = None if cache is None else cache.recurrent_state
-        self.conv_in = None if cache is None else cache.conv_states
-        # a fresh cache (allocate_cache, nothing seen yet) holds zeros: no history to carry
-        self.has_history = cache is not None and cache.seen_tokens > 0
+        self.seq_idx = seq_idx
+        self.state = None if state is None else state.get("recurrent_state")
+        self.conv_in = None if state is None else state.get("conv_state")
+        # no incoming state: a fresh start from zeros (no history to carry)
+        self.has_history = self.state is not None
         self.want_state = want_state
         self.conv_out: List[Tensor] = []
 
     def conv(self, module: ShortConvolution, x: Tensor) -> Tensor:
         i = len(self.conv_out)
         h0 = self.conv_in[i] if self.conv_in else None
-        out, final = module(x, self.mask, self.cu_seqlens, h0, self.want_state)
+        out, final = module(x, self.mask, self.cu_seqlens, h0, self.want_state, self.seq_idx)
         if final is not None:
             self.conv_out.append(final)
         return out
@@ -41,7 +46,9 @@ class MixerStep:
 
 class RecurrentMixer(nn.Module):
     """Base of the mixer layers. Subclasses set `hidden_size`, implement `state_shape()` and
-    `_mix(x, step) -> (out, final_state)`, and list their convs in `conv_layers()`."""
+    `_mix(x, step) -> (out, final_state)`, and list their convs in `conv_layers()`.
+
+    `mix` is the one internal entry point both public contracts (and `CausalLM`) call."""
 
     hidden_size: int
 
@@ -55,102 +62,231 @@ class RecurrentMixer(nn.Module):
     def _mix(self, x: Tensor, step: MixerStep) -> Tuple[Tensor, Optional[Tensor]]:
         raise NotImplementedError
 
-    def allocate_cache(self, batch_size: int, device=None, dtype=None) -> LayerCache:
-        """An empty (zero) cache for `batch_size` sequences; conv states in `dtype`
-        (default: the layer's parameter dtype), the recurrent state in float32."""
-        p = next(self.parameters())
-        device = p.device if device is None else device
-        dtype = p.dtype if dtype is None else dtype
-        state = torch.zeros(batch_size, *self.state_shape(), device=device, dtype=torch.float32)
-        convs = tuple(torch.zeros(batch_size, *c.state_shape(), device=device, dtype=dtype)
-                      for c in self.conv_layers())
-        return LayerCache(type(self).__name__, state, convs, 0)
+    def mix(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+            cu_seqlens: Optional[Tensor] = None, state: Optional[State] = None,
+            output_final_state: bool = False, seq_idx: Optional[Tensor] = None
+            ) -> Tuple[Tensor, Optional[State]]:
+        """hidden_states [B, T, hidden_size] -> (output [B, T, hidden_size], new state or None).
 
-    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
-                cu_seqlens: Optional[Tensor] = None, cache: Optional[LayerCache] = None,
-                use_cache: bool = False) -> Tuple[Tensor, Optional[LayerCache]]:
-        """hidden_states [B, T, hidden_size] -> (output [B, T, hidden_size], cache or None).
-
-        attention_mask: [B, T] (or [B, seen + T] with a cache, HF style; its last T columns are
-            used), 1/True for real tokens, 0/False for LEFT padding. Padded positions never
-            change the state (their k/v/x, gates and conv inputs are zeroed); their outputs are 0.
-        cu_seqlens: [N + 1] int32/int64 offsets packing N sequences along T (B must be 1); each
-            sequence starts from its own state (row n of the cache) and ends in its own.
-        cache: a LayerCache from an earlier call of this layer (batch N = B, or the number of
-            packed sequences); the call continues from it.
-        use_cache: return the updated cache (always done when a cache is passed in).
+        attention_mask: [B, T] or [B, >= T] (HF style: its last T columns are used), 1 for real
+            tokens, 0 for padding, in ANY arrangement (left, right, gaps). Each row's real tokens
+            form one sequence, as fla's unpad -> varlen -> pad back: padding never touches the
+            state, padded outputs are 0. (Done by moving each row's real tokens to its end, a
+            fixed-shape gather: no host sync, traceable by torch.compile.)
+        cu_seqlens: [N + 1] offsets packing N sequences along T (B must be 1).
+        state: {'recurrent_state': [N, *state_shape()], 'conv_state': ([N, D, W], ...)}, the
+            states to continue from (N = B, or the number of packed sequences); None: zeros.
+        output_final_state: return the new state dict.
+        seq_idx: [B, T] int32 segment ids (mamba-ssm's), Mamba-2 only, without the above.
         """
-        mask = self._check_inputs(hidden_states, attention_mask, cu_seqlens, cache)
-        want = bool(use_cache) or cache is not None
-        step = MixerStep(mask, cu_seqlens, cache, want)
-        out, state = self._mix(hidden_states, step)
+        mask = self._check_inputs(hidden_states, attention_mask, cu_seqlens, state)
+        B, T = hidden_states.shape[:2]
+        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+        if B * T == 0:
+            return self._empty(hidden_states, state, N, output_final_state)
+        x, perm = hidden_states, None
+        if mask is not None:
+            perm, mask = left_align(mask)
+            x = gather_tokens(x, perm)
+        step = MixerStep(mask, cu_seqlens, state, output_final_state, seq_idx)
+        out, rec = self._mix(x, step)
+        if perm is not None:
+            out = gather_tokens(out, torch.argsort(perm, dim=1))
+        if not output_final_state:
+            return out, None
+        return out, {"recurrent_state": rec,
+                     "conv_state": tuple(step.conv_out) if self.conv_layers() else None}
+
+    def _empty(self, x: Tensor, state: Optional[State], N: int, want: bool):
+        """No tokens (B = 0 or T = 0): an empty output tied to the input and every parameter
+        (backward gives zero gradients, as nn.Linear does on empty input); states pass through."""
+        tie = sum(p.reshape(-1)[:0].sum() for p in self.parameters())
+        out = x * 0 + tie.to(x.dtype)
         if not want:
             return out, None
-        seen = (0 if cache is None else cache.seen_tokens) + hidden_states.shape[1]
-        return out, LayerCache(type(self).__name__, state, tuple(step.conv_out), seen)
+        sd = compute_dtype(x)
+        if state is not None and state.get("recurrent_state") is not None:
+            rec = state["recurrent_state"]
+        else:
+            rec = x.new_zeros(N, *self.state_shape(), dtype=sd)
+        convs = None
+        if self.conv_layers():
+            convs = state.get("conv_state") if state is not None else None
+            if convs is None:
+                convs = tuple(x.new_zeros(N, *c.state_shape()) for c in self.conv_layers())
+        return out, {"recurrent_state": rec, "conv_state": convs}
 
     # -- checks -----------------------------------------------------------------------------
-    def _check_inputs(self, x, attention_mask, cu_seqlens, cache) -> Optional[Tensor]:
+    def _check_inputs(self, x, attention_mask, cu_seqlens, state) -> Optional[Tensor]:
         name = type(self).__name__
         V.check_float("hidden_states", x)
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"{name}: hidden_states must have shape [B, T, hidden_size] = "
                              f"[*, *, {self.hidden_size}], got {list(x.shape)}")
         B, T = x.shape[:2]
-        if T < 1:
-            raise ValueError(f"{name}: hidden_states has no tokens (T = 0)")
         if cu_seqlens is not None and attention_mask is not None:
             raise ValueError(f"{name}: pass either attention_mask (padded batch) or cu_seqlens "
                              f"(packed sequences), not both")
         N = V.check_cu_seqlens(cu_seqlens, B, T, x)
-        if cache is not None:
-            self._check_cache(cache, N, x)
+        if state is not None:
+            self._check_state(state, N, x)
         if attention_mask is None:
             return None
         if not isinstance(attention_mask, torch.Tensor):
             raise TypeError(f"{name}: attention_mask must be a torch.Tensor, got "
                             f"{type(attention_mask).__name__}")
-        seen = 0 if cache is None else cache.seen_tokens
-        ok_len = (T,) if seen == 0 else (T, seen + T)
         if attention_mask.dim() != 2 or attention_mask.shape[0] != B or \
-                attention_mask.shape[1] not in ok_len:
-            want = " or ".join(f"[{B}, {t}]" for t in ok_len)
-            raise ValueError(f"{name}: attention_mask must have shape [B, T] = {want} for "
-                             f"hidden_states {list(x.shape)}, got {list(attention_mask.shape)}")
+                attention_mask.shape[1] < T:
+            raise ValueError(f"{name}: attention_mask must have shape [B, T] = [{B}, {T}] (or "
+                             f"[{B}, seen + {T}], HF style, its last {T} columns used) for "
+                             f"hidden_states {list(x.shape)}, got {list(attention_mask.shape)} "
+                             f"(a 0/1 padding mask, not an attention matrix)")
         if attention_mask.device != x.device:
             raise ValueError(f"{name}: attention_mask is on {attention_mask.device} but "
                              f"hidden_states is on {x.device}")
-        mask = attention_mask[:, -T:] != 0
-        # Only left padding keeps padding out of the carried state; refuse other masks rather
-        # than return a silently wrong cache (values read where that costs no device sync).
-        if V.may_read_values(mask) and bool((mask[:, 1:] < mask[:, :-1]).any()):
-            raise ValueError(f"{name}: attention_mask must be left padding (each row zeros, "
-                             f"then ones); got a row with a real token before a padded one")
-        return mask
+        return attention_mask[:, attention_mask.shape[1] - T:] != 0
 
-    def _check_cache(self, cache, N: int, x: Tensor) -> None:
+    def _check_state(self, state, N: int, x: Tensor) -> None:
         name = type(self).__name__
-        if not isinstance(cache, LayerCache):
-            raise TypeError(f"{name}: cache must be a layers.LayerCache, got "
-                            f"{type(cache).__name__}")
-        if cache.layer_type != name:
-            raise ValueError(f"{name}: the cache was made by a {cache.layer_type} layer; a "
-                             f"cache only fits the layer type that made it")
-        if cache.batch_size != N:
-            raise ValueError(f"{name}: the cache holds {cache.batch_size} sequences but the "
-                             f"input has {N} (batch size, or packed sequences)")
+        if not isinstance(state, dict):
+            raise TypeError(f"{name}: a layer's cached state must be a dict with "
+                            f"'recurrent_state' and 'conv_state', got {type(state).__name__}")
+        rec = state.get("recurrent_state")
+        if rec is None:
+            return
         want = (N, *self.state_shape())
-        if tuple(cache.recurrent_state.shape) != want:
-            raise ValueError(f"{name}: cache.recurrent_state has shape "
-                             f"{list(cache.recurrent_state.shape)}, this layer needs "
-                             f"{list(want)} (a cache from a differently configured layer?)")
+        if tuple(rec.shape[1:]) != want[1:]:
+            raise ValueError(f"{name}: the cached recurrent_state has shape {list(rec.shape)}, "
+                             f"this layer needs {list(want)} (a cache from a differently "
+                             f"configured layer, or another layer's slot?)")
+        if rec.shape[0] != N:
+            raise ValueError(f"{name}: the cache holds {rec.shape[0]} sequences but the input "
+                             f"has {N} (batch size, or packed sequences)")
         convs = self.conv_layers()
-        shapes = [list(c.shape) for c in cache.conv_states]
-        wants = [[N, *c.state_shape()] for c in convs]
+        got = state.get("conv_state")
+        shapes = None if got is None else [list(c.shape) for c in got]
+        wants = [[N, *c.state_shape()] for c in convs] if convs else None
         if shapes != wants:
-            raise ValueError(f"{name}: cache.conv_states have shapes {shapes}, this layer "
+            raise ValueError(f"{name}: the cached conv_state has shapes {shapes}, this layer "
                              f"needs {wants}")
-        for t in (cache.recurrent_state, *cache.conv_states):
+        for t in (rec, *(got or ())):
             if t.device != x.device:
                 raise ValueError(f"{name}: the cache is on {t.device} but hidden_states is on "
                                  f"{x.device}")
+
+
+def warn_ignored(name: str, kwargs: Dict[str, Any]) -> None:
+    """fla's layers take **kwargs and drop unknown ones silently; we say so."""
+    if kwargs:
+        warnings.warn(f"{name}: ignoring unknown arguments {sorted(kwargs)}", stacklevel=3)
+
+
+class FlaMixer(RecurrentMixer):
+    """fla's layer contract (GLA, DeltaNet, GatedDeltaNet, Lightning)."""
+
+    layer_idx: Optional[int]
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
+                past_key_values=None, use_cache: Optional[bool] = False,
+                output_attentions: Optional[bool] = False, **kwargs
+                ) -> Tuple[Tensor, None, Any]:
+        """hidden_states [B, T, hidden_size] -> (o [B, T, hidden_size], None, past_key_values).
+
+        attention_mask: [B, T] 0/1 padding mask, any arrangement (or [B, seen + T]; the last T
+            columns are used); padded outputs are 0 and padding never enters the state.
+        past_key_values: an fla-style cache (`layers.Cache`, or fla's / HF's FLACache): the
+            call continues from `past_key_values[layer_idx]` when that slot exists, and, with
+            use_cache=True, stores its new states there (the cache is updated in place and
+            returned). Needs `layer_idx`.
+        use_cache: store the final states in past_key_values.
+        output_attentions: accepted; linear attention has no attention weights (None).
+        kwargs: `cu_seqlens` [N + 1] packs N sequences in a [1, T] batch (it takes precedence
+            over attention_mask, as in fla); other keys are ignored, as in fla.
+        """
+        cu_seqlens = kwargs.get("cu_seqlens")
+        last = None
+        if past_key_values is not None:
+            if self.layer_idx is None:
+                raise ValueError(f"{type(self).__name__} requires `layer_idx` when "
+                                 f"`past_key_values` is provided")
+            if len(past_key_values) > self.layer_idx:
+                last = past_key_values[self.layer_idx]
+        mask = attention_mask if cu_seqlens is None else None
+        o, new = self.mix(hidden_states, mask, cu_seqlens, last, bool(use_cache))
+        if use_cache and past_key_values is not None:
+            past_key_values.update(recurrent_state=new["recurrent_state"],
+                                   conv_state=new["conv_state"], layer_idx=self.layer_idx,
+                                   offset=hidden_states.shape[1])
+        return o, None, past_key_values
+
+
+def _write(dst: Tensor, src: Tensor) -> None:
+    if src is not dst:
+        dst.copy_(src)
+
+
+class MambaMixer(RecurrentMixer):
+    """mamba-ssm's contract (Mamba, Mamba2): `inference_params`, `step`,
+    `allocate_inference_cache`. Subclasses set `d_inner_conv` (conv channels) and implement
+    `_conv_layout(conv_state)` if their cache holds a transposed view."""
+
+    layer_idx: Optional[int]
+
+    def _run(self, u: Tensor, inference_params, attention_mask=None, cu_seqlens=None,
+             seq_idx=None) -> Tensor:
+        if inference_params is None:
+            return self.mix(u, attention_mask, cu_seqlens, None, False, seq_idx)[0]
+        if seq_idx is not None:
+            raise ValueError(f"{type(self).__name__}: seq_idx cannot be combined with "
+                             f"inference_params (use cu_seqlens for packed inference)")
+        N = u.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        conv_state, ssm_state = self._get_states_from_cache(inference_params, N)
+        # seqlen_offset 0: a prefill from zero states (mamba-ssm overwrites the cache);
+        # > 0: continue from the cached states (one token: mamba-ssm's step; more: chunked)
+        cont = inference_params.seqlen_offset > 0
+        state = {"recurrent_state": ssm_state, "conv_state": (conv_state,)} if cont else None
+        out, new = self.mix(u, attention_mask, cu_seqlens, state, True)
+        _write(ssm_state, new["recurrent_state"])
+        _write(conv_state, new["conv_state"][0])
+        return out
+
+    def step(self, hidden_states: Tensor, conv_state: Tensor, ssm_state: Tensor):
+        """One decode step (as mamba-ssm; any number of tokens works here): hidden_states
+        [B, 1, d_model] -> (out [B, 1, d_model], conv_state, ssm_state), states updated in
+        place."""
+        out, new = self.mix(hidden_states, None, None,
+                            {"recurrent_state": ssm_state, "conv_state": (conv_state,)}, True)
+        _write(ssm_state, new["recurrent_state"])
+        _write(conv_state, new["conv_state"][0])
+        return out, conv_state, ssm_state
+
+    def allocate_inference_cache(self, batch_size: int, max_seqlen: Optional[int] = None,
+                                 dtype=None, **kwargs) -> Tuple[Tensor, Tensor]:
+        """(conv_state [B, D, d_conv], ssm_state [B, *state_shape()]) of zeros, as mamba-ssm.
+        The conv state is in `dtype` (default: the conv weight's); the SSM state is at least
+        float32 (mamba-ssm uses the weight dtype; we keep states fp32 for 16-bit models)."""
+        conv = self.conv_layers()[0]
+        device = conv.weight.device
+        conv_dtype = conv.weight.dtype if dtype is None else dtype
+        ssm_dtype = torch.promote_types(conv_dtype, torch.float32)
+        conv_state = self._conv_layout(torch.zeros(batch_size, *conv.state_shape(),
+                                                   device=device, dtype=conv_dtype))
+        ssm_state = torch.zeros(batch_size, *self.state_shape(), device=device, dtype=ssm_dtype)
+        return conv_state, ssm_state
+
+    def _conv_layout(self, conv_state: Tensor) -> Tensor:
+        return conv_state
+
+    def _get_states_from_cache(self, inference_params, batch_size: int,
+                               initialize_states: bool = False) -> Tuple[Tensor, Tensor]:
+        if self.layer_idx is None:
+            raise ValueError(f"{type(self).__name__} requires `layer_idx` when "
+                             f"`inference_params` is provided")
+        memory = inference_params.key_value_memory_dict
+        if self.layer_idx not in memory:
+            memory[self.layer_idx] = self.allocate_inference_cache(batch_size, None)
+        conv_state, ssm_state = memory[self.layer_idx]
+        if initialize_states:
+            conv_state.zero_()
+            ssm_state.zero_()
+        return conv_state, ssm_state

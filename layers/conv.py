@@ -33,22 +33,30 @@ class ShortConvolution(nn.Conv1d):
     """Depthwise causal conv over [B, T, D] inputs, `out[t] = act(bias + sum_i w[:, i] x[t-W+1+i])`.
 
     An `nn.Conv1d(D, D, W, groups=D)` underneath, so its weight is [D, 1, W] and its state dict and
-    init (PyTorch's default) match fla's ShortConvolution and mamba-ssm's `conv1d`.
+    init (PyTorch's default) match fla's ShortConvolution and mamba-ssm's `conv1d`. States are
+    [N, D, W], the last W inputs of each sequence (fla's and mamba-ssm's cache layout).
 
     Args:
         hidden_size: channels D.
         kernel_size: width W (2, 3 or 4, as causal-conv1d supports).
         bias: learn a bias.
         activation: None or 'silu' / 'swish', applied after the conv.
+        backend: accepted for fla compatibility ('triton' / 'cuda'); the public ops dispatch.
     """
 
     def __init__(self, hidden_size: int, kernel_size: int = 4, bias: bool = False,
-                 activation: Optional[str] = "silu", device=None, dtype=None):
+                 activation: Optional[str] = "silu", backend: Optional[str] = None,
+                 device=None, dtype=None, **kwargs):
         if not 2 <= kernel_size <= 4:
             raise ValueError(f"conv kernel_size (conv_size / d_conv) must be 2, 3 or 4, "
                              f"got {kernel_size}")
         if activation not in (None, "silu", "swish"):
             raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
+        if backend not in (None, "triton", "cuda"):
+            raise ValueError(f"backend must be 'triton' or 'cuda' (fla's names), got {backend!r}")
+        unknown = set(kwargs) - {"use_fast_conv1d"}
+        if unknown:
+            raise TypeError(f"ShortConvolution got unexpected arguments {sorted(unknown)}")
         super().__init__(hidden_size, hidden_size, kernel_size, groups=hidden_size,
                          padding=kernel_size - 1, bias=bias, device=device, dtype=dtype)
         self.hidden_size = hidden_size
@@ -59,20 +67,31 @@ class ShortConvolution(nn.Conv1d):
         return self.kernel_size[0]
 
     def state_shape(self) -> Tuple[int, int]:
-        """Shape of one sequence's conv state: [D, W - 1]."""
-        return (self.hidden_size, self.width - 1)
+        """Shape of one sequence's conv state: [D, W]."""
+        return (self.hidden_size, self.width)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None, initial_state: Optional[Tensor] = None,
-                output_final_state: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        """x [B, T, D] -> (out [B, T, D], final state [N, D, W-1] or None).
+                output_final_state: bool = False, seq_idx: Optional[Tensor] = None
+                ) -> Tuple[Tensor, Optional[Tensor]]:
+        """x [B, T, D] -> (out [B, T, D], final state [N, D, W] or None).
 
-        mask [B, T] (bool, left padding): padded inputs are zeroed, and an initial state is
+        mask [B, T] (bool, LEFT padding): padded inputs are zeroed, and an initial state is
         placed right before each row's first real token, so padding never enters the state.
         cu_seqlens [N + 1] (B == 1): packed sequences; no tap reaches across a boundary.
-        initial_state [N, D, W-1]: the inputs before the first token (zeros if None).
+        initial_state [N, D, W]: the inputs before the first token (zeros if None).
+        seq_idx [B, T] int32: mamba-ssm's segment ids (taps stop where the id changes); only
+        without mask, cu_seqlens and states.
         """
         x = apply_mask(x, mask)
+        if seq_idx is not None:
+            if mask is not None or cu_seqlens is not None or initial_state is not None or \
+                    output_final_state:
+                raise ValueError("seq_idx cannot be combined with a mask, cu_seqlens or "
+                                 "conv states")
+            out = _ops.causal_conv1d_fn(_channels_first(x), self.weight[:, 0], self.bias,
+                                        activation=self.activation, seq_idx=seq_idx)
+            return _channels_last(out), None
         if cu_seqlens is None:
             lengths = None if mask is None else left_pad_lengths(mask)
             return self._rows(x, lengths, initial_state, output_final_state)
@@ -92,27 +111,27 @@ class ShortConvolution(nn.Conv1d):
               output_final_state: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """x [N, L, D] rows whose real tokens are the last `lengths` (all when None)."""
         W = self.width
-        if initial_state is not None and lengths is not None:
-            # The history must sit right before each row's first real token, not before the
-            # padding: build [zeros, history, tokens] rows and convolve them from zero.
-            N, L, D = x.shape
-            j = torch.arange(L + W - 1, device=x.device)
-            pos = j[None, :] - (L - lengths.to(j.dtype))[:, None]        # [N, L+W-1]
-            valid = (pos >= 0) & (pos < W - 1)
-            hist = initial_state.transpose(1, 2).to(x.dtype)             # [N, W-1, D]
-            placed = hist.gather(1, pos.clamp(0, W - 2)[..., None].expand(N, L + W - 1, D))
-            ext = F.pad(x, (0, 0, W - 1, 0)) + apply_mask(placed, valid)
-            res = _ops.causal_conv1d_fn(_channels_first(ext), self.weight[:, 0], self.bias,
-                                        return_final_states=output_final_state,
+        if initial_state is None and not output_final_state:
+            out = _ops.causal_conv1d_fn(_channels_first(x), self.weight[:, 0], self.bias,
                                         activation=self.activation)
-            out, final = res if output_final_state else (res, None)
-            return _channels_last(out[:, :, W - 1:]), final
-        res = _ops.causal_conv1d_fn(_channels_first(x), self.weight[:, 0], self.bias,
-                                    initial_states=initial_state,
-                                    return_final_states=output_final_state,
+            return _channels_last(out), None
+        N, L, D = x.shape
+        hist = x.new_zeros(N, D, W) if initial_state is None else initial_state.to(x.dtype)
+        xc = x.transpose(1, 2)
+        if lengths is None:
+            ext = torch.cat([hist, xc], dim=2)                            # [N, D, W + L]
+        else:
+            # [zeros, history, tokens]: the W history columns sit right before each row's
+            # first real token (the padded inputs under them are zero), then convolve from zero
+            j = torch.arange(L + W, device=x.device)
+            pos = j[None, :] - (L - lengths.to(j.dtype))[:, None]        # [N, L + W]
+            valid = (pos >= 0) & (pos < W)
+            placed = hist.gather(2, pos.clamp(0, W - 1)[:, None, :].expand(N, D, L + W))
+            ext = F.pad(xc, (W, 0)) + placed * valid[:, None, :].to(x.dtype)
+        out = _ops.causal_conv1d_fn(ext.contiguous(), self.weight[:, 0], self.bias,
                                     activation=self.activation)
-        out, final = res if output_final_state else (res, None)
-        return _channels_last(out), final
+        final = ext[:, :, L:].contiguous() if output_final_state else None
+        return _channels_last(out[:, :, W:]), final
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation}"

@@ -8,18 +8,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _ops
-from .base import MixerStep, RecurrentMixer
+from .base import FlaMixer, MixerStep, warn_ignored
 from .conv import ShortConvolution
 from .gla import _check_mode, _init_linear, _recurrent, _split_heads
 from .norm import RMSNorm
-from .utils import apply_mask, init_dt_bias
+from .utils import apply_mask, compute_dtype, init_dt_bias
 
 Tensor = torch.Tensor
 
 _QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 
 
-class _DeltaRuleMixer(RecurrentMixer):
+def _sum_norm(x: Tensor, heads: int) -> Tensor:
+    """x / sum(x) over each head's channels of x [..., heads * d]."""
+    y = _split_heads(x, heads)
+    return (y / y.sum(-1, keepdim=True)).reshape(x.shape)
+
+
+class _DeltaRuleMixer(FlaMixer):
     """Shared structure of DeltaNet and Gated DeltaNet: q/k/v projections with short convs,
     a sigmoid write strength beta, the delta-rule op, a per-head (gated) RMSNorm, o_proj."""
 
@@ -35,8 +41,12 @@ class _DeltaRuleMixer(RecurrentMixer):
         self.hidden_size, self.num_heads, self.num_v_heads = hidden_size, num_heads, num_v_heads
         self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
         self.key_dim, self.value_dim = num_heads * head_k_dim, num_v_heads * head_v_dim
+        if mode == "fused_chunk":
+            raise ValueError("mode 'fused_chunk' is deprecated in fla for the delta rule; use "
+                             "'chunk'")
         self.mode = _check_mode(mode)
         self.use_gate, self.use_short_conv = use_gate, use_short_conv
+        self.conv_size, self.conv_bias = conv_size, conv_bias
         self.allow_neg_eigval, self.qk_activation = allow_neg_eigval, qk_activation
         self.layer_idx = layer_idx
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False, **kw)
@@ -71,14 +81,17 @@ class _DeltaRuleMixer(RecurrentMixer):
             q, k = F.relu(q), F.relu(k)
         elif self.qk_activation == "elu":  # elu + 1, a positive feature map
             q, k = F.elu(q) + 1, F.elu(k) + 1
+        if getattr(self, "qk_norm", "l2") == "sum":  # fla's sum_norm: q / sum(q) per head
+            q, k = _sum_norm(q, self.num_heads), _sum_norm(k, self.num_heads)
         # after every activation, so padded tokens write nothing (k = v = 0)
         k, v = apply_mask(k, step.mask), apply_mask(v, step.mask)
         return (_split_heads(q, self.num_heads), _split_heads(k, self.num_heads),
                 _split_heads(v, self.num_v_heads))
 
     def _beta(self, x: Tensor, step: MixerStep) -> Tensor:
-        beta = torch.sigmoid(self.b_proj(x).float()) if self.b_proj is not None else \
-            x.new_ones(*x.shape[:2], self.num_v_heads, dtype=torch.float32)
+        cd = compute_dtype(x)
+        beta = torch.sigmoid(self.b_proj(x).to(cd)) if self.b_proj is not None else \
+            x.new_ones(*x.shape[:2], self.num_v_heads, dtype=cd)
         if self.allow_neg_eigval:  # beta in (0, 2): eigenvalues of (I - beta k k^T) in (-1, 1)
             beta = beta * 2
         return apply_mask(beta, step.mask)
@@ -105,21 +118,26 @@ class DeltaNet(_DeltaRuleMixer):
             qk_activation is 'silu') and v (SiLU).
         allow_neg_eigval: beta in (0, 2) instead of (0, 1).
         qk_activation: 'silu', 'relu', 'elu' (elu + 1) or 'identity'.
-        qk_norm: 'l2' (normalise q and k, in the kernel) or None.
+        qk_norm: 'l2' (normalise q and k, in the kernel), 'sum' (divide by their sum per
+            head) or None.
         norm_eps: eps of the output RMSNorm.
+        layer_idx: the layer's slot in a cache (`past_key_values`).
+    Arguments (and their positional order), defaults, parameter names and the forward
+    contract (`FlaMixer.forward`) are fla's.
     """
 
-    def __init__(self, hidden_size: int = 1024, num_heads: int = 4, expand_k: float = 1.0,
-                 expand_v: float = 1.0, mode: str = "chunk", use_beta: bool = True,
-                 use_gate: bool = False, use_short_conv: bool = True, conv_size: int = 4,
-                 conv_bias: bool = False, allow_neg_eigval: bool = False,
+    def __init__(self, mode: str = "chunk", d_model: Optional[int] = None,
+                 hidden_size: int = 1024, expand_k: float = 1.0, expand_v: float = 1.0,
+                 num_heads: int = 4, use_beta: bool = True, use_gate: bool = False,
+                 use_short_conv: bool = True, conv_size: int = 4, conv_bias: bool = False,
+                 allow_neg_eigval: bool = False, layer_idx: Optional[int] = None,
                  qk_activation: str = "silu", qk_norm: Optional[str] = "l2",
-                 norm_eps: float = 1e-5, layer_idx: Optional[int] = None,
-                 d_model: Optional[int] = None, device=None, dtype=None):
+                 norm_eps: float = 1e-5, device=None, dtype=None, **kwargs):
+        warn_ignored("DeltaNet", kwargs)
         super().__init__()
         hidden_size = d_model if d_model is not None else hidden_size
-        if qk_norm not in ("l2", None):
-            raise ValueError(f"qk_norm must be 'l2' or None, got {qk_norm!r}")
+        if qk_norm not in ("l2", "sum", None):
+            raise ValueError(f"qk_norm must be 'l2', 'sum' or None, got {qk_norm!r}")
         key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
         if key_dim % num_heads or value_dim % num_heads:
             raise ValueError(f"key_dim {key_dim} and value_dim {value_dim} must be divisible "
@@ -128,6 +146,7 @@ class DeltaNet(_DeltaRuleMixer):
         self._build(hidden_size, num_heads, num_heads, key_dim // num_heads,
                     value_dim // num_heads, mode, use_gate, use_short_conv, conv_size,
                     conv_bias, allow_neg_eigval, qk_activation, norm_eps, layer_idx, kw)
+        self.expand_k, self.expand_v = expand_k, expand_v
         self.use_beta, self.qk_norm = use_beta, qk_norm
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False, **kw) if use_beta else None
         _init_linear(self)
@@ -160,6 +179,9 @@ class GatedDeltaNet(_DeltaRuleMixer):
         norm_eps: eps of the output RMSNorm.
         dt_min, dt_max, dt_init_floor: init of dt_bias (softplus(dt_bias) log-uniform in
             [dt_min, dt_max]); A_log = log(U(0, 16)). Both float32, no weight decay.
+        layer_idx: the layer's slot in a cache (`past_key_values`).
+    Arguments (and their positional order; dt_* and d_model are extras), defaults, parameter
+    names and the forward contract (`FlaMixer.forward`) are fla's.
     """
 
     def __init__(self, hidden_size: int = 2048, expand_v: float = 2, head_dim: int = 256,
@@ -168,11 +190,15 @@ class GatedDeltaNet(_DeltaRuleMixer):
                  allow_neg_eigval: bool = False, conv_size: int = 4, conv_bias: bool = False,
                  layer_idx: Optional[int] = None, norm_eps: float = 1e-5,
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
-                 d_model: Optional[int] = None, device=None, dtype=None):
+                 d_model: Optional[int] = None, device=None, dtype=None, **kwargs):
         super().__init__()
+        warn_ignored("GatedDeltaNet", kwargs)
         hidden_size = d_model if d_model is not None else hidden_size
         num_v_heads = num_heads if num_v_heads is None else num_v_heads
         head_v_dim = int(head_dim * expand_v)
+        if head_v_dim != head_dim * expand_v:
+            raise ValueError(f"head_dim * expand_v = {head_dim * expand_v} must be an integer "
+                             f"(the value head dim)")
         kw = dict(device=device, dtype=dtype)
         self._build(hidden_size, num_heads, num_v_heads, head_dim, head_v_dim, mode, use_gate,
                     use_short_conv, conv_size, conv_bias, allow_neg_eigval, "silu", norm_eps,
@@ -189,7 +215,8 @@ class GatedDeltaNet(_DeltaRuleMixer):
         self.dt_bias._no_weight_decay = True
 
     def _gate(self, x: Tensor, step: MixerStep) -> Tensor:
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        cd = compute_dtype(x)
+        g = -self.A_log.to(cd).exp() * F.softplus(self.a_proj(x).to(cd) + self.dt_bias.to(cd))
         return apply_mask(g, step.mask)  # log-decay 0 (no decay) over padding
 
     def _mix(self, x: Tensor, step: MixerStep):

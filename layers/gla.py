@@ -9,10 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _ops
-from .base import MixerStep, RecurrentMixer
+from .base import FlaMixer, MixerStep, warn_ignored
 from .conv import ShortConvolution
 from .norm import RMSNorm
-from .utils import activation_fn, apply_mask
+from .utils import activation_fn, apply_mask, compute_dtype
 
 Tensor = torch.Tensor
 
@@ -30,9 +30,14 @@ def _init_linear(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def _check_mode(mode: str) -> str:
-    if mode not in ("chunk", "fused_recurrent"):
-        raise ValueError(f"mode must be 'chunk' or 'fused_recurrent', got {mode!r}")
+def _check_mode(mode: str, fused_chunk: bool = False) -> str:
+    """'chunk' or 'fused_recurrent' (and fla's 'fused_chunk' where fla has it: the chunked
+    math, so it runs as 'chunk')."""
+    if fused_chunk and mode == "fused_chunk":
+        return "chunk"
+    ok = ("chunk", "fused_recurrent") + (("fused_chunk",) if fused_chunk else ())
+    if mode not in ok:
+        raise ValueError(f"mode must be one of {ok}, got {mode!r}")
     return mode
 
 
@@ -44,60 +49,86 @@ def _dims(hidden_size: int, num_heads: int, expand_k: float, expand_v: float):
     return key_dim, value_dim
 
 
-class GatedLinearAttention(RecurrentMixer):
+class GatedLinearAttention(FlaMixer):
     """Gated Linear Attention (GLA): `S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T`, with a
-    data-dependent vector forget gate from a low-rank projection, as in fla's
-    `GatedLinearAttention` (same argument names, defaults and parameter names).
+    data-dependent vector forget gate from a low-rank projection, as fla's
+    `GatedLinearAttention`: same arguments (and positional order), defaults, parameter names
+    and forward contract (`FlaMixer.forward`).
 
     Args:
+        mode: 'chunk', 'fused_chunk' (same math as 'chunk') or 'fused_recurrent'; inputs of
+            <= 64 tokens outside training take the recurrent (decode) path.
         hidden_size: model width.
-        num_heads: attention heads.
         expand_k, expand_v: key / value width as a multiple of hidden_size (split over heads).
-        mode: 'chunk' (training, long inputs) or 'fused_recurrent'; in eval mode inputs of
-            <= 64 tokens always take the recurrent (decode) path.
+        num_heads: query heads.
+        num_kv_heads: key/value (and forget-gate) heads, shared by groups of query heads
+            (default num_heads).
+        feature_map: activation applied to q and k (fla's ACT2FN names), default none.
         use_short_conv, conv_size, conv_bias: causal depthwise convs (SiLU) on q, k, v.
-        use_output_gate: gate the normed output with act(g_proj(x)).
-        gate_fn: activation of the output gate ('swish' or 'sigmoid').
+        use_output_gate: gate the normed output with gate_fn(g_proj(x)).
+        gate_fn: activation of the output gate ('swish', 'sigmoid', ...).
         elementwise_affine, norm_eps: the per-head output RMSNorm.
         gate_logit_normalizer: the forget gate is logsigmoid(gk_proj(x)) / this (16 in the
             paper), so per-token decays stay close to 1.
         gate_low_rank_dim: rank of the forget-gate projection.
         clamp_min: optional lower clamp of the log forget gate.
-        layer_idx: index of the layer in a model (informational).
+        fuse_norm: as fla, only decides the norm's parameter name (`g_norm_swish_gate` when
+            fused, i.e. gate_fn 'swish' with an output gate; else `g_norm`); same math.
+        layer_idx: the layer's slot in a cache (`past_key_values`).
     """
 
-    def __init__(self, hidden_size: int = 1024, num_heads: int = 4, expand_k: float = 0.5,
-                 expand_v: float = 1.0, mode: str = "chunk", use_short_conv: bool = False,
+    def __init__(self, mode: str = "chunk", hidden_size: int = 1024, expand_k: float = 0.5,
+                 expand_v: float = 1.0, num_heads: int = 4, num_kv_heads: Optional[int] = None,
+                 feature_map: Optional[str] = None, use_short_conv: bool = False,
                  conv_size: int = 4, conv_bias: bool = False, use_output_gate: bool = True,
-                 gate_fn: str = "swish", elementwise_affine: bool = True,
+                 gate_fn: str = "swish", elementwise_affine: Optional[bool] = True,
                  norm_eps: float = 1e-5, gate_logit_normalizer: float = 16,
                  gate_low_rank_dim: int = 16, clamp_min: Optional[float] = None,
-                 layer_idx: Optional[int] = None, device=None, dtype=None):
+                 fuse_norm: bool = True, layer_idx: Optional[int] = None, device=None,
+                 dtype=None, **kwargs):
         super().__init__()
+        warn_ignored("GatedLinearAttention", kwargs)
         kw = dict(device=device, dtype=dtype)
         self.hidden_size, self.num_heads = hidden_size, num_heads
-        self.mode = _check_mode(mode)
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if self.num_kv_heads < 1 or num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads {self.num_kv_heads} must divide num_heads "
+                             f"{num_heads}")
+        self.num_kv_groups = num_heads // self.num_kv_heads
+        self.mode = _check_mode(mode, fused_chunk=True)
+        self.expand_k, self.expand_v = expand_k, expand_v
         self.key_dim, self.value_dim = _dims(hidden_size, num_heads, expand_k, expand_v)
         self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
+        self.key_dim_per_group = self.key_dim // self.num_kv_groups
+        self.value_dim_per_group = self.value_dim // self.num_kv_groups
+        self.feature_map = feature_map
+        self.feature_map_fn = None if feature_map is None else activation_fn(feature_map)
         self.use_short_conv, self.use_output_gate = use_short_conv, use_output_gate
+        self.conv_size, self.conv_bias = conv_size, conv_bias
         self.gate_logit_normalizer, self.clamp_min = gate_logit_normalizer, clamp_min
         self.layer_idx = layer_idx
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False, **kw)
-        self.k_proj = nn.Linear(hidden_size, self.key_dim, bias=False, **kw)
-        self.v_proj = nn.Linear(hidden_size, self.value_dim, bias=False, **kw)
+        self.k_proj = nn.Linear(hidden_size, self.key_dim_per_group, bias=False, **kw)
+        self.v_proj = nn.Linear(hidden_size, self.value_dim_per_group, bias=False, **kw)
         if use_output_gate:
             self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False, **kw)
         if use_short_conv:
             self.q_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias, "silu", **kw)
-            self.k_conv1d = ShortConvolution(self.key_dim, conv_size, conv_bias, "silu", **kw)
-            self.v_conv1d = ShortConvolution(self.value_dim, conv_size, conv_bias, "silu", **kw)
+            self.k_conv1d = ShortConvolution(self.key_dim_per_group, conv_size, conv_bias,
+                                             "silu", **kw)
+            self.v_conv1d = ShortConvolution(self.value_dim_per_group, conv_size, conv_bias,
+                                             "silu", **kw)
         self.gk_proj = nn.Sequential(
             nn.Linear(hidden_size, gate_low_rank_dim, bias=False, **kw),
-            nn.Linear(gate_low_rank_dim, self.key_dim, bias=True, **kw))
+            nn.Linear(gate_low_rank_dim, self.key_dim_per_group, bias=True, **kw))
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False, **kw)
-        self.g_norm = RMSNorm(self.head_v_dim, norm_eps, elementwise_affine, gate_fn=gate_fn,
-                              **kw)
         activation_fn(gate_fn)  # validate early
+        self.gate_fn = gate_fn
+        norm = RMSNorm(self.head_v_dim, norm_eps, bool(elementwise_affine), gate_fn=gate_fn,
+                       **kw)
+        self.fuse_norm_and_gate = gate_fn == "swish" and fuse_norm and use_output_gate
+        self._norm_name = "g_norm_swish_gate" if self.fuse_norm_and_gate else "g_norm"
+        self.add_module(self._norm_name, norm)
         _init_linear(self)
 
     def state_shape(self) -> Tuple[int, ...]:
@@ -106,23 +137,32 @@ class GatedLinearAttention(RecurrentMixer):
     def conv_layers(self) -> List[ShortConvolution]:
         return [self.q_conv1d, self.k_conv1d, self.v_conv1d] if self.use_short_conv else []
 
+    def _heads(self, x: Tensor, d: int) -> Tensor:
+        """[..., kv_heads * d] -> [..., num_heads, d], each kv head repeated for its group."""
+        x = _split_heads(x, x.shape[-1] // d)
+        return x.repeat_interleave(self.num_kv_groups, dim=-2) if self.num_kv_groups > 1 else x
+
     def _mix(self, x: Tensor, step: MixerStep):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.use_short_conv:
             q, k, v = step.conv(self.q_conv1d, q), step.conv(self.k_conv1d, k), \
                 step.conv(self.v_conv1d, v)
-        gk = F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer
+        cd = compute_dtype(x)
+        gk = F.logsigmoid(self.gk_proj(x).to(cd)) / self.gate_logit_normalizer
         if self.clamp_min is not None:
             gk = gk.clamp_min(self.clamp_min)
+        if self.feature_map_fn is not None:
+            q, k = self.feature_map_fn(q), self.feature_map_fn(k)
         # padding: no write (k = v = 0) and no decay (log gate 0)
         k, v, gk = apply_mask(k, step.mask), apply_mask(v, step.mask), apply_mask(gk, step.mask)
-        H = self.num_heads
+        q = _split_heads(q, self.num_heads)
+        k, gk, v = self._heads(k, self.head_k_dim), self._heads(gk, self.head_k_dim), \
+            self._heads(v, self.head_v_dim)
         fn = _ops.fused_recurrent_gla if _recurrent(self, x) else _ops.chunk_gla
-        o, state = fn(_split_heads(q, H), _split_heads(k, H), _split_heads(v, H),
-                      _split_heads(gk, H), initial_state=step.state,
+        o, state = fn(q, k, v, gk, initial_state=step.state,
                       output_final_state=step.want_state, cu_seqlens=step.cu_seqlens)
-        g = _split_heads(self.g_proj(x), H) if self.use_output_gate else None
-        o = self.g_norm(o, g).reshape(*x.shape[:2], self.value_dim)
+        g = _split_heads(self.g_proj(x), self.num_heads) if self.use_output_gate else None
+        o = getattr(self, self._norm_name)(o, g).reshape(*x.shape[:2], self.value_dim)
         return apply_mask(self.o_proj(o), step.mask), state
 
 
@@ -145,7 +185,7 @@ def alibi_slopes(num_heads: int) -> Tensor:
     return torch.tensor(s, dtype=torch.float32)
 
 
-class LightningAttention(RecurrentMixer):
+class LightningAttention(FlaMixer):
     """TNL-style linear attention (TransNormerLLM / Lightning Attention-2): SiLU feature maps
     on q and k, a constant per-head decay `exp(-slope_h)` with ALiBi-like slopes scaled down
     for deeper layers (so the last layer barely forgets), a per-head RMSNorm of the output and
@@ -160,15 +200,18 @@ class LightningAttention(RecurrentMixer):
         elementwise_affine, norm_eps: the output RMSNorm.
         layer_idx, num_layers: position in the model; slope_h = alibi_h * (1 - layer_idx /
             (num_layers - 1) + 1e-5), as TNL does (plain ALiBi slopes for a 1-layer model).
-    The slopes are a buffer (in the state dict, no gradient).
+            layer_idx is also the layer's cache slot.
+    The slopes are a buffer (in the state dict, no gradient). fla has no Lightning layer, only
+    the ops; the forward follows fla's layer contract (`FlaMixer.forward`).
     """
 
     def __init__(self, hidden_size: int = 1024, num_heads: int = 8, expand_k: float = 1.0,
                  expand_v: float = 1.0, mode: str = "chunk", use_output_gate: bool = True,
                  gate_fn: str = "swish", elementwise_affine: bool = True,
                  norm_eps: float = 1e-5, layer_idx: int = 0, num_layers: int = 1,
-                 device=None, dtype=None):
+                 device=None, dtype=None, **kwargs):
         super().__init__()
+        warn_ignored("LightningAttention", kwargs)
         kw = dict(device=device, dtype=dtype)
         if not 0 <= layer_idx < max(num_layers, 1):
             raise ValueError(f"layer_idx must be in [0, num_layers={num_layers}), "
@@ -201,7 +244,7 @@ class LightningAttention(RecurrentMixer):
         rec = _recurrent(self, x)
         common = dict(initial_state=step.state, output_final_state=step.want_state,
                       cu_seqlens=step.cu_seqlens)
-        slope = self.slope.float()
+        slope = self.slope.to(compute_dtype(x))
         if step.mask is None:
             fn = _ops.fused_recurrent_lightning_attn if rec else _ops.lightning_attn
             o, state = fn(q, k, v, slope, **common)

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import RecurrentMixer
-from .cache import LayerCache
+from .cache import Cache
 from .delta import DeltaNet, GatedDeltaNet
 from .gla import GatedLinearAttention, LightningAttention
 from .mamba import Mamba, Mamba2
@@ -64,12 +64,14 @@ class Block(nn.Module):
         self.mlp = GatedMLP(hidden_size, intermediate_size, **kw) if intermediate_size else None
         self.mlp_norm = RMSNorm(hidden_size, norm_eps, **kw) if intermediate_size else None
 
-    def forward(self, x, attention_mask=None, cu_seqlens=None, cache=None, use_cache=False):
-        h, cache = self.mixer(self.mixer_norm(x), attention_mask, cu_seqlens, cache, use_cache)
+    def forward(self, x, attention_mask=None, cu_seqlens=None, state=None, use_cache=False):
+        """-> (x, the mixer's new state dict or None); states as `RecurrentMixer.mix`."""
+        h, state = self.mixer.mix(self.mixer_norm(x), attention_mask, cu_seqlens, state,
+                                  use_cache)
         x = x + h
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
-        return x, cache
+        return x, state
 
 
 class CausalLM(nn.Module):
@@ -116,22 +118,32 @@ class CausalLM(nn.Module):
             nn.init.normal_(self.lm_head.weight, std=std)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                cu_seqlens: Optional[Tensor] = None,
-                cache: Optional[List[LayerCache]] = None, use_cache: bool = False
-                ) -> Tuple[Tensor, Optional[List[LayerCache]]]:
-        """input_ids [B, T] -> (logits [B, T, vocab] float32, caches (one per layer) or None).
-        attention_mask / cu_seqlens / cache / use_cache: as for the mixer layers."""
-        if cache is not None and len(cache) != len(self.layers):
+                cu_seqlens: Optional[Tensor] = None, cache: Optional[Cache] = None,
+                use_cache: bool = False) -> Tuple[Tensor, Optional[Cache]]:
+        """input_ids [B, T] -> (logits [B, T, vocab] in at least float32, cache or None).
+
+        attention_mask: [B, T] (or [B, seen + T]) 0/1 padding, any arrangement.
+        cu_seqlens: [N + 1] packed sequences (B == 1).
+        cache: a `layers.Cache` from an earlier call (one slot per layer); the call continues
+            from it and updates it in place. use_cache: return a cache (a new one if none was
+            passed)."""
+        if cache is not None and len(cache) not in (0, len(self.layers)):
             raise ValueError(f"cache has {len(cache)} layer caches, the model has "
                              f"{len(self.layers)} layers")
+        want = bool(use_cache) or cache is not None
+        if want and cache is None:
+            cache = Cache()
         x = self.embeddings(input_ids)
-        new = []
         for i, blk in enumerate(self.layers):
-            x, c = blk(x, attention_mask, cu_seqlens, None if cache is None else cache[i],
-                       use_cache)
-            new.append(c)
-        logits = self.lm_head(self.norm(x)).float()
-        return logits, (new if (use_cache or cache is not None) else None)
+            state = cache[i] if cache is not None and len(cache) > i else None
+            x, new = blk(x, attention_mask, cu_seqlens, state, want)
+            if want:
+                cache.update(recurrent_state=new["recurrent_state"],
+                             conv_state=new["conv_state"], layer_idx=i,
+                             offset=input_ids.shape[1])
+        logits = self.lm_head(self.norm(x))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return logits, (cache if want else None)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int,

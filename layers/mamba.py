@@ -9,10 +9,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import _ops
-from .base import MixerStep, RecurrentMixer
+from .base import MambaMixer, MixerStep
 from .conv import ShortConvolution
 from .norm import RMSNorm
-from .utils import apply_mask, init_dt_bias, repack, unpack_left
+from .utils import apply_mask, compute_dtype, init_dt_bias, repack, unpack_left
 
 Tensor = torch.Tensor
 
@@ -30,7 +30,7 @@ def _decode_state(state: Tensor, single_token: bool) -> Tensor:
     return state if single_token and not torch.is_grad_enabled() else state.clone()
 
 
-class Mamba(RecurrentMixer):
+class Mamba(MambaMixer):
     """The Mamba-1 mixer block (selective SSM), as mamba-ssm's `Mamba` (same argument names,
     defaults, parameter names and init):
 
@@ -47,18 +47,25 @@ class Mamba(RecurrentMixer):
         dt_init: 'random' (uniform dt_proj.weight in +-dt_rank^-0.5 * dt_scale) or 'constant'.
         dt_scale: scale of the dt_proj weight init.
         conv_bias, bias: biases of conv1d and of in_proj / out_proj.
+        use_fast_path: accepted (mamba-ssm's fused-kernel switch; the math is the same).
+        layer_idx: the layer's slot in `inference_params.key_value_memory_dict`.
     A_log = log([1..d_state]) per channel (S4D-real), D = 1: float32, no weight decay.
-    Incremental decoding (one token with a cache) uses selective_state_update; a multi-token
-    call that continues a cache steps token by token (selective_scan_fn takes no initial
-    state).
+    Arguments (and positional order), defaults, parameter names and the forward contract are
+    mamba-ssm's: `forward(hidden_states, inference_params=None)`, `step`,
+    `allocate_inference_cache` (see `MambaMixer`); extras: `hidden_size` (alias of d_model),
+    and forward's keyword-only `attention_mask` (any 0/1 padding) and `cu_seqlens` (packing).
+    Decoding (one token from a cache) uses selective_state_update; a multi-token call that
+    continues a cache steps token by token (selective_scan_fn takes no initial state).
     """
 
     def __init__(self, d_model: int = 1024, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: Union[int, str] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init: str = "random", dt_scale: float = 1.0, dt_init_floor: float = 1e-4,
-                 conv_bias: bool = True, bias: bool = False, layer_idx: Optional[int] = None,
-                 hidden_size: Optional[int] = None, device=None, dtype=None):
+                 conv_bias: bool = True, bias: bool = False, use_fast_path: bool = True,
+                 layer_idx: Optional[int] = None, device=None, dtype=None, *,
+                 hidden_size: Optional[int] = None):
         super().__init__()
+        self.use_fast_path = use_fast_path
         kw = dict(device=device, dtype=dtype)
         d_model = hidden_size if hidden_size is not None else d_model
         self.d_model = self.hidden_size = d_model
@@ -93,6 +100,14 @@ class Mamba(RecurrentMixer):
     def conv_layers(self) -> List[ShortConvolution]:
         return [self.conv1d]
 
+    def forward(self, hidden_states: Tensor, inference_params=None, *,
+                attention_mask: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None) -> Tensor:
+        """hidden_states [B, L, d_model] -> out [B, L, d_model]. With inference_params: a
+        prefill (seqlen_offset 0) or a continuation (> 0) of the states in
+        `inference_params.key_value_memory_dict[layer_idx]`, updated in place."""
+        return self._run(hidden_states, inference_params, attention_mask, cu_seqlens)
+
     def _mix(self, u: Tensor, step: MixerStep):
         if step.cu_seqlens is not None:
             # selective_scan_fn has no varlen form: run the sequences as left-padded rows
@@ -107,71 +122,100 @@ class Mamba(RecurrentMixer):
         x = step.conv(self.conv1d, x)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)                  # bias added in the op
-        A = -self.A_log.float().exp()
-        D, dt_bias = self.D.float(), self.dt_proj.bias.float()
+        cd = compute_dtype(x)
+        A = -self.A_log.to(cd).exp()
+        D, dt_bias = self.D.to(cd), self.dt_proj.bias.to(cd)
         softplus = True
-        if step.mask is not None:
+        def padded_dt(dt, mask, bias):
             # dt = 0 on padding: no decay and no input there (exp(0 A) = 1, 0 * B x = 0)
-            dt = apply_mask(F.softplus(dt.float() + dt_bias), step.mask).to(x.dtype)
-            dt_bias, softplus = None, False
+            return torch.where(mask, F.softplus(dt.to(cd) + bias), 0).to(x.dtype)
+
         if step.has_history:  # continue the cached state token by token
+            if step.mask is not None:
+                dt = padded_dt(dt, step.mask[..., None], dt_bias)
             state = _decode_state(step.state, x.shape[1] == 1)
             ys = [_ops.selective_state_update(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D,
-                                              z[:, t], dt_bias, softplus)
+                                              z[:, t], None if step.mask is not None else
+                                              dt_bias, step.mask is None)
                   for t in range(x.shape[1])]
             y = torch.stack(ys, dim=1)
         else:
             def cf(t):  # [B, L, D] -> contiguous [B, D, L], mamba-ssm's layout
                 return t.transpose(1, 2).contiguous()
-            res = _ops.selective_scan_fn(cf(x), cf(dt), A, cf(B), cf(C), D, cf(z), dt_bias,
+            dt = cf(dt)
+            if step.mask is not None:  # in the channels-first layout (compiled strides agree)
+                dt = padded_dt(dt, step.mask[:, None, :], dt_bias[:, None]).contiguous()
+                dt_bias, softplus = None, False
+            res = _ops.selective_scan_fn(cf(x), dt, A, cf(B), cf(C), D, cf(z), dt_bias,
                                          softplus, return_last_state=step.want_state)
             y, state = res if step.want_state else (res, None)
             y = y.transpose(1, 2)
         return apply_mask(self.out_proj(y), step.mask), state
 
 
-class Mamba2(RecurrentMixer):
-    """The Mamba-2 mixer block (SSD), as mamba-ssm's `Mamba2` (same argument names, defaults,
-    parameter names and init):
+class Mamba2(MambaMixer):
+    """The Mamba-2 mixer block (SSD), as mamba-ssm's `Mamba2`:
 
-        z, xBC, dt = in_proj(u);  x, B, C = silu(conv1d(xBC))
+        z0, x0, z, xBC, dt = in_proj(u);  x, B, C = silu(conv1d(xBC))
         y = ssd(x, dt, A = -exp(A_log), B, C, D, dt_bias, softplus);  y = norm(y, gate=z)
-        out = out_proj(y)
+        out = out_proj([silu(z0) * x0, y])       (the z0/x0 gated MLP only when d_ssm < d_inner)
 
     Args:
         d_model (alias hidden_size): model width.
         d_state: state size N per head.
         d_conv: width of the causal depthwise conv on xBC (2..4).
+        conv_init: init conv1d.weight uniform in +-conv_init (default: PyTorch's).
         expand: d_inner = expand * d_model.
-        headdim: head dim P (nheads = d_inner / headdim).
+        headdim: head dim P (nheads = d_ssm / headdim).
+        d_ssm: channels that go through the SSM (default d_inner); the other d_inner - d_ssm
+            form a gated MLP, as mamba-ssm.
         ngroups: groups of heads sharing B and C.
         A_init_range: A ~ U(A_init_range), stored as A_log (float32, no weight decay).
-        D_has_hdim: D per channel [d_inner] instead of per head [nheads].
+        D_has_hdim: D per channel [d_ssm] instead of per head [nheads].
         rmsnorm, norm_before_gate: gated RMSNorm of y (else y * silu(z) in the op).
         dt_min, dt_max, dt_init_floor: softplus(dt_bias) log-uniform in [dt_min, dt_max].
         dt_limit: clamp of dt after the softplus.
         bias, conv_bias: biases of in_proj / out_proj and conv1d.
         chunk_size: SSD chunk length (a power of two).
+        use_mem_eff_path: accepted (mamba-ssm's fused-kernel switch; same math).
+        layer_idx: the layer's slot in `inference_params.key_value_memory_dict`.
+        process_group, sequence_parallel: tensor parallelism is not supported (process_group
+            must be None).
+    Arguments (and positional order), defaults, parameter names and the forward contract are
+    mamba-ssm's: `forward(u, seqlen=None, seq_idx=None, cu_seqlens=None,
+    inference_params=None)`, `step`, `allocate_inference_cache` (see `MambaMixer`); extras:
+    `hidden_size` and forward's keyword-only `attention_mask` (any 0/1 padding).
     """
 
     def __init__(self, d_model: int = 1024, d_state: int = 128, d_conv: int = 4,
-                 expand: int = 2, headdim: int = 64, ngroups: int = 1,
+                 conv_init: Optional[float] = None, expand: int = 2, headdim: int = 64,
+                 d_ssm: Optional[int] = None, ngroups: int = 1,
                  A_init_range: Tuple[float, float] = (1, 16), D_has_hdim: bool = False,
                  rmsnorm: bool = True, norm_before_gate: bool = False, dt_min: float = 0.001,
                  dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  dt_limit: Tuple[float, float] = (0.0, float("inf")), bias: bool = False,
-                 conv_bias: bool = True, chunk_size: int = 256, layer_idx: Optional[int] = None,
-                 hidden_size: Optional[int] = None, device=None, dtype=None):
+                 conv_bias: bool = True, chunk_size: int = 256, use_mem_eff_path: bool = True,
+                 layer_idx: Optional[int] = None, process_group=None,
+                 sequence_parallel: bool = True, device=None, dtype=None, *,
+                 hidden_size: Optional[int] = None):
         super().__init__()
+        if process_group is not None:
+            raise NotImplementedError("Mamba2: tensor parallelism (process_group) is not "
+                                      "supported; pass process_group=None")
         kw = dict(device=device, dtype=dtype)
         d_model = hidden_size if hidden_size is not None else d_model
         self.d_model = self.hidden_size = d_model
         self.d_state, self.d_conv, self.expand, self.headdim = d_state, d_conv, expand, headdim
+        self.conv_init, self.use_mem_eff_path = conv_init, use_mem_eff_path
+        self.sequence_parallel, self.process_group = sequence_parallel, None
         self.d_inner = int(expand * d_model)
-        if self.d_inner % headdim:
-            raise ValueError(f"d_inner = expand * d_model = {self.d_inner} must be divisible by "
-                             f"headdim {headdim}")
-        self.nheads = self.d_inner // headdim
+        self.d_ssm = self.d_inner if d_ssm is None else int(d_ssm)
+        if not 0 < self.d_ssm <= self.d_inner:
+            raise ValueError(f"d_ssm must be in (0, d_inner = {self.d_inner}], got {d_ssm}")
+        if self.d_ssm % headdim:
+            raise ValueError(f"d_ssm = {self.d_ssm} (default d_inner = expand * d_model) must "
+                             f"be divisible by headdim {headdim}")
+        self.nheads = self.d_ssm // headdim
         if self.nheads % ngroups:
             raise ValueError(f"ngroups {ngroups} must divide the {self.nheads} heads")
         if chunk_size < 1 or chunk_size & (chunk_size - 1):
@@ -179,19 +223,25 @@ class Mamba2(RecurrentMixer):
         if not 0 < A_init_range[0] <= A_init_range[1]:
             raise ValueError(f"A_init_range must satisfy 0 < low <= high, got {A_init_range}")
         self.ngroups, self.D_has_hdim, self.rmsnorm = ngroups, D_has_hdim, rmsnorm
+        self.norm_before_gate = norm_before_gate
         self.dt_limit, self.chunk_size, self.layer_idx = tuple(dt_limit), chunk_size, layer_idx
-        conv_dim = self.d_inner + 2 * ngroups * d_state
-        self.in_proj = nn.Linear(d_model, self.d_inner + conv_dim + self.nheads, bias=bias, **kw)
+        self.activation = "silu"
+        self.d_mlp = self.d_inner - self.d_ssm
+        conv_dim = self.d_ssm + 2 * ngroups * d_state
+        d_in_proj = 2 * self.d_inner + 2 * ngroups * d_state + self.nheads
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias, **kw)
         self.conv1d = ShortConvolution(conv_dim, d_conv, conv_bias, "silu", **kw)
+        if conv_init is not None:
+            nn.init.uniform_(self.conv1d.weight, -conv_init, conv_init)
         self.dt_bias = nn.Parameter(init_dt_bias(self.nheads, dt_min, dt_max, dt_init_floor,
                                                  device))
         A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
         self.A_log = nn.Parameter(torch.log(A))
-        self.D = nn.Parameter(torch.ones(self.d_inner if D_has_hdim else self.nheads,
+        self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads,
                                          device=device))
         _no_weight_decay(self.dt_bias, self.A_log, self.D)
         if rmsnorm:
-            self.norm = RMSNorm(self.d_inner, 1e-5, group_size=self.d_inner // ngroups,
+            self.norm = RMSNorm(self.d_ssm, 1e-5, group_size=self.d_ssm // ngroups,
                                 gate_fn="silu", norm_before_gate=norm_before_gate, **kw)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **kw)
 
@@ -201,26 +251,50 @@ class Mamba2(RecurrentMixer):
     def conv_layers(self) -> List[ShortConvolution]:
         return [self.conv1d]
 
+    def _conv_layout(self, conv_state: Tensor) -> Tensor:
+        # mamba-ssm allocates [B, W, D] and hands out the [B, D, W] transpose
+        return conv_state.transpose(1, 2).contiguous().transpose(1, 2)
+
+    def forward(self, u: Tensor, seqlen: Optional[int] = None, seq_idx: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None, inference_params=None, *,
+                attention_mask: Optional[Tensor] = None) -> Tensor:
+        """u [B, L, d_model] (or [B * L, d_model] with seqlen=L) -> out of u's shape.
+        seq_idx [B, L] int32: segment ids (no state or conv tap crosses a change).
+        cu_seqlens [N + 1]: packed sequences in a [1, L] batch, each with its own state.
+        inference_params: prefill (seqlen_offset 0) or continue (> 0) the cached states of
+        `key_value_memory_dict[layer_idx]`, updated in place."""
+        flat = seqlen is not None
+        if flat:
+            if u.dim() != 2 or u.shape[0] % seqlen:
+                raise ValueError(f"Mamba2: with seqlen={seqlen}, u must have shape "
+                                 f"[batch * seqlen, d_model], got {list(u.shape)}")
+            u = u.view(u.shape[0] // seqlen, seqlen, u.shape[1])
+        out = self._run(u, inference_params, attention_mask, cu_seqlens, seq_idx)
+        return out.reshape(-1, out.shape[-1]) if flat else out
+
     def _mix(self, u: Tensor, step: MixerStep):
         b, l, _ = u.shape
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
-        z, xBC, dt = self.in_proj(u).split([self.d_inner, self.d_inner + 2 * g * n, h], dim=-1)
+        z0, x0, z, xBC, dt = self.in_proj(u).split(
+            [self.d_mlp, self.d_mlp, self.d_ssm, self.d_ssm + 2 * g * n, h], dim=-1)
         xBC = step.conv(self.conv1d, xBC)
-        x, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
-        x, B, C = x.view(b, l, h, p), B.view(b, l, g, n), C.view(b, l, g, n)
-        z = z.view(b, l, h, p)
-        A = -self.A_log.float().exp()
-        D = self.D.float().view(h, p) if self.D_has_hdim else self.D.float()
-        # dt processed here (fp32) when masking or decoding: dt = 0 on padding means no decay
-        # and no input there, which the op's own clamp(softplus(dt + bias)) could not give
-        pre = step.mask is not None or (step.has_history and l == 1)
+        x, B, C = xBC.split([self.d_ssm, g * n, g * n], dim=-1)
+        x, B, C = x.reshape(b, l, h, p), B.reshape(b, l, g, n), C.reshape(b, l, g, n)
+        z = z.reshape(b, l, h, p)
+        cd = compute_dtype(u)
+        A = -self.A_log.to(cd).exp()
+        D = self.D.to(cd).view(h, p) if self.D_has_hdim else self.D.to(cd)
+        # dt processed here when masking or decoding: dt = 0 on padding means no decay and no
+        # input there, which the op's own clamp(softplus(dt + bias)) could not give
+        decode = step.has_history and l == 1 and step.cu_seqlens is None
+        pre = step.mask is not None or decode
         if pre:
-            dt = F.softplus(dt.float() + self.dt_bias.float())
+            dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))
             if self.dt_limit != (0.0, float("inf")):
                 dt = dt.clamp(*self.dt_limit)
             dt = apply_mask(dt, step.mask)
         gate = None if self.rmsnorm else z
-        if step.has_history and l == 1 and step.cu_seqlens is None:
+        if decode:
             state = _decode_state(step.state, True)
             y = _ops.selective_state_update(
                 state, x[:, 0], dt[:, 0, :, None].expand(b, h, p),
@@ -230,12 +304,14 @@ class Mamba2(RecurrentMixer):
         else:
             res = _ops.mamba_chunk_scan_combined(
                 x, dt, A, B, C, self.chunk_size, D=D, z=gate,
-                dt_bias=None if pre else self.dt_bias.float(), initial_states=step.state,
-                cu_seqlens=step.cu_seqlens, dt_softplus=not pre,
+                dt_bias=None if pre else self.dt_bias.to(cd), initial_states=step.state,
+                seq_idx=step.seq_idx, cu_seqlens=step.cu_seqlens, dt_softplus=not pre,
                 dt_limit=(0.0, float("inf")) if pre else self.dt_limit,
                 return_final_states=step.want_state)
             y, state = res if step.want_state else (res, None)
-        y = y.reshape(b, l, self.d_inner)
+        y = y.reshape(b, l, self.d_ssm)
         if self.rmsnorm:
-            y = self.norm(y, z.reshape(b, l, self.d_inner))
+            y = self.norm(y, z.reshape(b, l, self.d_ssm))
+        if self.d_mlp:
+            y = torch.cat([F.silu(z0) * x0, y], dim=-1)
         return apply_mask(self.out_proj(y), step.mask), state

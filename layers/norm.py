@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .utils import activation_fn
+from .utils import activation_fn, compute_dtype
 
 Tensor = torch.Tensor
 
@@ -16,7 +16,7 @@ class RMSNorm(nn.Module):
 
     With a gate: `norm_before_gate=True` gives norm(x) * act(gate) (fla's output norm of GLA and
     Gated DeltaNet); `norm_before_gate=False` gives norm(x * act(gate)) (Mamba-2). Math in
-    float32, output in x's dtype.
+    float32 (float64 for float64 inputs), output in x's dtype.
 
     Args:
         hidden_size: size of the normalised (last) dim.
@@ -43,17 +43,18 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
         dtype = x.dtype
-        x = x.float()
+        cd = compute_dtype(x)
+        x = x.to(cd)
         if gate is not None and not self.norm_before_gate:
-            x = x * self._act(gate.float())
+            x = x * self._act(gate.to(cd))
         shape = x.shape
         xg = x.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
         xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
         x = xg.reshape(shape)
         if self.weight is not None:
-            x = x * self.weight.float()
+            x = x * self.weight.to(cd)
         if gate is not None and self.norm_before_gate:
-            x = x * self._act(gate.float())
+            x = x * self._act(gate.to(cd))
         return x.to(dtype)
 
     def extra_repr(self) -> str:

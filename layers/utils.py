@@ -10,11 +10,33 @@ import torch.nn.functional as F
 Tensor = torch.Tensor
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the layers compute norms, gates and activations in: at least float32 (16-bit
+    inputs are upcast), float64 stays float64."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def left_align(mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """Any 0/1 padding mask [B, T] (bool) -> (perm [B, T], left-padded mask [B, T]): gathering a
+    row's tokens at `perm` moves its padding to the front and keeps its real tokens in order at
+    the end. Fixed shapes, no host sync, so it traces under torch.compile; the result equals
+    fla's unpad -> varlen -> pad back (each row's real tokens form one sequence)."""
+    sorted_mask, perm = torch.sort(mask.to(torch.uint8), dim=1, stable=True)
+    return perm, sorted_mask.bool()
+
+
+def gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x [B, T, ...] -> x[b, index[b, t], ...]."""
+    idx = index.view(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:])
+    return x.gather(1, idx)
+
+
 def apply_mask(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     """Zero x [B, T, ...] where mask [B, T] (bool) is False; x unchanged when mask is None."""
     if mask is None:
         return x
-    return x * mask.view(*mask.shape, *([1] * (x.dim() - 2))).to(x.dtype)
+    # where, not a product: a non-finite padded value must not leak (NaN * 0 = NaN)
+    return torch.where(mask.view(*mask.shape, *([1] * (x.dim() - 2))), x, x.new_zeros(()))
 
 
 def segment_ids(cu_seqlens: Tensor, T: int) -> Tensor:
@@ -68,10 +90,20 @@ def init_dt_bias(n: int, dt_min: float = 1e-3, dt_max: float = 1e-1, dt_init_flo
     return inv_softplus(dt.clamp(min=dt_init_floor))
 
 
+def _sqrelu(x: Tensor) -> Tensor:
+    return F.relu(x).square()
+
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
 def activation_fn(name: Optional[str]):
-    """'swish'/'silu', 'sigmoid', 'relu', 'elu', 'identity'/None -> callable."""
-    table = {"swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid, "relu": F.relu,
-             "elu": F.elu, "identity": None, None: None}
+    """An activation by fla's ACT2FN name: 'swish'/'silu', 'sigmoid', 'logsigmoid', 'relu',
+    'sqrelu', 'gelu' (tanh approximation, as fla's fast gelu), 'elu', 'identity'/None."""
+    table = {"swish": F.silu, "silu": F.silu, "sigmoid": torch.sigmoid,
+             "logsigmoid": F.logsigmoid, "relu": F.relu, "sqrelu": _sqrelu,
+             "gelu": _gelu_tanh, "elu": F.elu, "identity": None, None: None}
     if name not in table:
         raise ValueError(f"unknown activation {name!r}; choose one of "
                          f"{sorted(k for k in table if k)}")

@@ -33,7 +33,9 @@ def test_every_mixer_builds_a_model(mixer):
     ids = torch.randint(0, 23, (2, 5))
     logits, cache = model(ids, use_cache=True)
     assert logits.shape == (2, 5, 23) and logits.dtype == torch.float32
-    assert len(cache) == 2 and all(c.layer_type == layers.MIXERS[mixer].__name__ for c in cache)
+    assert isinstance(cache, layers.Cache) and len(cache) == 2
+    for blk, state in zip(model.layers, cache):
+        assert state["recurrent_state"].shape == (2, *blk.mixer.state_shape())
     if mixer == "lightning":  # TNL: deeper layers decay less
         s0, s1 = (b.mixer.slope for b in model.layers)
         assert (s1 < s0).all()
@@ -81,7 +83,8 @@ def test_model_cache_mismatch():
     model = small_lm("deltanet")
     _, cache = model(torch.randint(0, 23, (2, 3)), use_cache=True)
     with pytest.raises(ValueError, match="cache has 1 layer caches, the model has 2"):
-        model(torch.randint(0, 23, (2, 1)), cache=cache[:1])
+        model(torch.randint(0, 23, (2, 1)),
+              cache=layers.Cache.from_legacy_cache(cache.to_legacy_cache()[:1]))
     with pytest.raises(ValueError, match="unknown mixer"):
         layers.CausalLM(10, 16, 1, mixer="transformer")
 
