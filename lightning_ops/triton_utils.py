@@ -6,6 +6,7 @@ Interpreter note: every call of a @triton.jit helper re-patches triton.language 
 TRITON_INTERPRET=1), so hot loops should inline small helpers such as pointer arithmetic."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Optional, Tuple
@@ -26,6 +27,54 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(n))
 
 
+# ---------------------------------------------------------------------------------------------
+# Launch rules for sm_90 (H100 / H200): stated here, applied by every launcher, checked ahead of
+# time by tools/sm90_resources.py (compiles every recorded launch config for sm_90, under the
+# CI's triton and the GPU machines' 3.6; table in benchmarks/results/sm90_resources.csv).
+#  1. Shared memory per block <= SM90_SHARED_LIMIT at every supported head dim (K <= 256,
+#     V <= 512) and dtype: tiles over V in blocks of at most 64 columns (BV), K blocks of at most
+#     64 where the kernel loops over K; kernels that hold the full K (state walks, WY) take
+#     smaller V blocks as K grows (see the family launchers' *_bv helpers).
+#  2. Grids: axis x may be large (2^31 - 1), axes y and z <= GRID_YZ_MAX. Per-(sequence, head)
+#     axes of decode kernels and chunk axes go where they cannot pass it, or the launch is split
+#     (grid_splits).
+#  3. Partial-sum buffers (per-block partials reduced by torch, deterministic) are bounded:
+#     at most PARTIAL_MAX_BYTES, the block count shrinking first (see ssm/triton.py).
+#  4. num_warps: 8 once a program holds >= 128 x 64 fp32 of state tile, else 4; num_stages
+#     left at Triton's default unless the table shows the default does not fit.
+# ---------------------------------------------------------------------------------------------
+SM90_SHARED_LIMIT = 232448       # bytes of shared memory one block may use on sm_90 (227 KB)
+GRID_YZ_MAX = 65535              # CUDA limit on grid axes y and z
+PARTIAL_MAX_BYTES = 256 << 20    # cap on a launcher's scratch of per-block partial sums
+
+_PRETEND_SMS: list = []          # set by pretend_gpu(): launch rules choose as on that GPU
+
+
+@contextlib.contextmanager
+def pretend_gpu(sms: int = 132):
+    """Launchers choose their configurations as on an sm_90 GPU with `sms` multiprocessors
+    (an H100 SXM has 132), whatever the tensors' device: for recording launch configurations
+    on CPU (tools/sm90_resources.py). Not for running kernels."""
+    _PRETEND_SMS.append(sms)
+    try:
+        yield
+    finally:
+        _PRETEND_SMS.pop()
+
+
+def on_gpu(device: torch.device) -> bool:
+    """Whether launch rules for a GPU apply (CUDA tensors, or inside pretend_gpu())."""
+    return device.type == "cuda" or bool(_PRETEND_SMS)
+
+
+def check_grid_yz(n: int, what: str) -> None:
+    """Refuse, before any launch, a count that would go on grid axis y or z past GRID_YZ_MAX
+    (CUDA would fail the launch with an unhelpful error)."""
+    if n > GRID_YZ_MAX:
+        raise ValueError(f"{what} = {n} is over the {GRID_YZ_MAX} programs a CUDA grid axis y/z "
+                         f"can hold in one launch: split the batch (or the packed sequence)")
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -33,6 +82,8 @@ def _sm_count(index: int) -> int:
 
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 off-GPU, e.g. under the interpreter)."""
+    if _PRETEND_SMS:
+        return _PRETEND_SMS[-1]
     if device.type != "cuda":
         return 1
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -88,6 +139,9 @@ class ChunkMeta:
             self.indices = torch.stack([seq, gid - offsets[seq]], 1).to(torch.int32).contiguous()
             self.grid_t = bound
             self.n_chunks = bound
+        # chunk-parallel kernels put the chunk axis on grid y (<= 65535 chunks per sequence,
+        # or per packed batch: 4.19M tokens at C = 64)
+        check_grid_yz(self.grid_t, f"chunks per sequence (T / {C})")
 
 
 @triton.jit

@@ -41,7 +41,8 @@ import triton.language as tl
 
 from ..nonfinite import NonFiniteGuard
 from ..gla.triton_chunk import chunk_cumsum_kernel, chunk_dqkg_kernel, chunk_out_kernel
-from ..triton_utils import ChunkMeta, chunk_program, dot_config, next_pow2, seq_bounds
+from ..triton_utils import (ChunkMeta, check_grid_yz, chunk_program, dot_config, next_pow2,
+                            seq_bounds)
 
 Tensor = torch.Tensor
 
@@ -404,7 +405,7 @@ def recurrent_fwd_kernel(q, k, v, g, beta, h0, o, ht, cu_seqlens, scale, T,
                          IS_VARLEN: tl.constexpr):
     """Token-by-token delta rule (decode): one program per (V block, sequence x value head),
     the [K, BV] state in registers. Value head i_hv reads q/k head i_hv // (HV // H)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)  # (sequence x head) on x: no 65535 cap
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_h = i_hv // (HV // H)
     bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
@@ -484,6 +485,8 @@ class _Prep:
             q, k = q.repeat_interleave(m, 2).contiguous(), k.repeat_interleave(m, 2).contiguous()
         self.q, self.k = q, k
         self.meta = ChunkMeta(cu_seqlens, B, T, CHUNK)
+        # (batch or sequence) x heads go on grid y of the WY kernels and the state walks
+        check_grid_yz(max(B, self.meta.N) * self.HV, "batch (or sequences) x heads")
         self.cu = cu_seqlens
         self.B, self.T = B, T
         self.gc = None
@@ -603,7 +606,7 @@ def _recurrent_forward(q, k, v, g, beta, scale, h0, output_final_state, cu_seqle
     BV = min(next_pow2(V), max(16, 8192 // BK))
     o = torch.empty_like(v)
     ht = _f32(q, N, HV, K, V) if output_final_state else None
-    recurrent_fwd_kernel[(triton.cdiv(V, BV), N * HV)](
+    recurrent_fwd_kernel[(N * HV, triton.cdiv(V, BV))](
         q, k, v, g, beta, h0, o, ht, cu_seqlens, scale, T,
         H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, GATED=g is not None, L2=use_l2,
         USE_H0=h0 is not None, STORE_HT=ht is not None, IS_VARLEN=cu_seqlens is not None)

@@ -32,7 +32,7 @@ import torch
 import triton
 
 from ..nonfinite import NonFiniteGuard
-from ..triton_utils import ChunkMeta, dot_config, next_pow2, on_gpu, sm_count
+from ..triton_utils import ChunkMeta, check_grid_yz, dot_config, next_pow2, on_gpu, sm_count
 from .triton_chunk import (
     chunk_cumsum_kernel,
     chunk_dqkg_kernel,
@@ -175,6 +175,11 @@ def _meta(cu_seqlens, B, T):
     return meta
 
 
+def _check_heads(meta: ChunkMeta, B: int, H: int) -> None:
+    """The chunk kernels put (batch or sequence) x heads on grid z."""
+    check_grid_yz(max(B, meta.N) * H, "batch (or sequences) x heads")
+
+
 # ---------------------------------------------------------------------------------------------
 # Chunk mode
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +187,7 @@ def _chunk_forward(q, k, v, g, g_gamma, scale, h0, output_final_state, cu_seqlen
     B, T, H, K = q.shape
     V = v.shape[-1]
     meta = _meta(cu_seqlens, B, T)
+    _check_heads(meta, B, H)
     GATE = _gate_kind(g, g_gamma)
     gc = _cumsum(g, g_gamma, meta, B, T, H)
     A = _scores(q, k, gc, scale, meta, gated=True) if GATE == 3 else None
@@ -203,6 +209,7 @@ def _chunk_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
     B, T, H, K = q.shape
     V = v.shape[-1]
     meta = _meta(cu_seqlens, B, T)
+    _check_heads(meta, B, H)
     GATE = _gate_kind(g, g_gamma)
     gc = _cumsum(g, g_gamma, meta, B, T, H)
     # recompute the per-chunk states h_c (not kept from the forward: NT*K*V fp32 per head)
@@ -230,7 +237,7 @@ def _chunk_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
         dqi = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dki = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         BKi = min(32, BK)  # the diagonal sub-chunk holds [BC, BC, BKi] products
-        chunk_intra_grad_kernel[(triton.cdiv(K, BKi), meta.grid_t * (CHUNK // SUB_CHUNK), B * H)](
+        chunk_intra_grad_kernel[(triton.cdiv(K, BKi) * (CHUNK // SUB_CHUNK), meta.grid_t, B * H)](
             q, k, gc, dA, dqi, dki, _cu(meta), meta.indices, T, meta.NT,
             H=H, K=K, C=CHUNK, BC=SUB_CHUNK, BK=BKi, IS_VARLEN=meta.is_varlen, DT=DT, PREC=PREC)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
@@ -265,7 +272,7 @@ def _recurrent_forward(q, k, v, g, g_gamma, scale, h0, output_final_state, cu_se
     BK, BV, g_kind = _recurrent_cfg(g, K, V)
     o = torch.empty_like(v)
     ht = _f32(q, N, H, K, V) if output_final_state else None
-    recurrent_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+    recurrent_fwd_kernel[(N * H, triton.cdiv(V, BV))](
         q, k, v, g, g_gamma, h0, None, None, o, ht, None, cu_seqlens, scale, T, 0,
         H=H, K=K, V=V, BK=BK, BV=BV, G_KIND=g_kind, HAS_GAMMA=g_gamma is not None,
         USE_H0=h0 is not None, STORE_FIN=ht is not None, BWD=False,
@@ -295,13 +302,13 @@ def _recurrent_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
     fin = (torch.empty(NV, N, H, K, dtype=torch.float32, device=q.device)
            if g is not None and dht is not None else None)
     c_part = torch.empty(NV, B * T * H, dtype=torch.float32, device=q.device)
-    recurrent_fwd_kernel[(NV, N * H)](
+    recurrent_fwd_kernel[(N * H, NV)](
         q, k, v, g, g_gamma, h0, do, dht, dq_part, fin, c_part, cu_seqlens, scale, T, n_qk,
         USE_H0=h0 is not None, STORE_FIN=fin is not None, BWD=True, **common)
     dk_part = torch.empty(NV, n_qk, dtype=torch.float32, device=q.device)
     dv = torch.empty_like(v)
     dh0 = _f32(q, N, H, K, V) if h0 is not None else None
-    recurrent_bwd_kernel[(NV, N * H)](
+    recurrent_bwd_kernel[(N * H, NV)](
         q, k, v, g, g_gamma, do, dht, dk_part, dv, dh0, cu_seqlens, scale, T, n_qk,
         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **common)
     dq = dq_part.sum(0).view(q.shape)  # without the c_t k_t term (see triton_recurrent.py)

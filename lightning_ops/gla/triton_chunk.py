@@ -374,7 +374,7 @@ def chunk_intra_grad_kernel(
     H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     IS_VARLEN: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Vector gates, intra-chunk part of dq and dk for one (K block, chunk x sub-chunk i,
+    """Vector gates, intra-chunk part of dq and dk for one (K block x sub-chunk i, chunk,
     batch x head), fp32 out:
       dq_t = sum_{s<t} dA_ts k_s e^{G_t - G_s},  dk_s = sum_{t>s} dA_ts q_t e^{G_t - G_s}.
     Earlier sub-chunks enter dq through the first row of i, later ones dk through the last
@@ -382,8 +382,8 @@ def chunk_intra_grad_kernel(
     term (dA_tt k_t in dq, dA_tt q_t in dk) is added by chunk_dqkg_kernel after dg is formed
     without it: it cancels exactly in q dq - k dk and would only add rounding error there."""
     NC: tl.constexpr = C // BC
-    i_k, i_tc, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, i_i = i_tc // NC, i_tc % NC
+    i_kc, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_i = i_kc // NC, i_kc % NC  # (K block x sub-chunk) on x: chunks alone on y
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
     o_c = tl.arange(0, BC)

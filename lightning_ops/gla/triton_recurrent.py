@@ -79,7 +79,7 @@ def recurrent_fwd_kernel(
     BWD=1: out = dq partials [NV, tokens, H, K] (part_stride = tokens * H * K) without the c_t k_t
     term, cdiag = c_t partials [NV, tokens, H], fin = the final-state term of dg without the
     last token's k_T v_T^T, rowsum(e^{g_T} S_{T-1} * dht), as partials [NV, N, H, K]."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)  # (sequence x head) on x: no 65535 cap
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_n, o_k, o_v, m_k, m_v, m_kv, head, kv, S, gm = _walk_setup(
         i_v, i_n, i_h, h0, gamma, cu_seqlens, T, H, K, V, BK, BV, USE_H0, HAS_GAMMA, IS_VARLEN)
@@ -105,7 +105,7 @@ def recurrent_fwd_kernel(
     if STORE_FIN:
         if BWD:
             dS = tl.load(dht + head * K * V + kv, mask=m_kv, other=0.).to(tl.float32)
-            n_heads = tl.num_programs(1).to(tl.int64)
+            n_heads = tl.num_programs(0).to(tl.int64)  # the (sequence x head) axis
             tl.store(fin + (i_v * n_heads + head) * K + o_k, tl.sum(Sd * dS, axis=1), mask=m_k)
         else:
             tl.store(fin + head * K * V + kv, S.to(fin.dtype.element_ty), mask=m_kv)
@@ -120,7 +120,7 @@ def recurrent_bwd_kernel(
 ):
     """Reverse token walk carrying D = dL/dS_t: dk partials [NV, tokens, H, K] fp32 without the
     c_t q_t term, dv [tokens, H, V], dh0 [N, H, K, V] fp32."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)  # (sequence x head) on x: no 65535 cap
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_n, o_k, o_v, m_k, m_v, m_kv, head, kv, D, gm = _walk_setup(
         i_v, i_n, i_h, dht, gamma, cu_seqlens, T, H, K, V, BK, BV, USE_DHT, HAS_GAMMA, IS_VARLEN)

@@ -298,7 +298,7 @@ def _state_update_kernel(state, x, dt, A, Bm, Cm, Dv, z, dtb, out, H, P, N, HPG,
                          BP: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr,
                          HAS_Z: tl.constexpr, HAS_DTB: tl.constexpr, SOFTPLUS: tl.constexpr,
                          TIE: tl.constexpr):
-    pid_p, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_bh, pid_p = tl.program_id(0), tl.program_id(1)  # (batch x head) on x: no 65535 cap
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_p = pid_p * BP + tl.arange(0, BP)
@@ -352,7 +352,7 @@ def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     if state.dtype == torch.float64 or x.dtype == torch.float64:  # no fp64 kernel math
         return _torch_impl.state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
     BP = min(next_pow2(P, 2), max(2, 4096 // next_pow2(N, 2)))
-    _state_update_kernel[(triton.cdiv(P, BP), b * H)](
+    _state_update_kernel[(b * H, triton.cdiv(P, BP))](
         state, x, dt, A, B, C, D, z, dt_bias, out, H, P, N, H // B.shape[1],
         *state.stride(), *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
         *_strides(D, 2), *_strides(z, 3), *_strides(dt_bias, 2), *out.stride(),
