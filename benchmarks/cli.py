@@ -588,7 +588,7 @@ def _header(info: Dict, threads: int, chk) -> List[str]:
 def _report_only(args) -> int:
     if not os.path.exists(args.report_from):
         return _error(f"--report-from {args.report_from}: no such file")
-    results = report.read_csv(args.report_from)
+    results = report.expand_sdpa(report.read_csv(args.report_from))
     if not results:
         return _error(f"{args.report_from} has no rows")
     out = args.out or os.path.dirname(os.path.abspath(args.report_from))

@@ -127,6 +127,19 @@ def read_csv(path: str) -> List[Result]:
     return out
 
 
+def expand_sdpa(results: Sequence[Result]) -> List[Result]:
+    """Rows read back from a CSV, with each stored SDPA row ('sdpa_causal', once per shape)
+    shown again under every q/k/v op measured at that shape, as a run shows it."""
+    out = [r for r in results if r.op != "sdpa_causal"]
+    shapes = {(r.op, r.shape, r.dtype) for r in out}
+    for r in results:
+        if r.op == "sdpa_causal":
+            for op in [o for o in OPS if OPS[o].attention_like]:
+                if (op, r.shape, r.dtype) in shapes:
+                    out.append(Result(**{**r.__dict__, "op": op}))
+    return out
+
+
 def to_dicts(results: Sequence[Result]) -> List[Dict]:
     return [asdict(r) for r in results]
 
@@ -155,8 +168,10 @@ def _ms_cell(r: Optional[Result]) -> str:
     if r.status != "ok":
         return {"skipped": "skip", "timeout": "timeout", "error": "error"}.get(r.status, r.status)
     mark = "~" if r.noisy else ""
-    if r.reps <= 1 or math.isnan(r.ci_lo_ms):
+    if r.reps <= 1:
         return f"{_num(r.median_ms)} *{mark}"
+    if math.isnan(r.ci_lo_ms):
+        return f"{_num(r.median_ms)} ({_num(r.p20_ms)}-{_num(r.p80_ms)}){mark}"
     half = 100 * (r.ci_hi_ms - r.ci_lo_ms) / 2 / r.median_ms if r.median_ms > 0 else float("nan")
     return f"{_num(r.median_ms)} ±{half:.0f}%{mark}"
 
@@ -236,8 +251,11 @@ def _ours_best(results: Sequence[Result]) -> Dict[Tuple, Result]:
 
 
 def _ends(r: Result) -> Tuple[float, float]:
-    """The 95 % interval of a median, or the median twice when it is unknown (one call)."""
+    """The 95 % interval of a median; for rows recorded without one, p20-p80 (wider); for
+    one call, the median twice."""
     if math.isnan(r.ci_lo_ms):
+        if r.reps > 1 and not math.isnan(r.p20_ms):
+            return r.p20_ms, r.p80_ms
         return r.median_ms, r.median_ms
     return r.ci_lo_ms, r.ci_hi_ms
 
@@ -512,8 +530,10 @@ def _md_ms(r: Optional[Result]) -> str:
         return ""
     if r.status != "ok":
         return f"{r.status}"
-    if r.reps <= 1 or math.isnan(r.ci_lo_ms):
+    if r.reps <= 1:
         return f"{_num(r.median_ms)} (once)" + (" noisy" if r.noisy else "")
+    if math.isnan(r.ci_lo_ms):  # rows from before intervals were recorded: p20-p80
+        return f"{_num(r.median_ms)} (p20–p80 {_num(r.p20_ms)}–{_num(r.p80_ms)})"
     return (f"{_num(r.median_ms)} [{_num(r.ci_lo_ms)}–{_num(r.ci_hi_ms)}]"
             + (" noisy" if r.noisy else ""))
 
