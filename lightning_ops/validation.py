@@ -237,3 +237,24 @@ def check_inplace(name: str, t: Tensor) -> None:
             f"{name} is updated in place, but it is an inference tensor (made under "
             f"torch.inference_mode()), which cannot be written outside inference mode: call "
             f"inside torch.inference_mode(), or pass {name}.clone()")
+
+
+def check_reference_dims(ref_name: str, ref: Tensor, layout: str,
+                         dims: Sequence[Tuple[int, str, Sequence[Tuple[str, Optional[Tensor],
+                                                                       int, int]]]]) -> None:
+    """The first tensor of an op (x, u) sets the sizes the others are checked against; when it
+    is the wrong one, blame it rather than the next tensor checked. dims: (index in ref, label,
+    [(name, tensor, its rank, the index of that size in it)]). If at least two of those tensors
+    (of the right rank) agree on a size that ref does not have, ref is the odd one out."""
+    for i, label, others in dims:
+        seen = [(n, t) for n, t, rank, _ in others
+                if isinstance(t, torch.Tensor) and t.dim() == rank]
+        vals = [t.shape[j] for (n, t, rank, j) in others
+                if isinstance(t, torch.Tensor) and t.dim() == rank]
+        if len(vals) < 2 or not all(v == vals[0] for v in vals) or vals[0] == ref.shape[i]:
+            continue
+        names = ", ".join(n for n, _ in seen[:-1]) + f" and {seen[-1][0]}"
+        raise ValueError(
+            f"{ref_name} has {label} {ref.shape[i]} but {names} have {vals[0]}: {ref_name} must "
+            f"have shape {layout} with {label.split()[-1]} = {vals[0]}, got {list(ref.shape)} "
+            f"({', '.join(f'{n} {list(t.shape)}' for n, t in seen)})")

@@ -162,6 +162,10 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     if u.dim() != 3:
         raise ValueError(f"u must have shape [B, D, L] (3 dims), got {list(u.shape)}")
     b, d, L = u.shape
+    V.check_reference_dims("u", u, "[B, D, L]", (
+        (0, "batch size B", (("delta", delta, 3, 0), ("B", B, 3, 0), ("C", C, 3, 0))),
+        (1, "channels D", (("delta", delta, 3, 1), ("A", A, 2, 0))),
+        (2, "length L", (("delta", delta, 3, 2), ("B", B, 3, 2), ("C", C, 3, 2)))))
     V.check_tensor("delta", delta, (b, d, L), "[B, D, L]", u)
     V.check_tensor("A", A, (d, None), "[D, N]", u)
     n = A.shape[1]
@@ -302,6 +306,10 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
     if x.dim() != 4:
         raise ValueError(f"x must have shape [b, l, h, p] (4 dims), got {list(x.shape)}")
     b, l, h, p = x.shape
+    V.check_reference_dims("x", x, "[b, l, h, p]", (
+        (0, "batch size b", (("dt", dt, 3, 0), ("B", B, 4, 0), ("C", C, 4, 0))),
+        (1, "length l", (("dt", dt, 3, 1), ("B", B, 4, 1), ("C", C, 4, 1))),
+        (2, "heads h", (("dt", dt, 3, 2), ("A", A, 1, 0)))))
     V.check_tensor("dt", dt, (b, l, h), "[b, l, h]", x)
     V.check_tensor("A", A, (h,), "[h]", x)
     V.check_float("B", B)

@@ -6,6 +6,7 @@ input gets an error that blames the right tensor, before anything is mutated. Sh
 from __future__ import annotations
 
 import math
+import re
 import threading
 
 import pytest
@@ -476,3 +477,25 @@ def test_value_head_dim_512_runs_on_torch():
     with lo.use_backend("torch"):
         o, _ = lo.chunk_linear_attn(q, k, v)
     assert_close("o", o, R.linear_attn_ref(q, k, v)[0], 1e-10)
+
+
+@pytest.mark.parametrize("dim, label", [(0, "batch size b"), (1, "length l"), (2, "heads h")])
+def test_wrong_x_blames_x_in_ssd(dim, label):
+    x, dt, A, Bm, Cm = _ssd_inputs(2, 5, 2)
+    shape = list(x.shape)
+    shape[dim] += 1
+    with pytest.raises(ValueError, match=rf"^x has {label} {shape[dim]} but .*got {re.escape(str(shape))}"):
+        lo.mamba_chunk_scan_combined(torch.randn(shape, dtype=F64), dt, A, Bm, Cm, 4)
+    with pytest.raises(ValueError, match=r"^dt must have shape"):  # a wrong dt is still dt's
+        lo.mamba_chunk_scan_combined(x, dt[:1], A, Bm, Cm, 4)
+
+
+@pytest.mark.parametrize("dim, label", [(0, "batch size B"), (1, "channels D"), (2, "length L")])
+def test_wrong_u_blames_u_in_selective_scan(dim, label):
+    u, delta = torch.randn(2, 3, 5, dtype=F64), torch.rand(2, 3, 5, dtype=F64)
+    A, Bm, Cm = -torch.rand(3, 4, dtype=F64), torch.randn(2, 4, 5, dtype=F64), \
+        torch.randn(2, 4, 5, dtype=F64)
+    shape = list(u.shape)
+    shape[dim] += 1
+    with pytest.raises(ValueError, match=rf"^u has {label} {shape[dim]} but .*got {re.escape(str(shape))}"):
+        lo.selective_scan_fn(torch.randn(shape, dtype=F64), delta, A, Bm, Cm)
