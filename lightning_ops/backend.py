@@ -114,7 +114,8 @@ def use_backend(name: str) -> Iterator[None]:
     local to the calling thread and asyncio task (a contextvars.ContextVar): ops that other
     threads run meanwhile keep their own choice. A thread started inside the block does not
     inherit it (run it with contextvars.copy_context().run to pass it on). The backward of an
-    op runs on the backend its forward ran on, wherever the backward is called."""
+    op runs on the backend its forward ran on, wherever the backward is called. Compiled code
+    reads the choice per thread (asyncio tasks that share a thread share it there)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     stack = _forced.get() + (name,)
