@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ..nonfinite import NonFiniteGuard
+from ..gla.triton import zero_floored
 from ..gla.triton_chunk import chunk_cumsum_kernel, chunk_dqkg_kernel, chunk_out_kernel
 from ..triton_utils import (ChunkMeta, check_grid_yz, chunk_program, dot_config, next_pow2,
                             seq_bounds)
@@ -675,5 +676,6 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
         dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, float(scale), h0,
                                                      cu_seqlens, use_qk_l2norm_in_kernel,
                                                      do, dht)
+        dg = zero_floored(dg, g)
     outs = (dq, dk, dv, dg, dbeta, dh0)
     return tuple(None if x is None else x.to(dt) for x, dt in zip(outs, dtypes))

@@ -34,6 +34,7 @@ import triton
 from ..nonfinite import NonFiniteGuard
 from ..triton_utils import ChunkMeta, check_grid_yz, dot_config, next_pow2, on_gpu, sm_count
 from .triton_chunk import (
+    GATE_FLOOR_VALUE,
     chunk_cumsum_kernel,
     chunk_dqkg_kernel,
     chunk_intra_grad_kernel,
@@ -343,6 +344,15 @@ def _recurrent_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
 # ---------------------------------------------------------------------------------------------
 # Backend contract
 # ---------------------------------------------------------------------------------------------
+def zero_floored(dg: Optional[Tensor], g: Optional[Tensor], g_gamma: Optional[Tensor] = None):
+    """The chunk kernels see max(g, -GATE_FLOOR): the gates below the floor get gradient 0,
+    the derivative of that max (the kernels' value there is a product of e^-104-sized terms)."""
+    if dg is None or g is None:
+        return dg
+    gg = g if g_gamma is None else g + g_gamma.view(-1, *([1] * (g.dim() - 3)))
+    return dg.masked_fill(gg < -GATE_FLOOR_VALUE, 0)
+
+
 def _check_mode(mode: str) -> None:
     if mode not in ("chunk", "recurrent"):
         raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
@@ -395,5 +405,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dh
     else:
         run = _chunk_backward if mode == "chunk" else _recurrent_backward
         dq, dk, dv, dg, dh0 = run(q, k, v, g, g_gamma, float(scale), h0, cu_seqlens, do, dht)
+        if mode == "chunk":
+            dg = zero_floored(dg, g, g_gamma)
     outs = (dq, dk, dv, dg, dh0)
     return tuple(None if x is None else x.to(dt) for x, dt in zip(outs, dtypes))

@@ -37,9 +37,12 @@ from ..triton_utils import chunk_program, seq_bounds
 # Per-token log decays below -GATE_FLOOR count as -GATE_FLOOR in the chunk kernels: decays are
 # differences of chunk cumsums here (e^{G_t - G_s}), so a -inf gate (a reset) would give
 # -inf - -inf = NaN and one huge gate would swamp the small ones after it by cancellation.
-# e^-30 ~ 1e-13 is a reset at fp32 resolution, and a floored gate costs at most 30 * eps_fp32 of
-# relative error in the later decays of its chunk. Gates between -30 and 0 are untouched.
-GATE_FLOOR = tl.constexpr(30.0)
+# e^-104 rounds to exactly 0 in fp32 (below half the smallest subnormal), so a floored gate is
+# still an exact reset, and it costs at most ~104 * eps_fp32 of relative error in the later
+# decays of its chunk. Gates above the floor are untouched; the floored ones get gradient 0
+# (the launchers mask them: see floored_gates).
+GATE_FLOOR_VALUE = 104.0
+GATE_FLOOR = tl.constexpr(GATE_FLOOR_VALUE)
 
 
 @triton.jit
@@ -494,12 +497,19 @@ def chunk_dqkg_kernel(
         dq_acc = dq_acc * (scale * _row_decay(G, G_L, m_t, False, GATE))
         dk_acc = dk_acc * _row_decay(G, G_L, m_t, True, GATE)
     if HAS_DG:
-        d_last = hdh * tl.exp(G_L) + tl.sum(kt * dk_acc, axis=0)
+        # dg_s = sum_{t>=s} (q dq - k dk_intra)_t + e^{G_L} sum(h dh) + sum_{t<s} (k dk_inter)_t:
+        # the inter k term reaches only the gates after its row (e^{G_L - G_t}), so it is
+        # summed over t < s directly, not as the chunk total minus a suffix (that would cancel
+        # the O(1) last-row term against itself and leave only its rounding at strong decays)
+        kdk_inter = kt * dk_acc
+        before = tl.where(o_t[None, :] < o_t[:, None], 1., 0.)  # before[s, t] = t < s
+        k_excl = tl.dot(before, kdk_inter, input_precision="ieee")
+        d_tot = hdh * tl.exp(G_L)
     # the s == t intra term (dA_tt k_t in dq_t, dA_tt q_t in dk_t) is kept apart: it cancels
     # exactly in q dq - k dk, so dg is formed without it
     if GATE == 3:
         dq_acc += tl.load(dqi + pk, mask=m_tk, other=0.)
-        dk_acc += tl.load(dki + pk, mask=m_tk, other=0.)
+        dk_intra = tl.load(dki + pk, mask=m_tk, other=0.)
         d_tt = tl.load(dA + rows * C + o_t, mask=m_t, other=0.)
     else:
         M = _intra_mask(dAs, G, m_t, o_t, scale, False, GATE)
@@ -507,14 +517,16 @@ def chunk_dqkg_kernel(
         d_tt = tl.sum(tl.where(on_diag, M, 0.), axis=1)
         M = tl.where(on_diag, 0., M)
         dq_acc += tl.dot(M.to(DT), kt.to(DT), input_precision=PREC)
-        dk_acc += tl.dot(tl.trans(M).to(DT), qt.to(DT), input_precision=PREC)
+        dk_intra = tl.dot(tl.trans(M).to(DT), qt.to(DT), input_precision=PREC)
     tl.store(dq + pk, (dq_acc + d_tt[:, None] * kt).to(dq.dtype.element_ty), mask=m_tk)
-    tl.store(dk + pk, (dk_acc + d_tt[:, None] * qt).to(dk.dtype.element_ty), mask=m_tk)
+    tl.store(dk + pk, (dk_acc + dk_intra + d_tt[:, None] * qt).to(dk.dtype.element_ty),
+             mask=m_tk)
     if HAS_DG:
-        dgt = qt * dq_acc - kt * dk_acc
+        dgt = qt * dq_acc - kt * dk_intra
         if GATE == 3:
-            dgv = tl.cumsum(dgt, axis=0, reverse=True) + d_last[None, :]
+            dgv = tl.cumsum(dgt, axis=0, reverse=True) + d_tot[None, :] + k_excl
             tl.store(dg + pk, dgv.to(dg.dtype.element_ty), mask=m_tk)
         else:
-            dgs = tl.cumsum(tl.sum(dgt, axis=1), axis=0, reverse=True) + tl.sum(d_last, axis=0)
+            dgs = tl.cumsum(tl.sum(dgt, axis=1), axis=0, reverse=True) + tl.sum(d_tot, axis=0) \
+                + tl.sum(k_excl, axis=1)
             tl.store(dg + i_k.to(tl.int64) * dg_stride + rows, dgs, mask=m_t)
