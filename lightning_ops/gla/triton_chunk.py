@@ -14,7 +14,7 @@ dA_ts = scale do_t . v_s for s <= t):
   dv_s     = (k_s e^{G_L - G_s}) dh_c + sum_{t>=s} A_ts do_t
   dq_t     = scale (do_t h_c^T) e^{G_t} + sum_{s<=t} dA_ts k_s e^{G_t - G_s}
   dk_s     = (v_s dh_c^T) e^{G_L - G_s} + sum_{t>=s} dA_ts q_t e^{G_t - G_s}
-  dg_t     = sum_{t'>=t in chunk} (q dq - k dk)_t' + e^{G_L} rowsum(h_c dh_c) + sum_s k_s dk_s^inter
+  dg_t     = sum_{t'>=t} (q dq - k dk^intra)_t' + e^{G_L} rowsum(h_c dh_c) + sum_{s<t} (k dk^inter)_s
 (summed over K for scalar gates). Every exponent is <= 0: decays are taken relative to a later
 row. The vector-gate scores, which need e^{G_t - G_s} per channel inside a matmul, are tiled in
 BC-row sub-chunks: earlier sub-chunks are factored through a row between them (exponents <= 0
