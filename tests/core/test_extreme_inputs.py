@@ -229,3 +229,18 @@ def test_ssd_extreme_decays(case, backend, dtype, tol):
         # d dt at the 1e30 token is a product of 1e30 and 1e-30 sized terms: judged elsewhere
         assert err <= (max(tol, 1e-6) if case == "huge" and what == "ddt" else tol), \
             f"{what}: relative RMS error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=BACKENDS[2].marks)])
+@pytest.mark.parametrize("bad", ["x", "dt", "B"])
+def test_ssd_non_finite_token_never_reaches_earlier_outputs(bad, backend):
+    x = _ssd_inputs(torch.float32, T=130)
+    x[bad][0, 100] = float("nan")
+    args = (x["x"], x["dt"], x["A"], x["B"], x["C"])
+    with lo.use_backend(backend):
+        y, ht = lo.mamba_chunk_scan_combined(*args, 64, initial_states=x["h0"],
+                                             return_final_states=True)
+    ry, _ = R.ssd_ref(*(a.double() for a in args), initial_states=x["h0"].double())
+    assert torch.isfinite(y[:, :100]).all(), f"bad {bad} at 100 reached earlier tokens"
+    assert rel_rms(y[:, :100], ry[:, :100]) <= 1e-5
+    assert not torch.isfinite(y[:, 100]).all() and not torch.isfinite(ht).all()
