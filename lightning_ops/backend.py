@@ -118,6 +118,14 @@ def use_backend(name: str) -> Iterator[None]:
     reads the choice per thread (asyncio tasks that share a thread share it there)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    if torch.compiler.is_compiling():  # dynamo cannot trace ContextVar: the per-thread copy
+        outer = _mirrored()
+        _mirror.stack = outer + (name,)
+        try:
+            yield
+        finally:
+            _mirror.stack = outer
+        return
     stack = _forced.get() + (name,)
     token = _forced.set(stack)
     outer, _mirror.stack = _mirrored(), stack
