@@ -326,9 +326,11 @@ def holes(results: Sequence[Result]) -> List[str]:
         elif r.reps <= 1:
             groups.setdefault("timed once (no warm-up, no interval)", []).append(name(r))
     out = [f"{len(v)} {why}: {', '.join(v)}" for why, v in groups.items()]
-    noisy = [r for r in results if r.status == "ok" and r.noisy]
+    uniq = {(r.op if r.provider != "sdpa" else "sdpa", r.provider, r.T, r.mode, r.dtype): r
+            for r in results if r.status == "ok"}
+    noisy = [r for r in uniq.values() if r.noisy]
     if noisy:
-        out.append(f"{len(noisy)} of {sum(r.status == 'ok' for r in results)} timed rows are "
+        out.append(f"{len(noisy)} of {len(uniq)} timed rows are "
                    f"noisy (other processes took cores our threads needed)")
     return out
 
@@ -369,8 +371,8 @@ def cpu_targets(results: Sequence[Result]) -> List[str]:
                   and k[3] == "fwd+bwd" and (r.B, r.H, r.K, r.V) == (1, 4, 64, 64)
                   and r.dtype == "fp32"), None)
         p_full, p_fwd = get(peer, T, "fwd+bwd"), get(peer, T, "fwd")
-        if p_full is None and p_fwd is None and o is None:
-            continue  # not part of this run
+        if p_full is None and p_fwd is None:
+            continue  # the peer is not part of this run
         bounds = [b for b in (_time_or_bound(p_full),) if b is not None]
         if not bounds or not bounds[0][1]:  # fwd+bwd not exact: its fwd is a lower bound too
             f = _time_or_bound(p_fwd)

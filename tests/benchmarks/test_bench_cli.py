@@ -93,12 +93,15 @@ def test_compare_report_lines_say_no_significant_difference():
     assert "faster in 1, slower in 0, no significant difference in 1 of 2" in text
 
 
+@pytest.mark.skipif(not os.environ.get("BENCH_SLOW_TESTS"),
+                    reason="two worker processes and a git worktree: 1-3 min on 2 busy cores; "
+                           "BENCH_SLOW_TESTS=1 runs it")
 def test_compare_interleaves_two_real_revisions(tmp_path):
     """HEAD vs HEAD (same lightning_ops code): a short interleaved run in subprocesses; the
     verdict for identical code should not be a big difference."""
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--compare", "HEAD", "--threads", "1",
-         "--op", "causal_conv1d_fn", "--mode", "fwd", "--T", "64", "--rounds", "3"],
+         "--op", "causal_conv1d_fn", "--mode", "fwd", "--T", "64", "--rounds", "2"],
         cwd=ROOT, text=True, capture_output=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

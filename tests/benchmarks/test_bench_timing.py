@@ -19,11 +19,10 @@ def test_measure_warms_up_rotates_and_repeats():
     t = timing.measure(step, torch.device("cpu"), threads=1, min_time_s=0.02, max_time_s=0.2,
                        once_over_s=10.0)
     assert calls[0] == 0 and calls == list(range(len(calls)))  # inputs rotate: i counts up
-    assert t.reps >= 4 and not t.once  # Timer.adaptive_autorange: more than 3 blocks
+    assert t.reps >= 2 and not t.once  # Timer.adaptive_autorange (> 3 blocks unless capped)
     assert 0.0015 < t.median_s < 0.2 and t.p20_s <= t.median_s <= t.p80_s
     lo, hi = t.ci_s
     assert lo <= t.median_s <= hi
-    assert t.others == t.others  # measured (not nan): the run took > 0.2 s
     one = timing.measure(step, torch.device("cpu"), threads=1, min_time_s=1.0, max_time_s=1.0,
                          once_over_s=10.0, once=True)
     assert one.reps == 1 and one.once and "once" in one.note
