@@ -30,7 +30,7 @@ $(STAMP): setup.py pyproject.toml
 	touch $@
 
 # The CPU suite; Triton kernels run through the interpreter (set before any kernel import).
-test: $(STAMP)
+test: $(STAMP) sm90-env
 	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider
 
 # GPU lane: the device's own python3 (torch, triton preinstalled), no venv, no network.
@@ -52,3 +52,35 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
+
+# --- GPU lease (issue 10) -------------------------------------------------------------------
+# sm90-env: a compile-only env with the GPU machines' triton (3.6), used by the sm_90 AOT check
+# (tests/core/test_sm90_resources.py); it reuses .venv's packages through a .pth file. If triton
+# 3.6 cannot be installed here, the check runs under the CI's triton only (and says so).
+VENV36        := .venv-triton36
+TRITON36      ?= 3.6.0
+GPU_WHEELS    := .gpu-wheels
+
+.PHONY: sm90-env sm90-table gpu-wheels gpu-lane
+
+sm90-env: $(STAMP)
+	@test -f $(VENV36)/.ok || { $(VPY) -m venv $(VENV36) && \
+	  $(VENV36)/bin/python -m pip install -q triton==$(TRITON36) && \
+	  $(VPY) -c "import site; print(site.getsitepackages()[0])" > \
+	    "$$($(VENV36)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_lightning_ops_main_venv.pth" && \
+	  touch $(VENV36)/.ok; } || echo "sm90-env: triton $(TRITON36) could not be installed; the sm_90 check will run under triton $(TRITON_VERSION) only"
+
+# the full sm_90 resource table (no time budget; commit benchmarks/results/sm90_resources.csv)
+sm90-table: sm90-env
+	$(VPY) tools/sm90_resources.py check --jobs 2 --python $(VPY) $(if $(wildcard $(VENV36)/.ok),--python $(VENV36)/bin/python)
+
+# fla-core + flash-linear-attention 0.6.0 (pure Python) for the lease: carry .gpu-wheels
+gpu-wheels:
+	mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: -d $(GPU_WHEELS) \
+	  fla-core==0.6.0 flash-linear-attention==0.6.0
+
+# one command for the lease, with the device's own python3: make gpu-lane OUT=<dir>
+gpu-lane:
+	@test -n "$(OUT)" || { echo "usage: make gpu-lane OUT=<dir>"; exit 2; }
+	PYTHONPATH=. $(PYTHON) tools/gpu_lane.py --out $(OUT)

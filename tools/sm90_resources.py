@@ -378,8 +378,14 @@ def _compile_one(la: dict) -> dict:
     return out
 
 
+def _risk(la: dict) -> int:
+    """Larger tiles first: what a time budget leaves unchecked is the least likely to fail."""
+    kw = {k: v for k, v in la["kwargs"].items() if isinstance(v, int)}
+    return -(kw.get("K", kw.get("D", 1)) * kw.get("V", 1) * max(1, kw.get("BN", 1)))
+
+
 def compile_launches(launches: List[dict], known: Dict[str, dict], jobs: int = 1,
-                     verbose: bool = True) -> List[dict]:
+                     verbose: bool = True, budget_s: float = 0.0) -> List[dict]:
     """Rows of the table for these launches under this python's triton; `known` rows (by key)
     are reused, the rest compiled (in `jobs` processes)."""
     import triton
@@ -402,7 +408,9 @@ def compile_launches(launches: List[dict], known: Dict[str, dict], jobs: int = 1
             todo.append((la, base))
     if verbose:
         print(f"triton {tv}: {len(launches)} configurations, {len(rows)} from the table, "
-              f"{len(todo)} to compile", flush=True)
+              f"{len(todo)} to compile" + (f" (budget {budget_s:.0f} s)" if budget_s else ""),
+              flush=True)
+    todo.sort(key=lambda t: _risk(t[0]))
     t0 = time.time()
 
     def finish(base, res, i):
@@ -420,27 +428,35 @@ def compile_launches(launches: List[dict], known: Dict[str, dict], jobs: int = 1
                   f"{row['config'][:90]} smem={row.get('shared_bytes')} fits={row['fits']}",
                   flush=True)
 
+    done = 0
     if jobs <= 1:
         for i, (la, base) in enumerate(todo):
-            try:
-                res = _compile_one(la)
-            except Exception as e:  # a compile error is a finding, reported in the table
-                res = e
-            finish(base, res, i)
+            if budget_s and time.time() - t0 > budget_s:
+                break
+            finish(base, _compile_safe(la), i)
+            done += 1
     else:
         import multiprocessing as mp
         ctx = mp.get_context("fork")
-        with ctx.Pool(jobs) as pool:
-            futs = [pool.apply_async(_compile_safe, (la,)) for la, _ in todo]
-            for i, ((la, base), f) in enumerate(zip(todo, futs)):
-                finish(base, f.get(), i)
+        pool = ctx.Pool(jobs)
+        try:
+            for i, ((la, base), res) in enumerate(zip(todo, pool.imap(_compile_safe,
+                                                                      [t[0] for t in todo]))):
+                finish(base, res, i)
+                done += 1
+                if budget_s and time.time() - t0 > budget_s:
+                    break
+        finally:
+            pool.terminate()
+    for la, base in todo[done:]:  # over budget: reported, not written to the table
+        rows.append(dict(base, fits="unchecked"))
     return rows
 
 
 def _compile_safe(la):
     try:
         return _compile_one(la)
-    except Exception as e:
+    except Exception as e:  # a compile error is a finding, reported in the table
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
@@ -476,15 +492,19 @@ def failures(rows: List[dict]) -> List[str]:
 
 
 def _worker_main(argv):
-    """compile-worker LAUNCHES_JSON KNOWN_JSON OUT_JSON JOBS (run under any python)."""
+    """compile-worker LAUNCHES_JSON KNOWN_JSON OUT_JSON JOBS BUDGET_S (under any python)."""
     launches = json.load(open(argv[0]))
     known = json.load(open(argv[1]))
-    rows = compile_launches(launches, known, jobs=int(argv[3]))
+    rows = compile_launches(launches, known, jobs=int(argv[3]),
+                            budget_s=float(argv[4]) if len(argv) > 4 else 0.0)
     json.dump(rows, open(argv[2], "w"))
 
 
 def check(pythons: List[str], jobs: int, table: str = TABLE, quick: bool = False,
-          launches_json: str = "") -> int:
+          launches_json: str = "", budget_s: float = 0.0, strict: bool = False) -> int:
+    """Record, compile under each python, merge into the table; 1 on a configuration over the
+    shared-memory limit, a compile error, a grid over the y/z limit, or (strict) any
+    configuration left unchecked by the time budget."""
     import tempfile
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -507,23 +527,34 @@ def check(pythons: List[str], jobs: int, table: str = TABLE, quick: bool = False
                  r.get("fits") == "NO"}  # compile errors are retried
         kj, oj = os.path.join(tmp, "known.json"), os.path.join(tmp, "rows.json")
         json.dump(known, open(kj, "w"))
-        r = subprocess.run([py, __file__, "compile-worker", lj, kj, oj, str(jobs)], env=env)
+        r = subprocess.run([py, __file__, "compile-worker", lj, kj, oj, str(jobs),
+                            str(budget_s)], env=env)
         if r.returncode:
             print(f"compile worker under {py} failed (exit {r.returncode})", flush=True)
             status = 1
             continue
         all_rows += json.load(open(oj))
-    versions = {r["triton"] for r in all_rows}
+    unchecked = [r for r in all_rows if r["fits"] == "unchecked"]
+    all_rows = [r for r in all_rows if r["fits"] != "unchecked"]
+    versions = {r["triton"] for r in all_rows} | {r["triton"] for r in unchecked}
     # rows of other triton versions (e.g. 3.6 when its env is missing here) stay in the table
     keep = [r for r in old if r["triton"] not in versions]
+    # rows of this version not recorded this time (e.g. a --quick run) stay too
+    seen = {r["key"] for r in all_rows} | {r["key"] for r in unchecked}
+    keep += [r for r in old if r["triton"] in versions and r["key"] not in seen]
     write_table(keep + all_rows, table)
-    bad = failures(all_rows + keep)
+    bad = failures(all_rows)
     gv = grid_violations(launches)
     for line in bad + gv:
         print("FAIL", line, flush=True)
+    if unchecked:
+        print(f"{'FAIL' if strict else 'NOTE'}: {len(unchecked)} configurations not compiled "
+              f"within the {budget_s:.0f} s budget (the table lacks them): run "
+              f"`python tools/sm90_resources.py check` without a budget and commit the table",
+              flush=True)
     print(f"table: {os.path.relpath(table, ROOT)} ({len(keep) + len(all_rows)} rows; "
           f"triton {', '.join(sorted(versions | {r['triton'] for r in keep}))})", flush=True)
-    return 1 if (bad or gv or status) else 0
+    return 1 if (bad or gv or status or (strict and unchecked)) else 0
 
 
 def main(argv=None):
@@ -541,6 +572,9 @@ def main(argv=None):
     c.add_argument("--jobs", type=int, default=1)
     c.add_argument("--table", default=TABLE)
     c.add_argument("--launches", default="", help="reuse a recorded launches JSON")
+    c.add_argument("--budget-s", type=float, default=0.0,
+                   help="stop compiling after this long per triton (0: no limit)")
+    c.add_argument("--strict", action="store_true", help="configurations left over fail")
     a = p.parse_args(argv)
     if a.cmd == "record":
         t0 = time.time()
@@ -548,7 +582,8 @@ def main(argv=None):
         json.dump(la, open(a.out, "w"))
         print(f"{len(la)} distinct launches recorded in {time.time() - t0:.0f}s", flush=True)
         return 0
-    return check(a.python or [sys.executable], a.jobs, a.table, launches_json=a.launches)
+    return check(a.python or [sys.executable], a.jobs, a.table, launches_json=a.launches,
+                 budget_s=a.budget_s, strict=a.strict)
 
 
 if __name__ == "__main__":

@@ -332,7 +332,7 @@ def _recurrent_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
         D = x.shape[-1]
         out = torch.empty_like(x)
         BD = min(64, next_pow2(D))
-        seq_revcumsum_kernel[(triton.cdiv(D, BD), N * H)](
+        seq_revcumsum_kernel[(N * H, triton.cdiv(D, BD))](
             x, add, out, cu_seqlens, T, H=H, D=D, BT=64, BD=BD, HAS_ADD=add is not None,
             IS_VARLEN=cu_seqlens is not None)
         dg = out.view(g.shape).to(g.dtype)

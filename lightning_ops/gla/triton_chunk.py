@@ -146,7 +146,7 @@ def seq_revcumsum_kernel(x, add, out, cu_seqlens, T,
                          H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                          HAS_ADD: tl.constexpr, IS_VARLEN: tl.constexpr):
     """out_t = sum_{t' >= t in its sequence} x_t' (+ add[n]); x, out [tokens, H, D] fp32."""
-    i_d, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_d = tl.program_id(0), tl.program_id(1)  # (sequence x head) on x: no 65535 cap
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
     o_t = tl.arange(0, BT)
