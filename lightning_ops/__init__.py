@@ -27,8 +27,10 @@ __all__ = [
 from .delta.ops import (
     chunk_delta_rule,
     chunk_gated_delta_rule,
+    chunk_kda,
     fused_recurrent_delta_rule,
     fused_recurrent_gated_delta_rule,
+    fused_recurrent_kda,
 )
 from .ssm.ops import (
     causal_conv1d_fn,
@@ -39,7 +41,7 @@ from .ssm.ops import (
 )
 
 __all__ += [
-    "chunk_delta_rule", "chunk_gated_delta_rule",
+    "chunk_delta_rule", "chunk_gated_delta_rule", "chunk_kda", "fused_recurrent_kda",
     "fused_recurrent_delta_rule", "fused_recurrent_gated_delta_rule",
     "selective_scan_fn", "mamba_chunk_scan_combined", "selective_state_update",
     "causal_conv1d_fn", "causal_conv1d_update",

@@ -139,8 +139,9 @@ def gated_delta_rule_ref(
         if initial_state is not None:
             S = initial_state[n].to(dt).clone()
         for t in range(bos, eos):
-            if g is not None:
-                S = S * g[b, t].to(dt).exp()[:, None, None]
+            if g is not None:  # [HV] scalar decay, or [HV, K] per channel (KDA)
+                gt = g[b, t].to(dt).exp()
+                S = S * (gt[:, None, None] if gt.dim() == 1 else gt[..., None])
             kt, vt = k[b, t], v[b, t]
             v_err = vt - torch.einsum("hk,hkv->hv", kt, S)
             S = S + beta[b, t][:, None, None] * kt[..., None] * v_err[:, None, :]
@@ -152,6 +153,14 @@ def gated_delta_rule_ref(
 def delta_rule_ref(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
                    cu_seqlens=None, use_qk_l2norm_in_kernel=False):
     return gated_delta_rule_ref(q, k, v, None, beta, scale, initial_state, output_final_state,
+                                cu_seqlens, use_qk_l2norm_in_kernel)
+
+
+def kda_ref(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+            cu_seqlens=None, use_qk_l2norm_in_kernel=False):
+    """Kimi Delta Attention: the gated delta rule with a per-channel decay g [B, T, HV, K],
+    S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T."""
+    return gated_delta_rule_ref(q, k, v, g, beta, scale, initial_state, output_final_state,
                                 cu_seqlens, use_qk_l2norm_in_kernel)
 
 

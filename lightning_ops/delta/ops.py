@@ -112,23 +112,29 @@ _delta_fwd.register_autograd(_backward, setup_context=_setup)
 def _public_name(inputs) -> str:
     """The public op a gated_delta_rule_backward call serves (for error messages)."""
     g, mode = inputs[5], inputs[11]
-    return (f"{'chunk' if mode == 'chunk' else 'fused_recurrent'}_"
-            f"{'delta_rule' if g is None else 'gated_delta_rule'}")
+    kind = "delta_rule" if g is None else "gated_delta_rule" if g.dim() == 3 else "kda"
+    return f"{'chunk' if mode == 'chunk' else 'fused_recurrent'}_{kind}"
 
 
 forbid_double_backward(_delta_bwd, _public_name)
 
 
 def _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-         use_qk_l2norm_in_kernel, mode, gated: bool):
-    """Validate, pick the backend, call the custom op."""
+         use_qk_l2norm_in_kernel, mode, gated):
+    """Validate, pick the backend, call the custom op. gated: False, True (scalar decay per
+    head) or "vector" (KDA: a decay per key channel)."""
     B, T, H, K, Vd = V.qkv_dims(q, k, v, v_heads_multiple=True)
     HV = v.shape[2]
     if beta is None:
         raise ValueError(f"beta is required: the delta-rule write strength, shape [B, T, H] = "
                          f"[{B}, {T}, {HV}]")
     V.check_tensor("beta", beta, (B, T, HV), "[B, T, H]", q)
-    if gated:
+    if gated == "vector":
+        if g is None:
+            raise ValueError(f"g is required: KDA's per-channel log decay, shape "
+                             f"[B, T, H, K] = [{B}, {T}, {HV}, {K}]")
+        V.check_tensor("g", g, (B, T, HV, K), "[B, T, H, K]", q)
+    elif gated:
         if g is None:
             raise ValueError(f"g is required: the gated delta rule's log decay, shape "
                              f"[B, T, H] = [{B}, {T}, {HV}]")
@@ -188,3 +194,24 @@ def fused_recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
     """Token-by-token form of chunk_gated_delta_rule (decode, short T)."""
     return _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
                 use_qk_l2norm_in_kernel, "recurrent", gated=True)
+
+
+def chunk_kda(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+              scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
+              output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
+              use_qk_l2norm_in_kernel: bool = False):
+    """Kimi Delta Attention: the gated delta rule with a per-channel decay g [B,T,HV,K] (log
+    space), S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T, chunked.
+    q, k [B,T,H,K]; v [B,T,HV,V] (HV a multiple of H); beta [B,T,HV]; states [N,HV,K,V].
+    fla's in-kernel gate and beta options live in lightning_ops.compat.fla.ops.kda."""
+    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm_in_kernel, "chunk", gated="vector")
+
+
+def fused_recurrent_kda(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
+                        scale: Optional[float] = None, initial_state: Optional[Tensor] = None,
+                        output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
+                        use_qk_l2norm_in_kernel: bool = False):
+    """Token-by-token form of chunk_kda (decode, short T)."""
+    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm_in_kernel, "recurrent", gated="vector")

@@ -46,6 +46,8 @@ from ..gla.torch import (
     chunk_output,
     gate_factors,
     gate_grad,
+    intra_chunk_scores,
+    intra_chunk_scores_backward,
     pair_gate_grad,
     scan_chunks,
     scan_chunks_reverse,
@@ -131,6 +133,27 @@ def _decay_mask(g: Optional[Tensor], C: int, like: Tensor) -> Tensor:
     return segment_sums(g).exp_()
 
 
+def _scores(x: Tensor, y: Tensor, g: Optional[Tensor], D: Optional[Tensor] = None):
+    """(D, (x y^T) * decay) with zeros above the diagonal. Scalar gates (and none) share the
+    [C, C] decay mask D (built here when not given); vector gates (KDA) use the GLA engine's
+    sub-chunked scores, where the decay differs per channel (D is None)."""
+    if g is not None and g.dim() == 4:
+        return None, intra_chunk_scores(x, y, g)
+    if D is None:
+        D = _decay_mask(g, x.shape[2], x)
+    return D, causal_scores(x, y, D)
+
+
+def _scores_backward(dA: Tensor, x: Tensor, y: Tensor, g: Optional[Tensor],
+                     D: Optional[Tensor]):
+    """(dx, dy, dg through the pair decays: vector gates only, else None) of _scores."""
+    if g is not None and g.dim() == 4:
+        dx, dy, _, dg = intra_chunk_scores_backward(dA, x, y, g)
+        return dx, dy, dg
+    dS = dA * D
+    return dS @ y, dS.transpose(-1, -2) @ x, None
+
+
 def _unit_lower_inverse(Akk: Tensor, beta: Tensor) -> Tensor:
     """(I + tril(beta * Akk, -1))^-1, batched over [NC, HV]. Solving against a broadcast
     identity is several times faster on CPU than solving against the [C, V] / [C, K]
@@ -146,7 +169,7 @@ class _Forward:
     q_decay: Optional[Tensor]  # exp(b)           [.., C, 1]
     k_decay: Optional[Tensor]  # exp(b_last - b)  [.., C, 1]
     chunk_decay: Optional[Tensor]  # exp(b_last)  [.., 1, 1]
-    D: Tensor  # decay mask
+    D: Optional[Tensor]  # decay mask (None for vector gates)
     Akk: Tensor  # (k k^T) * D
     Tinv: Tensor  # (I + tril(beta Akk, -1))^-1
     kb: Tensor  # beta exp(b) k
@@ -161,8 +184,7 @@ class _Forward:
 def _forward_states(x: _Chunked) -> _Forward:
     """The WY transform and the state loop."""
     q_decay, k_decay, chunk_decay = gate_factors(x.g)
-    D = _decay_mask(x.g, x.k.shape[2], x.k)
-    Akk = causal_scores(x.k, x.k, D)
+    D, Akk = _scores(x.k, x.k, x.g)
     Tinv = _unit_lower_inverse(Akk, x.beta)
     kb = _mul(x.k * x.beta, q_decay)
     u, w = Tinv @ (x.v * x.beta), Tinv @ kb
@@ -190,7 +212,7 @@ def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqle
     x = _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel,
                  mode)
     f = _forward_states(x)
-    Aqk = causal_scores(x.q, x.k, f.D)
+    _, Aqk = _scores(x.q, x.k, x.g, f.D)
     o = x.layout.unpack(chunk_output(_mul(x.q, f.q_decay), f.states, Aqk, f.v_new), v.dtype)
     final = f.final if output_final_state else None
     return (o, final) if guard is None else guard.poison(o, final)
@@ -208,7 +230,7 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
     f = _forward_states(x)
     T_ = lambda t: t.transpose(-1, -2)  # noqa: E731
     qi = _mul(x.q, f.q_decay)
-    Aqk = causal_scores(x.q, x.k, f.D)
+    _, Aqk = _scores(x.q, x.k, x.g, f.D)
     doc = layout.pack(do, dt)
     dht = torch.zeros_like(x.h0) if dht is None else dht.to(dt)
 
@@ -228,10 +250,9 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
 
     # o = qi S + (q k^T * D) v_new
     dAqk = doc @ T_(f.v_new)
-    dSqk = dAqk * f.D
     dqi = doc @ T_(f.states)
-    dq = dSqk @ x.k + _mul(dqi, f.q_decay)
-    dk = T_(dSqk) @ x.q
+    dq, dk, dg_qk = _scores_backward(dAqk, x.q, x.k, x.g, f.D)
+    dq += _mul(dqi, f.q_decay)
     # E = exp(b_last) S + kd^T v_new
     dkd = f.v_new @ T_(dE)
     dk += _mul(dkd, f.k_decay)
@@ -244,17 +265,22 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
     dv = dvb * x.beta
     dk += _mul(dkb, f.q_decay) * x.beta
     dAkk = dA * x.beta
-    dKK = dAkk * f.D  # Akk = (k k^T) * D, symmetric in its two k factors
-    dk += (dKK + T_(dKK)) @ x.k
+    dk1, dk2, dg_kk = _scores_backward(dAkk, x.k, x.k, x.g, f.D)  # k in both roles
+    dk += dk1 + dk2
 
     dg = None
     if x.g is not None:
         # The pair decays of both score matrices, exp(prefix) in qi and kb, exp(suffix) in kd,
         # exp(total) on the carried state: each summed only where it contains g_s.
-        from_pairs = pair_gate_grad(dAqk * Aqk + dAkk * f.Akk)
-        from_prefix = (dqi * qi).sum(-1) + (dkb * f.kb).sum(-1)
-        from_suffix = (dkd * f.kd).sum(-1)
-        from_total = (f.states * f.chunk_decay * dE).sum((-1, -2))
+        from_prefix = dqi * qi + dkb * f.kb
+        from_suffix = dkd * f.kd
+        from_total = (f.states * f.chunk_decay * dE).sum(-1)  # [NC, HV, K]
+        if x.g.dim() == 3:  # scalar gate: one decay per head
+            from_pairs = pair_gate_grad(dAqk * Aqk + dAkk * f.Akk)
+            from_prefix, from_suffix = from_prefix.sum(-1), from_suffix.sum(-1)
+            from_total = from_total.sum(-1)
+        else:  # KDA: the pair decays' share came with the score gradients
+            from_pairs = dg_qk + dg_kk
         dg = layout.unpack(gate_grad(from_prefix, from_suffix, from_total, from_pairs), g.dtype)
 
     # Back to tokens: undo scale, head repeat and l2 norm.

@@ -33,12 +33,14 @@ fp32 throughout the kernels' accumulators; float64 inputs are computed in fp32.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import torch as _torch_engine
 from ..nonfinite import NonFiniteGuard
 from ..gla.triton import zero_floored
 from ..gla.triton_chunk import chunk_cumsum_kernel, chunk_dqkg_kernel, chunk_out_kernel
@@ -622,9 +624,22 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
 
 
+def _kda_on_torch(g) -> bool:
+    """KDA (a per-channel gate) has no Triton kernels yet: the chunked PyTorch engine runs it on
+    any device, with a one-time warning, rather than failing on the default CUDA backend."""
+    if g is None or g.dim() != 4:
+        return False
+    warnings.warn("chunk_kda / fused_recurrent_kda have no Triton kernels yet: running the "
+                  "chunked PyTorch engine (correct, not fast)", stacklevel=3)
+    return True
+
+
 def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
             use_qk_l2norm_in_kernel, mode):
     _check_mode(mode)
+    if _kda_on_torch(g):
+        return _torch_engine.forward(q, k, v, g, beta, scale, initial_state, output_final_state,
+                                     cu_seqlens, use_qk_l2norm_in_kernel, mode)
     # Chunks mix tokens both ways (0 * inf); the token walk of mode "recurrent" is causal as is.
     guard = (NonFiniteGuard.build(k, v, (g,), (beta,), cu_seqlens=cu_seqlens)
              if mode == "chunk" else None)
@@ -656,6 +671,9 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
     # mode "recurrent" is differentiated by the chunk kernels: the same function, and a
     # token-by-token reverse walk would need every state (or an unstable inversion).
     _check_mode(mode)
+    if _kda_on_torch(g):
+        return _torch_engine.backward(q, k, v, g, beta, scale, initial_state, cu_seqlens,
+                                      use_qk_l2norm_in_kernel, mode, do, dht)
     guard = NonFiniteGuard.build(k, v, (g,), (beta,), cu_seqlens=cu_seqlens)
     if guard is not None:
         k, v, (g,), (beta,) = guard.clean(k, v, (g,), (beta,))

@@ -24,8 +24,11 @@ OPS = {
     "chunk_gated_delta_rule": (lo.chunk_gated_delta_rule, R.gated_delta_rule_ref, "delta"),
     "fused_recurrent_gated_delta_rule": (lo.fused_recurrent_gated_delta_rule,
                                          R.gated_delta_rule_ref, "delta"),
+    "chunk_kda": (lo.chunk_kda, R.kda_ref, "kda"),
+    "fused_recurrent_kda": (lo.fused_recurrent_kda, R.kda_ref, "kda"),
 }
-CHUNK_OPS = [n for n in OPS if n.startswith("chunk")]
+# KDA has no Triton kernels yet (its Triton backend runs the torch engine)
+CHUNK_OPS = [n for n in OPS if n.startswith("chunk") and OPS[n][2] != "kda"]
 
 # (backend, dtype, tolerance on relative RMS against the float64 reference)
 BACKENDS = [
@@ -57,11 +60,11 @@ def _inputs(kind, T, fill, dtype, B=1, H=2, K=16, V=8, seed=0, lengths=None):
     gen = torch.Generator().manual_seed(seed)
     rn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     q, k, v = rn(B, T, H, K), rn(B, T, H, K), rn(B, T, H, V)
-    g = -0.05 * torch.rand(*((B, T, H, K) if kind == "vector" else (B, T, H)), generator=gen,
-                           dtype=torch.float64)
+    g = -0.05 * torch.rand(*((B, T, H, K) if kind in ("vector", "kda") else (B, T, H)),
+                           generator=gen, dtype=torch.float64)
     fill(g)
     x = dict(q=q, k=k, v=v, g=g, h0=rn(B if lengths is None else len(lengths), H, K, V))
-    if kind == "delta":
+    if kind in ("delta", "kda"):
         x["q"], x["k"] = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         x["beta"] = torch.rand(B, T, H, generator=gen, dtype=torch.float64)
     x = {n: t.to(dtype) for n, t in x.items()}
@@ -74,7 +77,7 @@ def _run(name, x, backend=None, grad=True):
     op, ref, kind = OPS[name]
     leaves = {n: t.detach().clone().requires_grad_(grad) for n, t in x.items() if n != "cu"}
     args = [leaves["q"], leaves["k"], leaves["v"], leaves["g"]]
-    if kind == "delta":
+    if kind in ("delta", "kda"):
         args.append(leaves["beta"])
     kw = dict(initial_state=leaves["h0"], output_final_state=True, cu_seqlens=x["cu"])
     if backend is None:
@@ -147,7 +150,7 @@ def test_strong_decay_gradients_relative_to_their_size(name, strength, backend, 
 @pytest.mark.parametrize("value", [float("nan"), INF])
 def test_non_finite_token_never_reaches_earlier_outputs(name, bad, value, backend):
     kind = OPS[name][2]
-    if bad == "beta" and kind != "delta":
+    if bad == "beta" and kind not in ("delta", "kda"):
         pytest.skip("no beta")
     T, t, seg = 200, 150, [120, 80]  # packed: the bad token is in the second sequence
     x = _inputs(kind, T, lambda g: None, torch.float32, lengths=seg)
@@ -186,7 +189,7 @@ def test_non_finite_backward_stays_finite_before_the_bad_token(name, backend):
     leaves = {n: t.detach().clone().requires_grad_() for n, t in x.items() if n != "cu"}
     op = OPS[name][0]
     args = [leaves["q"], leaves["k"], leaves["v"], leaves["g"]]
-    if kind == "delta":
+    if kind in ("delta", "kda"):
         args.append(leaves["beta"])
     with lo.use_backend(backend):
         o, _ = op(*args, initial_state=leaves["h0"])

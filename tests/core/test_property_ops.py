@@ -35,6 +35,8 @@ OPS = {
                                True),
     "fused_recurrent_gated_delta_rule": (lo.fused_recurrent_gated_delta_rule,
                                          R.gated_delta_rule_ref, "scalar", True),
+    "chunk_kda": (lo.chunk_kda, R.kda_ref, "vector", True),
+    "fused_recurrent_kda": (lo.fused_recurrent_kda, R.kda_ref, "vector", True),
 }
 
 # per-token log decays: ordinary, strong, a reset, huge
