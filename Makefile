@@ -23,7 +23,7 @@ $(STAMP): setup.py pyproject.toml
 	$(VPY) -m pip install -q torch==$(TORCH_VERSION) $(TORCH_PIP_ARGS)
 	# triton: the CPU suite runs the Triton kernels in its interpreter (a CPU install of the
 	# package itself does not need it: it is the [triton] extra; torch's CUDA wheels bring it)
-	$(VPY) -m pip install -q triton==$(TRITON_VERSION) ninja numpy pytest pytest-benchmark hypothesis tqdm matplotlib setuptools wheel
+	$(VPY) -m pip install -q triton==$(TRITON_VERSION) ninja numpy pytest pytest-benchmark hypothesis tqdm matplotlib setuptools wheel transformers accelerate
 	# the project itself, editable, without deps (never pulls another torch): the venv's python
 	# imports lightning_ops (and lightning_ops.layers) from any directory
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .

@@ -64,5 +64,7 @@ setup(
         "triton": ["triton>=3.0; platform_system == 'Linux'"],
         "test": ["pytest", "pytest-benchmark", "triton>=3.0; platform_system == 'Linux'"],
         "bench": ["tqdm", "matplotlib"],
+        # lightning_ops.models (Hugging Face models); accelerate is what transformers' Trainer needs
+        "hf": ["transformers>=5.0", "accelerate"],
     },
 )
