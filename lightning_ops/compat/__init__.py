@@ -200,7 +200,7 @@ def _patch(peer: str, layers: bool = True) -> str:
 
 def patch_fla(layers: bool = True) -> str:
     """Make `fla` (flash-linear-attention) imports resolve to lightning_ops: the ops of
-    fla.ops.{linear_attn, simple_gla, gla, delta_rule, gated_delta_rule, lightning_attn} and,
+    fla.ops.{linear_attn, simple_gla, gla, delta_rule, gated_delta_rule, kda, lightning_attn} and,
     unless layers=False, fla.layers.{GatedLinearAttention, DeltaNet, GatedDeltaNet,
     LightningAttention}. Returns 'replace' (fla installed: its attributes were replaced) or
     'alias' (not installed: our mirror modules serve its import paths). Idempotent.

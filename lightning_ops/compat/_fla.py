@@ -350,21 +350,26 @@ def fused_recurrent_gated_delta_rule(q, k, v, g: Optional[Tensor] = None,
                                      state_v_first: bool = False,
                                      cu_seqlens: Optional[Tensor] = None, **kwargs):
     """fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule: g [B, T, HV] (None: the
-    ungated delta rule), beta defaults to ones. Vector gates gk / gv are not supported."""
+    ungated delta rule) or a per-key gate gk [B, T, HV, K] (KDA), beta defaults to ones.
+    Per-value gates gv are not supported."""
     fn = "fused_recurrent_gated_delta_rule"
     kw = take_kwargs(fn, kwargs, ("transpose_state_layout",))
     state_v_first = state_v_first_alias(fn, state_v_first, kw)
-    for name, t in (("gk", gk), ("gv", gv)):
-        if t is not None:
-            raise unsupported(fn, name, "vector (per-key / per-value) gates in the delta rule "
-                              "have no counterpart in lightning_ops; pass the scalar gate g")
+    if gv is not None:
+        raise unsupported(fn, "gv", "per-value gates in the delta rule have no counterpart in "
+                          "lightning_ops; pass the scalar gate g or the per-key gate gk")
+    if gk is not None and g is not None:
+        raise unsupported(fn, "gk", "both g and gk given; fold the scalar gate into gk")
     if beta is None:
         beta = torch.ones_like(q[..., 0])
     if check_bool(fn, "use_gate_in_kernel", use_gate_in_kernel):
         g = _gdn_gate(fn, g, A_log, dt_bias)
     beta = _beta(beta, check_bool(fn, "use_beta_sigmoid_in_kernel", use_beta_sigmoid_in_kernel),
                  check_bool(fn, "allow_neg_eigval", allow_neg_eigval))
-    if g is None:
+    if gk is not None:  # a per-key gate: KDA
+        op = (lambda q, k, v, **a: lo.fused_recurrent_kda(
+            q, k, v, gk, beta, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **a))
+    elif g is None:
         op = (lambda q, k, v, **a: lo.fused_recurrent_delta_rule(
             q, k, v, beta, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **a))
     else:
@@ -383,6 +388,107 @@ def fused_chunk_delta_rule(**kwargs):
 chunk_gdn = chunk_gated_delta_rule
 fused_recurrent_gdn = fused_recurrent_gated_delta_rule
 
+
+# ---------------------------------------------------------------------------------------------
+# KDA (Kimi Delta Attention): the gated delta rule with a per-channel decay g [B, T, HV, K]
+# ---------------------------------------------------------------------------------------------
+def _kda_gate(fn, g: Tensor, A_log: Optional[Tensor], dt_bias: Optional[Tensor],
+              lower_bound: Optional[float]) -> Tensor:
+    """The KDA gate fla computes in-kernel from the raw g [B, T, HV, K]:
+    -exp(A_log[h]) * softplus(g + dt_bias), or with lower_bound:
+    lower_bound * sigmoid(exp(A_log[h]) * (g + dt_bias)) (A_log may then be None: factor 1).
+    dt_bias: [HV * K] (per channel) or [HV]. fp32 (fp64 for fp64 inputs)."""
+    if A_log is None and lower_bound is None:
+        raise ValueError("`A_log` must be provided when `use_gate_in_kernel=True` and "
+                         "`lower_bound` is not set.")
+    HV, K = g.shape[2], g.shape[3]
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    x = g.to(acc)
+    if dt_bias is not None:
+        x = x + (dt_bias.to(acc).view(HV, K) if dt_bias.numel() == HV * K
+                 else dt_bias.to(acc).view(HV, 1))
+    a = None if A_log is None else A_log.to(acc).exp().view(HV, 1)
+    if lower_bound is not None:
+        return lower_bound * torch.sigmoid(x if a is None else a * x)
+    return -a * F.softplus(x)
+
+
+def _kda(fn, recurrent, q, k, v, g, beta, scale, initial_state, output_final_state,
+         use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+         allow_neg_eigval, lower_bound, state_v_first, cu_seqlens, A_log, dt_bias):
+    if check_bool(fn, "use_gate_in_kernel", use_gate_in_kernel):
+        g = _kda_gate(fn, g, A_log, dt_bias, lower_bound)
+    beta = _beta(beta, check_bool(fn, "use_beta_sigmoid_in_kernel", use_beta_sigmoid_in_kernel),
+                 check_bool(fn, "allow_neg_eigval", allow_neg_eigval))
+    op = lo.fused_recurrent_kda if recurrent else lo.chunk_kda
+    return _call(lambda q, k, v, **a: op(
+        q, k, v, g, beta, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **a),
+        q, k, v, {}, scale, initial_state, output_final_state, cu_seqlens,
+        state_v_first=state_v_first, out_dtype=q.dtype if not recurrent else v.dtype)
+
+
+def chunk_kda(q, k, v, g: Tensor, beta: Tensor, scale: Optional[float] = None,
+              initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+              use_qk_l2norm_in_kernel: bool = False, use_gate_in_kernel: bool = False,
+              use_beta_sigmoid_in_kernel: bool = False, allow_neg_eigval: bool = False,
+              safe_gate: bool = False, lower_bound: Optional[float] = None,
+              disable_recompute: bool = False, return_intermediate_states: bool = False,
+              state_v_first: bool = False, cu_seqlens: Optional[Tensor] = None,
+              cu_seqlens_cpu: Optional[Tensor] = None, cp_context=None,
+              use_graph: bool = False, max_num_seqs: Optional[int] = None, **kwargs):
+    """fla.ops.kda.chunk_kda. kwargs: A_log [HV], dt_bias [HV * K] (with use_gate_in_kernel),
+    chunk_size in (32, 64) (tiling only). safe_gate / disable_recompute / use_graph change only
+    speed in fla and are accepted; return_intermediate_states is not supported."""
+    fn = "chunk_kda"
+    kw = take_kwargs(fn, kwargs, ("A_log", "dt_bias", "chunk_size", "transpose_state_layout"))
+    state_v_first = state_v_first_alias(fn, state_v_first, kw)
+    check_chunk_size(fn, kw.get("chunk_size", 64), (32, 64))
+    _reject_cp(fn, cp_context)
+    if return_intermediate_states:
+        raise unsupported(fn, "return_intermediate_states", "per-chunk states are internal to "
+                          "the engine; use output_final_state (or the decode cache)")
+    if safe_gate and use_gate_in_kernel:
+        if lower_bound is None:
+            raise ValueError("`lower_bound` must be specified when `safe_gate=True` and "
+                             "`use_gate_in_kernel=True`.")
+        if not -5 <= lower_bound < 0:
+            raise ValueError(f"`lower_bound` must be in the safe range [-5, 0), got "
+                             f"{lower_bound}.")
+    if q.shape != k.shape:
+        raise ValueError(f"q and k must have the same shape, got q={tuple(q.shape)} vs "
+                         f"k={tuple(k.shape)}")
+    return _kda(fn, False, q, k, v, g, beta, scale, initial_state, output_final_state,
+                use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+                allow_neg_eigval, lower_bound, state_v_first, cu_seqlens, kw.get("A_log"),
+                kw.get("dt_bias"))
+
+
+def fused_recurrent_kda(q, k, v, g: Tensor, beta: Tensor, A_log: Optional[Tensor] = None,
+                        dt_bias: Optional[Tensor] = None, scale: Optional[float] = None,
+                        initial_state: Optional[Tensor] = None,
+                        output_final_state: bool = False,
+                        use_qk_l2norm_in_kernel: bool = False,
+                        use_gate_in_kernel: bool = False,
+                        use_beta_sigmoid_in_kernel: bool = False,
+                        allow_neg_eigval: bool = False, lower_bound: Optional[float] = None,
+                        state_v_first: bool = False, cu_seqlens: Optional[Tensor] = None,
+                        **kwargs):
+    """fla.ops.kda.fused_recurrent_kda (A_log and dt_bias positional, as in fla)."""
+    fn = "fused_recurrent_kda"
+    kw = take_kwargs(fn, kwargs, ("transpose_state_layout",))
+    state_v_first = state_v_first_alias(fn, state_v_first, kw)
+    return _kda(fn, True, q, k, v, g, beta, scale, initial_state, output_final_state,
+                use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
+                allow_neg_eigval, lower_bound, state_v_first, cu_seqlens, A_log, dt_bias)
+
+
+def fused_kda_gate(g: Tensor, A_log: Tensor, dt_bias: Optional[Tensor] = None,
+                   lower_bound: Optional[float] = None, output_dtype=torch.float32) -> Tensor:
+    """fla.ops.kda.gate.fused_kda_gate: the KDA gate from its raw input, g [..., HV, K]."""
+    shaped = g if g.dim() == 4 else g.view(1, -1, *g.shape[-2:])
+    return _kda_gate("fused_kda_gate", shaped, A_log, dt_bias, lower_bound).view(
+        g.shape).to(output_dtype)
+
 __all__ = [
     "chunk_linear_attn", "fused_chunk_linear_attn", "fused_recurrent_linear_attn",
     "chunk_simple_gla", "fused_chunk_simple_gla", "fused_recurrent_simple_gla",
@@ -390,5 +496,5 @@ __all__ = [
     "chunk_lightning_attn", "fused_recurrent_lightning_attn",
     "chunk_delta_rule", "fused_chunk_delta_rule", "fused_recurrent_delta_rule",
     "chunk_gated_delta_rule", "chunk_gdn", "fused_recurrent_gated_delta_rule",
-    "fused_recurrent_gdn",
+    "fused_recurrent_gdn", "chunk_kda", "fused_recurrent_kda", "fused_kda_gate",
 ]

@@ -268,9 +268,59 @@ def test_fused_recurrent_gated_delta_rule_defaults_and_refusals():
     q, k, v = _qkv()
     o, _ = C.fused_recurrent_gated_delta_rule(q, k, v)             # no gate, beta = 1
     assert_close("o", o, R.delta_rule_ref(q, k, v, torch.ones(2, 7, 2, dtype=f64))[0], TOL)
-    with pytest.raises(UnsupportedArgumentError, match="gk"):
-        C.fused_recurrent_gated_delta_rule(q, k, v, gk=log_gate(2, 7, 2, 8))
+    gk = log_gate(2, 7, 2, 8)                                      # a per-key gate: KDA
+    o, _ = C.fused_recurrent_gated_delta_rule(q, k, v, gk=gk)
+    assert_close("o gk", o, R.kda_ref(q, k, v, gk, torch.ones(2, 7, 2, dtype=f64))[0], TOL)
+    with pytest.raises(UnsupportedArgumentError, match="gv"):
+        C.fused_recurrent_gated_delta_rule(q, k, v, gv=log_gate(2, 7, 2, 4))
     with pytest.raises(UnsupportedArgumentError, match="cp_context"):
         C.chunk_gated_delta_rule(q, k, v, log_gate(2, 7, 2), torch.rand(2, 7, 2, dtype=f64),
                                  cp_context=object())
     assert C.chunk_gdn is C.chunk_gated_delta_rule
+
+
+# ---------------------------------------------------------------------------------------------
+# KDA
+# ---------------------------------------------------------------------------------------------
+def test_kda_gate_and_beta_in_kernel_and_layouts():
+    q, k, v = _qkv(H=2, HV=4)                                     # grouped value heads
+    graw = torch.randn(2, 7, 4, 8, dtype=f64)
+    braw = torch.randn(2, 7, 4, dtype=f64)
+    A_log = torch.rand(4, dtype=f64)
+    dt_bias = torch.randn(4 * 8, dtype=f64)
+    g = -A_log.exp()[:, None] * F.softplus(graw + dt_bias.view(4, 8))
+    beta = torch.sigmoid(braw)
+    h0 = _h0(2, 4, 8, 4)
+    o_ref, ht_ref = R.kda_ref(q, k, v, g, beta, None, h0, True, use_qk_l2norm_in_kernel=True)
+    o, ht = C.chunk_kda(q, k, v, graw, braw, None, h0, True, True, True, True,
+                        A_log=A_log, dt_bias=dt_bias)
+    assert_close("o", o, o_ref, TOL)
+    assert_close("ht", ht, ht_ref, TOL)
+    o, ht = C.fused_recurrent_kda(q, k, v, graw, braw, A_log, dt_bias, None,
+                                  h0.transpose(-1, -2), True, True, True, True,
+                                  state_v_first=True)
+    assert_close("o rec", o, o_ref, TOL)
+    assert_close("ht rec", ht, ht_ref.transpose(-1, -2), TOL)
+    # lower_bound form, and the standalone gate
+    gl = -3.0 * torch.sigmoid(A_log.exp()[:, None] * (graw + dt_bias.view(4, 8)))
+    assert_close("gate", C.fused_kda_gate(graw, A_log, dt_bias, lower_bound=-3.0,
+                                          output_dtype=f64), gl, TOL)
+    o, _ = C.chunk_kda(q, k, v, graw, beta, use_gate_in_kernel=True, A_log=A_log,
+                       dt_bias=dt_bias, lower_bound=-3.0, safe_gate=True)
+    assert_close("o lb", o, R.kda_ref(q, k, v, gl, beta)[0], TOL)
+
+
+def test_kda_refusals():
+    q, k, v = _qkv()
+    g, beta = log_gate(2, 7, 2, 8), torch.rand(2, 7, 2, dtype=f64)
+    with pytest.raises(ValueError, match="A_log"):
+        C.chunk_kda(q, k, v, g, beta, use_gate_in_kernel=True)
+    with pytest.raises(ValueError, match="chunk_size"):
+        C.chunk_kda(q, k, v, g, beta, chunk_size=16)
+    with pytest.raises(ValueError, match="lower_bound"):
+        C.chunk_kda(q, k, v, g, beta, use_gate_in_kernel=True, safe_gate=True,
+                    A_log=torch.zeros(2, dtype=f64))
+    with pytest.raises(UnsupportedArgumentError, match="return_intermediate_states"):
+        C.chunk_kda(q, k, v, g, beta, return_intermediate_states=True)
+    with pytest.raises(TypeError, match="nonsense"):
+        C.chunk_kda(q, k, v, g, beta, nonsense=1)

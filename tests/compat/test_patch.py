@@ -88,8 +88,10 @@ def test_alias_mode_serves_the_peer_import_paths():
     g = F.logsigmoid(torch.randn(1, 6, 2, 8, dtype=torch.float64))
     o, ht = chunk_gla(q, k, v, g, initial_state=None, output_final_state=True)
     assert o.shape == (1, 6, 2, 8) and ht.shape == (1, 2, 8, 8)
-    with pytest.raises(ModuleNotFoundError, match="fla.ops.kda.*not installed"):
-        import fla.ops.kda  # noqa: F401
+    from fla.ops.kda import chunk_kda  # KDA is mirrored too
+    assert chunk_kda is _fla.chunk_kda
+    with pytest.raises(ModuleNotFoundError, match="fla.ops.log_linear_attn.*not installed"):
+        import fla.ops.log_linear_attn  # noqa: F401
     with pytest.raises(ModuleNotFoundError, match="mamba_ssm.models"):
         import mamba_ssm.models  # noqa: F401
     lc.unpatch()
@@ -120,11 +122,11 @@ def _fake_fla(root, broken=False):
     we do not mirror."""
     pkg = root / "fla"
     (pkg / "ops" / "gla").mkdir(parents=True)
-    (pkg / "ops" / "kda").mkdir(parents=True)
+    (pkg / "ops" / "rwkv7").mkdir(parents=True)
     (pkg / "layers").mkdir(parents=True)
     (pkg / "__init__.py").write_text("raise ImportError('no CUDA here')\n" if broken else "")
     (pkg / "ops" / "__init__.py").write_text(
-        "from .gla import chunk_gla, fused_recurrent_gla\nfrom .kda import chunk_kda\n")
+        "from .gla import chunk_gla, fused_recurrent_gla\nfrom .rwkv7 import chunk_rwkv7\n")
     (pkg / "ops" / "gla" / "__init__.py").write_text(textwrap.dedent("""
         def chunk_gla(*a, **k):
             return "theirs"
@@ -133,7 +135,8 @@ def _fake_fla(root, broken=False):
         def fused_chunk_gla(*a, **k):
             return "theirs"
         """))
-    (pkg / "ops" / "kda" / "__init__.py").write_text("def chunk_kda(*a, **k):\n    return 'kda'\n")
+    (pkg / "ops" / "rwkv7" / "__init__.py").write_text(
+        "def chunk_rwkv7(*a, **k):\n    return 'rwkv7'\n")
     (pkg / "layers" / "__init__.py").write_text("from .gla import GatedLinearAttention\n")
     (pkg / "layers" / "gla.py").write_text(textwrap.dedent("""
         from fla.ops.gla import chunk_gla
@@ -159,8 +162,8 @@ def test_replace_mode_patches_installed_package_and_unpatch_restores(tmp_path, m
     assert fla.layers.gla.chunk_gla is _fla.chunk_gla               # bound at import: swept
     assert user_mod.my_gla is _fla.chunk_gla                        # user code too
     assert fla.ops.gla.fused_recurrent_gla is _fla.fused_recurrent_gla
-    from fla.ops.kda import chunk_kda                                # not ours: still theirs
-    assert chunk_kda() == "kda"
+    from fla.ops.rwkv7 import chunk_rwkv7                            # not ours: still theirs
+    assert chunk_rwkv7() == "rwkv7"
     assert fla.layers.GatedLinearAttention.__module__ == "fla.layers.gla"   # layers=False
     lc.unpatch("fla")
     assert fla.ops.gla.chunk_gla is theirs and fla.layers.gla.chunk_gla is theirs
