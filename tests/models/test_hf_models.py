@@ -165,6 +165,16 @@ def test_generate_sampling_and_beams(lm):
     assert torch.equal(beams[::2, :7], ids)
 
 
+def test_packed_cu_seqlens_and_logits_to_keep(lm):
+    a, b = torch.randint(3, V, (1, 5)), torch.randint(3, V, (1, 3))
+    with torch.no_grad():
+        packed = lm(torch.cat([a, b], 1), cu_seqlens=torch.tensor([0, 5, 8])).logits
+        apart = torch.cat([lm(a).logits, lm(b).logits], 1)
+        last2 = lm(torch.cat([a, b], 1), logits_to_keep=2).logits
+    torch.testing.assert_close(packed, apart, rtol=1e-4, atol=1e-4)
+    assert last2.shape == (1, 2, V)
+
+
 def test_save_pretrained_round_trip(lm, model_type, tmp_path):
     lm.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
