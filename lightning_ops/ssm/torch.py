@@ -28,7 +28,6 @@ from ..gla import torch as _gla
 
 Tensor = torch.Tensor
 
-SCAN_CHUNK = 64  # Hillis-Steele span: log2(64) = 6 whole-tensor steps, then the carries
 SSD_CHUNK_MAX = 64  # the GLA engine picks its own chunk (<= 64 on CPU); results are chunk-free
 
 
@@ -41,85 +40,186 @@ def _acc(x: Tensor) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------------------------------
-# Linear recurrence h_t = a_t h_{t-1} + x_t along the last dim
+# Mamba-1 selective scan: time blocks with cache-sized [T, b, D, N] working sets
 # ------------------------------------------------------------------------------------------------
-def _hillis_steele(a: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
-    """Inclusive scan of h_t = a_t h_{t-1} + x_t (h_{-1} = 0) along the last dim in log2(L)
-    steps. a broadcasts against x. Returns (cumulative product of a, h)."""
-    L, off = x.shape[-1], 1
-    while off < L:
-        x = x + a * F.pad(x[..., :-off], (off, 0))
-        a = a * F.pad(a[..., :-off], (off, 0), value=1.0)
-        off *= 2
-    return a, x
+# The recurrence is elementwise in (b, d, n): h_t = a_t h_{t-1} + x_t, a_t = exp(delta_t A) <= 1,
+# x_t = delta_t u_t B_t. Time is cut into blocks of `_scan_block` tokens laid out time-major, so
+# each token's [b, D, N] slice is contiguous: per block the decays and inputs are built in a few
+# whole-block passes, then the recurrence runs as one in-place multiply-add per token (the block
+# stays in cache), and y = C . h as one batched matmul. No exponent is ever positive and nothing is
+# cumulated: every token's decay is exp of its own delta_t A, exactly as the reference computes it.
+# A non-finite input at token t reaches tokens >= t only (the per-token loop is causal).
+# The forward saves the state entering each block (aux, [n_blocks, b, D, N]); the hand-written
+# backward walks the blocks in reverse, rebuilding one block's states from its saved entry state
+# (a block's recompute, in cache) and running the adjoint recurrence
+# g_t = C_t dy_t + a_{t+1} g_{t+1} the same way.
+_SCAN_BLOCK_BYTES = 1 << 18  # per [T, b, D, N] buffer; picked by measurement (see tools/)
+_SCAN_BLOCK_MIN, _SCAN_BLOCK_MAX = 8, 64
 
 
-def linear_scan(a: Tensor, x: Tensor, chunk: int = SCAN_CHUNK) -> Tensor:
-    """h_t = a_t h_{t-1} + x_t along the last dim (h_{-1} = 0), a in [0, 1] broadcasting
-    against x. Chunks of `chunk` tokens are scanned in parallel, then their carries (recursively),
-    then each chunk adds its decayed carry-in."""
-    L = x.shape[-1]
-    if L <= chunk:
-        return _hillis_steele(a, x)[1]
-    nc = -(-L // chunk)
-    pad = nc * chunk - L
-    a = F.pad(a, (0, pad), value=1.0).unflatten(-1, (nc, chunk))
-    x = F.pad(x, (0, pad)).unflatten(-1, (nc, chunk))
-    a_cum, h_local = _hillis_steele(a, x)
-    ends = linear_scan(a_cum[..., -1], h_local[..., -1], chunk)  # state after each chunk
-    carry = F.pad(ends[..., :-1], (1, 0))  # state entering each chunk
-    return (h_local + a_cum * carry[..., None]).flatten(-2)[..., :L]
+def _scan_block(b: int, d: int, n: int, itemsize: int) -> int:
+    """Tokens per time block: a power of two whose [T, b, D, N] buffer is ~_SCAN_BLOCK_BYTES."""
+    per_token = max(1, b * d * n * itemsize)
+    T = _SCAN_BLOCK_MIN
+    while T < _SCAN_BLOCK_MAX and 2 * T * per_token <= _SCAN_BLOCK_BYTES:
+        T *= 2
+    return T
 
 
-# ------------------------------------------------------------------------------------------------
-# Mamba-1 selective scan
-# ------------------------------------------------------------------------------------------------
-def _process_delta(delta: Tensor, bias: Optional[Tensor], softplus: bool, acc) -> Tensor:
-    d = delta.to(acc)
-    if bias is not None:
-        d = d + bias.to(acc)[:, None]
-    return F.softplus(d) if softplus else d
-
-
-def _scan_math(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """The differentiable chunked forward: (y in u's dtype, last state [b, D, N] in acc)."""
-    acc = _acc(u)
-    b, d, L = u.shape
-    n = A.shape[1]
-    G = 1 if B.dim() == 3 else B.shape[1]
-    dg = d // G
-    dl = _process_delta(delta, delta_bias, delta_softplus, acc).view(b, G, dg, 1, L)
-    uf = u.to(acc)
-    # groups stay a broadcast dim: channel d = (G, dg) reads B/C of its group without copies
-    Bf, Cf = B.to(acc).view(b, G, 1, n, L), C.to(acc).view(b, G, 1, n, L)
-    a = torch.exp(dl * A.to(acc).view(G, dg, n, 1))  # [b, G, dg, n, L], every factor <= 1
-    x = (dl * uf.view(b, G, dg, 1, L)) * Bf
-    h = linear_scan(a, x)
-    y = (h * Cf).sum(-2).reshape(b, d, L)
-    # L == 0: h.sum(-1) is zeros yet stays on the graph, so the recompute backward can run
-    last = h[..., -1].reshape(b, d, n) if L > 0 else h.sum(-1).reshape(b, d, n)
-    if D is not None:
-        y = y + D.to(acc)[:, None] * uf
-    if z is not None:
-        y = y * F.silu(z.to(acc))
-    return y.to(u.dtype), last
+def _acc_size(u: Tensor) -> int:
+    return 8 if u.dtype == torch.float64 else 4
 
 
 def scan_aux_shape(u, A):
-    return (0,)
+    b, d, L = u.shape
+    n = A.shape[1]
+    T = _scan_block(b, d, n, _acc_size(u))
+    return (-(-L // T), b, d, n)
+
+
+class _ScanInputs:
+    """The scan's inputs time-major in the compute dtype: dl, u [L, b, D]; B, C [L, b, G, N]."""
+
+    def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus):
+        acc = _acc(u)
+        self.b, self.d, self.L = u.shape
+        self.n = A.shape[1]
+        self.G = 1 if B.dim() == 3 else B.shape[1]
+        self.dg = self.d // self.G
+        pre = delta.to(acc)
+        if delta_bias is not None:
+            pre = pre + delta_bias.to(acc)[:, None]
+        self.pre = pre if delta_softplus else None  # softplus' input, for its derivative
+        dl = F.softplus(pre) if delta_softplus else pre
+        self.dl = dl.permute(2, 0, 1).contiguous()
+        self.u = u.to(acc).permute(2, 0, 1).contiguous()
+        shape = (self.b, self.G, self.n, self.L)
+        self.B = B.to(acc).reshape(shape).permute(3, 0, 1, 2).contiguous()
+        self.C = C.to(acc).reshape(shape).permute(3, 0, 1, 2).contiguous()
+        self.A = A.to(acc)
+        self.T = _scan_block(self.b, self.d, self.n, _acc_size(u))
+        self.acc = acc
+
+    def buffer(self) -> Tensor:
+        return torch.empty(self.T, self.b, self.d, self.n, dtype=self.acc, device=self.u.device)
+
+    def block_states(self, t0: int, t1: int, h: Tensor, a: Tensor, x: Tensor) -> None:
+        """Decays a_t (into a) and states h_t (into x) of tokens t0..t1-1 from h = h_{t0-1}."""
+        T, b, G, dg, n = t1 - t0, self.b, self.G, self.dg, self.n
+        dl = self.dl[t0:t1]
+        torch.mul(dl[..., None], self.A, out=a).exp_()
+        torch.mul((dl * self.u[t0:t1]).view(T, b, G, dg, 1), self.B[t0:t1].view(T, b, G, 1, n),
+                  out=x.view(T, b, G, dg, n))
+        xs, as_ = x.unbind(0), a.unbind(0)
+        prev = h
+        for t in range(T):
+            prev = xs[t].addcmul_(as_[t], prev)
+
+    def contract(self, H: Tensor, t0: int, t1: int) -> Tensor:
+        """sum_n H[t, b, d, n] C[t, b, g(d), n] -> [T, b, D] (one batched matmul)."""
+        T = t1 - t0
+        out = H.view(T * self.b * self.G, self.dg, self.n) @ \
+            self.C[t0:t1].reshape(T * self.b * self.G, self.n, 1)
+        return out.view(T, self.b, self.d)
+
+    def blocks(self):
+        return [(t0, min(t0 + self.T, self.L)) for t0 in range(0, self.L, self.T)]
 
 
 def scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
     with torch.no_grad():
-        y, last = _scan_math(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    y, last = _own((y, last if return_last_state else None))
-    return y, last, u.new_empty(0, dtype=_acc(u))
+        s = _ScanInputs(u, delta, A, B, C, delta_bias, delta_softplus)
+        blocks = s.blocks()
+        aux = torch.empty(len(blocks), s.b, s.d, s.n, dtype=s.acc, device=u.device)
+        y = torch.empty(s.L, s.b, s.d, dtype=s.acc, device=u.device)
+        h = u.new_zeros(s.b, s.d, s.n, dtype=s.acc)
+        a, x = s.buffer(), s.buffer()
+        for i, (t0, t1) in enumerate(blocks):
+            aux[i] = h
+            T = t1 - t0
+            s.block_states(t0, t1, h, a[:T], x[:T])
+            y[t0:t1] = s.contract(x[:T], t0, t1)
+            h = x[T - 1].clone()  # x is overwritten by the next block
+        y = y.permute(1, 2, 0)
+        if D is not None:
+            y = y + D.to(s.acc)[:, None] * s.u.permute(1, 2, 0)
+        if z is not None:
+            y = y * F.silu(z.to(s.acc))
+        y = y.to(u.dtype).contiguous()
+    return y, (h if return_last_state else None), aux
 
 
 def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, aux, dy, dlast):
-    def f(u, delta, A, B, C, D, z, db):
-        return _scan_math(u, delta, A, B, C, D, z, db, delta_softplus)
-    return _recompute_grads(f, [u, delta, A, B, C, D, z, delta_bias], [dy, dlast])
+    with torch.no_grad():
+        s = _ScanInputs(u, delta, A, B, C, delta_bias, delta_softplus)
+        acc, b, d, n, G, dg, L = s.acc, s.b, s.d, s.n, s.G, s.dg, s.L
+        dyf = dy.to(acc)
+        zf = None if z is None else z.to(acc)
+        dyc = dyf if zf is None else dyf * F.silu(zf)  # gradient w.r.t. y before the z gate
+        dyT = dyc.permute(2, 0, 1).contiguous()  # [L, b, d]
+        yT = None if zf is None else torch.empty(L, b, d, dtype=acc, device=u.device)
+        dlT = torch.empty(L, b, d, dtype=acc, device=u.device)  # d dl
+        duT = torch.empty(L, b, d, dtype=acc, device=u.device)
+        dBT = torch.empty(L, b, G, n, dtype=acc, device=u.device)
+        dCT = torch.empty(L, b, G, n, dtype=acc, device=u.device)
+        dA = torch.zeros(d, n, dtype=acc, device=u.device)
+        carry = (torch.zeros(b, d, n, dtype=acc, device=u.device) if dlast is None
+                 else dlast.to(acc).clone())  # added to g of the block's last token
+        a, x, g = s.buffer(), s.buffer(), s.buffer()
+        blocks = s.blocks()
+        for i in range(len(blocks) - 1, -1, -1):
+            t0, t1 = blocks[i]
+            T, TG = t1 - t0, (t1 - t0) * b * G
+            h0 = aux[i]
+            ab, xb, gb = a[:T], x[:T], g[:T]
+            s.block_states(t0, t1, h0, ab, xb)  # xb: the states h_t
+            if yT is not None:
+                yT[t0:t1] = s.contract(xb, t0, t1)
+            dyb = dyT[t0:t1]
+            torch.mul(dyb.view(T, b, G, dg, 1), s.C[t0:t1].view(T, b, G, 1, n),
+                      out=gb.view(T, b, G, dg, n))
+            gs, as_ = gb.unbind(0), ab.unbind(0)
+            gs[T - 1].add_(carry)
+            for t in range(T - 2, -1, -1):
+                gs[t].addcmul_(as_[t + 1], gs[t + 1])
+            carry = ab[0] * gb[0]
+            # q = g_t a_t h_{t-1}: the gradient w.r.t. the log decay delta_t A (into ab)
+            q = ab.mul_(gb)
+            q[1:].mul_(xb[:T - 1])
+            q[0].mul_(h0)
+            dlb = s.dl[t0:t1]
+            dl_from_a = (q * s.A).sum(-1)  # [T, b, d]
+            dA += q.mul_(dlb[..., None]).sum((0, 1))
+            gB = (gb.view(TG, dg, n) @ s.B[t0:t1].reshape(TG, n, 1)).view(T, b, d)
+            ub = s.u[t0:t1]
+            torch.addcmul(dl_from_a, ub, gB, out=dlT[t0:t1])
+            torch.mul(dlb, gB, out=duT[t0:t1])
+            torch.matmul((dlb * ub).view(TG, 1, dg), gb.view(TG, dg, n),
+                         out=dBT[t0:t1].view(TG, 1, n))
+            torch.matmul(dyb.reshape(TG, 1, dg), xb.view(TG, dg, n),
+                         out=dCT[t0:t1].view(TG, 1, n))
+        uf = s.u.permute(1, 2, 0)
+        du = duT.permute(1, 2, 0)
+        dD = dz = None
+        if D is not None:
+            du = du + D.to(acc)[:, None] * dyc
+            dD = (dyc * uf).sum((0, 2))
+        if zf is not None:
+            ycore = yT.permute(1, 2, 0)
+            if D is not None:
+                ycore = ycore + D.to(acc)[:, None] * uf
+            sz = torch.sigmoid(zf)
+            dz = dyf * ycore * sz * (1 + zf * (1 - sz))
+        ddelta = dlT.permute(1, 2, 0)
+        if s.pre is not None:
+            ddelta = ddelta * torch.sigmoid(s.pre)
+        ddb = None if delta_bias is None else ddelta.sum((0, 2))
+        dB = dBT.permute(1, 2, 3, 0).reshape(B.shape)
+        dC = dCT.permute(1, 2, 3, 0).reshape(C.shape)
+        out = (du, ddelta, dA, dB, dC, dD, dz, ddb)
+        refs = (u, delta, A, B, C, D, z, delta_bias)
+        return _own(tuple(None if g_ is None else g_.to(r.dtype).contiguous()
+                          for g_, r in zip(out, refs)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,10 +424,40 @@ def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
 # ------------------------------------------------------------------------------------------------
 # Causal depthwise conv1d
 # ------------------------------------------------------------------------------------------------
-def _conv_math(x, weight, bias, initial_states, seq_idx, activation):
-    """out[t] = act(bias + sum_i w[:, i] x[t - W + 1 + i]) as W shifted products (W <= 4).
-    With seq_idx a tap only reads inputs of the same sequence as t; the history before t = 0
-    (initial_states) belongs to the sequence of token 0. Returns (out, final_states)."""
+# One depthwise F.conv1d (left padding W-1, or the history prepended when initial_states is
+# given), as causal-conv1d's own reference; the backward is aten.convolution_backward (input and
+# weight gradients in one call, what autograd of F.conv1d runs), recomputing the conv only when
+# SiLU's derivative needs its input. seq_idx (packed sequences) keeps the masked shifted sum.
+def _conv_input(x, initial_states, acc):
+    """(conv input, left padding): x itself with padding W-1, or [history, x] with none."""
+    if initial_states is None:
+        return x.to(acc), None
+    return torch.cat([initial_states.to(acc), x.to(acc)], dim=-1), 0
+
+
+def _conv_pre(xin, w, bias, pad, W):
+    """The conv before the activation, [b, d, L]."""
+    d = w.shape[0]
+    if pad is None:
+        out = F.conv1d(xin, w[:, None, :], bias, padding=W - 1, groups=d)
+        return out[..., :xin.shape[-1]]
+    return F.conv1d(xin, w[:, None, :], bias, groups=d)
+
+
+def _conv_final(x, initial_states, W, acc):
+    """The last W-1 inputs (history included when L < W-1), [b, d, W-1]."""
+    b, d, L = x.shape
+    if L >= W - 1:
+        return x[..., L - (W - 1):].to(acc)
+    hist = (x.new_zeros(b, d, W - 1, dtype=acc) if initial_states is None
+            else initial_states.to(acc))
+    return torch.cat([hist, x.to(acc)], dim=-1)[..., L:]
+
+
+def _conv_masked(x, weight, bias, initial_states, seq_idx, activation):
+    """out[t] = act(bias + sum_i w[:, i] x[t - W + 1 + i]) as W shifted products (W <= 4),
+    each tap reading only inputs of the same sequence as t (the history before t = 0 belongs to
+    token 0's sequence). Differentiable; used with seq_idx."""
     acc = _acc(x)
     b, d, L = x.shape
     W = weight.shape[1]
@@ -337,17 +467,28 @@ def _conv_math(x, weight, bias, initial_states, seq_idx, activation):
     w = weight.to(acc)
     out = torch.zeros(b, d, L, dtype=acc, device=x.device) if bias is None \
         else bias.to(acc)[:, None].expand(b, d, L)
-    if seq_idx is not None:  # sequence id of every padded position; history takes token 0's
-        sp = torch.cat([seq_idx[:, :1].expand(b, W - 1), seq_idx], dim=-1)
+    sp = torch.cat([seq_idx[:, :1].expand(b, W - 1), seq_idx], dim=-1)
     for i in range(W):
         term = w[:, i, None] * xp[:, :, i:i + L]
-        if seq_idx is not None:
-            term = term * (sp[:, i:i + L] == seq_idx)[:, None, :].to(acc)
+        term = term * (sp[:, i:i + L] == seq_idx)[:, None, :].to(acc)
         out = out + term
     if activation == "silu":
         out = F.silu(out)
     final = xp[:, :, xp.shape[-1] - (W - 1):]
     return out.to(x.dtype), final.to(x.dtype)
+
+
+def _conv_math(x, weight, bias, initial_states, seq_idx, activation):
+    """-> (out in x's dtype, final_states [b, d, W-1] in x's dtype)."""
+    if seq_idx is not None:
+        return _conv_masked(x, weight, bias, initial_states, seq_idx, activation)
+    acc = _acc(x)
+    W = weight.shape[1]
+    xin, pad = _conv_input(x, initial_states, acc)
+    out = _conv_pre(xin, weight.to(acc), None if bias is None else bias.to(acc), pad, W)
+    if activation == "silu":
+        out = F.silu(out)
+    return out.to(x.dtype), _conv_final(x, initial_states, W, acc).to(x.dtype)
 
 
 def conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, activation):
@@ -357,9 +498,45 @@ def conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, 
 
 
 def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal):
-    def f(x, w, b, h0):
-        return _conv_math(x, w, b, h0, seq_idx, activation)
-    return _recompute_grads(f, [x, weight, bias, initial_states], [dout, dfinal])
+    if seq_idx is not None:
+        def f(x, w, b, h0):
+            return _conv_masked(x, w, b, h0, seq_idx, activation)
+        return _recompute_grads(f, [x, weight, bias, initial_states], [dout, dfinal])
+    with torch.no_grad():
+        acc = _acc(x)
+        b, d, L = x.shape
+        W = weight.shape[1]
+        xin, pad = _conv_input(x, initial_states, acc)
+        wf = weight.to(acc)
+        dpre = dout.to(acc)
+        if activation == "silu":
+            pre = _conv_pre(xin, wf, None if bias is None else bias.to(acc), pad, W)
+            s = torch.sigmoid(pre)
+            dpre = dpre * s * (1 + pre * (1 - s))
+        if pad is None:  # the conv's output is [b, d, L+W-1], of which the first L are kept
+            dpre_full = F.pad(dpre, (0, W - 1))
+        else:
+            dpre_full = dpre
+        dxin, dw, db = torch.ops.aten.convolution_backward(
+            dpre_full, xin, wf[:, None, :], None if bias is None else [d], [1],
+            [W - 1 if pad is None else 0], [1], False, [0], d, [True, True, bias is not None])
+        dw = dw[:, 0, :]
+        dh0 = None
+        if pad is None:
+            dx = dxin
+        else:
+            dx, dh0 = dxin[..., W - 1:], dxin[..., :W - 1]
+        if dfinal is not None:  # final = the last W-1 of [history, x]
+            df = dfinal.to(acc)
+            k = min(L, W - 1)
+            if k:
+                dx[..., L - k:] += df[..., W - 1 - k:]
+            if dh0 is not None and k < W - 1:
+                dh0[..., k:] += df[..., :W - 1 - k]
+    out = (dx, dw, db, dh0)
+    refs = (x, weight, bias, initial_states)
+    return _own(tuple(None if g is None else g.to(r.dtype).contiguous()
+                      for g, r in zip(out, refs)))
 
 
 def conv_update(x, conv_state, weight, bias, activation):
