@@ -332,3 +332,18 @@ def test_trainer_loss_decreases(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+
+
+def test_generate_with_a_user_cache_and_continuation():
+    """A RecurrentCache passed to generate is filled in place; generate continues from the cache
+    it returned (HF's multi-turn pattern) with the tokens of one longer generate."""
+    torch.manual_seed(0)
+    model = M.GLAForCausalLM(tiny_config("gla")).eval()
+    ids = torch.randint(3, V, (2, 6))
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=8, do_sample=False)
+        cache = M.RecurrentCache()
+        first = model.generate(ids, max_new_tokens=5, do_sample=False, **{_CACHE_FIELD: cache})
+        assert cache.get_seq_length() == 10  # the prompt and 4 fed-back tokens
+        more = model.generate(first, max_new_tokens=3, do_sample=False, **{_CACHE_FIELD: cache})
+    assert torch.equal(first, ref[:, :11]) and torch.equal(more, ref)
