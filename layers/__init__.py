@@ -1,5 +1,5 @@
 """nn.Module layers over lightning_ops: GLA, DeltaNet, Gated DeltaNet, Mamba, Mamba-2 and
-Lightning Attention mixers, their decoding caches, and a small causal LM to wrap them.
+Lightning Attention and Kimi Delta Attention mixers, their decoding caches, and a small causal LM to wrap them.
 
 The mixers follow their peers' contracts, so code written for fla / mamba-ssm runs unchanged
 and the peers' state_dicts load strictly:
@@ -30,7 +30,7 @@ whatever backend dispatch picks (torch on CPU, Triton / CUDA on GPUs) with no ch
 from .base import FlaMixer, MambaMixer, RecurrentMixer
 from .cache import Cache, InferenceParams
 from .conv import ShortConvolution
-from .delta import DeltaNet, GatedDeltaNet
+from .delta import DeltaNet, GatedDeltaNet, KimiDeltaAttention
 from .gla import GatedLinearAttention, LightningAttention
 from .lm import MIXERS, CausalLM, make_mixer
 from .mamba import Mamba, Mamba2
@@ -38,6 +38,6 @@ from .norm import RMSNorm
 
 __all__ = [
     "RecurrentMixer", "FlaMixer", "MambaMixer", "Cache", "InferenceParams", "ShortConvolution", "RMSNorm",
-    "GatedLinearAttention", "LightningAttention", "DeltaNet", "GatedDeltaNet", "Mamba", "Mamba2",
+    "GatedLinearAttention", "LightningAttention", "DeltaNet", "GatedDeltaNet", "KimiDeltaAttention", "Mamba", "Mamba2",
     "CausalLM", "make_mixer", "MIXERS",
 ]

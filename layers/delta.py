@@ -1,4 +1,5 @@
-"""DeltaNet (Yang et al., 2024) and Gated DeltaNet (Yang, Kautz & Hatamizadeh, 2025) layers."""
+"""DeltaNet (Yang et al., 2024), Gated DeltaNet (Yang, Kautz & Hatamizadeh, 2025) and Kimi Delta
+Attention (Kimi Team, 2025) layers."""
 from __future__ import annotations
 
 from typing import List, Optional, Tuple
@@ -223,6 +224,87 @@ class GatedDeltaNet(_DeltaRuleMixer):
         q, k, v = self._qkv(x, step)
         fn = _ops.fused_recurrent_gated_delta_rule if _recurrent(self, x) \
             else _ops.chunk_gated_delta_rule
+        o, state = fn(q, k, v, self._gate(x, step), self._beta(x, step).to(q.dtype),
+                      initial_state=step.state, output_final_state=step.want_state,
+                      cu_seqlens=step.cu_seqlens, use_qk_l2norm_in_kernel=True)
+        return self._out(o, x, step), state
+
+
+class KimiDeltaAttention(_DeltaRuleMixer):
+    """Kimi Delta Attention (KDA): Gated DeltaNet with a per-channel decay,
+    `S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T`, with the gate
+    `g_t = -exp(A_log) * softplus(f_proj(x_t) + dt_bias)` per (head, key channel), as in fla's
+    `KimiDeltaAttention` (same argument names, defaults and parameter names).
+
+    Args:
+        hidden_size (alias d_model): model width.
+        expand_v: value head dim = head_dim * expand_v.
+        head_dim: q/k head dim.
+        num_heads: q/k heads (and gate / beta heads).
+        num_v_heads: value heads (a multiple of num_heads; each group of value heads shares a
+            q/k head, its gate and its beta); default num_heads.
+        mode: 'chunk' or 'fused_recurrent' (eval inputs <= 64 tokens take the recurrent path).
+        use_short_conv, conv_size, conv_bias: causal depthwise convs (SiLU) on q, k, v.
+        allow_neg_eigval: beta in (0, 2) instead of (0, 1).
+        norm_eps: eps of the output RMSNorm (gated by sigmoid(g_proj(x))).
+        layer_idx: the layer's slot in a cache (`past_key_values`).
+    f_proj and g_proj are low-rank (hidden -> head_v_dim -> key / value dim); A_log = log(U(1,
+    16)) per head and dt_bias = 0 per key channel, both float32 without weight decay.
+    """
+
+    def __init__(self, hidden_size: int = 2048, expand_v: float = 1, head_dim: int = 128,
+                 num_heads: int = 16, num_v_heads: Optional[int] = None, mode: str = "chunk",
+                 use_short_conv: bool = True, allow_neg_eigval: bool = False,
+                 conv_size: int = 4, conv_bias: bool = False, layer_idx: Optional[int] = None,
+                 norm_eps: float = 1e-5, d_model: Optional[int] = None, device=None,
+                 dtype=None, **kwargs):
+        super().__init__()
+        warn_ignored("KimiDeltaAttention", kwargs)
+        hidden_size = d_model if d_model is not None else hidden_size
+        num_v_heads = num_heads if num_v_heads is None else num_v_heads
+        head_v_dim = int(head_dim * expand_v)
+        if head_v_dim != head_dim * expand_v:
+            raise ValueError(f"head_dim * expand_v = {head_dim * expand_v} must be an integer "
+                             f"(the value head dim)")
+        kw = dict(device=device, dtype=dtype)
+        self._build(hidden_size, num_heads, num_v_heads, head_dim, head_v_dim, mode, True,
+                    use_short_conv, conv_size, conv_bias, allow_neg_eigval, "silu", norm_eps,
+                    layer_idx, kw)
+        self.head_dim, self.expand_v = head_dim, expand_v
+        self.f_proj = nn.Sequential(nn.Linear(hidden_size, head_v_dim, bias=False, **kw),
+                                    nn.Linear(head_v_dim, self.key_dim, bias=False, **kw))
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False, **kw)
+        self.g_proj = nn.Sequential(nn.Linear(hidden_size, head_v_dim, bias=False, **kw),
+                                    nn.Linear(head_v_dim, self.value_dim, bias=True, **kw))
+        self.o_norm = RMSNorm(head_v_dim, norm_eps, gate_fn="sigmoid", **kw)
+        _init_linear(self)
+        A = torch.empty(num_heads, dtype=torch.float32, device=device).uniform_(1, 16)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.dt_bias = nn.Parameter(torch.zeros(self.key_dim, dtype=torch.float32,
+                                                device=device))
+        self.A_log._no_weight_decay = True
+        self.dt_bias._no_weight_decay = True
+
+    def _per_value_head(self, x: Tensor) -> Tensor:
+        """[B, T, num_heads, ...] -> [B, T, num_v_heads, ...] (groups share a key head)."""
+        m = self.num_v_heads // self.num_heads
+        return x if m == 1 else x.repeat_interleave(m, dim=2)
+
+    def _gate(self, x: Tensor, step: MixerStep) -> Tensor:
+        cd = compute_dtype(x)
+        f = _split_heads(self.f_proj(x).to(cd) + self.dt_bias.to(cd), self.num_heads)
+        g = -self.A_log.to(cd).exp()[:, None] * F.softplus(f)
+        return apply_mask(self._per_value_head(g), step.mask)  # no decay over padding
+
+    def _beta(self, x: Tensor, step: MixerStep) -> Tensor:
+        beta = torch.sigmoid(self.b_proj(x).to(compute_dtype(x)))
+        if self.allow_neg_eigval:
+            beta = beta * 2
+        return apply_mask(self._per_value_head(beta), step.mask)
+
+    def _mix(self, x: Tensor, step: MixerStep):
+        q, k, v = self._qkv(x, step)
+        fn = _ops.fused_recurrent_kda if _recurrent(self, x) else _ops.chunk_kda
         o, state = fn(q, k, v, self._gate(x, step), self._beta(x, step).to(q.dtype),
                       initial_state=step.state, output_final_state=step.want_state,
                       cu_seqlens=step.cu_seqlens, use_qk_l2norm_in_kernel=True)

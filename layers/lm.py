@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .base import RecurrentMixer
 from .cache import Cache
-from .delta import DeltaNet, GatedDeltaNet
+from .delta import DeltaNet, GatedDeltaNet, KimiDeltaAttention
 from .gla import GatedLinearAttention, LightningAttention
 from .mamba import Mamba, Mamba2
 from .norm import RMSNorm
@@ -20,6 +20,7 @@ MIXERS: Dict[str, type] = {
     "gla": GatedLinearAttention,
     "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet,
+    "kda": KimiDeltaAttention,
     "mamba": Mamba,
     "mamba2": Mamba2,
     "lightning": LightningAttention,
@@ -28,7 +29,7 @@ MIXERS: Dict[str, type] = {
 
 def make_mixer(mixer: str, hidden_size: int, layer_idx: int = 0, num_layers: int = 1,
                **kwargs) -> RecurrentMixer:
-    """Build a mixer by name ('gla', 'deltanet', 'gated_deltanet', 'mamba', 'mamba2',
+    """Build a mixer by name ('gla', 'deltanet', 'gated_deltanet', 'kda', 'mamba', 'mamba2',
     'lightning'); kwargs go to its constructor."""
     if mixer not in MIXERS:
         raise ValueError(f"unknown mixer {mixer!r}; choose one of {sorted(MIXERS)}")

@@ -100,9 +100,22 @@ def mamba2_ref(m, u):
     return m.out_proj(y)
 
 
+def kda_ref(m, x):
+    q, k, v = m.q_proj(x), m.k_proj(x), m.v_proj(x)
+    q, k, v = conv_ref(m.q_conv1d, q), conv_ref(m.k_conv1d, k), conv_ref(m.v_conv1d, v)
+    q, k, v = heads(q, m.head_k_dim), heads(k, m.head_k_dim), heads(v, m.head_v_dim)
+    rep = m.num_v_heads // m.num_heads
+    g = -m.A_log.exp()[:, None] * F.softplus(heads(m.f_proj(x) + m.dt_bias, m.head_k_dim))
+    g = g.repeat_interleave(rep, dim=2)
+    beta = torch.sigmoid(m.b_proj(x)).repeat_interleave(rep, dim=2)
+    o, _ = R.kda_ref(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
+    o = rms(o, m.o_norm.weight, m.o_norm.eps) * torch.sigmoid(heads(m.g_proj(x), m.head_v_dim))
+    return m.o_proj(o.flatten(-2))
+
+
 REFS = {"gla": gla_ref, "lightning": lightning_ref,
         "deltanet": lambda m, x: delta_ref(m, x, False),
-        "gated_deltanet": lambda m, x: delta_ref(m, x, True),
+        "gated_deltanet": lambda m, x: delta_ref(m, x, True), "kda": kda_ref,
         "mamba": mamba_ref, "mamba2": mamba2_ref}
 
 
@@ -176,6 +189,16 @@ def fla_gdn_keys(H=32, hd=8, nh=2, ev=2, conv=4):
             "o_norm.weight": [hd * ev], "o_proj.weight": [H, vd]}
 
 
+def fla_kda_keys(H=32, hd=8, nh=2, ev=1, conv=4):
+    kd, vd, hv = nh * hd, nh * hd * ev, hd * ev
+    return {"q_proj.weight": [kd, H], "k_proj.weight": [kd, H], "v_proj.weight": [vd, H],
+            "q_conv1d.weight": [kd, 1, conv], "k_conv1d.weight": [kd, 1, conv],
+            "v_conv1d.weight": [vd, 1, conv], "f_proj.0.weight": [hv, H],
+            "f_proj.1.weight": [kd, hv], "b_proj.weight": [nh, H], "A_log": [nh],
+            "dt_bias": [kd], "g_proj.0.weight": [hv, H], "g_proj.1.weight": [vd, hv],
+            "g_proj.1.bias": [vd], "o_norm.weight": [hv], "o_proj.weight": [H, vd]}
+
+
 def mamba_keys(dm=32, ds=4, dc=4, ex=2):
     di, r = ex * dm, -(-dm // 16)
     return {"in_proj.weight": [2 * di, dm], "conv1d.weight": [di, 1, dc], "conv1d.bias": [di],
@@ -203,6 +226,8 @@ PEERS = {
                      fla_deltanet_keys()),
     "fla GatedDeltaNet": ("gated_deltanet", lambda: layers.GatedDeltaNet(
         hidden_size=32, head_dim=8, num_heads=2), fla_gdn_keys()),
+    "fla KimiDeltaAttention": ("kda", lambda: layers.KimiDeltaAttention(
+        hidden_size=32, head_dim=8, num_heads=2), fla_kda_keys()),
     "mamba-ssm Mamba": ("mamba", lambda: layers.Mamba(32, d_state=4), mamba_keys()),
     "mamba-ssm Mamba2": ("mamba2", lambda: layers.Mamba2(32, d_state=8, headdim=8),
                          mamba2_keys()),

@@ -22,6 +22,8 @@ CONFIGS = {
     "deltanet": lambda: layers.DeltaNet(hidden_size=D, num_heads=2, use_gate=True, layer_idx=0),
     "gated_deltanet": lambda: layers.GatedDeltaNet(hidden_size=D, num_heads=2, head_dim=8,
                                                    expand_v=1.5, num_v_heads=4, layer_idx=0),
+    "kda": lambda: layers.KimiDeltaAttention(hidden_size=D, num_heads=2, head_dim=8,
+                                             num_v_heads=4, layer_idx=0),
     "mamba": lambda: layers.Mamba(d_model=D, d_state=4, d_conv=4, layer_idx=0),
     "mamba2": lambda: layers.Mamba2(d_model=D, d_state=8, headdim=8, ngroups=2,
                                     D_has_hdim=True, chunk_size=4, layer_idx=0),

@@ -15,6 +15,7 @@ SMALL = {
     "gla": dict(num_heads=2),
     "deltanet": dict(num_heads=2),
     "gated_deltanet": dict(num_heads=2, head_dim=8, expand_v=1),
+    "kda": dict(num_heads=2, head_dim=8),
     "mamba": dict(d_state=4),
     "mamba2": dict(d_state=8, headdim=8, chunk_size=8),
     "lightning": dict(num_heads=2),
