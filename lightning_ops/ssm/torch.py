@@ -1,18 +1,23 @@
 """PyTorch backend of the state-space family: the CPU default and the executable spec of the
-Triton / CUDA kernels. No Python loop over single tokens anywhere.
+Triton / CUDA kernels. Only the selective scan loops over single tokens (one in-place op per token,
+inside cache-sized blocks: measured faster on CPU than any whole-tensor scan here).
 
 * Selective scan (Mamba-1): per channel d and state n the recurrence h_t = a_t h_{t-1} + x_t with
-  a_t = exp(delta_t A[d, n]) <= 1 and x_t = delta_t B_t[n] u_t is elementwise in (d, n), so it is
-  solved by `linear_scan`: a Hillis-Steele scan inside chunks of SCAN_CHUNK tokens (log2 steps of
-  whole-tensor ops), then the same scan, recursively, over the chunk carries. Decays are combined
-  as products of factors <= 1 (never exp of a positive sum), so gates of -20 per token over any
-  length stay finite. Backward: autograd through that forward (recomputed).
+  a_t = exp(delta_t A[d, n]) <= 1 and x_t = delta_t B_t[n] u_t is elementwise in (d, n). Time is
+  cut into blocks whose time-major [T, b, D, N] buffers stay in cache: a block's decays and inputs
+  are built in whole-block passes, the recurrence is one in-place multiply-add per token, and
+  y = C . h one batched matmul. Every decay is exp of the token's own delta_t A (never a sum), so
+  gates of -20 per token over any length stay finite. The forward saves the state entering each
+  block; the backward is hand-written (the adjoint recurrence, block by block in reverse, each
+  block's states rebuilt from its saved entry state).
 * SSD (Mamba-2) is simple GLA with q = C, k = B, v = x * dt, g = dt * A per head: the core runs on
   the GLA family's chunk engine (lightning_ops.gla.torch.forward / backward, with its hand-written
-  backward; the Triton backend passes lightning_ops.gla.triton instead); the cheap element-wise
-  parts around it (dt bias / softplus / clamp, groups, D, z, state transposes) are
-  differentiated by autograd. seq_idx resets become extra segments (read on the host).
-* causal conv1d: a sum over the W <= 4 taps of shifted inputs (autograd backward).
+  backward; the Triton backend passes lightning_ops.gla.triton instead); the element-wise part
+  after it (D, z) is differentiated by hand and the cheap input transforms (dt bias / softplus /
+  clamp, groups, state transposes) by autograd. The backward re-runs the engine's forward only
+  when z is given (dz needs the core output). seq_idx resets become extra segments (host read).
+* causal conv1d: one depthwise F.conv1d; backward by aten.convolution_backward (the conv is
+  re-run only for SiLU's derivative). With seq_idx: a masked sum over the W <= 4 taps (autograd).
 * Decode steps: direct vectorised updates, states written in place.
 """
 from __future__ import annotations
@@ -349,43 +354,77 @@ def ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqle
     return _own((y, final))
 
 
+def _ssd_post_grads(dy, x, D, z, core_fn, b, l):
+    """Gradients of the element-wise part y = (core + D x) * silu(z) around the engine:
+    (d core, dx share, dD, dz). core_fn() gives the engine's output; it is called only with z
+    (dz is the one gradient that needs it), so without z the backward runs no forward at all."""
+    acc = _acc(x)
+    dyf, xf = dy.to(acc), x.to(acc)
+    Dx = None
+    if D is not None:
+        Df = D.to(acc)
+        Df = Df[:, None] if Df.dim() == 1 else Df  # [h, 1] or [h, p]
+        Dx = Df * xf
+    dz = None
+    if z is not None:
+        zf = z.to(acc)
+        sz = torch.sigmoid(zf)
+        pre = core_fn().reshape(dyf.shape)
+        if Dx is not None:
+            pre = pre + Dx
+        dz = dyf * pre * sz * (1 + zf * (1 - sz))
+        dyf = dyf * zf * sz  # d (core + D x) = dy * silu(z)
+    dx = dD = None
+    if D is not None:
+        dx = Df * dyf
+        dD = (dyf * xf).sum((0, 1))
+        if D.dim() == 1:
+            dD = dD.sum(-1)
+    return dyf, dx, dD, dz
+
+
 def ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
                  dt_softplus, dt_min, dt_max, dy, dfinal, engine=_gla):
+    """Hand-written around the engine: the element-wise part by hand (_ssd_post_grads), the core
+    by the engine's own backward, the cheap input transforms (_ssd_pre) by autograd. The engine's
+    forward is re-run only when z is given (dz needs its output)."""
     b, l = x.shape[:2]
     segs = _Segments(b, l, seq_idx, cu_seqlens)
     cu = _ssd_core_args(segs, x)
     ins = [x, dt, A, B, C, D, z, dt_bias, initial_states]
     leaves = [t.detach().requires_grad_() if t is not None else None for t in ins]
-    lx, ldt, lA, lB, lC, lD, lz, ldtb, lh0 = leaves
+    lx, ldt, lA, lB, lC, ldtb, lh0 = (leaves[0], leaves[1], leaves[2], leaves[3], leaves[4],
+                                      leaves[7], leaves[8])
     with autograd_enabled():
         q, k, v, g, h0 = _ssd_pre(lx, ldt, lA, lB, lC, ldtb, lh0, dt_softplus, dt_min, dt_max,
                                   segs)
-        with torch.no_grad():
-            core, _ = engine.forward(q, k, v, g, None, 1.0, h0, False, cu, "chunk")
-        core = core.detach().requires_grad_()
-        y = _ssd_post(core, lx, lD, lz, b, l)
-        # the D / z part first: it yields d core for the engine's hand-written backward
-        post_wrt = [t for t in (core, lx, lD, lz) if t is not None]
-        post_g = torch.autograd.grad(y, post_wrt, dy.to(y.dtype), allow_unused=True)
-        dcore = post_g[0]
-        dht = segs.dfinal(None if dfinal is None else dfinal.to(core.dtype).transpose(-1, -2))
-        dq, dk, dv, dg, dh0 = engine.backward(q.detach(), k.detach(), v.detach(), g.detach(),
-                                              None, 1.0, None if h0 is None else h0.detach(), cu,
-                                              "chunk", dcore, dht)
+        qd, kd, vd, gd = q.detach(), k.detach(), v.detach(), g.detach()
+        h0d = None if h0 is None else h0.detach()
+
+        def core_fn():
+            with torch.no_grad():
+                return engine.forward(qd, kd, vd, gd, None, 1.0, h0d, False, cu, "chunk")[0]
+        dcore, dx_post, dD, dz = _ssd_post_grads(dy, x.detach(), D, z, core_fn, b, l)
+        dht = segs.dfinal(None if dfinal is None else dfinal.to(vd.dtype).transpose(-1, -2))
+        dq, dk, dv, dg, dh0 = engine.backward(qd, kd, vd, gd, None, 1.0, h0d, cu, "chunk",
+                                              dcore.reshape(vd.shape), dht)
         pre_out = [t for t in (q, k, v, g, h0) if t is not None]
         pre_grad = [t for t in (dq, dk, dv, dg, dh0) if t is not None]
-        wrt = [t for t in leaves if t is not None]
-        got = torch.autograd.grad(pre_out, wrt, pre_grad, allow_unused=True)
-    grads = {id(t): gr for t, gr in zip(wrt, got)}
-    for t, gr in zip(post_wrt[1:], post_g[1:]):  # x, D, z: add their share from the post part
-        if gr is not None:
-            grads[id(t)] = gr if grads.get(id(t)) is None else grads[id(t)] + gr
+        wrt = [t for t in (lx, ldt, lA, lB, lC, ldtb, lh0) if t is not None]
+        got = iter(torch.autograd.grad(pre_out, wrt, pre_grad, allow_unused=True))
+    grads = {}
+    for name, t in zip(("x", "dt", "A", "B", "C", "dt_bias", "h0"),
+                       (lx, ldt, lA, lB, lC, ldtb, lh0)):
+        grads[name] = None if t is None else next(got)
+    if dx_post is not None:
+        grads["x"] = dx_post if grads["x"] is None else grads["x"] + dx_post
+    grads["D"], grads["z"] = dD, dz
     out = []
-    for t in leaves:
+    for name, t in zip(("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "h0"), ins):
         if t is None:
             out.append(None)
         else:
-            gr = grads.get(id(t))
+            gr = grads.get(name)
             out.append(torch.zeros_like(t) if gr is None else gr.to(t.dtype))
     return _own(out)
 
