@@ -35,10 +35,11 @@ except ImportError as e:  # pragma: no cover - depends on the environment
                       "pip install 'lightning_ops[hf]' (or pip install transformers)") from e
 
 from .cache import RecurrentCache, RecurrentLayerCache
-from .configuration import (DeltaNetConfig, GatedDeltaNetConfig, GLAConfig,
+from .configuration import (DeltaNetConfig, GatedDeltaNetConfig, GLAConfig, KDAConfig,
                             LightningAttentionConfig, Mamba2Config, MambaConfig)
 from .modeling import (FAMILIES, DeltaNetForCausalLM, DeltaNetModel, GatedDeltaNetForCausalLM,
-                       GatedDeltaNetModel, GLAForCausalLM, GLAModel, LightningAttentionForCausalLM,
+                       GatedDeltaNetModel, GLAForCausalLM, GLAModel, KDAForCausalLM, KDAModel,
+                       LightningAttentionForCausalLM,
                        LightningAttentionModel, LinearPreTrainedModel, Mamba2ForCausalLM,
                        Mamba2Model, MambaForCausalLM, MambaModel, causal_lm_loss)
 
@@ -64,6 +65,7 @@ __all__ = [
     "GLAConfig", "GLAModel", "GLAForCausalLM",
     "DeltaNetConfig", "DeltaNetModel", "DeltaNetForCausalLM",
     "GatedDeltaNetConfig", "GatedDeltaNetModel", "GatedDeltaNetForCausalLM",
+    "KDAConfig", "KDAModel", "KDAForCausalLM",
     "LightningAttentionConfig", "LightningAttentionModel", "LightningAttentionForCausalLM",
     "MambaConfig", "MambaModel", "MambaForCausalLM",
     "Mamba2Config", "Mamba2Model", "Mamba2ForCausalLM",

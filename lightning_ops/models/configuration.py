@@ -186,6 +186,41 @@ class GatedDeltaNetConfig(_FlaLMConfig):
                          **kwargs)
 
 
+class KDAConfig(_FlaLMConfig):
+    """Kimi Delta Attention LM (fla's `KDAConfig`, model_type 'kda')."""
+
+    model_type = "kda"
+
+    def __init__(self, attn_mode: str = "chunk", hidden_size: int = 2048, expand_v: float = 1,
+                 use_short_conv: bool = True, allow_neg_eigval: bool = False,
+                 conv_size: int = 4, head_dim: int = 128, num_heads: int = 16,
+                 num_v_heads: Optional[int] = None, max_position_embeddings: int = 2048,
+                 hidden_ratio: Optional[int] = 4, intermediate_size: Optional[int] = None,
+                 hidden_act: str = "swish", num_hidden_layers: int = 24, norm_eps: float = 1e-6,
+                 attn: Optional[dict] = None, use_cache: bool = True,
+                 pad_token_id: Optional[int] = None, bos_token_id: int = 1, eos_token_id: int = 2,
+                 tie_word_embeddings: bool = False, initializer_range: float = 0.02,
+                 fuse_norm: bool = True, fuse_swiglu: bool = True, fuse_cross_entropy: bool = True,
+                 fuse_linear_cross_entropy: bool = False, use_l2warp: bool = False,
+                 vocab_size: int = 32000, attnres_block_size: Optional[int] = None, **kwargs):
+        self.attn_mode = attn_mode
+        self.hidden_size = hidden_size
+        self.expand_v = expand_v
+        self.use_short_conv = use_short_conv
+        self.allow_neg_eigval = allow_neg_eigval
+        self.conv_size = conv_size
+        self.head_dim = head_dim
+        self.num_heads = num_heads
+        self.num_v_heads = num_v_heads
+        self._common(hidden_ratio, intermediate_size, hidden_act, num_hidden_layers, norm_eps,
+                     attn, use_cache, initializer_range, fuse_norm, fuse_swiglu,
+                     fuse_cross_entropy, fuse_linear_cross_entropy, use_l2warp, vocab_size,
+                     attnres_block_size, max_position_embeddings)
+        super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                         eos_token_id=eos_token_id, tie_word_embeddings=tie_word_embeddings,
+                         **kwargs)
+
+
 class LightningAttentionConfig(_FlaLMConfig):
     """TNL-style Lightning Attention LM (model_type 'lightning_attention'; fla has no such
     model, so the fields follow its GLA config's conventions): per layer a

@@ -38,7 +38,7 @@ from lightning_ops.layers.norm import RMSNorm
 from lightning_ops.layers.utils import init_dt_bias
 
 from .cache import RecurrentCache
-from .configuration import (DeltaNetConfig, GatedDeltaNetConfig, GLAConfig,
+from .configuration import (DeltaNetConfig, GatedDeltaNetConfig, GLAConfig, KDAConfig,
                             LightningAttentionConfig, Mamba2Config, MambaConfig)
 
 Tensor = torch.Tensor
@@ -182,6 +182,14 @@ def _gated_delta_mixer(config: GatedDeltaNetConfig, i: int):
         norm_eps=config.norm_eps, layer_idx=i)
 
 
+def _kda_mixer(config: KDAConfig, i: int):
+    return L.KimiDeltaAttention(
+        mode=config.attn_mode, hidden_size=config.hidden_size, expand_v=config.expand_v,
+        head_dim=config.head_dim, num_heads=config.num_heads, num_v_heads=config.num_v_heads,
+        use_short_conv=config.use_short_conv, allow_neg_eigval=config.allow_neg_eigval,
+        conv_size=config.conv_size, norm_eps=config.norm_eps, layer_idx=i)
+
+
 def _lightning_mixer(config: LightningAttentionConfig, i: int):
     return L.LightningAttention(
         hidden_size=config.hidden_size, num_heads=config.num_heads, expand_k=config.expand_k,
@@ -262,6 +270,11 @@ class LinearPreTrainedModel(PreTrainedModel):
             if _fresh(module.dt_bias):
                 module.dt_bias.copy_(init_dt_bias(module.dt_bias.numel(),
                                                   device=module.dt_bias.device))
+        elif isinstance(module, L.KimiDeltaAttention):
+            if _fresh(module.A_log):
+                module.A_log.copy_(torch.empty_like(module.A_log).uniform_(1, 16).log())
+            if _fresh(module.dt_bias):
+                module.dt_bias.zero_()
         elif isinstance(module, L.LightningAttention):
             if _fresh(module.slope):
                 n = self.config.num_hidden_layers
@@ -505,6 +518,20 @@ class GatedDeltaNetForCausalLM(_ForCausalLM, GatedDeltaNetPreTrainedModel):
     _tied_weights_keys = _tied("model")
 
 
+class KDAPreTrainedModel(LinearPreTrainedModel):
+    config_class = KDAConfig
+    base_model_prefix = "model"
+
+
+class KDAModel(_Backbone, KDAPreTrainedModel):
+    _mixer = staticmethod(_kda_mixer)
+
+
+class KDAForCausalLM(_ForCausalLM, KDAPreTrainedModel):
+    _backbone_cls = KDAModel
+    _tied_weights_keys = _tied("model")
+
+
 class LightningAttentionPreTrainedModel(LinearPreTrainedModel):
     config_class = LightningAttentionConfig
     base_model_prefix = "model"
@@ -556,6 +583,7 @@ FAMILIES = {
     GLAConfig: (GLAModel, GLAForCausalLM),
     DeltaNetConfig: (DeltaNetModel, DeltaNetForCausalLM),
     GatedDeltaNetConfig: (GatedDeltaNetModel, GatedDeltaNetForCausalLM),
+    KDAConfig: (KDAModel, KDAForCausalLM),
     LightningAttentionConfig: (LightningAttentionModel, LightningAttentionForCausalLM),
     MambaConfig: (MambaModel, MambaForCausalLM),
     Mamba2Config: (Mamba2Model, Mamba2ForCausalLM),
