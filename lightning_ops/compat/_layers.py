@@ -10,6 +10,7 @@ LAYERS = {
     "GatedLinearAttention": "GatedLinearAttention",
     "DeltaNet": "DeltaNet",
     "GatedDeltaNet": "GatedDeltaNet",
+    "KimiDeltaAttention": "KimiDeltaAttention",
     "LightningAttention": "LightningAttention",
     "Mamba": "Mamba",
     "Mamba2": "Mamba2",

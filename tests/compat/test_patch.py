@@ -114,6 +114,8 @@ def test_alias_mode_layers_are_ours():
     assert GatedLinearAttention is layers.GatedLinearAttention
     assert DeltaNet is layers.DeltaNet and LightningAttention is layers.LightningAttention
     assert GatedDeltaNet is layers.GatedDeltaNet is GDN2
+    from fla.layers.kda import KimiDeltaAttention
+    assert KimiDeltaAttention is layers.KimiDeltaAttention
     assert Mamba is layers.Mamba is M1 and Mamba2 is layers.Mamba2 is M2
 
 

@@ -1,5 +1,6 @@
 """Mirror of `fla.layers` (lightning_ops.compat): layer classes of lightning_ops.layers (lazy)."""
 from lightning_ops.compat._layers import lazy_layers
 
-__all__ = ['GatedLinearAttention', 'DeltaNet', 'GatedDeltaNet', 'LightningAttention']
+__all__ = ['GatedLinearAttention', 'DeltaNet', 'GatedDeltaNet', 'KimiDeltaAttention',
+           'LightningAttention']
 __getattr__, __dir__ = lazy_layers(__name__, __all__)

@@ -1,0 +1,5 @@
+"""Mirror of `fla.layers.kda` (lightning_ops.compat): layer classes of lightning_ops.layers (lazy)."""
+from lightning_ops.compat._layers import lazy_layers
+
+__all__ = ['KimiDeltaAttention']
+__getattr__, __dir__ = lazy_layers(__name__, __all__)
