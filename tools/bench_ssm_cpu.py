@@ -198,6 +198,33 @@ def ssd_case(b, L, h, p, n, grad=False, seed=0, block=64):
     return ours, peer
 
 
+def step_case(b, h=8, p=64, n=128, seed=0, grad=False):
+    """One Mamba-2 decode step (tied A / dt over p, as Mamba2.step passes them); peer: the
+    pure-torch lines of mamba-ssm's Mamba2.step."""
+    g = torch.Generator().manual_seed(seed)
+    state0 = torch.randn(b, h, p, n, generator=g)
+    s1, s2 = state0.clone(), state0.clone()
+    x = torch.randn(b, h, p, generator=g)
+    dt = torch.randn(b, h, generator=g)
+    A = -torch.exp(torch.randn(h, generator=g))
+    Bm, Cm = torch.randn(b, 1, n, generator=g), torch.randn(b, 1, n, generator=g)
+    D, dtb = torch.randn(h, generator=g), torch.rand(h, generator=g)
+
+    def ours():
+        return lo.selective_state_update(
+            s1, x, dt[..., None].expand(b, h, p), A[:, None, None].expand(h, p, n), Bm, Cm,
+            D=D[:, None].expand(h, p), dt_bias=dtb[:, None].expand(h, p), dt_softplus=True)
+
+    def peer():
+        dtp = F.softplus(dt + dtb)
+        dA = torch.exp(dtp * A)
+        dBx = torch.einsum("bh,bn,bhp->bhpn", dtp, Bm[:, 0], x)
+        s2.copy_(s2 * dA[..., None, None] + dBx)
+        y = torch.einsum("bhpn,bn->bhp", s2, Cm[:, 0])
+        return y + D[:, None] * x
+    return ours, peer
+
+
 def interleaved(providers, rounds, warmup=1):
     """providers: {name: fn}. Returns {name: [seconds per round]}, run A B A B ..."""
     names = list(providers)
@@ -263,6 +290,16 @@ def main():
                         prov["before"] = with_module("conv", before, ours)
                     report(f"conv {mode} B={b} D={d} W=4 L={L} silu",
                            interleaved(prov, args.rounds))
+            if "step" in args.what and not grad:
+                for b in (1, 16):
+                    ours, peer = step_case(b)
+                    prov = {"ours": ours, "peer": peer}
+                    if before:
+                        prov["before"] = with_module("ssd", before, ours)
+                    # a call is ~100 us: each sample times 200 calls
+                    batch = {k: (lambda f=f: [f() for _ in range(200)]) for k, f in prov.items()}
+                    report(f"state_update x200 B={b} h=8 p=64 n=128", interleaved(batch,
+                                                                                  args.rounds))
             if "ssd" in args.what:
                 for b, L, h, p, n in [(1, 1024, 4, 64, 64), (1, 4096, 4, 64, 64)] + \
                         ([] if args.quick else [(2, 2048, 8, 64, 128)]):

@@ -433,6 +433,16 @@ def _tied(t: Optional[Tensor], dims: Sequence[int]) -> bool:
     return t is None or all(t.stride(d) == 0 or t.shape[d] == 1 for d in dims)
 
 
+def _per_head(X: Tensor, h: int) -> Tensor:
+    """[b, g, n] -> [b, h, 1, n], head i reading group i // (h / g); a view unless 1 < g < h."""
+    b, g, n = X.shape
+    if g == h:
+        return X[:, :, None, :]
+    if g == 1:
+        return X[:, :, None, :].expand(b, h, 1, n)
+    return X.repeat_interleave(h // g, dim=1)[:, :, None, :]
+
+
 def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     """Heads form: state [b,h,p,n], x/dt/z [b,h,p], A [h,p,n], B/C [b,g,n], D/dt_bias [h,p].
     A / dt / dt_bias tied over p (stride 0, as Mamba-2 expands them) take the per-head path."""
@@ -447,16 +457,19 @@ def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
         dtf = dtf + dt_bias.to(acc)
     if dt_softplus:
         dtf = F.softplus(dtf)
-    Bf = B.to(acc).repeat_interleave(h // ng, dim=1)[:, :, None, :]  # [b, h, 1, n]
-    Cf = C.to(acc).repeat_interleave(h // ng, dim=1)[:, :, None, :]
+    Bf, Cf = _per_head(B.to(acc), h), _per_head(C.to(acc), h)  # [b, h, 1, n]
     xf = x.to(acc)
-    new = torch.exp(dtf[..., None] * A.to(acc)) * state.to(acc) + (dtf * xf)[..., None] * Bf
-    out = (new * Cf).sum(-1)
+    decay = torch.exp(dtf[..., None] * A.to(acc))  # [b, h, p | 1, n | 1]
+    if state.dtype == acc:  # two in-place passes over the state, then one batched matmul
+        new = state.mul_(decay).addcmul_((dtf * xf)[..., None], Bf)
+    else:
+        new = decay * state.to(acc) + (dtf * xf)[..., None] * Bf
+        state.copy_(new)
+    out = (new @ Cf.transpose(-1, -2)).squeeze(-1)  # [b, h, p]
     if D is not None:
         out = out + D.to(acc) * xf
     if z is not None:
         out = out * F.silu(z.to(acc))
-    state.copy_(new)
     return out.to(x.dtype)
 
 
