@@ -380,8 +380,11 @@ def _compile_one(la: dict) -> dict:
 
 def _risk(la: dict) -> int:
     """Larger tiles first: what a time budget leaves unchecked is the least likely to fail."""
-    kw = {k: v for k, v in la["kwargs"].items() if isinstance(v, int)}
-    return -(kw.get("K", kw.get("D", 1)) * kw.get("V", 1) * max(1, kw.get("BN", 1)))
+    kw = {k: v for k, v in la["kwargs"].items() if isinstance(v, int)
+          and not isinstance(v, bool)}
+    # kernels without a V dim (the WY inverse) hold [64, K] tiles: rank them like V = 256
+    size = kw.get("K", kw.get("D", 16)) * kw.get("V", 256) * max(1, kw.get("BN", 1) // 16)
+    return -size
 
 
 def compile_launches(launches: List[dict], known: Dict[str, dict], jobs: int = 1,
