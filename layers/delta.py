@@ -63,6 +63,22 @@ class _DeltaRuleMixer(FlaMixer):
         self.o_norm = RMSNorm(self.head_v_dim, norm_eps, gate_fn="swish", **kw)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False, **kw)
 
+    def _build_by_head_dim(self, hidden_size, head_dim, expand_v, num_heads, num_v_heads, mode,
+                           use_gate, use_short_conv, conv_size, conv_bias, allow_neg_eigval,
+                           norm_eps, layer_idx, kw) -> int:
+        """_build from fla's head_dim / expand_v / num_v_heads arguments (Gated DeltaNet,
+        KDA); returns the number of value heads."""
+        num_v_heads = num_heads if num_v_heads is None else num_v_heads
+        head_v_dim = int(head_dim * expand_v)
+        if head_v_dim != head_dim * expand_v:
+            raise ValueError(f"head_dim * expand_v = {head_dim * expand_v} must be an integer "
+                             f"(the value head dim)")
+        self._build(hidden_size, num_heads, num_v_heads, head_dim, head_v_dim, mode, use_gate,
+                    use_short_conv, conv_size, conv_bias, allow_neg_eigval, "silu", norm_eps,
+                    layer_idx, kw)
+        self.head_dim, self.expand_v = head_dim, expand_v
+        return num_v_heads
+
     def state_shape(self) -> Tuple[int, ...]:
         return (self.num_v_heads, self.head_k_dim, self.head_v_dim)
 
@@ -195,16 +211,11 @@ class GatedDeltaNet(_DeltaRuleMixer):
         super().__init__()
         warn_ignored("GatedDeltaNet", kwargs)
         hidden_size = d_model if d_model is not None else hidden_size
-        num_v_heads = num_heads if num_v_heads is None else num_v_heads
-        head_v_dim = int(head_dim * expand_v)
-        if head_v_dim != head_dim * expand_v:
-            raise ValueError(f"head_dim * expand_v = {head_dim * expand_v} must be an integer "
-                             f"(the value head dim)")
         kw = dict(device=device, dtype=dtype)
-        self._build(hidden_size, num_heads, num_v_heads, head_dim, head_v_dim, mode, use_gate,
-                    use_short_conv, conv_size, conv_bias, allow_neg_eigval, "silu", norm_eps,
-                    layer_idx, kw)
-        self.head_dim, self.expand_v = head_dim, expand_v
+        num_v_heads = self._build_by_head_dim(hidden_size, head_dim, expand_v, num_heads,
+                                              num_v_heads, mode, use_gate, use_short_conv,
+                                              conv_size, conv_bias, allow_neg_eigval, norm_eps,
+                                              layer_idx, kw)
         self.a_proj = nn.Linear(hidden_size, num_v_heads, bias=False, **kw)
         self.b_proj = nn.Linear(hidden_size, num_v_heads, bias=False, **kw)
         _init_linear(self)
@@ -261,16 +272,11 @@ class KimiDeltaAttention(_DeltaRuleMixer):
         super().__init__()
         warn_ignored("KimiDeltaAttention", kwargs)
         hidden_size = d_model if d_model is not None else hidden_size
-        num_v_heads = num_heads if num_v_heads is None else num_v_heads
-        head_v_dim = int(head_dim * expand_v)
-        if head_v_dim != head_dim * expand_v:
-            raise ValueError(f"head_dim * expand_v = {head_dim * expand_v} must be an integer "
-                             f"(the value head dim)")
         kw = dict(device=device, dtype=dtype)
-        self._build(hidden_size, num_heads, num_v_heads, head_dim, head_v_dim, mode, True,
-                    use_short_conv, conv_size, conv_bias, allow_neg_eigval, "silu", norm_eps,
-                    layer_idx, kw)
-        self.head_dim, self.expand_v = head_dim, expand_v
+        self._build_by_head_dim(hidden_size, head_dim, expand_v, num_heads, num_v_heads, mode,
+                                True, use_short_conv, conv_size, conv_bias, allow_neg_eigval,
+                                norm_eps, layer_idx, kw)
+        head_v_dim = self.head_v_dim
         self.f_proj = nn.Sequential(nn.Linear(hidden_size, head_v_dim, bias=False, **kw),
                                     nn.Linear(head_v_dim, self.key_dim, bias=False, **kw))
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False, **kw)
