@@ -79,7 +79,7 @@ def test_sm90_resources_fit():
     else:
         print("triton 3.6 env (.venv-triton36, `make sm90-env`) is missing: checking under "
               f"triton {triton.__version__} only; the table's 3.6 rows are kept as they are")
-    budget = os.environ.get("LIGHTNING_OPS_SM90_BUDGET_S", "240")
+    budget = os.environ.get("LIGHTNING_OPS_SM90_BUDGET_S", "90")
     cmd = [sys.executable, os.path.join(ROOT, "tools", "sm90_resources.py"), "check",
            "--jobs", "2", "--budget-s", budget, *pythons]
     if os.environ.get("LIGHTNING_OPS_SM90_STRICT") == "1":
