@@ -46,3 +46,7 @@ __all__ += [
     "selective_scan_fn", "mamba_chunk_scan_combined", "selective_state_update",
     "causal_conv1d_fn", "causal_conv1d_update",
 ]
+
+from .lion.ops import lion_attn
+
+__all__ += ["lion_attn"]

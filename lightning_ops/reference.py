@@ -349,3 +349,80 @@ def selective_state_update_ref(
         out = out * F.silu(z.to(acc))
     state.copy_(new.to(state.dtype))
     return out.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# LION: bidirectional linear attention with a decay mask, the full masked (T x T) form.
+#   o_i = scale * sum_j M_ij (q_i . k_j) v_j over all j of i's sequence,
+#   M_ij = exp(sum_{t in [j, i)} g_t) for j <= i,  exp(sum_{t in (i, j]} g_t) for j > i
+#   (the key's gate and those between, not the query's: the LION authors' mask),
+#   g_t = g[b, t, h] (+ g_gamma[h]); no gate: M = 1 (LION-LIT).
+# ------------------------------------------------------------------------------------------------
+def lion_mask_log(lg: Tensor) -> Tensor:
+    """lg [L, H] log decays -> D [L, L, H], D[i, j] = log M_ij, as running sums of the gates
+    (never a difference of two cumulative sums, so -inf gates give exact zeros)."""
+    L, H = lg.shape
+    i = torch.arange(L, device=lg.device)
+    zero = lg.new_zeros(())
+    pad = lg.new_zeros(1, L, H)
+    # low[i, j] = sum_{j <= t < i} lg_t: an exclusive running sum down the rows
+    low = torch.where((i[:, None] >= i[None, :])[..., None], lg[:, None, :], zero).cumsum(0)
+    low = torch.cat([pad, low[:-1]], 0)
+    # up[i, j] = sum_{i < t <= j} lg_t: an exclusive running sum up the rows
+    up = torch.where((i[:, None] <= i[None, :])[..., None], lg[:, None, :], zero)
+    up = torch.cat([up.flip(0).cumsum(0).flip(0)[1:], pad], 0)
+    return torch.where((i[:, None] >= i[None, :])[..., None], low, up)
+
+
+def lion_ref(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
+             g_gamma: Optional[Tensor] = None, scale: Optional[float] = None,
+             cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    """The full masked form of LION (-LIT: no gate, -D: g_gamma [H], -S: g [B, T, H]).
+    Returns o [B, T, H, V] (no state)."""
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    dt, out_dtype = _acc_dtype(q), v.dtype
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    o = torch.zeros(B, T, H, v.shape[-1], dtype=dt, device=q.device)
+    for _, b, bos, eos in _segments(T, B, cu_seqlens):
+        if eos == bos:
+            continue
+        M = lion_mask_log(_lion_gates(g, g_gamma, b, bos, eos, H, dt, q.device)).exp()
+        s = torch.einsum("ihk,jhk->ijh", q[b, bos:eos], k[b, bos:eos]) * scale * M
+        o[b, bos:eos] = torch.einsum("ijh,jhv->ihv", s, v[b, bos:eos])
+    return o.to(out_dtype)
+
+
+def _lion_gates(g, g_gamma, b, bos, eos, H, dt, device) -> Tensor:
+    lg = torch.zeros(eos - bos, H, dtype=dt, device=device)
+    if g is not None:
+        lg = lg + g[b, bos:eos].to(dt)
+    if g_gamma is not None:
+        lg = lg + g_gamma.to(dt)
+    return lg
+
+
+def lion_recurrent_ref(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
+                       g_gamma: Optional[Tensor] = None, scale: Optional[float] = None,
+                       cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    """LION as a bidirectional RNN (the authors' RNN form): walking forwards the state decays by
+    the previous token's gate before adding token t, walking backwards by the next token's;
+    o_t = scale q_t^T (S^F_t + S^B_t) minus the diagonal counted twice."""
+    B, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    dt, out_dtype = _acc_dtype(q), v.dtype
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    o = torch.zeros(B, T, H, v.shape[-1], dtype=dt, device=q.device)
+    for _, b, bos, eos in _segments(T, B, cu_seqlens):
+        lg = _lion_gates(g, g_gamma, b, bos, eos, H, dt, q.device)
+        for step, order in ((-1, range(bos, eos)), (1, range(eos - 1, bos - 1, -1))):
+            S = torch.zeros(H, K, v.shape[-1], dtype=dt, device=q.device)
+            for t in order:
+                if bos <= t + step < eos:  # the neighbour already walked past
+                    S = S * lg[t + step - bos].exp()[:, None, None]
+                S = S + k[b, t][..., None] * v[b, t][:, None, :]
+                o[b, t] += scale * torch.einsum("hk,hkv->hv", q[b, t], S)
+        for t in range(bos, eos):
+            qk = (q[b, t] * k[b, t]).sum(-1)
+            o[b, t] -= scale * qk[:, None] * v[b, t]
+    return o.to(out_dtype)
