@@ -1,0 +1,244 @@
+"""Multi-process harness of the context-parallel tests: gloo ranks on CPU, spawned with a free
+port and a deadline (a hang fails the test instead of blocking CI), and the parity cases.
+
+Every rank builds the same full inputs from one seed, computes the single-process result of the
+public op itself, then runs the CP wrapper on its slice; the losses are sum(o * do) + sum(ht *
+dht), and the CP gradients of the full (sliced-from) inputs are summed over the ranks with an
+all_reduce before the comparison, as are the final states (each rank holds the rows of the
+sequences ending on it)."""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import traceback
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lightning_ops as lo
+import lightning_ops.cp as cp
+
+
+# ------------------------------------------------------------------------------------------------
+# spawning
+# ------------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        fn(rank, world, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world: int, fn: Callable, *args, timeout: float = 150.0) -> None:
+    """Run fn(rank, world, *args) on `world` gloo ranks; re-raise the first failure; kill every
+    rank and fail after `timeout` seconds."""
+    ctx = mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CP ranks still running after {timeout:.0f}s (a hang?)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+# ------------------------------------------------------------------------------------------------
+# cases: (inputs {name: (tensor, seq_dim | None)}, call(inputs, cu_seqlens, cp_context))
+# ------------------------------------------------------------------------------------------------
+def _qkv(B, T, H, K, V, dtype, HV=None):
+    HV = HV or H
+    q = torch.randn(B, T, H, K, dtype=dtype)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, dtype=dtype), dim=-1)
+    v = torch.randn(B, T, HV, V, dtype=dtype)
+    return q, k, v
+
+
+def make_case(family: str, B: int, T: int, N: int, dtype, H=2, K=8, V=6):
+    """Full inputs (requires_grad leaves) and the call of one family's op."""
+    q, k, v = _qkv(B, T, H, K, V, dtype)
+    logsig = torch.nn.functional.logsigmoid
+    h0 = torch.randn(N, H, K, V, dtype=torch.float64 if dtype == torch.float64 else
+                     torch.float32)
+    ins: Dict[str, Tuple[torch.Tensor, Optional[int]]] = {
+        "q": (q, 1), "k": (k, 1), "v": (v, 1), "h0": (h0, None)}
+    if family == "linear_attn":
+        def call(x, cu, ctx, m=lo):
+            return (m if ctx is None else cp).chunk_linear_attn(
+                x["q"], x["k"], x["v"], initial_state=x["h0"], output_final_state=True,
+                cu_seqlens=cu, **({} if ctx is None else {"cp_context": ctx}))
+    elif family == "simple_gla":
+        ins["g"] = (logsig(torch.randn(B, T, H, dtype=dtype)), 1)
+        ins["g_gamma"] = (-torch.rand(H, dtype=dtype) * 0.3, None)
+
+        def call(x, cu, ctx):
+            return (lo if ctx is None else cp).chunk_simple_gla(
+                x["q"], x["k"], x["v"], g=x["g"], g_gamma=x["g_gamma"], initial_state=x["h0"],
+                output_final_state=True, cu_seqlens=cu,
+                **({} if ctx is None else {"cp_context": ctx}))
+    elif family == "gla":
+        ins["g"] = (logsig(torch.randn(B, T, H, K, dtype=dtype)) * 0.5, 1)
+
+        def call(x, cu, ctx):
+            return (lo if ctx is None else cp).chunk_gla(
+                x["q"], x["k"], x["v"], x["g"], initial_state=x["h0"], output_final_state=True,
+                cu_seqlens=cu, **({} if ctx is None else {"cp_context": ctx}))
+    elif family in ("delta", "gated_delta", "kda"):
+        ins["beta"] = (torch.rand(B, T, H, dtype=dtype), 1)
+        if family == "gated_delta":
+            ins["g"] = (logsig(torch.randn(B, T, H, dtype=dtype)), 1)
+        if family == "kda":
+            ins["g"] = (logsig(torch.randn(B, T, H, K, dtype=dtype)) * 0.5, 1)
+
+        def call(x, cu, ctx):
+            m = lo if ctx is None else cp
+            kw = {"initial_state": x["h0"], "output_final_state": True, "cu_seqlens": cu}
+            if ctx is not None:
+                kw["cp_context"] = ctx
+            if family == "delta":
+                return m.chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], **kw)
+            if family == "gated_delta":
+                return m.chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"],
+                                                use_qk_l2norm_in_kernel=True, **kw)
+            return m.chunk_kda(x["q"], x["k"], x["v"], x["g"], x["beta"], **kw)
+    elif family == "ssd":
+        h, p, n, g = 4, 6, 8, 2
+        ins = {
+            "x": (torch.randn(B, T, h, p, dtype=dtype), 1),
+            "dt": (torch.randn(B, T, h, dtype=dtype) * 0.5, 1),
+            "A": (-torch.rand(h, dtype=dtype) - 0.2, None),
+            "B": (torch.randn(B, T, g, n, dtype=dtype), 1),
+            "C": (torch.randn(B, T, g, n, dtype=dtype), 1),
+            "D": (torch.randn(h, dtype=dtype), None),
+            "z": (torch.randn(B, T, h, p, dtype=dtype), 1),
+            "dt_bias": (torch.randn(h, dtype=dtype) * 0.1, None),
+            "h0": (torch.randn(N, h, p, n, dtype=h0.dtype), None),
+        }
+
+        def call(x, cu, ctx):
+            m = lo if ctx is None else cp
+            return m.mamba_chunk_scan_combined(
+                x["x"], x["dt"], x["A"], x["B"], x["C"], 16, D=x["D"], z=x["z"],
+                dt_bias=x["dt_bias"], initial_states=x["h0"], cu_seqlens=cu, dt_softplus=True,
+                dt_limit=(0.01, 5.0), return_final_states=True,
+                **({} if ctx is None else {"cp_context": ctx}))
+    elif family == "conv":
+        D, W = 5, 4
+        ins = {"x": (torch.randn(B, D, T, dtype=dtype), 2),
+               "w": (torch.randn(D, W, dtype=dtype), None),
+               "b": (torch.randn(D, dtype=dtype), None),
+               "h0": (torch.randn(N, D, W - 1, dtype=dtype), None)}
+
+        def call(x, cu, ctx):
+            if ctx is not None:
+                return cp.causal_conv1d_fn(x["x"], x["w"], x["b"], initial_states=x["h0"],
+                                           return_final_states=True, activation="silu",
+                                           cp_context=ctx)
+            return conv_reference(x["x"], x["w"], x["b"], x["h0"], cu)
+    else:
+        raise ValueError(family)
+    for t, _ in ins.values():
+        t.requires_grad_(True)
+    return ins, call
+
+
+def conv_reference(x, w, b, h0, cu):
+    """Single process: the public causal_conv1d_fn, per sequence for packed batches (its
+    initial_states are per batch row)."""
+    if cu is None:
+        return lo.causal_conv1d_fn(x, w, b, initial_states=h0, return_final_states=True,
+                                   activation="silu")
+    outs, fins = [], []
+    c = cu.tolist()
+    for n in range(len(c) - 1):
+        xs = x[..., c[n]:c[n + 1]]
+        if xs.shape[-1] == 0:  # (the public op rejects L=0 with initial_states)
+            outs.append(xs)
+            fins.append(h0[n:n + 1])
+            continue
+        o, f = lo.causal_conv1d_fn(xs, w, b, initial_states=h0[n:n + 1],
+                                   return_final_states=True, activation="silu")
+        outs.append(o)
+        fins.append(f)
+    return torch.cat(outs, dim=-1), torch.cat(fins)
+
+
+FAMILIES = ["linear_attn", "simple_gla", "gla", "delta", "gated_delta", "kda", "ssd", "conv"]
+
+
+def check_parity(rank: int, world: int, family: str, B: int, T: int,
+                 cu_list: Optional[List[int]], dtype, tol: float,
+                 bounds: Optional[List[int]] = None, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    cu = None if cu_list is None else torch.tensor(cu_list, dtype=torch.int32)
+    N = B if cu is None else len(cu_list) - 1
+    ins, call = make_case(family, B, T, N, dtype)
+    o_ref, ht_ref = call({k_: t for k_, (t, _) in ins.items()}, cu, None)
+    torch.manual_seed(seed + 1)
+    do = torch.randn_like(o_ref)
+    dht = torch.randn_like(ht_ref)
+    leaves = [t for t, _ in ins.values()]
+    g_ref = torch.autograd.grad((o_ref * do).sum() + (ht_ref * dht).sum(), leaves,
+                                allow_unused=True)
+
+    ctx = cp.build_cp_context(cu, bounds=bounds)
+    if bounds is None:
+        bounds = [r * T // world for r in range(world + 1)]
+    s, e = bounds[rank], bounds[rank + 1]
+    local = {k_: (t if d is None else t.narrow(d, s, e - s)) for k_, (t, d) in ins.items()}
+    o, ht = call(local, None, ctx)
+    sd = 2 if family == "conv" else 1
+    loss = (o * do.narrow(sd, s, e - s)).sum() + (ht * dht).sum()
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    where = f"{family} world={world} rank={rank} B={B} cu={cu_list} bounds={bounds}"
+    # every collective first (a failed comparison must not leave the other ranks waiting)
+    ht = ht.detach().clone()
+    dist.all_reduce(ht)
+    summed = []
+    for g_cp, g_1 in zip(grads, g_ref):
+        g_cp = torch.zeros_like(g_1) if g_cp is None else g_cp.detach().clone()
+        dist.all_reduce(g_cp)
+        summed.append(g_cp)
+    _close(f"o [{where}]", o, o_ref.narrow(sd, s, e - s), tol)
+    _close(f"final state [{where}]", ht, ht_ref, tol)
+    for name, g_cp, g_1 in zip(ins, summed, g_ref):
+        _close(f"d{name} [{where}]", g_cp, g_1, tol)
+
+
+def _close(name: str, a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
+    assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    assert torch.isfinite(a).all(), f"{name}: non-finite"
+    err = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def worker_all(rank: int, world: int, cases: list) -> None:
+    """Run every (family, B, T, cu, dtype, tol, bounds) case; collect failures, fail at the end."""
+    failures = []
+    for case in cases:
+        try:
+            check_parity(rank, world, *case)
+        except AssertionError as exc:
+            failures.append(str(exc))
+        except Exception:  # noqa: BLE001
+            failures.append(f"{case[0]}: {traceback.format_exc()}")
+    if failures:
+        raise AssertionError(f"rank {rank}: {len(failures)} failing:\n" + "\n".join(failures))
