@@ -563,8 +563,7 @@ def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, df
         dpre = dout.to(acc)
         if activation == "silu":
             pre = _conv_pre(xin, wf, None if bias is None else bias.to(acc), pad, W)
-            s = torch.sigmoid(pre)
-            dpre = dpre * s * (1 + pre * (1 - s))
+            dpre = torch.ops.aten.silu_backward(dpre, pre)  # one fused pass
         if pad is None:  # the conv's output is [b, d, L+W-1], of which the first L are kept
             dpre_full = F.pad(dpre, (0, W - 1))
         else:
