@@ -41,3 +41,10 @@ __all__ = [
     "GatedLinearAttention", "LightningAttention", "DeltaNet", "GatedDeltaNet", "KimiDeltaAttention", "Mamba", "Mamba2",
     "CausalLM", "make_mixer", "MIXERS",
 ]
+
+from .hedgehog import HedgehogAttention, HedgehogFeatureMap, hedgehog_distillation_loss
+from .hgrn2 import HGRN2Attention
+from .lion import LION
+
+__all__ += ["LION", "HGRN2Attention", "HedgehogAttention", "HedgehogFeatureMap",
+            "hedgehog_distillation_loss"]
