@@ -242,3 +242,40 @@ def worker_all(rank: int, world: int, cases: list) -> None:
             failures.append(f"{case[0]}: {traceback.format_exc()}")
     if failures:
         raise AssertionError(f"rank {rank}: {len(failures)} failing:\n" + "\n".join(failures))
+
+
+def check_comm_volume(rank: int, world: int) -> None:
+    """Bytes per rank of one CP op call: fixed by (B, H, K, V), not by T; as stated in the
+    README: forward all-gather (world-1) * n_cross * (H K V + H K) * 4 bytes received for GLA."""
+    B, H, K, V = 2, 2, 8, 6
+    seen = []
+    for T_local in (4, 32):
+        torch.manual_seed(0)
+        q, k, v = _qkv(B, T_local, H, K, V, torch.float32)
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T_local, H, K))
+        for t in (q, k, v, g):
+            t.requires_grad_(True)
+        ctx = cp.build_cp_context(None)
+        o, _ = cp.chunk_gla(q, k, v, g, cp_context=ctx)
+        fwd = ctx.bytes_received
+        o.sum().backward()
+        seen.append((fwd, ctx.bytes_received - fwd, ctx.collectives))
+    per_summary = B * (H * K * V + H * K) * 4
+    assert seen[0] == seen[1], f"communication grows with T: {seen}"
+    assert seen[0][0] == (world - 1) * per_summary, (seen, per_summary)
+    assert seen[0][2] == 2, f"expected one collective forward and one backward, got {seen}"
+
+
+def worker_suite(rank: int, world: int, cases: list, extras: tuple = ()) -> None:
+    failures = []
+    for name in extras:
+        try:
+            globals()[name](rank, world)
+        except Exception:  # noqa: BLE001
+            failures.append(f"{name}: {traceback.format_exc()}")
+    try:
+        worker_all(rank, world, cases)
+    except AssertionError as exc:
+        failures.append(str(exc))
+    if failures:
+        raise AssertionError("\n".join(failures))
