@@ -58,7 +58,7 @@ def _acc(x: Tensor) -> torch.dtype:
 # backward walks the blocks in reverse, rebuilding one block's states from its saved entry state
 # (a block's recompute, in cache) and running the adjoint recurrence
 # g_t = C_t dy_t + a_{t+1} g_{t+1} the same way.
-_SCAN_BLOCK_BYTES = 1 << 18  # per [T, b, D, N] buffer; picked by measurement (see tools/)
+_SCAN_BLOCK_BYTES = 1 << 18  # per [T, b, D, N] buffer (2-3 live: ~L2-sized); not yet swept
 _SCAN_BLOCK_MIN, _SCAN_BLOCK_MAX = 8, 64
 
 
