@@ -48,3 +48,7 @@ from .lion import LION
 
 __all__ += ["LION", "HGRN2Attention", "HedgehogAttention", "HedgehogFeatureMap",
             "hedgehog_distillation_loss"]
+
+from .mom import MomAttention, load_balancing_loss
+
+__all__ += ["MomAttention", "load_balancing_loss"]

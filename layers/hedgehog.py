@@ -188,8 +188,8 @@ class HedgehogAttention(FlaMixer):
                                     attention_mask: Optional[Tensor] = None) -> Tensor:
         """Hedgehog's conversion loss on this layer's q / k projections (copied from the softmax
         model being converted): the student's normalised weights against the causal softmax
-        weights softmax(q k^T / sqrt(head_k_dim)). Train the feature maps on it (quadratic in
-        T: use short sequences)."""
-        q, k = self._qk(hidden_states)
+        weights softmax(q k^T / sqrt(head_k_dim)); q and k are detached, so only the feature maps
+        get a gradient (the paper's first stage). Quadratic in T: use short sequences."""
+        q, k = (t.detach() for t in self._qk(hidden_states))  # the backbone stays frozen
         return hedgehog_distillation_loss(q, k, self.feature_map_q, self.feature_map_k,
                                           causal=True, attention_mask=attention_mask)
