@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import env, load, registry, report, roofline, stats, timing
-from .registry import DTYPES, MODES, OPS, PROVIDERS, Case, Config, main_output
+from .registry import DTYPES, MODES, OPS, OURS, PROVIDERS, Case, Config, main_output
 from .report import Result
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -97,7 +97,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="time the same cases in the current tree and at git revision REV, "
                         "interleaved; print speedups with 95%% intervals")
     p.add_argument("--rounds", type=int, default=4,
-                   help="--compare: A/B rounds per case (default 4: A B A B A B A B)")
+                   help="interleaved rounds per case (default 4: A B A B A B A B): the "
+                        "providers of one case (ours, SDPA, ...) or, with --compare, the two "
+                        "revisions; speedups come from the paired rounds")
     p.add_argument("--max-case-s", type=float, help="skip a case predicted to take longer")
     p.add_argument("--budget-s", type=float, help="time budget of the whole run")
     p.add_argument("--list", action="store_true", help="list ops and providers, then exit")
@@ -207,10 +209,12 @@ class Runner:
     def __init__(self, s: registry.Suite, device: torch.device, info: Dict[str, str],
                  peaks: Optional[roofline.Peaks], acc: Optional[Accuracy], threads: int,
                  max_case_s: float, budget_s: float, t0: Optional[float] = None,
-                 quiet: bool = False):
+                 quiet: bool = False, rounds: int = 4):
         self.s, self.device, self.info, self.peaks, self.acc, self.threads = \
             s, device, info, peaks, acc, threads
         self.quiet = quiet
+        self.rounds = rounds
+        self.grouped: Dict[Case, Result] = {}   # results of cases timed in interleaved groups
         self.monitor: Optional[load.Monitor] = None
         self.max_case_s, self.budget_s = max_case_s, budget_s
         self.t0 = time.monotonic() if t0 is None else t0
@@ -367,6 +371,12 @@ class Runner:
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+        return self._ok_result(case, t, err, err_note, t0)
+
+    def _ok_result(self, case: Case, t: timing.Timing, err: float, err_note: str, t0: float,
+                   **extra) -> Result:
+        spec = case.spec
+        dtype = DTYPES[case.dtype]
         med = t.median_s
         if t.others != t.others and self.monitor is not None:  # too short to sample alone
             t.others = self.monitor.around(t0, time.monotonic())
@@ -387,14 +397,143 @@ class Runner:
                          ci_lo_ms=1e3 * lo, ci_hi_ms=1e3 * hi, others=t.others, noisy=t.noisy,
                          reps=t.reps, tokens_per_s=spec.tokens(case.cfg) / med,
                          peak_mb=t.peak_mb, max_rel_err=err, flops=flops, bytes=nbytes,
-                         note=note, **ach)
-        self.done[key] = r
+                         note=note, **ach, **extra)
         return r
+
+    # --------------------------------------------------------------------------------------
+    # The providers of one case, interleaved: A B A B ... rounds, speedups from paired rounds
+    # --------------------------------------------------------------------------------------
+    @staticmethod
+    def groups(cases: Sequence[Case]) -> Dict[Case, Tuple[Case, ...]]:
+        """case -> the cases timed together with it: same op, shape, mode and dtype, every
+        provider but the reference (timed alone, in a child process), when there are two or
+        more of them."""
+        by: Dict[Tuple, List[Case]] = {}
+        for c in cases:
+            if c.provider != "reference":
+                by.setdefault((c.op, c.cfg, c.mode, c.dtype), []).append(c)
+        return {c: tuple(g) for g in by.values() if len(g) > 1 for c in g}
+
+    def _skip_reason(self, case: Case, limit: float) -> Optional[str]:
+        if limit <= 1:
+            return "out of the run's time budget"
+        pred = self.predict(case)
+        # what the case needs at least: one call when slow, else warm-up + a call per round
+        need = None if pred is None else (
+            pred if pred >= self.once_over_s else pred * (2 + self.rounds))
+        if need is not None and need > limit:
+            why = "the run's remaining budget" if limit < self.max_case_s else "the per-case cap"
+            return (f"predicted ~{pred:.0f} s per call, over {limit:.0f} s ({why}; raise with "
+                    f"--max-case-s/--budget-s)")
+        return None
+
+    def run_group(self, group: Sequence[Case]) -> Dict[Case, Result]:
+        """Time the providers of one case interleaved (stats.interleave_rounds, as --compare
+        does for revisions): each provider is warmed up (and its accuracy checked), then every
+        round times each provider for about suite.round_s seconds, in turn. A row's median and
+        interval pool its rounds; each peer's speedup against our fastest provider comes from the
+        paired rounds (stats.paired_speedup_ci), so load that changes between rounds cancels.
+        A provider whose first call takes once_over_s or more is timed once, outside the rounds
+        (its comparison is then unpaired)."""
+        res: Dict[Case, Result] = {}
+        live = []  # (case, step, first call s, err, err_note, peak_mb, t0)
+        for case in group:
+            limit = min(self.max_case_s, self.remaining())
+            why = self._skip_reason(case, limit)
+            if why:
+                res[case] = self._result(case, status="skipped", note=why)
+                continue
+            run = registry.provider_function(case.provider, OPS[case.op])
+            spec, dtype = case.spec, DTYPES[case.dtype]
+            err, err_note = float("nan"), ""
+            t0 = time.monotonic()
+            step = None
+            try:
+                with timing.time_limit(limit):
+                    if self.acc is not None:  # also the one-time warm-up of this (op, provider)
+                        err, err_note = self.acc(case, run)
+                    else:
+                        self._warm(case, run)
+                    sets = timing.n_input_sets(spec.bytes(case.cfg, dtype, "fwd"), self.device)
+                    step = timing.build_step(case, spec, run, self.device, sets)
+                    with timing.CudaPeakMemory(self.device) as mem:
+                        prev = torch.get_num_threads()
+                        torch.set_num_threads(self.threads)
+                        try:
+                            t1 = time.perf_counter()
+                            step(0)
+                            timing._sync(self.device)
+                            first = time.perf_counter() - t1
+                        finally:
+                            torch.set_num_threads(prev)
+            except timing.CaseTimeout as e:
+                self.history.setdefault(self._hkey(case), []).append((case.cfg.T, limit))
+                res[case] = self._result(case, status="timeout", note=str(e), max_rel_err=err)
+                continue
+            except Exception as e:  # noqa: BLE001 - one broken provider must not end the run
+                res[case] = self._result(case, status="error", note=_short(e), max_rel_err=err)
+                continue
+            if first >= self.once_over_s:
+                t = timing.Timing([first], mem.mb, f"timed once ({first:.1f} s per call), no "
+                                                   f"warm-up", once=True)
+                res[case] = self._ok_result(case, t, err, err_note, t0)
+                step = None
+                continue
+            live.append((case, step, first, err, err_note, mem.mb, t0))
+        if live:
+            round_s = self.s.round_s
+            per_round = sum(max(round_s, first) for _, _, first, *_ in live)
+            rounds = self.rounds
+            fit = int(max(self.remaining(), 0) * 0.8 // max(per_round, 1e-9))
+            if fit < rounds:  # shrink to what the budget allows (an interval needs 2)
+                rounds = max(2, fit)
+            samplers = [timing.round_sampler(step, self.device, threads=self.threads,
+                                             round_s=round_s, call_s=first)
+                        for _, step, first, *_ in live]
+            cpus = len(load.usable_cpus())
+            t0 = time.monotonic()
+            try:
+                with load.Sampler() as ls, timing.time_limit(
+                        max(self.max_case_s, 3 * per_round * rounds)):
+                    per, order = stats.interleave_rounds(samplers, rounds)
+            except timing.CaseTimeout as e:
+                for case, *_ in live:
+                    res[case] = self._result(case, status="timeout", note=str(e))
+                return res
+            except Exception as e:  # noqa: BLE001
+                for case, *_ in live:
+                    res[case] = self._result(case, status="error", note=_short(e))
+                return res
+            finally:
+                samplers = None  # noqa: F841 - free the inputs and graphs
+                live = [(c, None, *rest) for c, _, *rest in live]
+                gc.collect()
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            noisy = load.is_noisy(ls.others, self.threads, cpus)
+            pooled = [[x for r in rs for x in r] for rs in per]
+            ours = [j for j, (c, *_) in enumerate(live) if c.provider in OURS]
+            best = min(ours, key=lambda j: statistics.median(pooled[j]), default=None)
+            for j, (case, _, first, err, err_note, peak, t_start) in enumerate(live):
+                t = timing.Timing(pooled[j], peak, "", others=ls.others, noisy=noisy)
+                extra = {"rounds": rounds}
+                if best is not None and case.provider not in OURS:
+                    sp = stats.paired_speedup_ci(per[best], per[j])
+                    extra.update(speedup=sp.ratio, speedup_lo=sp.lo, speedup_hi=sp.hi,
+                                 speedup_vs=live[best][0].provider)
+                res[case] = self._ok_result(case, t, err, err_note, t_start, **extra)
+        return res
 
     def run(self, cases: Sequence[Case]) -> List[Result]:
         out = []
+        groups = self.groups(cases)
         for i, c in enumerate(cases):
-            r = self.run_case(c)
+            if c in groups:
+                if c not in self.grouped:
+                    self.grouped.update(self.run_group(groups[c]))
+                r = self.grouped[c]
+            else:
+                r = self.run_case(c)
             out.append(r)
             if self.quiet:
                 continue
@@ -402,7 +541,13 @@ class Runner:
                 what = (f"{report._num(r.median_ms)} ms"
                         + (f" [{report._num(r.ci_lo_ms)}-{report._num(r.ci_hi_ms)}]"
                            if r.reps > 1 else " (timed once)")
-                        + f", {r.reps} samples" + (", noisy" if r.noisy else ""))
+                        + f", {r.reps} samples"
+                        + (f" in {r.rounds} interleaved rounds" if r.rounds else "")
+                        + (", noisy" if r.noisy else ""))
+                if not math.isnan(r.speedup):
+                    what += (f"; {r.speedup_vs} vs {r.provider}: "
+                             + stats.Speedup(r.speedup, r.speedup_lo, r.speedup_hi, 0, 0)
+                             .text(r.speedup_vs, r.provider))
             else:
                 what = f"{r.status}: {r.note}"
             log.info(f"[{i + 1}/{len(cases)}] {c.op} {c.provider} T{c.cfg.T} {c.mode} "
@@ -535,7 +680,7 @@ def _main(args, handlers) -> int:
     acc = None if args.no_err else Accuracy(s.err_cfg, device)
     runner = Runner(s, device, info, peaks, acc, threads,
                     args.max_case_s or s.max_case_s, args.budget_s or s.budget_s, t0=t_start,
-                    quiet=args.quiet)
+                    quiet=args.quiet, rounds=args.rounds)
     with load.Monitor() as runner.monitor:
         results = runner.run(cases)
     log.info(report.table(results, acc.header(dtypes) if acc else ""))
@@ -548,11 +693,22 @@ def _main(args, handlers) -> int:
                "measured matmul peak) are for the main mode; formulas in "
                "benchmarks/registry.py"
              + ("; peak MB: allocator peak above the inputs" if device.type == "cuda" else ""))
+    spt = report.speedup_table(results)
+    if spt:
+        log.info("")
+        log.info(f"speedups: a peer's time / our fastest provider's, same op, shape and mode; "
+                 f"both timed in {args.rounds} interleaved rounds (A B A B ...), the 95% "
+                 f"interval from the paired rounds; 'no significant difference' when it "
+                 f"covers 1x")
+        for line in spt:
+            log.info("  " + line)
+        log.info("")
     lines = report.summary(results)
     if s.name == "cpu":
         lines += report.cpu_targets(results)
-    log.info("summary (our fastest backend vs each peer, same op, shape and mode; >1x = we are "
-             "faster; [95% interval]):" if lines else
+    log.info("summary (our fastest backend vs each peer, same op, shape and mode, timed in "
+             "interleaved rounds; >1x = we are faster; [95% interval from the paired rounds]):"
+             if lines else
              "summary: no peer measured alongside our ops")
     for line in lines:
         log.info("  " + line)

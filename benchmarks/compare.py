@@ -9,8 +9,10 @@ confidence?
    current lightning_ops, one REV's, both with the same --threads. Each case is then timed
    A, B, A, B, ... (`--rounds` rounds), each round several calls (Timer.adaptive_autorange), so a
    change of load during the run hits both sides alike.
-4. speedup = median time at REV / median time now (>1: the current code is faster), with its
-   95 % bootstrap interval; "no significant difference" when the interval covers 1.
+4. speedup = time at REV / time now (>1: the current code is faster), from the paired rounds
+   (stats.paired_speedup_ci: the geometric mean of each round's ratio), with its 95 % bootstrap
+   interval; "no significant difference" when the interval covers 1. The main run times the
+   providers of one case the same way (stats.interleave_rounds, in one process).
 """
 from __future__ import annotations
 
@@ -123,11 +125,12 @@ def interleaved(sides: Sequence[Side], case: Case, device: str, threads: int, ro
         sample(a)()  # warm-up round on each side (first-call costs), not counted
         sample(b)()
         noisy.clear()
-        ta, tb, order = stats.interleave(sample(a), sample(b), rounds)
+        (ra, rb), order = stats.interleave_rounds([sample(a), sample(b)], rounds)
     except CompareError as e:
         return Row(case, None, error=str(e))
-    sp = stats.speedup_ci(ta, tb)
+    sp = stats.paired_speedup_ci(ra, rb)
     import statistics
+    ta, tb = [x for r in ra for x in r], [x for r in rb for x in r]
     return Row(case, sp, 1e3 * statistics.median(ta), 1e3 * statistics.median(tb), any(noisy),
                order)
 

@@ -445,6 +445,7 @@ class Suite:
     min_time_s: float = 0.3    # measured time per case at least (then until IQR < 10 % ...)
     max_time_s: float = 1.5    # ... or this much measured time
     once_over_s: float = 5.0   # a first call this slow is the only one (reported as such)
+    round_s: float = 0.1       # time per provider per interleaved round (at least one call)
 
 
 def suite(name: str) -> Suite:
@@ -458,11 +459,12 @@ def suite(name: str) -> Suite:
         return Suite("quick", "cpu", "fp32", ("fwd", "fwd+bwd"), Config(1, 64, 2, 32, 32),
                      (64, 128), (), Config(B=1, T=40, H=1, K=16, V=24, ssd_chunk=16),
                      max_case_s=20.0, budget_s=60.0, min_time_s=0.02, max_time_s=0.1,
-                     once_over_s=2.0)
+                     once_over_s=2.0, round_s=0.02)
     if name == "gpu":
         return Suite("gpu", "cuda", "bf16", MODES, Config(2, 2048, 16, 128, 128),
                      (2048, 4096, 8192, 16384), (),
-                     max_case_s=20.0, budget_s=400.0, min_time_s=0.1, max_time_s=0.4)
+                     max_case_s=20.0, budget_s=400.0, min_time_s=0.1, max_time_s=0.4,
+                     round_s=0.05)
     raise ValueError(f"unknown suite {name!r}: cpu, quick or gpu")
 
 

@@ -51,16 +51,22 @@ class Result:
     H: int = 0
     K: int = 0
     V: int = 0
+    rounds: int = 0                   # interleaved rounds the row's samples came from
+    # on a peer's row: its time / our fastest provider's (speedup_vs), from the paired rounds
+    speedup: float = float("nan")
+    speedup_lo: float = float("nan")
+    speedup_hi: float = float("nan")
+    speedup_vs: str = ""
 
     def key(self) -> Tuple:
         return (self.op, self.provider, self.mode, self.shape, self.dtype)
 
 
 CSV_FIELDS = [f.name for f in fields(Result)]
-_INT = {"T", "reps", "B", "H", "K", "V", "threads"}
+_INT = {"T", "reps", "B", "H", "K", "V", "threads", "rounds"}
 _BOOL = {"noisy"}
 _STR = {"op", "provider", "mode", "shape", "dtype", "device", "torch", "triton", "git_rev",
-        "date", "status", "note"}
+        "date", "status", "note", "speedup_vs"}
 
 
 def _fmt_csv(v) -> str:
@@ -80,7 +86,9 @@ def write_csv(path: str, results: Iterable[Result]) -> int:
     for r in results:
         if r.status != "ok":
             continue
-        if r.provider == "sdpa":
+        if r.provider == "sdpa" and math.isnan(r.speedup):
+            # one measurement shown under every op: stored once per shape. (SDPA timed in
+            # interleaved rounds with one op is that op's own measurement: kept under it.)
             r = Result(**{**r.__dict__, "op": "sdpa_causal"})
         if r.key() not in seen:
             seen.add(r.key())
@@ -260,15 +268,30 @@ def _ends(r: Result) -> Tuple[float, float]:
     return r.ci_lo_ms, r.ci_hi_ms
 
 
+def paired(r: Result) -> bool:
+    """A peer's row whose speedup came from rounds interleaved with our provider."""
+    return not math.isnan(r.speedup) and bool(r.speedup_vs)
+
+
 def speedups(results: Sequence[Result], peer: str
              ) -> List[Tuple[float, Result, Result, float, float]]:
-    """(peer time / our best time, ours, peer, lo, hi) for every shape both measured; lo-hi is
-    the ratio of the two medians' 95 % intervals (conservative: their far ends)."""
+    """(peer time / our best time, ours, peer, lo, hi) for every shape both measured. When the
+    two were timed in interleaved rounds, the speedup and its 95 % interval come from the paired
+    rounds (stats.paired_speedup_ci); else lo-hi is the ratio of the two medians' 95 %
+    intervals (conservative: their far ends), which a busy machine makes unreliable."""
     best = _ours_best(results)
     out = []
     for r in results:
         if r.provider == peer and r.status == "ok":
-            ours = best.get((r.op, r.T, r.shape, r.mode, r.dtype))
+            k = (r.op, r.T, r.shape, r.mode, r.dtype)
+            if paired(r):
+                ours = next((o for o in results if o.provider == r.speedup_vs
+                             and o.status == "ok" and (o.op, o.T, o.shape, o.mode, o.dtype) == k),
+                            None)
+                if ours is not None:
+                    out.append((r.speedup, ours, r, r.speedup_lo, r.speedup_hi))
+                    continue
+            ours = best.get(k)
             if ours is not None and ours.median_ms > 0:
                 (olo, ohi), (plo, phi) = _ends(ours), _ends(r)
                 out.append((r.median_ms / ours.median_ms, ours, r, plo / ohi, phi / olo))
@@ -276,6 +299,8 @@ def speedups(results: Sequence[Result], peer: str
 
 
 def verdict(lo: float, hi: float) -> str:
+    if math.isnan(lo) or math.isnan(hi):
+        return "undecided"
     if lo > 1:
         return "faster"
     if hi < 1:
@@ -293,7 +318,9 @@ def summary(results: Sequence[Result]) -> List[str]:
             continue
         win = [s for s in sp if verdict(s[3], s[4]) == "faster"]
         lose = [s for s in sp if verdict(s[3], s[4]) == "slower"]
-        tie = len(sp) - len(win) - len(lose)
+        und = [s for s in sp if verdict(s[3], s[4]) == "undecided"]
+        tie = len(sp) - len(win) - len(lose) - len(und)
+        unpaired = [s for s in sp if not paired(s[2])]
         tag = lambda s: f"{s[0]:.3g}x [{s[3]:.3g}-{s[4]:.3g}] {s[1].op} T{s[1].T} {s[1].mode}"  # noqa
         parts = [f"vs {peer}: faster in {len(win)}/{len(sp)}"]
         if win:
@@ -305,8 +332,35 @@ def summary(results: Sequence[Result]) -> List[str]:
                          (f", +{len(worst) - 3} more" if len(worst) > 3 else "") + ")")
         if tie:
             parts.append(f", no significant difference in {tie}/{len(sp)}")
+        if und:
+            parts.append(f", undecided in {len(und)}/{len(sp)}")
+        if unpaired:
+            parts.append(f"; {len(unpaired)} of these not interleaved (a side timed once or "
+                         f"alone: "
+                         + ", ".join(f"{s[1].op} T{s[1].T} {s[1].mode}" for s in unpaired[:3])
+                         + (f", +{len(unpaired) - 3} more" if len(unpaired) > 3 else "") + ")")
         lines.append(" ".join(parts).replace(" ,", ","))
     return lines
+
+
+def speedup_table(results: Sequence[Result]) -> List[str]:
+    """One line per (op, T, mode, peer): our fastest provider vs the peer, its 95 % interval and
+    the verdict; 'paired' when it comes from interleaved rounds."""
+    out = []
+    for peer in [p for p in PROVIDERS if p not in OURS]:
+        sp = speedups(results, peer)
+        if not sp:
+            continue
+        out.append(f"{'op':24s} {'T':>6s} {'mode':8s} {'ours':11s} {'peer':10s} "
+                   f"{'speedup [95% interval]':24s} verdict")
+        for x, o, p, lo, hi in sorted(sp, key=lambda s: (list(OPS).index(s[1].op), s[1].T,
+                                                          MODES.index(s[1].mode))):
+            v = verdict(lo, hi)
+            iv = f"{x:.3g}x [{lo:.3g}-{hi:.3g}]" if not math.isnan(lo) else f"{x:.3g}x"
+            out.append(f"{o.op:24s} {o.T:6d} {o.mode:8s} {o.provider:11s} {peer:10s} {iv:24s} "
+                       f"{'ours ' + v if v in ('faster', 'slower') else v}"
+                       + ("" if paired(p) else "  (not interleaved)"))
+    return out
 
 
 def holes(results: Sequence[Result]) -> List[str]:

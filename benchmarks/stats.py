@@ -1,6 +1,7 @@
 """The statistics the harness states: percentiles, a bootstrap interval for the median, a
-bootstrap interval for a speedup (ratio of medians), the verdict read off that interval, and the
-ABAB interleaving of two sides of a comparison.
+bootstrap interval for a speedup (unpaired: ratio of medians; paired: per interleaved round), the
+verdict read off that interval, and the A B A B ... interleaving of the sides of a comparison
+(two revisions, or the providers of one case).
 
 Pure Python, deterministic (seeded resampling), no timing in here: tests drive it with a
 synthetic timer of known noise.
@@ -110,21 +111,75 @@ def geomean_ci(speedups: Sequence[Speedup]) -> Tuple[float, float, float]:
     return g([s.ratio for s in ok]), g([s.lo for s in ok]), g([s.hi for s in ok])
 
 
+def interleave_rounds(samplers: Sequence[Callable[[], List[float]]], rounds: int,
+                      on_round: Callable[[int], None] = None
+                      ) -> Tuple[List[List[List[float]]], str]:
+    """Run the sides in turn, A B (C ...) A B ..., `rounds` times; each sampler call is one
+    side's sample of a round (one or more per-call times). Returns (per side, its samples per
+    round) and the order run, e.g. 'ABABAB'. Used by `--compare` (two revisions in two worker
+    processes) and by the main run (the providers of one case in this process), so a change of
+    load during the run hits every side of a round alike and the speedups come from paired
+    rounds (paired_speedup_ci). The side that starts alternates every round pair (ABBA ABBA ...)
+    would cancel a linear drift exactly; plain ABAB halves it and keeps the order easy to read,
+    which is what we do."""
+    per: List[List[List[float]]] = [[] for _ in samplers]
+    order = []
+    names = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    for i in range(rounds):
+        for j, sample in enumerate(samplers):
+            per[j].append(list(sample()))
+            order.append(names[j % len(names)])
+        if on_round is not None:
+            on_round(i + 1)
+    return per, "".join(order)
+
+
 def interleave(sample_a: Callable[[], List[float]], sample_b: Callable[[], List[float]],
                rounds: int, on_round: Callable[[int], None] = None
                ) -> Tuple[List[float], List[float], str]:
-    """Run A, B, A, B, ... `rounds` times each; each call returns one or more per-call times.
-    Returns (A's times, B's times, the order run, e.g. 'ABABAB'). The side that starts
-    alternates every round pair (ABBA ABBA ...) would cancel a linear drift exactly; plain ABAB
-    halves it and keeps the order easy to read, which is what we do."""
-    ta: List[float] = []
-    tb: List[float] = []
-    order = []
-    for i in range(rounds):
-        ta += sample_a()
-        order.append("A")
-        tb += sample_b()
-        order.append("B")
-        if on_round is not None:
-            on_round(i + 1)
-    return ta, tb, "".join(order)
+    """interleave_rounds for two sides, the rounds pooled: (A's times, B's times, order)."""
+    (ra, rb), order = interleave_rounds([sample_a, sample_b], rounds, on_round)
+    return [x for r in ra for x in r], [x for r in rb for x in r], order
+
+
+def paired_speedup_ci(rounds_a: Sequence[Sequence[float]], rounds_b: Sequence[Sequence[float]],
+                      confidence: float = CONFIDENCE, resamples: int = RESAMPLES,
+                      seed: int = 0) -> Speedup:
+    """B's time over A's (>1: A is faster) from interleaved rounds, paired by round.
+
+    Each round i gives r_i = median(B's calls in round i) / median(A's calls in round i): the
+    two samples of a round ran back to back, so a load that comes and goes between rounds
+    scales both and cancels in r_i. The speedup is the geometric mean of the r_i; its interval
+    is a two-level bootstrap: rounds resampled with replacement (the spread between rounds),
+    then each chosen round's calls resampled on each side (the spread within a round). With
+    fewer than two rounds the interval is unknown (nan): the verdict is 'undecided'."""
+    pairs = [(list(a), list(b)) for a, b in zip(rounds_a, rounds_b) if a and b]
+    n_a = sum(len(a) for a, _ in pairs)
+    n_b = sum(len(b) for _, b in pairs)
+    if not pairs:
+        return Speedup(float("nan"), float("nan"), float("nan"), 0, 0)
+
+    def logr(a, b):
+        ma, mb = statistics.median(a), statistics.median(b)
+        return math.log(mb / ma) if ma > 0 and mb > 0 else float("nan")
+
+    logs = [logr(a, b) for a, b in pairs]
+    logs_ok = [x for x in logs if not math.isnan(x)]
+    if not logs_ok:
+        return Speedup(float("nan"), float("nan"), float("nan"), n_a, n_b)
+    ratio = math.exp(sum(logs_ok) / len(logs_ok))
+    if len(pairs) < 2:
+        return Speedup(ratio, float("nan"), float("nan"), n_a, n_b)
+    rng = random.Random(seed)
+    k = len(pairs)
+    boot = []
+    for _ in range(resamples):
+        acc = 0.0
+        for _ in range(k):
+            a, b = pairs[rng.randrange(k)]
+            x = logr(rng.choices(a, k=len(a)) if len(a) > 1 else a,
+                     rng.choices(b, k=len(b)) if len(b) > 1 else b)
+            acc += 0.0 if math.isnan(x) else x
+        boot.append(math.exp(acc / k))
+    q = (1 - confidence) / 2
+    return Speedup(ratio, percentile(boot, 100 * q), percentile(boot, 100 * (1 - q)), n_a, n_b)

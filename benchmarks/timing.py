@@ -234,3 +234,38 @@ def _do_bench(fn: Callable[[], None], max_time_s: float) -> List[float]:
     except (TypeError, ValueError):  # an older triton without return_mode="all"
         ms = list(tt.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.2, 0.35, 0.5, 0.65, 0.8]))
     return [x / 1e3 for x in ms]
+
+
+def round_sampler(step: Callable[[int], None], device: torch.device, *, threads: int,
+                  round_s: float, call_s: float, start: int = 1) -> Callable[[], List[float]]:
+    """One side of an interleaved round (stats.interleave_rounds): each call of the returned
+    function times about `round_s` seconds of calls of step (inputs still rotated) and returns
+    the per-call times. Short calls: Timer.blocked_autorange (blocks sized so the timer's
+    overhead is negligible) on CPU, do_bench on GPU; calls of round_s / 3 or more (`call_s`, the
+    warm-up call's time): timed one by one, at least one per round. No warm-up here: the caller
+    ran one before the first round."""
+    counter = itertools.count(start)
+
+    def fn():
+        step(next(counter))
+
+    def sample() -> List[float]:
+        if device.type == "cuda":
+            return _do_bench(fn, round_s)
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            if call_s < round_s / 3:
+                from torch.utils.benchmark import Timer
+                m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads) \
+                    .blocked_autorange(min_run_time=round_s)
+                return list(m.times)
+            times: List[float] = []
+            while not times or sum(times) < round_s:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return times
+        finally:
+            torch.set_num_threads(prev)
+    return sample

@@ -23,13 +23,15 @@ def test_quick_cli_run_writes_table_csv_log_plots_and_report(tmp_path, capsys):
     assert "== chunk_linear_attn" in text and "== causal_conv1d_fn" in text
     assert "max rel err" in text and "summary" in text and "vs sdpa:" in text
     assert "not fully timed:" in text and "load during the run" in text
+    assert "interleaved rounds" in text and "speedup [95% interval]" in text
     assert "issue" not in text.lower()
     rows = report.read_csv(str(out / "results.csv"))
     got = {(r.op, r.provider, r.T, r.mode) for r in rows}
     for T in (32, 64):
         for m in ("fwd", "fwd+bwd"):
             assert ("chunk_linear_attn", "ours-torch", T, m) in got
-            assert ("sdpa_causal", "sdpa", T, m) in got
+            # SDPA timed in interleaved rounds with this op: its own row, with the speedup
+            assert ("chunk_linear_attn", "sdpa", T, m) in got
             assert ("causal_conv1d_fn", "ours-torch", T, m) in got
     for r in rows:
         assert r.median_ms > 0 and r.p20_ms <= r.median_ms <= r.p80_ms and r.tokens_per_s > 0
@@ -37,6 +39,10 @@ def test_quick_cli_run_writes_table_csv_log_plots_and_report(tmp_path, capsys):
         assert r.threads == 1 and r.others == r.others and r.load1 == r.load1
         if r.reps > 1:
             assert r.ci_lo_ms <= r.median_ms <= r.ci_hi_ms
+        if r.op == "chunk_linear_attn":  # ours and SDPA: timed in interleaved rounds
+            assert r.rounds >= 2
+        if r.provider == "sdpa":  # the speedup of ours vs SDPA, from the paired rounds
+            assert r.speedup_vs == "ours-torch" and r.speedup_lo <= r.speedup <= r.speedup_hi
         if r.provider == "ours-torch":  # fp32 torch path vs the float64 reference
             assert r.max_rel_err < 1e-4, (r.op, r.max_rel_err)
     assert sorted(os.listdir(out / "plots")) == ["gla.png", "ssm.png"]

@@ -115,3 +115,64 @@ def test_sampler_sees_a_busy_loop_in_another_process():
         p.kill()
         p.wait()
     assert s.others >= 0.7, s.others  # the loop is one core (plus whatever else runs)
+
+
+class RoundLoad:
+    """A machine whose load changes between rounds (x1 to x3 for a whole round, both sides of
+    the round alike) plus 5 % per-call noise: what separately timed rows cannot survive."""
+
+    def __init__(self, seed):
+        self.rng = random.Random(seed)
+        self.factor = 1.0
+
+    def next_round(self, _i=None):
+        self.factor = self.rng.uniform(1.0, 3.0)
+
+    def side(self, base, n=5):
+        def sample():
+            return [base * self.factor * self.rng.lognormvariate(0, 0.05) for _ in range(n)]
+        return sample
+
+
+@pytest.mark.parametrize("true_ratio,verdict", [(1.0, "no significant difference"),
+                                                (1.15, "faster"), (0.87, "slower")])
+def test_paired_rounds_survive_load_that_changes_between_rounds(true_ratio, verdict):
+    for seed in range(5):
+        m = RoundLoad(seed)
+        m.next_round()
+        per, order = stats.interleave_rounds([m.side(1.0), m.side(true_ratio)], 6,
+                                             on_round=m.next_round)
+        assert order == "AB" * 6 and [len(r) for r in per[0]] == [5] * 6
+        sp = stats.paired_speedup_ci(per[0], per[1], seed=seed)
+        assert sp.verdict == verdict, (seed, sp)
+        assert sp.lo <= sp.ratio <= sp.hi and abs(sp.ratio / true_ratio - 1) < 0.05
+        assert (sp.n_a, sp.n_b) == (30, 30)
+
+
+def test_unpaired_rows_under_changing_load_cannot_tell():
+    """The same data, each side's calls pooled and compared unpaired (separately timed rows):
+    the interval is several times wider and a real 15 % speedup is lost in it."""
+    widths = []
+    lost = 0
+    for seed in range(5):
+        m = RoundLoad(seed)
+        m.next_round()
+        per, _ = stats.interleave_rounds([m.side(1.0), m.side(1.15)], 6, on_round=m.next_round)
+        pa = stats.paired_speedup_ci(per[0], per[1], seed=seed)
+        un = stats.speedup_ci([x for r in per[0] for x in r], [x for r in per[1] for x in r],
+                              seed=seed)
+        widths.append((un.hi - un.lo) / (pa.hi - pa.lo))
+        lost += un.verdict != "faster"
+    assert min(widths) > 2 and lost >= 3, (widths, lost)
+
+
+def test_interleave_rounds_takes_any_number_of_sides_and_one_round_is_undecided():
+    calls = []
+    mk = lambda name, t: (lambda: calls.append(name) or [t])  # noqa: E731
+    per, order = stats.interleave_rounds([mk("a", 1.0), mk("b", 2.0), mk("c", 4.0)], 3)
+    assert order == "ABCABCABC" and "".join(calls) == "abcabcabc"
+    assert per[2] == [[4.0]] * 3
+    sp = stats.paired_speedup_ci(per[0], per[2])
+    assert sp.ratio == pytest.approx(4.0) and sp.lo == pytest.approx(4.0)
+    one = stats.paired_speedup_ci([[1.0, 1.1]], [[2.0, 2.1]])
+    assert one.ratio == pytest.approx(2.0, rel=0.05) and "undecided" in one.verdict
