@@ -50,3 +50,5 @@ __all__ += [
 from .lion.ops import lion_attn
 
 __all__ += ["lion_attn"]
+
+from . import cp  # noqa: E402  context parallel (lightning_ops.cp.build_cp_context + wrappers)
