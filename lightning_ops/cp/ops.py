@@ -37,7 +37,7 @@ over the ranks (all_reduce) assembles all of them.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +70,10 @@ def _local_h0(cp: CPContext, h0: Optional[Tensor]) -> Optional[Tensor]:
     here, zero for the piece continuing from the previous rank."""
     if h0 is None:
         return None
+    if not cp.dense and h0.shape[0] != cp.N:
+        raise ValueError(f"initial_state has {h0.shape[0]} rows (shape {list(h0.shape)}), but "
+                         f"the CP context's global cu_seqlens packs {cp.N} sequences: pass the "
+                         f"global [N, ...] initial states on every rank")
     if cp.dense:
         return h0 if cp.rank == 0 else None
     idx = torch.tensor([n for n, _, _ in cp.pieces], device=h0.device)

@@ -87,3 +87,18 @@ def test_without_context_is_the_public_op():
     o1, h1 = cp.chunk_linear_attn(q, k, v, output_final_state=True)
     o2, h2 = lo.chunk_linear_attn(q, k, v, output_final_state=True)
     assert torch.equal(o1, o2) and torch.equal(h1, h2)
+
+
+def test_varlen_context_errors_before_any_collective():
+    ctx = cp.build_cp_context(torch.tensor([0, 3, 8]), rank=0, world=2)  # rank 0: tokens 0..3
+    q, k, v = (torch.randn(1, 5, 2, 4) for _ in range(3))
+    with pytest.raises(ValueError, match="context gives this rank"):
+        cp.chunk_linear_attn(q, k, v, cp_context=ctx)
+    q, k, v = (torch.randn(2, 4, 2, 4) for _ in range(3))
+    with pytest.raises(ValueError, match="batch size must be 1"):
+        cp.chunk_linear_attn(q, k, v, cp_context=ctx)
+    q, k, v = (torch.randn(1, 4, 2, 4) for _ in range(3))
+    with pytest.raises(ValueError, match="packs 2 sequences"):
+        cp.chunk_linear_attn(q, k, v, initial_state=torch.zeros(3, 2, 4, 4), cp_context=ctx)
+    with pytest.raises(ValueError, match="GLOBAL cu_seqlens"):
+        cp.chunk_linear_attn(q, k, v, cu_seqlens=torch.tensor([0, 4]), cp_context=ctx)
