@@ -439,6 +439,10 @@ def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor],
               initial_states: Optional[Tensor], seq_idx: Optional[Tensor],
               return_final_states: bool, activation: str, backend: str
               ) -> Tuple[Tensor, Tensor]:
+    if is_empty(x):  # no tokens (b, d or L = 0): the history passes through unchanged
+        b, d, _ = x.shape
+        return x.new_zeros(x.shape), passthrough_state(
+            initial_states, (b, d, weight.shape[1] - 1), x, x.dtype, return_final_states)
     impl = _backend.implementation("conv", backend)
     out, final = impl.conv_forward(x, weight, bias, initial_states, seq_idx,
                                    return_final_states, activation)
@@ -457,6 +461,9 @@ def _conv_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, weight: Tensor,
               bias: Optional[Tensor], initial_states: Optional[Tensor],
               seq_idx: Optional[Tensor], activation: str, backend: str
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if is_empty(x):
+        return (torch.zeros_like(x), torch.zeros_like(weight), zeros_or_empty(bias, x),
+                passthrough_grad(dfinal, initial_states, x))
     impl = _backend.implementation("conv", backend)
     dx, dw, db, dh0 = impl.conv_backward(x, weight, bias, initial_states, seq_idx, activation,
                                          dout, dfinal)

@@ -257,3 +257,20 @@ def test_ssd_non_finite_token_never_reaches_earlier_outputs(bad, backend):
     assert torch.isfinite(y[:, :100]).all(), f"bad {bad} at 100 reached earlier tokens"
     assert rel_rms(y[:, :100], ry[:, :100]) <= 1e-5
     assert not torch.isfinite(y[:, 100]).all() and not torch.isfinite(ht).all()
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_causal_conv1d_empty_length(with_state):
+    """L = 0: empty output, the history passes through as the final state, gradients flow."""
+    x = torch.randn(2, 4, 0, requires_grad=True)
+    w = torch.randn(4, 4, requires_grad=True)
+    h0 = torch.randn(2, 4, 3, requires_grad=True) if with_state else None
+    out, final = lo.causal_conv1d_fn(x, w, initial_states=h0, return_final_states=True,
+                                     activation="silu")
+    assert out.shape == (2, 4, 0) and final.shape == (2, 4, 3)
+    if with_state:
+        assert torch.equal(final, h0)
+        final.sum().backward()
+        assert torch.equal(h0.grad, torch.ones_like(h0)) and torch.equal(w.grad, torch.zeros_like(w))
+    else:
+        assert torch.equal(final, torch.zeros(2, 4, 3))
