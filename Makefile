@@ -31,7 +31,7 @@ $(STAMP): setup.py pyproject.toml
 
 # The CPU suite; Triton kernels run through the interpreter (set before any kernel import).
 test: $(STAMP) sm90-env
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider
+	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider --durations=30
 
 # GPU lane: the device's own python3 (torch, triton preinstalled), no venv, no network.
 test-gpu:
