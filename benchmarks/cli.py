@@ -437,7 +437,16 @@ class Runner:
         (its comparison is then unpaired)."""
         res: Dict[Case, Result] = {}
         live = []  # (case, step, first call s, err, err_note, peak_mb, t0)
-        for case in group:
+        has_ours = any(c.provider in OURS for c in group)
+        # ours first: a peer is timed only when one of our providers was (else nothing to
+        # compare with; `--provider sdpa` alone still times SDPA)
+        for case in sorted(group, key=lambda c: c.provider not in OURS):
+            if has_ours and case.provider not in OURS and not any(
+                    c.provider in OURS for c, *_ in live):
+                res[case] = self._result(case, status="skipped",
+                                         note="no lightning_ops provider of this case was "
+                                              "timed (nothing to compare with)")
+                continue
             limit = min(self.max_case_s, self.remaining())
             why = self._skip_reason(case, limit)
             if why:

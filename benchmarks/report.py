@@ -339,7 +339,7 @@ def summary(results: Sequence[Result]) -> List[str]:
                          f"alone: "
                          + ", ".join(f"{s[1].op} T{s[1].T} {s[1].mode}" for s in unpaired[:3])
                          + (f", +{len(unpaired) - 3} more" if len(unpaired) > 3 else "") + ")")
-        lines.append(" ".join(parts).replace(" ,", ","))
+        lines.append(" ".join(parts).replace(" ,", ",").replace(" ;", ";"))
     return lines
 
 
@@ -370,8 +370,11 @@ def holes(results: Sequence[Result]) -> List[str]:
         return f"{r.op} {r.provider} T{r.T} {r.mode}"
     seen = set()
     groups: Dict[str, List[str]] = {}
+    def shared(r):  # one SDPA measurement shown under every op (not one timed with an op)
+        return r.provider == "sdpa" and not r.rounds and r.status == "ok"
+
     for r in results:
-        k = (r.op if r.provider != "sdpa" else "sdpa", r.provider, r.T, r.mode, r.dtype)
+        k = ("sdpa" if shared(r) else r.op, r.provider, r.T, r.mode, r.dtype)
         if k in seen:
             continue
         seen.add(k)
@@ -380,7 +383,7 @@ def holes(results: Sequence[Result]) -> List[str]:
         elif r.reps <= 1:
             groups.setdefault("timed once (no warm-up, no interval)", []).append(name(r))
     out = [f"{len(v)} {why}: {', '.join(v)}" for why, v in groups.items()]
-    uniq = {(r.op if r.provider != "sdpa" else "sdpa", r.provider, r.T, r.mode, r.dtype): r
+    uniq = {("sdpa" if shared(r) else r.op, r.provider, r.T, r.mode, r.dtype): r
             for r in results if r.status == "ok"}
     noisy = [r for r in uniq.values() if r.noisy]
     if noisy:

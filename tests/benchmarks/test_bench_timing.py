@@ -75,3 +75,20 @@ def test_prediction_is_conservative_then_fitted():
     # a case predicted over the cap is skipped with a note, not run
     res = r.run_case(case(1 << 20))
     assert res.status == "skipped" and "predicted" in res.note
+
+
+def test_groups_pair_the_providers_of_one_case_and_skip_peers_without_ours():
+    r = Runner(suite("cpu"), torch.device("cpu"), {}, None, None, 1, 30.0, 100.0)
+    cfg = Config(1, 1 << 20, 4, 64, 64)
+    mk = lambda op, p, m="fwd": Case(op, p, cfg, m, "fp32")  # noqa: E731
+    cases = [mk("chunk_gla", "ours-torch"), mk("chunk_gla", "sdpa"), mk("chunk_gla", "reference"),
+             mk("chunk_gla", "ours-torch", "fwd+bwd"), mk("causal_conv1d_fn", "ours-torch")]
+    g = Runner.groups(cases)
+    # same op, shape, mode: ours and SDPA together; the reference and lone cases are not grouped
+    assert g[cases[0]] == g[cases[1]] == (cases[0], cases[1])
+    assert cases[2] not in g and cases[3] not in g and cases[4] not in g
+    # ours predicted over the per-case cap: skipped, and SDPA (nothing to compare) not timed
+    r.history[r._hkey(cases[0])] = [(1024, 1.0)]
+    res = r.run_group(g[cases[0]])
+    assert res[cases[0]].status == "skipped" and "predicted" in res[cases[0]].note
+    assert res[cases[1]].status == "skipped" and "nothing to compare" in res[cases[1]].note
