@@ -426,3 +426,122 @@ def lion_recurrent_ref(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = No
             qk = (q[b, t] * k[b, t]).sum(-1)
             o[b, t] -= scale * qk[:, None] * v[b, t]
     return o.to(out_dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Log-linear attention (Guo et al. 2025; fla's chunk_log_linear_attn) over the scalar gate:
+#   o_t = scale * sum_{s <= t} lambda_t[lev(s, t)] exp(sum_{s<r<=t} g_r) (q_t . k_s) v_s
+# with the Fenwick level of key s for query t (absolute positions): lev(t, t) = 0 and, for s < t,
+# lev(s, t) = bit_length(s xor t), i.e. the bucket of [0, t] of size 2^(l-1) that holds s.
+# Levels >= L (= level_scales.shape[-1]) weigh 0. q/k may have G heads shared by H = m * G value
+# heads (head h reads group h // m; fla's Mamba-2 form has G = 1). scale defaults to 1 (fla's op
+# has none: the level weights play that role).
+# State after tokens [0, t): (ht [N, H, L, K, V], offsets [N]) with ht[:, :, l] the sum of level
+# l's bucket for query t, decayed to token t-1; slot 0 is always zero (level 0 is the current
+# token), and slot l is zero unless bit l-1 of t is set. The recurrence (token step at position t):
+#   ht *= exp(g_t); o_t = scale sum_l lambda_t[l] ht_l^T q_t with ht_0 = k_t v_t^T;
+#   then with m = trailing ones of t: ht_{m+1} = sum_{l <= m} ht_l (dropped if m+1 >= L), ht_l = 0
+#   for 1 <= l <= m.
+# ------------------------------------------------------------------------------------------------
+def log_linear_level(s: int, t: int) -> int:
+    """Fenwick level of key position s for query position t (s <= t)."""
+    return 0 if s == t else (s ^ t).bit_length()
+
+
+def _ll_inputs(q, k, v, g, level_scales, scale, initial_state, cu_seqlens):
+    B, T, G, K = q.shape
+    H, V, L = v.shape[2], v.shape[-1], level_scales.shape[-1]
+    dt = _acc_dtype(q)
+    rep = H // G
+    q = q.to(dt).repeat_interleave(rep, 2)
+    k = k.to(dt).repeat_interleave(rep, 2)
+    scale = 1.0 if scale is None else scale
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    if initial_state is None:
+        h0 = torch.zeros(N, H, L, K, V, dtype=dt, device=q.device)
+        off = [0] * N
+    else:
+        h0 = initial_state[0].to(dt)
+        off = [int(x) for x in torch.as_tensor(initial_state[1]).reshape(-1).tolist()]
+    return q, k, v.to(dt), g.to(dt), level_scales.to(dt), scale, h0, off, (B, T, H, K, V, L, N, dt)
+
+
+def log_linear_attn_ref(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor,
+                        scale: Optional[float] = None, initial_state=None,
+                        output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None):
+    """Token by token with the O(log T) state hierarchy (the decode form). q/k [B,T,G,K],
+    v [B,T,H,V], g [B,T,H], level_scales [B,T,H,L]; initial_state (ht [N,H,L,K,V], offsets [N]).
+    Returns (o, (ht, offsets) or None)."""
+    q, k, v, g, lam, scale, h0, off, dims = _ll_inputs(q, k, v, g, level_scales, scale,
+                                                         initial_state, cu_seqlens)
+    B, T, H, K, V, L, N, dt = dims
+    o = torch.zeros(B, T, H, V, dtype=dt, device=q.device)
+    hts, offs = [], []
+    for n, b, bos, eos in _segments(T, B, cu_seqlens):
+        S = [h0[n, :, l] for l in range(L)]
+        S[0] = torch.zeros_like(S[0])
+        t = off[n]
+        for i in range(bos, eos):
+            S = [s * g[b, i].exp()[:, None, None] for s in S]
+            S[0] = k[b, i][..., None] * v[b, i][:, None, :]
+            for l in range(L):
+                o[b, i] += scale * lam[b, i, :, l, None] * torch.einsum("hk,hkv->hv", q[b, i], S[l])
+            m = 0
+            while (t >> m) & 1:
+                m += 1
+            merged = sum(S[: m + 1])
+            for l in range(min(m + 1, L)):
+                S[l] = torch.zeros_like(S[l])
+            if m + 1 < L:
+                S[m + 1] = merged
+            t += 1
+        hts.append(torch.stack(S, 1))
+        offs.append(t)
+    final = None
+    if output_final_state:
+        final = (torch.stack(hts, 0) if hts else h0[:0].clone(),
+                 torch.tensor(offs, dtype=torch.int64, device=q.device))
+    return o.to(v.dtype if v.dtype != dt else dt), final
+
+
+def log_linear_attn_masked_ref(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor,
+                               scale: Optional[float] = None, initial_state=None,
+                               cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    """The same op as one masked T x T matrix per sequence (fla's naive form, with the level of
+    every pair read from the Fenwick decomposition), plus the initial levels: bucket l of the
+    state at offset t0 holds keys whose level for query t is bit_length(((t0 >> (l-1)) << (l-1))
+    - 1 xor t). Decays: sums of g over (s, t], accumulated pair by pair (no cumsum differences)."""
+    q, k, v, g, lam, scale, h0, off, dims = _ll_inputs(q, k, v, g, level_scales, scale,
+                                                         initial_state, cu_seqlens)
+    B, T, H, K, V, L, N, dt = dims
+    o = torch.zeros(B, T, H, V, dtype=dt, device=q.device)
+    for n, b, bos, eos in _segments(T, B, cu_seqlens):
+        n_tok, t0 = eos - bos, off[n]
+        if n_tok == 0:
+            continue
+        gs = g[b, bos:eos].transpose(0, 1)  # [H, n]
+        seg = torch.full((H, n_tok, n_tok), float("-inf"), dtype=dt, device=q.device)
+        for s in range(n_tok):
+            seg[:, s, s] = 0
+            if s + 1 < n_tok:
+                seg[:, s + 1:, s] = gs[:, s + 1:].cumsum(-1)
+        lev = torch.tensor([[log_linear_level(t0 + s, t0 + t) if s <= t else L
+                             for s in range(n_tok)] for t in range(n_tok)], device=q.device)
+        lam_n = lam[b, bos:eos].transpose(0, 1)  # [H, n, L]
+        lam_pad = torch.cat([lam_n, torch.zeros_like(lam_n[..., :1])], -1)
+        idx = lev.clamp(max=L)[None].expand(H, -1, -1)
+        W = torch.gather(lam_pad, 2, idx) * seg.exp().nan_to_num(0.0)
+        W = W.masked_fill(lev[None] >= L, 0)
+        A = torch.einsum("thk,shk->hts", q[b, bos:eos], k[b, bos:eos]) * W
+        o[b, bos:eos] = scale * torch.einsum("hts,shv->thv", A, v[b, bos:eos])
+        pre = gs.cumsum(-1)  # [H, n]: sum of g over [t0, t]
+        for l in range(1, L):
+            if not (t0 >> (l - 1)) & 1:
+                continue
+            r = ((t0 >> (l - 1)) << (l - 1)) - 1
+            for t in range(n_tok):
+                lv = log_linear_level(r, t0 + t)
+                if lv < L:
+                    o[b, bos + t] += scale * (lam_n[:, t, lv] * pre[:, t].exp())[:, None] * \
+                        torch.einsum("hk,hkv->hv", q[b, bos + t], h0[n, :, l])
+    return o.to(v.dtype if v.dtype != dt else dt)
