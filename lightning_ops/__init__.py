@@ -52,3 +52,9 @@ from .lion.ops import lion_attn
 __all__ += ["lion_attn"]
 
 from . import cp  # noqa: E402  context parallel (lightning_ops.cp.build_cp_context + wrappers)
+
+from .loglinear import (LogLinearAttentionState, chunk_log_linear_attn,  # noqa: E402
+                        fused_recurrent_log_linear_attn, log_linear_attn_step)
+
+__all__ += ["LogLinearAttentionState", "chunk_log_linear_attn", "fused_recurrent_log_linear_attn",
+            "log_linear_attn_step"]

@@ -438,7 +438,8 @@ def lion_recurrent_ref(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = No
 # has none: the level weights play that role).
 # State after tokens [0, t): (ht [N, H, L, K, V], offsets [N]) with ht[:, :, l] the sum of level
 # l's bucket for query t, decayed to token t-1; slot 0 is always zero (level 0 is the current
-# token), and slot l is zero unless bit l-1 of t is set. The recurrence (token step at position t):
+# token), and slot l is zero unless bit l-1 of t is set (given states: such slots are ignored,
+# read as zero). The recurrence (token step at position t):
 #   ht *= exp(g_t); o_t = scale sum_l lambda_t[l] ht_l^T q_t with ht_0 = k_t v_t^T;
 #   then with m = trailing ones of t: ht_{m+1} = sum_{l <= m} ht_l (dropped if m+1 >= L), ht_l = 0
 #   for 1 <= l <= m.
@@ -478,9 +479,10 @@ def log_linear_attn_ref(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales
     o = torch.zeros(B, T, H, V, dtype=dt, device=q.device)
     hts, offs = [], []
     for n, b, bos, eos in _segments(T, B, cu_seqlens):
-        S = [h0[n, :, l] for l in range(L)]
-        S[0] = torch.zeros_like(S[0])
         t = off[n]
+        # slot l exists only if bit l-1 of t is set (slot 0 never): the others read as zero
+        S = [h0[n, :, l] if l and (t >> (l - 1)) & 1 else torch.zeros_like(h0[n, :, l])
+             for l in range(L)]
         for i in range(bos, eos):
             S = [s * g[b, i].exp()[:, None, None] for s in S]
             S[0] = k[b, i][..., None] * v[b, i][:, None, :]

@@ -1,0 +1,159 @@
+"""Public log-linear attention ops (fla's chunk_log_linear_attn names and layout).
+
+    o, state = chunk_log_linear_attn(q, k, v, g, level_scales, initial_state=None,
+                                     output_final_state=False, cu_seqlens=None, *, scale=None)
+
+q, k [B, T, G, K] (G key heads shared by H = m * G value heads; fla's log-linear Mamba-2 has
+G = 1), v [B, T, H, V], g [B, T, H] log decays, level_scales [B, T, H, L] (lambda: the weight of
+Fenwick level l for each query; levels >= L weigh 0). scale defaults to 1.0 as in fla's op (it has
+no scale argument; the library's K**-0.5 default does not apply here).
+
+State: LogLinearAttentionState(ht [N, H, L, K, V] float32, offsets [N] int64): the level states
+of the Fenwick hierarchy for the next query position offsets[n] (slot 0 always zero; slot l holds
+the bucket of size 2^(l-1), decayed to the last token, and is zero unless bit l-1 of the offset
+is set; in a given state such slots are ignored: read as zero, gradient zero). Unlike fla's LogLinearAttentionState it carries no previous-chunk inputs: the torch path
+needs no chunk alignment with the past. `fused_recurrent_log_linear_attn` and
+`log_linear_attn_step` (one token, all on the device) are the decode form.
+
+Backend: torch only (chunked PyTorch, autograd backward); no Triton kernel yet.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+from .. import validation as Vd
+from . import torch as _impl
+
+Tensor = torch.Tensor
+
+
+class LogLinearAttentionState(NamedTuple):
+    ht: Tensor       # [N, H, L, K, V]
+    offsets: Tensor  # [N] int64: position of the next token of each sequence
+
+
+def _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_size=64):
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("level_scales", level_scales)):
+        Vd.check_float(name, x)
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must have shape [B, T, G, K] and match, got {list(q.shape)} "
+                         f"and {list(k.shape)}")
+    B, T, G, K = q.shape
+    if v.dim() != 4 or v.shape[:2] != (B, T):
+        raise ValueError(f"v must have shape [B, T, H, V] = [{B}, {T}, H, V], got {list(v.shape)}")
+    H, V = v.shape[2], v.shape[3]
+    if G == 0 or H % G:
+        raise ValueError(f"v's heads H = {H} must be a multiple of q/k's heads G = {G}")
+    Vd.check_shape("g", g, (B, T, H), "[B, T, H]")
+    if level_scales.dim() != 4 or level_scales.shape[:3] != (B, T, H) or level_scales.shape[3] < 1:
+        raise ValueError(f"level_scales must have shape [B, T, H, L] = [{B}, {T}, {H}, L>=1], "
+                         f"got {list(level_scales.shape)}")
+    for name, x in (("k", k), ("v", v), ("g", g), ("level_scales", level_scales)):
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+    if scale is not None:
+        Vd.check_scale(scale)
+    Vd.check_power_of_two("chunk_size", chunk_size)
+    N = B
+    if cu_seqlens is not None:
+        N = Vd.check_cu_seqlens(cu_seqlens, B, T, q)
+        Vd.check_cu_seqlens_values(cu_seqlens, T)
+    if initial_state is not None:
+        if not (isinstance(initial_state, tuple) and len(initial_state) == 2):
+            raise TypeError("initial_state must be a LogLinearAttentionState(ht, offsets)")
+        ht, off = initial_state
+        L = level_scales.shape[3]
+        if not isinstance(ht, Tensor) or tuple(ht.shape) != (N, H, L, K, V):
+            raise ValueError(f"initial_state.ht must have shape [N, H, L, K, V] = "
+                             f"{[N, H, L, K, V]}, got {list(getattr(ht, 'shape', []))}")
+        if not isinstance(off, Tensor) or off.shape != (N,) or off.is_floating_point():
+            raise ValueError(f"initial_state.offsets must be an integer tensor of shape [{N}]")
+    return N
+
+
+def chunk_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor,
+                          initial_state: Optional[LogLinearAttentionState] = None,
+                          output_final_state: bool = False,
+                          cu_seqlens: Optional[Tensor] = None, *, scale: Optional[float] = None,
+                          chunk_size: int = _impl.CHUNK_SIZE
+                          ) -> Tuple[Tensor, Optional[LogLinearAttentionState]]:
+    """Log-linear attention over the scalar gate (see the module docstring)."""
+    _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_size)
+    h0, off = (None, None) if initial_state is None else initial_state
+    o, final = _impl.forward(q, k, v, g, level_scales, 1.0 if scale is None else float(scale),
+                             h0, off, output_final_state, cu_seqlens, chunk_size)
+    return o, (None if final is None else LogLinearAttentionState(*final))
+
+
+def _bit_length(x: Tensor) -> Tensor:
+    bits = torch.arange(63, device=x.device)
+    return ((x[:, None] >> bits) > 0).sum(-1)
+
+
+def log_linear_attn_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor,
+                         state: LogLinearAttentionState, scale: Optional[float] = None
+                         ) -> Tuple[Tensor, LogLinearAttentionState]:
+    """One decode token per sequence, on the device (no host sync): q/k [N, G, K], v [N, H, V],
+    g [N, H], level_scales [N, H, L]. Returns (o [N, H, V], the next state). O(log T) states."""
+    ht, off = state
+    N, H, L, K, V = ht.shape
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rep = H // q.shape[1]
+    qx, kx = (x.to(dt).repeat_interleave(rep, 1) for x in (q, k))
+    lv = torch.arange(L, device=ht.device)
+    exists = ((off[:, None] >> (lv[None, :] - 1).clamp(min=0)) & 1).bool() & (lv[None, :] > 0)
+    S = torch.where(exists[:, None, :, None, None], ht.to(dt), 0)  # absent buckets read as zero
+    S = S * g.to(dt).exp()[:, :, None, None, None]
+    S = torch.cat([(kx[..., :, None] * v.to(dt)[..., None, :])[:, :, None], S[:, :, 1:]], 2)
+    o = torch.einsum("nhl,nhk,nhlkv->nhv", level_scales.to(dt), qx, S)
+    o = o * (1.0 if scale is None else scale)
+    mu = _bit_length(off ^ (off + 1)) - 1  # trailing ones of the position
+    below = (lv[None, :] <= mu[:, None])[:, None, :, None, None]  # [N, 1, L, 1, 1]
+    merged = torch.where(below, S, 0).sum(2, keepdim=True)
+    target = (lv[None, :] == mu[:, None] + 1)[:, None, :, None, None]
+    S = torch.where(target, merged, torch.where(below, 0, S))
+    return o.to(v.dtype), LogLinearAttentionState(S.to(ht.dtype), off + 1)
+
+
+def fused_recurrent_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
+                                    level_scales: Tensor,
+                                    initial_state: Optional[LogLinearAttentionState] = None,
+                                    output_final_state: bool = False,
+                                    cu_seqlens: Optional[Tensor] = None, *,
+                                    scale: Optional[float] = None
+                                    ) -> Tuple[Tensor, Optional[LogLinearAttentionState]]:
+    """The decode form over a whole sequence: log_linear_attn_step token by token."""
+    N = _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale)
+    B, T, G, K = q.shape
+    H, V, L = v.shape[2], v.shape[3], level_scales.shape[3]
+    st_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if initial_state is None:
+        initial_state = LogLinearAttentionState(
+            torch.zeros(N, H, L, K, V, dtype=st_dt, device=q.device),
+            torch.zeros(N, dtype=torch.int64, device=q.device))
+    ht, off = initial_state[0].to(st_dt), initial_state[1].to(torch.int64)
+    if cu_seqlens is None:
+        state, outs = LogLinearAttentionState(ht, off), []
+        for t in range(T):
+            o_t, state = log_linear_attn_step(q[:, t], k[:, t], v[:, t], g[:, t],
+                                              level_scales[:, t], state, scale)
+            outs.append(o_t)
+        o = torch.stack(outs, 1) if outs else v.new_zeros(B, 0, H, V)
+        hts, offs = state.ht, state.offsets
+    else:
+        bounds = cu_seqlens.tolist()
+        outs, hl, ol = [], [], []
+        for n in range(N):
+            state = LogLinearAttentionState(ht[n:n + 1], off[n:n + 1])
+            for t in range(bounds[n], bounds[n + 1]):
+                o_t, state = log_linear_attn_step(q[:, t], k[:, t], v[:, t], g[:, t],
+                                                  level_scales[:, t], state, scale)
+                outs.append(o_t)
+            hl.append(state.ht)
+            ol.append(state.offsets)
+        o = torch.stack(outs, 1) if outs else v.new_zeros(1, 0, H, V)
+        hts, offs = torch.cat(hl, 0), torch.cat(ol, 0)
+    final = LogLinearAttentionState(hts.to(st_dt), offs) if output_final_state else None
+    return o, final
