@@ -157,3 +157,41 @@ def fused_recurrent_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
         hts, offs = torch.cat(hl, 0), torch.cat(ol, 0)
     final = LogLinearAttentionState(hts.to(st_dt), offs) if output_final_state else None
     return o, final
+
+
+def hmamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, dl: Tensor,
+                               L: Tensor, chunk_size: int = 64, D: Optional[Tensor] = None,
+                               z: Optional[Tensor] = None, dt_bias: Optional[Tensor] = None,
+                               initial_states: Optional[LogLinearAttentionState] = None,
+                               seq_idx: Optional[Tensor] = None,
+                               cu_seqlens: Optional[Tensor] = None, dt_softplus: bool = False,
+                               dt_limit=(0.0, float("inf")), return_final_states: bool = False):
+    """Log-linear Mamba-2's scan (fla.layers.log_linear_mamba2.hmamba_chunk_scan_combined, same
+    arguments): x [b, l, h, p], dt [b, l, h], A [h], B/C [b, l, g, n], dl [b, l, h, ell], L
+    [h, ell]. v = x * dt, g = A * dt, level_scales = softplus(L * dl), q = C, k = B, then
+    y + D x and y * silu(z). Unlike fla: cu_seqlens, any dt_softplus / dt_limit and any
+    power-of-two chunk_size are accepted (seq_idx is not). Returns (y, state)."""
+    if seq_idx is not None:
+        raise NotImplementedError("seq_idx is not supported: pass cu_seqlens")
+    if B.shape != C.shape:
+        raise ValueError(f"B and C must have the same shape, got {list(B.shape)} and "
+                         f"{list(C.shape)}")
+    squeeze = x.dim() == 3
+    if squeeze:  # one decode token: [b, h, p]
+        x, dt, B, C, dl = x[:, None], dt[:, None], B[:, None], C[:, None], dl[:, None]
+        z = None if z is None else z[:, None]
+    if dt_bias is not None:
+        dt = dt + dt_bias
+    if dt_softplus:
+        dt = torch.nn.functional.softplus(dt)
+    if tuple(dt_limit) != (0.0, float("inf")):
+        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    v = (x * dt[..., None]).to(x.dtype)
+    lam = torch.nn.functional.softplus(L * dl).to(L.dtype)
+    y, state = chunk_log_linear_attn(C, B, v, A * dt, lam, initial_states, return_final_states,
+                                     cu_seqlens, chunk_size=chunk_size)
+    if D is not None:
+        y = y + x * (D[:, None] if D.dim() == 1 else D)
+    if z is not None:
+        y = y * torch.nn.functional.silu(z)
+    return (y[:, 0] if squeeze else y), state
