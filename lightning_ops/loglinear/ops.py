@@ -11,7 +11,8 @@ no scale argument; the library's K**-0.5 default does not apply here).
 State: LogLinearAttentionState(ht [N, H, L, K, V] float32, offsets [N] int64): the level states
 of the Fenwick hierarchy for the next query position offsets[n] (slot 0 always zero; slot l holds
 the bucket of size 2^(l-1), decayed to the last token, and is zero unless bit l-1 of the offset
-is set; in a given state such slots are ignored: read as zero, gradient zero). Unlike fla's LogLinearAttentionState it carries no previous-chunk inputs: the torch path
+is set; in a given state such slots are ignored: read as zero, gradient zero).
+Unlike fla's LogLinearAttentionState it carries no previous-chunk inputs: the torch path
 needs no chunk alignment with the past. `fused_recurrent_log_linear_attn` and
 `log_linear_attn_step` (one token, all on the device) are the decode form.
 

@@ -191,7 +191,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, sc
     else:
         bounds = cu_seqlens.tolist()
         segs = [([n], (bounds[n], bounds[n + 1])) for n in range(N)]
-    outs, hts, o = [], [None] * N, None
+    hts = [None] * N
     pieces = []
     for ids, span in segs:
         if not ids:

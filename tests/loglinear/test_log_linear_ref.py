@@ -27,7 +27,8 @@ def _fla_naive(q, k, v, g, lam):
     B, T, H, _ = q.shape
     idx = torch.cartesian_prod(torch.arange(T), torch.arange(T))
     cs = g.permute(0, 2, 1).cumsum(-1)
-    seg = (cs[..., :, None] - cs[..., None, :]).masked_fill(~torch.ones(T, T).bool().tril(), -math.inf)
+    causal = torch.ones(T, T).bool().tril()
+    seg = (cs[..., :, None] - cs[..., None, :]).masked_fill(~causal, -math.inf)
     A, Hm = seg.exp(), 0
     Lp = lam.permute(0, 2, 3, 1)
     for level in range(math.ceil(math.log2(T)) + 1):
