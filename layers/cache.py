@@ -23,14 +23,15 @@ import torch
 
 Tensor = torch.Tensor
 
-_KEYS = ("recurrent_state", "attn_state", "conv_state", "ffn_state")
+STATE_KEYS = ("recurrent_state", "attn_state", "conv_state", "ffn_state")  # fla's per-layer dict
 
 
-def _map(x, fn):
+def map_states(x, fn):
+    """fn applied to every tensor of a (nested tuple / list of) state(s)."""
     if isinstance(x, torch.Tensor):
         return fn(x)
     if isinstance(x, (tuple, list)):
-        return type(x)(_map(t, fn) for t in x)
+        return type(x)(map_states(t, fn) for t in x)
     return x
 
 
@@ -68,7 +69,7 @@ class Cache:
             raise NotImplementedError("layers.Cache holds recurrent and conv states only "
                                       "(no attention key/value states)")
         while len(self.states) <= layer_idx:
-            self.states.append(dict.fromkeys(_KEYS))
+            self.states.append(dict.fromkeys(STATE_KEYS))
             self._seen_tokens.append(self._start)
         state = self.states[layer_idx]
         for key, value in (("recurrent_state", recurrent_state), ("conv_state", conv_state),
@@ -92,7 +93,7 @@ class Cache:
 
     def _copy(self, fn) -> "Cache":
         new = Cache(self._start)
-        new.states = [{k: _map(v, fn) for k, v in s.items()} for s in self.states]
+        new.states = [{k: map_states(v, fn) for k, v in s.items()} for s in self.states]
         new._seen_tokens = list(self._seen_tokens)
         return new
 

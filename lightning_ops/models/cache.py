@@ -16,17 +16,9 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from transformers.cache_utils import Cache as _HFCache
 
+from ..layers.cache import STATE_KEYS, map_states
+
 Tensor = torch.Tensor
-
-_KEYS = ("recurrent_state", "attn_state", "conv_state", "ffn_state")
-
-
-def _map(x, fn):
-    if isinstance(x, torch.Tensor):
-        return fn(x)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_map(t, fn) for t in x)
-    return x
 
 
 class RecurrentLayerCache:
@@ -46,7 +38,7 @@ class RecurrentLayerCache:
             raise NotImplementedError("lightning_ops models cache recurrent and conv states "
                                       "only (no attention key/value states)")
         if self.state is None:
-            self.state = dict.fromkeys(_KEYS)
+            self.state = dict.fromkeys(STATE_KEYS)
         for key, value in (("recurrent_state", recurrent_state), ("conv_state", conv_state),
                            ("ffn_state", ffn_state)):
             if value is not None:
@@ -68,7 +60,7 @@ class RecurrentLayerCache:
 
     def _apply(self, fn) -> None:
         if self.state is not None:
-            self.state = {k: _map(v, fn) for k, v in self.state.items()}
+            self.state = {k: map_states(v, fn) for k, v in self.state.items()}
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -247,7 +239,7 @@ class RecurrentCache(_HFCache):
         for layer in self.layers:
             copy = RecurrentLayerCache(layer._seen_tokens)
             if layer.state is not None:
-                copy.state = {k: _map(v, lambda t: t.clone()) for k, v in layer.state.items()}
+                copy.state = {k: map_states(v, lambda t: t.clone()) for k, v in layer.state.items()}
             new.layers.append(copy)
         return new
 
