@@ -52,3 +52,7 @@ __all__ += ["LION", "HGRN2Attention", "HedgehogAttention", "HedgehogFeatureMap",
 from .mom import MomAttention, load_balancing_loss
 
 __all__ += ["MomAttention", "load_balancing_loss"]
+
+from .log_linear import LogLinearMamba2
+
+__all__ += ["LogLinearMamba2"]
