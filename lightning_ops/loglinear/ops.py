@@ -16,7 +16,9 @@ Unlike fla's LogLinearAttentionState it carries no previous-chunk inputs: the to
 needs no chunk alignment with the past. `fused_recurrent_log_linear_attn` and
 `log_linear_attn_step` (one token, all on the device) are the decode form.
 
-Backend: torch only (chunked PyTorch, autograd backward); no Triton kernel yet.
+Backend: torch only (chunked PyTorch); no Triton kernel yet. chunk_log_linear_attn is a
+torch.library custom op (lightning_ops::log_linear_attn, fake impl + autograd whose backward
+recomputes the forward under autograd), so torch.compile(fullgraph=True) traces through it.
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from .. import validation as Vd
+from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_by_recompute,
+                          grad_if_present, is_empty, own_storage, passthrough_grad,
+                          passthrough_state)
 from . import torch as _impl
 
 Tensor = torch.Tensor
@@ -74,18 +79,127 @@ def _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_siz
     return N
 
 
+# ---------------------------------------------------------------------------------------------
+# The torch.library custom ops (forward, backward) around the chunked torch implementation, so
+# torch.compile(fullgraph=True) traces chunk_log_linear_attn as one opaque node. The backward
+# recomputes the forward under autograd (the torch backend's allowance). Absent optional outputs
+# travel as empty tensors (custom ops cannot return None).
+# ---------------------------------------------------------------------------------------------
+def _state_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _next_offsets(offsets: Optional[Tensor], cu_seqlens: Optional[Tensor], N: int, T: int,
+                  ref: Tensor) -> Tensor:
+    """offsets + each sequence's length (fresh memory, int64, on the device)."""
+    if cu_seqlens is None:
+        lengths = torch.full((N,), T, dtype=torch.int64, device=ref.device)
+    else:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    return lengths if offsets is None else offsets.to(torch.int64) + lengths
+
+
+@torch.library.custom_op("lightning_ops::log_linear_attn", mutates_args=())
+def _ll_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor,
+            h0: Optional[Tensor], offsets: Optional[Tensor], cu_seqlens: Optional[Tensor],
+            scale: float, output_final_state: bool, chunk_size: int
+            ) -> Tuple[Tensor, Tensor, Tensor]:
+    # value checks here too: under torch.compile only this body sees real tensors
+    Vd.check_cu_seqlens_values(cu_seqlens, q.shape[1])
+    B, T, G, K = q.shape
+    H, V, L = v.shape[2], v.shape[3], level_scales.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if is_empty(q, v):  # no tokens, heads or features: zeros, states passed through
+        if not output_final_state:
+            return v.new_zeros(v.shape), q.new_empty(0, dtype=_state_dtype(q)), \
+                q.new_empty(0, dtype=torch.int64)
+        return v.new_zeros(v.shape), passthrough_state(h0, (N, H, L, K, V), q, _state_dtype(q),
+                                                       True), \
+            _next_offsets(offsets, cu_seqlens, N, T, q)
+    o, final = _impl.forward(q, k, v, g, level_scales, scale, h0, offsets, output_final_state,
+                             cu_seqlens, chunk_size)
+    o = o.contiguous()  # the fake impl's (dense) layout
+    if final is None:
+        return o, q.new_empty(0, dtype=_state_dtype(q)), q.new_empty(0, dtype=torch.int64)
+    return (o, *own_storage(final))
+
+
+@_ll_fwd.register_fake
+def _(q, k, v, g, level_scales, h0, offsets, cu_seqlens, scale, output_final_state, chunk_size):
+    B, T, G, K = q.shape
+    H, V, L = v.shape[2], v.shape[3], level_scales.shape[3]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    want = output_final_state
+    return (v.new_empty(v.shape),
+            q.new_empty((N, H, L, K, V) if want else (0,), dtype=_state_dtype(q)),
+            q.new_empty((N,) if want else (0,), dtype=torch.int64))
+
+
+def _grad_forward(q, k, v, g, level_scales, h0, offsets, cu_seqlens, scale, want, chunk_size):
+    o, final = _impl.forward(q, k, v, g, level_scales, scale, h0, offsets, want, cu_seqlens,
+                             chunk_size)
+    return o, (None if final is None else final[0])
+
+
+@torch.library.custom_op("lightning_ops::log_linear_attn_backward", mutates_args=())
+def _ll_bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Tensor,
+            level_scales: Tensor, h0: Optional[Tensor], offsets: Optional[Tensor],
+            cu_seqlens: Optional[Tensor], scale: float, chunk_size: int
+            ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if is_empty(q, v):
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                torch.zeros_like(g), torch.zeros_like(level_scales),
+                passthrough_grad(dht, h0, q))
+    grads = grad_by_recompute(
+        lambda *a: _grad_forward(*a, scale, dht is not None, chunk_size),
+        (q, k, v, g, level_scales, h0, offsets, cu_seqlens), (do, dht))
+    dq, dk, dv, dg, dl, dh0 = grads[:6]
+    return (*contiguous(dq, dk, dv, dg, dl), empty_like_none(dh0, q))
+
+
+@_ll_bwd.register_fake
+def _(do, dht, q, k, v, g, level_scales, h0, offsets, cu_seqlens, scale, chunk_size):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
+            torch.empty_like(level_scales),
+            q.new_empty(0) if h0 is None else torch.empty_like(h0))
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, g, lam, h0, off, cu, scale, _, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, g, lam, h0, off, cu)
+    ctx.scale, ctx.chunk_size = scale, chunk_size
+
+
+def _backward(ctx, do, dht, doff):
+    q, k, v, g, lam, h0, off, cu = ctx.saved_tensors
+    dht = None if dht is None or dht.numel() == 0 else dht
+    dq, dk, dv, dg, dl, dh0 = _ll_bwd(do.contiguous(), dht, q, k, v, g, lam, h0, off, cu,
+                                      ctx.scale, ctx.chunk_size)
+    return dq, dk, dv, dg, dl, grad_if_present(dh0, h0), None, None, None, None, None
+
+
+_ll_fwd.register_autograd(_backward, setup_context=_setup)
+forbid_double_backward(_ll_bwd, lambda inputs: "chunk_log_linear_attn")
+
+
 def chunk_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor,
                           initial_state: Optional[LogLinearAttentionState] = None,
                           output_final_state: bool = False,
                           cu_seqlens: Optional[Tensor] = None, *, scale: Optional[float] = None,
                           chunk_size: int = _impl.CHUNK_SIZE
                           ) -> Tuple[Tensor, Optional[LogLinearAttentionState]]:
-    """Log-linear attention over the scalar gate (see the module docstring)."""
+    """Log-linear attention over the scalar gate (see the module docstring). A torch.library
+    custom op (lightning_ops::log_linear_attn, fake impl + autograd): torch.compile traces it."""
     _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_size)
+    Vd.check_flag("output_final_state", output_final_state)
     h0, off = (None, None) if initial_state is None else initial_state
-    o, final = _impl.forward(q, k, v, g, level_scales, 1.0 if scale is None else float(scale),
-                             h0, off, output_final_state, cu_seqlens, chunk_size)
-    return o, (None if final is None else LogLinearAttentionState(*final))
+    if off is not None:
+        off = off.to(torch.int64)
+    q, k, v, g, level_scales, h0, off = contiguous(q, k, v, g, level_scales, h0, off)
+    o, ht, offsets = _ll_fwd(q, k, v, g, level_scales, h0, off, cu_seqlens,
+                             1.0 if scale is None else float(scale), bool(output_final_state),
+                             int(chunk_size))
+    return o, (LogLinearAttentionState(ht, offsets) if output_final_state else None)
 
 
 def _bit_length(x: Tensor) -> Tensor:
