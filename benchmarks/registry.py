@@ -5,7 +5,7 @@ times anything; timing.py does.
 
 Shapes. A run is described by a model config `Config(B, T, H, K, V)`; each op maps it to its own
 layout (`OpSpec.dims`) so one row of the table compares like with like:
-  * GLA / delta ops and SDPA:  q, k [B, T, H, K], v [B, T, H, V]
+  * GLA / delta ops, lion_attn and SDPA:  q, k [B, T, H, K], v [B, T, H, V]
   * selective_scan_fn (Mamba-1): u, delta, z [B, D, L] with D = H*V channels, N = 16 states
   * mamba_chunk_scan_combined (Mamba-2 SSD): x [B, L, h, p] with p = min(V, 64) (Mamba-2 head dim),
     h = H*V/p heads, n = K states, one group, chunk_size = cfg.ssd_chunk (256, Mamba-2's default)
@@ -27,7 +27,10 @@ Cost model (what GB/s, % of floor, TFLOP/s are computed from; tests check them b
     delta / gated delta rule:  6*T*K*V + T*C*(3K+2V) + T*C^2/3
         (the above, plus the WY transform: beta k k^T, the triangular solve C^3/3 per chunk,
          w = A (beta k), u = A (beta v), and the state correction u - w S: 2*T*K*V)
+    lion_attn (bidirectional, LION-S gates):  2 x the linear-attention count
+        (it is one causal chunk call on the sequence stacked with its time reversal)
     SDPA causal:  T^2 * (K+V)   (FlashAttention's convention, causal half of 4*T^2*D)
+    SDPA non-causal (the baseline of bidirectional ops):  2*T^2*(K+V)
     SSD (Mamba-2):  the linear-attention count with K=n, V=p, C=chunk_size, per (batch, head)
     selective scan:  9*B*L*D*N + B*D*L (D skip) + B*D*L (z gate)   (mamba-ssm's own count)
     causal conv1d:  2*B*D*L*W
@@ -119,7 +122,8 @@ class OpSpec:
     reference: Callable[..., Any]      # (inputs: dict, kwargs: dict) -> output(s), float64 spec
     kwargs: Callable[[Dict[str, int]], Dict[str, Any]] = lambda d: {}
     bwd_factor: float = 2.0
-    attention_like: bool = False       # q/k/v layout: SDPA is a baseline for it
+    attention_like: bool = False       # causal q/k/v layout: causal SDPA is a baseline for it
+    bidirectional: bool = False        # non-causal q/k/v layout: non-causal SDPA is its baseline
     peers: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # provider -> (module, attr)
     module: str = "lightning_ops"      # where the public function lives (fallbacks below)
 
@@ -205,13 +209,20 @@ def _ref(name):
     return call
 
 
-def _sdpa_ref(inputs, kwargs):
-    """Plain causal softmax attention (the math SDPA computes), [B, H, T, D] layout."""
+def _sdpa_ref(inputs, kwargs, causal=True):
+    """Plain softmax attention (the math SDPA computes), [B, H, T, D] layout; causal unless
+    told."""
     q, k, v = inputs["q"], inputs["k"], inputs["v"]
     T = q.shape[-2]
     s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-    return torch.softmax(s.masked_fill(mask, float("-inf")), dim=-1) @ v
+    if causal:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        s = s.masked_fill(mask, float("-inf"))
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _sdpa_full_ref(inputs, kwargs):
+    return _sdpa_ref(inputs, kwargs, causal=False)
 
 
 def _ssd_dims(cfg: Config) -> Dict[str, int]:
@@ -306,6 +317,10 @@ _add(OpSpec(
     kwargs=lambda d: {"activation": "silu"},
     peers={"causal-conv1d": ("causal_conv1d", "causal_conv1d_fn")},
     module="lightning_ops.ssm.ops"))
+_add(OpSpec(  # LION-S (data-dependent gates); its baseline is non-causal SDPA
+    "lion_attn", "gla", (Q, KK, VV, TensorSpec("g", ("B", "T", "H"), "logsigmoid")),
+    QKV_OUT, _qkv_dims, lambda d: 2 * _linear_flops(d), _qkv_label, _ref("lion_ref"),
+    bidirectional=True, module="lightning_ops.lion.ops"))
 
 # The SDPA baseline: its own inputs (q/k/v in SDPA's [B, H, T, D] layout) and cost; it is shown
 # under every attention-like op at the same (B, T, H, K, V).
@@ -316,6 +331,11 @@ SDPA = OpSpec(
     ("B", "H", "T", "V"), _qkv_dims,
     lambda d: d["B"] * d["H"] * d["T"] * d["T"] * (d["K"] + d["V"]), _qkv_label, _sdpa_ref,
     bwd_factor=2.5)
+# ... and non-causal SDPA, the baseline of the bidirectional ops (lion_attn): twice the work.
+SDPA_FULL = replace(
+    SDPA, name="sdpa_full",
+    flops_fwd=lambda d: 2 * d["B"] * d["H"] * d["T"] * d["T"] * (d["K"] + d["V"]),
+    reference=_sdpa_full_ref)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -365,7 +385,8 @@ def provider_missing(provider: str, op: OpSpec, device: torch.device) -> Optiona
                 why = str(e)
         return why
     if provider == "sdpa":
-        return None if op.attention_like else "SDPA is a baseline for q/k/v ops only"
+        return (None if op.attention_like or op.bidirectional
+                else "SDPA is a baseline for q/k/v ops only")
     if provider == "reference":
         return None
     if provider in op.peers:
@@ -393,9 +414,11 @@ def provider_function(provider: str, op: OpSpec) -> Callable[[Dict[str, torch.Te
                 return fn(**inputs, **kwargs)
         return run
     if provider == "sdpa":
+        causal = not op.bidirectional
+
         def run(inputs, kwargs):
             return F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"],
-                                                  is_causal=True)
+                                                  is_causal=causal)
         return run
     if provider == "reference":
         return op.reference
@@ -405,7 +428,9 @@ def provider_function(provider: str, op: OpSpec) -> Callable[[Dict[str, torch.Te
 
 
 def spec_for(provider: str, op: OpSpec) -> OpSpec:
-    return SDPA if provider == "sdpa" else op
+    if provider == "sdpa":
+        return SDPA_FULL if op.bidirectional else SDPA
+    return op
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,8 +449,11 @@ class Case:
         return spec_for(self.provider, OPS[self.op])
 
     def key(self) -> Tuple:
-        """Identity of a measurement; SDPA's is shared by every op at the same shape."""
-        op = "sdpa" if self.provider == "sdpa" else self.op
+        """Identity of a measurement; SDPA's is shared by every op at the same shape (causal and
+        non-causal SDPA are two measurements)."""
+        op = self.op
+        if self.provider == "sdpa":
+            op = "sdpa_full" if OPS[self.op].bidirectional else "sdpa"
         return (op, self.provider, self.cfg, self.mode, self.dtype)
 
 

@@ -14,6 +14,10 @@ LAYERS = {
     "LightningAttention": "LightningAttention",
     "Mamba": "Mamba",
     "Mamba2": "Mamba2",
+    # fla.layers.hgrn2 / fla.layers.mom (fla has no LION layer; its LinearAttention takes any
+    # feature map, so HedgehogAttention is not served under that name)
+    "HGRN2Attention": "HGRN2Attention",
+    "MomAttention": "MomAttention",
 }
 
 

@@ -2,5 +2,5 @@
 from lightning_ops.compat._layers import lazy_layers
 
 __all__ = ['GatedLinearAttention', 'DeltaNet', 'GatedDeltaNet', 'KimiDeltaAttention',
-           'LightningAttention']
+           'LightningAttention', 'HGRN2Attention', 'MomAttention']
 __getattr__, __dir__ = lazy_layers(__name__, __all__)
