@@ -79,7 +79,8 @@ def _fmt_csv(v) -> str:
 
 def write_csv(path: str, results: Iterable[Result]) -> int:
     """Append the 'ok' results to `path` (header written when the file is new). SDPA, shown
-    under every q/k/v op, is written once per shape as op 'sdpa_causal'. A file with a different
+    under every q/k/v op, is written once per shape as op 'sdpa_causal' ('sdpa_full', the
+    non-causal one, under the bidirectional ops). A file with a different
     header (an older schema) is rewritten under the current header, its rows kept (columns it
     lacked left empty). Returns rows written."""
     rows, seen = [], set()
@@ -89,7 +90,7 @@ def write_csv(path: str, results: Iterable[Result]) -> int:
         if r.provider == "sdpa" and math.isnan(r.speedup):
             # one measurement shown under every op: stored once per shape. (SDPA timed in
             # interleaved rounds with one op is that op's own measurement: kept under it.)
-            r = Result(**{**r.__dict__, "op": "sdpa_causal"})
+            r = Result(**{**r.__dict__, "op": _sdpa_row_name(r.op)})
         if r.key() not in seen:
             seen.add(r.key())
             rows.append(r)
@@ -135,14 +136,23 @@ def read_csv(path: str) -> List[Result]:
     return out
 
 
+def _sdpa_row_name(op: str) -> str:
+    """The stored name of an SDPA measurement shown under `op`: causal SDPA for the causal
+    q/k/v ops, non-causal ('sdpa_full') for the bidirectional ones (two measurements)."""
+    return "sdpa_full" if OPS[op].bidirectional else "sdpa_causal"
+
+
 def expand_sdpa(results: Sequence[Result]) -> List[Result]:
-    """Rows read back from a CSV, with each stored SDPA row ('sdpa_causal', once per shape)
-    shown again under every q/k/v op measured at that shape, as a run shows it."""
-    out = [r for r in results if r.op != "sdpa_causal"]
+    """Rows read back from a CSV, with each stored SDPA row ('sdpa_causal' / 'sdpa_full', once
+    per shape) shown again under every q/k/v op of its kind measured at that shape, as a run
+    shows it."""
+    stored = ("sdpa_causal", "sdpa_full")
+    out = [r for r in results if r.op not in stored]
     shapes = {(r.op, r.shape, r.dtype) for r in out}
     for r in results:
-        if r.op == "sdpa_causal":
-            for op in [o for o in OPS if OPS[o].attention_like]:
+        if r.op in stored:
+            for op in [o for o in OPS if (OPS[o].attention_like or OPS[o].bidirectional)
+                       and _sdpa_row_name(o) == r.op]:
                 if (op, r.shape, r.dtype) in shapes:
                     out.append(Result(**{**r.__dict__, "op": op}))
     return out

@@ -122,3 +122,16 @@ def test_plot_writes_one_png_per_family_and_marks_holes(tmp_path):
     md = report.markdown(rs, paths, str(tmp_path), ["device: cpu"], report.summary(rs))
     assert "| T | provider |" in md and "![gla.png](plots/gla.png)" in md
     assert "## Not fully timed" in md and "skipped" in md and "noisy" in md
+
+
+def test_causal_and_non_causal_sdpa_are_stored_apart(tmp_path):
+    """An unpaired SDPA row under a bidirectional op (lion_attn: non-causal SDPA) is stored as
+    'sdpa_full' and read back under the bidirectional ops only, never under the causal ones."""
+    path = str(tmp_path / "results.csv")
+    rows = [_r(), _r(provider="sdpa", ms=25.0), _r(op="lion_attn"),
+            _r(op="lion_attn", provider="sdpa", ms=50.0)]
+    assert report.write_csv(path, rows) == 4
+    back = report.read_csv(path)
+    assert sorted(b.op for b in back if b.provider == "sdpa") == ["sdpa_causal", "sdpa_full"]
+    shown = {(r.op, r.median_ms) for r in report.expand_sdpa(back) if r.provider == "sdpa"}
+    assert shown == {("chunk_gla", 25.0), ("lion_attn", 50.0)}
