@@ -33,19 +33,33 @@ def next_pow2(n: int, minimum: int = 16) -> int:
 # CI's triton and the GPU machines' 3.6; table in benchmarks/results/sm90_resources.csv).
 #  1. Shared memory per block <= SM90_SHARED_LIMIT at every supported head dim (K <= 256,
 #     V <= 512) and dtype: tiles over V in blocks of at most 64 columns (BV), K blocks of at most
-#     64 where the kernel loops over K; kernels that hold the full K (state walks, WY) take
-#     smaller V blocks as K grows (see the family launchers' *_bv helpers).
+#     K_BLOCK (64) where the kernel loops over K (the WY inverse and WY backward do, so they
+#     never hold a [64, K] tile whole); kernels that hold the full K (the state walks) take
+#     smaller V blocks as K grows (see the family launchers' *_bv helpers) and fewer pipeline
+#     stages (full_k_stages).
 #  2. Grids: axis x may be large (2^31 - 1), axes y and z <= GRID_YZ_MAX. Per-(sequence, head)
 #     axes of decode kernels and chunk axes go where they cannot pass it, or the launch is split
 #     (grid_splits).
 #  3. Partial-sum buffers (per-block partials reduced by torch, deterministic) are bounded:
 #     at most PARTIAL_MAX_BYTES, the block count shrinking first (see ssm/triton.py).
 #  4. num_warps: 8 once a program holds >= 128 x 64 fp32 of state tile, else 4; num_stages
-#     left at Triton's default unless the table shows the default does not fit.
+#     left at Triton's default (3) unless the table shows the default does not fit: a loop
+#     whose body loads [64, K] tiles with the full K buffers them once per stage, so such loops
+#     take full_k_stages(K) (3 up to K = 64, 2 up to 128, 1 above).
 # ---------------------------------------------------------------------------------------------
 SM90_SHARED_LIMIT = 232448       # bytes of shared memory one block may use on sm_90 (227 KB)
 GRID_YZ_MAX = 65535              # CUDA limit on grid axes y and z
 PARTIAL_MAX_BYTES = 256 << 20    # cap on a launcher's scratch of per-block partial sums
+K_BLOCK = 64                     # K block of kernels that loop over K (rule 1)
+
+
+def full_k_stages(K: int) -> int:
+    """num_stages of a kernel whose pipelined loop loads [64, K] tiles with the whole K (rule 4):
+    each stage buffers them, so at K = 256 the default 3 stages need 245-546 KB of shared
+    memory (sm_90 has 227 KB); 2 stages at K = 128 (fp16 walk backward: 250 -> 181 KB),
+    1 above."""
+    k = next_pow2(K)
+    return 3 if k <= 64 else 2 if k <= 128 else 1
 
 _PRETEND_SMS: list = []          # set by pretend_gpu(): launch rules choose as on that GPU
 

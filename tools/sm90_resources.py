@@ -144,10 +144,34 @@ def _ssm_cases(quick: bool):
             yield dict(family="conv", dtype=dtype, W=W)
 
 
-def cases(quick: bool = False):
-    yield from _gla_cases(quick)
-    yield from _delta_cases(quick)
-    yield from _ssm_cases(quick)
+def cases(quick: bool = False, families=None, dims=None, dtypes=None):
+    """Every case, or those of the given families ("gla", "delta", "scan", "state_update",
+    "conv"), (K, V) pairs and dtypes (None: all)."""
+    for c in (*_gla_cases(quick), *_delta_cases(quick), *_ssm_cases(quick)):
+        if families and c["family"] not in families:
+            continue
+        if dims and "K" in c and (c["K"], c["V"]) not in dims:
+            continue
+        if dtypes and c["dtype"] not in dtypes:
+            continue
+        yield c
+
+
+def _parse_filters(a) -> dict:
+    """record/check filter options -> keyword arguments of cases()."""
+    return dict(families=a.family.split(",") if a.family else None,
+                dims=[tuple(int(x) for x in d.split("x")) for d in a.dims.split(",")]
+                if a.dims else None,
+                dtypes=a.dtypes.split(",") if a.dtypes else None)
+
+
+def _filter_args(a) -> list:
+    """The filter options of `a` as a record command line."""
+    out = []
+    for opt in ("family", "dims", "dtypes"):
+        if getattr(a, opt):
+            out += [f"--{opt}", getattr(a, opt)]
+    return out
 
 
 def _run_case(c: dict):
@@ -224,7 +248,7 @@ def _run_case(c: dict):
         S.conv_update(x[:, :, :1], torch.randn(2, Dm, W - 1, dtype=dt), w, bias, "silu")
 
 
-def record(quick: bool = False, case_list=None) -> List[dict]:
+def record(quick: bool = False, case_list=None, kernel: str = "", **filters) -> List[dict]:
     """Distinct launches (kernel, arguments, options) over all cases, with the largest grid seen
     and the cases that produced them."""
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -234,10 +258,12 @@ def record(quick: bool = False, case_list=None) -> List[dict]:
     from lightning_ops import triton_utils
     seen: Dict[str, dict] = {}
     with triton_utils.pretend_gpu(), Recorder() as rec:
-        for c in (case_list if case_list is not None else cases(quick)):
+        for c in (case_list if case_list is not None else cases(quick, **filters)):
             n0 = len(rec.launches)
             _run_case(c)
             for la in rec.launches[n0:]:
+                if kernel and not re.search(kernel, la["kernel"].split(":")[1]):
+                    continue
                 ident = json.dumps([la["kernel"], la["args"], la["kwargs"]], sort_keys=True)
                 if ident not in seen:
                     seen[ident] = dict(la, case=c)
@@ -504,7 +530,8 @@ def _worker_main(argv):
 
 
 def check(pythons: List[str], jobs: int, table: str = TABLE, quick: bool = False,
-          launches_json: str = "", budget_s: float = 0.0, strict: bool = False) -> int:
+          launches_json: str = "", budget_s: float = 0.0, strict: bool = False,
+          record_args=()) -> int:
     """Record, compile under each python, merge into the table; 1 on a configuration over the
     shared-memory limit, a compile error, a grid over the y/z limit, or (strict) any
     configuration left unchecked by the time budget."""
@@ -518,7 +545,7 @@ def check(pythons: List[str], jobs: int, table: str = TABLE, quick: bool = False
     if not launches_json:
         t0 = time.time()
         r = subprocess.run([sys.executable, __file__, "record", "--out", lj]
-                           + (["--quick"] if quick else []), env=env)
+                           + (["--quick"] if quick else []) + list(record_args), env=env)
         if r.returncode:
             return r.returncode
         print(f"recorded in {time.time() - t0:.0f}s", flush=True)
@@ -570,6 +597,13 @@ def main(argv=None):
     r.add_argument("--out", required=True)
     r.add_argument("--quick", action="store_true")
     c = sub.add_parser("check")
+    for sp in (r, c):  # a subset (e.g. to check a fix quickly; pass --table to keep the
+        # committed table as it is)
+        sp.add_argument("--family", default="", help="comma-separated families: gla, delta, "
+                        "scan, state_update, conv (default: all)")
+        sp.add_argument("--dims", default="", help="comma-separated KxV pairs, e.g. 128x128")
+        sp.add_argument("--dtypes", default="", help="comma-separated: float32,float16,bfloat16")
+        sp.add_argument("--kernel", default="", help="regex on kernel names (e.g. 'wy_|delta_')")
     c.add_argument("--python", action="append", default=[],
                    help="interpreters to compile under (default: this one)")
     c.add_argument("--jobs", type=int, default=1)
@@ -581,12 +615,13 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.cmd == "record":
         t0 = time.time()
-        la = record(quick=a.quick)
+        la = record(quick=a.quick, kernel=a.kernel, **_parse_filters(a))
         json.dump(la, open(a.out, "w"))
         print(f"{len(la)} distinct launches recorded in {time.time() - t0:.0f}s", flush=True)
         return 0
     return check(a.python or [sys.executable], a.jobs, a.table, launches_json=a.launches,
-                 budget_s=a.budget_s, strict=a.strict)
+                 budget_s=a.budget_s, strict=a.strict,
+                 record_args=_filter_args(a) + (["--kernel", a.kernel] if a.kernel else []))
 
 
 if __name__ == "__main__":

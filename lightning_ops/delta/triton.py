@@ -44,8 +44,8 @@ from . import torch as _torch_engine
 from ..nonfinite import NonFiniteGuard
 from ..gla.triton import zero_floored
 from ..gla.triton_chunk import chunk_cumsum_kernel, chunk_dqkg_kernel, chunk_out_kernel
-from ..triton_utils import (ChunkMeta, check_grid_yz, chunk_program, dot_config, next_pow2,
-                            seq_bounds)
+from ..triton_utils import (K_BLOCK, ChunkMeta, check_grid_yz, chunk_program, dot_config,
+                            full_k_stages, next_pow2, seq_bounds)
 
 Tensor = torch.Tensor
 
@@ -73,17 +73,19 @@ def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
     if r0 >= T_n:  # a padding program of a packed batch's grid
         return
     o = tl.arange(0, 16)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
     # --- the diagonal blocks, batched [4 blocks, 16 rows, *]
     loc = r0 + tl.arange(0, 4)[:, None] * 16 + o[None, :]
     m = loc < T_n
     rows = (bos + loc) * H + i_h
-    k3 = tl.load(k + (rows * K)[:, :, None] + o_k[None, None, :],
-                 mask=m[:, :, None] & m_k[None, None, :], other=0.).to(tl.float32)
+    # k k^T over K in blocks of BK (unrolled): [*, 16, BK] tiles keep shared memory bounded
+    A3 = tl.zeros([4, 16, 16], dtype=tl.float32)
+    for i_k in tl.static_range(0, (K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        k3 = tl.load(k + (rows * K)[:, :, None] + o_k[None, None, :],
+                     mask=m[:, :, None] & (o_k < K)[None, None, :], other=0.).to(tl.float32)
+        A3 += tl.dot(k3, tl.permute(k3, (0, 2, 1)), input_precision=PREC)
     b3 = tl.load(beta + rows, mask=m, other=0.).to(tl.float32)
     keep = m[:, :, None] & m[:, None, :] & (o[None, :, None] > o[None, None, :])
-    A3 = tl.dot(k3, tl.permute(k3, (0, 2, 1)), input_precision=PREC)
     if GATED:
         G3 = tl.load(gc + rows, mask=m, other=0.)
         A3 = A3 * tl.exp(tl.where(keep, G3[:, :, None] - G3[:, None, :], 0.))
@@ -105,13 +107,17 @@ def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
     mj = (lj < T_n) & (p < 6)[:, None]
     ri = (bos + li) * H + i_h
     rj = (bos + lj) * H + i_h
-    ki = tl.load(k + (ri * K)[:, :, None] + o_k[None, None, :],
-                 mask=mi[:, :, None] & m_k[None, None, :], other=0.).to(tl.float32)
-    kj = tl.load(k + (rj * K)[:, :, None] + o_k[None, None, :],
-                 mask=mj[:, :, None] & m_k[None, None, :], other=0.).to(tl.float32)
+    A8 = tl.zeros([8, 16, 16], dtype=tl.float32)
+    for i_k in tl.static_range(0, (K + BK - 1) // BK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = (o_k < K)[None, None, :]
+        ki = tl.load(k + (ri * K)[:, :, None] + o_k[None, None, :],
+                     mask=mi[:, :, None] & m_k, other=0.).to(tl.float32)
+        kj = tl.load(k + (rj * K)[:, :, None] + o_k[None, None, :],
+                     mask=mj[:, :, None] & m_k, other=0.).to(tl.float32)
+        A8 += tl.dot(ki, tl.permute(kj, (0, 2, 1)), input_precision=PREC)
     bb = tl.load(beta + ri, mask=mi, other=0.).to(tl.float32)
     keep8 = mi[:, :, None] & mj[:, None, :]
-    A8 = tl.dot(ki, tl.permute(kj, (0, 2, 1)), input_precision=PREC)
     if GATED:
         Gi = tl.load(gc + ri, mask=mi, other=0.)
         Gj = tl.load(gc + rj, mask=mj, other=0.)
@@ -333,10 +339,14 @@ def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                   BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
                   IS_VARLEN: tl.constexpr, DT_S: tl.constexpr, PREC: tl.constexpr):
-    """Adjoint of the WY transform of one (chunk, batch x head), full K in registers.
+    """Adjoint of the WY transform of one (chunk, batch x head), K in blocks of BK.
     From du = dv_new and dw = -dv_new h_c^T:  dvb = Ai^T du, dkb = Ai^T dw,
     dA = -tril(dvb u^T + dkb w^T, -1); then dv = beta dvb, dbeta, dk (fp32, the WY share) and
-    dg (fp32, the WY share, already reverse-cumsummed within the chunk)."""
+    dg (fp32, the WY share, already reverse-cumsummed within the chunk).
+    Three passes, so no [64, K] tile is held whole (shared memory stays bounded at K = 256):
+    over V blocks (dv, the u part of dA and dbeta), over K blocks (dw, dkb, the w part of dA,
+    k k^T, the k parts of dbeta and dg; dk's dkb share stored), over K blocks again (dk += the
+    A part, read back after a barrier)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
@@ -344,15 +354,10 @@ def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
     if r0 >= T_n:  # a padding program of a packed batch's grid
         return
     o_t = tl.arange(0, 64)
-    o_k = tl.arange(0, BK)
     m_t = (r0 + o_t) < T_n
-    m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
     rows = (bos + r0 + o_t) * H + i_h
-    pk = (rows * K)[:, None] + o_k[None, :]
     Ti = tl.load(Ai + (rows * 64)[:, None] + o_t[None, :],
                  mask=m_t[:, None] & (o_t[None, :] < 64), other=0.)
-    kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
     bt = tl.load(beta + rows, mask=m_t, other=0.).to(tl.float32)
     strict = (o_t[:, None] > o_t[None, :]) & m_t[:, None] & m_t[None, :]
     if GATED:
@@ -362,42 +367,67 @@ def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
     else:
         eG = tl.where(m_t, 1., 0.)
         D = tl.full([64, 64], 1., tl.float32)
-    kb = kt * (bt * eG)[:, None]
-    wt = tl.dot(Ti, kb, input_precision=PREC)
     state = (gid * H + i_h) * K * V
-    dw = tl.zeros([64, BK], dtype=tl.float32)
     dA = tl.zeros([64, 64], dtype=tl.float32)
+    KK = tl.zeros([64, 64], dtype=tl.float32)
     db_ = tl.zeros([64], dtype=tl.float32)
+    dgk = tl.zeros([64], dtype=tl.float32)
+    # pass 1, over V: dvb = Ai^T du, u = Ai (beta v)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_tv = m_t[:, None] & m_v[None, :]
+        m_tv = m_t[:, None] & (o_v < V)[None, :]
         pv = (rows * V)[:, None] + o_v[None, :]
         dvn = tl.load(dv_new + pv, mask=m_tv, other=0.)
-        h = tl.load(hs + state + o_k[:, None] * V + o_v[None, :],
-                    mask=m_k[:, None] & m_v[None, :], other=0.)
         vt = tl.load(v + pv, mask=m_tv, other=0.).to(tl.float32)
-        dw -= tl.dot(dvn.to(DT_S), tl.trans(h).to(DT_S), input_precision=PREC)
         dvb = tl.dot(tl.trans(Ti), dvn, input_precision=PREC)
         ut = tl.dot(Ti, vt * bt[:, None], input_precision=PREC)
         dA += tl.dot(dvb, tl.trans(ut), input_precision=PREC)
         db_ += tl.sum(dvb * vt, axis=1)
         tl.store(dv + pv, (dvb * bt[:, None]).to(dv.dtype.element_ty), mask=m_tv)
-    dkb = tl.dot(tl.trans(Ti), dw, input_precision=PREC)
-    dA += tl.dot(dkb, tl.trans(wt), input_precision=PREC)
+    # pass 2, over K: dw = -du h^T, dkb = Ai^T dw, w = Ai (beta e^b k)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        pk = (rows * K)[:, None] + o_k[None, :]
+        kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
+        kb = kt * (bt * eG)[:, None]
+        wt = tl.dot(Ti, kb, input_precision=PREC)
+        dw = tl.zeros([64, BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_v = o_v < V
+            dvn = tl.load(dv_new + (rows * V)[:, None] + o_v[None, :],
+                          mask=m_t[:, None] & m_v[None, :], other=0.)
+            h = tl.load(hs + state + o_k[:, None] * V + o_v[None, :],
+                        mask=m_k[:, None] & m_v[None, :], other=0.)
+            dw -= tl.dot(dvn.to(DT_S), tl.trans(h).to(DT_S), input_precision=PREC)
+        dkb = tl.dot(tl.trans(Ti), dw, input_precision=PREC)
+        dA += tl.dot(dkb, tl.trans(wt), input_precision=PREC)
+        KK += tl.dot(kt, tl.trans(kt), input_precision=PREC)
+        db_ += tl.sum(dkb * kt * eG[:, None], axis=1)
+        dgk += tl.sum(dkb * kb, axis=1)
+        tl.store(dk + pk, dkb * (bt * eG)[:, None], mask=m_tk)
     dA = tl.where(strict, -dA, 0.)
-    Akk = tl.where(strict, tl.dot(kt, tl.trans(kt), input_precision=PREC) * D, 0.)
-    db_ += tl.sum(dkb * kt * eG[:, None], axis=1) + tl.sum(dA * Akk, axis=1)
+    Akk = tl.where(strict, KK * D, 0.)
+    db_ += tl.sum(dA * Akk, axis=1)
     dAkk = dA * bt[:, None]
     dKK = dAkk * D
-    dkt = dkb * (bt * eG)[:, None] + tl.dot(dKK, kt, input_precision=PREC) \
-        + tl.dot(tl.trans(dKK), kt, input_precision=PREC)
-    tl.store(dk + pk, dkt, mask=m_tk)
     tl.store(dbeta + rows, db_, mask=m_t)
     if GATED:
         P = dAkk * Akk
-        dgt = tl.sum(P, axis=1) - tl.sum(P, axis=0) + tl.sum(dkb * kb, axis=1)
+        dgt = tl.sum(P, axis=1) - tl.sum(P, axis=0) + dgk
         tl.store(dg + rows, tl.cumsum(dgt, axis=0, reverse=True), mask=m_t)
+    # pass 3, over K: dk += dKK k + dKK^T k (this program's own pass-2 stores, read back)
+    tl.debug_barrier()
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k < K)[None, :]
+        pk = (rows * K)[:, None] + o_k[None, :]
+        kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
+        dkt = tl.load(dk + pk, mask=m_tk, other=0.) + tl.dot(dKK, kt, input_precision=PREC) \
+            + tl.dot(tl.trans(dKK), kt, input_precision=PREC)
+        tl.store(dk + pk, dkt, mask=m_tk)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -521,7 +551,7 @@ def _wy(p: _Prep, v, beta):
     # exact fp32 products in the inverse whatever the input dtype: its 15 substitution steps
     # compound rounding (the 16x16 products are cheap)
     wy_inverse_kernel[grid](p.k, beta, p.gc, Ai, p.cu, meta.indices, T, meta.NT,
-                            H=H, K=K, BK=next_pow2(K), GATED=p.gc is not None,
+                            H=H, K=K, BK=min(K_BLOCK, next_pow2(K)), GATED=p.gc is not None,
                             IS_VARLEN=meta.is_varlen, PREC="ieee")
     w, u = _f32(v, B, T, H, K), _f32(v, B, T, H, V)
     wy_apply_kernel[grid](p.k, v, beta, p.gc, Ai, w, u, p.cu, meta.indices, T, meta.NT,
@@ -542,7 +572,7 @@ def _states(p: _Prep, w, u, h0, output_final_state):
         p.k, w, u, p.gc, hs, v_new, h0, ht, p.cu, meta.offsets, T, meta.NT,
         H=H, K=K, V=V, BK=next_pow2(K), BV=BV, GATED=p.gc is not None, USE_H0=h0 is not None,
         STORE_HT=ht is not None, IS_VARLEN=meta.is_varlen, DT_S=DT_S, PREC=PREC,
-        num_warps=_walk_warps(K, BV))
+        num_warps=_walk_warps(K, BV), num_stages=full_k_stages(K))
     return hs, v_new, ht
 
 
@@ -576,7 +606,7 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, cu_seqlens, use_l2, do, dht):
         p.q, p.k, w, do, p.gc, dhs, dv_new, dht, dh0, p.cu, meta.offsets, scale, T, meta.NT,
         H=H, K=K, V=V, BK=next_pow2(K), BV=BV, GATED=gated, USE_DHT=dht is not None,
         STORE_DH0=dh0 is not None, IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC,
-        num_warps=_walk_warps(K, BV))
+        num_warps=_walk_warps(K, BV), num_stages=full_k_stages(K))
     # output and state parts of dq, dk, dg: the GLA kernel with v_new for v
     BK, BVo = min(64, next_pow2(K)), min(64, next_pow2(V))
     NK = triton.cdiv(K, BK)
@@ -594,8 +624,9 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, cu_seqlens, use_l2, do, dht):
     dg_wy = _f32(v, *g.shape) if gated else None
     wy_bwd_kernel[(meta.grid_t, B * H)](
         p.k, v, beta, p.gc, Ai, hs, dv_new, dk_wy, dv, dbeta, dg_wy, p.cu, meta.indices,
-        T, meta.NT, H=H, K=K, V=V, BK=next_pow2(K), BV=min(32, next_pow2(V)), GATED=gated,
-        IS_VARLEN=meta.is_varlen, DT_S=DT_S, PREC=PREC, num_warps=8 if K > 64 else 4)
+        T, meta.NT, H=H, K=K, V=V, BK=min(K_BLOCK, next_pow2(K)), BV=min(32, next_pow2(V)),
+        GATED=gated, IS_VARLEN=meta.is_varlen, DT_S=DT_S, PREC=PREC,
+        num_warps=8 if K > 64 else 4)
     dq, dk = p.grads_to_inputs(dq, dk_out + dk_wy)
     dg = None if not gated else dg_out.sum(0).view(g.shape) + dg_wy
     return dq, dk, dv, dg, dbeta, dh0
