@@ -25,7 +25,6 @@ training throughput and wall time.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -38,11 +37,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import layers  # noqa: E402
 from layers.lm import GatedMLP  # noqa: E402
 
-try:  # the thread picker and ETA formatting of the MQAR demo
-    from mqar import _fmt_s, auto_threads  # noqa: E402
+try:  # the thread picker, ETA formatting and optimizer of the MQAR demo
+    from mqar import _fmt_s, auto_threads, make_optimizer  # noqa: E402
 except ImportError:  # run from elsewhere
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from mqar import _fmt_s, auto_threads  # noqa: E402
+    from mqar import _fmt_s, auto_threads, make_optimizer  # noqa: E402
 
 ALL_MODELS = ["lion_lit", "lion_d", "lion_s", "sdpa", "sdpa_causal", "gla", "deltanet"]
 DEFAULT_MODELS = ["lion_lit", "lion_d", "lion_s", "sdpa", "sdpa_causal"]
@@ -157,19 +156,7 @@ def train_one(name, args, t_all, idx, n_models):
     vocab = 2 + args.num_keys + args.num_values
     model = Encoder(name, vocab, args.d_model, args.layers, args.heads, args.mlp_ratio)
     params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
-                            betas=(0.9, 0.98))
-    warmup = max(1, args.steps // 10)
-
-    def lr_at(step):  # linear warm-up, cosine decay to 10%
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, args.steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    opt, sched = make_optimizer(model, args)
     gen = torch.Generator().manual_seed(args.seed + 1)
     eval_data = recovery_batch(args.eval_examples, args.num_keys, args.num_values,
                                args.num_pairs, torch.Generator().manual_seed(12345))

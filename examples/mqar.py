@@ -147,12 +147,9 @@ def evaluate(model, data, batch_size):
     return correct / max(total, 1)
 
 
-def train_one(name: str, args, device, dtype, progress=None, idx=0):
-    torch.manual_seed(args.seed)
-    model = layers.CausalLM(args.vocab_size, args.d_model, args.layers, mixer=name,
-                            mixer_kwargs=mixer_kwargs(name, args.d_model),
-                            mlp_ratio=args.mlp_ratio).to(device=device, dtype=dtype)
-    params = sum(p.numel() for p in model.parameters())
+def make_optimizer(model, args):
+    """AdamW (no weight decay on biases / norms) with a linear warm-up over the first 10 % of
+    args.steps and a cosine decay to 10 % of args.lr; returns (optimizer, scheduler)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -166,6 +163,16 @@ def train_one(name: str, args, device, dtype, progress=None, idx=0):
         t = (step - warmup) / max(1, args.steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    return opt, sched
+
+
+def train_one(name: str, args, device, dtype, progress=None, idx=0):
+    torch.manual_seed(args.seed)
+    model = layers.CausalLM(args.vocab_size, args.d_model, args.layers, mixer=name,
+                            mixer_kwargs=mixer_kwargs(name, args.d_model),
+                            mlp_ratio=args.mlp_ratio).to(device=device, dtype=dtype)
+    params = sum(p.numel() for p in model.parameters())
+    opt, sched = make_optimizer(model, args)
     gen = torch.Generator().manual_seed(args.seed + 1)
     eval_gen = torch.Generator().manual_seed(12345)
     eval_data = mqar_batch(args.eval_examples, args.vocab_size, args.num_kv_pairs,
