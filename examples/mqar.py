@@ -6,7 +6,8 @@ values from the upper half, token 0 fills the gaps. The loss and the accuracy co
 query positions (predict the value right after seeing the key).
 
     .venv/bin/python examples/mqar.py                       # the default demo (< 5 min, 2 cores)
-    .venv/bin/python examples/mqar.py --mixers all --steps 200   # all six mixers (~15 min busy)
+    .venv/bin/python examples/mqar.py --mixers all --steps 200   # all nine mixers (Mamba, MoM slow)
+    .venv/bin/python examples/mqar.py --mixers hgrn2,hedgehog,mom --threads 1   # issue 16 rows
     .venv/bin/python examples/mqar.py --mixers deltanet,mamba2 --num-kv-pairs 16 --seq-len 128
 
 Prints a progress line every --log-every steps (loss, accuracy on the batch's queries, elapsed
@@ -27,11 +28,13 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import layers  # noqa: E402
 
-ALL_MIXERS = ["deltanet", "gated_deltanet", "gla", "mamba", "mamba2", "lightning"]
+ALL_MIXERS = ["deltanet", "gated_deltanet", "gla", "mamba", "mamba2", "lightning", "hgrn2",
+              "hedgehog", "mom"]
 # the default run (make demo) has one mixer per family, so it finishes in a few minutes on a
 # shared 2-core machine: the delta rule (DeltaNet), gated linear attention (GLA) and the
-# state-space duality (Mamba-2). --mixers all adds Gated DeltaNet, Lightning and Mamba-1 (whose
-# CPU selective scan materialises [B, D, L, N]: slower than all the others together).
+# state-space duality (Mamba-2). --mixers all adds Gated DeltaNet, Lightning, HGRN-2, Hedgehog,
+# Mixture-of-Memories and Mamba-1 (whose CPU selective scan materialises [B, D, L, N]: slower
+# than all the others together; MoM is the next slowest, its tokens go to top-k memories).
 DEFAULT_MIXERS = ["deltanet", "gla", "mamba2"]
 DEFAULT_STEPS = 150
 
@@ -119,7 +122,11 @@ def mixer_kwargs(name: str, d_model: int) -> dict:
     """Small-model settings per mixer (head dims of 16-32 suit d_model 64-128). Gated
     DeltaNet runs without its output gate here: fla's small init of g_proj makes the swish gate
     ~0 at the start, which stalls this short run (26% instead of 99% after 200 steps; DeltaNet
-    with use_gate=True behaves the same)."""
+    with use_gate=True behaves the same). MoM (gated-delta memories, same g_proj init) runs
+    without it too, as the Gated DeltaNet row, with 4 memories of the same head size, top-2
+    routing. HGRN-2's state
+    expansion (expand_ratio) is the per-head key size: d_model // heads, as the other mixers'
+    heads; Hedgehog keeps its defaults (expand_k = expand_v = 1, normalised feature maps)."""
     heads = max(1, d_model // 32)
     return {
         "gla": dict(num_heads=heads, expand_k=0.5, expand_v=1.0, use_short_conv=True),
@@ -129,6 +136,10 @@ def mixer_kwargs(name: str, d_model: int) -> dict:
         "mamba": dict(d_state=16, expand=2),
         "mamba2": dict(d_state=32, headdim=16, expand=2, chunk_size=64),
         "lightning": dict(num_heads=heads),
+        "hgrn2": dict(expand_ratio=d_model // heads),
+        "hedgehog": dict(num_heads=heads),
+        "mom": dict(num_heads=heads, head_dim=d_model // heads, expand_v=1.0, num_memories=4,
+                    topk=2, use_output_gate=False),
     }[name]
 
 

@@ -11,7 +11,10 @@ from .base import RecurrentMixer
 from .cache import Cache
 from .delta import DeltaNet, GatedDeltaNet, KimiDeltaAttention
 from .gla import GatedLinearAttention, LightningAttention
+from .hedgehog import HedgehogAttention
+from .hgrn2 import HGRN2Attention
 from .mamba import Mamba, Mamba2
+from .mom import MomAttention
 from .norm import RMSNorm
 
 Tensor = torch.Tensor
@@ -24,13 +27,23 @@ MIXERS: Dict[str, type] = {
     "mamba": Mamba,
     "mamba2": Mamba2,
     "lightning": LightningAttention,
+    "hgrn2": HGRN2Attention,
+    "hedgehog": HedgehogAttention,
+    "mom": MomAttention,
 }
 
 
 def make_mixer(mixer: str, hidden_size: int, layer_idx: int = 0, num_layers: int = 1,
                **kwargs) -> RecurrentMixer:
     """Build a mixer by name ('gla', 'deltanet', 'gated_deltanet', 'kda', 'mamba', 'mamba2',
-    'lightning'); kwargs go to its constructor."""
+    'lightning', 'hgrn2', 'hedgehog', 'mom'); kwargs go to its constructor. Every one of them
+    has a decoding cache (CausalLM.generate works with each); the bidirectional `LION` is not a
+    causal mixer and is not listed.
+
+    Note the layers' own defaults are sized for large models: HGRN2Attention's expand_ratio
+    (128, num_heads = hidden_size // expand_ratio) needs hidden_size >= 128, and MomAttention's
+    head_dim 256 x expand_v 2 x 8 memories is large; pass smaller ones for small models (e.g.
+    `expand_ratio=hidden_size // 2`, or `head_dim=32, expand_v=1, num_memories=4`)."""
     if mixer not in MIXERS:
         raise ValueError(f"unknown mixer {mixer!r}; choose one of {sorted(MIXERS)}")
     cls = MIXERS[mixer]

@@ -19,7 +19,12 @@ SMALL = {
     "mamba": dict(d_state=4),
     "mamba2": dict(d_state=8, headdim=8, chunk_size=8),
     "lightning": dict(num_heads=2),
+    "hgrn2": dict(expand_ratio=8),
+    "hedgehog": dict(num_heads=2),
+    "mom": dict(num_heads=2, head_dim=8, expand_v=1, num_memories=3, topk=2),
 }
+# issue 16's mixers (HGRN-2, Hedgehog, Mixture-of-Memories): each has a decoding cache
+NEW = ["hgrn2", "hedgehog", "mom"]
 
 
 def small_lm(mixer, seed=0, **kw):
@@ -42,7 +47,7 @@ def test_every_mixer_builds_a_model(mixer):
         assert (s1 < s0).all()
 
 
-@pytest.mark.parametrize("mixer", ["gated_deltanet", "mamba", "mamba2"])
+@pytest.mark.parametrize("mixer", ["gated_deltanet", "mamba", "mamba2"] + NEW)
 def test_generate_with_cache_equals_recompute(mixer):
     model = small_lm(mixer)
     ids = torch.randint(1, 23, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -55,8 +60,9 @@ def test_generate_with_cache_equals_recompute(mixer):
     assert torch.equal(out, ref)
 
 
-def test_generate_left_padded_prompts():
-    model = small_lm("gated_deltanet")
+@pytest.mark.parametrize("mixer", ["gated_deltanet"] + NEW)
+def test_generate_left_padded_prompts(mixer):
+    model = small_lm(mixer)
     a = torch.tensor([[5, 6, 7, 8, 9, 10]])
     b = torch.tensor([[3, 4, 11]])
     batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
@@ -65,6 +71,58 @@ def test_generate_left_padded_prompts():
     out = model.generate(batch, max_new_tokens=4, attention_mask=mask)
     assert torch.equal(out[0:1, 6:], model.generate(a, max_new_tokens=4)[:, 6:])
     assert torch.equal(out[1:2, 6:], model.generate(b, max_new_tokens=4)[:, 3:])
+
+
+@pytest.mark.parametrize("mixer", NEW)
+def test_new_mixers_forward_backward(mixer):
+    """Built by name through make_mixer / CausalLM; a training step reaches every parameter."""
+    mix = layers.make_mixer(mixer, 16, layer_idx=1, num_layers=2, **SMALL[mixer])
+    assert isinstance(mix, layers.MIXERS[mixer]) and mix.layer_idx == 1
+    model = small_lm(mixer).train()
+    ids = torch.randint(0, 23, (3, 9), generator=torch.Generator().manual_seed(1))
+    logits, cache = model(ids)
+    assert cache is None and logits.shape == (3, 9, 23) and torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    for blk in model.layers:  # the mixers' input projections learn (not cut off the graph)
+        proj = {"hgrn2": ["q_proj", "f_proj", "i_proj"], "hedgehog": ["q_proj", "k_proj", "v_proj"],
+                "mom": ["q_proj", "gate"]}[mixer]
+        for n in proj + ["o_proj"]:
+            assert getattr(blk.mixer, n).weight.grad.abs().sum() > 0, n
+        if mixer == "hedgehog":  # the learnable feature maps too
+            assert blk.mixer.feature_map_q.layer.weight.grad.abs().sum() > 0
+            assert blk.mixer.feature_map_k.layer.weight.grad.abs().sum() > 0
+        if mixer == "mom":  # the routed memories' own projections
+            assert sum(m.weight.grad.abs().sum() for m in blk.mixer.k_proj) > 0
+
+
+@pytest.mark.parametrize("mixer", NEW)
+def test_new_mixers_decode_equals_chunked_forward(mixer):
+    """Decoding from the cache, one token at a time (the recurrent kernels), gives the logits
+    of one chunked forward over the whole sequence (training mode: the chunk kernels), and
+    generate's greedy tokens are the full forward's argmax at every new position; the prompt
+    is longer than 64 tokens, so prefill takes the chunk kernels in eval mode too."""
+    model = small_lm(mixer)
+    ids = torch.randint(1, 23, (2, 70), generator=torch.Generator().manual_seed(2))
+    out = model.generate(ids, max_new_tokens=4)
+    with torch.no_grad():
+        logits, cache = model(out[:, :70], use_cache=True)
+        steps = [logits[:, -1]]
+        for t in range(70, out.shape[1] - 1):
+            logits, cache = model(out[:, t:t + 1], cache=cache)
+            steps.append(logits[:, -1])
+        full, _ = model.train()(out)
+    dec = torch.stack(steps, 1)
+    torch.testing.assert_close(dec, full[:, 69:-1], rtol=1e-4, atol=1e-5)
+    assert torch.equal(out[:, 70:], full[:, 69:-1].argmax(-1))
+
+
+def test_mqar_settings_build_every_mixer():
+    """The MQAR example's per-mixer settings build a d_model-64 model for each of its mixers."""
+    for name in mqar.ALL_MIXERS:
+        model = layers.CausalLM(64, 64, 2, mixer=name, mixer_kwargs=mqar.mixer_kwargs(name, 64))
+        assert isinstance(model.layers[1].mixer, layers.MIXERS[name])
 
 
 def test_generate_sampling_and_eos():
