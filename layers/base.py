@@ -35,6 +35,10 @@ class MixerStep:
         self.want_state = want_state
         self.conv_out: List[Tensor] = []
 
+    def is_decode(self, length: int) -> bool:
+        """A one-token continuation of dense rows from a cached state (a decode step)."""
+        return self.has_history and length == 1 and self.cu_seqlens is None
+
     def conv(self, module: ShortConvolution, x: Tensor) -> Tensor:
         i = len(self.conv_out)
         h0 = self.conv_in[i] if self.conv_in else None
@@ -42,6 +46,22 @@ class MixerStep:
         if final is not None:
             self.conv_out.append(final)
         return out
+
+
+def check_mode(mode: str, fused_chunk: bool = False) -> str:
+    """'chunk' or 'fused_recurrent' (and fla's 'fused_chunk' where fla has it: the chunked
+    math, so it runs as 'chunk')."""
+    if fused_chunk and mode == "fused_chunk":
+        return "chunk"
+    ok = ("chunk", "fused_recurrent") + (("fused_chunk",) if fused_chunk else ())
+    if mode not in ok:
+        raise ValueError(f"mode must be one of {ok}, got {mode!r}")
+    return mode
+
+
+def use_recurrent(layer: nn.Module, x: Tensor) -> bool:
+    """fla's rule: short inputs outside training (decode steps) take the recurrent kernels."""
+    return layer.mode == "fused_recurrent" or (not layer.training and x.shape[1] <= 64)
 
 
 class RecurrentMixer(nn.Module):

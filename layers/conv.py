@@ -11,21 +11,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _ops
+import lightning_ops as lo
+
 from .utils import apply_mask, left_pad_lengths, repack, segment_ids, unpack_left
 
 Tensor = torch.Tensor
 
 
-def _channels_first(x: Tensor) -> Tensor:
-    """[B, T, D] -> contiguous [B, D, T], the layout causal-conv1d kernels take."""
-    return x.transpose(1, 2).contiguous()
-
-
-def _channels_last(x: Tensor) -> Tensor:
-    """[B, D, T] -> contiguous [B, T, D]: the layout the q/k/v and scan ops take. (Strided views
-    here also break compiled backward graphs: the ops' fake gradients copy the input strides
-    while the kernels return contiguous gradients.)"""
+def _swap_td(x: Tensor) -> Tensor:
+    """[B, T, D] <-> [B, D, T], contiguous: to the channels-first layout causal-conv1d kernels
+    take, and back to the layout the q/k/v and scan ops take. (Strided views here also break
+    compiled backward graphs: the ops' fake gradients copy the input strides while the kernels
+    return contiguous gradients.)"""
     return x.transpose(1, 2).contiguous()
 
 
@@ -89,32 +86,31 @@ class ShortConvolution(nn.Conv1d):
                     output_final_state:
                 raise ValueError("seq_idx cannot be combined with a mask, cu_seqlens or "
                                  "conv states")
-            out = _ops.causal_conv1d_fn(_channels_first(x), self.weight[:, 0], self.bias,
-                                        activation=self.activation, seq_idx=seq_idx)
-            return _channels_last(out), None
+            return self._conv(x, seq_idx), None
         if cu_seqlens is None:
             lengths = None if mask is None else left_pad_lengths(mask)
             return self._rows(x, lengths, initial_state, output_final_state)
         if initial_state is None and not output_final_state:
             # the common packed training case: one call, seq_idx stops taps at boundaries
-            seq_idx = segment_ids(cu_seqlens, x.shape[1])[None]
-            out = _ops.causal_conv1d_fn(_channels_first(x), self.weight[:, 0], self.bias,
-                                        activation=self.activation, seq_idx=seq_idx)
-            return _channels_last(out), None
+            return self._conv(x, segment_ids(cu_seqlens, x.shape[1])[None]), None
         # per-sequence states: run the sequences as left-padded rows
         rows, row_mask, index = unpack_left(x, cu_seqlens)
         out, final = self._rows(rows, left_pad_lengths(row_mask), initial_state,
                                 output_final_state)
         return repack(out, index), final
 
+    def _conv(self, x: Tensor, seq_idx: Optional[Tensor] = None) -> Tensor:
+        """The op on x [B, T, D] from zero history (taps stop where seq_idx changes)."""
+        out = lo.causal_conv1d_fn(_swap_td(x), self.weight[:, 0], self.bias,
+                                  activation=self.activation, seq_idx=seq_idx)
+        return _swap_td(out)
+
     def _rows(self, x: Tensor, lengths: Optional[Tensor], initial_state: Optional[Tensor],
               output_final_state: bool) -> Tuple[Tensor, Optional[Tensor]]:
         """x [N, L, D] rows whose real tokens are the last `lengths` (all when None)."""
         W = self.width
         if initial_state is None and not output_final_state:
-            out = _ops.causal_conv1d_fn(_channels_first(x), self.weight[:, 0], self.bias,
-                                        activation=self.activation)
-            return _channels_last(out), None
+            return self._conv(x), None
         N, L, D = x.shape
         hist = x.new_zeros(N, D, W) if initial_state is None else initial_state.to(x.dtype)
         xc = x.transpose(1, 2)
@@ -128,10 +124,10 @@ class ShortConvolution(nn.Conv1d):
             valid = (pos >= 0) & (pos < W)
             placed = hist.gather(2, pos.clamp(0, W - 1)[:, None, :].expand(N, D, L + W))
             ext = F.pad(xc, (W, 0)) + placed * valid[:, None, :].to(x.dtype)
-        out = _ops.causal_conv1d_fn(ext.contiguous(), self.weight[:, 0], self.bias,
-                                    activation=self.activation)
+        out = lo.causal_conv1d_fn(ext.contiguous(), self.weight[:, 0], self.bias,
+                                  activation=self.activation)
         final = ext[:, :, L:].contiguous() if output_final_state else None
-        return _channels_last(out[:, :, W:]), final
+        return _swap_td(out[:, :, W:]), final
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation}"

@@ -8,12 +8,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _ops
-from .base import FlaMixer, MixerStep, warn_ignored
+import lightning_ops as lo
+
+from .base import FlaMixer, MixerStep, check_mode, use_recurrent, warn_ignored
 from .conv import ShortConvolution
-from .gla import _check_mode, _init_linear, _recurrent, _split_heads
 from .norm import RMSNorm
-from .utils import apply_mask, compute_dtype, init_dt_bias
+from .utils import (apply_mask, compute_dtype, decay_gate, head_dims, init_dt_bias, init_linear,
+                    no_weight_decay, split_heads)
 
 Tensor = torch.Tensor
 
@@ -22,13 +23,18 @@ _QK_ACTIVATIONS = ("silu", "relu", "elu", "identity")
 
 def _sum_norm(x: Tensor, heads: int) -> Tensor:
     """x / sum(x) over each head's channels of x [..., heads * d]."""
-    y = _split_heads(x, heads)
+    y = split_heads(x, heads)
     return (y / y.sum(-1, keepdim=True)).reshape(x.shape)
 
 
 class _DeltaRuleMixer(FlaMixer):
-    """Shared structure of DeltaNet and Gated DeltaNet: q/k/v projections with short convs,
-    a sigmoid write strength beta, the delta-rule op, a per-head (gated) RMSNorm, o_proj."""
+    """Shared structure of DeltaNet, Gated DeltaNet and KDA: q/k/v projections with short
+    convs, a sigmoid write strength beta, the delta-rule op, a per-head (gated) RMSNorm, o_proj.
+    Subclasses name their ops (`_chunk_op`, `_recurrent_op`: names in lightning_ops), set
+    `b_proj` and, when gated, implement `_gate`."""
+
+    _chunk_op = "chunk_delta_rule"
+    _recurrent_op = "fused_recurrent_delta_rule"
 
     def _build(self, hidden_size, num_heads, num_v_heads, head_k_dim, head_v_dim, mode,
                use_gate, use_short_conv, conv_size, conv_bias, allow_neg_eigval, qk_activation,
@@ -45,7 +51,7 @@ class _DeltaRuleMixer(FlaMixer):
         if mode == "fused_chunk":
             raise ValueError("mode 'fused_chunk' is deprecated in fla for the delta rule; use "
                              "'chunk'")
-        self.mode = _check_mode(mode)
+        self.mode = check_mode(mode)
         self.use_gate, self.use_short_conv = use_gate, use_short_conv
         self.conv_size, self.conv_bias = conv_size, conv_bias
         self.allow_neg_eigval, self.qk_activation = allow_neg_eigval, qk_activation
@@ -102,8 +108,16 @@ class _DeltaRuleMixer(FlaMixer):
             q, k = _sum_norm(q, self.num_heads), _sum_norm(k, self.num_heads)
         # after every activation, so padded tokens write nothing (k = v = 0)
         k, v = apply_mask(k, step.mask), apply_mask(v, step.mask)
-        return (_split_heads(q, self.num_heads), _split_heads(k, self.num_heads),
-                _split_heads(v, self.num_v_heads))
+        return (split_heads(q, self.num_heads), split_heads(k, self.num_heads),
+                split_heads(v, self.num_v_heads))
+
+    def _per_value_head(self, x: Tensor) -> Tensor:
+        """Per-head gate / beta [B, T, heads, ...] -> the value heads' (identity here)."""
+        return x
+
+    def _gate(self, x: Tensor, step: MixerStep) -> Optional[Tensor]:
+        """The log decay the op takes (None: the ungated delta rule)."""
+        return None
 
     def _beta(self, x: Tensor, step: MixerStep) -> Tensor:
         cd = compute_dtype(x)
@@ -111,10 +125,20 @@ class _DeltaRuleMixer(FlaMixer):
             x.new_ones(*x.shape[:2], self.num_v_heads, dtype=cd)
         if self.allow_neg_eigval:  # beta in (0, 2): eigenvalues of (I - beta k k^T) in (-1, 1)
             beta = beta * 2
-        return apply_mask(beta, step.mask)
+        return apply_mask(self._per_value_head(beta), step.mask)
+
+    def _mix(self, x: Tensor, step: MixerStep):
+        q, k, v = self._qkv(x, step)
+        gate = self._gate(x, step)
+        fn = getattr(lo, self._recurrent_op if use_recurrent(self, x) else self._chunk_op)
+        o, state = fn(q, k, v, *(() if gate is None else (gate,)),
+                      self._beta(x, step).to(q.dtype), initial_state=step.state,
+                      output_final_state=step.want_state, cu_seqlens=step.cu_seqlens,
+                      use_qk_l2norm_in_kernel=getattr(self, "qk_norm", "l2") == "l2")
+        return self._out(o, x, step), state
 
     def _out(self, o: Tensor, x: Tensor, step: MixerStep) -> Tensor:
-        g = _split_heads(self.g_proj(x), self.num_v_heads) if self.use_gate else None
+        g = split_heads(self.g_proj(x), self.num_v_heads) if self.use_gate else None
         o = self.o_norm(o, g).reshape(*x.shape[:2], self.value_dim)
         return apply_mask(self.o_proj(o), step.mask)
 
@@ -155,10 +179,7 @@ class DeltaNet(_DeltaRuleMixer):
         hidden_size = d_model if d_model is not None else hidden_size
         if qk_norm not in ("l2", "sum", None):
             raise ValueError(f"qk_norm must be 'l2', 'sum' or None, got {qk_norm!r}")
-        key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
-        if key_dim % num_heads or value_dim % num_heads:
-            raise ValueError(f"key_dim {key_dim} and value_dim {value_dim} must be divisible "
-                             f"by num_heads {num_heads}")
+        key_dim, value_dim = head_dims(hidden_size, num_heads, expand_k, expand_v)
         kw = dict(device=device, dtype=dtype)
         self._build(hidden_size, num_heads, num_heads, key_dim // num_heads,
                     value_dim // num_heads, mode, use_gate, use_short_conv, conv_size,
@@ -166,15 +187,7 @@ class DeltaNet(_DeltaRuleMixer):
         self.expand_k, self.expand_v = expand_k, expand_v
         self.use_beta, self.qk_norm = use_beta, qk_norm
         self.b_proj = nn.Linear(hidden_size, num_heads, bias=False, **kw) if use_beta else None
-        _init_linear(self)
-
-    def _mix(self, x: Tensor, step: MixerStep):
-        q, k, v = self._qkv(x, step)
-        fn = _ops.fused_recurrent_delta_rule if _recurrent(self, x) else _ops.chunk_delta_rule
-        o, state = fn(q, k, v, self._beta(x, step).to(q.dtype), initial_state=step.state,
-                      output_final_state=step.want_state, cu_seqlens=step.cu_seqlens,
-                      use_qk_l2norm_in_kernel=self.qk_norm == "l2")
-        return self._out(o, x, step), state
+        init_linear(self)
 
 
 class GatedDeltaNet(_DeltaRuleMixer):
@@ -201,6 +214,9 @@ class GatedDeltaNet(_DeltaRuleMixer):
     names and the forward contract (`FlaMixer.forward`) are fla's.
     """
 
+    _chunk_op = "chunk_gated_delta_rule"
+    _recurrent_op = "fused_recurrent_gated_delta_rule"
+
     def __init__(self, hidden_size: int = 2048, expand_v: float = 2, head_dim: int = 256,
                  num_heads: int = 6, num_v_heads: Optional[int] = None, mode: str = "chunk",
                  use_gate: bool = True, use_short_conv: bool = True,
@@ -218,27 +234,16 @@ class GatedDeltaNet(_DeltaRuleMixer):
                                               layer_idx, kw)
         self.a_proj = nn.Linear(hidden_size, num_v_heads, bias=False, **kw)
         self.b_proj = nn.Linear(hidden_size, num_v_heads, bias=False, **kw)
-        _init_linear(self)
+        init_linear(self)
         A = torch.empty(num_v_heads, dtype=torch.float32, device=device).uniform_(0, 16)
         self.A_log = nn.Parameter(torch.log(A))
         self.dt_bias = nn.Parameter(init_dt_bias(num_v_heads, dt_min, dt_max, dt_init_floor,
                                                  device))
-        self.A_log._no_weight_decay = True
-        self.dt_bias._no_weight_decay = True
+        no_weight_decay(self.A_log, self.dt_bias)
 
     def _gate(self, x: Tensor, step: MixerStep) -> Tensor:
-        cd = compute_dtype(x)
-        g = -self.A_log.to(cd).exp() * F.softplus(self.a_proj(x).to(cd) + self.dt_bias.to(cd))
+        g = decay_gate(self.A_log, self.a_proj(x), self.dt_bias, compute_dtype(x))
         return apply_mask(g, step.mask)  # log-decay 0 (no decay) over padding
-
-    def _mix(self, x: Tensor, step: MixerStep):
-        q, k, v = self._qkv(x, step)
-        fn = _ops.fused_recurrent_gated_delta_rule if _recurrent(self, x) \
-            else _ops.chunk_gated_delta_rule
-        o, state = fn(q, k, v, self._gate(x, step), self._beta(x, step).to(q.dtype),
-                      initial_state=step.state, output_final_state=step.want_state,
-                      cu_seqlens=step.cu_seqlens, use_qk_l2norm_in_kernel=True)
-        return self._out(o, x, step), state
 
 
 class KimiDeltaAttention(_DeltaRuleMixer):
@@ -263,6 +268,9 @@ class KimiDeltaAttention(_DeltaRuleMixer):
     16)) per head and dt_bias = 0 per key channel, both float32 without weight decay.
     """
 
+    _chunk_op = "chunk_kda"
+    _recurrent_op = "fused_recurrent_kda"
+
     def __init__(self, hidden_size: int = 2048, expand_v: float = 1, head_dim: int = 128,
                  num_heads: int = 16, num_v_heads: Optional[int] = None, mode: str = "chunk",
                  use_short_conv: bool = True, allow_neg_eigval: bool = False,
@@ -283,13 +291,12 @@ class KimiDeltaAttention(_DeltaRuleMixer):
         self.g_proj = nn.Sequential(nn.Linear(hidden_size, head_v_dim, bias=False, **kw),
                                     nn.Linear(head_v_dim, self.value_dim, bias=True, **kw))
         self.o_norm = RMSNorm(head_v_dim, norm_eps, gate_fn="sigmoid", **kw)
-        _init_linear(self)
+        init_linear(self)
         A = torch.empty(num_heads, dtype=torch.float32, device=device).uniform_(1, 16)
         self.A_log = nn.Parameter(torch.log(A))
         self.dt_bias = nn.Parameter(torch.zeros(self.key_dim, dtype=torch.float32,
                                                 device=device))
-        self.A_log._no_weight_decay = True
-        self.dt_bias._no_weight_decay = True
+        no_weight_decay(self.A_log, self.dt_bias)
 
     def _per_value_head(self, x: Tensor) -> Tensor:
         """[B, T, num_heads, ...] -> [B, T, num_v_heads, ...] (groups share a key head)."""
@@ -297,21 +304,7 @@ class KimiDeltaAttention(_DeltaRuleMixer):
         return x if m == 1 else x.repeat_interleave(m, dim=2)
 
     def _gate(self, x: Tensor, step: MixerStep) -> Tensor:
-        cd = compute_dtype(x)
-        f = _split_heads(self.f_proj(x).to(cd) + self.dt_bias.to(cd), self.num_heads)
-        g = -self.A_log.to(cd).exp()[:, None] * F.softplus(f)
+        H = self.num_heads  # A_log per head, dt_bias per (head, key channel)
+        g = decay_gate(self.A_log[:, None], split_heads(self.f_proj(x), H),
+                       split_heads(self.dt_bias, H), compute_dtype(x))
         return apply_mask(self._per_value_head(g), step.mask)  # no decay over padding
-
-    def _beta(self, x: Tensor, step: MixerStep) -> Tensor:
-        beta = torch.sigmoid(self.b_proj(x).to(compute_dtype(x)))
-        if self.allow_neg_eigval:
-            beta = beta * 2
-        return apply_mask(self._per_value_head(beta), step.mask)
-
-    def _mix(self, x: Tensor, step: MixerStep):
-        q, k, v = self._qkv(x, step)
-        fn = _ops.fused_recurrent_kda if _recurrent(self, x) else _ops.chunk_kda
-        o, state = fn(q, k, v, self._gate(x, step), self._beta(x, step).to(q.dtype),
-                      initial_state=step.state, output_final_state=step.want_state,
-                      cu_seqlens=step.cu_seqlens, use_qk_l2norm_in_kernel=True)
-        return self._out(o, x, step), state

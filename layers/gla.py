@@ -8,45 +8,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _ops
-from .base import FlaMixer, MixerStep, warn_ignored
+import lightning_ops as lo
+
+from .base import FlaMixer, MixerStep, check_mode, use_recurrent, warn_ignored
 from .conv import ShortConvolution
 from .norm import RMSNorm
-from .utils import activation_fn, apply_mask, compute_dtype
+from .utils import (activation_fn, apply_mask, compute_dtype, head_dims, init_linear, kv_groups,
+                    kv_heads, split_heads)
 
 Tensor = torch.Tensor
-
-
-def _split_heads(x: Tensor, n: int) -> Tensor:
-    return x.view(*x.shape[:-1], n, x.shape[-1] // n)
-
-
-def _init_linear(module: nn.Module) -> None:
-    """fla's init of linear-attention layers: Xavier uniform with gain 2^-2.5, zero biases."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight, gain=2 ** -2.5)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
-def _check_mode(mode: str, fused_chunk: bool = False) -> str:
-    """'chunk' or 'fused_recurrent' (and fla's 'fused_chunk' where fla has it: the chunked
-    math, so it runs as 'chunk')."""
-    if fused_chunk and mode == "fused_chunk":
-        return "chunk"
-    ok = ("chunk", "fused_recurrent") + (("fused_chunk",) if fused_chunk else ())
-    if mode not in ok:
-        raise ValueError(f"mode must be one of {ok}, got {mode!r}")
-    return mode
-
-
-def _dims(hidden_size: int, num_heads: int, expand_k: float, expand_v: float):
-    key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
-    if key_dim % num_heads or value_dim % num_heads:
-        raise ValueError(f"key_dim {key_dim} (hidden_size * expand_k) and value_dim {value_dim} "
-                         f"(hidden_size * expand_v) must be divisible by num_heads {num_heads}")
-    return key_dim, value_dim
 
 
 class GatedLinearAttention(FlaMixer):
@@ -90,14 +60,10 @@ class GatedLinearAttention(FlaMixer):
         warn_ignored("GatedLinearAttention", kwargs)
         kw = dict(device=device, dtype=dtype)
         self.hidden_size, self.num_heads = hidden_size, num_heads
-        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if self.num_kv_heads < 1 or num_heads % self.num_kv_heads:
-            raise ValueError(f"num_kv_heads {self.num_kv_heads} must divide num_heads "
-                             f"{num_heads}")
-        self.num_kv_groups = num_heads // self.num_kv_heads
-        self.mode = _check_mode(mode, fused_chunk=True)
+        self.num_kv_heads, self.num_kv_groups = kv_groups(num_heads, num_kv_heads)
+        self.mode = check_mode(mode, fused_chunk=True)
         self.expand_k, self.expand_v = expand_k, expand_v
-        self.key_dim, self.value_dim = _dims(hidden_size, num_heads, expand_k, expand_v)
+        self.key_dim, self.value_dim = head_dims(hidden_size, num_heads, expand_k, expand_v)
         self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
         self.key_dim_per_group = self.key_dim // self.num_kv_groups
         self.value_dim_per_group = self.value_dim // self.num_kv_groups
@@ -129,7 +95,7 @@ class GatedLinearAttention(FlaMixer):
         self.fuse_norm_and_gate = gate_fn == "swish" and fuse_norm and use_output_gate
         self._norm_name = "g_norm_swish_gate" if self.fuse_norm_and_gate else "g_norm"
         self.add_module(self._norm_name, norm)
-        _init_linear(self)
+        init_linear(self)
 
     def state_shape(self) -> Tuple[int, ...]:
         return (self.num_heads, self.head_k_dim, self.head_v_dim)
@@ -139,8 +105,7 @@ class GatedLinearAttention(FlaMixer):
 
     def _heads(self, x: Tensor, d: int) -> Tensor:
         """[..., kv_heads * d] -> [..., num_heads, d], each kv head repeated for its group."""
-        x = _split_heads(x, x.shape[-1] // d)
-        return x.repeat_interleave(self.num_kv_groups, dim=-2) if self.num_kv_groups > 1 else x
+        return kv_heads(x, d, self.num_kv_groups)
 
     def _mix(self, x: Tensor, step: MixerStep):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -155,20 +120,15 @@ class GatedLinearAttention(FlaMixer):
             q, k = self.feature_map_fn(q), self.feature_map_fn(k)
         # padding: no write (k = v = 0) and no decay (log gate 0)
         k, v, gk = apply_mask(k, step.mask), apply_mask(v, step.mask), apply_mask(gk, step.mask)
-        q = _split_heads(q, self.num_heads)
+        q = split_heads(q, self.num_heads)
         k, gk, v = self._heads(k, self.head_k_dim), self._heads(gk, self.head_k_dim), \
             self._heads(v, self.head_v_dim)
-        fn = _ops.fused_recurrent_gla if _recurrent(self, x) else _ops.chunk_gla
+        fn = lo.fused_recurrent_gla if use_recurrent(self, x) else lo.chunk_gla
         o, state = fn(q, k, v, gk, initial_state=step.state,
                       output_final_state=step.want_state, cu_seqlens=step.cu_seqlens)
-        g = _split_heads(self.g_proj(x), self.num_heads) if self.use_output_gate else None
+        g = split_heads(self.g_proj(x), self.num_heads) if self.use_output_gate else None
         o = getattr(self, self._norm_name)(o, g).reshape(*x.shape[:2], self.value_dim)
         return apply_mask(self.o_proj(o), step.mask), state
-
-
-def _recurrent(layer: nn.Module, x: Tensor) -> bool:
-    """fla's rule: short inputs outside training (decode steps) take the recurrent kernels."""
-    return layer.mode == "fused_recurrent" or (not layer.training and x.shape[1] <= 64)
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
@@ -217,8 +177,8 @@ class LightningAttention(FlaMixer):
             raise ValueError(f"layer_idx must be in [0, num_layers={num_layers}), "
                              f"got {layer_idx}")
         self.hidden_size, self.num_heads = hidden_size, num_heads
-        self.mode = _check_mode(mode)
-        self.key_dim, self.value_dim = _dims(hidden_size, num_heads, expand_k, expand_v)
+        self.mode = check_mode(mode)
+        self.key_dim, self.value_dim = head_dims(hidden_size, num_heads, expand_k, expand_v)
         self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
         self.use_output_gate, self.layer_idx = use_output_gate, layer_idx
         self.q_proj = nn.Linear(hidden_size, self.key_dim, bias=False, **kw)
@@ -231,29 +191,29 @@ class LightningAttention(FlaMixer):
                               **kw)
         depth = 1.0 if num_layers <= 1 else 1 - layer_idx / (num_layers - 1) + 1e-5
         self.register_buffer("slope", (alibi_slopes(num_heads) * depth).to(device))
-        _init_linear(self)
+        init_linear(self)
 
     def state_shape(self) -> Tuple[int, ...]:
         return (self.num_heads, self.head_k_dim, self.head_v_dim)
 
     def _mix(self, x: Tensor, step: MixerStep):
         H = self.num_heads
-        q = _split_heads(F.silu(self.q_proj(x)), H)
-        k = _split_heads(apply_mask(F.silu(self.k_proj(x)), step.mask), H)
-        v = _split_heads(apply_mask(self.v_proj(x), step.mask), H)
-        rec = _recurrent(self, x)
+        q = split_heads(F.silu(self.q_proj(x)), H)
+        k = split_heads(apply_mask(F.silu(self.k_proj(x)), step.mask), H)
+        v = split_heads(apply_mask(self.v_proj(x), step.mask), H)
+        rec = use_recurrent(self, x)
         common = dict(initial_state=step.state, output_final_state=step.want_state,
                       cu_seqlens=step.cu_seqlens)
         slope = self.slope.to(compute_dtype(x))
         if step.mask is None:
-            fn = _ops.fused_recurrent_lightning_attn if rec else _ops.lightning_attn
+            fn = lo.fused_recurrent_lightning_attn if rec else lo.lightning_attn
             o, state = fn(q, k, v, slope, **common)
         else:
             # a constant decay would still decay the state over padding: use the data-dependent
             # scalar gate form with log-decay 0 at padded positions
             g = apply_mask(-slope.expand(*x.shape[:2], H), step.mask)
-            fn = _ops.fused_recurrent_simple_gla if rec else _ops.chunk_simple_gla
+            fn = lo.fused_recurrent_simple_gla if rec else lo.chunk_simple_gla
             o, state = fn(q, k, v, g=g, **common)
-        g = _split_heads(self.g_proj(x), H) if self.use_output_gate else None
+        g = split_heads(self.g_proj(x), H) if self.use_output_gate else None
         o = self.g_norm(o, g).reshape(*x.shape[:2], self.value_dim)
         return apply_mask(self.o_proj(o), step.mask), state

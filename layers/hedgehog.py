@@ -2,17 +2,16 @@
 softmax attention, and the attention-distillation loss used to convert softmax models."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-import lightning_ops
+import lightning_ops as lo
 
-from .base import FlaMixer, MixerStep, warn_ignored
-from .gla import _check_mode, _dims, _recurrent, _split_heads
+from .base import FlaMixer, MixerStep, check_mode, use_recurrent, warn_ignored
 from .norm import RMSNorm
-from .utils import apply_mask, compute_dtype
+from .utils import apply_mask, compute_dtype, head_dims, kv_groups, kv_heads, split_heads
 
 Tensor = torch.Tensor
 
@@ -122,14 +121,10 @@ class HedgehogAttention(FlaMixer):
         kwargs.pop("feature_map", None) if kwargs.get("feature_map") == "hedgehog" else None
         warn_ignored("HedgehogAttention", kwargs)
         kw = dict(device=device, dtype=dtype)
-        self.mode = _check_mode(mode, fused_chunk=True)
+        self.mode = check_mode(mode, fused_chunk=True)
         self.hidden_size, self.num_heads = hidden_size, num_heads
-        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if self.num_kv_heads < 1 or num_heads % self.num_kv_heads:
-            raise ValueError(f"num_kv_heads {self.num_kv_heads} must divide num_heads "
-                             f"{num_heads}")
-        self.num_kv_groups = num_heads // self.num_kv_heads
-        self.key_dim, self.value_dim = _dims(hidden_size, num_heads, expand_k, expand_v)
+        self.num_kv_heads, self.num_kv_groups = kv_groups(num_heads, num_kv_heads)
+        self.key_dim, self.value_dim = head_dims(hidden_size, num_heads, expand_k, expand_v)
         self.head_k_dim, self.head_v_dim = self.key_dim // num_heads, self.value_dim // num_heads
         self.norm_q, self.norm_k = norm_q, norm_k
         self.do_feature_map_norm, self.eps = do_feature_map_norm, eps
@@ -154,12 +149,11 @@ class HedgehogAttention(FlaMixer):
                 self.head_v_dim + int(self.do_feature_map_norm))
 
     def _heads(self, x: Tensor, d: int) -> Tensor:
-        x = _split_heads(x, x.shape[-1] // d)
-        return x.repeat_interleave(self.num_kv_groups, dim=-2) if self.num_kv_groups > 1 else x
+        return kv_heads(x, d, self.num_kv_groups)
 
     def _qk(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """Heads of q and k before the feature maps."""
-        return _split_heads(self.q_proj(x), self.num_heads), \
+        return split_heads(self.q_proj(x), self.num_heads), \
             self._heads(self.k_proj(x), self.head_k_dim)
 
     def _mix(self, x: Tensor, step: MixerStep):
@@ -174,8 +168,8 @@ class HedgehogAttention(FlaMixer):
         if self.do_feature_map_norm:
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         k, v = apply_mask(k, step.mask), apply_mask(v, step.mask)
-        fn = lightning_ops.fused_recurrent_linear_attn if _recurrent(self, x) \
-            else lightning_ops.chunk_linear_attn
+        fn = lo.fused_recurrent_linear_attn if use_recurrent(self, x) \
+            else lo.chunk_linear_attn
         o, state = fn(q, k, v, initial_state=step.state, output_final_state=step.want_state,
                       cu_seqlens=step.cu_seqlens)
         if self.do_feature_map_norm:

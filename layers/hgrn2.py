@@ -7,12 +7,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _ops
-from .base import FlaMixer, MixerStep, warn_ignored
+import lightning_ops as lo
+
+from .base import FlaMixer, MixerStep, check_mode, use_recurrent, warn_ignored
 from .conv import ShortConvolution
-from .gla import _check_mode, _recurrent, _split_heads
 from .norm import RMSNorm
-from .utils import apply_mask, compute_dtype
+from .utils import apply_mask, compute_dtype, split_heads
 
 Tensor = torch.Tensor
 
@@ -55,7 +55,7 @@ class HGRN2Attention(FlaMixer):
         if num_heads < 1 or hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads "
                              f"{num_heads} (hidden_size // expand_ratio)")
-        self.mode = _check_mode(mode, fused_chunk=True)
+        self.mode = check_mode(mode, fused_chunk=True)
         self.hidden_size, self.num_heads, self.expand_ratio = hidden_size, num_heads, expand_ratio
         self.use_short_conv, self.conv_size, self.conv_bias = use_short_conv, conv_size, conv_bias
         self.forget_dim, self.input_dim = num_heads * expand_ratio, hidden_size
@@ -107,8 +107,8 @@ class HGRN2Attention(FlaMixer):
         # padding: no write (k = i = 0) and no decay (log gate 0)
         k, i, g = apply_mask(k, step.mask), apply_mask(i, step.mask), apply_mask(g, step.mask)
         H = self.num_heads
-        q, k, g, i = (_split_heads(t, H) for t in (q, k, g, i))
-        fn = _ops.fused_recurrent_gla if _recurrent(self, x) else _ops.chunk_gla
+        q, k, g, i = (split_heads(t, H) for t in (q, k, g, i))
+        fn = lo.fused_recurrent_gla if use_recurrent(self, x) else lo.chunk_gla
         o, state = fn(q, k, i, g, initial_state=step.state, output_final_state=step.want_state,
                       cu_seqlens=step.cu_seqlens)
         o = self.o_proj(self.g_norm(o.reshape(*x.shape[:2], self.input_dim)))

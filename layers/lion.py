@@ -7,11 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lightning_ops
+import lightning_ops as lo
 
 from .base import FlaMixer, MixerStep, warn_ignored
-from .gla import _split_heads
-from .utils import apply_mask, compute_dtype
+from .utils import apply_mask, compute_dtype, split_heads
 
 Tensor = torch.Tensor
 
@@ -32,7 +31,7 @@ def elu_shifted(x: Tensor) -> Tensor:
 
 class LION(FlaMixer):
     """LION attention: `o_i = sum_j M_ij phi(q_i).phi(k_j) v_j / sum_j M_ij phi(q_i).phi(k_j)`
-    over the whole sequence (bidirectional), computed in linear time by `lightning_ops.lion_attn`
+    over the whole sequence (bidirectional), computed in linear time by `lightninglo.lion_attn`
     (no T x T matrix). The parameters and math of the authors' `Lion_Attention` (ViT code):
 
     Args:
@@ -105,7 +104,7 @@ class LION(FlaMixer):
 
     def _mix(self, x: Tensor, step: MixerStep):
         H, D = self.num_heads, self.head_dim
-        q, k, v = _split_heads(self.qkv(x), 3 * H).split(H, dim=2)
+        q, k, v = split_heads(self.qkv(x), 3 * H).split(H, dim=2)
         if self.mask_type == "lit":
             q, k = elu_shifted(q), elu_shifted(k)
         else:
@@ -120,9 +119,8 @@ class LION(FlaMixer):
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         # padding (at the front after left alignment) neither writes nor decays
         k, v = apply_mask(k, step.mask), apply_mask(v, step.mask)
-        o = lightning_ops.lion_attn(q, k, v, g=g,
-                                    g_gamma=g_gamma, scale=self.scale,
-                                    cu_seqlens=step.cu_seqlens)
+        o = lo.lion_attn(q, k, v, g=g, g_gamma=g_gamma, scale=self.scale,
+                         cu_seqlens=step.cu_seqlens)
         if self.normalize:
             o = (o[..., :D].to(cd) / (o[..., D:].to(cd) + self.eps)).to(x.dtype)
         o = self.proj(o.reshape(*x.shape[:2], H * D))

@@ -37,7 +37,8 @@ from lightning_ops.loglinear import hmamba_chunk_scan_combined, log_linear_attn_
 from .base import FlaMixer, MixerStep, warn_ignored
 from .conv import ShortConvolution
 from .norm import RMSNorm
-from .utils import apply_mask, compute_dtype, init_dt_bias
+from .utils import (apply_mask, compute_dtype, decay_rate, init_dt_bias, no_weight_decay,
+                    softplus_dt, split_xbc)
 
 Tensor = torch.Tensor
 
@@ -143,8 +144,7 @@ class LogLinearMamba2(FlaMixer):
                                 norm_before_gate=norm_before_gate, **kw)
         self.D = nn.Parameter(torch.ones(self.intermediate_size if D_has_hdim else num_heads,
                                          device=device))
-        for p in (self.dt_bias, self.A_log, self.L, self.D):
-            p._no_weight_decay = True
+        no_weight_decay(self.dt_bias, self.A_log, self.L, self.D)
         self.out_proj = nn.Linear(self.intermediate_size, hidden_size, bias=use_bias, **kw)
 
     # -- contract hooks ----------------------------------------------------------------------
@@ -192,17 +192,15 @@ class LogLinearMamba2(FlaMixer):
             self.num_lambda_dims
         gate, xBC, dt, dl = self.in_proj(u).split(
             [self.intermediate_size, self.conv_dim, h, h * lv], dim=-1)
-        xBC = step.conv(self.conv1d, xBC)
-        x, B, C = xBC.split([self.intermediate_size, g * n, g * n], dim=-1)
-        x, B, C = x.reshape(b, l, h, p), B.reshape(b, l, g, n), C.reshape(b, l, g, n)
+        x, B, C = split_xbc(step.conv(self.conv1d, xBC), h, p, g, n)
         dl = dl.reshape(b, l, h, lv)
         cd = compute_dtype(u)
-        A = -self.A_log.to(cd).exp()
+        A = decay_rate(self.A_log, cd)
         D = self._get_D().to(cd)
         Lp = self.L.to(cd)
         z = gate.reshape(b, l, h, p)
         rec = step.state
-        if step.has_history and l == 1 and step.cu_seqlens is None:
+        if step.is_decode(l):
             y, state = self._decode(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], dl[:, 0], Lp, D,
                                     None if self.rmsnorm else z[:, 0], rec, step.mask)
             y = y[:, None]
@@ -247,9 +245,7 @@ class LogLinearMamba2(FlaMixer):
         """One token per sequence from the cached hierarchy (log_linear_attn_step, on the
         device). x [b, h, p], dt [b, h], B/C [b, g, n], dl [b, h, L]."""
         cd = A.dtype
-        dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))
-        if self.dt_limit != (0.0, float("inf")):
-            dt = dt.clamp(*self.dt_limit)
+        dt = softplus_dt(dt, self.dt_bias, cd, self.dt_limit)
         v = (x * dt[..., None]).to(x.dtype)
         lam = F.softplus(Lp * dl.to(cd))
         ht, off = rec

@@ -8,18 +8,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _ops
+import lightning_ops as lo
+
 from .base import MambaMixer, MixerStep
 from .conv import ShortConvolution
 from .norm import RMSNorm
-from .utils import apply_mask, compute_dtype, init_dt_bias, repack, unpack_left
+from .utils import (NO_DT_LIMIT, apply_mask, compute_dtype, decay_rate, init_dt_bias,
+                    no_weight_decay, repack, softplus_dt, split_xbc, unpack_left)
 
 Tensor = torch.Tensor
-
-
-def _no_weight_decay(*params: nn.Parameter) -> None:
-    for p in params:
-        p._no_weight_decay = True
 
 
 def _decode_state(state: Tensor, single_token: bool) -> Tensor:
@@ -91,7 +88,7 @@ class Mamba(MambaMixer):
         A = torch.arange(1, d_state + 1, dtype=torch.float32, device=device)
         self.A_log = nn.Parameter(torch.log(A).repeat(self.d_inner, 1))  # [d_inner, d_state]
         self.D = nn.Parameter(torch.ones(self.d_inner, device=device))
-        _no_weight_decay(self.A_log, self.D)
+        no_weight_decay(self.A_log, self.D)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **kw)
 
     def state_shape(self) -> Tuple[int, ...]:
@@ -123,18 +120,18 @@ class Mamba(MambaMixer):
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, self.dt_proj.weight)                  # bias added in the op
         cd = compute_dtype(x)
-        A = -self.A_log.to(cd).exp()
+        A = decay_rate(self.A_log, cd)
         D, dt_bias = self.D.to(cd), self.dt_proj.bias.to(cd)
         softplus = True
         def padded_dt(dt, mask, bias):
             # dt = 0 on padding: no decay and no input there (exp(0 A) = 1, 0 * B x = 0)
-            return torch.where(mask, F.softplus(dt.to(cd) + bias), 0).to(x.dtype)
+            return torch.where(mask, softplus_dt(dt, bias, cd), 0).to(x.dtype)
 
         if step.has_history:  # continue the cached state token by token
             if step.mask is not None:
                 dt = padded_dt(dt, step.mask[..., None], dt_bias)
             state = _decode_state(step.state, x.shape[1] == 1)
-            ys = [_ops.selective_state_update(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D,
+            ys = [lo.selective_state_update(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D,
                                               z[:, t], None if step.mask is not None else
                                               dt_bias, step.mask is None)
                   for t in range(x.shape[1])]
@@ -146,7 +143,7 @@ class Mamba(MambaMixer):
             if step.mask is not None:  # in the channels-first layout (compiled strides agree)
                 dt = padded_dt(dt, step.mask[:, None, :], dt_bias[:, None]).contiguous()
                 dt_bias, softplus = None, False
-            res = _ops.selective_scan_fn(cf(x), dt, A, cf(B), cf(C), D, cf(z), dt_bias,
+            res = lo.selective_scan_fn(cf(x), dt, A, cf(B), cf(C), D, cf(z), dt_bias,
                                          softplus, return_last_state=step.want_state)
             y, state = res if step.want_state else (res, None)
             y = y.transpose(1, 2)
@@ -239,7 +236,7 @@ class Mamba2(MambaMixer):
         self.A_log = nn.Parameter(torch.log(A))
         self.D = nn.Parameter(torch.ones(self.d_ssm if D_has_hdim else self.nheads,
                                          device=device))
-        _no_weight_decay(self.dt_bias, self.A_log, self.D)
+        no_weight_decay(self.dt_bias, self.A_log, self.D)
         if rmsnorm:
             self.norm = RMSNorm(self.d_ssm, 1e-5, group_size=self.d_ssm // ngroups,
                                 gate_fn="silu", norm_before_gate=norm_before_gate, **kw)
@@ -277,36 +274,31 @@ class Mamba2(MambaMixer):
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
         z0, x0, z, xBC, dt = self.in_proj(u).split(
             [self.d_mlp, self.d_mlp, self.d_ssm, self.d_ssm + 2 * g * n, h], dim=-1)
-        xBC = step.conv(self.conv1d, xBC)
-        x, B, C = xBC.split([self.d_ssm, g * n, g * n], dim=-1)
-        x, B, C = x.reshape(b, l, h, p), B.reshape(b, l, g, n), C.reshape(b, l, g, n)
+        x, B, C = split_xbc(step.conv(self.conv1d, xBC), h, p, g, n)
         z = z.reshape(b, l, h, p)
         cd = compute_dtype(u)
-        A = -self.A_log.to(cd).exp()
+        A = decay_rate(self.A_log, cd)
         D = self.D.to(cd).view(h, p) if self.D_has_hdim else self.D.to(cd)
         # dt processed here when masking or decoding: dt = 0 on padding means no decay and no
         # input there, which the op's own clamp(softplus(dt + bias)) could not give
-        decode = step.has_history and l == 1 and step.cu_seqlens is None
+        decode = step.is_decode(l)
         pre = step.mask is not None or decode
         if pre:
-            dt = F.softplus(dt.to(cd) + self.dt_bias.to(cd))
-            if self.dt_limit != (0.0, float("inf")):
-                dt = dt.clamp(*self.dt_limit)
-            dt = apply_mask(dt, step.mask)
+            dt = apply_mask(softplus_dt(dt, self.dt_bias, cd, self.dt_limit), step.mask)
         gate = None if self.rmsnorm else z
         if decode:
             state = _decode_state(step.state, True)
-            y = _ops.selective_state_update(
+            y = lo.selective_state_update(
                 state, x[:, 0], dt[:, 0, :, None].expand(b, h, p),
                 A[:, None, None].expand(h, p, n), B[:, 0], C[:, 0],
                 D[:, None].expand(h, p) if D.dim() == 1 else D,
                 None if gate is None else gate[:, 0])[:, None]
         else:
-            res = _ops.mamba_chunk_scan_combined(
+            res = lo.mamba_chunk_scan_combined(
                 x, dt, A, B, C, self.chunk_size, D=D, z=gate,
                 dt_bias=None if pre else self.dt_bias.to(cd), initial_states=step.state,
                 seq_idx=step.seq_idx, cu_seqlens=step.cu_seqlens, dt_softplus=not pre,
-                dt_limit=(0.0, float("inf")) if pre else self.dt_limit,
+                dt_limit=NO_DT_LIMIT if pre else self.dt_limit,
                 return_final_states=step.want_state)
             y, state = res if step.want_state else (res, None)
         y = y.reshape(b, l, self.d_ssm)

@@ -8,12 +8,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _ops
-from .base import FlaMixer, MixerStep, warn_ignored
+import lightning_ops as lo
+
+from .base import FlaMixer, MixerStep, check_mode, use_recurrent, warn_ignored
 from .conv import ShortConvolution
-from .gla import _check_mode, _init_linear, _recurrent, _split_heads
 from .norm import RMSNorm
-from .utils import apply_mask, compute_dtype, init_dt_bias, segment_ids
+from .utils import (apply_mask, compute_dtype, decay_gate, init_dt_bias, init_linear,
+                    no_weight_decay, segment_ids, split_heads)
 
 Tensor = torch.Tensor
 
@@ -83,7 +84,7 @@ class MomAttention(FlaMixer):
         if not 1 <= topk <= num_memories:
             raise ValueError(f"topk must be in [1, num_memories={num_memories}], got {topk}")
         kw = dict(device=device, dtype=dtype)
-        self.mode = _check_mode(mode)
+        self.mode = check_mode(mode)
         self.hidden_size, self.head_dim, self.num_heads = hidden_size, head_dim, num_heads
         self.expand_v, self.num_memories, self.topk = expand_v, num_memories, topk
         self.capacity, self.shared_mem, self.single_kv_proj = capacity, shared_mem, single_kv_proj
@@ -108,8 +109,7 @@ class MomAttention(FlaMixer):
         A = torch.empty(num_heads, dtype=torch.float32, device=device).uniform_(0, 16)
         self.A_log = nn.Parameter(torch.log(A))
         self.dt_bias = nn.Parameter(init_dt_bias(num_heads, device=device))
-        self.A_log._no_weight_decay = True
-        self.dt_bias._no_weight_decay = True
+        no_weight_decay(self.A_log, self.dt_bias)
         E = self.num_slots_memories
         if use_short_conv:
             self.q_conv1d = _MemoryConv(self.key_dim, conv_size, conv_bias, "silu", E, **kw)
@@ -119,7 +119,7 @@ class MomAttention(FlaMixer):
             self.g_proj = nn.Linear(hidden_size, self.value_dim, bias=False, **kw)
         self.o_norm = RMSNorm(self.head_v_dim, norm_eps, gate_fn="swish", **kw)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False, **kw)
-        _init_linear(self)
+        init_linear(self)
         self._router_logits: Optional[Tensor] = None
 
     def state_shape(self) -> Tuple[int, ...]:
@@ -190,8 +190,7 @@ class MomAttention(FlaMixer):
         k = pick(self._per_memory(xt, "k", self.key_dim))
         v = pick(self._per_memory(xt, "v", self.value_dim))
         beta = torch.sigmoid(pick(self._per_memory(xt, "b", H)).to(cd))
-        a = pick(self._per_memory(xt, "a", H)).to(cd)
-        g = -self.A_log.to(cd).exp() * F.softplus(a + self.dt_bias.to(cd))
+        g = decay_gate(self.A_log, pick(self._per_memory(xt, "a", H)), self.dt_bias, cd)
         # states: one per (sequence, memory), and a throwaway one for the padding segment
         def states_in(s, shape):
             if s is None:
@@ -212,10 +211,10 @@ class MomAttention(FlaMixer):
             q, k, v = outs
         else:
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
-        q, k, v = _split_heads(q, H), _split_heads(k, H), _split_heads(v, H)
+        q, k, v = split_heads(q, H), split_heads(k, H), split_heads(v, H)
         h0 = states_in(step.state, (H, self.head_dim, self.head_v_dim))
-        fn = _ops.fused_recurrent_gated_delta_rule if _recurrent(self, x) \
-            else _ops.chunk_gated_delta_rule
+        fn = lo.fused_recurrent_gated_delta_rule if use_recurrent(self, x) \
+            else lo.chunk_gated_delta_rule
         o, ht = fn(q, k, v, g, beta.to(q.dtype), initial_state=h0,
                    output_final_state=step.want_state, cu_seqlens=cu,
                    use_qk_l2norm_in_kernel=True)
@@ -224,7 +223,7 @@ class MomAttention(FlaMixer):
         inv[order] = torch.arange(P, device=x.device)
         o = o[0][inv].view(B, T, S, H, self.head_v_dim)
         o = (o.to(cd) * w.to(cd)[..., None, None]).sum(2).to(x.dtype)
-        gate = _split_heads(self.g_proj(x), H) if self.use_output_gate else None
+        gate = split_heads(self.g_proj(x), H) if self.use_output_gate else None
         o = self.o_norm(o, gate).reshape(B, T, self.value_dim)
         state = None if ht is None else ht[:N * E].reshape(N, E, *ht.shape[1:])
         return apply_mask(self.o_proj(o), step.mask), state

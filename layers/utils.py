@@ -1,10 +1,12 @@
-"""Small helpers shared by the layers: masks, packed-sequence (un)packing, parameter init."""
+"""Small helpers shared by the layers: masks, packed-sequence (un)packing, heads, parameter
+init and the Mamba-style dt / decay gate math."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
@@ -52,7 +54,6 @@ def unpack_left(x: Tensor, cu_seqlens: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     cu = cu_seqlens.to(torch.int64)
     T = x.shape[1]
     lens = cu[1:] - cu[:-1]
-    N = lens.numel()
     L = max(int(lens.max()), 1)
     j = torch.arange(L, device=x.device)
     src = cu[1:, None] - L + j                      # token index of row n, column j
@@ -72,6 +73,86 @@ def repack(rows: Tensor, index: Tensor) -> Tensor:
 def left_pad_lengths(mask: Tensor) -> Tensor:
     """Number of real tokens per row of a left-padded mask [B, T] (they are the last ones)."""
     return mask.sum(-1)
+
+
+def split_heads(x: Tensor, n: int) -> Tensor:
+    """[..., n * d] -> [..., n, d]."""
+    return x.view(*x.shape[:-1], n, x.shape[-1] // n)
+
+
+def kv_heads(x: Tensor, d: int, groups: int) -> Tensor:
+    """[..., kv_heads * d] -> [..., kv_heads * groups, d]: each key/value head repeated for the
+    `groups` query heads that share it (grouped-query layout)."""
+    x = split_heads(x, x.shape[-1] // d)
+    return x.repeat_interleave(groups, dim=-2) if groups > 1 else x
+
+
+def kv_groups(num_heads: int, num_kv_heads: Optional[int]) -> Tuple[int, int]:
+    """(num_kv_heads, query heads per kv head); num_kv_heads defaults to num_heads and must
+    divide it."""
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads}")
+    return num_kv_heads, num_heads // num_kv_heads
+
+
+def head_dims(hidden_size: int, num_heads: int, expand_k: float,
+              expand_v: float) -> Tuple[int, int]:
+    """(key_dim, value_dim) = hidden_size * (expand_k, expand_v), each divisible by num_heads."""
+    key_dim, value_dim = int(hidden_size * expand_k), int(hidden_size * expand_v)
+    if key_dim % num_heads or value_dim % num_heads:
+        raise ValueError(f"key_dim {key_dim} (hidden_size * expand_k) and value_dim {value_dim} "
+                         f"(hidden_size * expand_v) must be divisible by num_heads {num_heads}")
+    return key_dim, value_dim
+
+
+def init_linear(module: nn.Module) -> None:
+    """fla's init of linear-attention layers: Xavier uniform with gain 2^-2.5, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, gain=2 ** -2.5)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def no_weight_decay(*params: nn.Parameter) -> None:
+    """Mark parameters (A_log, dt_bias, D, ...) for optimizers that skip their weight decay."""
+    for p in params:
+        p._no_weight_decay = True
+
+
+NO_DT_LIMIT = (0.0, float("inf"))
+
+
+def softplus_dt(dt: Tensor, dt_bias: Tensor, dtype: torch.dtype,
+                dt_limit: Sequence[float] = NO_DT_LIMIT) -> Tensor:
+    """Mamba's step size in `dtype`: softplus(dt + dt_bias), clamped to dt_limit (when it is not
+    the default (0, inf), as mamba-ssm)."""
+    dt = F.softplus(dt.to(dtype) + dt_bias.to(dtype))
+    if tuple(dt_limit) != NO_DT_LIMIT:
+        dt = dt.clamp(*dt_limit)
+    return dt
+
+
+def split_xbc(xBC: Tensor, heads: int, head_dim: int, groups: int,
+              d_state: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Mamba-2's conv output xBC [b, l, heads * head_dim + 2 * groups * d_state] -> x [b, l,
+    heads, head_dim], B and C [b, l, groups, d_state]."""
+    b, l = xBC.shape[:2]
+    x, B, C = xBC.split([heads * head_dim, groups * d_state, groups * d_state], dim=-1)
+    return (x.reshape(b, l, heads, head_dim), B.reshape(b, l, groups, d_state),
+            C.reshape(b, l, groups, d_state))
+
+
+def decay_rate(A_log: Tensor, dtype: torch.dtype) -> Tensor:
+    """A = -exp(A_log) in `dtype` (the SSM / gated-delta decay rate, stored as its log)."""
+    return -A_log.to(dtype).exp()
+
+
+def decay_gate(A_log: Tensor, a: Tensor, dt_bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """The Mamba-2 style log decay of Gated DeltaNet / KDA / MoM, in `dtype`:
+    g = -exp(A_log) * softplus(a + dt_bias) (<= 0), broadcast over A_log's and a's shapes."""
+    return decay_rate(A_log, dtype) * softplus_dt(a, dt_bias, dtype)
 
 
 def inv_softplus(x: Tensor) -> Tensor:
