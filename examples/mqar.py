@@ -17,6 +17,7 @@ training throughput (tokens/s, forward + backward + optimizer) and wall time.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -180,7 +181,8 @@ def make_optimizer(model, args):
 def train_one(name: str, args, device, dtype, progress=None, idx=0):
     torch.manual_seed(args.seed)
     model = layers.CausalLM(args.vocab_size, args.d_model, args.layers, mixer=name,
-                            mixer_kwargs=mixer_kwargs(name, args.d_model),
+                            mixer_kwargs={**mixer_kwargs(name, args.d_model),
+                                          **getattr(args, "overrides", {}).get(name, {})},
                             mlp_ratio=args.mlp_ratio).to(device=device, dtype=dtype)
     params = sum(p.numel() for p in model.parameters())
     opt, sched = make_optimizer(model, args)
@@ -245,6 +247,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: the physical cores that other processes "
                         "leave free, at least 1)")
+    p.add_argument("--mixer-kwargs", default="",
+                   help='JSON {mixer: {arg: value}} over the built-in small-model settings, '
+                        'e.g. \'{"mom": {"num_memories": 1, "topk": 1}}\'')
     p.add_argument("--log-every", type=int, default=25,
                    help="a progress line every N steps (0: none)")
     args = p.parse_args(argv)
@@ -253,17 +258,29 @@ def main(argv=None):
     why = ""
     if not args.threads:
         args.threads, why = auto_threads()
+    try:
+        args.overrides = json.loads(args.mixer_kwargs) if args.mixer_kwargs else {}
+    except json.JSONDecodeError as e:
+        p.error(f"--mixer-kwargs is not JSON: {e}")
+    if not isinstance(args.overrides, dict) or \
+            not all(isinstance(v, dict) for v in args.overrides.values()):
+        p.error("--mixer-kwargs must be a JSON object {mixer: {arg: value}}")
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     names = (ALL_MIXERS if args.mixers.strip() == "all" else
              [m.strip() for m in args.mixers.split(",") if m.strip()])
-    for n in names:
-        if n not in layers.MIXERS:
-            p.error(f"unknown mixer {n!r}; choose from {sorted(layers.MIXERS)}")
+    for n in names:  # the mixers with small-model settings here (not kda: none chosen yet)
+        if n not in ALL_MIXERS:
+            p.error(f"unknown mixer {n!r}; choose from {ALL_MIXERS}")
+    for n in args.overrides:
+        if n not in names:
+            p.error(f"--mixer-kwargs names {n!r}, which is not among the mixers run")
     print(f"MQAR: vocab {args.vocab_size}, {args.num_kv_pairs} kv pairs, seq_len "
           f"{args.seq_len}; {args.layers} layers, d_model {args.d_model}, {args.steps} steps "
           f"x batch {args.batch_size}, lr {args.lr}; {device.type} {args.dtype}, "
           f"{args.threads} thread(s){why}; mixers: {', '.join(names)}", flush=True)
+    for n, kw in args.overrides.items():
+        print(f"  {n}: {mixer_kwargs(n, args.d_model) | kw}", flush=True)
     left_out = [m for m in ALL_MIXERS if m not in names]
     if left_out and args.mixers == ",".join(DEFAULT_MIXERS):
         print(f"  (the default run has one mixer per family; --mixers all adds "

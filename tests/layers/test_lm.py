@@ -170,3 +170,21 @@ def test_mqar_script_runs():
                       "--eval-examples", "8", "--d-model", "32", "--seq-len", "32",
                       "--vocab-size", "32", "--num-kv-pairs", "4"])
     assert len(rows) == 1 and 0 <= rows[0]["acc"] <= 1 and rows[0]["tok_s"] > 0
+
+
+def test_mqar_mixer_kwargs_override():
+    """--mixer-kwargs JSON goes over the built-in settings of the named mixer only."""
+    small = ["--steps", "1", "--batch-size", "2", "--eval-examples", "2", "--d-model", "32",
+             "--seq-len", "16", "--vocab-size", "16", "--num-kv-pairs", "2", "--log-every", "0",
+             "--threads", "1", "--mixers", "mom,hedgehog"]
+    base = mqar.main(small)
+    over = mqar.main(small + ["--mixer-kwargs", '{"mom": {"num_memories": 2, "topk": 1}}'])
+    # k_proj, v_proj [32, 32], b_proj, a_proj [1, 32] and the router's row [1, 32] per memory
+    per_memory = 2 * (32 * 32) + 2 * 32 + 32
+    assert base[0]["params"] - over[0]["params"] == 2 * 2 * per_memory  # 2 layers, 4 -> 2 memories
+    assert base[1]["params"] == over[1]["params"]  # hedgehog untouched
+    for bad in ['{"mom": 1}', "not json", '{"gla": {}}']:
+        with pytest.raises(SystemExit):
+            mqar.main(small + ["--mixer-kwargs", bad])
+    with pytest.raises(SystemExit):  # no small-model settings for it in the example
+        mqar.main(small[:-1] + ["kda"])
