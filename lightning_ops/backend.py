@@ -29,8 +29,8 @@ _FAMILY_BACKENDS: Dict[str, Tuple[str, ...]] = {
 }
 # (family, backend) -> module implementing it
 _MODULES: Dict[Tuple[str, str], str] = {
-    ("gla", "torch"): "lightning_ops.gla.torch",
-    ("gla", "triton"): "lightning_ops.gla.triton",
+    ("gla", "torch"): "lightning_ops.chunk.torch",
+    ("gla", "triton"): "lightning_ops.chunk.triton",
     ("delta", "torch"): "lightning_ops.delta.torch",
     ("delta", "triton"): "lightning_ops.delta.triton",
     ("selective_scan", "torch"): "lightning_ops.ssm.torch",

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunk.constants import K_BLOCK  # noqa: F401  (the K block of rule 1)
+
 Tensor = torch.Tensor
 
 
@@ -50,7 +52,6 @@ def next_pow2(n: int, minimum: int = 16) -> int:
 SM90_SHARED_LIMIT = 232448       # bytes of shared memory one block may use on sm_90 (227 KB)
 GRID_YZ_MAX = 65535              # CUDA limit on grid axes y and z
 PARTIAL_MAX_BYTES = 256 << 20    # cap on a launcher's scratch of per-block partial sums
-K_BLOCK = 64                     # K block of kernels that loop over K (rule 1)
 
 
 def full_k_stages(K: int) -> int:
@@ -133,6 +134,7 @@ class ChunkMeta:
     def __init__(self, cu_seqlens: Optional[Tensor], B: int, T: int, C: int):
         self.C = C
         self.is_varlen = cu_seqlens is not None
+        self.cu_or_none = cu_seqlens  # the kernels' cu_seqlens argument
         if cu_seqlens is None:
             self.N = B
             self.NT = triton.cdiv(T, C)
@@ -183,3 +185,23 @@ def chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN: tl.cons
         gid = i_b.to(tl.int64) * NT + i_t
     bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
     return i_n, i_c, gid, bos, T_n
+
+
+@triton.jit
+def state_tile(i_k, i_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """The [BK, BV] tile (K block i_k, V block i_v) of a row-major [K, V] state: column offsets,
+    their masks, the tile mask and the tile's element offsets (o_k, o_v, m_k, m_v, m_kv, kv)."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    return o_k, o_v, m_k, m_v, m_k[:, None] & m_v[None, :], o_k[:, None] * V + o_v[None, :]
+
+
+@triton.jit
+def chunk_slot_base(i_n, chunk_offsets, NT, IS_VARLEN: tl.constexpr):
+    """Index of sequence i_n's first chunk in a per-chunk buffer (states h_c, dh_c)."""
+    if IS_VARLEN:
+        base = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        base = i_n.to(tl.int64) * NT
+    return base

@@ -190,7 +190,7 @@ def _run_case(c: dict):
         h0 = torch.randn(N, H, K, V)
         do, dht = torch.randn_like(v), torch.randn(N, H, K, V)
         if fam == "gla":
-            from lightning_ops.gla import triton as G
+            from lightning_ops.chunk import triton as G
             gate = c["gate"]
             g = None
             if gate in ("scalar", "scalar+gamma"):

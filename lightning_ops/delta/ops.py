@@ -25,14 +25,11 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as V
+from ..precision import accumulation_dtype
 from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_if_present,
                           is_empty, passthrough_grad, passthrough_state, zeros_or_empty)
 
 Tensor = torch.Tensor
-
-
-def _state_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("lightning_ops::gated_delta_rule", mutates_args=())
@@ -46,12 +43,12 @@ def _delta_fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], beta: Tenso
         B, T, H, K = q.shape
         N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         return v.new_zeros(v.shape), passthrough_state(
-            initial_state, (N, v.shape[2], K, v.shape[-1]), q, _state_dtype(q),
+            initial_state, (N, v.shape[2], K, v.shape[-1]), q, accumulation_dtype(q),
             output_final_state)
     impl = _backend.implementation("delta", backend)
     o, ht = impl.forward(q, k, v, g, beta, scale, initial_state, output_final_state,
                          cu_seqlens, use_qk_l2norm_in_kernel, mode)
-    return o, empty_like_none(ht, q, _state_dtype(q))
+    return o, empty_like_none(ht, q, accumulation_dtype(q))
 
 
 @_delta_fwd.register_fake
@@ -61,7 +58,7 @@ def _(q, k, v, g, beta, initial_state, cu_seqlens, scale, output_final_state,
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = v.new_empty(v.shape)
     ht = q.new_empty((N, v.shape[2], K, v.shape[-1]) if output_final_state else (0,),
-                     dtype=_state_dtype(q))
+                     dtype=accumulation_dtype(q))
     return o, ht
 
 

@@ -13,11 +13,11 @@ the WY/UT representation turns the C sequential rank-1 updates into one triangul
   o     = (scale q exp(b)) S + [(scale q k^T) * exp(b_i - b_j)]_{j <= i} v_new
 
 From there on the math is the GLA family's with a scalar gate and v_new for v, so this module
-reuses lightning_ops.gla.torch for the layout (ChunkLayout: varlen, padding), the gate cumsum and
+reuses the chunk engine (lightning_ops.chunk.torch) for the layout (ChunkLayout: varlen, padding), the gate cumsum and
 factors, the state loops (scan_chunks / scan_chunks_reverse) and the output (chunk_output). The
 delta-specific parts: the WY transform and the v_new dependence of the state loop. Written
 with b_t = sum_{s<=t} g_s for short, but every decay is computed from its own gates (prefix,
-suffix and segment sums, see the GLA engine's "Gates"), never as a difference of cumsums: reset
+suffix and segment sums, see the chunk engine's "Gates"), never as a difference of cumsums: reset
 gates (-inf) and huge gates are exact. The decay mask is built once per call and shared by the
 k k^T and q k^T scores.
 
@@ -39,50 +39,36 @@ from typing import Optional
 
 import torch
 
-from ..gla.torch import (
-    chunk_size_for,
+from ..chunk.constants import RECURRENT_MAX_T, TORCH_CHUNK
+from ..chunk.torch import (
     ChunkLayout,
     causal_scores,
     chunk_output,
+    chunk_size_for,
     gate_factors,
     gate_grad,
     intra_chunk_scores,
     intra_chunk_scores_backward,
+    mul_if,
     pair_gate_grad,
     scan_chunks,
     scan_chunks_reverse,
     segment_sums,
 )
 from ..nonfinite import NonFiniteGuard
+from ..precision import accumulation_dtype
+from .l2norm import l2norm, l2norm_backward
 
 Tensor = torch.Tensor
 
-# C=64 measured best on CPU for K=V=64 (fewer Python steps in the state loop vs O(T*C) intra
-# work and the C x C solve); mode="recurrent" runs chunks of one token up to RECURRENT_MAX_T.
-CHUNK_SIZE = 64
-RECURRENT_MAX_T = 16
-L2NORM_EPS = 1e-6
-
 
 def _chunk_size(mode: str, max_len: int) -> int:
+    # C=64 measured best on CPU for K=V=64 (fewer Python steps in the state loop vs O(T*C)
+    # intra work and the C x C solve); mode="recurrent" runs one-token chunks up to
+    # RECURRENT_MAX_T tokens (the literal token-by-token recurrence).
     if mode == "recurrent" and max_len <= RECURRENT_MAX_T:
-        return 1  # the literal token-by-token recurrence
-    return chunk_size_for(max_len, CHUNK_SIZE)
-
-
-def _mul(x: Tensor, factor: Optional[Tensor]) -> Tensor:
-    return x if factor is None else x * factor
-
-
-def _l2norm(x: Tensor):
-    """(x / sqrt(|x|^2 + eps), 1 / sqrt(|x|^2 + eps)) over the last dim."""
-    r = torch.rsqrt((x * x).sum(-1, keepdim=True) + L2NORM_EPS)
-    return x * r, r
-
-
-def _l2norm_backward(dy: Tensor, y: Tensor, r: Tensor) -> Tensor:
-    """dx of y = x * r: dy/dx = r (I - y y^T)."""
-    return r * (dy - y * (y * dy).sum(-1, keepdim=True))
+        return 1
+    return chunk_size_for(max_len, TORCH_CHUNK)
 
 
 @dataclass
@@ -109,10 +95,10 @@ def _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_l2, mode) -
     else:  # host read of the lengths, as ChunkLayout.build does
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     layout = ChunkLayout.build(B, T, cu_seqlens, _chunk_size(mode, max_len), q.device)
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = accumulation_dtype(q)
     qn, kn, rq, rk = q.to(dt), k.to(dt), None, None
     if use_l2:
-        (qn, rq), (kn, rk) = _l2norm(qn), _l2norm(kn)
+        (qn, rq), (kn, rk) = l2norm(qn), l2norm(kn)
     qh, kh = qn, kn
     if HV != H:
         qh, kh = qn.repeat_interleave(HV // H, 2), kn.repeat_interleave(HV // H, 2)
@@ -186,9 +172,9 @@ def _forward_states(x: _Chunked) -> _Forward:
     q_decay, k_decay, chunk_decay = gate_factors(x.g)
     D, Akk = _scores(x.k, x.k, x.g)
     Tinv = _unit_lower_inverse(Akk, x.beta)
-    kb = _mul(x.k * x.beta, q_decay)
+    kb = mul_if(x.k * x.beta, q_decay)
     u, w = Tinv @ (x.v * x.beta), Tinv @ kb
-    kd = _mul(x.k, k_decay)
+    kd = mul_if(x.k, k_decay)
     kdT = kd.transpose(-1, -2)
     v_new = torch.empty_like(u)
 
@@ -197,7 +183,7 @@ def _forward_states(x: _Chunked) -> _Forward:
         vn = torch.baddbmm(u[sl].flatten(0, 1), w[sl].flatten(0, 1), h.flatten(0, 1),
                            alpha=-1).view(u[sl].shape)
         v_new[sl] = vn
-        return _mul(h, None if chunk_decay is None else chunk_decay[sl]) + kdT[sl] @ vn
+        return mul_if(h, None if chunk_decay is None else chunk_decay[sl]) + kdT[sl] @ vn
 
     states, final = scan_chunks(x.layout, x.h0, step)
     return _Forward(q_decay, k_decay, chunk_decay, D, Akk, Tinv, kb, u, w, kd, v_new, states,
@@ -213,7 +199,7 @@ def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqle
                  mode)
     f = _forward_states(x)
     _, Aqk = _scores(x.q, x.k, x.g, f.D)
-    o = x.layout.unpack(chunk_output(_mul(x.q, f.q_decay), f.states, Aqk, f.v_new), v.dtype)
+    o = x.layout.unpack(chunk_output(mul_if(x.q, f.q_decay), f.states, Aqk, f.v_new), v.dtype)
     final = f.final if output_final_state else None
     return (o, final) if guard is None else guard.poison(o, final)
 
@@ -229,7 +215,7 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
     layout, dt = x.layout, x.q.dtype
     f = _forward_states(x)
     T_ = lambda t: t.transpose(-1, -2)  # noqa: E731
-    qi = _mul(x.q, f.q_decay)
+    qi = mul_if(x.q, f.q_decay)
     _, Aqk = _scores(x.q, x.k, x.g, f.D)
     doc = layout.pack(do, dt)
     dht = torch.zeros_like(x.h0) if dht is None else dht.to(dt)
@@ -243,7 +229,7 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
         dvn = torch.baddbmm(o_pull[sl].flatten(0, 1), f.kd[sl].flatten(0, 1),
                             dE.flatten(0, 1)).view(dE.shape[0], *o_pull.shape[1:])
         dv_new[sl] = dvn
-        return q_pull[sl] + _mul(dE, None if f.chunk_decay is None else f.chunk_decay[sl]) \
+        return q_pull[sl] + mul_if(dE, None if f.chunk_decay is None else f.chunk_decay[sl]) \
             - wT[sl] @ dvn
 
     dE, dh0 = scan_chunks_reverse(layout, dht, step)
@@ -252,18 +238,18 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
     dAqk = doc @ T_(f.v_new)
     dqi = doc @ T_(f.states)
     dq, dk, dg_qk = _scores_backward(dAqk, x.q, x.k, x.g, f.D)
-    dq += _mul(dqi, f.q_decay)
+    dq += mul_if(dqi, f.q_decay)
     # E = exp(b_last) S + kd^T v_new
     dkd = f.v_new @ T_(dE)
-    dk += _mul(dkd, f.k_decay)
+    dk += mul_if(dkd, f.k_decay)
     # v_new = u - w S with u = Tinv (beta v), w = Tinv kb: the solve's adjoint
     dvb = T_(f.Tinv) @ dv_new
     dkb = -(T_(f.Tinv) @ (dv_new @ T_(f.states)))
     dA = -(dvb @ T_(f.u) + dkb @ T_(f.w)).tril_(-1)  # d of tril(beta Akk, -1)
     dbeta = (dA * f.Akk).sum(-1, keepdim=True) + (dvb * x.v).sum(-1, keepdim=True) \
-        + (dkb * _mul(x.k, f.q_decay)).sum(-1, keepdim=True)
+        + (dkb * mul_if(x.k, f.q_decay)).sum(-1, keepdim=True)
     dv = dvb * x.beta
-    dk += _mul(dkb, f.q_decay) * x.beta
+    dk += mul_if(dkb, f.q_decay) * x.beta
     dAkk = dA * x.beta
     dk1, dk2, dg_kk = _scores_backward(dAkk, x.k, x.k, x.g, f.D)  # k in both roles
     dk += dk1 + dk2
@@ -291,7 +277,7 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
         dqt = dqt.view(B, T, H, HV // H, K).sum(3)
         dkt = dkt.view(B, T, H, HV // H, K).sum(3)
     if use_qk_l2norm_in_kernel:
-        dqt, dkt = _l2norm_backward(dqt, x.qn, x.rq), _l2norm_backward(dkt, x.kn, x.rk)
+        dqt, dkt = l2norm_backward(dqt, x.qn, x.rq), l2norm_backward(dkt, x.kn, x.rk)
     return (dqt.to(q.dtype), dkt.to(k.dtype), layout.unpack(dv, v.dtype), dg,
             layout.unpack(dbeta[..., 0], beta.dtype),
             None if initial_state is None else dh0.to(initial_state.dtype))

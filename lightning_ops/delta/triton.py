@@ -40,17 +40,22 @@ import torch
 import triton
 import triton.language as tl
 
-from . import torch as _torch_engine
+from ..chunk import constants
+from ..chunk.constants import K_BLOCK, TRITON_CHUNK, gate_kind
+from ..chunk.triton import (as_compute, check_mode, empty_backward, empty_forward, fp32_empty,
+                            gate_cumsum, restore_dtypes, zero_floored)
+from ..chunk.triton_kernels import chunk_dqkg_kernel, chunk_out_kernel
 from ..nonfinite import NonFiniteGuard
-from ..gla.triton import zero_floored
-from ..gla.triton_chunk import chunk_cumsum_kernel, chunk_dqkg_kernel, chunk_out_kernel
-from ..triton_utils import (K_BLOCK, ChunkMeta, check_grid_yz, chunk_program, dot_config,
-                            full_k_stages, next_pow2, seq_bounds)
+from ..triton_utils import (ChunkMeta, check_grid_yz, chunk_program, chunk_slot_base, dot_config,
+                            full_k_stages, next_pow2, seq_bounds, state_tile)
+from . import torch as _torch_engine
+from .l2norm import l2norm, l2norm_backward
 
 Tensor = torch.Tensor
 
-CHUNK = 64
-L2NORM_EPS = 1e-6
+# rows per chunk in the kernels below (the WY inverse is written for 4 blocks of 16 rows)
+CHUNK = tl.constexpr(constants.TRITON_CHUNK)
+L2NORM_EPS = tl.constexpr(constants.L2NORM_EPS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +74,7 @@ def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
-    r0 = i_c * 64
+    r0 = i_c * CHUNK
     if r0 >= T_n:  # a padding program of a packed batch's grid
         return
     o = tl.arange(0, 16)
@@ -151,10 +156,10 @@ def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
     row1 = row0 + 16 * H
     row2 = row0 + 32 * H
     row3 = row0 + 48 * H
-    p0 = Ai + (row0 * 64)[:, None] + o[None, :]
-    p1 = Ai + (row1 * 64)[:, None] + o[None, :]
-    p2 = Ai + (row2 * 64)[:, None] + o[None, :]
-    p3 = Ai + (row3 * 64)[:, None] + o[None, :]
+    p0 = Ai + (row0 * CHUNK)[:, None] + o[None, :]
+    p1 = Ai + (row1 * CHUNK)[:, None] + o[None, :]
+    p2 = Ai + (row2 * CHUNK)[:, None] + o[None, :]
+    p3 = Ai + (row3 * CHUNK)[:, None] + o[None, :]
     tl.store(p0, T00, mask=m0[:, None] & full)
     tl.store(p0 + 16, Z, mask=m0[:, None] & full)
     tl.store(p0 + 32, Z, mask=m0[:, None] & full)
@@ -182,14 +187,14 @@ def wy_apply_kernel(k, v, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
-    r0 = i_c * 64
+    r0 = i_c * CHUNK
     if r0 >= T_n:  # a padding program of a packed batch's grid
         return
-    o_t = tl.arange(0, 64)
+    o_t = tl.arange(0, CHUNK)
     m_t = (r0 + o_t) < T_n
     rows = (bos + r0 + o_t) * H + i_h
-    Ti = tl.load(Ai + (rows * 64)[:, None] + o_t[None, :],
-                 mask=m_t[:, None] & (o_t[None, :] < 64), other=0.)
+    Ti = tl.load(Ai + (rows * CHUNK)[:, None] + o_t[None, :],
+                 mask=m_t[:, None] & (o_t[None, :] < CHUNK), other=0.)
     bt = tl.load(beta + rows, mask=m_t, other=0.).to(tl.float32)
     if GATED:
         G = tl.load(gc + rows, mask=m_t, other=0.)
@@ -211,22 +216,15 @@ def wy_apply_kernel(k, v, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
 
 
 @triton.jit
-def _walk_setup(i_v, i_n, i_h, cu_seqlens, chunk_offsets, T, NT, H: tl.constexpr,
+def _state_walk_setup(i_v, i_n, i_h, cu_seqlens, chunk_offsets, T, NT, H: tl.constexpr,
                 K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                 IS_VARLEN: tl.constexpr):
     """The state walks' shared setup: sequence bounds, the sequence's first chunk slot in the
     per-chunk state buffer, the [BK, BV] state tile's offsets and masks, and the head's base."""
     bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
-    if IS_VARLEN:
-        base = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        base = i_n.to(tl.int64) * NT
-    o_t = tl.arange(0, 64)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    kv = o_k[:, None] * V + o_v[None, :]
+    base = chunk_slot_base(i_n, chunk_offsets, NT, IS_VARLEN)
+    o_t = tl.arange(0, CHUNK)
+    o_k, o_v, m_k, m_v, m_kv, kv = state_tile(0, i_v, K, V, BK, BV)
     head = (i_n * H + i_h).to(tl.int64) * K * V
     return bos, T_n, base, o_t, o_k, o_v, m_k, m_v, m_kv, kv, head
 
@@ -255,13 +253,13 @@ def delta_state_kernel(k, w, u, gc, hs, v_new, h0, ht, cu_seqlens, chunk_offsets
     h <- e^{b_L} h + (k e^{b_L - b})^T v_new."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, T_n, base, o_t, o_k, o_v, m_k, m_v, m_kv, kv, head = _walk_setup(
+    bos, T_n, base, o_t, o_k, o_v, m_k, m_v, m_kv, kv, head = _state_walk_setup(
         i_v, i_n, i_h, cu_seqlens, chunk_offsets, T, NT, H, K, V, BK, BV, IS_VARLEN)
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
         S += tl.load(h0 + head + kv, mask=m_kv, other=0.).to(tl.float32)
-    for i_c in range(0, tl.cdiv(T_n, 64)):
-        r0 = i_c * 64
+    for i_c in range(0, tl.cdiv(T_n, CHUNK)):
+        r0 = i_c * CHUNK
         tl.store(hs + ((base + i_c) * H + i_h) * K * V + kv, S, mask=m_kv)
         m_t, rows, m_tk, m_tv, pk, pv = _chunk_tile(r0, o_t, o_k, o_v, m_k, m_v, bos, T_n, i_h,
                                                     H, K, V)
@@ -272,7 +270,7 @@ def delta_state_kernel(k, w, u, gc, hs, v_new, h0, ht, cu_seqlens, chunk_offsets
         kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
         if GATED:
             G = tl.load(gc + rows, mask=m_t, other=0.)
-            G_L = tl.load(gc + (bos + tl.minimum(r0 + 63, T_n - 1)) * H + i_h)
+            G_L = tl.load(gc + (bos + tl.minimum(r0 + CHUNK - 1, T_n - 1)) * H + i_h)
             kt = kt * tl.where(m_t, tl.exp(tl.where(m_t, G_L - G, 0.)), 0.)[:, None]
             S = S * tl.exp(G_L)
         S += tl.dot(tl.trans(kt).to(DT_S), vn.to(DT_S), input_precision=PREC)
@@ -293,15 +291,15 @@ def delta_state_bwd_kernel(q, k, w, do, gc, dhs, dv_new, dht, dh0, cu_seqlens, c
     dS = e^{b_L} dE + scale (q e^b)^T do - w^T dv_new becomes the previous chunk's dE."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, T_n, base, o_t, o_k, o_v, m_k, m_v, m_kv, kv, head = _walk_setup(
+    bos, T_n, base, o_t, o_k, o_v, m_k, m_v, m_kv, kv, head = _state_walk_setup(
         i_v, i_n, i_h, cu_seqlens, chunk_offsets, T, NT, H, K, V, BK, BV, IS_VARLEN)
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_DHT:
         dS += tl.load(dht + head + kv, mask=m_kv, other=0.).to(tl.float32)
-    n_c = tl.cdiv(T_n, 64)
+    n_c = tl.cdiv(T_n, CHUNK)
     for j in range(0, n_c):
         i_c = n_c - 1 - j
-        r0 = i_c * 64
+        r0 = i_c * CHUNK
         tl.store(dhs + ((base + i_c) * H + i_h) * K * V + kv, dS, mask=m_kv)
         m_t, rows, m_tk, m_tv, pk, pv = _chunk_tile(r0, o_t, o_k, o_v, m_k, m_v, bos, T_n, i_h,
                                                     H, K, V)
@@ -314,7 +312,7 @@ def delta_state_bwd_kernel(q, k, w, do, gc, dhs, dv_new, dht, dh0, cu_seqlens, c
         At = tl.dot(kt.to(DT), tl.trans(qt).to(DT), input_precision=PREC)
         if GATED:
             G = tl.load(gc + rows, mask=m_t, other=0.)
-            G_L = tl.load(gc + (bos + tl.minimum(r0 + 63, T_n - 1)) * H + i_h)
+            G_L = tl.load(gc + (bos + tl.minimum(r0 + CHUNK - 1, T_n - 1)) * H + i_h)
             At = At * tl.exp(tl.where(keep, G[None, :] - G[:, None], 0.))
             kd = kt * tl.where(m_t, tl.exp(tl.where(m_t, G_L - G, 0.)), 0.)[:, None]
             qi = qt * tl.where(m_t, tl.exp(tl.where(m_t, G, 0.)), 0.)[:, None]
@@ -350,14 +348,14 @@ def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
-    r0 = i_c * 64
+    r0 = i_c * CHUNK
     if r0 >= T_n:  # a padding program of a packed batch's grid
         return
-    o_t = tl.arange(0, 64)
+    o_t = tl.arange(0, CHUNK)
     m_t = (r0 + o_t) < T_n
     rows = (bos + r0 + o_t) * H + i_h
-    Ti = tl.load(Ai + (rows * 64)[:, None] + o_t[None, :],
-                 mask=m_t[:, None] & (o_t[None, :] < 64), other=0.)
+    Ti = tl.load(Ai + (rows * CHUNK)[:, None] + o_t[None, :],
+                 mask=m_t[:, None] & (o_t[None, :] < CHUNK), other=0.)
     bt = tl.load(beta + rows, mask=m_t, other=0.).to(tl.float32)
     strict = (o_t[:, None] > o_t[None, :]) & m_t[:, None] & m_t[None, :]
     if GATED:
@@ -366,12 +364,12 @@ def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
         D = tl.exp(tl.where(strict, G[:, None] - G[None, :], 0.))
     else:
         eG = tl.where(m_t, 1., 0.)
-        D = tl.full([64, 64], 1., tl.float32)
+        D = tl.full([CHUNK, CHUNK], 1., tl.float32)
     state = (gid * H + i_h) * K * V
-    dA = tl.zeros([64, 64], dtype=tl.float32)
-    KK = tl.zeros([64, 64], dtype=tl.float32)
-    db_ = tl.zeros([64], dtype=tl.float32)
-    dgk = tl.zeros([64], dtype=tl.float32)
+    dA = tl.zeros([CHUNK, CHUNK], dtype=tl.float32)
+    KK = tl.zeros([CHUNK, CHUNK], dtype=tl.float32)
+    db_ = tl.zeros([CHUNK], dtype=tl.float32)
+    dgk = tl.zeros([CHUNK], dtype=tl.float32)
     # pass 1, over V: dvb = Ai^T du, u = Ai (beta v)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -393,7 +391,7 @@ def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
         kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
         kb = kt * (bt * eG)[:, None]
         wt = tl.dot(Ti, kb, input_precision=PREC)
-        dw = tl.zeros([64, BK], dtype=tl.float32)
+        dw = tl.zeros([CHUNK, BK], dtype=tl.float32)
         for i_v in range(0, tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
             m_v = o_v < V
@@ -442,11 +440,7 @@ def recurrent_fwd_kernel(q, k, v, g, beta, h0, o, ht, cu_seqlens, scale, T,
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_h = i_hv // (HV // H)
     bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    kv = o_k[:, None] * V + o_v[None, :]
+    o_k, o_v, m_k, m_v, m_kv, kv = state_tile(0, i_v, K, V, BK, BV)
     head = (i_n * HV + i_hv).to(tl.int64) * K * V
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
@@ -458,8 +452,8 @@ def recurrent_fwd_kernel(q, k, v, g, beta, h0, o, ht, cu_seqlens, scale, T,
         vt = tl.load(v + (tok * HV + i_hv) * V + o_v, mask=m_v, other=0.).to(tl.float32)
         bt = tl.load(beta + tok * HV + i_hv).to(tl.float32)
         if L2:
-            qt = qt / tl.sqrt(tl.sum(qt * qt, axis=0) + 1e-6)
-            kt = kt / tl.sqrt(tl.sum(kt * kt, axis=0) + 1e-6)
+            qt = qt / tl.sqrt(tl.sum(qt * qt, axis=0) + L2NORM_EPS)
+            kt = kt / tl.sqrt(tl.sum(kt * kt, axis=0) + L2NORM_EPS)
         if GATED:
             S = S * tl.exp(tl.load(g + tok * HV + i_hv).to(tl.float32))
         err = vt - tl.sum(S * kt[:, None], axis=0)
@@ -473,21 +467,10 @@ def recurrent_fwd_kernel(q, k, v, g, beta, h0, o, ht, cu_seqlens, scale, T,
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _as_compute(*xs: Optional[Tensor]):
-    """Contiguous tensors; float64 -> float32 (the kernels' widest arithmetic)."""
-    return [None if x is None else (x.float() if x.dtype == torch.float64 else x).contiguous()
-            for x in xs]
-
-
-def _f32(ref: Tensor, *shape: int) -> Tensor:
-    """fp32 scratch/output (torch.empty, so tests' NaN-filling reaches it)."""
-    return torch.empty(*shape, dtype=torch.float32, device=ref.device)
-
-
 def _l2norm(x: Tensor):
-    xf = x.float()
-    r = torch.rsqrt((xf * xf).sum(-1, keepdim=True) + L2NORM_EPS)
-    return (xf * r).to(x.dtype), xf * r, r
+    """(y in x's dtype, y fp32, r fp32) of the in-kernel l2 norm, computed in fp32."""
+    y, r = l2norm(x.float())
+    return y.to(x.dtype), y, r
 
 
 def _state_bv(K: int, V: int) -> int:
@@ -517,18 +500,12 @@ class _Prep:
             m = self.HV // H
             q, k = q.repeat_interleave(m, 2).contiguous(), k.repeat_interleave(m, 2).contiguous()
         self.q, self.k = q, k
-        self.meta = ChunkMeta(cu_seqlens, B, T, CHUNK)
+        self.meta = ChunkMeta(cu_seqlens, B, T, TRITON_CHUNK)
         # (batch or sequence) x heads go on grid y of the WY kernels and the state walks
         check_grid_yz(max(B, self.meta.N) * self.HV, "batch (or sequences) x heads")
         self.cu = cu_seqlens
         self.B, self.T = B, T
-        self.gc = None
-        if g is not None:
-            HV = self.HV
-            self.gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-            chunk_cumsum_kernel[(1, self.meta.grid_t, B * HV)](
-                g, None, self.gc, cu_seqlens, self.meta.indices, T, self.meta.NT,
-                H=HV, D=1, C=CHUNK, BD=16, HAS_GAMMA=False, IS_VARLEN=self.meta.is_varlen)
+        self.gc = gate_cumsum(g, None, self.meta, B, T, self.HV)
 
     def grads_to_inputs(self, dq: Tensor, dk: Tensor):
         """dq, dk [B, T, HV, K] fp32 of the kernels' q/k -> of the op's q/k (fp32)."""
@@ -536,9 +513,9 @@ class _Prep:
             B, T, _, K = dq.shape
             dq = dq.view(B, T, self.H, -1, K).sum(3)
             dk = dk.view(B, T, self.H, -1, K).sum(3)
-        if self.l2:  # y = x r: dx = r (dy - y (y . dy))
-            dq = self.rq * (dq - self.qn * (self.qn * dq).sum(-1, keepdim=True))
-            dk = self.rk * (dk - self.kn * (self.kn * dk).sum(-1, keepdim=True))
+        if self.l2:
+            dq = l2norm_backward(dq, self.qn, self.rq)
+            dk = l2norm_backward(dk, self.kn, self.rk)
         return dq, dk
 
 
@@ -547,13 +524,13 @@ def _wy(p: _Prep, v, beta):
     meta, B, T, H, K, V = p.meta, p.B, p.T, p.HV, p.K, p.V
     _, _, PREC = dot_config(p.q.dtype)
     grid = (meta.grid_t, B * H)
-    Ai = _f32(v, B, T, H, CHUNK)
+    Ai = fp32_empty(v, B, T, H, TRITON_CHUNK)
     # exact fp32 products in the inverse whatever the input dtype: its 15 substitution steps
     # compound rounding (the 16x16 products are cheap)
     wy_inverse_kernel[grid](p.k, beta, p.gc, Ai, p.cu, meta.indices, T, meta.NT,
                             H=H, K=K, BK=min(K_BLOCK, next_pow2(K)), GATED=p.gc is not None,
                             IS_VARLEN=meta.is_varlen, PREC="ieee")
-    w, u = _f32(v, B, T, H, K), _f32(v, B, T, H, V)
+    w, u = fp32_empty(v, B, T, H, K), fp32_empty(v, B, T, H, V)
     wy_apply_kernel[grid](p.k, v, beta, p.gc, Ai, w, u, p.cu, meta.indices, T, meta.NT,
                           H=H, K=K, V=V, BK=min(64, next_pow2(K)), BV=min(64, next_pow2(V)),
                           GATED=p.gc is not None, IS_VARLEN=meta.is_varlen, PREC=PREC)
@@ -564,9 +541,9 @@ def _states(p: _Prep, w, u, h0, output_final_state):
     """h_c before every chunk, v_new, and the final states."""
     meta, T, H, K, V = p.meta, p.T, p.HV, p.K, p.V
     _, DT_S, PREC = dot_config(p.q.dtype)
-    hs = _f32(u, meta.n_chunks, H, K, V)
-    v_new = _f32(u, *u.shape)
-    ht = _f32(u, meta.N, H, K, V) if output_final_state else None
+    hs = fp32_empty(u, meta.n_chunks, H, K, V)
+    v_new = fp32_empty(u, *u.shape)
+    ht = fp32_empty(u, meta.N, H, K, V) if output_final_state else None
     BV = _state_bv(K, V)
     delta_state_kernel[(triton.cdiv(V, BV), meta.N * H)](
         p.k, w, u, p.gc, hs, v_new, h0, ht, p.cu, meta.offsets, T, meta.NT,
@@ -586,7 +563,7 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, cu_seqlens, 
     o = torch.empty_like(v)
     chunk_out_kernel[(triton.cdiv(V, BV), meta.grid_t, B * H)](
         p.q, p.k, v_new, p.gc, None, None, hs, o, p.cu, meta.indices, scale, T, meta.NT,
-        H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, GATE=0 if p.gc is None else 1, REV=False,
+        H=H, K=K, V=V, C=TRITON_CHUNK, BK=BK, BV=BV, GATE=gate_kind(p.gc), REV=False,
         IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC)
     return o, ht
 
@@ -598,9 +575,9 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, cu_seqlens, use_l2, do, dht):
     meta, B, T, H, K, V = p.meta, p.B, p.T, p.HV, p.K, p.V
     DT, DT_S, PREC = dot_config(q.dtype)
     gated = p.gc is not None
-    dhs = _f32(v, meta.n_chunks, H, K, V)
-    dv_new = _f32(v, *v.shape)
-    dh0 = _f32(v, meta.N, H, K, V) if h0 is not None else None
+    dhs = fp32_empty(v, meta.n_chunks, H, K, V)
+    dv_new = fp32_empty(v, *v.shape)
+    dh0 = fp32_empty(v, meta.N, H, K, V) if h0 is not None else None
     BV = _state_bv(K, V)
     delta_state_bwd_kernel[(triton.cdiv(V, BV), meta.N * H)](
         p.q, p.k, w, do, p.gc, dhs, dv_new, dht, dh0, p.cu, meta.offsets, scale, T, meta.NT,
@@ -610,18 +587,18 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, cu_seqlens, use_l2, do, dht):
     # output and state parts of dq, dk, dg: the GLA kernel with v_new for v
     BK, BVo = min(64, next_pow2(K)), min(64, next_pow2(V))
     NK = triton.cdiv(K, BK)
-    dq, dk_out = _f32(v, B, T, H, K), _f32(v, B, T, H, K)
-    dg_out = _f32(v, NK, B * T * H) if gated else None
+    dq, dk_out = fp32_empty(v, B, T, H, K), fp32_empty(v, B, T, H, K)
+    dg_out = fp32_empty(v, NK, B * T * H) if gated else None
     chunk_dqkg_kernel[(NK, meta.grid_t, B * H)](
         p.q, p.k, v_new, do, p.gc, None, hs, dhs, None, None, None, dq, dk_out, dg_out,
         p.cu, meta.indices, scale, T, meta.NT, B * T * H,
-        H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BVo, GATE=1 if gated else 0, HAS_DG=gated,
+        H=H, K=K, V=V, C=TRITON_CHUNK, BK=BK, BV=BVo, GATE=gate_kind(p.gc), HAS_DG=gated,
         IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC)
     # the WY transform's adjoint
-    dk_wy = _f32(v, B, T, H, K)
+    dk_wy = fp32_empty(v, B, T, H, K)
     dv = torch.empty_like(v)
-    dbeta = _f32(v, *beta.shape)
-    dg_wy = _f32(v, *g.shape) if gated else None
+    dbeta = fp32_empty(v, *beta.shape)
+    dg_wy = fp32_empty(v, *g.shape) if gated else None
     wy_bwd_kernel[(meta.grid_t, B * H)](
         p.k, v, beta, p.gc, Ai, hs, dv_new, dk_wy, dv, dbeta, dg_wy, p.cu, meta.indices,
         T, meta.NT, H=H, K=K, V=V, BK=min(K_BLOCK, next_pow2(K)), BV=min(32, next_pow2(V)),
@@ -639,7 +616,7 @@ def _recurrent_forward(q, k, v, g, beta, scale, h0, output_final_state, cu_seqle
     BK = next_pow2(K)
     BV = min(next_pow2(V), max(16, 8192 // BK))
     o = torch.empty_like(v)
-    ht = _f32(q, N, HV, K, V) if output_final_state else None
+    ht = fp32_empty(q, N, HV, K, V) if output_final_state else None
     recurrent_fwd_kernel[(N * HV, triton.cdiv(V, BV))](
         q, k, v, g, beta, h0, o, ht, cu_seqlens, scale, T,
         H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, GATED=g is not None, L2=use_l2,
@@ -650,11 +627,6 @@ def _recurrent_forward(q, k, v, g, beta, scale, h0, output_final_state, cu_seqle
 # ---------------------------------------------------------------------------------------------
 # Backend contract
 # ---------------------------------------------------------------------------------------------
-def _check_mode(mode: str) -> None:
-    if mode not in ("chunk", "recurrent"):
-        raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
-
-
 def _kda_on_torch(g) -> bool:
     """KDA (a per-channel gate) has no Triton kernels yet: the chunked PyTorch engine runs it on
     any device, with a one-time warning, rather than failing on the default CUDA backend."""
@@ -667,7 +639,7 @@ def _kda_on_torch(g) -> bool:
 
 def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
             use_qk_l2norm_in_kernel, mode):
-    _check_mode(mode)
+    check_mode(mode)
     if _kda_on_torch(g):
         return _torch_engine.forward(q, k, v, g, beta, scale, initial_state, output_final_state,
                                      cu_seqlens, use_qk_l2norm_in_kernel, mode)
@@ -680,14 +652,10 @@ def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqle
                         use_qk_l2norm_in_kernel, mode)
         return guard.poison(o, ht)
     in_dtype, f64 = v.dtype, q.dtype == torch.float64
-    q, k, v, g, beta, h0 = _as_compute(q, k, v, g, beta, initial_state)
-    B, T, H, K = q.shape
-    if T == 0:
-        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        o, ht = torch.empty_like(v), None
-        if output_final_state:
-            ht = (h0.float().clone() if h0 is not None else
-                  q.new_zeros(N, v.shape[2], K, v.shape[3], dtype=torch.float32))
+    q, k, v, g, beta, h0 = as_compute(q, k, v, g, beta, initial_state)
+    if q.shape[1] == 0:
+        N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        o, ht = empty_forward(q, v, h0, output_final_state, N)
     else:
         run = _chunk_forward if mode == "chunk" else _recurrent_forward
         o, ht = run(q, k, v, g, beta, float(scale), h0, output_final_state, cu_seqlens,
@@ -701,7 +669,7 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
              do, dht):
     # mode "recurrent" is differentiated by the chunk kernels: the same function, and a
     # token-by-token reverse walk would need every state (or an unstable inversion).
-    _check_mode(mode)
+    check_mode(mode)
     if _kda_on_torch(g):
         return _torch_engine.backward(q, k, v, g, beta, scale, initial_state, cu_seqlens,
                                       use_qk_l2norm_in_kernel, mode, do, dht)
@@ -713,18 +681,12 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
                         use_qk_l2norm_in_kernel, mode, do, dht)
     dtypes = (q.dtype, k.dtype, v.dtype, None if g is None else g.dtype, beta.dtype,
               None if initial_state is None else initial_state.dtype)
-    q, k, v, g, beta, h0, do, dht = _as_compute(q, k, v, g, beta, initial_state, do, dht)
+    q, k, v, g, beta, h0, do, dht = as_compute(q, k, v, g, beta, initial_state, do, dht)
     if q.shape[1] == 0:
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        dg = None if g is None else torch.zeros_like(g)
-        dbeta = torch.zeros_like(beta)
-        dh0 = None
-        if h0 is not None:
-            dh0 = dht.float().clone() if dht is not None else torch.zeros_like(h0).float()
+        (dq, dk, dv, dg, dbeta), dh0 = empty_backward(h0, dht, q, k, v, g, beta)
     else:
         dq, dk, dv, dg, dbeta, dh0 = _chunk_backward(q, k, v, g, beta, float(scale), h0,
                                                      cu_seqlens, use_qk_l2norm_in_kernel,
                                                      do, dht)
         dg = zero_floored(dg, g)
-    outs = (dq, dk, dv, dg, dbeta, dh0)
-    return tuple(None if x is None else x.to(dt) for x, dt in zip(outs, dtypes))
+    return restore_dtypes((dq, dk, dv, dg, dbeta, dh0), dtypes)

@@ -5,7 +5,7 @@ Every op here is `S_t = decay_t * S_{t-1} + k_t v_t^T, o_t = scale * S_t^T q_t` 
 scalar (g [B,T,H] and/or constant g_gamma [H]) or vector (g [B,T,H,K]). One pair of custom ops
 (forward, backward) serves all of them; the backend module gets the gate tensors as they are.
 
-Backend module contract (lightning_ops.gla.torch / .triton):
+Backend module contract (the chunk engine: lightning_ops.chunk.torch / .triton):
   forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode)
       -> (o, final_state or None)
   backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht)
@@ -23,14 +23,11 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as V
+from ..precision import accumulation_dtype
 from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_if_present,
                           is_empty, passthrough_grad, passthrough_state, zeros_or_empty)
 
 Tensor = torch.Tensor
-
-
-def _state_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("lightning_ops::gated_linear_attn", mutates_args=())
@@ -43,11 +40,11 @@ def _gla_fwd(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor], g_gamma: Opti
         B, T, H, K = q.shape
         N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
         return v.new_zeros(v.shape), passthrough_state(
-            initial_state, (N, H, K, v.shape[-1]), q, _state_dtype(q), output_final_state)
+            initial_state, (N, H, K, v.shape[-1]), q, accumulation_dtype(q), output_final_state)
     impl = _backend.implementation("gla", backend)
     o, ht = impl.forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
                          cu_seqlens, mode)
-    return o, empty_like_none(ht, q, _state_dtype(q))
+    return o, empty_like_none(ht, q, accumulation_dtype(q))
 
 
 @_gla_fwd.register_fake
@@ -56,7 +53,7 @@ def _(q, k, v, g, g_gamma, initial_state, cu_seqlens, scale, output_final_state,
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     o = v.new_empty(v.shape)
     ht = q.new_empty((N, H, K, v.shape[-1]) if output_final_state else (0,),
-                     dtype=_state_dtype(q))
+                     dtype=accumulation_dtype(q))
     return o, ht
 
 

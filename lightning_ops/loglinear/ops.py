@@ -30,6 +30,8 @@ from .. import validation as Vd
 from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_by_recompute,
                           grad_if_present, is_empty, own_storage, passthrough_grad,
                           passthrough_state)
+from ..chunk.constants import TORCH_CHUNK
+from ..precision import accumulation_dtype
 from . import torch as _impl
 
 Tensor = torch.Tensor
@@ -85,10 +87,6 @@ def _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_siz
 # recomputes the forward under autograd (the torch backend's allowance). Absent optional outputs
 # travel as empty tensors (custom ops cannot return None).
 # ---------------------------------------------------------------------------------------------
-def _state_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _next_offsets(offsets: Optional[Tensor], cu_seqlens: Optional[Tensor], N: int, T: int,
                   ref: Tensor) -> Tensor:
     """offsets + each sequence's length (fresh memory, int64, on the device)."""
@@ -111,16 +109,16 @@ def _ll_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor,
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if is_empty(q, v):  # no tokens, heads or features: zeros, states passed through
         if not output_final_state:
-            return v.new_zeros(v.shape), q.new_empty(0, dtype=_state_dtype(q)), \
+            return v.new_zeros(v.shape), q.new_empty(0, dtype=accumulation_dtype(q)), \
                 q.new_empty(0, dtype=torch.int64)
-        return v.new_zeros(v.shape), passthrough_state(h0, (N, H, L, K, V), q, _state_dtype(q),
+        return v.new_zeros(v.shape), passthrough_state(h0, (N, H, L, K, V), q, accumulation_dtype(q),
                                                        True), \
             _next_offsets(offsets, cu_seqlens, N, T, q)
     o, final = _impl.forward(q, k, v, g, level_scales, scale, h0, offsets, output_final_state,
                              cu_seqlens, chunk_size)
     o = o.contiguous()  # the fake impl's (dense) layout
     if final is None:
-        return o, q.new_empty(0, dtype=_state_dtype(q)), q.new_empty(0, dtype=torch.int64)
+        return o, q.new_empty(0, dtype=accumulation_dtype(q)), q.new_empty(0, dtype=torch.int64)
     return (o, *own_storage(final))
 
 
@@ -131,7 +129,7 @@ def _(q, k, v, g, level_scales, h0, offsets, cu_seqlens, scale, output_final_sta
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     want = output_final_state
     return (v.new_empty(v.shape),
-            q.new_empty((N, H, L, K, V) if want else (0,), dtype=_state_dtype(q)),
+            q.new_empty((N, H, L, K, V) if want else (0,), dtype=accumulation_dtype(q)),
             q.new_empty((N,) if want else (0,), dtype=torch.int64))
 
 
@@ -186,7 +184,7 @@ def chunk_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scal
                           initial_state: Optional[LogLinearAttentionState] = None,
                           output_final_state: bool = False,
                           cu_seqlens: Optional[Tensor] = None, *, scale: Optional[float] = None,
-                          chunk_size: int = _impl.CHUNK_SIZE
+                          chunk_size: int = TORCH_CHUNK
                           ) -> Tuple[Tensor, Optional[LogLinearAttentionState]]:
     """Log-linear attention over the scalar gate (see the module docstring). A torch.library
     custom op (lightning_ops::log_linear_attn, fake impl + autograd): torch.compile traces it."""
@@ -214,7 +212,7 @@ def log_linear_attn_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scale
     g [N, H], level_scales [N, H, L]. Returns (o [N, H, V], the next state). O(log T) states."""
     ht, off = state
     N, H, L, K, V = ht.shape
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = accumulation_dtype(q)
     rep = H // q.shape[1]
     qx, kx = (x.to(dt).repeat_interleave(rep, 1) for x in (q, k))
     lv = torch.arange(L, device=ht.device)
@@ -243,7 +241,7 @@ def fused_recurrent_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
     N = _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale)
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[3], level_scales.shape[3]
-    st_dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    st_dt = accumulation_dtype(q)
     if initial_state is None:
         initial_state = LogLinearAttentionState(
             torch.zeros(N, H, L, K, V, dtype=st_dt, device=q.device),

@@ -24,7 +24,7 @@ causal scan does not express; it would take one full simple-GLA pass per level w
 keys gated in and out (O(log T) passes over q, k, v, each with its own state), against one pass
 here with O(log T) small states. A measurement of that composition was not done.
 
-Every decay is exp of a sum of gates over exactly its own tokens (gla.torch's segment_sums, prefix
+Every decay is exp of a sum of gates over exactly its own tokens (chunk.torch's segment_sums, prefix
 and suffix sums): exponents <= 0 and a gate of -inf is an exact reset. An initial state
 (ht [N, H, L, K, V], offsets [N]) enters as its own term: slot l (bucket l of query t0) holds
 keys whose level for query t is bit_length(rep_l xor t), rep_l = ((t0 >> (l-1)) << (l-1)) - 1.
@@ -38,11 +38,11 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..gla.torch import prefix_sum, segment_sums, suffix_sum_exclusive
+from ..chunk.constants import TORCH_CHUNK
+from ..chunk.torch import prefix_sum, segment_sums, suffix_sum_exclusive
+from ..precision import accumulation_dtype
 
 Tensor = torch.Tensor
-
-CHUNK_SIZE = 64
 
 
 def _bitlen(x: int) -> int:
@@ -171,13 +171,13 @@ def _group(q, k, v, g, lam, h0, t0: int, C: int, scale: float, want_final: bool)
 
 def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, scale: float,
             h0: Optional[Tensor], offsets: Optional[Tensor], output_final_state: bool,
-            cu_seqlens: Optional[Tensor], chunk_size: int = CHUNK_SIZE):
+            cu_seqlens: Optional[Tensor], chunk_size: int = TORCH_CHUNK):
     """q/k [B, T, G, K], v [B, T, H, V], g [B, T, H], level_scales [B, T, H, L]; h0 [N, H, L, K,
     V] with offsets [N] (or None). Returns o [B, T, H, V] (v's dtype) and (ht, offsets) or None.
     Differentiable by autograd. Reads cu_seqlens and offsets on the host."""
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[-1], level_scales.shape[-1]
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = accumulation_dtype(q)
     rep = H // G
     qx = q.to(dt).repeat_interleave(rep, 2) if rep > 1 else q.to(dt)
     kx = k.to(dt).repeat_interleave(rep, 2) if rep > 1 else k.to(dt)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .._custom_op import autograd_enabled, grad_by_recompute, own_storage as _own
-from ..gla import torch as _gla
+from ..chunk import torch as _gla  # the chunk engine (SSD runs on it)
 
 Tensor = torch.Tensor
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gla import triton as _gla_triton
+from ..chunk import triton as _gla_triton  # the chunk engine (SSD runs on it)
 from ..triton_utils import next_pow2
 from . import torch as _torch_impl
 

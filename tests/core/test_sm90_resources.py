@@ -35,7 +35,7 @@ import sys, torch
 sys.path.insert(0, "tools")
 import sm90_resources as R
 from lightning_ops import triton_utils
-from lightning_ops.gla import triton as G
+from lightning_ops.chunk import triton as G
 from lightning_ops.delta import triton as D
 from lightning_ops.ssm import triton as S
 with triton_utils.pretend_gpu(), R.Recorder() as rec:

@@ -32,7 +32,7 @@ def test_matches_reference_float64(case, monkeypatch):
 
 def test_small_chunks_cross_many_chunk_boundaries(monkeypatch):
     """C=4: varlen segments straddle many chunks, and a 1-token segment sits mid-stream."""
-    monkeypatch.setattr(delta_torch, "CHUNK_SIZE", 4)
+    monkeypatch.setattr(delta_torch, "TORCH_CHUNK", 4)
     case = Case(T=30, H=2, HV=4, K=8, V=8, lengths=[13, 1, 16], l2=True)
     inputs, cu = make_inputs(case, seed=3)
     want = outputs_and_grads(*run_ref(case, inputs, cu))

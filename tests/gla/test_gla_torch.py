@@ -1,4 +1,4 @@
-"""The chunked torch engine of the GLA family (lightning_ops/gla/torch.py) through the public API,
+"""The chunked torch engine of the GLA family (lightning_ops/chunk/torch.py) through the public API,
 against the reference recurrence in float64 (<= 1e-10 relative): output, final state and the
 gradients of q, k, v, g and initial_state from one (o*do).sum() + (ht*dht).sum() backward."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 import lightning_ops as lo
 from lightning_ops import reference as R
-from lightning_ops.gla import torch as engine
+from lightning_ops.chunk import torch as engine
 from tests.helpers import (assert_close, backward_probe, cu_seqlens_from_lengths, grads_of,
                            log_gate, nan_filled_empty, rel_rms)
 

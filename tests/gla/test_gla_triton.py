@@ -1,4 +1,4 @@
-"""Triton backend of the GLA family (lightning_ops/gla/triton.py) against the float64 reference.
+"""Triton backend of the GLA family (lightning_ops/chunk/triton.py) against the float64 reference.
 
 CPU: under TRITON_INTERPRET=1 in fp32 (1e-5 relative RMS on o, the final state and every
 gradient, from one (o*do).sum() + (ht*dht).sum() backward), through the public API with the
@@ -306,7 +306,7 @@ def test_chunk_tables():
 def test_single_pass_choice(monkeypatch):
     """The fused single-pass form only where its tiles fit (K <= 128; fp32 on a GPU K <= 64);
     the env override cannot force it elsewhere."""
-    from lightning_ops.gla.triton import _single_pass
+    from lightning_ops.chunk.triton import _single_pass
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setenv("LIGHTNING_OPS_GLA_SINGLE_PASS", "1")
     assert _single_pass(1, 1, 128, 128, torch.bfloat16, cuda)
@@ -346,7 +346,8 @@ def _compile_sm90():
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from lightning_ops.gla import triton_chunk as C, triton_recurrent as R
+    from lightning_ops.chunk import triton_kernels as C, triton_recurrent as R
+    from lightning_ops.chunk.constants import SCALAR_GATE, VECTOR_GATE
 
     def build(fn, types, consts, name, num_warps=4):
         sig = {p: "constexpr" if p in consts else types.get(p, "*fp32") for p in fn.arg_names}
@@ -361,21 +362,21 @@ def _compile_sm90():
                 NT="i32", dg_stride="i64", part_stride="i64")
     dt = dict(DT=tl.bfloat16, DT_S=tl.bfloat16, PREC="tf32")
     io = dict(ints, x=bf, y=bf, z=bf, out=bf, q=bf, k=bf, v=bf, do=bf, dq=bf, dk=bf, dv=bf, g=bf)
-    build(C.chunk_state_kernel, io, dict(H=4, K=128, V=128, C=64, BK=128, BV=32, GATE=3, REV=True,
+    build(C.chunk_state_kernel, io, dict(H=4, K=128, V=128, C=64, BK=128, BV=32, GATE=VECTOR_GATE, REV=True,
           USE_H0=True, STORE_HT=True, STORE_HS=True, FUSE_OUT=True, IS_VARLEN=True, **dt),
           "state(fused, vector, rev)")
-    build(C.chunk_out_kernel, io, dict(H=4, K=100, V=128, C=64, BK=64, BV=64, GATE=1, REV=False,
+    build(C.chunk_out_kernel, io, dict(H=4, K=100, V=128, C=64, BK=64, BV=64, GATE=SCALAR_GATE, REV=False,
           IS_VARLEN=False, **dt), "out(scalar)")
     build(C.chunk_scores_kernel, io, dict(H=4, D=128, C=64, BC=16, BD=32, GATED=True,
           IS_VARLEN=True, **{n: dt[n] for n in ("DT", "PREC")}), "scores(vector)")
     build(C.chunk_intra_grad_kernel, io, dict(H=4, K=128, C=64, BC=16, BK=32, IS_VARLEN=False,
           **{n: dt[n] for n in ("DT", "PREC")}), "intra_grad")
     build(C.chunk_dqkg_kernel, dict(io, dg=bf), dict(H=4, K=128, V=128, C=64, BK=64, BV=64,
-          GATE=3, HAS_DG=True, IS_VARLEN=True, **dt), "dqkg(vector)")
-    build(R.recurrent_fwd_kernel, io, dict(H=4, K=128, V=128, BK=128, BV=64, G_KIND=2,
+          GATE=VECTOR_GATE, HAS_DG=True, IS_VARLEN=True, **dt), "dqkg(vector)")
+    build(R.recurrent_fwd_kernel, io, dict(H=4, K=128, V=128, BK=128, BV=64, GATE=VECTOR_GATE,
           HAS_GAMMA=True, USE_H0=True, STORE_FIN=True, BWD=True, IS_VARLEN=True),
           "recurrent_fwd(bwd walk)")
-    build(R.recurrent_bwd_kernel, io, dict(H=4, K=128, V=128, BK=128, BV=64, G_KIND=1,
+    build(R.recurrent_bwd_kernel, io, dict(H=4, K=128, V=128, BK=128, BV=64, GATE=SCALAR_GATE,
           HAS_GAMMA=False, USE_DHT=True, STORE_DH0=True, IS_VARLEN=False), "recurrent_bwd")
 
 

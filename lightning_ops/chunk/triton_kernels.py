@@ -1,8 +1,10 @@
-"""Triton kernels of the GLA chunk engine (launchers in lightning_ops/gla/triton.py).
+"""Triton kernels of the chunk engine (launchers in lightning_ops/chunk/triton.py; the delta
+rule's launchers in lightning_ops/delta/triton.py use chunk_cumsum, chunk_out and chunk_dqkg).
 
-One engine for every gate kind, picked by the constexpr GATE:
-  0 none (linear attention)      1 scalar, cumulative sums in gc [tokens, H] (g, plus g_gamma)
-  2 constant g_gamma [H] only    3 vector, cumulative sums in gc [tokens, H, K] (GLA)
+One engine for every gate kind, picked by the constexpr GATE (kinds: chunk/constants.py):
+  NO_GATE      linear attention         SCALAR_GATE  cumulative sums in gc [tokens, H]
+  GAMMA_GATE   constant g_gamma [H]     VECTOR_GATE  cumulative sums in gc [tokens, H, K]
+(SCALAR_GATE and VECTOR_GATE fold g_gamma into gc when both are given.)
 G below is the chunk-local inclusive cumulative log decay of a row, G_L that of the chunk's last
 valid row, h_c the state before chunk c, dh_c the gradient of the state after chunk c.
 
@@ -32,7 +34,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..triton_utils import chunk_program, seq_bounds
+from ..triton_utils import chunk_program, chunk_slot_base, seq_bounds, state_tile
+from . import constants
+
+NO_GATE = tl.constexpr(constants.NO_GATE)
+SCALAR_GATE = tl.constexpr(constants.SCALAR_GATE)
+GAMMA_GATE = tl.constexpr(constants.GAMMA_GATE)
+VECTOR_GATE = tl.constexpr(constants.VECTOR_GATE)
 
 # Per-token log decays below -GATE_FLOOR count as -GATE_FLOOR in the chunk kernels: decays are
 # differences of chunk cumsums here (e^{G_t - G_s}), so a -inf gate (a reset) would give
@@ -40,26 +48,25 @@ from ..triton_utils import chunk_program, seq_bounds
 # e^-104 rounds to exactly 0 in fp32 (below half the smallest subnormal), so a floored gate is
 # still an exact reset, and it costs at most ~104 * eps_fp32 of relative error in the later
 # decays of its chunk. Gates above the floor are untouched; the floored ones get gradient 0
-# (the launchers mask them: see floored_gates).
-GATE_FLOOR_VALUE = 104.0
-GATE_FLOOR = tl.constexpr(GATE_FLOOR_VALUE)
+# (the launchers mask them: zero_floored in chunk/triton.py).
+GATE_FLOOR = tl.constexpr(constants.GATE_FLOOR)
 
 
 @triton.jit
 def _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k,
            H: tl.constexpr, K: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr):
     """(G, G_L) of the chunk starting at local row r0: scalar gates give G [C] and a scalar G_L,
-    vector gates G [C, BK] and G_L [BK] for columns o_k; GATE 0 gives zeros."""
+    vector gates G [C, BK] and G_L [BK] for columns o_k; NO_GATE gives zeros."""
     last = tl.minimum(T_n - r0, C) - 1
     tok_last = bos + r0 + tl.maximum(last, 0)
-    if GATE == 1:
+    if GATE == SCALAR_GATE:
         G = tl.load(gc + (bos + r0 + o_t) * H + i_h, mask=m_t, other=0.)
         G_L = tl.load(gc + tok_last * H + i_h, mask=last >= 0, other=0.)
-    elif GATE == 2:
+    elif GATE == GAMMA_GATE:
         gm = tl.load(gamma + i_h).to(tl.float32)
         G = gm * (o_t + 1).to(tl.float32)
         G_L = gm * (last + 1).to(tl.float32)
-    elif GATE == 3:
+    elif GATE == VECTOR_GATE:
         rk = ((bos + r0 + o_t) * H + i_h) * K
         G = tl.load(gc + rk[:, None] + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         # (vector & scalar masks are rejected by the interpreter: compare a vector)
@@ -75,7 +82,7 @@ def _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k,
 def _row_decay(G, G_L, m_t, FROM_LAST: tl.constexpr, GATE: tl.constexpr):
     """Per-row factor broadcastable to [C, BK]: e^{G_L - G} (FROM_LAST) or e^{G}; 0 on rows past
     the sequence end (their exponent is meaningless and could overflow, so it is not taken)."""
-    if GATE == 3:
+    if GATE == VECTOR_GATE:
         if FROM_LAST:
             e = G_L[None, :] - G
         else:
@@ -98,7 +105,7 @@ def _intra_mask(Sraw, G, m_t, o_t, scale, REV: tl.constexpr, GATE: tl.constexpr)
         keep = (o_t[None, :] >= o_t[:, None]) & m_t[:, None] & m_t[None, :]
     else:
         keep = (o_t[:, None] >= o_t[None, :]) & m_t[:, None] & m_t[None, :]
-    if GATE == 1 or GATE == 2:
+    if GATE == SCALAR_GATE or GATE == GAMMA_GATE:
         if REV:
             e = G[None, :] - G[:, None]
         else:
@@ -189,16 +196,9 @@ def chunk_state_kernel(
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
     n_c = tl.cdiv(T_n, C)
-    if IS_VARLEN:
-        base = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        base = i_n.to(tl.int64) * NT
+    base = chunk_slot_base(i_n, chunk_offsets, NT, IS_VARLEN)
     o_t = tl.arange(0, C)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    kv = o_k[:, None] * V + o_v[None, :]
+    o_k, o_v, m_k, m_v, m_kv, kv = state_tile(i_k, i_v, K, V, BK, BV)
     head = (i_n * H + i_h).to(tl.int64) * K * V
     S = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_H0:
@@ -223,28 +223,28 @@ def chunk_state_kernel(
         G, G_L = _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k, H, K, C, GATE)
         if FUSE_OUT:
             zt = tl.load(z + rk, mask=m_tk, other=0.).to(tl.float32)
-            if GATE == 0:
+            if GATE == NO_GATE:
                 zs = zt
             else:
                 zs = zt * _row_decay(G, G_L, m_t, REV, GATE)
             acc = tl.dot(zs.to(DT_S), S.to(DT_S), input_precision=PREC)
             if REV == 0:
                 acc = acc * scale
-            if GATE == 3:
+            if GATE == VECTOR_GATE:
                 M = _load_A(A, tok, i_h, m_t, o_t, H, C, REV)
             else:
                 Sraw = tl.dot(zt.to(DT), tl.trans(xt).to(DT), input_precision=PREC)
                 M = _intra_mask(Sraw, G, m_t, o_t, scale, REV, GATE)
             acc += tl.dot(M.to(DT), yt.to(DT), input_precision=PREC)
             tl.store(out + rv, acc.to(out.dtype.element_ty), mask=m_tv)
-        if GATE == 0:
+        if GATE == NO_GATE:
             xs = xt
         else:
             if REV:
                 xs = xt * _row_decay(G, G_L, m_t, False, GATE)
             else:
                 xs = xt * _row_decay(G, G_L, m_t, True, GATE)
-            if GATE == 3:
+            if GATE == VECTOR_GATE:
                 S = S * tl.exp(G_L)[:, None]
             else:
                 S = S * tl.exp(G_L)
@@ -280,7 +280,7 @@ def chunk_out_kernel(
     rk = (tok * H + i_h) * K
     rv = ((tok * H + i_h) * V)[:, None] + o_v[None, :]
     state = hs + (gid * H + i_h) * K * V
-    if GATE != 3:
+    if GATE != VECTOR_GATE:
         o_k0 = tl.arange(0, BK)
         G, G_L = _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k0, o_k0 < K, H, K, C, GATE)
     acc = tl.zeros([C, BV], dtype=tl.float32)
@@ -293,7 +293,7 @@ def chunk_out_kernel(
         zt = tl.load(z + rk[:, None] + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
         Sb = tl.load(state + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
                      other=0.).to(tl.float32)
-        if GATE == 3:
+        if GATE == VECTOR_GATE:
             Gk, GkL = _gates(gc, gamma, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k, H, K, C, GATE)
             zs = zt * _row_decay(Gk, GkL, m_t, REV, GATE)
         else:
@@ -301,11 +301,11 @@ def chunk_out_kernel(
             xt = tl.load(x + rk[:, None] + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
             Sraw += tl.dot(zt.to(DT), tl.trans(xt).to(DT), input_precision=PREC)
         acc += tl.dot(zs.to(DT_S), Sb.to(DT_S), input_precision=PREC)
-    if GATE == 1 or GATE == 2:
+    if GATE == SCALAR_GATE or GATE == GAMMA_GATE:
         acc = acc * _row_decay(G, G_L, m_t, REV, GATE)
     if REV == 0:
         acc = acc * scale
-    if GATE == 3:
+    if GATE == VECTOR_GATE:
         M = _load_A(A, tok, i_h, m_t, o_t, H, C, REV)
     else:
         M = _intra_mask(Sraw, G, m_t, o_t, scale, REV, GATE)
@@ -487,11 +487,11 @@ def chunk_dqkg_kernel(
         dk_acc += tl.dot(vt.to(DT_S), tl.trans(dh).to(DT_S), input_precision=PREC)
         if HAS_DG:
             hdh += tl.sum(h * dh, axis=1)
-        if GATE != 3:
+        if GATE != VECTOR_GATE:
             dAs += tl.dot(dot_.to(DT), tl.trans(vt).to(DT), input_precision=PREC)
     qt = tl.load(q + pk, mask=m_tk, other=0.).to(tl.float32)
     kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
-    if GATE == 0:
+    if GATE == NO_GATE:
         dq_acc = dq_acc * scale
     else:
         dq_acc = dq_acc * (scale * _row_decay(G, G_L, m_t, False, GATE))
@@ -507,7 +507,7 @@ def chunk_dqkg_kernel(
         d_tot = hdh * tl.exp(G_L)
     # the s == t intra term (dA_tt k_t in dq_t, dA_tt q_t in dk_t) is kept apart: it cancels
     # exactly in q dq - k dk, so dg is formed without it
-    if GATE == 3:
+    if GATE == VECTOR_GATE:
         dq_acc += tl.load(dqi + pk, mask=m_tk, other=0.)
         dk_intra = tl.load(dki + pk, mask=m_tk, other=0.)
         d_tt = tl.load(dA + rows * C + o_t, mask=m_t, other=0.)
@@ -523,7 +523,7 @@ def chunk_dqkg_kernel(
              mask=m_tk)
     if HAS_DG:
         dgt = qt * dq_acc - kt * dk_intra
-        if GATE == 3:
+        if GATE == VECTOR_GATE:
             dgv = tl.cumsum(dgt, axis=0, reverse=True) + d_tot[None, :] + k_excl
             tl.store(dg + pk, dgv.to(dg.dtype.element_ty), mask=m_tk)
         else:

@@ -1,4 +1,6 @@
-"""Triton backend of the GLA family (linear attention, simple GLA / Lightning, GLA).
+"""Triton backend of the chunk engine: the GLA family's (linear attention, simple GLA /
+Lightning, GLA) Triton backend as is, the SSD engine of ssm/triton.py, and the launch helpers
+the delta rule's launchers share (delta/triton.py).
 
 Contract (lightning_ops/gla/ops.py):
   forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode)
@@ -6,8 +8,8 @@ Contract (lightning_ops/gla/ops.py):
   backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht)
       -> (dq, dk, dv, dg or None, dh0 or None)
 
-mode "chunk" runs the chunk engine (triton_chunk.py), "recurrent" the token walk
-(triton_recurrent.py). States, gate cumsums and accumulators are fp32; o and the gradients come
+mode "chunk" runs the chunk kernels (chunk/triton_kernels.py), "recurrent" the token walk
+(chunk/triton_recurrent.py). States, gate cumsums and accumulators are fp32; o and the gradients come
 back in their inputs' dtypes, dh0 in initial_state's. float64 inputs are computed in fp32 (the
 kernels' widest arithmetic) and the results cast back to float64: use the torch backend when
 float64 accuracy matters.
@@ -26,6 +28,7 @@ specialized; varlen chunk tables are built on the device (no host sync).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -33,8 +36,8 @@ import triton
 
 from ..nonfinite import NonFiniteGuard
 from ..triton_utils import ChunkMeta, check_grid_yz, dot_config, next_pow2, on_gpu, sm_count
-from .triton_chunk import (
-    GATE_FLOOR_VALUE,
+from .constants import GATE_FLOOR, TRITON_CHUNK, TRITON_SUB_CHUNK, VECTOR_GATE, gate_kind
+from .triton_kernels import (
     chunk_cumsum_kernel,
     chunk_dqkg_kernel,
     chunk_intra_grad_kernel,
@@ -47,30 +50,57 @@ from .triton_recurrent import recurrent_bwd_kernel, recurrent_fwd_kernel
 
 Tensor = torch.Tensor
 
-CHUNK = 64      # rows per chunk
-SUB_CHUNK = 16  # rows per sub-chunk of the vector-gate intra scores
-
 
 # ---------------------------------------------------------------------------------------------
-# Shared launch helpers
+# Launch helpers shared with the delta rule's launchers
 # ---------------------------------------------------------------------------------------------
-def _gate_kind(g: Optional[Tensor], g_gamma: Optional[Tensor]) -> int:
-    """The chunk kernels' GATE: 0 none, 1 scalar cumsum, 2 g_gamma only, 3 vector cumsum."""
-    if g is None:
-        return 2 if g_gamma is not None else 0
-    return 1 if g.dim() == 3 else 3
+def as_compute(*xs: Optional[Tensor]):
+    """Contiguous tensors; float64 -> float32 (the kernels' widest arithmetic)."""
+    return [None if x is None else (x.float() if x.dtype == torch.float64 else x).contiguous()
+            for x in xs]
 
 
-def _as_compute(*xs: Optional[Tensor]):
-    """Contiguous tensors; float64 -> float32 (see the module docstring)."""
-    out = []
-    for x in xs:
-        if x is not None:
-            if x.dtype == torch.float64:
-                x = x.float()
-            x = x.contiguous()
-        out.append(x)
-    return out
+def fp32_empty(ref: Tensor, *shape: int) -> Tensor:
+    """fp32 scratch/output on ref's device (torch.empty, so tests' NaN-filling reaches it)."""
+    return torch.empty(*shape, dtype=torch.float32, device=ref.device)
+
+
+def check_mode(mode: str) -> None:
+    if mode not in ("chunk", "recurrent"):
+        raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
+
+
+def zero_floored(dg: Optional[Tensor], g: Optional[Tensor], g_gamma: Optional[Tensor] = None):
+    """The chunk kernels see max(g, -GATE_FLOOR): the gates below the floor get gradient 0,
+    the derivative of that max (the kernels' value there is a product of e^-104-sized terms)."""
+    if dg is None or g is None:
+        return dg
+    gg = g if g_gamma is None else g + g_gamma.view(-1, *([1] * (g.dim() - 3)))
+    return dg.masked_fill(gg < -GATE_FLOOR, 0)
+
+
+def empty_forward(q: Tensor, v: Tensor, h0: Optional[Tensor], output_final_state: bool,
+                  N: int):
+    """(o, final state) of T == 0 inputs: nothing to launch; the state passes through (fp32)."""
+    ht = None
+    if output_final_state:
+        ht = (h0.float().clone() if h0 is not None else
+              q.new_zeros(N, v.shape[2], q.shape[3], v.shape[3], dtype=torch.float32))
+    return torch.empty_like(v), ht
+
+
+def empty_backward(h0: Optional[Tensor], dht: Optional[Tensor], *inputs: Optional[Tensor]):
+    """Gradients of T == 0 inputs: zeros, and dh0 = dht (fp32) when there is an initial state."""
+    grads = [None if x is None else torch.zeros_like(x) for x in inputs]
+    dh0 = None
+    if h0 is not None:
+        dh0 = dht.float().clone() if dht is not None else torch.zeros_like(h0, dtype=torch.float32)
+    return grads, dh0
+
+
+def restore_dtypes(outs, dtypes):
+    """Results back in their inputs' dtypes (None stays None)."""
+    return tuple(None if x is None else x.to(dt) for x, dt in zip(outs, dtypes))
 
 
 def _single_pass(N: int, H: int, K: int, V: int, dtype: torch.dtype,
@@ -105,153 +135,150 @@ def _blocks(K: int, V: int) -> Tuple[int, int]:
     return min(64, next_pow2(K)), min(64, next_pow2(V))
 
 
-def _cumsum(g: Optional[Tensor], g_gamma: Optional[Tensor], meta: ChunkMeta, B: int, T: int,
-            H: int) -> Optional[Tensor]:
-    """Chunk-local cumulative log decays (fp32), g_gamma folded in; None without g."""
+def gate_cumsum(g: Optional[Tensor], g_gamma: Optional[Tensor], meta: ChunkMeta, B: int,
+                T: int, H: int) -> Optional[Tensor]:
+    """Chunk-local cumulative log decays (fp32) of g [B, T, H(, D)], g_gamma folded in, floored
+    at -GATE_FLOOR; None without g."""
     if g is None:
         return None
     D = 1 if g.dim() == 3 else g.shape[-1]
     gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     BD = min(64, next_pow2(D))
     chunk_cumsum_kernel[(triton.cdiv(D, BD), meta.grid_t, B * H)](
-        g, g_gamma, gc, _cu(meta), meta.indices, T, meta.NT,
+        g, g_gamma, gc, meta.cu_or_none, meta.indices, T, meta.NT,
         H=H, D=D, C=meta.C, BD=BD, HAS_GAMMA=g_gamma is not None, IS_VARLEN=meta.is_varlen)
     return gc
 
 
-def _cu(meta: ChunkMeta):
-    return meta.cu if meta.is_varlen else None
+@dataclass
+class _Chunks:
+    """What every chunk launch of one call shares: the chunk table, the gate (cumsums gc and/or
+    g_gamma, its kind), the scale, the shapes and the input dtype (picks the dot config)."""
+    meta: ChunkMeta
+    gc: Optional[Tensor]
+    g_gamma: Optional[Tensor]
+    GATE: int
+    scale: float
+    B: int
+    T: int
+    H: int
+    K: int
+    V: int
+    dtype: torch.dtype
 
 
-def _scores(x: Tensor, y: Tensor, gc: Optional[Tensor], scale: float, meta: ChunkMeta,
-            gated: bool) -> Tensor:
+def _scores(c: _Chunks, x: Tensor, y: Tensor, gated: bool) -> Tensor:
     """Intra-chunk scores [B, T, H, C] fp32 (causal part only): vector-gated q k^T, or do v^T."""
-    B, T, H, D = x.shape
-    C = meta.C
-    BC = SUB_CHUNK if gated else C
-    A = torch.empty(B, T, H, C, dtype=torch.float32, device=x.device)
+    meta, C, D = c.meta, c.meta.C, x.shape[-1]
+    BC = TRITON_SUB_CHUNK if gated else C
+    A = torch.empty(c.B, c.T, c.H, C, dtype=torch.float32, device=x.device)
     DT, _, PREC = dot_config(x.dtype)
-    chunk_scores_kernel[(meta.grid_t, C // BC, B * H)](
-        x, y, gc, A, _cu(meta), meta.indices, scale, T, meta.NT,
-        H=H, D=D, C=C, BC=BC, BD=min(32 if gated else 64, next_pow2(D)), GATED=gated,
+    chunk_scores_kernel[(meta.grid_t, C // BC, c.B * c.H)](
+        x, y, c.gc if gated else None, A, meta.cu_or_none, meta.indices, c.scale, c.T, meta.NT,
+        H=c.H, D=D, C=C, BC=BC, BD=min(32 if gated else 64, next_pow2(D)), GATED=gated,
         IS_VARLEN=meta.is_varlen, DT=DT, PREC=PREC)
     return A
 
 
-def _state(x, y, z, gc, g_gamma, A, hs, s0, s_fin, out, meta, scale, T, H, K, V, GATE, rev,
-           fuse, dtype):
-    """Launch the chunk state walk (see chunk_state_kernel)."""
-    if fuse:
-        BK, BV = next_pow2(K), _single_bv(K, V)
-    else:
-        BK, BV = _blocks(K, V)
-    DT, DT_S, PREC = dot_config(dtype)
-    chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), meta.N * H)](
-        x, y, z, gc, g_gamma, A, hs, s0, s_fin, out,
-        _cu(meta), meta.offsets, scale, T, meta.NT,
-        H=H, K=K, V=V, C=meta.C, BK=BK, BV=BV, GATE=GATE, REV=rev,
+def _state_walk(c: _Chunks, *, x: Tensor, y: Tensor, rev: bool, s0: Optional[Tensor],
+                s_fin: Optional[Tensor] = None, hs: Optional[Tensor] = None,
+                fuse_z: Optional[Tensor] = None, A: Optional[Tensor] = None,
+                out: Optional[Tensor] = None) -> None:
+    """Launch the chunk state walk (see chunk_state_kernel): forward x=k, y=v; rev x=q, y=do.
+    fuse_z (with out and, for vector gates, A) fuses the per-chunk output into the walk."""
+    fuse = fuse_z is not None
+    K, V, meta = c.K, c.V, c.meta
+    BK, BV = (next_pow2(K), _single_bv(K, V)) if fuse else _blocks(K, V)
+    DT, DT_S, PREC = dot_config(c.dtype)
+    chunk_state_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), meta.N * c.H)](
+        x, y, fuse_z, c.gc, c.g_gamma, A, hs, s0, s_fin, out,
+        meta.cu_or_none, meta.offsets, c.scale, c.T, meta.NT,
+        H=c.H, K=K, V=V, C=meta.C, BK=BK, BV=BV, GATE=c.GATE, REV=rev,
         USE_H0=s0 is not None, STORE_HT=s_fin is not None, STORE_HS=hs is not None,
         FUSE_OUT=fuse, IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC,
         num_warps=8 if fuse and BK * BV >= 128 * 64 else 4)
 
 
-def _out(z, x, y, gc, g_gamma, A, hs, out, meta, scale, T, B, H, K, V, GATE, rev, dtype):
-    """Launch the chunk-parallel output (see chunk_out_kernel)."""
-    BK, BV = _blocks(K, V)
-    DT, DT_S, PREC = dot_config(dtype)
-    chunk_out_kernel[(triton.cdiv(V, BV), meta.grid_t, B * H)](
-        z, x, y, gc, g_gamma, A, hs, out, _cu(meta), meta.indices, scale, T, meta.NT,
-        H=H, K=K, V=V, C=meta.C, BK=BK, BV=BV, GATE=GATE, REV=rev, IS_VARLEN=meta.is_varlen,
-        DT=DT, DT_S=DT_S, PREC=PREC)
+def _chunk_output(c: _Chunks, *, z: Tensor, x: Tensor, y: Tensor, hs: Tensor,
+                  A: Optional[Tensor], out: Tensor, rev: bool) -> None:
+    """Launch the chunk-parallel output (see chunk_out_kernel): o from (q, k, v, h_c), or rev
+    dv from (k, q, do, dh_c)."""
+    BK, BV = _blocks(c.K, c.V)
+    DT, DT_S, PREC = dot_config(c.dtype)
+    meta = c.meta
+    chunk_out_kernel[(triton.cdiv(c.V, BV), meta.grid_t, c.B * c.H)](
+        z, x, y, c.gc, c.g_gamma, A, hs, out, meta.cu_or_none, meta.indices, c.scale, c.T,
+        meta.NT, H=c.H, K=c.K, V=c.V, C=meta.C, BK=BK, BV=BV, GATE=c.GATE, REV=rev,
+        IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC)
 
 
-def _f32(ref: Tensor, *shape: int) -> Tensor:
-    """fp32 scratch/output (torch.empty, so tests' NaN-filling reaches it)."""
-    return torch.empty(*shape, dtype=torch.float32, device=ref.device)
-
-
-def _meta(cu_seqlens, B, T):
-    meta = ChunkMeta(cu_seqlens, B, T, CHUNK)
-    meta.cu = cu_seqlens
-    return meta
-
-
-def _check_heads(meta: ChunkMeta, B: int, H: int) -> None:
-    """The chunk kernels put (batch or sequence) x heads on grid z."""
+def _chunks(q, v, g, g_gamma, scale, cu_seqlens) -> _Chunks:
+    B, T, H, K = q.shape
+    meta = ChunkMeta(cu_seqlens, B, T, TRITON_CHUNK)
+    # the chunk kernels put (batch or sequence) x heads on grid z
     check_grid_yz(max(B, meta.N) * H, "batch (or sequences) x heads")
+    return _Chunks(meta, gate_cumsum(g, g_gamma, meta, B, T, H), g_gamma, gate_kind(g, g_gamma),
+                   scale, B, T, H, K, v.shape[-1], q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
 # Chunk mode
 # ---------------------------------------------------------------------------------------------
 def _chunk_forward(q, k, v, g, g_gamma, scale, h0, output_final_state, cu_seqlens):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    meta = _meta(cu_seqlens, B, T)
-    _check_heads(meta, B, H)
-    GATE = _gate_kind(g, g_gamma)
-    gc = _cumsum(g, g_gamma, meta, B, T, H)
-    A = _scores(q, k, gc, scale, meta, gated=True) if GATE == 3 else None
+    c = _chunks(q, v, g, g_gamma, scale, cu_seqlens)
+    meta, H, K, V = c.meta, c.H, c.K, c.V
+    A = _scores(c, q, k, gated=True) if c.GATE == VECTOR_GATE else None
     o = torch.empty_like(v)
-    ht = _f32(q, meta.N, H, K, V) if output_final_state else None
+    ht = fp32_empty(q, meta.N, H, K, V) if output_final_state else None
     if _single_pass(meta.N, H, K, V, q.dtype, q.device):
-        _state(k, v, q, gc, g_gamma, A, None, h0, ht, o, meta, scale, T, H, K, V, GATE,
-               rev=False, fuse=True, dtype=q.dtype)
+        _state_walk(c, x=k, y=v, rev=False, s0=h0, s_fin=ht, fuse_z=q, A=A, out=o)
     else:
-        hs = _f32(q, meta.n_chunks, H, K, V)
-        _state(k, v, None, gc, g_gamma, None, hs, h0, ht, None, meta, scale, T, H, K, V, GATE,
-               rev=False, fuse=False, dtype=q.dtype)
-        _out(q, k, v, gc, g_gamma, A, hs, o, meta, scale, T, B, H, K, V, GATE, rev=False,
-             dtype=q.dtype)
+        hs = fp32_empty(q, meta.n_chunks, H, K, V)
+        _state_walk(c, x=k, y=v, rev=False, s0=h0, s_fin=ht, hs=hs)
+        _chunk_output(c, z=q, x=k, y=v, hs=hs, A=A, out=o, rev=False)
     return o, ht
 
 
 def _chunk_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    meta = _meta(cu_seqlens, B, T)
-    _check_heads(meta, B, H)
-    GATE = _gate_kind(g, g_gamma)
-    gc = _cumsum(g, g_gamma, meta, B, T, H)
+    c = _chunks(q, v, g, g_gamma, scale, cu_seqlens)
+    meta, B, T, H, K, V, GATE = c.meta, c.B, c.T, c.H, c.K, c.V, c.GATE
     # recompute the per-chunk states h_c (not kept from the forward: NT*K*V fp32 per head)
-    hs = _f32(q, meta.n_chunks, H, K, V)
-    _state(k, v, None, gc, g_gamma, None, hs, h0, None, None, meta, scale, T, H, K, V, GATE,
-           rev=False, fuse=False, dtype=q.dtype)
-    A = _scores(q, k, gc, scale, meta, gated=True) if GATE == 3 else None
-    dhs = _f32(q, meta.n_chunks, H, K, V)
-    dh0 = _f32(q, meta.N, H, K, V) if h0 is not None else None
+    hs = fp32_empty(q, meta.n_chunks, H, K, V)
+    _state_walk(c, x=k, y=v, rev=False, s0=h0, hs=hs)
+    A = _scores(c, q, k, gated=True) if GATE == VECTOR_GATE else None
+    dhs = fp32_empty(q, meta.n_chunks, H, K, V)
+    dh0 = fp32_empty(q, meta.N, H, K, V) if h0 is not None else None
     dv = torch.empty_like(v)
     if _single_pass(meta.N, H, K, V, q.dtype, q.device):
-        _state(q, do, k, gc, g_gamma, A, dhs, dht, dh0, dv, meta, scale, T, H, K, V, GATE,
-               rev=True, fuse=True, dtype=q.dtype)
+        _state_walk(c, x=q, y=do, rev=True, s0=dht, s_fin=dh0, hs=dhs, fuse_z=k, A=A, out=dv)
     else:
-        _state(q, do, None, gc, g_gamma, None, dhs, dht, dh0, None, meta, scale, T, H, K, V,
-               GATE, rev=True, fuse=False, dtype=q.dtype)
-        _out(k, q, do, gc, g_gamma, A, dhs, dv, meta, scale, T, B, H, K, V, GATE, rev=True,
-             dtype=q.dtype)
+        _state_walk(c, x=q, y=do, rev=True, s0=dht, s_fin=dh0, hs=dhs)
+        _chunk_output(c, z=k, x=q, y=do, hs=dhs, A=A, out=dv, rev=True)
     BK, BV = _blocks(K, V)
     NK = triton.cdiv(K, BK)
     DT, DT_S, PREC = dot_config(q.dtype)
     dA = dqi = dki = None
-    if GATE == 3:
-        dA = _scores(do, v, None, scale, meta, gated=False)
+    if GATE == VECTOR_GATE:
+        dA = _scores(c, do, v, gated=False)
         dqi = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dki = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         BKi = min(32, BK)  # the diagonal sub-chunk holds [BC, BC, BKi] products
-        chunk_intra_grad_kernel[(triton.cdiv(K, BKi) * (CHUNK // SUB_CHUNK), meta.grid_t, B * H)](
-            q, k, gc, dA, dqi, dki, _cu(meta), meta.indices, T, meta.NT,
-            H=H, K=K, C=CHUNK, BC=SUB_CHUNK, BK=BKi, IS_VARLEN=meta.is_varlen, DT=DT, PREC=PREC)
+        n_sub = TRITON_CHUNK // TRITON_SUB_CHUNK
+        chunk_intra_grad_kernel[(triton.cdiv(K, BKi) * n_sub, meta.grid_t, B * H)](
+            q, k, c.gc, dA, dqi, dki, meta.cu_or_none, meta.indices, T, meta.NT,
+            H=H, K=K, C=TRITON_CHUNK, BC=TRITON_SUB_CHUNK, BK=BKi, IS_VARLEN=meta.is_varlen,
+            DT=DT, PREC=PREC)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dg = None
     if g is not None:
-        dg = (torch.empty(g.shape, dtype=g.dtype, device=g.device) if GATE == 3 else
+        dg = (torch.empty(g.shape, dtype=g.dtype, device=g.device) if GATE == VECTOR_GATE else
               torch.empty(NK, B * T * H, dtype=torch.float32, device=g.device))
     chunk_dqkg_kernel[(NK, meta.grid_t, B * H)](
-        q, k, v, do, gc, g_gamma, hs, dhs, dA, dqi, dki, dq, dk, dg,
-        _cu(meta), meta.indices, scale, T, meta.NT, B * T * H,
-        H=H, K=K, V=V, C=CHUNK, BK=BK, BV=BV, GATE=GATE, HAS_DG=g is not None,
+        q, k, v, do, c.gc, g_gamma, hs, dhs, dA, dqi, dki, dq, dk, dg,
+        meta.cu_or_none, meta.indices, scale, T, meta.NT, B * T * H,
+        H=H, K=K, V=V, C=TRITON_CHUNK, BK=BK, BV=BV, GATE=GATE, HAS_DG=g is not None,
         IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC)
-    if dg is not None and GATE != 3:
+    if dg is not None and GATE != VECTOR_GATE:
         dg = dg.sum(0).view(g.shape).to(g.dtype)
     return dq, dk, dv, dg, dh0
 
@@ -260,22 +287,22 @@ def _chunk_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
 # Recurrent mode
 # ---------------------------------------------------------------------------------------------
 def _recurrent_cfg(g, K, V):
+    """(BK, BV, GATE): the kernels take the per-token g's kind; g_gamma goes as HAS_GAMMA."""
     BK = next_pow2(K)
     BV = min(next_pow2(V), max(16, 8192 // BK))
-    g_kind = 0 if g is None else (1 if g.dim() == 3 else 2)
-    return BK, BV, g_kind
+    return BK, BV, gate_kind(g)
 
 
 def _recurrent_forward(q, k, v, g, g_gamma, scale, h0, output_final_state, cu_seqlens):
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BK, BV, g_kind = _recurrent_cfg(g, K, V)
+    BK, BV, GATE = _recurrent_cfg(g, K, V)
     o = torch.empty_like(v)
-    ht = _f32(q, N, H, K, V) if output_final_state else None
+    ht = fp32_empty(q, N, H, K, V) if output_final_state else None
     recurrent_fwd_kernel[(N * H, triton.cdiv(V, BV))](
         q, k, v, g, g_gamma, h0, None, None, o, ht, None, cu_seqlens, scale, T, 0,
-        H=H, K=K, V=V, BK=BK, BV=BV, G_KIND=g_kind, HAS_GAMMA=g_gamma is not None,
+        H=H, K=K, V=V, BK=BK, BV=BV, GATE=GATE, HAS_GAMMA=g_gamma is not None,
         USE_H0=h0 is not None, STORE_FIN=ht is not None, BWD=False,
         IS_VARLEN=cu_seqlens is not None)
     return o, ht
@@ -294,10 +321,10 @@ def _recurrent_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    BK, BV, g_kind = _recurrent_cfg(g, K, V)
+    BK, BV, GATE = _recurrent_cfg(g, K, V)
     NV = triton.cdiv(V, BV)
     n_qk = B * T * H * K
-    common = dict(H=H, K=K, V=V, BK=BK, BV=BV, G_KIND=g_kind, HAS_GAMMA=g_gamma is not None,
+    common = dict(H=H, K=K, V=V, BK=BK, BV=BV, GATE=GATE, HAS_GAMMA=g_gamma is not None,
                   IS_VARLEN=cu_seqlens is not None)
     dq_part = torch.empty(NV, n_qk, dtype=torch.float32, device=q.device)
     fin = (torch.empty(NV, N, H, K, dtype=torch.float32, device=q.device)
@@ -308,7 +335,7 @@ def _recurrent_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
         USE_H0=h0 is not None, STORE_FIN=fin is not None, BWD=True, **common)
     dk_part = torch.empty(NV, n_qk, dtype=torch.float32, device=q.device)
     dv = torch.empty_like(v)
-    dh0 = _f32(q, N, H, K, V) if h0 is not None else None
+    dh0 = fp32_empty(q, N, H, K, V) if h0 is not None else None
     recurrent_bwd_kernel[(N * H, NV)](
         q, k, v, g, g_gamma, do, dht, dk_part, dv, dh0, cu_seqlens, scale, T, n_qk,
         USE_DHT=dht is not None, STORE_DH0=dh0 is not None, **common)
@@ -344,22 +371,8 @@ def _recurrent_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
 # ---------------------------------------------------------------------------------------------
 # Backend contract
 # ---------------------------------------------------------------------------------------------
-def zero_floored(dg: Optional[Tensor], g: Optional[Tensor], g_gamma: Optional[Tensor] = None):
-    """The chunk kernels see max(g, -GATE_FLOOR): the gates below the floor get gradient 0,
-    the derivative of that max (the kernels' value there is a product of e^-104-sized terms)."""
-    if dg is None or g is None:
-        return dg
-    gg = g if g_gamma is None else g + g_gamma.view(-1, *([1] * (g.dim() - 3)))
-    return dg.masked_fill(gg < -GATE_FLOOR_VALUE, 0)
-
-
-def _check_mode(mode: str) -> None:
-    if mode not in ("chunk", "recurrent"):
-        raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
-
-
 def forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode):
-    _check_mode(mode)
+    check_mode(mode)
     # Chunks mix tokens both ways (0 * inf); the token walk of mode "recurrent" is causal as is.
     guard = NonFiniteGuard.build(k, v, (g,), cu_seqlens=cu_seqlens) if mode == "chunk" else None
     if guard is not None:
@@ -368,15 +381,10 @@ def forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_se
                         cu_seqlens, mode)
         return guard.poison(o, ht)
     in_dtype, state_dtype = v.dtype, (torch.float64 if q.dtype == torch.float64 else None)
-    q, k, v, g, g_gamma, h0 = _as_compute(q, k, v, g, g_gamma, initial_state)
-    B, T, H, K = q.shape
-    if T == 0:
-        N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-        o = torch.empty_like(v)
-        ht = None
-        if output_final_state:
-            ht = (h0.float().clone() if h0 is not None else
-                  q.new_zeros(N, H, K, v.shape[-1], dtype=torch.float32))
+    q, k, v, g, g_gamma, h0 = as_compute(q, k, v, g, g_gamma, initial_state)
+    if q.shape[1] == 0:
+        N = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        o, ht = empty_forward(q, v, h0, output_final_state, N)
     else:
         run = _chunk_forward if mode == "chunk" else _recurrent_forward
         o, ht = run(q, k, v, g, g_gamma, float(scale), h0, output_final_state, cu_seqlens)
@@ -386,7 +394,7 @@ def forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_se
 
 
 def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht):
-    _check_mode(mode)
+    check_mode(mode)
     guard = NonFiniteGuard.build(k, v, (g,), cu_seqlens=cu_seqlens)
     if guard is not None:
         k, v, (g,) = guard.clean(k, v, (g,))
@@ -394,18 +402,12 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dh
         return backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht)
     dtypes = (q.dtype, k.dtype, v.dtype, None if g is None else g.dtype,
               None if initial_state is None else initial_state.dtype)
-    q, k, v, g, g_gamma, h0, do, dht = _as_compute(q, k, v, g, g_gamma, initial_state, do, dht)
+    q, k, v, g, g_gamma, h0, do, dht = as_compute(q, k, v, g, g_gamma, initial_state, do, dht)
     if q.shape[1] == 0:
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        dg = None if g is None else torch.zeros_like(g)
-        dh0 = None
-        if h0 is not None:
-            dh0 = (dht.float().clone() if dht is not None else
-                   torch.zeros_like(h0, dtype=torch.float32))
+        (dq, dk, dv, dg), dh0 = empty_backward(h0, dht, q, k, v, g)
     else:
         run = _chunk_backward if mode == "chunk" else _recurrent_backward
         dq, dk, dv, dg, dh0 = run(q, k, v, g, g_gamma, float(scale), h0, cu_seqlens, do, dht)
         if mode == "chunk":
             dg = zero_floored(dg, g, g_gamma)
-    outs = (dq, dk, dv, dg, dh0)
-    return tuple(None if x is None else x.to(dt) for x, dt in zip(outs, dtypes))
+    return restore_dtypes((dq, dk, dv, dg, dh0), dtypes)

@@ -1,12 +1,14 @@
-"""Chunked PyTorch engine of the gated-linear-attention family: the CPU default and the
-executable spec of the Triton kernels.
+"""The chunked PyTorch engine: the CPU default of every family and the executable spec of the
+Triton kernels. It is the GLA family's torch backend as is (`forward` / `backward` below); the
+delta-rule, SSD, log-linear and LION code build on its pieces.
 
-One engine serves every gate kind of `S_t = decay_t * S_{t-1} + k_t v_t^T, o_t = scale S_t^T q_t`:
+One engine serves every gate kind of `S_t = decay_t * S_{t-1} + k_t v_t^T, o_t = scale S_t^T q_t`
+(kinds: chunk/constants.py):
 
-  kind      decay_t            gate tensor in the engine
-  "none"    1                  None
-  "scalar"  exp(g_t [+ gamma]) g [NC, H, C]      (data-dependent g and/or constant g_gamma)
-  "vector"  diag(exp(g_t))     g [NC, H, C, K]
+  kind         decay_t            gate tensor in the engine
+  NO_GATE      1                  None
+  SCALAR_GATE  exp(g_t [+ gamma]) g [NC, H, C]      (data-dependent g and/or constant g_gamma)
+  VECTOR_GATE  diag(exp(g_t))     g [NC, H, C, K]
 
 Tokens are regrouped into a *chunk stream* of C-token chunks ([NC, H, C, *], see ChunkLayout).
 Inside a chunk, with the per-token log decays g_s <= 0:
@@ -36,7 +38,7 @@ in reverse. The gate gradient sums, for every g_s, only the terms whose decay co
 (gate_grad, pair_gate_grad): no large terms added and cancelled, so it is accurate relative to
 its own size at strong decays.
 
-Reusable API (for the delta-rule and SSD engines):
+Reusable API (for the delta-rule, SSD, log-linear and LION code):
   ChunkLayout.build(B, T, cu_seqlens, chunk_size, device)   where tokens live in the chunk stream
   layout.pack(x, dtype) / layout.unpack(y, dtype)             [B,T,H,*] <-> [NC,H,C,*]
   gate_factors(g)                          exp(sum_{s<=t} g), exp(sum_{s>t} g), exp(sum_chunk g)
@@ -59,15 +61,10 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from ..nonfinite import NonFiniteGuard
+from ..precision import accumulation_dtype
+from .constants import SCALAR_GATE, TORCH_CHUNK, TORCH_SUB_CHUNK, VECTOR_GATE, gate_kind
 
 Tensor = torch.Tensor
-
-# Chunk and sub-chunk sizes, picked by measurement on CPU (2 cores, fp32, H=4, K=V=64,
-# T=4096/16384 forward+backward): C=32 and 64 tie, 128 is ~3x slower, 64 halves the Python loop
-# of the state passing. For vector gates c=4 beat c=8 by ~10% and c=16 by ~20% (the diagonal
-# blocks' element-wise work grows with c, the quadrant matmuls shrink with it).
-CHUNK_SIZE = 64
-SUB_CHUNK = 4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,10 +220,6 @@ def suffix_sum_exclusive(x: Tensor, dim: int = 2) -> Tensor:
     return _shift(suffix_sum(x, dim), dim, forward=False)
 
 
-def gate_kind(g: Optional[Tensor]) -> str:
-    return "none" if g is None else ("scalar" if g.dim() == 3 else "vector")
-
-
 def gate_factors(g: Optional[Tensor]):
     """(q_decay, k_decay, chunk_decay) = exp(sum_{s<=t} g), exp(sum_{s>t} g), exp(sum_chunk g),
     all <= 1, from the per-token gates g of each chunk ([NC, H, C] scalar, [NC, H, C, K] vector;
@@ -249,7 +242,8 @@ def segment_sums(g: Tensor) -> Tensor:
     return seg.masked_fill(~causal, float("-inf"))
 
 
-def _mul(x: Tensor, factor: Optional[Tensor]) -> Tensor:
+def mul_if(x: Tensor, factor: Optional[Tensor]) -> Tensor:
+    """x * factor, or x when there is no factor (no gate)."""
     return x if factor is None else x * factor
 
 
@@ -338,7 +332,7 @@ def _quadrant_factors(q: Tensor, k: Tensor, g: Tensor, size: int):
 
 
 def _diag_size(C: int, sub_chunk: Optional[int]) -> int:
-    return min(sub_chunk or SUB_CHUNK, C)
+    return min(sub_chunk or TORCH_SUB_CHUNK, C)
 
 
 def _sub_diagonal_logs(gb: Tensor, c: int):
@@ -359,7 +353,7 @@ def intra_chunk_scores(q: Tensor, k: Tensor, g: Optional[Tensor],
     the lower-left quadrant of every block is one plain matmul of pre-decayed q and k, and only
     the c x c diagonal blocks are built element-wise (one sub-diagonal at a time)."""
     C = q.shape[2]
-    if gate_kind(g) != "vector":
+    if gate_kind(g) != VECTOR_GATE:
         return causal_scores(q, k, _causal_decay_mask(g, C, q))
     q, k, g = q.contiguous(), k.contiguous(), g.contiguous()  # the block views below need it
     c = _diag_size(C, sub_chunk)
@@ -385,11 +379,11 @@ def intra_chunk_scores_backward(dA: Tensor, q: Tensor, k: Tensor, g: Optional[Te
     scores (None without a gate or need_dg), [NC, H, C] or [NC, H, C, K]."""
     C = q.shape[2]
     kind = gate_kind(g)
-    if kind != "vector":
+    if kind != VECTOR_GATE:
         M = _causal_decay_mask(g, C, q)
         dS = dA * M
         A = causal_scores(q, k, M)
-        dg = pair_gate_grad(dA * A) if kind == "scalar" and need_dg else None
+        dg = pair_gate_grad(dA * A) if kind == SCALAR_GATE and need_dg else None
         return dS @ k, dS.transpose(-1, -2) @ q, A, dg
     dA, q, k, g = dA.contiguous(), q.contiguous(), k.contiguous(), g.contiguous()
     c = _diag_size(C, sub_chunk)
@@ -507,11 +501,7 @@ def chunk_output(q_inter: Tensor, states: Tensor, A: Tensor, v: Tensor) -> Tenso
 # ------------------------------------------------------------------------------------------------
 # The engine
 # ------------------------------------------------------------------------------------------------
-def _compute_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def chunk_size_for(max_len: int, limit: int = CHUNK_SIZE) -> int:
+def chunk_size_for(max_len: int, limit: int = TORCH_CHUNK) -> int:
     """`limit`, or the longest sequence's length rounded up to a power of two if shorter."""
     C = 1
     while C < min(max_len, limit):
@@ -538,7 +528,7 @@ def _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens) -> _Chunked:
     else:  # host read of the lengths (see ChunkLayout.build)
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
     layout = ChunkLayout.build(B, T, cu_seqlens, chunk_size_for(max_len), q.device)
-    dt = _compute_dtype(q)
+    dt = accumulation_dtype(q)
     gc = None if g is None else layout.pack(g, dt)
     if g_gamma is not None:  # constant decay on real tokens only (padding must stay 0)
         gamma = g_gamma.to(dt)[None, :, None] * layout.valid.to(dt)
@@ -564,14 +554,14 @@ class _Inter:
 
 def _inter_chunk(x: _Chunked) -> _Inter:
     q_decay, k_decay, chunk_decay = gate_factors(x.g)
-    q_inter, k_inter = _mul(x.q, q_decay), _mul(x.k, k_decay)
+    q_inter, k_inter = mul_if(x.q, q_decay), mul_if(x.k, k_decay)
     local = k_inter.transpose(-1, -2) @ x.v
     states, final = state_passing(x.layout, x.h0, chunk_decay, local)
     return _Inter(q_decay, k_decay, chunk_decay, q_inter, k_inter, local, states, final)
 
 
 def forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode):
-    """Backend contract of lightning_ops.gla.ops -> (o in v's dtype, final state fp32/fp64 or
+    """GLA backend contract (lightning_ops.gla.ops) -> (o in v's dtype, final state fp32/fp64 or
     None). Both modes run the chunk engine (see the module docstring)."""
     guard = NonFiniteGuard.build(k, v, (g,), cu_seqlens=cu_seqlens)
     if guard is not None:
@@ -602,8 +592,8 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dh
                                                       x.g, need_dg=g is not None)
     dq_inter = doc @ r.states.transpose(-1, -2)  # w.r.t. q_inter
     dk_inter = x.v @ dE.transpose(-1, -2)  # w.r.t. k_inter
-    dq += _mul(dq_inter, r.q_decay)
-    dk += _mul(dk_inter, r.k_decay)
+    dq += mul_if(dq_inter, r.q_decay)
+    dk += mul_if(dk_inter, r.k_decay)
     dv = A.transpose(-1, -2) @ doc + r.k_inter @ dE
 
     dg = None

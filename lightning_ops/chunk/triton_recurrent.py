@@ -1,8 +1,10 @@
-"""Triton token-by-token (fused recurrent) kernels of the GLA family: decode and short T.
+"""Triton token-by-token (fused recurrent) kernels of the chunk engine's gate kinds: decode and
+short T (mode "recurrent" of the GLA family).
 
 One program per (V block, sequence x head) keeps the fp32 state [K, BV] in registers and walks
-the tokens of its sequence. Gates: G_KIND 0 none, 1 scalar g [tokens, H], 2 vector g
-[tokens, H, K]; HAS_GAMMA adds the constant g_gamma[h] to the log decay of every token.
+the tokens of its sequence. GATE (chunk/constants.py) is the kind of the per-token tensor g:
+NO_GATE, SCALAR_GATE g [tokens, H] or VECTOR_GATE g [tokens, H, K]; HAS_GAMMA adds the
+constant g_gamma[h] to the log decay of every token.
 
   forward:  S_t = e^{g_t} S_{t-1} + k_t v_t^T,  o_t = scale S_t^T q_t
   backward: dq_t = scale S_t do_t (forward walk, recomputing S);
@@ -23,19 +25,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..triton_utils import seq_bounds
+from ..triton_utils import seq_bounds, state_tile
+from . import constants
+
+SCALAR_GATE = tl.constexpr(constants.SCALAR_GATE)
+VECTOR_GATE = tl.constexpr(constants.VECTOR_GATE)
 
 
 @triton.jit
 def _decay(S, g, gm, p, i_h, o_k, m_k, H: tl.constexpr, K: tl.constexpr,
-           G_KIND: tl.constexpr, HAS_GAMMA: tl.constexpr):
+           GATE: tl.constexpr, HAS_GAMMA: tl.constexpr):
     """S * exp(log decay of token p)."""
-    if G_KIND == 2:
+    if GATE == VECTOR_GATE:
         gt = tl.load(g + (p * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         if HAS_GAMMA:
             gt += gm
         S = S * tl.exp(gt)[:, None]
-    elif G_KIND == 1:
+    elif GATE == SCALAR_GATE:
         gt = tl.load(g + p * H + i_h).to(tl.float32)
         if HAS_GAMMA:
             gt += gm
@@ -46,19 +52,15 @@ def _decay(S, g, gm, p, i_h, o_k, m_k, H: tl.constexpr, K: tl.constexpr,
 
 
 @triton.jit
-def _walk_setup(i_v, i_n, i_h, init, gamma, cu_seqlens, T, H: tl.constexpr, K: tl.constexpr,
+def _token_walk_setup(i_v, i_n, i_h, init, gamma, cu_seqlens, T, H: tl.constexpr, K: tl.constexpr,
                 V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr,
                 HAS_GAMMA: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Both token walks' setup: sequence bounds, the [BK, BV] tile's offsets and masks, the
     head index, the carried tile loaded from `init` (h0 forward, dht backward) or zeros, and the
     head's constant log decay (0 without g_gamma)."""
     bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
+    o_k, o_v, m_k, m_v, m_kv, kv = state_tile(0, i_v, K, V, BK, BV)
     head = (i_n * H + i_h).to(tl.int64)
-    kv = o_k[:, None] * V + o_v[None, :]
     X = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_INIT:
         X += tl.load(init + head * K * V + kv, mask=m_kv, other=0.).to(tl.float32)
@@ -72,7 +74,7 @@ def _walk_setup(i_v, i_n, i_h, init, gamma, cu_seqlens, T, H: tl.constexpr, K: t
 def recurrent_fwd_kernel(
     q, k, v, g, gamma, h0, do, dht, out, fin, cdiag, cu_seqlens, scale, T, part_stride,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    G_KIND: tl.constexpr, HAS_GAMMA: tl.constexpr, USE_H0: tl.constexpr,
+    GATE: tl.constexpr, HAS_GAMMA: tl.constexpr, USE_H0: tl.constexpr,
     STORE_FIN: tl.constexpr, BWD: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Forward token walk. BWD=0: out = o [tokens, H, V], fin = final state [N, H, K, V].
@@ -81,14 +83,14 @@ def recurrent_fwd_kernel(
     last token's k_T v_T^T, rowsum(e^{g_T} S_{T-1} * dht), as partials [NV, N, H, K]."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)  # (sequence x head) on x: no 65535 cap
     i_n, i_h = i_nh // H, i_nh % H
-    bos, T_n, o_k, o_v, m_k, m_v, m_kv, head, kv, S, gm = _walk_setup(
+    bos, T_n, o_k, o_v, m_k, m_v, m_kv, head, kv, S, gm = _token_walk_setup(
         i_v, i_n, i_h, h0, gamma, cu_seqlens, T, H, K, V, BK, BV, USE_H0, HAS_GAMMA, IS_VARLEN)
     Sd = S  # BWD: e^{g_T} S_{T-1}, the decayed state before the last token's update
     for t in range(0, T_n):
         p = bos + t
         kt = tl.load(k + (p * H + i_h) * K + o_k, mask=m_k, other=0.).to(tl.float32)
         vt = tl.load(v + (p * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
-        S = _decay(S, g, gm, p, i_h, o_k, m_k, H, K, G_KIND, HAS_GAMMA)
+        S = _decay(S, g, gm, p, i_h, o_k, m_k, H, K, GATE, HAS_GAMMA)
         if BWD:
             Sd = S
             dot_ = tl.load(do + (p * H + i_h) * V + o_v, mask=m_v, other=0.).to(tl.float32)
@@ -115,14 +117,14 @@ def recurrent_fwd_kernel(
 def recurrent_bwd_kernel(
     q, k, v, g, gamma, do, dht, dk, dv, dh0, cu_seqlens, scale, T, part_stride,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    G_KIND: tl.constexpr, HAS_GAMMA: tl.constexpr, USE_DHT: tl.constexpr,
+    GATE: tl.constexpr, HAS_GAMMA: tl.constexpr, USE_DHT: tl.constexpr,
     STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """Reverse token walk carrying D = dL/dS_t: dk partials [NV, tokens, H, K] fp32 without the
     c_t q_t term, dv [tokens, H, V], dh0 [N, H, K, V] fp32."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)  # (sequence x head) on x: no 65535 cap
     i_n, i_h = i_nh // H, i_nh % H
-    bos, T_n, o_k, o_v, m_k, m_v, m_kv, head, kv, D, gm = _walk_setup(
+    bos, T_n, o_k, o_v, m_k, m_v, m_kv, head, kv, D, gm = _token_walk_setup(
         i_v, i_n, i_h, dht, gamma, cu_seqlens, T, H, K, V, BK, BV, USE_DHT, HAS_GAMMA, IS_VARLEN)
     for j in range(0, T_n):
         p = bos + T_n - 1 - j
@@ -135,6 +137,6 @@ def recurrent_bwd_kernel(
         D += (scale * qt)[:, None] * dot_[None, :]
         tl.store(dv + (p * H + i_h) * V + o_v, tl.sum(D * kt[:, None], axis=0).to(
             dv.dtype.element_ty), mask=m_v)
-        D = _decay(D, g, gm, p, i_h, o_k, m_k, H, K, G_KIND, HAS_GAMMA)
+        D = _decay(D, g, gm, p, i_h, o_k, m_k, H, K, GATE, HAS_GAMMA)
     if STORE_DH0:
         tl.store(dh0 + head * K * V + kv, D.to(dh0.dtype.element_ty), mask=m_kv)
