@@ -296,7 +296,7 @@ def main(argv=None):
     print()
     print(f"| {'mixer':<15} | {'params':>8} | {'final loss':>10} | {'recall acc':>10} | "
           f"{'train tok/s':>11} | {'time (s)':>8} |")
-    print(f"|{'-' * 17}|{'-' * 10}:|{'-' * 12}:|{'-' * 12}:|{'-' * 13}:|{'-' * 10}:|")
+    print(f"|{'-' * 17}|{'-' * 9}:|{'-' * 11}:|{'-' * 11}:|{'-' * 12}:|{'-' * 9}:|")
     for r in rows:
         print(f"| {r['mixer']:<15} | {r['params']:>8,} | {r['loss']:>10.3f} | "
               f"{r['acc']:>10.1%} | {r['tok_s']:>11,.0f} | {r['wall']:>8.1f} |")
