@@ -125,7 +125,6 @@ class OpSpec:
     attention_like: bool = False       # causal q/k/v layout: causal SDPA is a baseline for it
     bidirectional: bool = False        # non-causal q/k/v layout: non-causal SDPA is its baseline
     peers: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # provider -> (module, attr)
-    module: str = "lightning_ops"      # where the public function lives (fallbacks below)
 
     # -- shapes ---------------------------------------------------------------------------------
     def shape_of(self, spec_dims: Sequence[Any], d: Dict[str, int]) -> Tuple[int, ...]:
@@ -276,15 +275,14 @@ _add(OpSpec(
 _add(OpSpec(
     "chunk_delta_rule", "delta", (Q, KU, VV, TensorSpec("beta", ("B", "T", "H"), "sigmoid")),
     QKV_OUT, _qkv_dims, _delta_flops, _qkv_label, _ref("delta_rule_ref"), attention_like=True,
-    peers={"fla": ("fla.ops.delta_rule", "chunk_delta_rule")}, module="lightning_ops.delta.ops"))
+    peers={"fla": ("fla.ops.delta_rule", "chunk_delta_rule")}))
 _add(OpSpec(
     "chunk_gated_delta_rule", "delta",
     (Q, KU, VV, TensorSpec("g", ("B", "T", "H"), "logsigmoid"),
      TensorSpec("beta", ("B", "T", "H"), "sigmoid")),
     QKV_OUT, _qkv_dims, _delta_flops, _qkv_label, _ref("gated_delta_rule_ref"),
     attention_like=True,
-    peers={"fla": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")},
-    module="lightning_ops.delta.ops"))
+    peers={"fla": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")}))
 _add(OpSpec(
     "selective_scan_fn", "selective_scan",
     (TensorSpec("u", ("B", "D", "L")), TensorSpec("delta", ("B", "D", "L"), "small"),
@@ -295,8 +293,7 @@ _add(OpSpec(
     lambda d: 9 * d["B"] * d["L"] * d["D"] * d["N"] + 2 * d["B"] * d["D"] * d["L"],
     lambda d: f"B{d['B']} D{d['D']} N{d['N']} L{d['L']}", _ref("selective_scan_ref"),
     kwargs=lambda d: {"delta_softplus": True},
-    peers={"mamba-ssm": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")},
-    module="lightning_ops.ssm.ops"))
+    peers={"mamba-ssm": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")}))
 _add(OpSpec(
     "mamba_chunk_scan_combined", "ssd",
     (TensorSpec("x", ("B", "L", "h", "p")), TensorSpec("dt", ("B", "L", "h"), "small"),
@@ -306,8 +303,7 @@ _add(OpSpec(
     ("B", "L", "h", "p"), _ssd_dims, _ssd_flops,
     lambda d: f"B{d['B']} L{d['L']} h{d['h']} p{d['p']} n{d['n']} chunk{d['C']}", _ssd_ref,
     kwargs=lambda d: {"chunk_size": d["C"], "dt_softplus": True},
-    peers={"mamba-ssm": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")},
-    module="lightning_ops.ssm.ops"))
+    peers={"mamba-ssm": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")}))
 _add(OpSpec(
     "causal_conv1d_fn", "conv",
     (TensorSpec("x", ("B", "D", "L")), TensorSpec("weight", ("D", "W")),
@@ -315,12 +311,11 @@ _add(OpSpec(
     ("B", "D", "L"), _conv_dims, lambda d: 2 * d["B"] * d["D"] * d["L"] * d["W"],
     lambda d: f"B{d['B']} D{d['D']} L{d['L']} W{d['W']}", _ref("causal_conv1d_ref"),
     kwargs=lambda d: {"activation": "silu"},
-    peers={"causal-conv1d": ("causal_conv1d", "causal_conv1d_fn")},
-    module="lightning_ops.ssm.ops"))
+    peers={"causal-conv1d": ("causal_conv1d", "causal_conv1d_fn")}))
 _add(OpSpec(  # LION-S (data-dependent gates); its baseline is non-causal SDPA
     "lion_attn", "gla", (Q, KK, VV, TensorSpec("g", ("B", "T", "H"), "logsigmoid")),
     QKV_OUT, _qkv_dims, lambda d: 2 * _linear_flops(d), _qkv_label, _ref("lion_ref"),
-    bidirectional=True, module="lightning_ops.lion.ops"))
+    bidirectional=True))
 
 # The SDPA baseline: its own inputs (q/k/v in SDPA's [B, H, T, D] layout) and cost; it is shown
 # under every attention-like op at the same (B, T, H, K, V).
@@ -347,21 +342,12 @@ PROVIDERS = OURS + PEERS + ("reference",)
 
 
 def our_function(op: OpSpec) -> Tuple[Optional[Callable], Optional[str]]:
-    """lightning_ops' public function for op, or (None, why not). Imported defensively: the
-    families are written in parallel, so a missing or broken module is a note, not a crash."""
-    try:
-        import lightning_ops
-    except Exception as e:  # noqa: BLE001 - report whatever broke the import
-        return None, f"import lightning_ops failed: {type(e).__name__}: {e}"
+    """lightning_ops' public function for op, or (None, why not). A broken lightning_ops import
+    raises: it is a bug, not a note."""
+    import lightning_ops
     fn = getattr(lightning_ops, op.name, None)
-    if fn is not None:
-        return fn, None
-    try:
-        fn = getattr(importlib.import_module(op.module), op.name, None)
-    except Exception as e:  # noqa: BLE001
-        return None, f"{op.module} failed to import ({type(e).__name__}: {e})"
     if fn is None:
-        return None, f"lightning_ops.{op.name} does not exist yet"
+        return None, f"lightning_ops has no public function {op.name}"
     return fn, None
 
 

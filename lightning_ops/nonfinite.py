@@ -20,11 +20,9 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from .precision import accumulation_dtype
+
 Tensor = torch.Tensor
-
-
-def _sum_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _token_bad(x: Tensor) -> Tensor:
@@ -64,8 +62,8 @@ class NonFiniteGuard:
         if v.numel() == 0 or k.numel() == 0:
             return None
         inf = float("inf")
-        ok = [torch.isfinite(t.sum(dtype=_sum_dtype(t))) for t in [k, v, *others]]
-        ok += [t.sum(dtype=_sum_dtype(t)) < inf for t in decays]  # False for NaN and +inf
+        ok = [torch.isfinite(t.sum(dtype=accumulation_dtype(t))) for t in [k, v, *others]]
+        ok += [t.sum(dtype=accumulation_dtype(t)) < inf for t in decays]  # False for NaN and +inf
         if bool(torch.stack(ok).all()):
             return None
         HV = v.shape[2]

@@ -20,11 +20,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .chunk.constants import L2NORM_EPS
+from .precision import accumulation_dtype
+
 Tensor = torch.Tensor
-
-
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _segments(T: int, B: int, cu_seqlens: Optional[Tensor]):
@@ -38,7 +37,7 @@ def _segments(T: int, B: int, cu_seqlens: Optional[Tensor]):
             yield n, 0, bounds[n], bounds[n + 1]
 
 
-def l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+def l2norm(x: Tensor, eps: float = L2NORM_EPS) -> Tensor:
     """x / sqrt(sum(x^2) + eps) over the last dim (the in-kernel q/k norm of the delta rule)."""
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
@@ -60,7 +59,7 @@ def gated_linear_attn_ref(
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else scale
-    dt, out_dtype = _acc_dtype(q), v.dtype
+    dt, out_dtype = accumulation_dtype(q), v.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     o = torch.zeros(B, T, H, V, dtype=dt, device=q.device)
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
@@ -124,7 +123,7 @@ def gated_delta_rule_ref(
     B, T, H, K = q.shape
     HV, V = v.shape[-2:]
     scale = K ** -0.5 if scale is None else scale
-    dt, out_dtype = _acc_dtype(q), v.dtype
+    dt, out_dtype = accumulation_dtype(q), v.dtype
     q, k, v, beta = q.to(dt), k.to(dt), v.to(dt), beta.to(dt)
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
@@ -186,7 +185,7 @@ def selective_scan_ref(
 ):
     """u, delta, z: [b, D, L]; A: [D, N]; B, C: [b, N, L] or [b, G, N, L]; D, delta_bias: [D];
     initial_state / last state: [b, D, N]. Returns y, or (y, last_state)."""
-    dt = _acc_dtype(u)
+    dt = accumulation_dtype(u)
     b, Dm, L = u.shape
     uf, deltaf, Af = u.to(dt), delta.to(dt), A.to(dt)
     if delta_bias is not None:
@@ -228,7 +227,7 @@ def ssd_ref(
     """x [b,l,h,p], dt [b,l,h], A [h], B/C [b,l,g,n], D [h] or [h,p], z [b,l,h,p], dt_bias [h].
     initial_states / final states: [N, h, p, n] (N = b, or the number of cu_seqlens segments).
     seq_idx [b,l]: the state resets to zero where seq_idx changes. Returns (y, final_states)."""
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x)
     b, l, h, p = x.shape
     ng, n = B.shape[-2:]
     xf, dtf, Af = x.to(acc), dt.to(acc), A.to(acc)
@@ -281,7 +280,7 @@ def causal_conv1d_ref(
     activation: Optional[str] = None,
 ):
     """initial_states / final states: [b, D, W-1]. Returns out, or (out, final_states)."""
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x)
     b, Dm, L = x.shape
     W = weight.shape[1]
     hist = x.new_zeros(b, Dm, W - 1, dtype=acc) if initial_states is None \
@@ -331,7 +330,7 @@ def selective_state_update_ref(
             None if D is None else D[None], None if z is None else z[:, None],
             None if dt_bias is None else dt_bias[None], dt_softplus)
         return out[:, 0]
-    acc = _acc_dtype(x)
+    acc = accumulation_dtype(x)
     h, ng = state.shape[1], B.shape[1]
     dtf = dt.to(acc)
     if dt_bias is not None:
@@ -381,7 +380,7 @@ def lion_ref(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
     Returns o [B, T, H, V] (no state)."""
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
-    dt, out_dtype = _acc_dtype(q), v.dtype
+    dt, out_dtype = accumulation_dtype(q), v.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     o = torch.zeros(B, T, H, v.shape[-1], dtype=dt, device=q.device)
     for _, b, bos, eos in _segments(T, B, cu_seqlens):
@@ -410,7 +409,7 @@ def lion_recurrent_ref(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = No
     o_t = scale q_t^T (S^F_t + S^B_t) minus the diagonal counted twice."""
     B, T, H, K = q.shape
     scale = K ** -0.5 if scale is None else scale
-    dt, out_dtype = _acc_dtype(q), v.dtype
+    dt, out_dtype = accumulation_dtype(q), v.dtype
     q, k, v = q.to(dt), k.to(dt), v.to(dt)
     o = torch.zeros(B, T, H, v.shape[-1], dtype=dt, device=q.device)
     for _, b, bos, eos in _segments(T, B, cu_seqlens):
@@ -452,7 +451,7 @@ def log_linear_level(s: int, t: int) -> int:
 def _ll_inputs(q, k, v, g, level_scales, scale, initial_state, cu_seqlens):
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[-1], level_scales.shape[-1]
-    dt = _acc_dtype(q)
+    dt = accumulation_dtype(q)
     rep = H // G
     q = q.to(dt).repeat_interleave(rep, 2)
     k = k.to(dt).repeat_interleave(rep, 2)

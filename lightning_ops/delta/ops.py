@@ -25,9 +25,11 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as V
+from ..chunk.constants import NO_GATE, SCALAR_GATE, VECTOR_GATE
 from ..precision import accumulation_dtype
 from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_if_present,
-                          is_empty, passthrough_grad, passthrough_state, zeros_or_empty)
+                          is_empty, none_if_empty, passthrough_grad, passthrough_state,
+                          zeros_or_empty)
 
 Tensor = torch.Tensor
 
@@ -96,7 +98,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, do, dht):
     q, k, v, g, beta, h0, cu = ctx.saved_tensors
-    dht = None if dht is None or dht.numel() == 0 else dht
+    dht = none_if_empty(dht)
     dq, dk, dv, dg, dbeta, dh0 = _delta_bwd(do.contiguous(), dht, q, k, v, g, beta, h0, cu,
                                             ctx.scale, ctx.l2, ctx.mode, ctx.backend)
     return (dq, dk, dv, grad_if_present(dg, g), dbeta,
@@ -116,22 +118,24 @@ def _public_name(inputs) -> str:
 forbid_double_backward(_delta_bwd, _public_name)
 
 
-def _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-         use_qk_l2norm_in_kernel, mode, gated):
-    """Validate, pick the backend, call the custom op. gated: False, True (scalar decay per
-    head) or "vector" (KDA: a decay per key channel)."""
+def delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+               use_qk_l2norm_in_kernel, mode: str, gate: int):
+    """Validate, pick the backend, call the custom op: every public op of the family (and the
+    context-parallel wrappers) in one. gate (chunk/constants.py): NO_GATE (DeltaNet),
+    SCALAR_GATE (Gated DeltaNet: a decay per head) or VECTOR_GATE (KDA: a decay per key
+    channel)."""
     B, T, H, K, Vd = V.qkv_dims(q, k, v, v_heads_multiple=True)
     HV = v.shape[2]
     if beta is None:
         raise ValueError(f"beta is required: the delta-rule write strength, shape [B, T, H] = "
                          f"[{B}, {T}, {HV}]")
     V.check_tensor("beta", beta, (B, T, HV), "[B, T, H]", q)
-    if gated == "vector":
+    if gate == VECTOR_GATE:
         if g is None:
             raise ValueError(f"g is required: KDA's per-channel log decay, shape "
                              f"[B, T, H, K] = [{B}, {T}, {HV}, {K}]")
         V.check_tensor("g", g, (B, T, HV, K), "[B, T, H, K]", q)
-    elif gated:
+    elif gate == SCALAR_GATE:
         if g is None:
             raise ValueError(f"g is required: the gated delta rule's log decay, shape "
                              f"[B, T, H] = [{B}, {T}, {HV}]")
@@ -144,8 +148,8 @@ def _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
     scale = float(K ** -0.5 if scale is None else scale)
     name = _backend.resolve("delta", q.device, q.dtype)
     q, k, v, g, beta, initial_state = contiguous(q, k, v, g, beta, initial_state)
-    o, ht = _delta_fwd(q, k, v, g if gated else None, beta, initial_state, cu_seqlens, scale,
-                       output_final_state, use_qk_l2norm_in_kernel, mode, name)
+    o, ht = _delta_fwd(q, k, v, None if gate == NO_GATE else g, beta, initial_state, cu_seqlens,
+                       scale, output_final_state, use_qk_l2norm_in_kernel, mode, name)
     return o, (ht if output_final_state else None)
 
 
@@ -158,8 +162,8 @@ def chunk_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
                      use_qk_l2norm_in_kernel: bool = False):
     """DeltaNet: S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T, chunked (WY/UT form).
     q, k [B,T,H,K]; v [B,T,HV,V]; beta [B,T,HV]; states [N,HV,K,V]. Returns (o, final_state)."""
-    return _run(q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens,
-                use_qk_l2norm_in_kernel, "chunk", gated=False)
+    return delta_rule(q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm_in_kernel, "chunk", NO_GATE)
 
 
 def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
@@ -167,8 +171,8 @@ def chunk_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Ten
                            output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
                            use_qk_l2norm_in_kernel: bool = False):
     """Gated DeltaNet: the delta rule after decaying the state by exp(g [B,T,HV]), chunked."""
-    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                use_qk_l2norm_in_kernel, "chunk", gated=True)
+    return delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm_in_kernel, "chunk", SCALAR_GATE)
 
 
 def fused_recurrent_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
@@ -178,8 +182,8 @@ def fused_recurrent_delta_rule(q: Tensor, k: Tensor, v: Tensor, beta: Tensor,
                                cu_seqlens: Optional[Tensor] = None,
                                use_qk_l2norm_in_kernel: bool = False):
     """Token-by-token form of chunk_delta_rule (decode, short T)."""
-    return _run(q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens,
-                use_qk_l2norm_in_kernel, "recurrent", gated=False)
+    return delta_rule(q, k, v, None, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm_in_kernel, "recurrent", NO_GATE)
 
 
 def fused_recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
@@ -189,8 +193,8 @@ def fused_recurrent_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
                                      cu_seqlens: Optional[Tensor] = None,
                                      use_qk_l2norm_in_kernel: bool = False):
     """Token-by-token form of chunk_gated_delta_rule (decode, short T)."""
-    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                use_qk_l2norm_in_kernel, "recurrent", gated=True)
+    return delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm_in_kernel, "recurrent", SCALAR_GATE)
 
 
 def chunk_kda(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
@@ -201,8 +205,8 @@ def chunk_kda(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
     space), S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T, chunked.
     q, k [B,T,H,K]; v [B,T,HV,V] (HV a multiple of H); beta [B,T,HV]; states [N,HV,K,V].
     fla's in-kernel gate and beta options live in lightning_ops.compat.fla.ops.kda."""
-    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                use_qk_l2norm_in_kernel, "chunk", gated="vector")
+    return delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm_in_kernel, "chunk", VECTOR_GATE)
 
 
 def fused_recurrent_kda(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor,
@@ -210,5 +214,5 @@ def fused_recurrent_kda(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor
                         output_final_state: bool = False, cu_seqlens: Optional[Tensor] = None,
                         use_qk_l2norm_in_kernel: bool = False):
     """Token-by-token form of chunk_kda (decode, short T)."""
-    return _run(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
-                use_qk_l2norm_in_kernel, "recurrent", gated="vector")
+    return delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_qk_l2norm_in_kernel, "recurrent", VECTOR_GATE)

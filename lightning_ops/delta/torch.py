@@ -13,8 +13,8 @@ the WY/UT representation turns the C sequential rank-1 updates into one triangul
   o     = (scale q exp(b)) S + [(scale q k^T) * exp(b_i - b_j)]_{j <= i} v_new
 
 From there on the math is the GLA family's with a scalar gate and v_new for v, so this module
-reuses the chunk engine (lightning_ops.chunk.torch) for the layout (ChunkLayout: varlen, padding), the gate cumsum and
-factors, the state loops (scan_chunks / scan_chunks_reverse) and the output (chunk_output). The
+reuses the chunk engine (lightning_ops.chunk.torch) for the layout (ChunkLayout: varlen,
+padding), the gate cumsum and factors, the state loops (scan_chunks / scan_chunks_reverse) and the output (chunk_output). The
 delta-specific parts: the WY transform and the v_new dependence of the state loop. Written
 with b_t = sum_{s<=t} g_s for short, but every decay is computed from its own gates (prefix,
 suffix and segment sums, see the chunk engine's "Gates"), never as a difference of cumsums: reset

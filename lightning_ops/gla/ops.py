@@ -23,9 +23,11 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as V
+from ..chunk.constants import NO_GATE, SCALAR_GATE, VECTOR_GATE
 from ..precision import accumulation_dtype
 from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_if_present,
-                          is_empty, passthrough_grad, passthrough_state, zeros_or_empty)
+                          is_empty, none_if_empty, passthrough_grad, passthrough_state,
+                          zeros_or_empty)
 
 Tensor = torch.Tensor
 
@@ -86,7 +88,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, do, dht):
     q, k, v, g, g_gamma, h0, cu = ctx.saved_tensors
-    dht = None if dht is None or dht.numel() == 0 else dht
+    dht = none_if_empty(dht)
     dq, dk, dv, dg, dh0 = _gla_bwd(do.contiguous(), dht, q, k, v, g, g_gamma, h0, cu,
                                    ctx.scale, ctx.mode, ctx.backend)
     return (dq, dk, dv, grad_if_present(dg, g), None,
@@ -110,11 +112,13 @@ def _public_name(inputs) -> str:
 forbid_double_backward(_gla_bwd, _public_name)
 
 
-def _run(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode,
-         gate: str):
-    """Validate, pick the backend, call the custom op. gate: 'none' | 'scalar' | 'vector'."""
+def gated_linear_attention(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
+                           cu_seqlens, mode: str, gate: int):
+    """Validate, pick the backend, call the custom op: every public op of the family (and the
+    context-parallel wrappers) in one. gate: NO_GATE, SCALAR_GATE or VECTOR_GATE
+    (chunk/constants.py); the final state comes back whatever output_final_state says."""
     B, T, H, K, Vd = V.qkv_dims(q, k, v)
-    if gate == "scalar":
+    if gate == SCALAR_GATE:
         V.check_tensor("g", g, (B, T, H), "[B, T, H]", q)
         V.check_tensor("g_gamma", g_gamma, (H,), "[H]", q)
         if g_gamma is not None and g_gamma.requires_grad and torch.is_grad_enabled():
@@ -122,7 +126,7 @@ def _run(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqle
             # from dg (the constant path, cheaper, stays for a fixed g_gamma)
             g = g_gamma.expand(B, T, H) if g is None else g + g_gamma
             g_gamma = None
-    elif gate == "vector":
+    elif gate == VECTOR_GATE:
         if g is None:
             raise ValueError("g is required: the GLA gate must have shape [B, T, H, K]")
         V.check_tensor("g", g, (B, T, H, K), "[B, T, H, K]", q)
@@ -145,8 +149,8 @@ def chunk_linear_attn(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = 
                       initial_state: Optional[Tensor] = None, output_final_state: bool = False,
                       cu_seqlens: Optional[Tensor] = None):
     """Linear attention S_t = S_{t-1} + k_t v_t^T, chunked. Returns (o, final_state)."""
-    return _run(q, k, v, None, None, scale, initial_state, output_final_state, cu_seqlens,
-                "chunk", "none")
+    return gated_linear_attention(q, k, v, None, None, scale, initial_state, output_final_state,
+                                  cu_seqlens, "chunk", NO_GATE)
 
 
 def chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
@@ -155,8 +159,8 @@ def chunk_simple_gla(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None
                      cu_seqlens: Optional[Tensor] = None):
     """Scalar-gated linear attention: decay exp(g [B,T,H]) and/or exp(g_gamma [H]) per head.
     g_gamma takes a gradient when it requires one (a learnable per-head decay)."""
-    return _run(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens,
-                "chunk", "scalar")
+    return gated_linear_attention(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
+                                  cu_seqlens, "chunk", SCALAR_GATE)
 
 
 def lightning_attn(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, scale: Optional[float] = None,
@@ -166,30 +170,30 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, scale: Option
     when it requires one (a learnable decay)."""
     B, T, H, K, _ = V.qkv_dims(q, k, v)
     V.check_tensor("slope", slope, (H,), "[H]", q)
-    return _run(q, k, v, None, -slope, scale, initial_state, output_final_state,
-                cu_seqlens, "chunk", "scalar")
+    return gated_linear_attention(q, k, v, None, -slope, scale, initial_state, output_final_state,
+                                  cu_seqlens, "chunk", SCALAR_GATE)
 
 
 def chunk_gla(q: Tensor, k: Tensor, v: Tensor, g: Tensor, scale: Optional[float] = None,
               initial_state: Optional[Tensor] = None, output_final_state: bool = False,
               cu_seqlens: Optional[Tensor] = None):
     """Gated linear attention with a vector gate g [B,T,H,K] (log decays, <= 0)."""
-    return _run(q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens,
-                "chunk", "vector")
+    return gated_linear_attention(q, k, v, g, None, scale, initial_state, output_final_state,
+                                  cu_seqlens, "chunk", VECTOR_GATE)
 
 
 def fused_recurrent_linear_attn(q, k, v, scale=None, initial_state=None,
                                 output_final_state=False, cu_seqlens=None):
     """Token-by-token form of chunk_linear_attn (decode, short T)."""
-    return _run(q, k, v, None, None, scale, initial_state, output_final_state, cu_seqlens,
-                "recurrent", "none")
+    return gated_linear_attention(q, k, v, None, None, scale, initial_state, output_final_state,
+                                  cu_seqlens, "recurrent", NO_GATE)
 
 
 def fused_recurrent_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
                                output_final_state=False, cu_seqlens=None):
     """Token-by-token form of chunk_simple_gla (decode, short T)."""
-    return _run(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens,
-                "recurrent", "scalar")
+    return gated_linear_attention(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
+                                  cu_seqlens, "recurrent", SCALAR_GATE)
 
 
 def fused_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None,
@@ -197,12 +201,12 @@ def fused_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=Non
     """Token-by-token form of lightning_attn (decode, short T)."""
     B, T, H, K, _ = V.qkv_dims(q, k, v)
     V.check_tensor("slope", slope, (H,), "[H]", q)
-    return _run(q, k, v, None, -slope, scale, initial_state, output_final_state,
-                cu_seqlens, "recurrent", "scalar")
+    return gated_linear_attention(q, k, v, None, -slope, scale, initial_state, output_final_state,
+                                  cu_seqlens, "recurrent", SCALAR_GATE)
 
 
 def fused_recurrent_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
                         cu_seqlens=None):
     """Token-by-token form of chunk_gla (decode, short T)."""
-    return _run(q, k, v, g, None, scale, initial_state, output_final_state, cu_seqlens,
-                "recurrent", "vector")
+    return gated_linear_attention(q, k, v, g, None, scale, initial_state, output_final_state,
+                                  cu_seqlens, "recurrent", VECTOR_GATE)

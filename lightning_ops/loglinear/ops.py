@@ -28,7 +28,7 @@ import torch
 
 from .. import validation as Vd
 from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_by_recompute,
-                          grad_if_present, is_empty, own_storage, passthrough_grad,
+                          grad_if_present, is_empty, none_if_empty, own_storage, passthrough_grad,
                           passthrough_state)
 from ..chunk.constants import TORCH_CHUNK
 from ..precision import accumulation_dtype
@@ -170,7 +170,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, do, dht, doff):
     q, k, v, g, lam, h0, off, cu = ctx.saved_tensors
-    dht = None if dht is None or dht.numel() == 0 else dht
+    dht = none_if_empty(dht)
     dq, dk, dv, dg, dl, dh0 = _ll_bwd(do.contiguous(), dht, q, k, v, g, lam, h0, off, cu,
                                       ctx.scale, ctx.chunk_size)
     return dq, dk, dv, dg, dl, grad_if_present(dh0, h0), None, None, None, None, None
