@@ -16,9 +16,12 @@ Backend module contract (lightning_ops.ssm.torch / .triton / .cuda; families "se
         -> (du, ddelta, dA, dB, dC, dD or None, dz or None, ddelta_bias or None)
   ssd:
     ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
-                dt_softplus, dt_min, dt_max, return_final_states) -> (y, final_states or None)
+                dt_softplus, dt_min, dt_max, return_final_states, need_pre)
+        -> (y, final_states or None, pre or None): pre is the output before the z gate
+        (core + D x, x's shape, float32 / float64), returned when need_pre and z is given so
+        that the backward's dz never re-runs the forward
     ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
-                 dt_softplus, dt_min, dt_max, dy, dfinal)
+                 dt_softplus, dt_min, dt_max, dy, dfinal, pre)
         -> (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states) (None for absent inputs)
     state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> out   (state in place;
         heads form: state [b,h,p,n]; the Mamba-1 form is mapped onto it with h = 1)
@@ -197,37 +200,43 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
              z: Optional[Tensor], dt_bias: Optional[Tensor], initial_states: Optional[Tensor],
              seq_idx: Optional[Tensor], cu_seqlens: Optional[Tensor], chunk_size: int,
              dt_softplus: bool, dt_min: float, dt_max: float, return_final_states: bool,
-             backend: str) -> Tuple[Tensor, Tensor]:
+             need_pre: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     # value checks here too: under torch.compile only this body sees real tensors
     V.check_cu_seqlens_values(cu_seqlens, x.shape[1])
+    need_pre = need_pre and z is not None
+    pre_shape = x.shape if need_pre else (0,)  # the pre-gate output, saved for dz
     if is_empty(x):  # no tokens (b, l or h = 0): no backend sees the call
         b, l, h, p = x.shape
         N = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
         return x.new_zeros(x.shape), passthrough_state(
-            initial_states, (N, h, p, B.shape[-1]), x, _state_dtype(x), return_final_states)
+            initial_states, (N, h, p, B.shape[-1]), x, _state_dtype(x), return_final_states), \
+            x.new_zeros(pre_shape, dtype=_state_dtype(x))
     impl = _backend.implementation("ssd", backend)
-    y, final = impl.ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
-                                cu_seqlens, chunk_size, dt_softplus, dt_min, dt_max,
-                                return_final_states)
-    return y, empty_like_none(final, x, _state_dtype(x))
+    out = impl.ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+                           chunk_size, dt_softplus, dt_min, dt_max, return_final_states,
+                           need_pre=need_pre)
+    y, final, pre = out
+    return (y, empty_like_none(final, x, _state_dtype(x)),
+            pre if need_pre else x.new_empty(0, dtype=_state_dtype(x)))
 
 
 @_ssd_fwd.register_fake
 def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
-      dt_softplus, dt_min, dt_max, return_final_states, backend):
+      dt_softplus, dt_min, dt_max, return_final_states, need_pre, backend):
     b, l, h, p = x.shape
     N = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
     final = x.new_empty((N, h, p, B.shape[-1]) if return_final_states else (0,),
                         dtype=_state_dtype(x))
-    return x.new_empty(x.shape), final
+    pre = x.shape if need_pre and z is not None else (0,)
+    return x.new_empty(x.shape), final, x.new_empty(pre, dtype=_state_dtype(x))
 
 
 @torch.library.custom_op("lightning_ops::ssd_backward", mutates_args=())
 def _ssd_bwd(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
              C: Tensor, D: Optional[Tensor], z: Optional[Tensor], dt_bias: Optional[Tensor],
              initial_states: Optional[Tensor], seq_idx: Optional[Tensor],
-             cu_seqlens: Optional[Tensor], chunk_size: int, dt_softplus: bool, dt_min: float,
-             dt_max: float, backend: str
+             cu_seqlens: Optional[Tensor], pre: Optional[Tensor], chunk_size: int,
+             dt_softplus: bool, dt_min: float, dt_max: float, backend: str
              ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if is_empty(x):
         return (torch.zeros_like(x), torch.zeros_like(dt), torch.zeros_like(A),
@@ -237,14 +246,14 @@ def _ssd_bwd(dy: Tensor, dfinal: Optional[Tensor], x: Tensor, dt: Tensor, A: Ten
     impl = _backend.implementation("ssd", backend)
     dx, ddt, dA, dB, dC, dD, dz, ddtb, dh0 = impl.ssd_backward(
         x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
-        dt_softplus, dt_min, dt_max, dy, dfinal)
+        dt_softplus, dt_min, dt_max, dy, dfinal, pre=pre)
     # dense like the fakes promise (a gradient computed through a transpose is not)
     return contiguous(dx, ddt, dA, dB, dC, empty_like_none(dD, x), empty_like_none(dz, x),
                       empty_like_none(ddtb, x), empty_like_none(dh0, x))
 
 
 @_ssd_bwd.register_fake
-def _(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+def _(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, pre,
       chunk_size, dt_softplus, dt_min, dt_max, backend):
     return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B),
             torch.empty_like(C), _empty_grad(D, x), _empty_grad(z, x), _empty_grad(dt_bias, x),
@@ -253,18 +262,20 @@ def _(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seq
 
 def _ssd_setup(ctx, inputs, output):
     (x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, cu, chunk_size, dt_softplus, dt_min, dt_max,
-     _, backend) = inputs
-    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, cu)
+     _, _, backend) = inputs
+    # the pre-gate output (z only): dz needs it, and the backward never re-runs the forward
+    pre = output[2] if z is not None and output[2].numel() else None
+    ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, cu, pre)
     ctx.opts = (chunk_size, dt_softplus, dt_min, dt_max, backend)
 
 
-def _ssd_backward(ctx, dy, dfinal):
-    x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, cu = ctx.saved_tensors
+def _ssd_backward(ctx, dy, dfinal, _dpre):
+    x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, cu, pre = ctx.saved_tensors
     dfinal = None if dfinal is None or dfinal.numel() == 0 else dfinal
     grads = _ssd_bwd(dy.contiguous(), dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, cu,
-                     *ctx.opts)
+                     pre, *ctx.opts)
     rest = _none_for_absent(grads[5:], (D, z, dt_bias, h0))
-    return tuple(grads[:5]) + rest + (None,) * 8
+    return tuple(grads[:5]) + rest + (None,) * 9
 
 
 _ssd_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup)
@@ -345,8 +356,13 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
     want_states = return_final_states or return_varlen_states
     x, dt, A, B, C, D, z, dt_bias, initial_states = contiguous(x, dt, A, B, C, D, z, dt_bias,
                                                                initial_states)
-    y, final = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
-                        chunk_size, dt_softplus, dt_min, dt_max, want_states, name)
+    # with z, the output before the gate comes back for the backward's dz when a gradient can
+    # be asked for (a Python bool: torch.compile specialises on it)
+    need_pre = z is not None and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias,
+                                                    initial_states))
+    y, final, _ = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+                           chunk_size, dt_softplus, dt_min, dt_max, want_states, need_pre, name)
     if return_varlen_states:
         return (y, final[-1:], final) if return_final_states else (y, final)
     return (y, final) if return_final_states else y

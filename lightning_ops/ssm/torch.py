@@ -10,12 +10,14 @@ inside cache-sized blocks: measured faster on CPU than any whole-tensor scan her
   gates of -20 per token over any length stay finite. The forward saves the state entering each
   block; the backward is hand-written (the adjoint recurrence, block by block in reverse, each
   block's states rebuilt from its saved entry state).
-* SSD (Mamba-2) is simple GLA with q = C, k = B, v = x * dt, g = dt * A per head: the core runs on
-  the GLA family's chunk engine (lightning_ops.gla.torch.forward / backward, with its hand-written
-  backward; the Triton backend passes lightning_ops.gla.triton instead); the element-wise part
-  after it (D, z) is differentiated by hand and the cheap input transforms (dt bias / softplus /
-  clamp, groups, state transposes) by autograd. The backward re-runs the engine's forward only
-  when z is given (dz needs the core output). seq_idx resets become extra segments (host read).
+* SSD (Mamba-2) is simple GLA with q = C, k = B, v = x * dt, g = dt * A per head, on the chunk
+  engine (lightning_ops.chunk): with the torch engine its pieces run in a grouped form (_SSDCore:
+  C B^T once per group of heads, forward and backward by hand); the Triton backend passes its
+  engine module and runs through the engine's forward / backward with B / C repeated per head.
+  The element-wise part after the core (D, z) is differentiated by hand, the dt transforms (bias /
+  softplus / clamp) and the initial-state transposes by autograd. With z the forward returns the
+  output before the gate, so no backward re-runs a forward. seq_idx resets become extra segments
+  (host read).
 * causal conv1d: one depthwise F.conv1d; backward by aten.convolution_backward (the conv is
   re-run only for SiLU's derivative). With seq_idx: a masked sum over the W <= 4 taps (autograd).
 * Decode steps: direct vectorised updates, states written in place.
@@ -33,7 +35,7 @@ from ..chunk import torch as _gla  # the chunk engine (SSD runs on it)
 
 Tensor = torch.Tensor
 
-SSD_CHUNK_MAX = 64  # the GLA engine picks its own chunk (<= 64 on CPU); results are chunk-free
+SSD_CHUNK_MAX = 64  # _SSDCore's chunk (shorter for shorter sequences); results are chunk-free
 
 
 def _recompute_grads(forward, inputs, grads):
@@ -228,8 +230,20 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, aux, dy, 
 
 
 # ------------------------------------------------------------------------------------------------
-# Mamba-2 SSD on the GLA chunk engine
+# Mamba-2 SSD on the chunk engine
 # ------------------------------------------------------------------------------------------------
+# SSD is simple GLA with q = C, k = B, v = x dt, g = dt A (one scalar gate per head and token).
+# With the torch engine (the default here) the core runs on the engine's own pieces (chunk
+# layout, gate factors, state passing, gate-gradient rules) in a grouped form, _SSDCore: B and C
+# are shared by the h/g heads of their group, so C B^T and its gradients are [NC, g, C, C]
+# matmuls done once per group, and nothing is repeated per head except the decayed
+# q_inter / k_inter of the inter-chunk matmuls. Forward and backward are hand-written (no autograd
+# over chunk-sized tensors); the backward recomputes only the cheap chunk pieces (decay masks,
+# C B^T, chunk states), never the forward's output: with z the forward hands back the pre-gate
+# output (core + D x), which the backward takes for dz.
+# Any other engine (the Triton one) runs through its forward/backward contract with q / k
+# repeated per head (_ssd_engine_inputs); so do inputs with a non-finite entry on the torch engine
+# (its NonFiniteGuard keeps causality for them; the finiteness test is the same in both passes).
 def _process_dt(dt, dt_bias, softplus, dt_min, dt_max, acc) -> Tensor:
     d = dt.to(acc)
     if dt_bias is not None:
@@ -242,7 +256,7 @@ def _process_dt(dt, dt_bias, softplus, dt_min, dt_max, acc) -> Tensor:
 
 
 class _Segments:
-    """The packed segments the GLA engine runs: the batch rows (or cu_seqlens' sequences) split
+    """The packed segments the chunk engine runs: the batch rows (or cu_seqlens' sequences) split
     further wherever seq_idx changes, since a reset to a zero state is a new sequence.
     Without seq_idx nothing is read from the device (cu_seqlens passes through as it is). With
     seq_idx the change points are read on the host: one device sync per call on GPU (both
@@ -306,72 +320,215 @@ class _Segments:
         out[torch.tensor(self.last, device=dht.device)] = dht
         return out
 
+    def rows(self, t: Optional[Tensor]) -> Optional[Tensor]:
+        """[b, l, ...] -> the engine's rows: [1, b*l, ...] when segments are packed (a view)."""
+        if t is None or not self.flat:
+            return t
+        return t.reshape(1, t.shape[0] * t.shape[1], *t.shape[2:])
 
-def _ssd_pre(x, dt, A, B, C, dt_bias, h0, softplus, dt_min, dt_max, segs: _Segments):
-    """SSD inputs -> the GLA engine's (q, k, v, g, h0) in the compute dtype (differentiable)."""
-    acc = _acc(x)
-    b, l, h, p = x.shape
-    rep = h // B.shape[2]
-    dtf = _process_dt(dt, dt_bias, softplus, dt_min, dt_max, acc)
-    q = C.to(acc).repeat_interleave(rep, dim=2)
-    k = B.to(acc).repeat_interleave(rep, dim=2)
-    v = x.to(acc) * dtf[..., None]
-    g = dtf * A.to(acc)
-    h0g = None if h0 is None else h0.to(acc).transpose(-1, -2)  # [N, h, n, p] = GLA's [K, V]
-    if segs.flat:
-        q, k, v, g = (t.reshape(1, b * l, *t.shape[2:]) for t in (q, k, v, g))
-    return q, k, v, g, segs.initial(h0g)
+    def core_cu(self, ref: Tensor) -> Optional[Tensor]:
+        return None if self.cu is None else self.cu.to(ref.device)
 
 
-def _ssd_post(core, x, D, z, b, l):
-    """core [B', T', h, p] from the engine -> y (compute dtype) with D and z applied."""
-    y = core.reshape(b, l, *core.shape[2:])
+_STRICT: dict = {}
+
+
+def _strict_lower(C: int, device: torch.device) -> Tensor:
+    """[C, C] bool, i > j (cached)."""
+    key = (C, device)
+    if key not in _STRICT:
+        _STRICT[key] = torch.ones(C, C, dtype=torch.bool, device=device).tril(-1)
+    return _STRICT[key]
+
+
+def _decay_mask(g: Tensor, strict: Tensor) -> Tensor:
+    """exp(sum_{j<s<=i} g_s) for j < i and 1 on the diagonal, [.., C, C] from g [.., C]: the
+    segment sums accumulated down each column over their own tokens (never b_i - b_j, so -inf and
+    huge gates are exact). Above the diagonal it is exp(0) = 1: callers mask the scores there."""
+    seg = torch.where(strict, g[..., :, None], torch.zeros((), dtype=g.dtype, device=g.device))
+    return seg.cumsum_(-2).exp_()
+
+
+def _pair_gate_grad(P: Tensor) -> Tensor:
+    """The engine's pair_gate_grad rule in three passes: d g_s = sum over pairs i >= s > j of
+    P_ij (only the pairs whose decay contains g_s). With Q = P summed over j <= c (row prefix),
+    d g_{c+1} = sum_{i > c} Q_ic, a column sum of Q's strictly lower part. P is overwritten."""
+    col = P.cumsum_(-1).tril_(-1).sum(-2)  # [.., C]: index c -> g_{c+1}
+    return torch.cat([torch.zeros_like(col[..., :1]), col[..., :-1]], -1)
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum over the last dim of a * b."""
+    return (a * b).sum(-1)
+
+
+class _SSDCore:
+    """The SSD core on the torch engine's chunk pieces, B / C per group (see above).
+    x [B', T', h, p] and dtf [B', T', h] (processed dt) in the compute dtype, A [h], B / C
+    [B', T', g, n], h0 [N, h, n, p] (the engine's [K, V] orientation) or None; cu: the engine's
+    cu_seqlens. `finite` is False (and nothing else is built) when x dt, B or dt A has a NaN /
+    +inf entry: the caller then runs the engine itself, whose guard handles those."""
+
+    def __init__(self, x: Tensor, dtf: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                 h0: Optional[Tensor], cu: Optional[Tensor]):
+        acc = dtf.dtype
+        Bt, T, h, p = x.shape
+        G, n = B.shape[2:]
+        if cu is None:
+            max_len = T
+        else:  # host read of the lengths, as the engine's own _prepare
+            max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+        lay = _gla.ChunkLayout.build(Bt, T, cu, _gla.chunk_size_for(max_len, SSD_CHUNK_MAX),
+                                     x.device)
+        self.layout, self.h, self.G, self.R = lay, h, G, h // G
+        self.xc = lay.pack(x, acc)  # [NC, h, C, p]
+        self.dtc = lay.pack(dtf, acc)  # [NC, h, C]
+        self.X = self.xc * self.dtc[..., None]  # v = x dt
+        self.g = lay.pack(dtf * A.to(acc), acc)  # [NC, h, C], 0 in padding
+        self.Bc, self.Cc = lay.pack(B, acc), lay.pack(C, acc)  # [NC, g, C, n]
+        inf = float("inf")
+        self.finite = bool(torch.stack([torch.isfinite(self.X.sum()),
+                                        torch.isfinite(self.Bc.sum()),
+                                        self.g.sum() < inf]).all())
+        if not self.finite:
+            return
+        self.qd, self.kd, self.cd = _gla.gate_factors(self.g)  # [NC,h,C,1] x2, [NC,h,1,1]
+        self.q_inter = self._per_head(self.Cc, self.qd)  # C exp(sum_{s<=t} g)
+        self.k_inter = self._per_head(self.Bc, self.kd)  # B exp(sum_{s>t} g)
+        self.h0 = h0 if h0 is not None else x.new_zeros(lay.N, h, n, p, dtype=acc)
+        local = self.k_inter.transpose(-1, -2) @ self.X  # [NC, h, n, p]
+        self.states, self.final = _gla.state_passing(lay, self.h0, self.cd, local)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        """[NC, h, ...] -> view [NC, g, h/g, ...]."""
+        return t.view(t.shape[0], self.G, self.R, *t.shape[2:])
+
+    def _per_head(self, Y: Tensor, decay: Tensor) -> Tensor:
+        """Y [NC, g, C, n] (per group) times a per-head decay [NC, h, C, 1] -> [NC, h, C, n]."""
+        return (Y[:, :, None] * self._heads(decay)).flatten(1, 2)
+
+    def _group_sum(self, t: Tensor) -> Tensor:
+        """[NC, h, ...] -> [NC, g, ...]: summed over the heads of each group."""
+        return t if self.R == 1 else self._heads(t).sum(2)
+
+    def _scores(self):
+        """(C B^T per group with zeros above the diagonal [NC, g, C, C] (set by selection, so a
+        non-finite later key never reaches an earlier row), decay mask [NC, h, C, C])."""
+        CB = (self.Cc @ self.Bc.transpose(-1, -2)).tril_()
+        return CB, _decay_mask(self.g, _strict_lower(self.layout.C, self.X.device))
+
+    def forward(self) -> Tensor:
+        """The core output o = C H + (C B^T * L) X per chunk, [NC, h, C, p]."""
+        CB, L = self._scores()
+        S = self._heads(L).mul_(CB[:, :, None]).flatten(1, 2)  # the decayed scores, L in place
+        o = S @ self.X  # intra, then + q_inter H in place
+        o.flatten(0, 1).baddbmm_(self.q_inter.flatten(0, 1), self.states.flatten(0, 1))
+        return o
+
+    def backward(self, do: Tensor, dht: Optional[Tensor]):
+        """do [NC, h, C, p] (the core output's gradient, packed), dht [N, h, n, p] or None ->
+        (dX [NC, h, C, p] (w.r.t. x dt), dB, dC [NC, g, C, n], dg [NC, h, C], dh0 [N, h, n, p])."""
+        lay = self.layout
+        dht = torch.zeros_like(self.h0) if dht is None else dht
+        dE, dh0 = _gla.state_passing_backward(lay, self.cd,
+                                              self.q_inter.transpose(-1, -2) @ do, dht)
+        CB, L = self._scores()
+        CBh = CB[:, :, None]
+        S = (self._heads(L) * CBh).flatten(1, 2)
+        dX = S.transpose(-1, -2) @ do  # intra
+        dX.flatten(0, 1).baddbmm_(self.k_inter.flatten(0, 1), dE.flatten(0, 1))  # inter
+        del S
+        # scores: S = (C B^T) * L per head; d(C B^T) per head = dS * L (lower triangle)
+        dCBh = (do @ self.X.transpose(-1, -2)).mul_(L).tril_()
+        # gradient w.r.t. the log pair decays sum_{j<s<=i} g_s: dS * S = dCBh * C B^T (into
+        # L's buffer: fewer fresh pages)
+        P = torch.mul(self._heads(dCBh), CBh, out=self._heads(L))
+        del L
+        dg = _pair_gate_grad(P.flatten(1, 2))
+        dCB = self._group_sum(dCBh)
+        del dCBh
+        dC = dCB @ self.Bc
+        dB = dCB.transpose(-1, -2) @ self.Cc
+        # inter-chunk: o += q_inter H, H_{n+1} = cd H_n + k_inter^T X
+        dqi = do @ self.states.transpose(-1, -2)  # w.r.t. q_inter, [NC, h, C, n]
+        dki = self.X @ dE.transpose(-1, -2)  # w.r.t. k_inter
+        from_q = _row_dot(self.q_inter, dqi)
+        from_k = _row_dot(self.k_inter, dki)
+        dC += self._group_sum(dqi.mul_(self.qd))
+        dB += self._group_sum(dki.mul_(self.kd))
+        from_total = _row_dot(self.states.flatten(2), dE.flatten(2)) * self.cd.flatten(1)
+        dg = _gla.gate_grad(from_q, from_k, from_total, dg)
+        return dX, dB, dC, dg, dh0
+
+
+def _ssd_engine_inputs(x, dtf, A, B, C, rep):
+    """The engine contract's (q, k, v, g) with B / C repeated per head."""
+    return (C.repeat_interleave(rep, dim=2), B.repeat_interleave(rep, dim=2),
+            x * dtf[..., None], dtf * A)
+
+
+def _ssd_post(core, x, D, z):
+    """core [b, l, h, p] from the engine -> (y, pre-gate output core + D x) in the compute
+    dtype; y = pre * silu(z)."""
+    pre = core
     if D is not None:
-        Df = D.to(y.dtype)
-        y = y + (Df[:, None] if Df.dim() == 1 else Df) * x.to(y.dtype)
-    if z is not None:
-        y = y * F.silu(z.to(y.dtype))
-    return y
-
-
-def _ssd_core_args(segs: _Segments, ref: Tensor):
-    return None if segs.cu is None else segs.cu.to(ref.device)
+        Df = D.to(core.dtype)
+        pre = pre + (Df[:, None] if Df.dim() == 1 else Df) * x.to(core.dtype)
+    y = pre if z is None else pre * F.silu(z.to(pre.dtype))
+    return y, pre
 
 
 def ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
-                dt_softplus, dt_min, dt_max, return_final_states, engine=_gla):
-    """engine: a GLA-family backend module (its forward/backward contract): lightning_ops.gla.torch
-    here, lightning_ops.gla.triton for the Triton backend."""
-    b, l = x.shape[:2]
+                dt_softplus, dt_min, dt_max, return_final_states, need_pre=False, engine=_gla):
+    """-> (y, final states or None, pre-gate output core + D x in the compute dtype when
+    need_pre and z is given, else None: what the backward's dz needs, so it never recomputes the
+    forward). engine: a chunk-engine backend module (its forward/backward contract): the torch
+    engine here (run as _SSDCore), lightning_ops.chunk.triton for the Triton backend."""
+    b, l, h, _ = x.shape
+    acc = _acc(x)
     segs = _Segments(b, l, seq_idx, cu_seqlens)
+    cu = segs.core_cu(x)
     with torch.no_grad():
-        q, k, v, g, h0 = _ssd_pre(x, dt, A, B, C, dt_bias, initial_states, dt_softplus, dt_min,
-                                  dt_max, segs)
-        core, ht = engine.forward(q, k, v, g, None, 1.0, h0, return_final_states,
-                                  _ssd_core_args(segs, x), "chunk")
-        y = _ssd_post(core, x, D, z, b, l).to(x.dtype)
+        dtf = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max, acc)
+        xr, dtr, Br, Cr = (segs.rows(t) for t in (x.to(acc), dtf, B, C))
+        h0 = segs.initial(None if initial_states is None
+                          else initial_states.to(acc).transpose(-1, -2))  # [N, h, n, p]
+        core = None
+        if engine is _gla:
+            sc = _SSDCore(xr, dtr, A, Br, Cr, h0, cu)
+            if sc.finite:
+                lay = sc.layout
+                core, ht = lay.unpack(sc.forward()), (sc.final if return_final_states else None)
+                del sc
+        if core is None:  # the engine's contract (Triton, or non-finite inputs)
+            q, k, v, g = _ssd_engine_inputs(xr, dtr, A.to(acc), Br.to(acc), Cr.to(acc),
+                                            h // B.shape[2])
+            core, ht = engine.forward(q, k, v, g, None, 1.0, h0, return_final_states, cu,
+                                      "chunk")
+        if core.shape != x.shape:
+            core = core.reshape(x.shape)
+        y, pre = _ssd_post(core.to(acc), x, D, z)
+        y = y.to(x.dtype)
+        pre = pre if (need_pre and z is not None) else None
     final = None if ht is None else segs.final(ht).transpose(-1, -2).contiguous()
-    return _own((y, final))
+    return _own((y, final, pre))
 
 
-def _ssd_post_grads(dy, x, D, z, core_fn, b, l):
-    """Gradients of the element-wise part y = (core + D x) * silu(z) around the engine:
-    (d core, dx share, dD, dz). core_fn() gives the engine's output; it is called only with z
-    (dz is the one gradient that needs it), so without z the backward runs no forward at all."""
+def _ssd_post_grads(dy, x, D, z, pre):
+    """Gradients of the element-wise part y = (core + D x) * silu(z) around the core:
+    (d core, dx share, dD, dz). pre: the pre-gate output core + D x (the forward's), or a
+    callable giving it; used only with z (dz is the one gradient that needs it)."""
     acc = _acc(x)
     dyf, xf = dy.to(acc), x.to(acc)
-    Dx = None
+    Df = None
     if D is not None:
         Df = D.to(acc)
         Df = Df[:, None] if Df.dim() == 1 else Df  # [h, 1] or [h, p]
-        Dx = Df * xf
     dz = None
     if z is not None:
         zf = z.to(acc)
         sz = torch.sigmoid(zf)
-        pre = core_fn().reshape(dyf.shape)
-        if Dx is not None:
-            pre = pre + Dx
+        pre = (pre() if callable(pre) else pre).to(acc).reshape(dyf.shape)
         dz = dyf * pre * sz * (1 + zf * (1 - sz))
         dyf = dyf * zf * sz  # d (core + D x) = dy * silu(z)
     dx = dD = None
@@ -384,49 +541,76 @@ def _ssd_post_grads(dy, x, D, z, core_fn, b, l):
 
 
 def ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
-                 dt_softplus, dt_min, dt_max, dy, dfinal, engine=_gla):
-    """Hand-written around the engine: the element-wise part by hand (_ssd_post_grads), the core
-    by the engine's own backward, the cheap input transforms (_ssd_pre) by autograd. The engine's
-    forward is re-run only when z is given (dz needs its output)."""
-    b, l = x.shape[:2]
+                 dt_softplus, dt_min, dt_max, dy, dfinal, pre=None, engine=_gla):
+    """Hand-written around the core: the element-wise part by hand (_ssd_post_grads, with the
+    forward's pre-gate output `pre` for dz), the core by _SSDCore.backward (torch engine) or the
+    engine's own backward, the processed dt's and the initial states' transforms by autograd
+    (tiny [b, l, h] / state-sized graphs). Without `pre` (a caller of the older contract) and
+    with z, the core's forward is re-run once for dz."""
+    b, l, h, _ = x.shape
+    acc = _acc(x)
     segs = _Segments(b, l, seq_idx, cu_seqlens)
-    cu = _ssd_core_args(segs, x)
-    ins = [x, dt, A, B, C, D, z, dt_bias, initial_states]
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in ins]
-    lx, ldt, lA, lB, lC, ldtb, lh0 = (leaves[0], leaves[1], leaves[2], leaves[3], leaves[4],
-                                      leaves[7], leaves[8])
-    with autograd_enabled():
-        q, k, v, g, h0 = _ssd_pre(lx, ldt, lA, lB, lC, ldtb, lh0, dt_softplus, dt_min, dt_max,
-                                  segs)
-        qd, kd, vd, gd = q.detach(), k.detach(), v.detach(), g.detach()
-        h0d = None if h0 is None else h0.detach()
-
-        def core_fn():
-            with torch.no_grad():
-                return engine.forward(qd, kd, vd, gd, None, 1.0, h0d, False, cu, "chunk")[0]
-        dcore, dx_post, dD, dz = _ssd_post_grads(dy, x.detach(), D, z, core_fn, b, l)
-        dht = segs.dfinal(None if dfinal is None else dfinal.to(vd.dtype).transpose(-1, -2))
-        dq, dk, dv, dg, dh0 = engine.backward(qd, kd, vd, gd, None, 1.0, h0d, cu, "chunk",
-                                              dcore.reshape(vd.shape), dht)
-        pre_out = [t for t in (q, k, v, g, h0) if t is not None]
-        pre_grad = [t for t in (dq, dk, dv, dg, dh0) if t is not None]
-        wrt = [t for t in (lx, ldt, lA, lB, lC, ldtb, lh0) if t is not None]
-        got = iter(torch.autograd.grad(pre_out, wrt, pre_grad, allow_unused=True))
-    grads = {}
-    for name, t in zip(("x", "dt", "A", "B", "C", "dt_bias", "h0"),
-                       (lx, ldt, lA, lB, lC, ldtb, lh0)):
-        grads[name] = None if t is None else next(got)
-    if dx_post is not None:
-        grads["x"] = dx_post if grads["x"] is None else grads["x"] + dx_post
-    grads["D"], grads["z"] = dD, dz
-    out = []
-    for name, t in zip(("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "h0"), ins):
-        if t is None:
-            out.append(None)
+    cu = segs.core_cu(x)
+    ldt = dt.detach().requires_grad_()
+    ldtb = None if dt_bias is None else dt_bias.detach().requires_grad_()
+    lh0 = None if initial_states is None else initial_states.detach().requires_grad_()
+    with autograd_enabled():  # the cheap transforms keep a graph
+        dtf_g = _process_dt(ldt, ldtb, dt_softplus, dt_min, dt_max, acc)
+        h0_g = segs.initial(None if lh0 is None else lh0.to(acc).transpose(-1, -2))
+    with torch.no_grad():
+        dtf, h0 = dtf_g.detach(), None if h0_g is None else h0_g.detach()
+        xf = x.detach().to(acc)
+        xr, dtr, Br, Cr = (segs.rows(t) for t in (xf, dtf, B.detach(), C.detach()))
+        Af = A.detach().to(acc)
+        dht = segs.dfinal(None if dfinal is None else dfinal.to(acc).transpose(-1, -2))
+        sc = _SSDCore(xr, dtr, Af, Br, Cr, h0, cu) if engine is _gla else None
+        if sc is not None and not sc.finite:
+            sc = None
+        if pre is None and z is not None:
+            def pre():  # the older contract: the core's forward once more
+                if sc is not None:
+                    return sc.layout.unpack(sc.forward())
+                q, k, v, g = _ssd_engine_inputs(xr, dtr, Af, Br.to(acc), Cr.to(acc),
+                                                h // B.shape[2])
+                core = engine.forward(q, k, v, g, None, 1.0, h0, False, cu, "chunk")[0]
+                return _ssd_post(core.to(acc).reshape(x.shape), x, D, None)[1]
+        dcore, dx_post, dD, dz = _ssd_post_grads(dy, x, D, z, pre)
+        dcore_r = segs.rows(dcore)
+        if sc is not None:
+            lay = sc.layout
+            dXc, dBc, dCc, dgc, dh0 = sc.backward(lay.pack(dcore_r, acc), dht)
+            dv, dg = lay.unpack(dXc), lay.unpack(dgc)
+            dB, dC = lay.unpack(dBc), lay.unpack(dCc)
+            del sc
         else:
-            gr = grads.get(name)
-            out.append(torch.zeros_like(t) if gr is None else gr.to(t.dtype))
-    return _own(out)
+            rep = h // B.shape[2]
+            q, k, v, g = _ssd_engine_inputs(xr, dtr, Af, Br.to(acc), Cr.to(acc), rep)
+            dq, dk, dv, dg, dh0 = engine.backward(q, k, v, g, None, 1.0, h0, cu, "chunk",
+                                                  dcore_r.contiguous(), dht)
+            G = B.shape[2]
+            dB = dk.view(*dk.shape[:2], G, rep, -1).sum(3)
+            dC = dq.view(*dq.shape[:2], G, rep, -1).sum(3)
+        dv, dg = dv.reshape(x.shape).to(acc), dg.reshape(dt.shape).to(acc)
+        dx = dv * dtf[..., None]
+        if dx_post is not None:
+            dx += dx_post
+        ddtf = _row_dot(dv, xf).addcmul_(dg, Af)  # v = x dt, g = dt A
+        dA = (dg * dtf).sum((0, 1))
+        dB, dC = dB.reshape(B.shape), dC.reshape(C.shape)
+    with autograd_enabled():
+        outs = [dtf_g] + ([h0_g] if h0_g is not None and dh0 is not None else [])
+        cots = [ddtf] + ([dh0.to(acc)] if len(outs) > 1 else [])
+        wrt = [t for t in (ldt, ldtb, lh0) if t is not None]
+        got = torch.autograd.grad(outs, wrt, cots, allow_unused=True)
+    got = iter(got)
+    ddt = next(got)
+    ddtb = None if ldtb is None else next(got)
+    dh0_in = None if lh0 is None else next(got)
+    out = [dx, ddt, dA, dB, dC, dD, dz, ddtb, dh0_in]
+    refs = (x, dt, A, B, C, D, z, dt_bias, initial_states)
+    return _own(tuple(None if r is None else
+                      (torch.zeros_like(r) if g_ is None else g_.to(r.dtype).contiguous())
+                      for g_, r in zip(out, refs)))
 
 
 def _tied(t: Optional[Tensor], dims: Sequence[int]) -> bool:
