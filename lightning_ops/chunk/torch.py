@@ -501,6 +501,14 @@ def chunk_output(q_inter: Tensor, states: Tensor, A: Tensor, v: Tensor) -> Tenso
 # ------------------------------------------------------------------------------------------------
 # The engine
 # ------------------------------------------------------------------------------------------------
+def longest(T: int, cu_seqlens: Optional[Tensor]) -> int:
+    """The longest sequence's length: T, or read from cu_seqlens on the host (as
+    ChunkLayout.build does)."""
+    if cu_seqlens is None:
+        return T
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
 def chunk_size_for(max_len: int, limit: int = TORCH_CHUNK) -> int:
     """`limit`, or the longest sequence's length rounded up to a power of two if shorter."""
     C = 1
@@ -523,11 +531,8 @@ class _Chunked:
 def _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens) -> _Chunked:
     B, T, H, K = q.shape
     V = v.shape[-1]
-    if cu_seqlens is None:
-        max_len = T
-    else:  # host read of the lengths (see ChunkLayout.build)
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
-    layout = ChunkLayout.build(B, T, cu_seqlens, chunk_size_for(max_len), q.device)
+    layout = ChunkLayout.build(B, T, cu_seqlens, chunk_size_for(longest(T, cu_seqlens)),
+                               q.device)
     dt = accumulation_dtype(q)
     gc = None if g is None else layout.pack(g, dt)
     if g_gamma is not None:  # constant decay on real tokens only (padding must stay 0)

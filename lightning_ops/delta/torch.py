@@ -49,6 +49,7 @@ from ..chunk.torch import (
     gate_grad,
     intra_chunk_scores,
     intra_chunk_scores_backward,
+    longest,
     mul_if,
     pair_gate_grad,
     scan_chunks,
@@ -90,11 +91,8 @@ class _Chunked:
 def _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_l2, mode) -> _Chunked:
     B, T, H, K = q.shape
     HV, Vd = v.shape[2:]
-    if cu_seqlens is None:
-        max_len = T
-    else:  # host read of the lengths, as ChunkLayout.build does
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    layout = ChunkLayout.build(B, T, cu_seqlens, _chunk_size(mode, max_len), q.device)
+    layout = ChunkLayout.build(B, T, cu_seqlens, _chunk_size(mode, longest(T, cu_seqlens)),
+                               q.device)
     dt = accumulation_dtype(q)
     qn, kn, rq, rk = q.to(dt), k.to(dt), None, None
     if use_l2:
