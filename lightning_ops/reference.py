@@ -546,3 +546,62 @@ def log_linear_attn_masked_ref(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level
                     o[b, bos + t] += scale * (lam_n[:, t, lv] * pre[:, t].exp())[:, None] * \
                         torch.einsum("hk,hkv->hv", q[b, bos + t], h0[n, :, l])
     return o.to(v.dtype if v.dtype != dt else dt)
+
+
+# ------------------------------------------------------------------------------------------------
+# Log-linear Gated DeltaNet (Guo et al. 2025, sec. 3.3; the authors' chunk_h_gated_delta_rule):
+# the same Fenwick hierarchy of level states as log_linear_attn_ref, with the gated delta rule's
+# transition A_t = (I - beta_t k_t k_t^T) exp(g_t) acting on EVERY level state, and the token's
+# write beta_t k_t v_t^T as level 0:
+#   ht_l <- (I - beta_t k_t k_t^T) (exp(g_t) ht_l)  for all l;  ht_0 = beta_t k_t v_t^T
+#   o_t = scale sum_l lambda_t[l] ht_l^T q_t;  then the Fenwick merge of log_linear_attn_ref.
+# The levels sum to the Gated DeltaNet state (gated_delta_rule_ref), so with every lambda = 1 and
+# enough levels this is Gated DeltaNet; equivalently o_t = scale sum_{s<=t} lambda_t[lev(s, t)]
+# q_t^T A_t ... A_{s+1} beta_s k_s v_s^T. scale defaults to 1 (as log_linear_attn_ref: the level
+# weights play that role); use_qk_l2norm_in_kernel normalises q and k first (l2norm above).
+# ------------------------------------------------------------------------------------------------
+def log_linear_gated_delta_rule_ref(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
+                                    level_scales: Tensor, beta: Tensor,
+                                    scale: Optional[float] = None, initial_state=None,
+                                    output_final_state: bool = False,
+                                    cu_seqlens: Optional[Tensor] = None,
+                                    use_qk_l2norm_in_kernel: bool = False):
+    """Token by token with the O(log T) level states. q/k [B,T,G,K], v [B,T,H,V], g and beta
+    [B,T,H], level_scales [B,T,H,L]; initial_state (ht [N,H,L,K,V], offsets [N]). Returns
+    (o, (ht, offsets) or None)."""
+    q, k, v, g, lam, scale, h0, off, dims = _ll_inputs(q, k, v, g, level_scales, scale,
+                                                         initial_state, cu_seqlens)
+    B, T, H, K, V, L, N, dt = dims
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    beta = beta.to(dt)
+    o = torch.zeros(B, T, H, V, dtype=dt, device=q.device)
+    hts, offs = [], []
+    for n, b, bos, eos in _segments(T, B, cu_seqlens):
+        t = off[n]
+        S = [h0[n, :, l] if l and (t >> (l - 1)) & 1 else torch.zeros_like(h0[n, :, l])
+             for l in range(L)]
+        for i in range(bos, eos):
+            kt, bt = k[b, i], beta[b, i][:, None, None]
+            S = [s * g[b, i].exp()[:, None, None] for s in S]
+            S = [s - bt * kt[..., None] * torch.einsum("hk,hkv->hv", kt, s)[:, None, :]
+                 for s in S]
+            S[0] = bt * kt[..., None] * v[b, i][:, None, :]
+            for l in range(L):
+                o[b, i] += scale * lam[b, i, :, l, None] * torch.einsum("hk,hkv->hv", q[b, i], S[l])
+            m = 0
+            while (t >> m) & 1:
+                m += 1
+            merged = sum(S[: m + 1])
+            for l in range(min(m + 1, L)):
+                S[l] = torch.zeros_like(S[l])
+            if m + 1 < L:
+                S[m + 1] = merged
+            t += 1
+        hts.append(torch.stack(S, 1))
+        offs.append(t)
+    final = None
+    if output_final_state:
+        final = (torch.stack(hts, 0) if hts else h0[:0].clone(),
+                 torch.tensor(offs, dtype=torch.int64, device=q.device))
+    return o.to(v.dtype if v.dtype != dt else dt), final
