@@ -178,6 +178,19 @@ def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
     tl.store(p3 + 48, T33, mask=m3[:, None] & full)
 
 
+@triton.jit
+def _wy_chunk(Ai, beta, bos, r0, T_n, i_h, H: tl.constexpr):
+    """The chunk at local row r0 as the WY kernels read it: row offsets, row mask, row ids, its
+    [CHUNK, CHUNK] inverse Ai and beta (fp32)."""
+    o_t = tl.arange(0, CHUNK)
+    m_t = (r0 + o_t) < T_n
+    rows = (bos + r0 + o_t) * H + i_h
+    Ti = tl.load(Ai + (rows * CHUNK)[:, None] + o_t[None, :],
+                 mask=m_t[:, None] & (o_t[None, :] < CHUNK), other=0.)
+    bt = tl.load(beta + rows, mask=m_t, other=0.).to(tl.float32)
+    return o_t, m_t, rows, Ti, bt
+
+
 @triton.jit(do_not_specialize=["T", "NT"])
 def wy_apply_kernel(k, v, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
@@ -190,12 +203,7 @@ def wy_apply_kernel(k, v, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
     r0 = i_c * CHUNK
     if r0 >= T_n:  # a padding program of a packed batch's grid
         return
-    o_t = tl.arange(0, CHUNK)
-    m_t = (r0 + o_t) < T_n
-    rows = (bos + r0 + o_t) * H + i_h
-    Ti = tl.load(Ai + (rows * CHUNK)[:, None] + o_t[None, :],
-                 mask=m_t[:, None] & (o_t[None, :] < CHUNK), other=0.)
-    bt = tl.load(beta + rows, mask=m_t, other=0.).to(tl.float32)
+    o_t, m_t, rows, Ti, bt = _wy_chunk(Ai, beta, bos, r0, T_n, i_h, H)
     if GATED:
         G = tl.load(gc + rows, mask=m_t, other=0.)
         bk = bt * tl.exp(G)
@@ -351,12 +359,7 @@ def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
     r0 = i_c * CHUNK
     if r0 >= T_n:  # a padding program of a packed batch's grid
         return
-    o_t = tl.arange(0, CHUNK)
-    m_t = (r0 + o_t) < T_n
-    rows = (bos + r0 + o_t) * H + i_h
-    Ti = tl.load(Ai + (rows * CHUNK)[:, None] + o_t[None, :],
-                 mask=m_t[:, None] & (o_t[None, :] < CHUNK), other=0.)
-    bt = tl.load(beta + rows, mask=m_t, other=0.).to(tl.float32)
+    o_t, m_t, rows, Ti, bt = _wy_chunk(Ai, beta, bos, r0, T_n, i_h, H)
     strict = (o_t[:, None] > o_t[None, :]) & m_t[:, None] & m_t[None, :]
     if GATED:
         G = tl.load(gc + rows, mask=m_t, other=0.)
