@@ -70,9 +70,11 @@ sm90-env: $(STAMP)
 	    "$$($(VENV36)/bin/python -c 'import site; print(site.getsitepackages()[0])')/_lightning_ops_main_venv.pth" && \
 	  touch $(VENV36)/.ok; } || echo "sm90-env: triton $(TRITON36) could not be installed; the sm_90 check will run under triton $(TRITON_VERSION) only"
 
-# the full sm_90 resource table (no time budget; commit benchmarks/results/sm90_resources.csv)
+# the full sm_90 resource table (no time budget; commit benchmarks/results/sm90_resources.csv);
+# rows whose kernel source or launch no longer exists are pruned
 sm90-table: sm90-env
 	$(VPY) tools/sm90_resources.py check --jobs 2 --python $(VPY) $(if $(wildcard $(VENV36)/.ok),--python $(VENV36)/bin/python)
+	$(VPY) tools/sm90_resources.py prune --python $(VPY) $(if $(wildcard $(VENV36)/.ok),--python $(VENV36)/bin/python)
 
 # fla-core + flash-linear-attention 0.6.0 (pure Python) for the lease: carry .gpu-wheels
 gpu-wheels:

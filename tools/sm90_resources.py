@@ -520,6 +520,46 @@ def failures(rows: List[dict]) -> List[str]:
             for r in rows if r["fits"] != "yes"]
 
 
+def _keys_main(argv):
+    """keys-worker LAUNCHES_JSON OUT_JSON: the table keys of these launches under this python's
+    triton and the current sources (no compile)."""
+    import triton
+    sys.path.insert(0, ROOT)
+    launches = json.load(open(argv[0]))
+    keys = []
+    for la in launches:
+        mod, name = la["kernel"].split(":")
+        keys.append(_row_key(triton.__version__, getattr(importlib.import_module(mod), name), la))
+    json.dump({"triton": triton.__version__, "keys": keys}, open(argv[1], "w"))
+
+
+def prune(pythons: List[str], table: str = TABLE) -> int:
+    """Drop the rows of these pythons' triton versions whose key no current launch has (kernel
+    sources or launch configurations changed since): record every launch, key it under each
+    python, keep the rows of other versions as they are."""
+    import tempfile
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    tmp = tempfile.mkdtemp(prefix="sm90-")
+    lj = os.path.join(tmp, "launches.json")
+    r = subprocess.run([sys.executable, __file__, "record", "--out", lj], env=env)
+    if r.returncode:
+        return r.returncode
+    current = {}
+    for py in pythons:
+        kj = os.path.join(tmp, "keys.json")
+        r = subprocess.run([py, __file__, "keys-worker", lj, kj], env=env)
+        if r.returncode:
+            return r.returncode
+        got = json.load(open(kj))
+        current[got["triton"]] = set(got["keys"])
+    old = read_table(table)
+    rows = [r for r in old if r["triton"] not in current or r["key"] in current[r["triton"]]]
+    write_table(rows, table)
+    print(f"pruned {len(old) - len(rows)} stale rows; {len(rows)} left", flush=True)
+    return 0
+
+
 def _worker_main(argv):
     """compile-worker LAUNCHES_JSON KNOWN_JSON OUT_JSON JOBS BUDGET_S (under any python)."""
     launches = json.load(open(argv[0]))
@@ -591,11 +631,16 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "compile-worker":
         return _worker_main(argv[1:])
+    if argv and argv[0] == "keys-worker":
+        return _keys_main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("record")
     r.add_argument("--out", required=True)
     r.add_argument("--quick", action="store_true")
+    pr = sub.add_parser("prune", help="drop rows no current launch has (after kernel edits)")
+    pr.add_argument("--python", action="append", default=[])
+    pr.add_argument("--table", default=TABLE)
     c = sub.add_parser("check")
     for sp in (r, c):  # a subset (e.g. to check a fix quickly; pass --table to keep the
         # committed table as it is)
@@ -613,6 +658,8 @@ def main(argv=None):
                    help="stop compiling after this long per triton (0: no limit)")
     c.add_argument("--strict", action="store_true", help="configurations left over fail")
     a = p.parse_args(argv)
+    if a.cmd == "prune":
+        return prune(a.python or [sys.executable], a.table)
     if a.cmd == "record":
         t0 = time.time()
         la = record(quick=a.quick, kernel=a.kernel, **_parse_filters(a))
