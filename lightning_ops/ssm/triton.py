@@ -1,8 +1,8 @@
 """Triton backend of the state-space family (families "selective_scan", "ssd", "conv").
 
-* SSD (Mamba-2): the GLA family's Triton chunk engine (lightning_ops.gla.triton) with q = C,
-  k = B, v = x * dt, g = dt * A, wrapped by the same element-wise layer as the torch backend
-  (lightning_ops.ssm.torch.ssd_forward / ssd_backward with engine=gla.triton): one engine.
+* SSD (Mamba-2): the Triton chunk engine (lightning_ops.chunk.triton) with q = C, k = B,
+  v = x * dt, g = dt * A, wrapped by the same element-wise layer as the torch backend
+  (lightning_ops.ssm.torch.ssd_forward / ssd_backward with engine=chunk.triton): one engine.
 * selective scan (Mamba-1; the CUDA kernel's fallback): one program per (batch, block of
   channels) walks the sequence in chunks of SCAN_CHUNK tokens; inside a chunk the recurrence
   h_t = a_t h_{t-1} + x_t is a tl.associative_scan over [channels, states, tokens] tiles. The
@@ -28,14 +28,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ..chunk import triton as _gla_triton  # the chunk engine (SSD runs on it)
+from .._custom_op import own_storage
+from ..chunk import triton as chunk_engine  # SSD runs on the chunk engine
 from ..triton_utils import next_pow2
 from . import torch as _torch_impl
 
 Tensor = torch.Tensor
 
-SCAN_CHUNK = 32   # tokens per associative-scan tile (and per saved carry)
-SCAN_BD = 8       # channels per program (fewer when the groups are smaller)
+# selective-scan tiles: tokens per associative-scan tile (and per saved carry), channels per
+# program (fewer when the groups are smaller)
+SCAN_CHUNK = 32
+SCAN_BD = 8
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -62,8 +65,8 @@ def _combine(a1, b1, a2, b2):
 # =============================================================================================
 # SSD: the GLA Triton engine
 # =============================================================================================
-ssd_forward = functools.partial(_torch_impl.ssd_forward, engine=_gla_triton)
-ssd_backward = functools.partial(_torch_impl.ssd_backward, engine=_gla_triton)
+ssd_forward = functools.partial(_torch_impl.ssd_forward, engine=chunk_engine)
+ssd_backward = functools.partial(_torch_impl.ssd_backward, engine=chunk_engine)
 
 
 # =============================================================================================
@@ -504,7 +507,7 @@ def conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, 
     if return_final_states:  # the last W-1 inputs (history included when L < W-1)
         hist = x.new_zeros(b, Dm, W - 1) if initial_states is None else initial_states.to(x.dtype)
         final = torch.cat([hist, x], -1)[:, :, L:]
-    return _torch_impl._own((out, final))
+    return own_storage((out, final))
 
 
 def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal):
@@ -543,7 +546,7 @@ def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, df
     if dfinal is not None:
         dxp[:, :, L:] += dfinal.float()
     dh0 = None if initial_states is None else dxp[:, :, :W - 1].to(initial_states.dtype)
-    return _torch_impl._own((dxp[:, :, W - 1:].to(x.dtype), dw.to(weight.dtype),
+    return own_storage((dxp[:, :, W - 1:].to(x.dtype), dw.to(weight.dtype),
                              None if db is None else db.to(bias.dtype), dh0))
 
 
