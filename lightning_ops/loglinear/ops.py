@@ -32,6 +32,7 @@ from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, g
                           passthrough_state)
 from ..chunk.constants import TORCH_CHUNK
 from ..precision import accumulation_dtype
+from ..ssm.dt import effective_dt
 from . import torch as _impl
 
 Tensor = torch.Tensor
@@ -293,12 +294,7 @@ def hmamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: T
     if squeeze:  # one decode token: [b, h, p]
         x, dt, B, C, dl = x[:, None], dt[:, None], B[:, None], C[:, None], dl[:, None]
         z = None if z is None else z[:, None]
-    if dt_bias is not None:
-        dt = dt + dt_bias
-    if dt_softplus:
-        dt = torch.nn.functional.softplus(dt)
-    if tuple(dt_limit) != (0.0, float("inf")):
-        dt = dt.clamp(min=dt_limit[0], max=dt_limit[1])
+    dt = effective_dt(dt, dt_bias, dt_softplus, dt_limit)
     v = (x * dt[..., None]).to(x.dtype)
     lam = torch.nn.functional.softplus(L * dl).to(L.dtype)
     y, state = chunk_log_linear_attn(C, B, v, A * dt, lam, initial_states, return_final_states,
