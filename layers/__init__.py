@@ -32,27 +32,21 @@ from .cache import Cache, InferenceParams
 from .conv import ShortConvolution
 from .delta import DeltaNet, GatedDeltaNet, KimiDeltaAttention
 from .gla import GatedLinearAttention, LightningAttention
-from .lm import MIXERS, CausalLM, make_mixer
-from .mamba import Mamba, Mamba2
-from .norm import RMSNorm
-
-__all__ = [
-    "RecurrentMixer", "FlaMixer", "MambaMixer", "Cache", "InferenceParams", "ShortConvolution", "RMSNorm",
-    "GatedLinearAttention", "LightningAttention", "DeltaNet", "GatedDeltaNet", "KimiDeltaAttention", "Mamba", "Mamba2",
-    "CausalLM", "make_mixer", "MIXERS",
-]
-
 from .hedgehog import HedgehogAttention, HedgehogFeatureMap, hedgehog_distillation_loss
 from .hgrn2 import HGRN2Attention
 from .lion import LION
-
-__all__ += ["LION", "HGRN2Attention", "HedgehogAttention", "HedgehogFeatureMap",
-            "hedgehog_distillation_loss"]
-
-from .mom import MomAttention, load_balancing_loss
-
-__all__ += ["MomAttention", "load_balancing_loss"]
-
+from .lm import MIXERS, CausalLM, make_mixer
 from .log_linear import LogLinearMamba2
+from .log_linear_delta import LogLinearGatedDeltaNet
+from .mamba import Mamba, Mamba2
+from .mom import MomAttention, load_balancing_loss
+from .norm import RMSNorm
 
-__all__ += ["LogLinearMamba2"]
+__all__ = [
+    "RecurrentMixer", "FlaMixer", "MambaMixer", "Cache", "InferenceParams", "ShortConvolution",
+    "RMSNorm", "CausalLM", "make_mixer", "MIXERS",
+    "GatedLinearAttention", "LightningAttention", "DeltaNet", "GatedDeltaNet",
+    "KimiDeltaAttention", "Mamba", "Mamba2", "LION", "HGRN2Attention", "HedgehogAttention",
+    "HedgehogFeatureMap", "hedgehog_distillation_loss", "MomAttention", "load_balancing_loss",
+    "LogLinearMamba2", "LogLinearGatedDeltaNet",
+]

@@ -28,8 +28,11 @@ from .lion.ops import lion_attn
 from .loglinear import (
     LogLinearAttentionState,
     chunk_log_linear_attn,
+    chunk_log_linear_gated_delta_rule,
     fused_recurrent_log_linear_attn,
+    fused_recurrent_log_linear_gated_delta_rule,
     log_linear_attn_step,
+    log_linear_gated_delta_rule_step,
 )
 from .ssm.ops import (
     causal_conv1d_fn,
@@ -56,5 +59,6 @@ __all__ = [
     # bidirectional and log-linear attention
     "lion_attn",
     "LogLinearAttentionState", "chunk_log_linear_attn", "fused_recurrent_log_linear_attn",
-    "log_linear_attn_step",
+    "log_linear_attn_step", "chunk_log_linear_gated_delta_rule",
+    "fused_recurrent_log_linear_gated_delta_rule", "log_linear_gated_delta_rule_step",
 ]
