@@ -5,7 +5,12 @@ times anything; timing.py does.
 
 Shapes. A run is described by a model config `Config(B, T, H, K, V)`; each op maps it to its own
 layout (`OpSpec.dims`) so one row of the table compares like with like:
-  * GLA / delta ops, lion_attn and SDPA:  q, k [B, T, H, K], v [B, T, H, V]
+  * GLA / delta ops (chunk_kda: per-channel gate g [B, T, H, K]), lion_attn and SDPA:
+    q, k [B, T, H, K], v [B, T, H, V]
+  * chunk_log_linear_attn: fla's log-linear Mamba-2 form, q, k [B, T, 1, K] (one q/k group shared
+    by the H value heads, as fla's kernel requires), v [B, T, H, V], g [B, T, H], level_scales
+    [B, T, H, L] with L = bit_length(T - 1) + 1 levels (every level a query at position < T can
+    reach; fla's kernel reaches the same ones); keys L2-normalised (the op's scale is 1)
   * selective_scan_fn (Mamba-1): u, delta, z [B, D, L] with D = H*V channels, N = 16 states
   * mamba_chunk_scan_combined (Mamba-2 SSD): x [B, L, h, p] with p = min(V, 64) (Mamba-2 head dim),
     h = H*V/p heads, n = K states, one group, chunk_size = cfg.ssd_chunk (256, Mamba-2's default)
@@ -24,9 +29,14 @@ Cost model (what GB/s, % of floor, TFLOP/s are computed from; tests check them b
   chunk C (64 for GLA/delta), causal blocks counted as half:
     linear attn / simple GLA / lightning / GLA:  4*T*K*V + T*C*(K+V)
         (state update k^T v and inter-chunk q S: 2*T*K*V each; intra-chunk q k^T and A v)
-    delta / gated delta rule:  6*T*K*V + T*C*(3K+2V) + T*C^2/3
+    delta / gated delta rule / KDA:  6*T*K*V + T*C*(3K+2V) + T*C^2/3
         (the above, plus the WY transform: beta k k^T, the triangular solve C^3/3 per chunk,
-         w = A (beta k), u = A (beta v), and the state correction u - w S: 2*T*K*V)
+         w = A (beta k), u = A (beta v), and the state correction u - w S: 2*T*K*V; KDA's
+         per-channel gate only scales rows and columns: element-wise work, not counted)
+    log-linear attention:  2*T*K*V + 2*C*K*V*P + T*C*(K+V),  P = sum over chunks a < ceil(T/C)
+        of popcount(a)  (the chunk's own state k^T v; the query chunk a reads one K x V level
+        state per set bit of a, as fla's kernel and ours; the lambda-weighted intra-chunk
+        scores and A v as linear attention's; level merges are additions)
     lion_attn (bidirectional, LION-S gates):  2 x the linear-attention count
         (it is one causal chunk call on the sequence stacked with its time reversal)
     SDPA causal:  T^2 * (K+V)   (FlashAttention's convention, causal half of 4*T^2*D)
@@ -94,6 +104,8 @@ def _fill(init: str, shape: Tuple[int, ...], gen: torch.Generator, device) -> to
         return F.logsigmoid(x)
     if init == "sigmoid":  # delta-rule beta in (0, 1)
         return torch.sigmoid(x)
+    if init == "softplus":  # positive weights (log-linear level scales, softplus of a projection)
+        return F.softplus(x)
     if init == "slope":  # ALiBi / Lightning slopes 2^(-8(h+1)/H), positive
         H = shape[0]
         return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)], device=device)
@@ -248,6 +260,22 @@ def _conv_dims(cfg: Config) -> Dict[str, int]:
     return dict(B=cfg.B, D=cfg.H * cfg.V, L=cfg.T, W=4)
 
 
+def _loglinear_dims(cfg: Config) -> Dict[str, int]:
+    """One q/k group (G = 1, fla's log-linear Mamba-2 form), the levels T positions reach."""
+    return dict(B=cfg.B, T=cfg.T, G=1, H=cfg.H, K=cfg.K, V=cfg.V,
+                L=max(cfg.T - 1, 0).bit_length() + 1)
+
+
+def _loglinear_flops(d) -> int:
+    T, K, V, C = d["T"], d["K"], d["V"], GLA_CHUNK
+    reads = sum(bin(a).count("1") for a in range(-(-T // C)))  # level states read, all chunks
+    return d["B"] * d["H"] * (2 * T * K * V + 2 * C * K * V * reads + T * C * (K + V))
+
+
+def _loglinear_label(d) -> str:  # L is a function of T (see _loglinear_dims): not in the label
+    return f"B{d['B']} T{d['T']} G{d['G']} H{d['H']} K{d['K']} V{d['V']}"
+
+
 _FLA = "fla.ops"
 OPS: Dict[str, OpSpec] = {}
 
@@ -283,6 +311,20 @@ _add(OpSpec(
     QKV_OUT, _qkv_dims, _delta_flops, _qkv_label, _ref("gated_delta_rule_ref"),
     attention_like=True,
     peers={"fla": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")}))
+_add(OpSpec(  # Kimi Delta Attention: the gated delta rule with a per-channel log decay
+    "chunk_kda", "delta",
+    (Q, KU, VV, TensorSpec("g", ("B", "T", "H", "K"), "logsigmoid"),
+     TensorSpec("beta", ("B", "T", "H"), "sigmoid")),
+    QKV_OUT, _qkv_dims, _delta_flops, _qkv_label, _ref("kda_ref"), attention_like=True,
+    peers={"fla": ("fla.ops.kda", "chunk_kda")}))
+_add(OpSpec(  # log-linear attention (Guo et al. 2025) over the scalar gate; torch only so far
+    "chunk_log_linear_attn", "loglinear",
+    (TensorSpec("q", ("B", "T", "G", "K")), TensorSpec("k", ("B", "T", "G", "K"), "unit"),
+     TensorSpec("v", ("B", "T", "H", "V")), TensorSpec("g", ("B", "T", "H"), "logsigmoid"),
+     TensorSpec("level_scales", ("B", "T", "H", "L"), "softplus")),
+    QKV_OUT, _loglinear_dims, _loglinear_flops, _loglinear_label, _ref("log_linear_attn_ref"),
+    attention_like=True,
+    peers={"fla": ("fla.ops.log_linear_attn", "chunk_log_linear_attn")}))
 _add(OpSpec(
     "selective_scan_fn", "selective_scan",
     (TensorSpec("u", ("B", "D", "L")), TensorSpec("delta", ("B", "D", "L"), "small"),
@@ -351,6 +393,17 @@ def our_function(op: OpSpec) -> Tuple[Optional[Callable], Optional[str]]:
     return fn, None
 
 
+def _has_backends(family: str) -> bool:
+    """Whether lightning_ops.backend dispatches `family` (else its ops are torch code that
+    use_backend does not reach, as log-linear attention so far)."""
+    from lightning_ops import backend as lob
+    try:
+        lob.missing("torch", torch.device("cpu"), family)
+    except KeyError:
+        return False
+    return True
+
+
 def provider_missing(provider: str, op: OpSpec, device: torch.device) -> Optional[str]:
     """Why `provider` cannot run `op` on `device`, or None when it can."""
     if provider in OURS:
@@ -360,6 +413,10 @@ def provider_missing(provider: str, op: OpSpec, device: torch.device) -> Optiona
         if fn is None:
             return why
         backend = provider.split("-", 1)[1]
+        if not _has_backends(op.family):
+            return (None if backend == "torch" else
+                    f"the {op.family} ops have no {backend} backend (torch only: the family "
+                    f"is not in lightning_ops.backend)")
         if backend == "triton" and device.type != "cuda":
             return "Triton is benchmarked on CUDA only (the interpreter is for tests)"
         from lightning_ops import backend as lob
@@ -470,9 +527,11 @@ def suite(name: str) -> Suite:
         return Suite("cpu", "cpu", "fp32", ("fwd", "fwd+bwd"), Config(1, 1024, 4, 64, 64),
                      (256, 1024, 4096), extra)
     if name == "quick":
+        # budget: ~20 s of set-up (device peaks, one accuracy check per op) and ~3 s per op at
+        # T=64 on a busy 2-core machine, so every op gets its smallest row (13 ops: 75 s)
         return Suite("quick", "cpu", "fp32", ("fwd", "fwd+bwd"), Config(1, 64, 2, 32, 32),
                      (64, 128), (), Config(B=1, T=40, H=1, K=16, V=24, ssd_chunk=16),
-                     max_case_s=20.0, budget_s=60.0, min_time_s=0.02, max_time_s=0.1,
+                     max_case_s=20.0, budget_s=75.0, min_time_s=0.02, max_time_s=0.1,
                      once_over_s=2.0, round_s=0.02)
     if name == "gpu":
         return Suite("gpu", "cuda", "bf16", MODES, Config(2, 2048, 16, 128, 128),
