@@ -74,7 +74,7 @@ from ..chunk.torch import causal_scores, prefix_sum, segment_sums, suffix_sum_ex
 from ..delta.l2norm import l2norm
 from ..nonfinite import NonFiniteGuard
 from ..precision import accumulation_dtype
-from .ops import LogLinearAttentionState, _bit_length, _check, _next_offsets
+from .ops import LogLinearAttentionState, _bit_length, _check, _next_offsets, present_levels
 from .torch import _bitlen, _intra_levels, _levels_of, _trailing_ones
 
 Tensor = torch.Tensor
@@ -394,14 +394,6 @@ def chunk_log_linear_gated_delta_rule(
 # ---------------------------------------------------------------------------------------------
 # Decode: one token per sequence over the O(log T) level states
 # ---------------------------------------------------------------------------------------------
-def _present(ht: Tensor, off: Tensor) -> Tensor:
-    """ht with the buckets that do not exist at the offsets (slot 0, and slot l unless bit l-1
-    of the offset is set) read as zero."""
-    lv = torch.arange(ht.shape[2], device=ht.device)
-    exists = ((off[:, None] >> (lv[None, :] - 1).clamp(min=0)) & 1).bool() & (lv[None, :] > 0)
-    return torch.where(exists[:, None, :, None, None], ht, 0)
-
-
 def log_linear_gated_delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
                                      level_scales: Tensor, beta: Tensor,
                                      state: LogLinearAttentionState,
@@ -420,7 +412,7 @@ def log_linear_gated_delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
     if rep > 1:
         qx, kx = qx.repeat_interleave(rep, 1), kx.repeat_interleave(rep, 1)
     lv = torch.arange(L, device=ht.device)
-    S = _present(ht.to(dt), off) * g.to(dt).exp()[:, :, None, None, None]
+    S = present_levels(ht.to(dt), off) * g.to(dt).exp()[:, :, None, None, None]
     b = beta.to(dt)[:, :, None, None, None]
     kS = torch.einsum("nhk,nhlkv->nhlv", kx, S)
     S = S - b * kx[:, :, None, :, None] * kS[:, :, :, None, :]  # (I - beta k k^T) on every level
@@ -455,7 +447,7 @@ def fused_recurrent_log_linear_gated_delta_rule(
             torch.zeros(N, H, L, K, V, dtype=st_dt, device=q.device),
             torch.zeros(N, dtype=torch.int64, device=q.device))
     off = initial_state[1].to(torch.int64)
-    ht = _present(initial_state[0].to(st_dt), off)  # (an empty sequence returns it as is)
+    ht = present_levels(initial_state[0].to(st_dt), off)  # (an empty sequence returns it as is)
 
     def walk(state, lo, hi, rows):
         outs = []

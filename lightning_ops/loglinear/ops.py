@@ -231,6 +231,14 @@ def log_linear_attn_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scale
     return o.to(v.dtype), LogLinearAttentionState(S.to(ht.dtype), off + 1)
 
 
+def present_levels(ht: Tensor, off: Tensor) -> Tensor:
+    """ht [N, H, L, K, V] with the buckets that do not exist at the offsets (slot 0, and slot l
+    unless bit l-1 of the offset is set) read as zero."""
+    lv = torch.arange(ht.shape[2], device=ht.device)
+    exists = ((off[:, None] >> (lv[None, :] - 1).clamp(min=0)) & 1).bool() & (lv[None, :] > 0)
+    return torch.where(exists[:, None, :, None, None], ht, 0)
+
+
 def fused_recurrent_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
                                     level_scales: Tensor,
                                     initial_state: Optional[LogLinearAttentionState] = None,
@@ -247,7 +255,8 @@ def fused_recurrent_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
         initial_state = LogLinearAttentionState(
             torch.zeros(N, H, L, K, V, dtype=st_dt, device=q.device),
             torch.zeros(N, dtype=torch.int64, device=q.device))
-    ht, off = initial_state[0].to(st_dt), initial_state[1].to(torch.int64)
+    off = initial_state[1].to(torch.int64)
+    ht = present_levels(initial_state[0].to(st_dt), off)  # an empty sequence returns it as is
     if cu_seqlens is None:
         state, outs = LogLinearAttentionState(ht, off), []
         for t in range(T):

@@ -181,3 +181,21 @@ def test_hmamba_scan_matches_reference_composition():
     assert _rel(y, yr) <= 1e-10
     for k in args:
         assert _rel(leaves[k].grad, ref[k].grad) <= 1e-10, k
+
+
+def test_fused_recurrent_empty_segment_state_matches_chunk():
+    """An empty varlen segment's final state holds only the buckets that exist at its offset
+    (the decode form returned the initial state's absent slots as they were)."""
+    g_ = torch.Generator().manual_seed(3)
+    T, H, K, V, L = 10, 2, 4, 3, 5
+    q, k = (torch.randn(1, T, H, K, generator=g_, dtype=F64) for _ in range(2))
+    v = torch.randn(1, T, H, V, generator=g_, dtype=F64)
+    g = -torch.rand(1, T, H, generator=g_, dtype=F64)
+    lam = torch.rand(1, T, H, L, generator=g_, dtype=F64)
+    cu = torch.tensor([0, 4, 4, 10])
+    h0 = LogLinearAttentionState(torch.randn(3, H, L, K, V, generator=g_, dtype=F64),
+                                 torch.tensor([3, 5, 6]))
+    o1, s1 = fused_recurrent_log_linear_attn(q, k, v, g, lam, h0, True, cu)
+    o2, s2 = chunk_log_linear_attn(q, k, v, g, lam, h0, True, cu)
+    assert torch.allclose(o1, o2, atol=1e-12) and torch.allclose(s1.ht, s2.ht, atol=1e-12)
+    assert torch.equal(s1.offsets, s2.offsets)
