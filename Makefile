@@ -31,15 +31,16 @@ $(STAMP): setup.py pyproject.toml
 
 # The CPU suite; Triton kernels run through the interpreter (set before any kernel import).
 test: $(STAMP) sm90-env
-	TRITON_INTERPRET=1 $(VPY) -m pytest -q -p no:cacheprovider --durations=30
+	TRITON_INTERPRET=1 OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m pytest -q -p no:cacheprovider --durations=30
 
 # GPU lane: the device's own python3 (torch, triton preinstalled), no venv, no network.
 test-gpu:
 	PYTHONPATH=. $(PYTHON) -m pytest -q -p no:cacheprovider -m gpu
 
 # Results go to benchmarks/runs/<date-time>/ (untracked); e.g. make bench BENCH_ARGS="--threads 1 --report"
+# OpenMP threads sleep when idle (PASSIVE): spinning threads stall on a busy small CPU
 bench: $(STAMP)
-	$(VPY) -m benchmarks $(BENCH_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(VPY) -m benchmarks $(BENCH_ARGS)
 
 # The curated GPU run: rows and plots saved into benchmarks/results/ to be committed.
 bench-gpu:

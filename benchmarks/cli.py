@@ -290,6 +290,9 @@ class Runner:
         import lightning_ops
         lib = os.path.dirname(os.path.dirname(os.path.abspath(lightning_ops.__file__)))
         env_ = dict(os.environ)
+        # a fresh process picks its OpenMP wait policy at start: sleeping idle threads, so a
+        # worker never spin-waits against the other processes of a small, busy machine
+        env_.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         env_["PYTHONPATH"] = os.pathsep.join(
             x for x in (here, lib, env_.get("PYTHONPATH")) if x)
         try:
