@@ -1,8 +1,10 @@
-"""Shared test utilities: tolerances, NaN-filled outputs, random inputs with safe gates."""
+"""Shared test utilities: tolerances (the low-precision rule included), NaN-filled outputs,
+random inputs with safe gates, leaf copies and one probe backward. Importable as `helpers`
+(pyproject.toml puts tests/ on the path); the sm_90 compile harness is tests/sm90_compile.py."""
 from __future__ import annotations
 
 import os
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import pytest
 import torch
@@ -45,6 +47,26 @@ def assert_close(name: str, actual: Optional[torch.Tensor], expected: Optional[t
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
 
 
+# The low-precision rule: where no fixed tolerance fits a bf16 / fp16 result, its error against
+# the float64 truth must stay within LOWP_FACTOR x the error plain PyTorch makes on the same
+# low-precision inputs against the same truth ("within 2x of PyTorch's own low-precision error").
+LOWP_FACTOR = 2.0
+
+
+def lowp_bound(base_err: float, tol: float = 0.0, floor: float = 0.0) -> float:
+    """The error a low-precision result may have: LOWP_FACTOR x base_err (PyTorch's own error
+    in that dtype, against the same reference) plus an absolute floor (for baselines near 0),
+    and never less than tol."""
+    return max(tol, LOWP_FACTOR * base_err + floor)
+
+
+def assert_lowp_parity(ours: Mapping[str, float], base: Mapping[str, float], *,
+                       tol: float = 0.0, floor: float = 0.0, what: str = "") -> None:
+    """Every error in ours (by name) within lowp_bound of the baseline error of that name."""
+    bad = {n: (e, base[n]) for n, e in ours.items() if e > lowp_bound(base[n], tol, floor)}
+    assert not bad, f"{what}: (ours, plain PyTorch) over {LOWP_FACTOR:g}x: {bad}"
+
+
 def nan_filled_empty(monkeypatch) -> None:
     """Make torch.empty / empty_like / new_empty return NaN-filled float tensors for the rest of
     the test, so outputs a kernel forgets to write fail the comparison (fla's trick)."""
@@ -85,6 +107,11 @@ def backward_probe(outputs: Iterable[Optional[torch.Tensor]], seed: int = 1):
         w = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
         total = total + (out * w).sum()
     return total
+
+
+def leaf_copies(tensors: Sequence[Optional[torch.Tensor]]):
+    """Detached clones that take gradients (None stays None)."""
+    return [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
 
 
 def grads_of(loss: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]]):

@@ -2,8 +2,6 @@
 their submodules fla.layers.hgrn2 / fla.layers.mom) resolve to lightning_ops.layers, without a
 patch (lightning_ops.compat.fla.layers), in alias mode (no fla installed) and in replace mode
 (a fake installed fla); names fla does not have for these families stay absent."""
-import importlib
-import sys
 import textwrap
 
 import pytest
@@ -11,31 +9,9 @@ import torch
 
 import lightning_ops.compat as lc
 from lightning_ops.compat._layers import LAYERS
+from compat_helpers import drop_peer_modules, peer_modules_loaded, skip_if_installed
 
-PEERS = ("fla", "mamba_ssm", "causal_conv1d")
-
-
-def _drop_peer_modules():
-    for name in list(sys.modules):
-        if name.split(".")[0] in PEERS:
-            del sys.modules[name]
-
-
-@pytest.fixture(autouse=True)
-def _clean():
-    lc.unpatch()
-    _drop_peer_modules()
-    yield
-    lc.unpatch()
-    _drop_peer_modules()
-
-
-def _fla_not_installed():
-    try:
-        if importlib.util.find_spec("fla") is not None:
-            pytest.skip("fla is installed here")
-    except ImportError:
-        pass
+pytestmark = pytest.mark.usefixtures("clean_peers")
 
 
 def test_explicit_namespace_needs_no_patch():
@@ -47,11 +23,11 @@ def test_explicit_namespace_needs_no_patch():
     assert MomAttention is M2 is layers.MomAttention
     import lightning_ops.compat.fla.layers as mirror
     assert {"HGRN2Attention", "MomAttention"} <= set(dir(mirror))
-    assert not any(n.split(".")[0] in PEERS for n in sys.modules)
+    assert not peer_modules_loaded()
 
 
 def test_alias_mode_serves_the_new_layers():
-    _fla_not_installed()
+    skip_if_installed("fla")
     layers = pytest.importorskip("lightning_ops.layers")
     assert lc.patch_fla() == "alias"
     from fla.layers import HGRN2Attention, MomAttention
@@ -70,7 +46,7 @@ def test_alias_mode_serves_the_new_layers():
     o, _, _ = m(torch.randn(2, 7, 32))
     assert o.shape == (2, 7, 32) and torch.isfinite(o).all()
     lc.unpatch()
-    _drop_peer_modules()
+    drop_peer_modules()
     with pytest.raises(ImportError):
         import fla.layers  # noqa: F401
 

@@ -1,8 +1,6 @@
 """patch_fla / patch_mamba_ssm / patch_causal_conv1d / unpatch: the peers' import paths resolve
 to lightning_ops whether or not the peers are installed, and unpatch restores everything.
 "Installed" is simulated by small fake packages on sys.path (the real ones need CUDA)."""
-import importlib
-import sys
 import textwrap
 
 import pytest
@@ -10,32 +8,9 @@ import torch
 
 import lightning_ops.compat as lc
 from lightning_ops.compat import _fla, _mamba
+from compat_helpers import PEERS, peer_modules_loaded, skip_if_installed
 
-PEERS = ("fla", "mamba_ssm", "causal_conv1d")
-
-
-def _drop_peer_modules():
-    for name in list(sys.modules):
-        if name.split(".")[0] in PEERS + ("user_mod",):
-            del sys.modules[name]
-
-
-@pytest.fixture(autouse=True)
-def _clean():
-    lc.unpatch()
-    _drop_peer_modules()
-    yield
-    lc.unpatch()
-    _drop_peer_modules()
-
-
-def _not_installed():
-    for p in PEERS:
-        try:
-            if importlib.util.find_spec(p) is not None:
-                pytest.skip(f"{p} is installed here")
-        except ImportError:
-            pass
+pytestmark = pytest.mark.usefixtures("clean_peers")
 
 
 def test_explicit_namespaces_need_no_patch():
@@ -48,11 +23,11 @@ def test_explicit_namespaces_need_no_patch():
     assert mamba_inner_fn is _mamba.mamba_inner_fn
     assert mamba_chunk_scan_combined is _mamba.mamba_chunk_scan_combined
     assert causal_conv1d_fn is _mamba.causal_conv1d_fn
-    assert not any(n.split(".")[0] in PEERS for n in sys.modules)
+    assert not peer_modules_loaded()
 
 
 def test_alias_mode_serves_the_peer_import_paths():
-    _not_installed()
+    skip_if_installed()
     assert lc.patch_all(layers=True) == {p: "alias" for p in PEERS}
     assert lc.patch_fla() == "alias"                                   # idempotent
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
@@ -96,13 +71,13 @@ def test_alias_mode_serves_the_peer_import_paths():
         import mamba_ssm.models  # noqa: F401
     lc.unpatch()
     assert lc.patched() == {}
-    assert not any(n.split(".")[0] in PEERS for n in sys.modules)
+    assert not peer_modules_loaded()
     with pytest.raises(ImportError):
         import fla  # noqa: F401
 
 
 def test_alias_mode_layers_are_ours():
-    _not_installed()
+    skip_if_installed()
     layers = pytest.importorskip("lightning_ops.layers")
     lc.patch_fla()
     lc.patch_mamba_ssm()

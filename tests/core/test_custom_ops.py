@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import lightning_ops as lo
-from helpers import assert_close
+from helpers import assert_close, leaf_copies
 
 B, T, H, K, V = 1, 19, 2, 8, 6
 
@@ -71,11 +71,12 @@ def test_gla_family_opcheck():
     gamma = cases["chunk_simple_gla"][2]["g_gamma"]
     cu = torch.tensor([0, 5, 6, 19], dtype=torch.int64)
     h0n = torch.randn(3, H, K, V, dtype=torch.float64)
-    req = lambda *xs: [x.detach().clone().requires_grad_() for x in xs]  # noqa: E731
     for args in [
-        (*req(q, k, v), None, None, None, None, 0.5, False, "chunk", "torch"),
-        (*req(q, k, v, gv), None, *req(h0), None, 0.3, True, "chunk", "torch"),
-        (*req(q, k, v, gs), gamma, *req(h0n), cu, 0.3, True, "recurrent", "torch"),
+        (*leaf_copies([q, k, v]), None, None, None, None, 0.5, False, "chunk", "torch"),
+        (*leaf_copies([q, k, v, gv]), None, *leaf_copies([h0]), None, 0.3, True, "chunk",
+         "torch"),
+        (*leaf_copies([q, k, v, gs]), gamma, *leaf_copies([h0n]), cu, 0.3, True, "recurrent",
+         "torch"),
     ]:
         torch.library.opcheck(_gla_fwd, args)
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 import lightning_ops as lo  # noqa: E402
 from lightning_ops import reference as R  # noqa: E402
-from helpers import backward_probe, cu_seqlens_from_lengths, grads_of, rel_rms  # noqa: E402
+from helpers import (assert_close, backward_probe, cu_seqlens_from_lengths,  # noqa: E402
+                     grads_of, rel_rms)
 
 TOL = 1e-9
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True,
@@ -98,10 +99,7 @@ def _check(name, data):
         got = run(op)
     exp = run(ref)
     for what, a, e in zip(["o", "ht"] + ["d" + n for n in names], got, exp):
-        assert a.shape == e.shape, f"{name} {what}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-        assert torch.isfinite(a).all(), f"{name} {what}: non-finite"
-        err = rel_rms(a, e)
-        assert err <= TOL, f"{name} {what}: relative RMS {err:.2e} (lengths={lengths})"
+        assert_close(f"{name} {what} (lengths={lengths})", a, e, TOL, metric=rel_rms)
 
 
 @pytest.mark.parametrize("name", list(OPS))

@@ -13,17 +13,13 @@ import os
 import subprocess
 import sys
 
-import pytest
+from sm90_compile import ROOT, clean_env, skip_without_ptxas
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY36 = os.path.join(ROOT, ".venv-triton36", "bin", "python")
 
 
 def _clean_env():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return clean_env(OMP_NUM_THREADS="1")
 
 
 def test_launch_grids_within_cuda_limits():
@@ -72,9 +68,7 @@ def test_sm90_resources_fit(tmp_path):
     import shutil
 
     import triton
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("triton's NVIDIA backend (ptxas) is not installed")
+    skip_without_ptxas()
     pythons = ["--python", sys.executable]
     if os.path.exists(PY36):
         pythons += ["--python", PY36]

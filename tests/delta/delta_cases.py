@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 import torch
 
 import lightning_ops as lo
-from helpers import assert_close, backward_probe, cu_seqlens_from_lengths, grads_of, log_gate
+from helpers import (assert_close, backward_probe, cu_seqlens_from_lengths, grads_of,
+                     leaf_copies, log_gate)
 from lightning_ops import reference
 
 
@@ -89,7 +90,7 @@ def make_inputs(c: Case, dtype=torch.float64, device="cpu", seed=0):
 
 def run_op(c: Case, inputs, cu):
     """The public op on leaf copies of inputs: (outputs [o, ht], leaves)."""
-    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in inputs]
+    leaves = leaf_copies(inputs)
     q, k, v, g, beta, h0 = leaves
     kw = dict(scale=c.scale, initial_state=h0, output_final_state=c.final, cu_seqlens=cu,
               use_qk_l2norm_in_kernel=c.l2)
@@ -103,7 +104,8 @@ def run_op(c: Case, inputs, cu):
 
 
 def run_ref(c: Case, inputs, cu):
-    leaves = [None if x is None else x.detach().clone().requires_grad_() for x in inputs]
+    """reference.gated_delta_rule_ref on leaf copies of inputs: (outputs [o, ht], leaves)."""
+    leaves = leaf_copies(inputs)
     q, k, v, g, beta, h0 = leaves
     o, ht = reference.gated_delta_rule_ref(q, k, v, g, beta, c.scale, h0, c.final, cu, c.l2)
     return [o, ht], leaves

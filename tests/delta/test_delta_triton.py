@@ -6,6 +6,7 @@ import torch
 import lightning_ops as lo
 from delta_cases import Case, compare, make_inputs, outputs_and_grads, run_op, run_ref
 from helpers import nan_filled_empty, rel_rms, requires_triton, triton_device
+from sm90_compile import build, compile_in_subprocess
 
 pytestmark = requires_triton
 
@@ -21,15 +22,6 @@ TRITON_CASES = [
     Case(T=9, H=2, HV=4, K=16, V=8, mode="recurrent", l2=True, lengths=[4, 1, 4]),  # decode
     Case(B=2, T=5, K=32, V=16, mode="recurrent", gated=False),
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The interpreter runs tiny numpy ops: extra threads only contend on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _check(case: Case, monkeypatch, scale_g: float = 1.0, seed: int = 0):
@@ -82,45 +74,23 @@ def test_float64_inputs_run_in_fp32():
     compare(case, got, want, 1e-5, rel_rms)
 
 
-_SM90_STATE_WALKS = r'''
-import triton, triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from lightning_ops.delta import triton as D
-
-def build(fn, consts, num_warps=8):
+def _sm90_state_walks():
+    """The state walks (bf16, K=V=128), compiled for sm_90 by sm90_compile.build (in the
+    subprocess of test_state_walk_kernels_compile_for_sm90)."""
+    import triton.language as tl
+    from lightning_ops.delta import triton as D
     bf, i32 = "*bf16", "*i32"
     types = dict(cu_seqlens=i32, chunk_offsets=i32, scale="fp32", T="i32", NT="i32",
                  q=bf, k=bf, do=bf)
-    sig = {p: "constexpr" if p in consts else types.get(p, "*fp32") for p in fn.arg_names}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-    assert k.metadata.shared <= 232448, k.metadata.shared
-    print("ok", fn.__name__, k.metadata.shared)
-
-build(D.delta_state_kernel, dict(H=4, K=128, V=128, BK=128, BV=32, GATED=True, USE_H0=True,
-      STORE_HT=True, IS_VARLEN=True, DT_S=tl.bfloat16, PREC="tf32"))
-build(D.delta_state_bwd_kernel, dict(H=4, K=128, V=128, BK=128, BV=32, GATED=True,
-      USE_DHT=True, STORE_DH0=True, IS_VARLEN=False, DT=tl.bfloat16, DT_S=tl.bfloat16,
-      PREC="tf32"))
-'''
+    build(D.delta_state_kernel, types, dict(H=4, K=128, V=128, BK=128, BV=32, GATED=True,
+          USE_H0=True, STORE_HT=True, IS_VARLEN=True, DT_S=tl.bfloat16, PREC="tf32"),
+          num_warps=8)
+    build(D.delta_state_bwd_kernel, types, dict(H=4, K=128, V=128, BK=128, BV=32, GATED=True,
+          USE_DHT=True, STORE_DH0=True, IS_VARLEN=False, DT=tl.bfloat16, DT_S=tl.bfloat16,
+          PREC="tf32"), num_warps=8)
 
 
 def test_state_walk_kernels_compile_for_sm90():
     """The interpreter accepts code the compiler rejects: compile the state walks (bf16,
     K=V=128) for an H100 target on the CPU, in a subprocess without TRITON_INTERPRET."""
-    import os
-    import subprocess
-    import sys
-    import triton
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("triton's NVIDIA backend (ptxas) is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root
-    r = subprocess.run([sys.executable, "-c", _SM90_STATE_WALKS], env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("ok ") == 2, r.stdout
+    compile_in_subprocess(__file__, "_sm90_state_walks", 2, timeout=600)

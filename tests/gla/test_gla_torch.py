@@ -3,89 +3,38 @@ against the reference recurrence in float64 (<= 1e-10 relative): output, final s
 gradients of q, k, v, g and initial_state from one (o*do).sum() + (ht*dht).sum() backward."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import lightning_ops as lo
-from lightning_ops import reference as R
+from gla_cases import OPS, RESULT_NAMES, flat, make_inputs, reference_run, run, run_op, with_grad
+from helpers import assert_close, cu_seqlens_from_lengths, nan_filled_empty, rel_rms
 from lightning_ops.chunk import torch as engine
-from tests.helpers import (assert_close, backward_probe, cu_seqlens_from_lengths, grads_of,
-                           log_gate, nan_filled_empty, rel_rms)
 
 TOL = 1e-10
 F64 = torch.float64
 
 
-@dataclass(frozen=True)
-class Variant:
-    """One public op pair (chunk, fused_recurrent) and the gates it takes."""
-    name: str
-    gate: str  # none | scalar | gamma | both | slope | vector
-    chunk: Callable
-    recurrent: Callable
-
-    def call(self, mode, q, k, v, g, g_gamma, **kw):
-        fn = self.chunk if mode == "chunk" else self.recurrent
-        if self.gate == "none":
-            return fn(q, k, v, **kw)
-        if self.gate == "slope":
-            return fn(q, k, v, -g_gamma, **kw)
-        if self.gate == "vector":
-            return fn(q, k, v, g, **kw)
-        return fn(q, k, v, g=g, g_gamma=g_gamma, **kw)
+def inputs(op, B, T, H, K, V, lengths=None, h0=True, dtype=F64, seed=0, gate_low=-1.0,
+           grad=True):
+    """This file's inputs: float64 by default, log decays in (gate_low, 0), g_gamma in
+    (-0.51, -0.01); leaves that take gradients unless grad=False."""
+    x = make_inputs(op, B, T, H, K, V, lengths=lengths, h0=h0, low=gate_low, gamma=(0.01, 0.5),
+                    dtype=dtype, seed=seed)
+    return with_grad(x) if grad else x
 
 
-VARIANTS = {v.name: v for v in [
-    Variant("linear_attn", "none", lo.chunk_linear_attn, lo.fused_recurrent_linear_attn),
-    Variant("simple_gla_g", "scalar", lo.chunk_simple_gla, lo.fused_recurrent_simple_gla),
-    Variant("simple_gla_gamma", "gamma", lo.chunk_simple_gla, lo.fused_recurrent_simple_gla),
-    Variant("simple_gla_both", "both", lo.chunk_simple_gla, lo.fused_recurrent_simple_gla),
-    Variant("lightning_attn", "slope", lo.lightning_attn, lo.fused_recurrent_lightning_attn),
-    Variant("gla", "vector", lo.chunk_gla, lo.fused_recurrent_gla),
-]}
-
-
-def make_inputs(gate, B, T, H, K, V, N=None, h0=True, dtype=F64, seed=0, gate_low=-1.0):
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=F64).to(dtype).requires_grad_()
-
-    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V)
-    g = g_gamma = None
-    if gate in ("scalar", "both"):
-        g = log_gate(B, T, H, low=gate_low, generator=gen).to(dtype).requires_grad_()
-    if gate == "vector":
-        g = log_gate(B, T, H, K, low=gate_low, generator=gen).to(dtype).requires_grad_()
-    if gate in ("gamma", "both", "slope"):
-        g_gamma = log_gate(H, low=-0.5, generator=gen).to(dtype) - 0.01
-    h = randn(B if N is None else N, H, K, V) if h0 else None
-    return q, k, v, g, g_gamma, h
-
-
-def run_and_grads(fn, q, k, v, g, h0, output_final_state=True):
-    o, ht = fn()
-    loss = backward_probe([o, ht])
-    dq, dk, dv, dg, dh0 = grads_of(loss, [q, k, v, g, h0])
-    return o, ht, dq, dk, dv, dg, dh0
-
-
-def check_against_reference(variant, mode, B, T, H, K, V, cu=None, scale=None, h0=True,
+def check_against_reference(op, mode, B, T, H, K, V, lengths=None, scale=None, h0=True,
                             output_final_state=True, **gen):
-    N = None if cu is None else cu.numel() - 1
-    q, k, v, g, g_gamma, h = make_inputs(variant.gate, B, T, H, K, V, N=N, h0=h0, **gen)
-    kw = dict(scale=scale, initial_state=h, output_final_state=output_final_state, cu_seqlens=cu)
+    x = inputs(op, B, T, H, K, V, lengths=lengths, h0=h0, **gen)
+    kw = dict(scale=scale, output_final_state=output_final_state)
     with lo.use_backend("torch"):
-        got = run_and_grads(lambda: variant.call(mode, q, k, v, g, g_gamma, **kw), q, k, v, g, h)
-    want = run_and_grads(lambda: R.gated_linear_attn_ref(q, k, v, g, g_gamma, **kw),
-                         q, k, v, g, h)
-    for name, a, e in zip(["o", "ht", "dq", "dk", "dv", "dg", "dh0"], got, want):
-        assert_close(f"{variant.name}/{mode} {name}", a, e, TOL)
+        got = flat(run(x, lambda t: run_op(op, mode, t, **kw)))
+    want = flat(reference_run(x, **kw))
+    for name, a, e in zip(RESULT_NAMES, got, want):
+        assert_close(f"{op}/{mode} {name}", a, e, TOL)
     return got
 
 
@@ -93,19 +42,19 @@ def check_against_reference(variant, mode, B, T, H, K, V, cu=None, scale=None, h
 # Every op, both modes, on one ragged shape (T=100: a full chunk + 36, K != V, K not a power of 2)
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", list(OPS))
 def test_op_matches_reference(name, mode, monkeypatch):
     nan_filled_empty(monkeypatch)
-    check_against_reference(VARIANTS[name], mode, B=2, T=100, H=2, K=48, V=32)
+    check_against_reference(name, mode, B=2, T=100, H=2, K=48, V=32)
 
 
-@pytest.mark.parametrize("name", ["linear_attn", "simple_gla_both", "gla"])
+@pytest.mark.parametrize("name", ["linear", "simple_both", "gla"])
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
 @pytest.mark.parametrize("T", [1, 2, 5, 16])
 def test_short_sequences(name, mode, T, monkeypatch):
     """Decode-like lengths: the chunk shrinks to the sequence (C = 1 at T = 1)."""
     nan_filled_empty(monkeypatch)
-    check_against_reference(VARIANTS[name], mode, B=2, T=T, H=2, K=16, V=24)
+    check_against_reference(name, mode, B=2, T=T, H=2, K=16, V=24)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,19 +71,19 @@ SHAPES = [  # B, T, H, K, V
 ]
 
 
-@pytest.mark.parametrize("name", ["simple_gla_both", "gla"])
+@pytest.mark.parametrize("name", ["simple_both", "gla"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}T{}H{}K{}V{}".format(*s))
 def test_odd_shapes(name, shape, monkeypatch):
     nan_filled_empty(monkeypatch)
-    check_against_reference(VARIANTS[name], "chunk", *shape)
+    check_against_reference(name, "chunk", *shape)
 
 
-@pytest.mark.parametrize("name", ["linear_attn", "simple_gla_g", "gla"])
+@pytest.mark.parametrize("name", ["linear", "simple_g", "gla"])
 @pytest.mark.parametrize("scale, h0, final", [(0.37, True, True), (None, False, True),
                                                (2.0, True, False), (None, False, False)])
 def test_scale_and_state_options(name, scale, h0, final, monkeypatch):
     nan_filled_empty(monkeypatch)
-    got = check_against_reference(VARIANTS[name], "chunk", B=1, T=70, H=2, K=16, V=32,
+    got = check_against_reference(name, "chunk", B=1, T=70, H=2, K=16, V=32,
                                   scale=scale, h0=h0, output_final_state=final)
     assert (got[1] is None) == (not final)
     assert (got[-1] is None) == (not h0)
@@ -146,99 +95,89 @@ def test_scale_and_state_options(name, scale, h0, final, monkeypatch):
 LENGTHS = [1, 0, 40, 5, 64, 70, 1]
 
 
-@pytest.mark.parametrize("name, mode", [(n, "chunk") for n in VARIANTS]
-                         + [("simple_gla_both", "recurrent"), ("gla", "recurrent")])
+@pytest.mark.parametrize("name, mode", [(n, "chunk") for n in OPS]
+                         + [("simple_both", "recurrent"), ("gla", "recurrent")])
 def test_varlen_matches_reference_and_separate_runs(name, mode, monkeypatch):
     nan_filled_empty(monkeypatch)
-    variant = VARIANTS[name]
-    cu = cu_seqlens_from_lengths(LENGTHS)
-    packed = check_against_reference(variant, mode, B=1, T=sum(LENGTHS), H=2, K=16, V=32, cu=cu)
+    packed = check_against_reference(name, mode, B=1, T=sum(LENGTHS), H=2, K=16, V=32,
+                                     lengths=LENGTHS)
 
     # the same inputs run one segment at a time, stitched back together
-    q, k, v, g, g_gamma, h = make_inputs(variant.gate, 1, sum(LENGTHS), 2, 16, 32,
-                                         N=len(LENGTHS))
+    x = inputs(name, 1, sum(LENGTHS), 2, 16, 32, lengths=LENGTHS)
+    q, k, v, g, h, cu = x["q"], x["k"], x["v"], x["g"], x["h0"], x["cu"]
     os_, hts = [], []
     with lo.use_backend("torch"):
         for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
             if s == e:  # an empty segment passes its initial state through
                 hts.append(h[n])
                 continue
-            o, ht = variant.call(mode, q[:, s:e], k[:, s:e], v[:, s:e],
-                                 None if g is None else g[:, s:e], g_gamma,
-                                 initial_state=h[n:n + 1], output_final_state=True)
+            o, ht = OPS[name](mode, q[:, s:e], k[:, s:e], v[:, s:e],
+                              None if g is None else g[:, s:e], x["gamma"],
+                              initial_state=h[n:n + 1], output_final_state=True)
             os_.append(o)
             hts.append(ht[0])
-    sep = run_and_grads(lambda: (torch.cat(os_, 1), torch.stack(hts)), q, k, v, g, h)
-    for nm, a, e in zip(["o", "ht", "dq", "dk", "dv", "dg", "dh0"], packed, sep):
+    sep = flat(run(x, lambda _: (torch.cat(os_, 1), torch.stack(hts))))
+    for nm, a, e in zip(RESULT_NAMES, packed, sep):
         assert_close(f"{name}/{mode} packed vs separate {nm}", a, e, TOL)
 
 
-@pytest.mark.parametrize("name", ["simple_gla_g", "gla"])
+@pytest.mark.parametrize("name", ["simple_g", "gla"])
 def test_varlen_all_length_one(name, monkeypatch):
     """Decode of N sequences packed one token each (chunk size 1)."""
     nan_filled_empty(monkeypatch)
-    check_against_reference(VARIANTS[name], "recurrent", B=1, T=6, H=2, K=16, V=16,
-                            cu=cu_seqlens_from_lengths([1] * 6))
+    check_against_reference(name, "recurrent", B=1, T=6, H=2, K=16, V=16, lengths=[1] * 6)
 
 
 # ------------------------------------------------------------------------------------------------
 # Numerics: strong gates, dtypes, determinism
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["simple_gla_both", "gla"])
+@pytest.mark.parametrize("name", ["simple_both", "gla"])
 def test_strong_gates_finite_and_exact(name, monkeypatch):
     """Down to -20 per token: chunk-local cumulative decays reach -1280 (fp32 part), so any
     exp(-b) would overflow."""
     nan_filled_empty(monkeypatch)
-    variant = VARIANTS[name]
-    check_against_reference(variant, "chunk", B=1, T=130, H=2, K=16, V=16, gate_low=-20.0)
-    q, k, v, g, g_gamma, h = make_inputs(variant.gate, 1, 300, 2, 16, 16, dtype=torch.float32)
+    check_against_reference(name, "chunk", B=1, T=130, H=2, K=16, V=16, gate_low=-20.0)
+    x = inputs(name, 1, 300, 2, 16, 16, dtype=torch.float32)
     with torch.no_grad():
-        g.fill_(-20.0)
+        x["g"].fill_(-20.0)
     with lo.use_backend("torch"):
-        got = run_and_grads(lambda: variant.call("chunk", q, k, v, g, g_gamma, initial_state=h,
-                                                 output_final_state=True), q, k, v, g, h)
-    for name_, t in zip(["o", "ht", "dq", "dk", "dv", "dg", "dh0"], got):
+        got = flat(run(x, lambda t: run_op(name, "chunk", t, output_final_state=True)))
+    for name_, t in zip(RESULT_NAMES, got):
         assert torch.isfinite(t).all(), f"{name_} is not finite under -20 gates in fp32"
 
 
-@pytest.mark.parametrize("name", ["simple_gla_both", "gla"])
+@pytest.mark.parametrize("name", ["simple_both", "gla"])
 @pytest.mark.parametrize("dtype, state_dtype", [(torch.float32, torch.bfloat16),
                                                 (torch.bfloat16, torch.float16)])
 def test_dtypes(name, dtype, state_dtype, monkeypatch):
     """o in v's dtype, final state fp32, every gradient in its input's dtype; values close to the
     float64 reference run on the same (rounded) inputs."""
     nan_filled_empty(monkeypatch)
-    variant = VARIANTS[name]
-    q, k, v, g, g_gamma, h = make_inputs(variant.gate, 2, 80, 2, 32, 16, dtype=dtype, h0=False)
-    h = torch.randn(2, 2, 32, 16).to(state_dtype).requires_grad_()
-    kw = dict(initial_state=h, output_final_state=True)
+    x = inputs(name, 2, 80, 2, 32, 16, h0=False, dtype=dtype, grad=False)
+    x["h0"] = torch.randn(2, 2, 32, 16).to(state_dtype)
+    x = with_grad(x)
     with lo.use_backend("torch"):
-        got = run_and_grads(lambda: variant.call("chunk", q, k, v, g, g_gamma, **kw),
-                            q, k, v, g, h)
+        got = flat(run(x, lambda t: run_op(name, "chunk", t, output_final_state=True)))
     assert got[0].dtype == dtype and got[1].dtype == torch.float32
-    for t, ref in zip(got[2:], [q, k, v, g, h]):
-        if ref is not None:
-            assert t.dtype == ref.dtype and t.shape == ref.shape
-    as64 = [None if t is None else t.detach().to(F64).requires_grad_() for t in (q, k, v, g, h)]
-    q64, k64, v64, g64, h64 = as64
-    want = run_and_grads(lambda: R.gated_linear_attn_ref(
-        q64, k64, v64, g64, None if g_gamma is None else g_gamma.to(F64), initial_state=h64,
-        output_final_state=True), q64, k64, v64, g64, h64)
+    for t, n in zip(got[2:], ["q", "k", "v", "g", "h0"]):
+        if x[n] is not None:
+            assert t.dtype == x[n].dtype and t.shape == x[n].shape
+    want = flat(reference_run(x))
     # each result is compared at the precision of its own dtype (fp32 math inside)
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-    for nm, a, e in zip(["o", "ht", "dq", "dk", "dv", "dg", "dh0"], got, want):
+    for nm, a, e in zip(RESULT_NAMES, got, want):
         assert_close(f"{name} {dtype} {nm}", a, e, None if a is None else tol[a.dtype],
                      metric=rel_rms)
 
 
 def test_deterministic():
-    q, k, v, g, _, h = make_inputs("vector", 1, 150, 2, 16, 16, dtype=torch.float32)
+    x = inputs("gla", 1, 150, 2, 16, 16, dtype=torch.float32)
     runs = []
     for _ in range(2):
         with lo.use_backend("torch"):
-            runs.append(run_and_grads(lambda: lo.chunk_gla(q, k, v, g, initial_state=h,
-                                                           output_final_state=True),
-                                      q, k, v, g, h))
+            runs.append(flat(run(x, lambda t: lo.chunk_gla(t["q"], t["k"], t["v"], t["g"],
+                                                           initial_state=t["h0"],
+                                                           output_final_state=True))))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -261,14 +200,14 @@ class _SquareOfT(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("gate", ["none", "both", "vector"])
+@pytest.mark.parametrize("name", ["linear", "simple_both", "gla"])
 @pytest.mark.parametrize("varlen", [False, True])
-def test_no_T_by_T_tensor(gate, varlen):
+def test_no_T_by_T_tensor(name, varlen):
     T = 200  # no other dim (H=2, K=16, V=24, C=64, chunk count <= 6) reaches it
-    q, k, v, g, g_gamma, h = make_inputs(gate, 1, T, 2, 16, 24, N=2 if varlen else None,
-                                         dtype=torch.float32)
-    cu = cu_seqlens_from_lengths([150, 50]) if varlen else None
-    args = [t.detach() if isinstance(t, torch.Tensor) else t for t in (q, k, v, g, g_gamma)]
+    x = inputs(name, 1, T, 2, 16, 24, lengths=[150, 50] if varlen else None,
+               dtype=torch.float32, grad=False)
+    cu, h = x["cu"], x["h0"]
+    args = [x[n] for n in ("q", "k", "v", "g", "gamma")]
     # the detector itself must fire on attention-style scores
     with _SquareOfT(T) as probe:
         args[0][0, :, 0] @ args[1][0, :, 0].T

@@ -5,7 +5,8 @@ gradient, from one (o*do).sum() + (ht*dht).sum() backward), through the public A
 triton backend forced and every torch.empty NaN-filled. The interpreter is slow: shapes stay
 small (T <= ~130, a few cases at K/V 128/256 with T <= 5).
 GPU (@pytest.mark.gpu): fp32 at larger shapes, bf16/fp16 parity (within 2x of the reference run
-in that dtype), torch.compile(fullgraph=True), determinism and extreme gates at long T.
+in that dtype: helpers.lowp_bound), torch.compile(fullgraph=True), determinism and extreme gates
+at long T. Inputs, runs and the reference: gla_cases.py; the sm_90 compile: sm90_compile.py.
 """
 from __future__ import annotations
 
@@ -14,92 +15,31 @@ import torch
 
 import lightning_ops as lo
 from lightning_ops import reference
-from helpers import (backward_probe, cu_seqlens_from_lengths, grads_of, log_gate,
-                     nan_filled_empty, rel_rms, requires_gpu, requires_triton, triton_device)
+from gla_cases import GRAD_NAMES, make_inputs, reference_run, run, run_op, with_grad
+from helpers import (assert_lowp_parity, cu_seqlens_from_lengths, nan_filled_empty, rel_rms,
+                     requires_gpu, requires_triton, triton_device)
+from sm90_compile import build, compile_in_subprocess
 
 pytestmark = requires_triton
 
 TOL = 1e-5
 DEV = triton_device()
 
-# the ops under test (see _call): gates none, scalar g, g_gamma, both, slope, vector g
+# the ops under test (gla_cases.OPS): gates none, scalar g, g_gamma, both, slope, vector g
 OPS = ("linear", "simple_g", "simple_gamma", "simple_both", "lightning", "gla")
 
 
 def _inputs(op, B, T, H, K, V, lengths=None, h0=True, low=-0.5, dtype=torch.float32, seed=0,
             device=DEV):
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*s):
-        return torch.randn(*s, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
-
-    q, k, v = randn(B, T, H, K), randn(B, T, H, K), randn(B, T, H, V)
-    g = gamma = None
-    if op in ("simple_g", "simple_both"):
-        g = log_gate(B, T, H, low=low, generator=gen).to(device=device, dtype=dtype)
-    if op == "gla":
-        g = log_gate(B, T, H, K, low=low, generator=gen).to(device=device, dtype=dtype)
-    if op in ("simple_gamma", "simple_both", "lightning"):
-        gamma = -(0.02 + 0.2 * torch.rand(H, generator=gen, dtype=torch.float64)).to(device)
-        gamma = gamma.float()
-    cu = None if lengths is None else cu_seqlens_from_lengths(lengths, device=device)
-    N = B if lengths is None else len(lengths)
-    s0 = randn(N, H, K, V).float() if h0 else None
-    return dict(q=q, k=k, v=v, g=g, gamma=gamma, h0=s0, cu=cu)
+    """This file's inputs: log decays in (low, 0), g_gamma in (-0.22, -0.02), g_gamma and the
+    initial state in fp32 whatever dtype is."""
+    return make_inputs(op, B, T, H, K, V, lengths=lengths, h0=h0, low=low, gamma=(0.02, 0.2),
+                       dtype=dtype, state_dtype=torch.float32, device=device, seed=seed)
 
 
 def _call(op, mode, x, output_final_state=True, scale=None):
     """The public op for (op, mode) on inputs x."""
-    q, k, v, g, gamma = x["q"], x["k"], x["v"], x["g"], x["gamma"]
-    kw = dict(scale=scale, initial_state=x["h0"], output_final_state=output_final_state,
-              cu_seqlens=x["cu"])
-    rec = mode == "recurrent"
-    if op == "linear":
-        return (lo.fused_recurrent_linear_attn if rec else lo.chunk_linear_attn)(q, k, v, **kw)
-    if op.startswith("simple"):
-        f = lo.fused_recurrent_simple_gla if rec else lo.chunk_simple_gla
-        return f(q, k, v, g=g, g_gamma=gamma, **kw)
-    if op == "lightning":
-        f = lo.fused_recurrent_lightning_attn if rec else lo.lightning_attn
-        return f(q, k, v, -gamma, **kw)
-    return (lo.fused_recurrent_gla if rec else lo.chunk_gla)(q, k, v, g, **kw)
-
-
-GRAD_NAMES = ("q", "k", "v", "g", "h0")
-
-
-def _with_grad(x, dtype=None):
-    """Leaf copies of the differentiable inputs: all in float64 for dtype=float64, else q, k,
-    v, g cast to dtype (initial_state kept); g_gamma takes no gradient."""
-    out = dict(x)
-    for name in GRAD_NAMES:
-        t = x[name]
-        if t is None:
-            continue
-        t = t.detach()
-        if dtype == torch.float64:
-            t = t.double()
-        elif dtype is not None and name != "h0":
-            t = t.to(dtype)
-        out[name] = t.clone().requires_grad_(True)
-    if dtype == torch.float64 and x["gamma"] is not None:
-        out["gamma"] = x["gamma"].double()
-    return out
-
-
-def _run(x, fn, output_final_state=True):
-    o, ht = fn(x)
-    loss = backward_probe([o, ht] if output_final_state else [o])
-    grads = grads_of(loss, [x[n] for n in GRAD_NAMES])
-    return o, ht, dict(zip(GRAD_NAMES, grads))
-
-
-def _reference(x, output_final_state=True, scale=None):
-    """Float64 reference outputs and gradients for inputs x."""
-    r = _with_grad(x, torch.float64)
-    return _run(r, lambda r: reference.gated_linear_attn_ref(
-        r["q"], r["k"], r["v"], r["g"], r["gamma"], scale, r["h0"], output_final_state, r["cu"]),
-        output_final_state)
+    return run_op(op, mode, x, scale=scale, output_final_state=output_final_state)
 
 
 def _errors(got, want):
@@ -123,10 +63,10 @@ def _errors(got, want):
 def check(op, mode, B, T, H, K, V, lengths=None, h0=True, output_final_state=True,
           low=-0.5, scale=None, tol=TOL, tols=None, seed=0):
     x = _inputs(op, B, T, H, K, V, lengths, h0, low, seed=seed)
-    want = _reference(x, output_final_state, scale)
-    t = _with_grad(x)
+    want = reference_run(x, output_final_state, scale)
+    t = with_grad(x)
     with lo.use_backend("triton"):
-        got = _run(t, lambda t: _call(op, mode, t, output_final_state, scale), output_final_state)
+        got = run(t, lambda t: _call(op, mode, t, output_final_state, scale))
     errs = _errors(got, want)
     bad = {n: e for n, e in errs.items() if e > (tols or {}).get(n, tol)}
     assert not bad, f"relative RMS over {tol:g}: {bad} (all: {errs})"
@@ -226,9 +166,9 @@ def test_recurrent_strong_gates_dht(op, B, T, lengths, nan_empty):
     x = _inputs(op, B, T, 2, 16, 8, lengths)
     gen = torch.Generator().manual_seed(3)
     x["g"] = (-9.0 - 2.0 * torch.rand(x["g"].shape, generator=gen)).to(x["g"])
-    want = _reference(x)
+    want = reference_run(x)
     with lo.use_backend("triton"):
-        got = _run(_with_grad(x), lambda t: _call(op, "recurrent", t))
+        got = run(with_grad(x), lambda t: _call(op, "recurrent", t))
     errs = _errors(got, want)
     assert max(errs.values()) <= TOL, f"dg {errs['dg']:.2e}, all: {errs}"
 
@@ -239,9 +179,9 @@ def test_recurrent_strong_gates_dht(op, B, T, lengths, nan_empty):
 def test_float64_inputs_compute_in_fp32():
     """float64 inputs run in fp32 and come back as float64 (state included)."""
     x = _inputs("gla", 1, 20, 1, 16, 16, dtype=torch.float64)
-    want = _reference(x)
+    want = reference_run(x)
     with lo.use_backend("triton"):
-        got = _run(_with_grad(x), lambda t: _call("gla", "chunk", t))
+        got = run(with_grad(x), lambda t: _call("gla", "chunk", t))
     assert got[0].dtype == torch.float64 and got[1].dtype == torch.float64
     assert all(got[2][n].dtype == torch.float64 for n in ("q", "k", "v", "g"))
     assert got[2]["h0"].dtype == x["h0"].dtype  # dh0 in initial_state's dtype
@@ -254,7 +194,7 @@ def test_deterministic():
     outs = []
     for _ in range(2):
         with lo.use_backend("triton"):
-            o, ht, grads = _run(_with_grad(x), lambda t: _call("gla", "chunk", t))
+            o, ht, grads = run(with_grad(x), lambda t: _call("gla", "chunk", t))
         outs.append([o, ht] + [grads[n] for n in GRAD_NAMES])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
@@ -264,9 +204,9 @@ def test_low_precision_initial_state():
     """initial_state in bf16 is used as fp32; dh0 comes back in its dtype."""
     x = _inputs("simple_g", 1, 10, 1, 16, 16)
     x["h0"] = x["h0"].to(torch.bfloat16)
-    want = _reference(x)
+    want = reference_run(x)
     with lo.use_backend("triton"):
-        got = _run(_with_grad(x), lambda t: _call("simple_g", "chunk", t))
+        got = run(with_grad(x), lambda t: _call("simple_g", "chunk", t))
     assert got[2]["h0"].dtype == torch.bfloat16
     got[2]["h0"] = got[2]["h0"].float()
     errs = _errors(got, want)
@@ -282,9 +222,9 @@ def test_bf16_inputs_chunk(op):
     x = _inputs(op, 1, 40, 2, 16, 12)
     for n in ("q", "k", "v", "g"):
         x[n] = x[n].to(torch.bfloat16).float()  # the reference sees exactly the bf16 inputs
-    want = _reference(x)
+    want = reference_run(x)
     with lo.use_backend("triton"):
-        got = _run(_with_grad(x, torch.bfloat16), lambda t: _call(op, "chunk", t))
+        got = run(with_grad(x, torch.bfloat16), lambda t: _call(op, "chunk", t))
     assert got[0].dtype == torch.bfloat16 and got[2]["q"].dtype == torch.bfloat16
     errs = _errors(got, want)
     assert max(errs.values()) <= 2e-2, errs
@@ -330,43 +270,31 @@ def test_compile_fullgraph_interpreter():
 
     backend = "inductor" if DEV == "cuda" else "aot_eager"
     cf = torch.compile(f, fullgraph=True, backend=backend)
-    eager = _run(_with_grad(x), lambda t: f(t["q"], t["k"], t["v"], t["g"], t["h0"]))
-    comp = _run(_with_grad(x), lambda t: cf(t["q"], t["k"], t["v"], t["g"], t["h0"]))
+    eager = run(with_grad(x), lambda t: f(t["q"], t["k"], t["v"], t["g"], t["h0"]))
+    comp = run(with_grad(x), lambda t: cf(t["q"], t["k"], t["v"], t["g"], t["h0"]))
     assert torch.equal(eager[0], comp[0]) and torch.equal(eager[1], comp[1])
     for n in GRAD_NAMES:
         if eager[2][n] is not None:
             assert torch.equal(eager[2][n], comp[2][n]), n
 
 
-def _compile_sm90():
-    """Compile representative kernel configs for sm_90 (frontend, LLVM, ptxas; no GPU needed)
-    and print 'ok <name> <shared bytes>' per kernel. Runs in a subprocess without
-    TRITON_INTERPRET: the interpreter accepts code the compiler rejects."""
-    import triton
+def _sm90_configs():
+    """Representative kernel configs, compiled for sm_90 by sm90_compile.build (in the
+    subprocess of test_kernels_compile_for_sm90)."""
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     from lightning_ops.chunk import triton_kernels as C, triton_recurrent as R
     from lightning_ops.chunk.constants import SCALAR_GATE, VECTOR_GATE
-
-    def build(fn, types, consts, name, num_warps=4):
-        sig = {p: "constexpr" if p in consts else types.get(p, "*fp32") for p in fn.arg_names}
-        src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(n),): v
-                                             for n, v in consts.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-        assert k.metadata.shared <= 232448, f"{name}: {k.metadata.shared} B of shared memory"
-        print("ok", name, k.metadata.shared, flush=True)
 
     bf, i32 = "*bf16", "*i32"
     ints = dict(cu_seqlens=i32, chunk_indices=i32, chunk_offsets=i32, scale="fp32", T="i32",
                 NT="i32", dg_stride="i64", part_stride="i64")
     dt = dict(DT=tl.bfloat16, DT_S=tl.bfloat16, PREC="tf32")
     io = dict(ints, x=bf, y=bf, z=bf, out=bf, q=bf, k=bf, v=bf, do=bf, dq=bf, dk=bf, dv=bf, g=bf)
-    build(C.chunk_state_kernel, io, dict(H=4, K=128, V=128, C=64, BK=128, BV=32, GATE=VECTOR_GATE, REV=True,
-          USE_H0=True, STORE_HT=True, STORE_HS=True, FUSE_OUT=True, IS_VARLEN=True, **dt),
-          "state(fused, vector, rev)")
-    build(C.chunk_out_kernel, io, dict(H=4, K=100, V=128, C=64, BK=64, BV=64, GATE=SCALAR_GATE, REV=False,
-          IS_VARLEN=False, **dt), "out(scalar)")
+    build(C.chunk_state_kernel, io, dict(H=4, K=128, V=128, C=64, BK=128, BV=32,
+          GATE=VECTOR_GATE, REV=True, USE_H0=True, STORE_HT=True, STORE_HS=True, FUSE_OUT=True,
+          IS_VARLEN=True, **dt), "state(fused, vector, rev)")
+    build(C.chunk_out_kernel, io, dict(H=4, K=100, V=128, C=64, BK=64, BV=64, GATE=SCALAR_GATE,
+          REV=False, IS_VARLEN=False, **dt), "out(scalar)")
     build(C.chunk_scores_kernel, io, dict(H=4, D=128, C=64, BC=16, BD=32, GATED=True,
           IS_VARLEN=True, **{n: dt[n] for n in ("DT", "PREC")}), "scores(vector)")
     build(C.chunk_intra_grad_kernel, io, dict(H=4, K=128, C=64, BC=16, BK=32, IS_VARLEN=False,
@@ -384,23 +312,7 @@ def test_kernels_compile_for_sm90():
     """The interpreter runs code the compiler would reject (and ignores shared-memory limits):
     compile the main configs for an H100 target on the CPU, in a subprocess without
     TRITON_INTERPRET."""
-    import os
-    import subprocess
-    import sys
-    import triton
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(ptxas):
-        pytest.skip("triton's NVIDIA backend (ptxas) is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    here = os.path.dirname(os.path.abspath(__file__))
-    root = os.path.dirname(os.path.dirname(here))
-    code = (f"import sys; sys.path[:0] = [{root!r}, {os.path.dirname(here)!r}, {here!r}]; "
-            "import test_gla_triton as t; t._compile_sm90()")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                       timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert r.stdout.count("ok ") == 7, r.stdout
+    compile_in_subprocess(__file__, "_sm90_configs", 7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,18 +349,17 @@ def test_gpu_low_precision_parity(op, mode, path, dtype, monkeypatch):
     if path is not None:
         monkeypatch.setenv("LIGHTNING_OPS_GLA_SINGLE_PASS", "1" if path == "single" else "0")
     x = _inputs(op, 2, 200, 2, 64, 64, device="cuda")
-    truth = _reference(x)
-    low = _with_grad(x, dtype)
+    truth = reference_run(x)
+    low = with_grad(x, dtype)
 
     def ref_low(t):
         return reference.gated_linear_attn_ref(t["q"], t["k"], t["v"], t["g"], t["gamma"], None,
                                                t["h0"], True, t["cu"])
 
-    base = _errors(_run(low, ref_low), truth)
+    base = _errors(run(low, ref_low), truth)
     with lo.use_backend("triton"):
-        ours = _errors(_run(_with_grad(x, dtype), lambda t: _call(op, mode, t)), truth)
-    bad = {n: (e, base[n]) for n, e in ours.items() if e > 2 * base[n]}
-    assert not bad, f"(ours, plain {dtype}) over 2x: {bad}"
+        ours = _errors(run(with_grad(x, dtype), lambda t: _call(op, mode, t)), truth)
+    assert_lowp_parity(ours, base, what=f"{op}/{mode} {dtype}")
 
 
 @pytest.mark.gpu
@@ -462,8 +373,8 @@ def test_gpu_compile_fullgraph(op):
             return _call(op, "chunk", t)
 
     cf = torch.compile(f, fullgraph=True)
-    eager = _run(_with_grad(x), f)
-    comp = _run(_with_grad(x), cf)
+    eager = run(with_grad(x), f)
+    comp = run(with_grad(x), cf)
     assert torch.equal(eager[0], comp[0]) and torch.equal(eager[1], comp[1])
     for n in GRAD_NAMES:
         if eager[2][n] is not None:
@@ -477,7 +388,7 @@ def test_gpu_long_extreme_gates_finite(op):
     """Gates down to -20 per token over 8K tokens: outputs and gradients stay finite."""
     x = _inputs(op, 1, 8192, 2, 64, 64, low=-20.0, device="cuda", dtype=torch.bfloat16)
     with lo.use_backend("triton"):
-        o, ht, grads = _run(_with_grad(x), lambda t: _call(op, "chunk", t))
+        o, ht, grads = run(with_grad(x), lambda t: _call(op, "chunk", t))
     for t in [o, ht] + [grads[n] for n in GRAD_NAMES if grads[n] is not None]:
         assert torch.isfinite(t).all()
 
@@ -488,7 +399,7 @@ def test_gpu_varlen_no_host_sync():
     """Varlen forward + backward with CUDA sync debugging set to error on any host sync."""
     x = _inputs("gla", 1, 300, 2, 64, 64, lengths=[1, 130, 0, 169], device="cuda",
                 dtype=torch.bfloat16)
-    t = _with_grad(x)
+    t = with_grad(x)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -507,7 +418,7 @@ def test_gpu_deterministic():
     outs = []
     for _ in range(2):
         with lo.use_backend("triton"):
-            o, ht, grads = _run(_with_grad(x), lambda t: _call("gla", "chunk", t))
+            o, ht, grads = run(with_grad(x), lambda t: _call("gla", "chunk", t))
         outs.append([o, ht] + [grads[n] for n in GRAD_NAMES if grads[n] is not None])
     for a, b in zip(*outs):
         assert torch.equal(a, b)
