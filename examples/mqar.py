@@ -6,8 +6,10 @@ values from the upper half, token 0 fills the gaps. The loss and the accuracy co
 query positions (predict the value right after seeing the key).
 
     .venv/bin/python examples/mqar.py                       # the default demo (< 5 min, 2 cores)
-    .venv/bin/python examples/mqar.py --mixers all --steps 200   # all nine mixers (Mamba, MoM slow)
+    .venv/bin/python examples/mqar.py --mixers all --steps 200   # all ten mixers (Mamba, MoM slow)
     .venv/bin/python examples/mqar.py --mixers hgrn2,hedgehog,mom --threads 1   # issue 16 rows
+    .venv/bin/python examples/mqar.py --mixers gated_deltanet,kda --threads 1   # issue 15 row
+    .venv/bin/python examples/mqar.py --mixers kda --kda-gate-init gdn --kda-output-gate off
     .venv/bin/python examples/mqar.py --mixers deltanet,mamba2 --num-kv-pairs 16 --seq-len 128
 
 Prints a progress line every --log-every steps (loss, accuracy on the batch's queries, elapsed
@@ -29,13 +31,14 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import layers  # noqa: E402
 
-ALL_MIXERS = ["deltanet", "gated_deltanet", "gla", "mamba", "mamba2", "lightning", "hgrn2",
-              "hedgehog", "mom"]
+ALL_MIXERS = ["deltanet", "gated_deltanet", "kda", "gla", "mamba", "mamba2", "lightning",
+              "hgrn2", "hedgehog", "mom"]
 # the default run (make demo) has one mixer per family, so it finishes in a few minutes on a
 # shared 2-core machine: the delta rule (DeltaNet), gated linear attention (GLA) and the
-# state-space duality (Mamba-2). --mixers all adds Gated DeltaNet, Lightning, HGRN-2, Hedgehog,
-# Mixture-of-Memories and Mamba-1 (whose CPU selective scan materialises [B, D, L, N]: slower
-# than all the others together; MoM is the next slowest, its tokens go to top-k memories).
+# state-space duality (Mamba-2). --mixers all adds Gated DeltaNet, KDA, Lightning, HGRN-2,
+# Hedgehog, Mixture-of-Memories and Mamba-1 (whose CPU selective scan materialises
+# [B, D, L, N]: slower than all the others together; MoM is the next slowest, its tokens go to
+# top-k memories).
 DEFAULT_MIXERS = ["deltanet", "gla", "mamba2"]
 DEFAULT_STEPS = 150
 
@@ -125,8 +128,12 @@ def mixer_kwargs(name: str, d_model: int) -> dict:
     ~0 at the start, which stalls this short run (26% instead of 99% after 200 steps; DeltaNet
     with use_gate=True behaves the same). MoM (gated-delta memories, same g_proj init) runs
     without it too, as the Gated DeltaNet row, with 4 memories of the same head size, top-2
-    routing. HGRN-2's state
-    expansion (expand_ratio) is the per-head key size: d_model // heads, as the other mixers'
+    routing. KDA has Gated DeltaNet's row's sizes (heads, head dim, expand_v, short convs of
+    width 4) and otherwise fla's layer as it is: its sigmoid output gate (near 1/2 at the
+    start) has no constructor switch, and its decay init (dt_bias = 0) makes exp(g) tiny at
+    the start; as they are it stays at chance in this short run (examples/README.md: changing
+    both after construction, --kda-gate-init gdn --kda-output-gate off, gives 47% after 200
+    steps). HGRN-2's state expansion (expand_ratio) is the per-head key size: d_model // heads, as the other mixers'
     heads; Hedgehog keeps its defaults (expand_k = expand_v = 1, normalised feature maps)."""
     heads = max(1, d_model // 32)
     return {
@@ -134,6 +141,7 @@ def mixer_kwargs(name: str, d_model: int) -> dict:
         "deltanet": dict(num_heads=heads),
         "gated_deltanet": dict(num_heads=heads, head_dim=d_model // heads, expand_v=1.0,
                                use_gate=False),
+        "kda": dict(num_heads=heads, head_dim=d_model // heads, expand_v=1.0),
         "mamba": dict(d_state=16, expand=2),
         "mamba2": dict(d_state=32, headdim=16, expand=2, chunk_size=64),
         "lightning": dict(num_heads=heads),
@@ -142,6 +150,42 @@ def mixer_kwargs(name: str, d_model: int) -> dict:
         "mom": dict(num_heads=heads, head_dim=d_model // heads, expand_v=1.0, num_memories=4,
                     topk=2, use_output_gate=False),
     }[name]
+
+
+def gdn_gate_init(model, seed: int) -> int:
+    """A control for KDA (--kda-gate-init gdn): re-draw every KDA layer's dt_bias as Gated
+    DeltaNet initialises its own (softplus(dt_bias) = dt log-uniform in [1e-3, 1e-1], per key
+    channel here), so its per-token decay exp(g) starts near 1 as Gated DeltaNet's does. With
+    fla's init (dt_bias = 0, A = U(1, 16) per head) g = -A softplus(f_proj(x)) is about -0.69 A:
+    exp(g) below 1e-3 at this demo's two heads, the state forgets each token almost at once.
+    Returns the number of layers changed."""
+    from layers.utils import init_dt_bias
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    n = 0
+    for m in model.modules():
+        if isinstance(m, layers.KimiDeltaAttention):
+            with torch.no_grad():
+                m.dt_bias.copy_(init_dt_bias(m.dt_bias.numel(), device=m.dt_bias.device))
+            n += 1
+    torch.random.set_rng_state(gen_state)
+    return n
+
+
+def kda_output_gate_off(model) -> int:
+    """A control for KDA (--kda-output-gate off): run every KDA layer without its output gate,
+    as the Gated DeltaNet row runs without its own (use_gate=False). KDA has no constructor
+    argument for it (fla's layer has none); the layer's output norm skips the gate when the
+    instance's use_gate is False, so g_proj is then unused. Returns the number of layers."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, layers.KimiDeltaAttention):
+            if not hasattr(m, "use_gate") or not hasattr(m, "g_proj"):
+                raise RuntimeError("KimiDeltaAttention no longer has use_gate / g_proj: "
+                                   "--kda-output-gate off needs updating")
+            m.use_gate = False
+            n += 1
+    return n
 
 
 def evaluate(model, data, batch_size):
@@ -184,6 +228,10 @@ def train_one(name: str, args, device, dtype, progress=None, idx=0):
                             mixer_kwargs={**mixer_kwargs(name, args.d_model),
                                           **getattr(args, "overrides", {}).get(name, {})},
                             mlp_ratio=args.mlp_ratio).to(device=device, dtype=dtype)
+    if getattr(args, "kda_gate_init", "fla") == "gdn":
+        gdn_gate_init(model, args.seed)
+    if getattr(args, "kda_output_gate", "on") == "off":
+        kda_output_gate_off(model)
     params = sum(p.numel() for p in model.parameters())
     opt, sched = make_optimizer(model, args)
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -250,6 +298,13 @@ def main(argv=None):
     p.add_argument("--mixer-kwargs", default="",
                    help='JSON {mixer: {arg: value}} over the built-in small-model settings, '
                         'e.g. \'{"mom": {"num_memories": 1, "topk": 1}}\'')
+    p.add_argument("--kda-gate-init", default="fla", choices=["fla", "gdn"],
+                   help="KDA's dt_bias init: fla's (zeros: exp(g) < 1e-3 per token at the start) "
+                        "or Gated DeltaNet's (softplus(dt_bias) log-uniform in [1e-3, 1e-1]; "
+                        "a control, see gdn_gate_init)")
+    p.add_argument("--kda-output-gate", default="on", choices=["on", "off"],
+                   help="off: KDA without its sigmoid output gate (as the Gated DeltaNet row "
+                        "runs without its own; a control, see kda_output_gate_off)")
     p.add_argument("--log-every", type=int, default=25,
                    help="a progress line every N steps (0: none)")
     args = p.parse_args(argv)
@@ -269,7 +324,7 @@ def main(argv=None):
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     names = (ALL_MIXERS if args.mixers.strip() == "all" else
              [m.strip() for m in args.mixers.split(",") if m.strip()])
-    for n in names:  # the mixers with small-model settings here (not kda: none chosen yet)
+    for n in names:  # the mixers with small-model settings here (every one in layers.MIXERS)
         if n not in ALL_MIXERS:
             p.error(f"unknown mixer {n!r}; choose from {ALL_MIXERS}")
     for n in args.overrides:
@@ -281,6 +336,13 @@ def main(argv=None):
           f"{args.threads} thread(s){why}; mixers: {', '.join(names)}", flush=True)
     for n, kw in args.overrides.items():
         print(f"  {n}: {mixer_kwargs(n, args.d_model) | kw}", flush=True)
+    if (args.kda_gate_init != "fla" or args.kda_output_gate != "on") and "kda" not in names:
+        p.error("--kda-gate-init / --kda-output-gate apply to the kda mixer, which is not among "
+                "the mixers run")
+    if args.kda_gate_init != "fla":
+        print("  kda: dt_bias initialised as Gated DeltaNet's (--kda-gate-init gdn)", flush=True)
+    if args.kda_output_gate != "on":
+        print("  kda: no output gate (--kda-output-gate off)", flush=True)
     left_out = [m for m in ALL_MIXERS if m not in names]
     if left_out and args.mixers == ",".join(DEFAULT_MIXERS):
         print(f"  (the default run has one mixer per family; --mixers all adds "

@@ -119,7 +119,9 @@ def test_new_mixers_decode_equals_chunked_forward(mixer):
 
 
 def test_mqar_settings_build_every_mixer():
-    """The MQAR example's per-mixer settings build a d_model-64 model for each of its mixers."""
+    """The MQAR example's per-mixer settings build a d_model-64 model for each of its mixers,
+    and it has settings for every mixer of layers.MIXERS."""
+    assert sorted(mqar.ALL_MIXERS) == sorted(layers.MIXERS)
     for name in mqar.ALL_MIXERS:
         model = layers.CausalLM(64, 64, 2, mixer=name, mixer_kwargs=mqar.mixer_kwargs(name, 64))
         assert isinstance(model.layers[1].mixer, layers.MIXERS[name])
@@ -187,4 +189,48 @@ def test_mqar_mixer_kwargs_override():
         with pytest.raises(SystemExit):
             mqar.main(small + ["--mixer-kwargs", bad])
     with pytest.raises(SystemExit):  # no small-model settings for it in the example
-        mqar.main(small[:-1] + ["kda"])
+        mqar.main(small[:-1] + ["transformer"])
+
+
+def test_mqar_kda_settings_and_gate_init_control():
+    """KDA's MQAR row has Gated DeltaNet's sizes; --kda-gate-init gdn re-draws only KDA's
+    dt_bias, as Gated DeltaNet initialises its own (softplus(dt_bias) in [1e-3, 1e-1])."""
+    kda, gdn = mqar.mixer_kwargs("kda", 64), mqar.mixer_kwargs("gated_deltanet", 64)
+    assert all(kda[k] == gdn[k] for k in ("num_heads", "head_dim", "expand_v"))
+    torch.manual_seed(0)
+    model = layers.CausalLM(64, 64, 2, mixer="kda", mixer_kwargs=kda)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    rng = torch.random.get_rng_state()
+    assert mqar.gdn_gate_init(model, 0) == 2
+    assert torch.equal(rng, torch.random.get_rng_state())  # the caller's RNG is untouched
+    for n, p in model.named_parameters():
+        if n.endswith("dt_bias"):
+            dt = torch.nn.functional.softplus(p)
+            assert ((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001)).all()
+        else:
+            assert torch.equal(p, before[n]), n
+    small = ["--steps", "1", "--batch-size", "2", "--eval-examples", "2", "--d-model", "32",
+             "--seq-len", "16", "--vocab-size", "16", "--num-kv-pairs", "2", "--log-every", "0",
+             "--threads", "1"]
+    rows = mqar.main(small + ["--mixers", "kda", "--kda-gate-init", "gdn"])
+    assert rows[0]["mixer"] == "kda"
+    with pytest.raises(SystemExit):  # a KDA option without KDA
+        mqar.main(small + ["--mixers", "deltanet", "--kda-gate-init", "gdn"])
+    with pytest.raises(SystemExit):
+        mqar.main(small + ["--mixers", "deltanet", "--kda-output-gate", "off"])
+
+
+def test_mqar_kda_output_gate_off():
+    """--kda-output-gate off: KDA's output is the ungated norm (g_proj unused, no gradient)."""
+    torch.manual_seed(0)
+    model = layers.CausalLM(32, 32, 1, mixer="kda",
+                            mixer_kwargs=mqar.mixer_kwargs("kda", 32))
+    x = torch.randint(0, 32, (2, 8))
+    gated = model(x)[0]
+    assert mqar.kda_output_gate_off(model) == 1
+    logits = model(x)[0]
+    assert not torch.allclose(logits, gated)
+    logits.sum().backward()
+    mixer = model.layers[0].mixer
+    assert all(p.grad is None for p in mixer.g_proj.parameters())
+    assert mixer.q_proj.weight.grad is not None
