@@ -26,6 +26,7 @@ _FAMILY_BACKENDS: Dict[str, Tuple[str, ...]] = {
     "selective_scan": ("cuda", "triton", "torch"),
     "ssd": ("triton", "torch"),
     "conv": ("triton", "torch"),
+    "loglinear": ("torch",),  # no kernels yet: an asked-for triton / cuda backend raises
 }
 # (family, backend) -> module implementing it
 _MODULES: Dict[Tuple[str, str], str] = {
@@ -40,6 +41,7 @@ _MODULES: Dict[Tuple[str, str], str] = {
     ("ssd", "triton"): "lightning_ops.ssm.triton",
     ("conv", "torch"): "lightning_ops.ssm.torch",
     ("conv", "triton"): "lightning_ops.ssm.triton",
+    ("loglinear", "torch"): "lightning_ops.loglinear.torch",
 }
 
 # use_backend() stack (innermost last). The ContextVar is the truth: each thread and each asyncio

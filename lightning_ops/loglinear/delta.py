@@ -65,6 +65,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .. import backend as _backend
 from .. import validation as Vd
 from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_by_recompute,
                           grad_if_present, is_empty, none_if_empty, own_storage, passthrough_grad,
@@ -379,6 +380,7 @@ def chunk_log_linear_gated_delta_rule(
     (lightning_ops::log_linear_gated_delta_rule): torch.compile(fullgraph=True) traces it."""
     _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_size)
     _check_beta(beta, q, v)
+    _backend.resolve("loglinear", q.device, q.dtype)  # a forced kernel backend raises
     Vd.check_flag("output_final_state", output_final_state)
     Vd.check_flag("use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel)
     h0, off = (None, None) if initial_state is None else initial_state

@@ -26,6 +26,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from .. import backend as _backend
 from .. import validation as Vd
 from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_by_recompute,
                           grad_if_present, is_empty, none_if_empty, own_storage, passthrough_grad,
@@ -190,6 +191,7 @@ def chunk_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scal
     """Log-linear attention over the scalar gate (see the module docstring). A torch.library
     custom op (lightning_ops::log_linear_attn, fake impl + autograd): torch.compile traces it."""
     _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_size)
+    _backend.resolve("loglinear", q.device, q.dtype)  # a forced kernel backend raises
     Vd.check_flag("output_final_state", output_final_state)
     h0, off = (None, None) if initial_state is None else initial_state
     if off is not None:

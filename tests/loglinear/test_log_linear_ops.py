@@ -199,3 +199,13 @@ def test_fused_recurrent_empty_segment_state_matches_chunk():
     o2, s2 = chunk_log_linear_attn(q, k, v, g, lam, h0, True, cu)
     assert torch.allclose(o1, o2, atol=1e-12) and torch.allclose(s1.ht, s2.ht, atol=1e-12)
     assert torch.equal(s1.offsets, s2.offsets)
+
+
+def test_forced_kernel_backend_raises_not_silently_torch():
+    """Log-linear attention has only the torch path: use_backend("triton") must say so."""
+    from lightning_ops import BackendUnavailableError, use_backend
+    q = torch.randn(1, 4, 1, 4)
+    lam = torch.rand(1, 4, 1, 3)
+    with use_backend("triton"), pytest.raises(BackendUnavailableError, match="no triton"):
+        chunk_log_linear_attn(q, q, q, -torch.rand(1, 4, 1), lam)
+    chunk_log_linear_attn(q, q, q, -torch.rand(1, 4, 1), lam)  # unforced: torch
