@@ -23,9 +23,15 @@ and the peers' state_dicts load strictly:
     model = layers.CausalLM(vocab_size, hidden_size=256, num_layers=4, mixer="mamba2")
     tokens = model.generate(prompt_ids, max_new_tokens=32, attention_mask=mask)
 
+    # context parallel (one sequence split over the ranks of a process group): GLA, Lightning,
+    # DeltaNet, GatedDeltaNet, KDA, HGRN2, Hedgehog (cp_context=) and Mamba2 (cp_context=)
+    ctx = lightning_ops.cp.build_cp_context(global_cu_seqlens, group)   # once per step
+    o, _, _ = mixer(my_slice, cp_context=ctx)              # this rank's [1, T_r, 512] tokens
+
 Padding masks may be left, right or arbitrary 0/1 (each row's real tokens form one sequence,
-as fla's unpad/pad). The layers call only the public lightning_ops functions, so they run on
-whatever backend dispatch picks (torch on CPU, Triton / CUDA on GPUs) with no change.
+as fla's unpad/pad). The layers call only the public lightning_ops functions (and, with
+cp_context, their lightning_ops.cp wrappers), so they run on whatever backend dispatch picks
+(torch on CPU, Triton / CUDA on GPUs) with no change.
 """
 from .base import FlaMixer, MambaMixer, RecurrentMixer
 from .cache import Cache, InferenceParams

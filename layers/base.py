@@ -1,14 +1,16 @@
-"""What every mixer layer shares: the internal `mix` call (masks, packing, states), input and
-state checks, and the two public forward contracts built on it: fla's (GLA, DeltaNet,
-GatedDeltaNet, Lightning) and mamba-ssm's (Mamba, Mamba2)."""
+"""What every mixer layer shares: the internal `mix` call (masks, packing, states, context
+parallelism), input and state checks, and the two public forward contracts built on it: fla's
+(GLA, DeltaNet, GatedDeltaNet, Lightning) and mamba-ssm's (Mamba, Mamba2)."""
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+import lightning_ops as lo
 from lightning_ops import validation as V
 
 from .conv import ShortConvolution
@@ -20,14 +22,17 @@ State = Dict[str, Any]  # {'recurrent_state': Tensor, 'conv_state': tuple of Ten
 
 class MixerStep:
     """One call's context handed to a layer's `_mix`: the (left-padding) mask, packing, the
-    incoming states, whether final states are wanted. `conv` runs a ShortConvolution with its
-    slot of the incoming conv states and collects the new conv states in order."""
+    incoming states, whether final states are wanted, the context-parallel context. `conv` runs
+    a ShortConvolution with its slot of the incoming conv states and collects the new conv
+    states in order; `op` picks the public op a layer calls."""
 
     def __init__(self, mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
-                 state: Optional[State], want_state: bool, seq_idx: Optional[Tensor] = None):
+                 state: Optional[State], want_state: bool, seq_idx: Optional[Tensor] = None,
+                 cp_context=None):
         self.mask = mask
         self.cu_seqlens = cu_seqlens
         self.seq_idx = seq_idx
+        self.cp_context = cp_context
         self.state = None if state is None else state.get("recurrent_state")
         self.conv_in = None if state is None else state.get("conv_state")
         # no incoming state: a fresh start from zeros (no history to carry)
@@ -39,10 +44,23 @@ class MixerStep:
         """A one-token continuation of dense rows from a cached state (a decode step)."""
         return self.has_history and length == 1 and self.cu_seqlens is None
 
+    def op(self, layer: nn.Module, x: Tensor, chunk: str,
+           recurrent: Optional[str] = None) -> Callable:
+        """The lightning_ops function a layer calls, by name: with a context-parallel context,
+        lightning_ops.cp's wrapper of the chunked op `chunk` with the context bound (the
+        wrappers take the public ops' arguments); else the public `recurrent` op where fla's
+        rule picks it (`use_recurrent`), or `chunk`."""
+        if self.cp_context is not None:
+            return functools.partial(getattr(lo.cp, chunk), cp_context=self.cp_context)
+        if recurrent is not None and use_recurrent(layer, x):
+            return getattr(lo, recurrent)
+        return getattr(lo, chunk)
+
     def conv(self, module: ShortConvolution, x: Tensor) -> Tensor:
         i = len(self.conv_out)
         h0 = self.conv_in[i] if self.conv_in else None
-        out, final = module(x, self.mask, self.cu_seqlens, h0, self.want_state, self.seq_idx)
+        out, final = module(x, self.mask, self.cu_seqlens, h0, self.want_state, self.seq_idx,
+                            self.cp_context)
         if final is not None:
             self.conv_out.append(final)
         return out
@@ -68,9 +86,14 @@ class RecurrentMixer(nn.Module):
     """Base of the mixer layers. Subclasses set `hidden_size`, implement `state_shape()` and
     `_mix(x, step) -> (out, final_state)`, and list their convs in `conv_layers()`.
 
-    `mix` is the one internal entry point both public contracts (and `CausalLM`) call."""
+    `mix` is the one internal entry point both public contracts (and `CausalLM`) call.
+    Layers whose ops all have context-parallel wrappers in lightning_ops.cp set `supports_cp`
+    and route their op calls through `MixerStep.op` / `MixerStep.conv`. The class that defines
+    the `_mix` that runs must set it itself: a subclass with its own `_mix` (other ops) does not
+    inherit it."""
 
     hidden_size: int
+    supports_cp: bool = False
 
     def state_shape(self) -> Tuple[int, ...]:
         """Shape of one sequence's recurrent state (without the batch dim)."""
@@ -84,8 +107,8 @@ class RecurrentMixer(nn.Module):
 
     def mix(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
             cu_seqlens: Optional[Tensor] = None, state: Optional[State] = None,
-            output_final_state: bool = False, seq_idx: Optional[Tensor] = None
-            ) -> Tuple[Tensor, Optional[State]]:
+            output_final_state: bool = False, seq_idx: Optional[Tensor] = None,
+            cp_context=None) -> Tuple[Tensor, Optional[State]]:
         """hidden_states [B, T, hidden_size] -> (output [B, T, hidden_size], new state or None).
 
         attention_mask: [B, T] or [B, >= T] (HF style: its last T columns are used), 1 for real
@@ -98,8 +121,19 @@ class RecurrentMixer(nn.Module):
             states to continue from (N = B, or the number of packed sequences); None: zeros.
         output_final_state: return the new state dict.
         seq_idx: [B, T] int32 segment ids (mamba-ssm's), Mamba-2 only, without the above.
+        cp_context: a `lightning_ops.cp.build_cp_context(cu_seqlens, group)` context: context
+            parallelism over its process group. hidden_states is this rank's contiguous slice
+            of the sequence dim ([B, T_r, hidden_size] dense, every row one sequence through
+            all ranks; or [1, T_r, hidden_size], the rank's tokens of the packed batch whose
+            GLOBAL cu_seqlens the context holds); the output is the same slice of the
+            single-process output, and backward gives this rank's share of every parameter
+            gradient (sum them over the group, as DDP / FSDP do). Every rank of the group must
+            make the same calls. Not with attention_mask, cu_seqlens, seq_idx or states.
         """
         mask = self._check_inputs(hidden_states, attention_mask, cu_seqlens, state)
+        if cp_context is not None:
+            self._check_cp(cp_context, hidden_states, attention_mask, cu_seqlens, state,
+                           output_final_state, seq_idx)
         B, T = hidden_states.shape[:2]
         N = B if cu_seqlens is None else cu_seqlens.numel() - 1
         if B * T == 0:
@@ -108,7 +142,7 @@ class RecurrentMixer(nn.Module):
         if mask is not None:
             perm, mask = left_align(mask)
             x = gather_tokens(x, perm)
-        step = MixerStep(mask, cu_seqlens, state, output_final_state, seq_idx)
+        step = MixerStep(mask, cu_seqlens, state, output_final_state, seq_idx, cp_context)
         out, rec = self._mix(x, step)
         if perm is not None:
             out = gather_tokens(out, torch.argsort(perm, dim=1))
@@ -137,6 +171,50 @@ class RecurrentMixer(nn.Module):
         return out, {"recurrent_state": rec, "conv_state": convs}
 
     # -- checks -----------------------------------------------------------------------------
+    def _check_cp(self, cp_context, x, attention_mask, cu_seqlens, state, output_final_state,
+                  seq_idx) -> None:
+        """What context parallelism takes (raised before any collective)."""
+        name = type(self).__name__
+        if not self._cp_supported():
+            raise NotImplementedError(
+                f"{name}: context parallelism (cp_context) is not supported by this layer "
+                f"(lightning_ops.cp wraps the chunked GLA, delta-rule, SSD and causal-conv ops; "
+                f"layers taking cp_context: GatedLinearAttention, LightningAttention, DeltaNet, "
+                f"GatedDeltaNet, KimiDeltaAttention, HGRN2Attention, HedgehogAttention, "
+                f"Mamba2){self._cp_note()}")
+        if not isinstance(cp_context, lo.cp.CPContext):
+            raise TypeError(f"{name}: cp_context must come from "
+                            f"lightning_ops.cp.build_cp_context, got {type(cp_context).__name__}")
+        if attention_mask is not None:
+            raise ValueError(f"{name}: attention_mask cannot be combined with cp_context: pack "
+                             f"the sequences along T and pass their GLOBAL cu_seqlens to "
+                             f"build_cp_context (each rank then passes its slice of the tokens)")
+        if cu_seqlens is not None:
+            raise ValueError(f"{name}: with cp_context, pass the GLOBAL cu_seqlens to "
+                             f"build_cp_context, not cu_seqlens= to the layer (each rank passes "
+                             f"its slice [1, T_r, hidden_size] of the packed tokens)")
+        if seq_idx is not None:
+            raise ValueError(f"{name}: seq_idx cannot be combined with cp_context (pass the "
+                             f"sequence offsets to build_cp_context as cu_seqlens)")
+        if state is not None or output_final_state:
+            raise ValueError(f"{name}: cached states (past_key_values, use_cache, "
+                             f"inference_params) are not supported with cp_context: context "
+                             f"parallelism runs whole (long) sequences, for training and "
+                             f"prefill; decode without it")
+        if x.shape[0] * x.shape[1] == 0:
+            raise ValueError(f"{name}: with cp_context every rank must hold tokens, got "
+                             f"hidden_states of shape {list(x.shape)}")
+
+    def _cp_note(self) -> str:
+        return ""
+
+    def _cp_supported(self) -> bool:
+        """`supports_cp` as the class whose `_mix` runs declares it (see the class docstring)."""
+        for cls in type(self).__mro__:
+            if "_mix" in cls.__dict__:
+                return bool(cls.__dict__.get("supports_cp", False))
+        return False
+
     def _check_inputs(self, x, attention_mask, cu_seqlens, state) -> Optional[Tensor]:
         name = type(self).__name__
         V.check_float("hidden_states", x)
@@ -195,6 +273,68 @@ class RecurrentMixer(nn.Module):
                                  f"{x.device}")
 
 
+class HierarchyStateMixin:
+    """The cache of the log-linear layers (LogLinearMamba2, LogLinearGatedDeltaNet): the
+    recurrent state is the tuple (ht [N, *state_shape()], offsets [N] int64), a Fenwick
+    hierarchy of states and each sequence's next position. Put before the mixer base class."""
+
+    def _check_state(self, state, N: int, x: Tensor) -> None:
+        rec = state.get("recurrent_state") if isinstance(state, dict) else None
+        name = type(self).__name__
+        if rec is not None:
+            if isinstance(rec, Tensor) or not (isinstance(rec, (tuple, list)) and len(rec) == 2):
+                raise TypeError(f"{name}: the cached recurrent_state must be the tuple (ht "
+                                f"[N, {', '.join(map(str, self.state_shape()))}], offsets [N]) "
+                                f"this layer returns (a log-linear state hierarchy), got "
+                                f"{type(rec).__name__}")
+            ht, off = rec
+            if not isinstance(off, Tensor) or off.shape != (ht.shape[0],) or \
+                    off.is_floating_point():
+                raise ValueError(f"{name}: the cached offsets must be an integer tensor of "
+                                 f"shape [{ht.shape[0]}], got {list(getattr(off, 'shape', []))}")
+            if off.device != x.device:
+                raise ValueError(f"{name}: the cache is on {off.device} but hidden_states is "
+                                 f"on {x.device}")
+            state = {"recurrent_state": ht, "conv_state": state.get("conv_state")}
+        super()._check_state(state, N, x)
+
+    def _empty(self, x: Tensor, state, N: int, want: bool):
+        out, new = super()._empty(x, state, N, want)
+        if new is not None and isinstance(new["recurrent_state"], Tensor):
+            new["recurrent_state"] = (new["recurrent_state"],
+                                      torch.zeros(N, dtype=torch.int64, device=x.device))
+        return out, new
+
+    @staticmethod
+    def mask_as_packing(mask: Tensor, rec: Optional[Tuple[Tensor, Tensor]]):
+        """A left-aligned padding mask [b, l] as packing of the flattened rows: row i is two
+        packed sequences, its padding then its real tokens, so the real tokens start at their
+        own offset (0, or the cache's) and get their own state (fixed shapes, no host sync).
+        -> (cu_seqlens [2b + 1], the initial (ht, offsets) with a zero state before each row's,
+        or None); the rows' final states are the odd entries ([1::2]) of the op's."""
+        b, l = mask.shape
+        real = mask.sum(1)
+        ends = torch.arange(1, b + 1, device=mask.device) * l
+        cu = torch.cat([torch.stack([ends - l, ends - real], 1).reshape(-1), ends[-1:]])
+        if rec is None:
+            return cu, None
+        ht, off = rec
+        return cu, (torch.stack([torch.zeros_like(ht), ht], 1).flatten(0, 1),
+                    torch.stack([torch.zeros_like(off), off], 1).flatten(0, 1))
+
+    @staticmethod
+    def keep_padded_rows(mask: Optional[Tensor], new: Tuple[Tensor, Tensor],
+                         old: Tuple[Tensor, Tensor]) -> Tuple[Tensor, Tensor]:
+        """A one-token step: the rows whose token is padding (mask [b, 1]) keep their old
+        (ht, offsets)."""
+        if mask is None:
+            return new
+        (new_ht, new_off), (ht, off) = new, old
+        keep = mask[:, 0]
+        return (torch.where(keep[:, None, None, None, None], new_ht, ht.to(new_ht.dtype)),
+                torch.where(keep, new_off, off))
+
+
 def warn_ignored(name: str, kwargs: Dict[str, Any]) -> None:
     """fla's layers take **kwargs and drop unknown ones silently; we say so."""
     if kwargs:
@@ -221,9 +361,12 @@ class FlaMixer(RecurrentMixer):
         use_cache: store the final states in past_key_values.
         output_attentions: accepted; linear attention has no attention weights (None).
         kwargs: `cu_seqlens` [N + 1] packs N sequences in a [1, T] batch (it takes precedence
-            over attention_mask, as in fla); other keys are ignored, as in fla.
+            over attention_mask, as in fla); `cp_context` (from
+            `lightning_ops.cp.build_cp_context`) runs the layer context-parallel: this rank's
+            slice of the tokens in, the same slice of the output out (see `mix`; no mask, cache
+            or cu_seqlens with it); other keys are ignored, as in fla.
         """
-        cu_seqlens = kwargs.get("cu_seqlens")
+        cu_seqlens, cp_context = kwargs.get("cu_seqlens"), kwargs.get("cp_context")
         last = None
         if past_key_values is not None:
             if self.layer_idx is None:
@@ -232,7 +375,8 @@ class FlaMixer(RecurrentMixer):
             if len(past_key_values) > self.layer_idx:
                 last = past_key_values[self.layer_idx]
         mask = attention_mask if cu_seqlens is None else None
-        o, new = self.mix(hidden_states, mask, cu_seqlens, last, bool(use_cache))
+        o, new = self.mix(hidden_states, mask, cu_seqlens, last, bool(use_cache),
+                          cp_context=cp_context)
         if use_cache and past_key_values is not None:
             past_key_values.update(recurrent_state=new["recurrent_state"],
                                    conv_state=new["conv_state"], layer_idx=self.layer_idx,
@@ -253,9 +397,12 @@ class MambaMixer(RecurrentMixer):
     layer_idx: Optional[int]
 
     def _run(self, u: Tensor, inference_params, attention_mask=None, cu_seqlens=None,
-             seq_idx=None) -> Tensor:
+             seq_idx=None, cp_context=None) -> Tensor:
         if inference_params is None:
-            return self.mix(u, attention_mask, cu_seqlens, None, False, seq_idx)[0]
+            return self.mix(u, attention_mask, cu_seqlens, None, False, seq_idx, cp_context)[0]
+        if cp_context is not None:  # (the same error as mix's)
+            self._check_cp(cp_context, u, attention_mask, cu_seqlens, inference_params, True,
+                           seq_idx)
         if seq_idx is not None:
             raise ValueError(f"{type(self).__name__}: seq_idx cannot be combined with "
                              f"inference_params (use cu_seqlens for packed inference)")

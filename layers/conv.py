@@ -69,8 +69,8 @@ class ShortConvolution(nn.Conv1d):
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None, initial_state: Optional[Tensor] = None,
-                output_final_state: bool = False, seq_idx: Optional[Tensor] = None
-                ) -> Tuple[Tensor, Optional[Tensor]]:
+                output_final_state: bool = False, seq_idx: Optional[Tensor] = None,
+                cp_context=None) -> Tuple[Tensor, Optional[Tensor]]:
         """x [B, T, D] -> (out [B, T, D], final state [N, D, W] or None).
 
         mask [B, T] (bool, LEFT padding): padded inputs are zeroed, and an initial state is
@@ -79,7 +79,20 @@ class ShortConvolution(nn.Conv1d):
         initial_state [N, D, W]: the inputs before the first token (zeros if None).
         seq_idx [B, T] int32: mamba-ssm's segment ids (taps stop where the id changes); only
         without mask, cu_seqlens and states.
+        cp_context: a `lightning_ops.cp.build_cp_context` context: x is this rank's slice of
+        the sequence dim (of the packed tokens of the context's global cu_seqlens, or of every
+        row when dense) and the W-1 inputs before it come from the previous ranks (one
+        all-gather, `lightning_ops.cp.causal_conv1d_fn`); without the arguments above.
         """
+        if cp_context is not None:
+            if mask is not None or cu_seqlens is not None or initial_state is not None or \
+                    output_final_state or seq_idx is not None:
+                raise ValueError("ShortConvolution: with cp_context, pass no mask, cu_seqlens, "
+                                 "seq_idx or states (the context carries the global "
+                                 "cu_seqlens; each rank passes its slice of the tokens)")
+            out = lo.cp.causal_conv1d_fn(_swap_td(x), self.weight[:, 0], self.bias,
+                                         activation=self.activation, cp_context=cp_context)
+            return _swap_td(out), None
         x = apply_mask(x, mask)
         if seq_idx is not None:
             if mask is not None or cu_seqlens is not None or initial_state is not None or \

@@ -8,9 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lightning_ops as lo
-
-from .base import FlaMixer, MixerStep, check_mode, use_recurrent, warn_ignored
+from .base import FlaMixer, MixerStep, check_mode, warn_ignored
 from .conv import ShortConvolution
 from .norm import RMSNorm
 from .utils import (apply_mask, compute_dtype, decay_gate, head_dims, init_dt_bias, init_linear,
@@ -30,11 +28,13 @@ def _sum_norm(x: Tensor, heads: int) -> Tensor:
 class _DeltaRuleMixer(FlaMixer):
     """Shared structure of DeltaNet, Gated DeltaNet and KDA: q/k/v projections with short
     convs, a sigmoid write strength beta, the delta-rule op, a per-head (gated) RMSNorm, o_proj.
-    Subclasses name their ops (`_chunk_op`, `_recurrent_op`: names in lightning_ops), set
+    Subclasses name their ops (`_chunk_op`, `_recurrent_op`: names in lightning_ops, and in
+    lightning_ops.cp for the chunked one), set
     `b_proj` and, when gated, implement `_gate`."""
 
     _chunk_op = "chunk_delta_rule"
     _recurrent_op = "fused_recurrent_delta_rule"
+    supports_cp = True
 
     def _build(self, hidden_size, num_heads, num_v_heads, head_k_dim, head_v_dim, mode,
                use_gate, use_short_conv, conv_size, conv_bias, allow_neg_eigval, qk_activation,
@@ -130,7 +130,7 @@ class _DeltaRuleMixer(FlaMixer):
     def _mix(self, x: Tensor, step: MixerStep):
         q, k, v = self._qkv(x, step)
         gate = self._gate(x, step)
-        fn = getattr(lo, self._recurrent_op if use_recurrent(self, x) else self._chunk_op)
+        fn = step.op(self, x, self._chunk_op, self._recurrent_op)
         o, state = fn(q, k, v, *(() if gate is None else (gate,)),
                       self._beta(x, step).to(q.dtype), initial_state=step.state,
                       output_final_state=step.want_state, cu_seqlens=step.cu_seqlens,

@@ -8,9 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lightning_ops as lo
-
-from .base import FlaMixer, MixerStep, check_mode, use_recurrent, warn_ignored
+from .base import FlaMixer, MixerStep, check_mode, warn_ignored
 from .conv import ShortConvolution
 from .norm import RMSNorm
 from .utils import (activation_fn, apply_mask, compute_dtype, head_dims, init_linear, kv_groups,
@@ -46,6 +44,8 @@ class GatedLinearAttention(FlaMixer):
             fused, i.e. gate_fn 'swish' with an output gate; else `g_norm`); same math.
         layer_idx: the layer's slot in a cache (`past_key_values`).
     """
+
+    supports_cp = True
 
     def __init__(self, mode: str = "chunk", hidden_size: int = 1024, expand_k: float = 0.5,
                  expand_v: float = 1.0, num_heads: int = 4, num_kv_heads: Optional[int] = None,
@@ -123,7 +123,7 @@ class GatedLinearAttention(FlaMixer):
         q = split_heads(q, self.num_heads)
         k, gk, v = self._heads(k, self.head_k_dim), self._heads(gk, self.head_k_dim), \
             self._heads(v, self.head_v_dim)
-        fn = lo.fused_recurrent_gla if use_recurrent(self, x) else lo.chunk_gla
+        fn = step.op(self, x, "chunk_gla", "fused_recurrent_gla")
         o, state = fn(q, k, v, gk, initial_state=step.state,
                       output_final_state=step.want_state, cu_seqlens=step.cu_seqlens)
         g = split_heads(self.g_proj(x), self.num_heads) if self.use_output_gate else None
@@ -165,6 +165,8 @@ class LightningAttention(FlaMixer):
     the ops; the forward follows fla's layer contract (`FlaMixer.forward`).
     """
 
+    supports_cp = True
+
     def __init__(self, hidden_size: int = 1024, num_heads: int = 8, expand_k: float = 1.0,
                  expand_v: float = 1.0, mode: str = "chunk", use_output_gate: bool = True,
                  gate_fn: str = "swish", elementwise_affine: bool = True,
@@ -201,18 +203,17 @@ class LightningAttention(FlaMixer):
         q = split_heads(F.silu(self.q_proj(x)), H)
         k = split_heads(apply_mask(F.silu(self.k_proj(x)), step.mask), H)
         v = split_heads(apply_mask(self.v_proj(x), step.mask), H)
-        rec = use_recurrent(self, x)
         common = dict(initial_state=step.state, output_final_state=step.want_state,
                       cu_seqlens=step.cu_seqlens)
         slope = self.slope.to(compute_dtype(x))
         if step.mask is None:
-            fn = lo.fused_recurrent_lightning_attn if rec else lo.lightning_attn
+            fn = step.op(self, x, "lightning_attn", "fused_recurrent_lightning_attn")
             o, state = fn(q, k, v, slope, **common)
         else:
             # a constant decay would still decay the state over padding: use the data-dependent
             # scalar gate form with log-decay 0 at padded positions
             g = apply_mask(-slope.expand(*x.shape[:2], H), step.mask)
-            fn = lo.fused_recurrent_simple_gla if rec else lo.chunk_simple_gla
+            fn = step.op(self, x, "chunk_simple_gla", "fused_recurrent_simple_gla")
             o, state = fn(q, k, v, g=g, **common)
         g = split_heads(self.g_proj(x), H) if self.use_output_gate else None
         o = self.g_norm(o, g).reshape(*x.shape[:2], self.value_dim)

@@ -7,9 +7,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-import lightning_ops as lo
-
-from .base import FlaMixer, MixerStep, check_mode, use_recurrent, warn_ignored
+from .base import FlaMixer, MixerStep, check_mode, warn_ignored
 from .norm import RMSNorm
 from .utils import apply_mask, compute_dtype, head_dims, kv_groups, kv_heads, split_heads
 
@@ -110,6 +108,8 @@ class HedgehogAttention(FlaMixer):
     `attention_distillation_loss(x)` is Hedgehog's conversion loss on this layer's own q / k.
     """
 
+    supports_cp = True
+
     def __init__(self, mode: str = "chunk", hidden_size: int = 1024, expand_k: float = 1.0,
                  expand_v: float = 1.0, num_heads: int = 8, num_kv_heads: Optional[int] = None,
                  tie_feature_map_qk: bool = False, output_norm: str = "rmsnorm",
@@ -168,8 +168,7 @@ class HedgehogAttention(FlaMixer):
         if self.do_feature_map_norm:
             v = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], dim=-1)
         k, v = apply_mask(k, step.mask), apply_mask(v, step.mask)
-        fn = lo.fused_recurrent_linear_attn if use_recurrent(self, x) \
-            else lo.chunk_linear_attn
+        fn = step.op(self, x, "chunk_linear_attn", "fused_recurrent_linear_attn")
         o, state = fn(q, k, v, initial_state=step.state, output_final_state=step.want_state,
                       cu_seqlens=step.cu_seqlens)
         if self.do_feature_map_norm:

@@ -7,9 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lightning_ops as lo
-
-from .base import FlaMixer, MixerStep, check_mode, use_recurrent, warn_ignored
+from .base import FlaMixer, MixerStep, check_mode, warn_ignored
 from .conv import ShortConvolution
 from .norm import RMSNorm
 from .utils import apply_mask, compute_dtype, split_heads
@@ -37,6 +35,8 @@ class HGRN2Attention(FlaMixer):
         layer_idx: the layer's cache slot (and lower_bound is skipped for layer 0).
     Linear layers keep PyTorch's default init (fla's layer sets none; its models re-init).
     """
+
+    supports_cp = True
 
     def __init__(self, mode: str = "chunk", hidden_size: int = 1024,
                  num_heads: Optional[int] = None, expand_ratio: Optional[int] = 128,
@@ -108,7 +108,7 @@ class HGRN2Attention(FlaMixer):
         k, i, g = apply_mask(k, step.mask), apply_mask(i, step.mask), apply_mask(g, step.mask)
         H = self.num_heads
         q, k, g, i = (split_heads(t, H) for t in (q, k, g, i))
-        fn = lo.fused_recurrent_gla if use_recurrent(self, x) else lo.chunk_gla
+        fn = step.op(self, x, "chunk_gla", "fused_recurrent_gla")
         o, state = fn(q, k, i, g, initial_state=step.state, output_final_state=step.want_state,
                       cu_seqlens=step.cu_seqlens)
         o = self.o_proj(self.g_norm(o.reshape(*x.shape[:2], self.input_dim)))

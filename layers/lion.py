@@ -99,8 +99,12 @@ class LION(FlaMixer):
                              "with use_cache=False")
         cu_seqlens = kwargs.get("cu_seqlens")
         mask = attention_mask if cu_seqlens is None else None
-        o, _ = self.mix(hidden_states, mask, cu_seqlens, None, False)
+        o, _ = self.mix(hidden_states, mask, cu_seqlens, None, False,
+                        cp_context=kwargs.get("cp_context"))
         return o, None, past_key_values
+
+    def _cp_note(self) -> str:
+        return "; LION is bidirectional: every output reads the whole sequence"
 
     def _mix(self, x: Tensor, step: MixerStep):
         H, D = self.num_heads, self.head_dim

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from lightning_ops.loglinear import hmamba_chunk_scan_combined, log_linear_attn_step
 
-from .base import FlaMixer, MixerStep, warn_ignored
+from .base import FlaMixer, HierarchyStateMixin, MixerStep, warn_ignored
 from .conv import ShortConvolution
 from .norm import RMSNorm
 from .utils import (apply_mask, compute_dtype, decay_rate, init_dt_bias, no_weight_decay,
@@ -54,7 +54,7 @@ def get_num_levels(length: int, base: int) -> int:
 MAX_NUM_LEVELS = get_num_levels(MAX_SEQUENCE_LENGTH, LAMBDA_LEVEL_BASE)  # 15, as fla
 
 
-class LogLinearMamba2(FlaMixer):
+class LogLinearMamba2(HierarchyStateMixin, FlaMixer):
     """Log-linear Mamba-2 mixer (fla's `LogLinearMamba2`, same arguments and defaults).
 
     Args:
@@ -155,32 +155,8 @@ class LogLinearMamba2(FlaMixer):
     def conv_layers(self) -> List[ShortConvolution]:
         return [self.conv1d]
 
-    def _check_state(self, state, N: int, x: Tensor) -> None:
-        rec = state.get("recurrent_state") if isinstance(state, dict) else None
-        if rec is not None:
-            if isinstance(rec, Tensor) or not (isinstance(rec, (tuple, list)) and len(rec) == 2):
-                raise TypeError("LogLinearMamba2: the cached recurrent_state must be the tuple "
-                                "(ht [N, H, L, state_size, head_dim], offsets [N]) this layer "
-                                "returns (a log-linear state hierarchy), got "
-                                f"{type(rec).__name__}")
-            ht, off = rec
-            if not isinstance(off, Tensor) or off.shape != (ht.shape[0],) or \
-                    off.is_floating_point():
-                raise ValueError(f"LogLinearMamba2: the cached offsets must be an integer tensor "
-                                 f"of shape [{ht.shape[0]}], got "
-                                 f"{list(getattr(off, 'shape', []))}")
-            if off.device != x.device:
-                raise ValueError(f"LogLinearMamba2: the cache is on {off.device} but "
-                                 f"hidden_states is on {x.device}")
-            state = {"recurrent_state": ht, "conv_state": state.get("conv_state")}
-        super()._check_state(state, N, x)
-
-    def _empty(self, x: Tensor, state, N: int, want: bool):
-        out, new = super()._empty(x, state, N, want)
-        if new is not None and isinstance(new["recurrent_state"], Tensor):
-            new["recurrent_state"] = (new["recurrent_state"],
-                                      torch.zeros(N, dtype=torch.int64, device=x.device))
-        return out, new
+    def _cp_note(self) -> str:
+        return "; lightning_ops.cp has no wrapper of the log-linear scan"
 
     def _get_D(self) -> Tensor:
         return self.D.view(self.num_heads, self.head_dim) if self.D_has_hdim else self.D
@@ -224,15 +200,7 @@ class LogLinearMamba2(FlaMixer):
             y, st = hmamba_chunk_scan_combined(x, dt, A, B, C, dl, Lp, z=z, initial_states=init,
                                                cu_seqlens=step.cu_seqlens, **kw)
             return y, (None if st is None else (st.ht, st.offsets))
-        real = step.mask.sum(1)
-        ends = torch.arange(1, b + 1, device=x.device) * l
-        cu = torch.stack([ends - l, ends - real], 1).reshape(-1)
-        cu = torch.cat([cu, ends[-1:]])
-        if init is not None:
-            ht, off = init
-            ht2 = torch.stack([torch.zeros_like(ht), ht], 1).flatten(0, 1)
-            off2 = torch.stack([torch.zeros_like(off), off], 1).flatten(0, 1)
-            init = (ht2, off2)
+        cu, init = self.mask_as_packing(step.mask, init)
 
         def flat(t):
             return None if t is None else t.reshape(1, b * l, *t.shape[2:])
@@ -253,9 +221,4 @@ class LogLinearMamba2(FlaMixer):
         y = o + x * (D[:, None] if D.dim() == 1 else D)
         if z is not None:
             y = y * F.silu(z)
-        new_ht, new_off = new.ht, new.offsets
-        if mask is not None:  # a padded step leaves the row's state as it was
-            keep = mask[:, 0]
-            new_ht = torch.where(keep[:, None, None, None, None], new_ht, ht.to(new_ht.dtype))
-            new_off = torch.where(keep, new_off, off)
-        return y, (new_ht, new_off)
+        return y, self.keep_padded_rows(mask, (new.ht, new.offsets), (ht, off))

@@ -38,7 +38,7 @@ from lightning_ops.loglinear import (chunk_log_linear_gated_delta_rule,
                                      fused_recurrent_log_linear_gated_delta_rule,
                                      log_linear_gated_delta_rule_step)
 
-from .base import MixerStep, warn_ignored
+from .base import HierarchyStateMixin, MixerStep, warn_ignored
 from .delta import GatedDeltaNet
 from .log_linear import MAX_NUM_LEVELS
 from .utils import apply_mask, compute_dtype, init_linear, no_weight_decay, split_heads
@@ -46,7 +46,7 @@ from .utils import apply_mask, compute_dtype, init_linear, no_weight_decay, spli
 Tensor = torch.Tensor
 
 
-class LogLinearGatedDeltaNet(GatedDeltaNet):
+class LogLinearGatedDeltaNet(HierarchyStateMixin, GatedDeltaNet):
     """Log-linear Gated DeltaNet mixer (the authors' `HGatedDeltaNet`; GatedDeltaNet's
     arguments, defaults and parameters plus the level weights).
 
@@ -105,33 +105,6 @@ class LogLinearGatedDeltaNet(GatedDeltaNet):
     def _cp_note(self) -> str:
         return "; lightning_ops.cp has no wrapper of the log-linear ops"
 
-    def _check_state(self, state, N: int, x: Tensor) -> None:
-        rec = state.get("recurrent_state") if isinstance(state, dict) else None
-        name = type(self).__name__
-        if rec is not None:
-            if isinstance(rec, Tensor) or not (isinstance(rec, (tuple, list)) and len(rec) == 2):
-                raise TypeError(f"{name}: the cached recurrent_state must be the tuple (ht [N, "
-                                f"HV, L, head_k_dim, head_v_dim], offsets [N]) this layer "
-                                f"returns (a log-linear state hierarchy), got "
-                                f"{type(rec).__name__}")
-            ht, off = rec
-            if not isinstance(off, Tensor) or off.shape != (ht.shape[0],) or \
-                    off.is_floating_point():
-                raise ValueError(f"{name}: the cached offsets must be an integer tensor of "
-                                 f"shape [{ht.shape[0]}], got {list(getattr(off, 'shape', []))}")
-            if off.device != x.device:
-                raise ValueError(f"{name}: the cache is on {off.device} but hidden_states is "
-                                 f"on {x.device}")
-            state = {"recurrent_state": ht, "conv_state": state.get("conv_state")}
-        super()._check_state(state, N, x)
-
-    def _empty(self, x: Tensor, state, N: int, want: bool):
-        out, new = super()._empty(x, state, N, want)
-        if new is not None and isinstance(new["recurrent_state"], Tensor):
-            new["recurrent_state"] = (new["recurrent_state"],
-                                      torch.zeros(N, dtype=torch.int64, device=x.device))
-        return out, new
-
     # -- the mixer -----------------------------------------------------------------------------
     def _lambda(self, x: Tensor, step: MixerStep) -> Tensor:
         cd = compute_dtype(x)
@@ -164,14 +137,7 @@ class LogLinearGatedDeltaNet(GatedDeltaNet):
                        **kw)
             return o, (None if st is None else (st.ht, st.offsets))
         b, l = q.shape[:2]
-        real = step.mask.sum(1)
-        ends = torch.arange(1, b + 1, device=q.device) * l
-        cu = torch.cat([torch.stack([ends - l, ends - real], 1).reshape(-1), ends[-1:]])
-        init = None
-        if rec is not None:
-            ht, off = rec
-            init = (torch.stack([torch.zeros_like(ht), ht], 1).flatten(0, 1),
-                    torch.stack([torch.zeros_like(off), off], 1).flatten(0, 1))
+        cu, init = self.mask_as_packing(step.mask, rec)
 
         def flat(t):
             return t.reshape(1, b * l, *t.shape[2:])
@@ -186,9 +152,4 @@ class LogLinearGatedDeltaNet(GatedDeltaNet):
         ht, off = rec
         o, new = log_linear_gated_delta_rule_step(q, k, v, g, lam, beta, (ht, off),
                                                   use_qk_l2norm_in_kernel=True)
-        new_ht, new_off = new.ht, new.offsets
-        if mask is not None:  # a padded step leaves the row's state as it was
-            keep = mask[:, 0]
-            new_ht = torch.where(keep[:, None, None, None, None], new_ht, ht.to(new_ht.dtype))
-            new_off = torch.where(keep, new_off, off)
-        return o, (new_ht, new_off)
+        return o, self.keep_padded_rows(mask, (new.ht, new.offsets), (ht, off))

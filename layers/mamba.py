@@ -99,11 +99,16 @@ class Mamba(MambaMixer):
 
     def forward(self, hidden_states: Tensor, inference_params=None, *,
                 attention_mask: Optional[Tensor] = None,
-                cu_seqlens: Optional[Tensor] = None) -> Tensor:
+                cu_seqlens: Optional[Tensor] = None, cp_context=None) -> Tensor:
         """hidden_states [B, L, d_model] -> out [B, L, d_model]. With inference_params: a
         prefill (seqlen_offset 0) or a continuation (> 0) of the states in
-        `inference_params.key_value_memory_dict[layer_idx]`, updated in place."""
-        return self._run(hidden_states, inference_params, attention_mask, cu_seqlens)
+        `inference_params.key_value_memory_dict[layer_idx]`, updated in place. cp_context:
+        not supported (lightning_ops.cp has no selective-scan wrapper); raises."""
+        return self._run(hidden_states, inference_params, attention_mask, cu_seqlens,
+                         cp_context=cp_context)
+
+    def _cp_note(self) -> str:
+        return "; lightning_ops.cp has no selective_scan_fn wrapper (Mamba-1)"
 
     def _mix(self, u: Tensor, step: MixerStep):
         if step.cu_seqlens is not None:
@@ -181,8 +186,11 @@ class Mamba2(MambaMixer):
     Arguments (and positional order), defaults, parameter names and the forward contract are
     mamba-ssm's: `forward(u, seqlen=None, seq_idx=None, cu_seqlens=None,
     inference_params=None)`, `step`, `allocate_inference_cache` (see `MambaMixer`); extras:
-    `hidden_size` and forward's keyword-only `attention_mask` (any 0/1 padding).
+    `hidden_size` and forward's keyword-only `attention_mask` (any 0/1 padding) and
+    `cp_context` (context parallelism over a process group, lightning_ops.cp).
     """
+
+    supports_cp = True
 
     def __init__(self, d_model: int = 1024, d_state: int = 128, d_conv: int = 4,
                  conv_init: Optional[float] = None, expand: int = 2, headdim: int = 64,
@@ -254,19 +262,23 @@ class Mamba2(MambaMixer):
 
     def forward(self, u: Tensor, seqlen: Optional[int] = None, seq_idx: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None, inference_params=None, *,
-                attention_mask: Optional[Tensor] = None) -> Tensor:
+                attention_mask: Optional[Tensor] = None, cp_context=None) -> Tensor:
         """u [B, L, d_model] (or [B * L, d_model] with seqlen=L) -> out of u's shape.
         seq_idx [B, L] int32: segment ids (no state or conv tap crosses a change).
         cu_seqlens [N + 1]: packed sequences in a [1, L] batch, each with its own state.
         inference_params: prefill (seqlen_offset 0) or continue (> 0) the cached states of
-        `key_value_memory_dict[layer_idx]`, updated in place."""
+        `key_value_memory_dict[layer_idx]`, updated in place.
+        cp_context (from `lightning_ops.cp.build_cp_context`): context parallelism, u is this
+        rank's slice of the sequence dim and out the same slice of the output (see
+        `RecurrentMixer.mix`); not with seq_idx, cu_seqlens, attention_mask or
+        inference_params."""
         flat = seqlen is not None
         if flat:
             if u.dim() != 2 or u.shape[0] % seqlen:
                 raise ValueError(f"Mamba2: with seqlen={seqlen}, u must have shape "
                                  f"[batch * seqlen, d_model], got {list(u.shape)}")
             u = u.view(u.shape[0] // seqlen, seqlen, u.shape[1])
-        out = self._run(u, inference_params, attention_mask, cu_seqlens, seq_idx)
+        out = self._run(u, inference_params, attention_mask, cu_seqlens, seq_idx, cp_context)
         return out.reshape(-1, out.shape[-1]) if flat else out
 
     def _mix(self, u: Tensor, step: MixerStep):
@@ -294,7 +306,7 @@ class Mamba2(MambaMixer):
                 D[:, None].expand(h, p) if D.dim() == 1 else D,
                 None if gate is None else gate[:, 0])[:, None]
         else:
-            res = lo.mamba_chunk_scan_combined(
+            res = step.op(self, x, "mamba_chunk_scan_combined")(
                 x, dt, A, B, C, self.chunk_size, D=D, z=gate,
                 dt_bias=None if pre else self.dt_bias.to(cd), initial_states=step.state,
                 seq_idx=step.seq_idx, cu_seqlens=step.cu_seqlens, dt_softplus=not pre,

@@ -8,9 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import lightning_ops as lo
-
-from .base import FlaMixer, MixerStep, check_mode, use_recurrent, warn_ignored
+from .base import FlaMixer, MixerStep, check_mode, warn_ignored
 from .conv import ShortConvolution
 from .norm import RMSNorm
 from .utils import (apply_mask, compute_dtype, decay_gate, init_dt_bias, init_linear,
@@ -149,6 +147,10 @@ class MomAttention(FlaMixer):
             ws.append(getattr(self, f"shared_{name}").weight)
         return F.linear(x, torch.cat(ws, 0)).view(x.shape[0], len(ws), dim)
 
+    def _cp_note(self) -> str:
+        return ("; MoM regroups the tokens per memory, so a memory's sequence does not follow "
+                "the ranks' slices")
+
     def _mix(self, x: Tensor, step: MixerStep):
         B, T, D = x.shape
         M, E, H = self.num_memories, self.num_slots_memories, self.num_heads
@@ -213,8 +215,7 @@ class MomAttention(FlaMixer):
             q, k, v = F.silu(q), F.silu(k), F.silu(v)
         q, k, v = split_heads(q, H), split_heads(k, H), split_heads(v, H)
         h0 = states_in(step.state, (H, self.head_dim, self.head_v_dim))
-        fn = lo.fused_recurrent_gated_delta_rule if use_recurrent(self, x) \
-            else lo.chunk_gated_delta_rule
+        fn = step.op(self, x, "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")
         o, ht = fn(q, k, v, g, beta.to(q.dtype), initial_state=h0,
                    output_final_state=step.want_state, cu_seqlens=cu,
                    use_qk_l2norm_in_kernel=True)

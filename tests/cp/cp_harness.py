@@ -348,3 +348,118 @@ def check_fsdp2_training(rank: int, world: int) -> None:
     losses = _train(model, x[:, s:e], y[:, s:e], cu, ctx, 3, T * d, grad_scale=world)
     for a, b in zip(losses, losses_ref):
         assert abs(a - b) <= 1e-5 * abs(b), f"FSDP2 + CP losses {losses} != single {losses_ref}"
+
+
+# ------------------------------------------------------------------------------------------------
+# layers (layers/*.py) with cp_context=: output and every parameter gradient equal the
+# single-process layer
+# ------------------------------------------------------------------------------------------------
+def make_layer(kind: str, d: int = 16) -> torch.nn.Module:
+    """A small float32 layer of each kind that takes cp_context (convs on where it has them)."""
+    import layers as L
+    if kind == "gla":
+        return L.GatedLinearAttention(hidden_size=d, num_heads=2, use_short_conv=True,
+                                      gate_low_rank_dim=4)
+    if kind == "lightning":
+        return L.LightningAttention(hidden_size=d, num_heads=2, layer_idx=1, num_layers=2)
+    if kind == "delta":
+        return L.DeltaNet(hidden_size=d, num_heads=2, use_gate=True)
+    if kind == "gated_delta":
+        return L.GatedDeltaNet(hidden_size=d, head_dim=8, num_heads=2, num_v_heads=4,
+                               expand_v=1)
+    if kind == "kda":
+        return L.KimiDeltaAttention(hidden_size=d, head_dim=8, num_heads=2)
+    if kind == "hgrn2":
+        return L.HGRN2Attention(hidden_size=d, expand_ratio=8, use_short_conv=True)
+    if kind == "hedgehog":
+        return L.HedgehogAttention(hidden_size=d, num_heads=2)
+    if kind == "mamba2":
+        return L.Mamba2(d_model=d, d_state=8, headdim=8, chunk_size=8, dt_limit=(0.001, 2.0))
+    if kind == "mamba2_mlp":  # the gated MLP channels, D per channel, y * silu(z) in the op
+        return L.Mamba2(d_model=d, d_state=4, headdim=8, chunk_size=8, d_ssm=16,
+                        D_has_hdim=True, rmsnorm=False)
+    raise ValueError(kind)
+
+
+def _layer_out(layer, x, **kw) -> torch.Tensor:
+    out = layer(x, **kw)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+def check_layer_parity(rank: int, world: int, kind: str, B: int, T: int,
+                       cu_list: Optional[List[int]], tol: float, seed: int = 0) -> None:
+    """The layer on this rank's slice with cp_context against the whole input in one process:
+    the output slice, dL/dx and every parameter gradient (summed over the ranks)."""
+    torch.manual_seed(seed)
+    layer = make_layer(kind)
+    cu = None if cu_list is None else torch.tensor(cu_list, dtype=torch.int32)
+    x = torch.randn(B, T, layer.hidden_size, requires_grad=True)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    o_ref = _layer_out(layer, x, **({} if cu is None else {"cu_seqlens": cu}))
+    do = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad((o_ref * do).sum(), [x] + params)
+
+    ctx = cp.build_cp_context(cu)
+    s, e = (ctx.bounds[rank], ctx.bounds[rank + 1]) if cu is not None else \
+        (rank * T // world, (rank + 1) * T // world)
+    x_loc = x.detach()[:, s:e].clone().requires_grad_(True)
+    o = _layer_out(layer, x_loc, cp_context=ctx)
+    grads = torch.autograd.grad((o * do[:, s:e]).sum(), [x_loc] + params)
+    dx = torch.zeros_like(x)
+    dx[:, s:e] = grads[0]
+    summed = []
+    for g in [dx] + [t.detach().clone() for t in grads[1:]]:
+        dist.all_reduce(g)
+        summed.append(g)
+    where = f"{kind} world={world} rank={rank} B={B} T={T} cu={cu_list}"
+    _close(f"output [{where}]", o, o_ref[:, s:e], tol)
+    names = ["x"] + [n for n, p in layer.named_parameters() if p.requires_grad]
+    for name, g_cp, g_1 in zip(names, summed, g_ref):
+        _close(f"d{name} [{where}]", g_cp, g_1, tol)
+
+
+def check_compiled_cp(rank: int, world: int) -> None:
+    """torch.compile(fullgraph=True) of a layer with cp_context: the collective (an all-gather
+    forward, an all-reduce / reduce-scatter backward) is traced into the graph, and output and
+    gradients equal the eager CP run. The backend: $LIGHTNING_OPS_CP_COMPILE_BACKEND, default
+    aot_eager (dynamo + AOTAutograd and its partitioner, without inductor's minutes of C++
+    compiling on a CI CPU; 'inductor' passes too)."""
+    import torch._dynamo
+    backend = os.environ.get("LIGHTNING_OPS_CP_COMPILE_BACKEND", "aot_eager")
+    torch.manual_seed(0)
+    layer = make_layer("gla")
+    cu = torch.tensor([0, 5, 17, 24], dtype=torch.int32)
+    ctx = cp.build_cp_context(cu)
+    s, e = ctx.bounds[rank], ctx.bounds[rank + 1]
+    x = torch.randn(1, 24, layer.hidden_size)[:, s:e].contiguous()
+    params = list(layer.parameters())
+
+    def run(fn):
+        xl = x.clone().requires_grad_(True)
+        o = fn(xl, cp_context=ctx)[0]
+        return [o] + list(torch.autograd.grad(o.square().sum(), [xl] + params))
+
+    eager = run(layer)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(layer, fullgraph=True, backend=backend))
+    for i, (a, b) in enumerate(zip(compiled, eager)):
+        _close(f"compiled vs eager CP, tensor {i} [rank {rank}]", a, b, 1e-6)
+
+
+def worker_layers(rank: int, world: int, cases: list, extras: tuple = ()) -> None:
+    """Every (kind, B, T, cu, tol) layer case, then the extras; fail at the end with all."""
+    failures = []
+    for case in cases:
+        try:
+            check_layer_parity(rank, world, *case)
+        except AssertionError as exc:
+            failures.append(str(exc))
+        except Exception:  # noqa: BLE001
+            failures.append(f"{case[0]}: {traceback.format_exc()}")
+    for name in extras:
+        try:
+            globals()[name](rank, world)
+        except Exception:  # noqa: BLE001
+            failures.append(f"{name}: {traceback.format_exc()}")
+    if failures:
+        raise AssertionError(f"rank {rank}: {len(failures)} failing:\n" + "\n".join(failures))
