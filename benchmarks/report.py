@@ -469,8 +469,10 @@ def _why_not(ours: Optional[Result], peer: Optional[Result]) -> str:
 # Plots
 # ------------------------------------------------------------------------------------------------
 FAMILIES = {"gla": ("linear attention family", ("chunk_gla", "chunk_simple_gla",
-                                                  "chunk_linear_attn", "lightning_attn")),
-            "delta": ("delta-rule family", ("chunk_delta_rule", "chunk_gated_delta_rule")),
+                                                  "chunk_linear_attn", "lightning_attn",
+                                                  "lion_attn", "chunk_log_linear_attn")),
+            "delta": ("delta-rule family", ("chunk_delta_rule", "chunk_gated_delta_rule",
+                                            "chunk_kda")),
             "ssm": ("state-space family", ("selective_scan_fn", "mamba_chunk_scan_combined",
                                            "causal_conv1d_fn"))}
 
