@@ -42,18 +42,17 @@ from typing import Callable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..chunk.constants import NO_GATE, SCALAR_GATE, VECTOR_GATE
 from ..delta import ops as _delta_ops
 from ..gla import ops as _gla_ops
 from ..ssm import ops as _ssm_ops
+from ..ssm.dt import effective_dt
+from ..precision import accumulation_dtype
 from ..validation import MAX_VALUE_DIM
 from .comm import exchange
 from .context import CPContext
 
 Tensor = torch.Tensor
-
-
-def _sdtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _check_ctx(cp: CPContext, B: int, T: int, name: str) -> None:
@@ -168,18 +167,18 @@ def _gla_family(q, k, v, g, g_gamma, scale, initial_state, output_final_state, c
     B, T, H, K = q.shape
     _check_ctx(cp, B, T, "q")
     cu = None if cp.dense else cp.local_cu_seqlens(q.device)
-    o_loc, fin_loc = _gla_ops._run(q, k, v, g, g_gamma, scale, _local_h0(cp, initial_state),
-                                   True, cu, "chunk", gate)
+    o_loc, fin_loc = _gla_ops.gated_linear_attention(
+        q, k, v, g, g_gamma, scale, _local_h0(cp, initial_state), True, cu, "chunk", gate)
     sd = fin_loc.dtype
     scale_ = float(K ** -0.5 if scale is None else scale)
-    kdim = K if gate == "vector" else 1
+    kdim = K if gate == VECTOR_GATE else 1
     piece = None
     if cp.first_cont():
         L0 = _first_len(cp, T)
         logd = q.new_zeros((), dtype=sd).expand(B, L0, H, kdim)
         if g is not None:
             gg = g[:, :L0].to(sd)
-            logd = logd + (gg if gate == "vector" else gg[..., None])
+            logd = logd + (gg if gate == VECTOR_GATE else gg[..., None])
         if g_gamma is not None:
             logd = logd + g_gamma.to(sd)[:, None]
         P = torch.cumsum(logd, dim=1)  # prefix sums from the piece start: every term <= 0
@@ -199,7 +198,7 @@ def chunk_linear_attn(q, k, v, scale=None, initial_state=None, output_final_stat
                                           cu_seqlens)
     _no_cu(cu_seqlens)
     return _gla_family(q, k, v, None, None, scale, initial_state, output_final_state,
-                       cp_context, "none")
+                       cp_context, NO_GATE)
 
 
 def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None,
@@ -211,7 +210,7 @@ def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
                                          output_final_state, cu_seqlens)
     _no_cu(cu_seqlens)
     return _gla_family(q, k, v, g, g_gamma, scale, initial_state, output_final_state,
-                       cp_context, "scalar")
+                       cp_context, SCALAR_GATE)
 
 
 def lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_state=False,
@@ -222,7 +221,7 @@ def lightning_attn(q, k, v, slope, scale=None, initial_state=None, output_final_
                                        cu_seqlens)
     _no_cu(cu_seqlens)
     return _gla_family(q, k, v, None, -slope, scale, initial_state, output_final_state,
-                       cp_context, "scalar")
+                       cp_context, SCALAR_GATE)
 
 
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False,
@@ -233,7 +232,7 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
                                   cu_seqlens)
     _no_cu(cu_seqlens)
     return _gla_family(q, k, v, g, None, scale, initial_state, output_final_state,
-                       cp_context, "vector")
+                       cp_context, VECTOR_GATE)
 
 
 def _no_cu(cu_seqlens) -> None:
@@ -249,7 +248,7 @@ def _matrix_apply(M: Tensor, S: Tensor) -> Tensor:
     return torch.matmul(M, S)  # M [n, HV, K, K], S [n, HV, K, V]
 
 
-def _delta_family(q, k, v, g, beta, scale, initial_state, output_final_state, l2, cp, gated):
+def _delta_family(q, k, v, g, beta, scale, initial_state, output_final_state, l2, cp, gate):
     B, T, H, K = q.shape
     HV, Vd = v.shape[2], v.shape[3]
     _check_ctx(cp, B, T, "q")
@@ -257,14 +256,14 @@ def _delta_family(q, k, v, g, beta, scale, initial_state, output_final_state, l2
     h0 = _local_h0(cp, initial_state)
 
     def run(v_, h0_):
-        return _delta_ops._run(q, k, v_, g, beta, scale, h0_, True, cu, l2, "chunk", gated)
+        return _delta_ops.delta_rule(q, k, v_, g, beta, scale, h0_, True, cu, l2, "chunk", gate)
 
     piece = None
     if not cp.first_cont():
         o_loc, fin_loc = run(v, h0)
     else:
         Nl = B if cp.dense else cp.n_pieces
-        sd = _sdtype(q)
+        sd = accumulation_dtype(q)
         eye = torch.eye(K, dtype=sd, device=q.device).expand(Nl, HV, K, K)
         if not cp.dense and Nl > 1:  # identity columns on the first piece only
             eye = torch.cat([eye[:1], eye.new_zeros(Nl - 1, HV, K, K)])
@@ -295,7 +294,7 @@ def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final
                                            use_qk_l2norm_in_kernel)
     _no_cu(cu_seqlens)
     return _delta_family(q, k, v, None, beta, scale, initial_state, output_final_state,
-                         use_qk_l2norm_in_kernel, cp_context, False)
+                         use_qk_l2norm_in_kernel, cp_context, NO_GATE)
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
@@ -309,7 +308,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
                                                  use_qk_l2norm_in_kernel)
     _no_cu(cu_seqlens)
     return _delta_family(q, k, v, g, beta, scale, initial_state, output_final_state,
-                         use_qk_l2norm_in_kernel, cp_context, True)
+                         use_qk_l2norm_in_kernel, cp_context, SCALAR_GATE)
 
 
 def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -321,7 +320,7 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
                                     cu_seqlens, use_qk_l2norm_in_kernel)
     _no_cu(cu_seqlens)
     return _delta_family(q, k, v, g, beta, scale, initial_state, output_final_state,
-                         use_qk_l2norm_in_kernel, cp_context, "vector")
+                         use_qk_l2norm_in_kernel, cp_context, VECTOR_GATE)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -358,14 +357,7 @@ def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bia
     piece = None
     if cp.first_cont():
         L0 = _first_len(cp, l)
-        d = dt[:, :L0].to(sd)
-        if dt_bias is not None:
-            d = d + dt_bias.to(sd)
-        if dt_softplus:
-            d = F.softplus(d)
-        lo, hi = float(dt_limit[0]), float(dt_limit[1])
-        if (lo, hi) != (0.0, float("inf")):
-            d = d.clamp(lo, hi)
+        d = effective_dt(dt[:, :L0], dt_bias, dt_softplus, dt_limit, sd)
         P = torch.cumsum(d * A.to(sd), dim=1)  # [b, L0, h], prefix sums of terms <= 0
         trans = torch.exp(P[:, -1]) if L0 else x.new_ones((b, h), dtype=sd)
         Ch = C[:, :L0].to(sd).repeat_interleave(h // C.shape[2], dim=2)  # [b, L0, h, n]
