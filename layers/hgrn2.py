@@ -52,7 +52,11 @@ class HGRN2Attention(FlaMixer):
             expand_ratio = hidden_size // num_heads
         else:
             raise ValueError("HGRN2Attention: one of expand_ratio or num_heads must be given")
-        if num_heads < 1 or hidden_size % num_heads:
+        if num_heads < 1:
+            raise ValueError(f"HGRN2Attention: expand_ratio {expand_ratio} is larger than "
+                             f"hidden_size {hidden_size} (num_heads = hidden_size // expand_ratio "
+                             f"would be 0); pass a smaller expand_ratio or num_heads")
+        if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads "
                              f"{num_heads} (hidden_size // expand_ratio)")
         self.mode = check_mode(mode, fused_chunk=True)

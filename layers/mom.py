@@ -118,7 +118,10 @@ class MomAttention(FlaMixer):
         self.o_norm = RMSNorm(self.head_v_dim, norm_eps, gate_fn="swish", **kw)
         self.o_proj = nn.Linear(self.value_dim, hidden_size, bias=False, **kw)
         init_linear(self)
+        # router logits of the current forward() call only: mix() (CausalLM) and decode steps
+        # never keep them, so no autograd graph outlives its call
         self._router_logits: Optional[Tensor] = None
+        self._want_logits = False
 
     def state_shape(self) -> Tuple[int, ...]:
         return (self.num_slots_memories, self.num_heads, self.head_dim, self.head_v_dim)
@@ -130,8 +133,12 @@ class MomAttention(FlaMixer):
                 past_key_values=None, use_cache: Optional[bool] = False,
                 output_attentions: Optional[bool] = False, **kwargs):
         """fla's contract (FlaMixer.forward) plus router_logits [B*T, num_memories], as fla."""
-        o, attn, pkv = super().forward(hidden_states, attention_mask, past_key_values,
-                                       use_cache, output_attentions, **kwargs)
+        self._want_logits = True
+        try:
+            o, attn, pkv = super().forward(hidden_states, attention_mask, past_key_values,
+                                           use_cache, output_attentions, **kwargs)
+        finally:
+            self._want_logits = False
         logits, self._router_logits = self._router_logits, None
         if logits is None:  # no tokens
             logits = hidden_states.new_zeros(0, self.num_memories)
@@ -156,7 +163,8 @@ class MomAttention(FlaMixer):
         M, E, H = self.num_memories, self.num_slots_memories, self.num_heads
         cd = compute_dtype(x)
         logits = self.gate(x)
-        self._router_logits = logits
+        if self._want_logits:
+            self._router_logits = logits
         rd = torch.promote_types(logits.dtype, torch.float32)  # fp32 router (fp64 stays)
         w, sel = logits.to(rd).softmax(-1).topk(self.topk, dim=-1)        # [B, T, k]
         w = w / w.sum(-1, keepdim=True)

@@ -289,3 +289,26 @@ def test_empty_input(name, shape):
     assert out.shape == x.shape
     out.sum().backward()
     assert x.grad.shape == x.shape
+
+
+def test_mom_keeps_no_router_logits_outside_its_forward():
+    """Run through CausalLM (mixer.mix) and decode, MoM must not keep the last router logits
+    (and their autograd graph) on the module; its own forward still returns them."""
+    torch.manual_seed(0)
+    mk = dict(num_heads=2, head_dim=8, expand_v=1, num_memories=4, topk=2,
+              use_output_gate=False)
+    model = layers.CausalLM(32, hidden_size=32, num_layers=1, mixer="mom", mixer_kwargs=mk)
+    ids = torch.randint(0, 32, (2, 9))
+    out = model(ids)
+    (out[0] if isinstance(out, tuple) else out).sum().backward()
+    mom = next(m for m in model.modules() if isinstance(m, layers.MomAttention))
+    assert mom._router_logits is None
+    model.generate(ids[:, :4], max_new_tokens=3)
+    assert mom._router_logits is None
+    out = mom(torch.randn(2, 5, 32))
+    assert out[3].shape == (10, 4) and mom._router_logits is None
+
+
+def test_hgrn2_expand_ratio_larger_than_hidden_size_says_so():
+    with pytest.raises(ValueError, match="expand_ratio 128 is larger than hidden_size 64"):
+        layers.HGRN2Attention(hidden_size=64)
