@@ -1,22 +1,38 @@
 """CPU side-by-side of the SSM family's torch path against the peers' pure-PyTorch references,
 interleaved (A B A B ...) so machine load hits every provider alike.
 
-  OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python tools/bench_ssm_cpu.py scan conv ssd \
-      [--rounds 7] [--threads 2] [--before-rev HEAD~1] [--quick]
+  OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python tools/bench_ssm_cpu.py scan conv ssd step \
+      [--rounds 7] [--threads 2] [--before-rev HEAD~1] [--quick] [--modes fwd,fwd+bwd]
 
-Peers (local copies written from the published math, no install needed):
+Peers. mamba-ssm and causal-conv1d are not installed here (they need CUDA to build), so their
+pure-PyTorch code is written out below from their published sources (mamba-ssm 2.x,
+causal-conv1d 1.x): the same operations in the same order. When the packages are importable,
+their own selective_state_update_ref / causal_conv1d_update_ref are used instead.
   scan  mamba-ssm's selective_scan_ref: deltaA = exp(delta A), deltaB_u = delta B u for the whole
         [b, d, L, n] tensor up front, then a Python loop h = deltaA_t h + deltaB_u_t, y_t = h C_t
   conv  causal-conv1d's reference: F.conv1d(x, w, b, padding=W-1, groups=D)[..., :L], then SiLU
   ssd   ssd_minimal_discrete (block 64): segment-sum decay masks, diagonal blocks by einsum,
-        chunk states, inter-chunk recurrence by a decay matrix, off-diagonal outputs
---before-rev REV also times lightning_ops/ssm/torch.py as it was at REV ("before").
+        chunk states, inter-chunk recurrence by a decay matrix, off-diagonal outputs; the "Dz"
+        rows add the Mamba2 layer's own lines y + D x, y * silu(z) (rmsnorm=False) around it,
+        against our op with D and z (which then saves the pre-gate output for dz)
+  step  decode steps, each sample 200 calls:
+        ssu2   Mamba-2 shape (tied dt / A over p, as Mamba2.step passes them) against the torch
+               lines of mamba-ssm's Mamba2.step (dA = exp(dt A), einsum dBx, state.copy_,
+               einsum y, + D x) and against selective_state_update_ref
+        ssu1   Mamba-1 shape (state [b, D, n]) against selective_state_update_ref and the torch
+               lines of mamba-ssm's Mamba.step
+        convu  causal_conv1d_update (x [b, D], state [b, D, W-1]) against causal-conv1d's
+               causal_conv1d_update_ref, and Mamba.step's lines (state [b, D, W]: roll, write,
+               sum(state * w), + bias, SiLU)
+--before-rev REV also times lightning_ops/ssm/torch.py as it was at REV ("before"; ops.py is the
+current one).
 Reported: median ms per provider, and per-round ratios ours / peer (median [min, max]).
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import os
 import statistics
 import subprocess
@@ -58,6 +74,82 @@ def mamba_selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     if z is not None:
         out = out * F.silu(z)
     return out.to(dtype_in)
+
+
+def _ssu_ref_local(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """mamba_ssm.ops.triton.selective_state_update.selective_state_update_ref (einops spelled
+    out as views / repeat_interleave)."""
+    has_heads = state.dim() > 3
+    if state.dim() == 3:
+        state = state.unsqueeze(1)
+    if x.dim() == 2:
+        x = x.unsqueeze(1)
+    if dt.dim() == 2:
+        dt = dt.unsqueeze(1)
+    if A.dim() == 2:
+        A = A.unsqueeze(0)
+    if B.dim() == 2:
+        B = B.unsqueeze(1)
+    if C.dim() == 2:
+        C = C.unsqueeze(1)
+    if D is not None and D.dim() == 1:
+        D = D.unsqueeze(0)
+    if z is not None and z.dim() == 2:
+        z = z.unsqueeze(1)
+    if dt_bias is not None and dt_bias.dim() == 1:
+        dt_bias = dt_bias.unsqueeze(0)
+    batch, nheads, dim, dstate = state.shape
+    ngroups = B.shape[1]
+    if dt_bias is not None:
+        dt = dt + dt_bias
+    dt = F.softplus(dt) if dt_softplus else dt
+    dA = torch.exp(dt[..., None] * A)  # (batch, nheads, dim, dstate)
+    B = B.repeat_interleave(nheads // ngroups, dim=1)  # (batch, nheads, dstate)
+    C = C.repeat_interleave(nheads // ngroups, dim=1)
+    dB = dt[..., None] * B[:, :, None, :]  # (batch, nheads, dim, dstate)
+    state.copy_(state * dA + dB * x[..., None])
+    out = torch.einsum("bhdn,bhn->bhd", state.to(C.dtype), C)
+    if D is not None:
+        out += (x * D).to(out.dtype)
+    out = (out if z is None else out * F.silu(z)).to(x.dtype)
+    if not has_heads:
+        out = out.squeeze(1)
+    return out
+
+
+def _conv_update_ref_local(x, conv_state, weight, bias=None, activation=None):
+    """causal_conv1d.causal_conv1d_interface.causal_conv1d_update_ref (no cache_seqlens)."""
+    dtype_in = x.dtype
+    unsqueeze = x.dim() == 2
+    if unsqueeze:
+        x = x.unsqueeze(-1)
+    batch, dim, seqlen = x.shape
+    state_len = conv_state.shape[-1]
+    x_new = torch.cat([conv_state, x], dim=-1).to(weight.dtype)
+    conv_state.copy_(x_new[:, :, -state_len:])
+    out = F.conv1d(x_new, weight.unsqueeze(1), bias, padding=0, groups=dim)[:, :, -seqlen:]
+    if unsqueeze:
+        out = out.squeeze(-1)
+    return (out if activation is None else F.silu(out)).to(dtype=dtype_in)
+
+
+def _peer_refs():
+    """(selective_state_update_ref, causal_conv1d_update_ref, where they came from)."""
+    try:
+        from mamba_ssm.ops.triton.selective_state_update import selective_state_update_ref
+        src = "mamba_ssm"
+    except Exception:  # not installed (or its import needs CUDA): the local copy
+        selective_state_update_ref, src = _ssu_ref_local, "local copy"
+    try:
+        from causal_conv1d.causal_conv1d_interface import causal_conv1d_update_ref
+        src2 = "causal_conv1d"
+    except Exception:
+        causal_conv1d_update_ref, src2 = _conv_update_ref_local, "local copy"
+    return selective_state_update_ref, causal_conv1d_update_ref, f"ssu_ref: {src}, " \
+        f"conv_update_ref: {src2}"
+
+
+SSU_REF, CONV_UPDATE_REF, PEER_SOURCES = _peer_refs()
 
 
 def causal_conv1d_ref(x, weight, bias=None, activation=None):
@@ -106,6 +198,24 @@ def load_before(rev: str) -> str:
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
+    if "need_pre" not in inspect.signature(mod.ssd_forward).parameters:  # the older contract
+        fwd, bwd = mod.ssd_forward, mod.ssd_backward
+        mod.ssd_forward = lambda *a, need_pre=False, **k: tuple(fwd(*a, **k)) + (None,)
+        mod.ssd_backward = lambda *a, pre=None, **k: bwd(*a, **k)
+    su, cu = mod.state_update, mod.conv_update  # older: heads form / x [b, D, L] only
+
+    def state_update(state, x, dt, A, B, C, D, z, dt_bias, softplus):
+        if state.dim() == 4:
+            return su(state, x, dt, A, B, C, D, z, dt_bias, softplus)
+        one = [None if t is None else t.unsqueeze(i) for t, i in
+               zip((state, x, dt, A, B, C, D, z, dt_bias), (1, 1, 1, 0, 1, 1, 0, 1, 0))]
+        return su(*one, softplus).squeeze(1)
+
+    def conv_update(x, conv_state, weight, bias, activation):
+        if x.dim() == 3:
+            return cu(x, conv_state, weight, bias, activation)
+        return cu(x.unsqueeze(-1), conv_state, weight, bias, activation).squeeze(-1)
+    mod.state_update, mod.conv_update = state_update, conv_update
     return name
 
 
@@ -174,17 +284,20 @@ def conv_case(b, d, L, W=4, grad=False, seed=0):
     return ours, peer
 
 
-def ssd_case(b, L, h, p, n, grad=False, seed=0, block=64):
+def ssd_case(b, L, h, p, n, grad=False, seed=0, block=64, Dz=False):
+    """Dz: with D [h] and z (ours: the op's D and z; peer: the Mamba2 layer's lines)."""
     g = torch.Generator().manual_seed(seed)
     x = _leaf(torch.randn(b, L, h, p, generator=g), grad)
     dt = _leaf(F.softplus(torch.randn(b, L, h, generator=g) - 2), grad)
     A = _leaf(-torch.exp(torch.randn(h, generator=g) * 0.5), grad)
     Bm = _leaf(torch.randn(b, L, 1, n, generator=g), grad)
     Cm = _leaf(torch.randn(b, L, 1, n, generator=g), grad)
+    D = _leaf(torch.randn(h, generator=g), grad) if Dz else None
+    z = _leaf(torch.randn(b, L, h, p, generator=g), grad) if Dz else None
     dy = torch.randn(b, L, h, p, generator=g)
 
     def ours():
-        y = lo.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, block)
+        y = lo.mamba_chunk_scan_combined(x, dt, A, Bm, Cm, block, D=D, z=z)
         if grad:
             y.backward(dy)
         return y
@@ -192,6 +305,8 @@ def ssd_case(b, L, h, p, n, grad=False, seed=0, block=64):
     def peer():
         y, _ = ssd_minimal_discrete(x * dt[..., None], A * dt, Bm.expand(b, L, h, n),
                                     Cm.expand(b, L, h, n), block)
+        if Dz:
+            y = (y + x * D[:, None]) * F.silu(z)
         if grad:
             y.backward(dy)
         return y
@@ -222,7 +337,66 @@ def step_case(b, h=8, p=64, n=128, seed=0, grad=False):
         s2.copy_(s2 * dA[..., None, None] + dBx)
         y = torch.einsum("bhpn,bn->bhp", s2, Cm[:, 0])
         return y + D[:, None] * x
-    return ours, peer
+
+    s3 = state0.clone()
+
+    def peer_ref():
+        return SSU_REF(s3, x, dt[..., None].expand(b, h, p), A[:, None, None].expand(h, p, n),
+                       Bm, Cm, D=D[:, None].expand(h, p), dt_bias=dtb[:, None].expand(h, p),
+                       dt_softplus=True)
+    return ours, peer, peer_ref
+
+
+def step1_case(b, d=1536, n=16, seed=0):
+    """One Mamba-1 decode step (state [b, D, n], A [D, n], z): ours, selective_state_update_ref,
+    and the torch lines of mamba-ssm's Mamba.step (dt already through dt_proj)."""
+    g = torch.Generator().manual_seed(seed)
+    state0 = torch.randn(b, d, n, generator=g)
+    s1, s2, s3 = state0.clone(), state0.clone(), state0.clone()
+    x, dt, z = (torch.randn(b, d, generator=g) for _ in range(3))
+    A = -torch.exp(torch.randn(d, n, generator=g) * 0.5)
+    Bm, Cm = torch.randn(b, n, generator=g), torch.randn(b, n, generator=g)
+    D, dtb = torch.randn(d, generator=g), torch.rand(d, generator=g)
+
+    def ours():
+        return lo.selective_state_update(s1, x, dt, A, Bm, Cm, D=D, z=z, dt_bias=dtb,
+                                         dt_softplus=True)
+
+    def peer_ref():
+        return SSU_REF(s2, x, dt, A, Bm, Cm, D=D, z=z, dt_bias=dtb, dt_softplus=True)
+
+    def peer_step():
+        dtp = F.softplus(dt + dtb)
+        dA = torch.exp(torch.einsum("bd,dn->bdn", dtp, A))
+        dB = torch.einsum("bd,bn->bdn", dtp, Bm)
+        s3.copy_(s3 * dA + x[..., None] * dB)
+        y = torch.einsum("bdn,bn->bd", s3, Cm)
+        y = y + D * x
+        return y * F.silu(z)
+    return ours, peer_ref, peer_step
+
+
+def conv_update_case(b, d=1536, W=4, seed=0):
+    """One causal_conv1d_update step (x [b, D], SiLU): ours and causal_conv1d_update_ref with a
+    [b, D, W-1] state, and Mamba.step's torch lines with its [b, D, W] state."""
+    g = torch.Generator().manual_seed(seed)
+    st = torch.randn(b, d, W, generator=g)
+    s1, s2, s3 = st[..., 1:].clone(), st[..., 1:].clone(), st.clone()
+    x = torch.randn(b, d, generator=g)
+    w, bias = torch.randn(d, W, generator=g), torch.randn(d, generator=g)
+
+    def ours():
+        return lo.causal_conv1d_update(x, s1, w, bias, "silu")
+
+    def peer_ref():
+        return CONV_UPDATE_REF(x, s2, w, bias, "silu")
+
+    def peer_step():
+        s3.copy_(torch.roll(s3, shifts=-1, dims=-1))
+        s3[:, :, -1] = x
+        y = torch.sum(s3 * w, dim=-1) + bias
+        return F.silu(y)
+    return ours, peer_ref, peer_step
 
 
 def interleaved(providers, rounds, warmup=1):
@@ -241,17 +415,24 @@ def interleaved(providers, rounds, warmup=1):
     return times
 
 
-def report(label, times, peer="peer"):
+def report(label, times, peers=("peer",)):
+    """Median ms per provider; per-round ratios ours / each peer (and before / peer)."""
     parts = [f"{label:<44}"]
     for nm, ts in times.items():
         parts.append(f"{nm} {1e3 * statistics.median(ts):8.1f} ms")
-    for nm, ts in times.items():
-        if nm == peer:
-            continue
-        ratios = sorted(a / b for a, b in zip(ts, times[peer]))
-        parts.append(f"{nm}/{peer} {statistics.median(ratios):.2f} "
-                     f"[{ratios[0]:.2f}, {ratios[-1]:.2f}]")
+    for peer in peers:
+        for nm, ts in times.items():
+            if nm in peers:
+                continue
+            ratios = sorted(a / b for a, b in zip(ts, times[peer]))
+            parts.append(f"{nm}/{peer} {statistics.median(ratios):.2f} "
+                         f"[{ratios[0]:.2f}, {ratios[-1]:.2f}]")
     print("  ".join(parts), flush=True)
+
+
+def _calls(prov, n=200):
+    """Each sample times n calls (a decode step is ~0.1 ms)."""
+    return {k: (lambda f=f: [f() for _ in range(n)]) for k, f in prov.items()}
 
 
 def main():
@@ -265,7 +446,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"threads={torch.get_num_threads()} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
-          f"load={os.getloadavg()[0]:.1f} torch={torch.__version__} rounds={args.rounds}")
+          f"load={os.getloadavg()} torch={torch.__version__} rounds={args.rounds} "
+          f"peers: {PEER_SOURCES}")
     before = load_before(args.before_rev) if args.before_rev else None
     modes = args.modes.split(",")
     for mode in modes:
@@ -292,23 +474,36 @@ def main():
                            interleaved(prov, args.rounds))
             if "step" in args.what and not grad:
                 for b in (1, 16):
-                    ours, peer = step_case(b)
-                    prov = {"ours": ours, "peer": peer}
+                    ours, peer, peer_ref = step_case(b)
+                    prov = {"ours": ours, "step": peer, "ref": peer_ref}
                     if before:
                         prov["before"] = with_module("ssd", before, ours)
-                    # a call is ~100 us: each sample times 200 calls
-                    batch = {k: (lambda f=f: [f() for _ in range(200)]) for k, f in prov.items()}
-                    report(f"state_update x200 B={b} h=8 p=64 n=128", interleaved(batch,
-                                                                                  args.rounds))
+                    report(f"ssu2 x200 B={b} h=8 p=64 n=128 (tied)",
+                           interleaved(_calls(prov), args.rounds), peers=("step", "ref"))
+                for b in (1, 16):
+                    ours, peer_ref, peer_step = step1_case(b)
+                    prov = {"ours": ours, "ref": peer_ref, "step": peer_step}
+                    if before:
+                        prov["before"] = with_module("ssd", before, ours)
+                    report(f"ssu1 x200 B={b} D=1536 n=16 (z)",
+                           interleaved(_calls(prov), args.rounds), peers=("ref", "step"))
+                for b in (1, 16):
+                    ours, peer_ref, peer_step = conv_update_case(b)
+                    prov = {"ours": ours, "ref": peer_ref, "step": peer_step}
+                    if before:
+                        prov["before"] = with_module("conv", before, ours)
+                    report(f"convu x200 B={b} D=1536 W=4 silu",
+                           interleaved(_calls(prov), args.rounds), peers=("ref", "step"))
             if "ssd" in args.what:
                 for b, L, h, p, n in [(1, 1024, 4, 64, 64), (1, 4096, 4, 64, 64)] + \
                         ([] if args.quick else [(2, 2048, 8, 64, 128)]):
-                    ours, peer = ssd_case(b, L, h, p, n, grad=grad)
-                    prov = {"ours": ours, "peer": peer}
-                    if before:
-                        prov["before"] = with_module("ssd", before, ours)
-                    report(f"ssd {mode} B={b} L={L} h={h} p={p} n={n}",
-                           interleaved(prov, args.rounds))
+                    for Dz in (False, True):
+                        ours, peer = ssd_case(b, L, h, p, n, grad=grad, Dz=Dz)
+                        prov = {"ours": ours, "peer": peer}
+                        if before:
+                            prov["before"] = with_module("ssd", before, ours)
+                        report(f"ssd {mode} B={b} L={L} h={h} p={p} n={n}{' Dz' if Dz else ''}",
+                               interleaved(prov, args.rounds))
 
 
 if __name__ == "__main__":

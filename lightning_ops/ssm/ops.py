@@ -24,13 +24,15 @@ Backend module contract (lightning_ops.ssm.torch / .triton / .cuda; families "se
                  dt_softplus, dt_min, dt_max, dy, dfinal, pre)
         -> (dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states) (None for absent inputs)
     state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> out   (state in place;
-        heads form: state [b,h,p,n]; the Mamba-1 form is mapped onto it with h = 1)
+        heads form: state [b,h,p,n]; the Mamba-1 form is mapped onto it with h = 1, except that
+        the torch backend, called directly in eager mode, takes it as it is)
   conv:
     conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, activation)
         -> (out, final_states or None)
     conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal)
         -> (dx, dweight, dbias or None, dinitial_states or None)
-    conv_update(x, conv_state, weight, bias, activation) -> out   (x [b, D, L]; state in place)
+    conv_update(x, conv_state, weight, bias, activation) -> out   (x [b, D, L]; state in place;
+        the torch backend, called directly in eager mode, also takes x [b, D] for one token)
 activation is "none" or "silu". States are float32 (float64 for float64 inputs).
 """
 from __future__ import annotations
@@ -384,15 +386,68 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
     return x.new_empty(x.shape)
 
 
-def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
-                           C: Tensor, D: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                           dt_bias: Optional[Tensor] = None, dt_softplus: bool = False) -> Tensor:
-    """One decode step (mamba-ssm layout); `state` is updated in place:
-    state = exp(dt A) state + dt B x ; out = state C + D x ; out *= silu(z) if z.
-    Heads form: state [b,h,p,n], x/dt/z [b,h,p], A [h,p,n], B/C [b,g,n], D/dt_bias [h,p].
-    Mamba-1 form: state [b,D,n], x/dt/z [b,D], A [D,n], B/C [b,n], D/dt_bias [D].
-    A, dt and dt_bias expanded with stride 0 over p (and n), as Mamba-2 passes them, take a
-    per-head fast path."""
+# Decode steps run once per token and layer, on tensors of a few KB to a few MB: the checks and
+# the dispatch must cost next to nothing. Each wrapper first asks _ssu_fits / _conv_update_fits
+# (plain tuple compares) whether the inputs are certainly valid, and runs the full checks, which
+# name what is wrong, only when they are not. In plain eager mode (_direct) the backend function
+# is called without the custom op's dispatch (measured on CPU: more than the step itself);
+# torch.compile, fake tensors, modes, tensor subclasses and inputs that need autograd still go
+# through the custom op.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _direct(tensors) -> bool:
+    """May the backend function be called directly instead of through its custom op?"""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
+            torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def _check_inplace(name: str, t: Tensor) -> None:
+    """V.check_inplace, whose stride and overlap checks a contiguous tensor passes by
+    definition (no two elements share memory): skipped for those in eager mode."""
+    if torch.compiler.is_compiling() or not t.is_contiguous() or t.is_inference():
+        V.check_inplace(name, t)
+
+
+def _fits(t: Optional[Tensor], shape, device, optional: bool = False) -> bool:
+    """t is a float tensor of exactly `shape` on `device` (None allowed if optional)."""
+    if t is None:
+        return optional
+    return isinstance(t, torch.Tensor) and t.dtype in V.FLOAT_DTYPES and t.shape == shape and \
+        t.device == device
+
+
+def _ssu_fits(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> bool:
+    """The inputs of selective_state_update are certainly valid (what _ssu_check checks)."""
+    if not isinstance(state, torch.Tensor) or not isinstance(dt_softplus, bool) or \
+            state.dtype not in V.FLOAT_DTYPES or not isinstance(B, torch.Tensor):
+        return False
+    dev, shape = state.device, state.shape
+    if len(shape) == 3:
+        b, d, n = shape
+        return (_fits(x, (b, d), dev) and _fits(dt, (b, d), dev) and _fits(A, (d, n), dev) and
+                _fits(B, (b, n), dev) and _fits(C, (b, n), dev) and
+                _fits(D, (d,), dev, True) and _fits(z, (b, d), dev, True) and
+                _fits(dt_bias, (d,), dev, True))
+    if len(shape) != 4 or B.dim() != 3:
+        return False
+    b, h, p, n = shape
+    g = B.shape[1]
+    return (g >= 1 and h % g == 0 and _fits(x, (b, h, p), dev) and
+            _fits(dt, (b, h, p), dev) and _fits(A, (h, p, n), dev) and
+            _fits(B, (b, g, n), dev) and _fits(C, (b, g, n), dev) and
+            _fits(D, (h, p), dev, True) and _fits(z, (b, h, p), dev, True) and
+            _fits(dt_bias, (h, p), dev, True))
+
+
+def _ssu_check(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus) -> None:
+    """The full checks of selective_state_update, each error naming the tensor and shapes."""
     V.check_float("state", state)
     if state.dim() == 3:
         b, d, n = state.shape
@@ -405,14 +460,7 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
         V.check_tensor("z", z, (b, d), "[b, D]", state)
         V.check_tensor("dt_bias", dt_bias, (d,), "[D]", state)
         V.check_flag("dt_softplus", dt_softplus)
-        V.check_inplace("state", state)
-        name = _backend.resolve("ssd", state.device, state.dtype)
-        out = _state_update(state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1), A.unsqueeze(0),
-                            B.unsqueeze(1), C.unsqueeze(1),
-                            None if D is None else D.unsqueeze(0),
-                            None if z is None else z.unsqueeze(1),
-                            None if dt_bias is None else dt_bias.unsqueeze(0), dt_softplus, name)
-        return out.squeeze(1)
+        return
     if state.dim() != 4:
         raise ValueError(f"state must have shape [b, h, p, n] (heads) or [b, D, n] (Mamba-1), "
                          f"got {list(state.shape)}")
@@ -433,9 +481,38 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     V.check_tensor("z", z, (b, h, p), "[b, h, p]", state)
     V.check_tensor("dt_bias", dt_bias, (h, p), "[h, p]", state)
     V.check_flag("dt_softplus", dt_softplus)
-    V.check_inplace("state", state)
+
+
+def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
+                           C: Tensor, D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                           dt_bias: Optional[Tensor] = None, dt_softplus: bool = False) -> Tensor:
+    """One decode step (mamba-ssm layout); `state` is updated in place:
+    state = exp(dt A) state + dt B x ; out = state C + D x ; out *= silu(z) if z.
+    Heads form: state [b,h,p,n], x/dt/z [b,h,p], A [h,p,n], B/C [b,g,n], D/dt_bias [h,p].
+    Mamba-1 form: state [b,D,n], x/dt/z [b,D], A [D,n], B/C [b,n], D/dt_bias [D].
+    A, dt and dt_bias expanded with stride 0 over p (and n), as Mamba-2 passes them, take a
+    per-head fast path."""
+    if not _ssu_fits(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+        _ssu_check(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    _check_inplace("state", state)
     name = _backend.resolve("ssd", state.device, state.dtype)
-    return _state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, name)
+    args = (state, x, dt, A, B, C, D, z, dt_bias)
+    direct = _direct(args)
+    if direct and name == "torch":  # takes the Mamba-1 form as it is
+        return _backend.implementation("ssd", name).state_update(*args, dt_softplus)
+    mamba1 = state.dim() == 3
+    if mamba1:  # the heads form with one head of D channels
+        state, x, dt, A, B, C = (state.unsqueeze(1), x.unsqueeze(1), dt.unsqueeze(1),
+                                 A.unsqueeze(0), B.unsqueeze(1), C.unsqueeze(1))
+        D = None if D is None else D.unsqueeze(0)
+        z = None if z is None else z.unsqueeze(1)
+        dt_bias = None if dt_bias is None else dt_bias.unsqueeze(0)
+    args = (state, x, dt, A, B, C, D, z, dt_bias)
+    if direct:
+        out = _backend.implementation("ssd", name).state_update(*args, dt_softplus)
+    else:
+        out = _state_update(*args, dt_softplus, name)
+    return out.squeeze(1) if mamba1 else out
 
 
 # =============================================================================================
@@ -558,11 +635,21 @@ def _(x, conv_state, weight, bias, activation, backend):
     return x.new_empty(x.shape)
 
 
-def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
-                         bias: Optional[Tensor] = None, activation: Optional[str] = None
-                         ) -> Tensor:
-    """Decode step of causal_conv1d_fn. x [B, D] or [B, D, L]; conv_state [B, D, S] with
-    S >= W-1 holds the last S inputs and is shifted in place. Returns out shaped like x."""
+def _conv_update_fits(x, conv_state, weight, bias, activation) -> bool:
+    """The inputs of causal_conv1d_update are certainly valid (what _conv_update_check checks)."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in V.FLOAT_DTYPES or \
+            x.dim() not in (2, 3) or activation not in _ACTIVATIONS or \
+            not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \
+            not isinstance(conv_state, torch.Tensor) or conv_state.dim() != 3:
+        return False
+    b, d = x.shape[:2]
+    W, dev = weight.shape[1], x.device
+    return (2 <= W <= 4 and _fits(weight, (d, W), dev) and
+            _fits(conv_state, (b, d, conv_state.shape[2]), dev) and
+            conv_state.shape[2] >= W - 1 and _fits(bias, (d,), dev, True))
+
+
+def _conv_update_check(x, conv_state, weight, bias, activation) -> None:
     V.check_float("x", x)
     if x.dim() not in (2, 3):
         raise ValueError(f"x must have shape [B, D] or [B, D, L], got {list(x.shape)}")
@@ -573,11 +660,29 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
         raise ValueError(f"conv_state must have shape [B, D, S] with S >= W-1 = {W - 1}, "
                          f"got {list(conv_state.shape)}")
     V.check_tensor("bias", bias, (d,), "[D]", x)
-    act = _activation(activation)
-    V.check_inplace("conv_state", conv_state)
+    _activation(activation)
+
+
+def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
+                         bias: Optional[Tensor] = None, activation: Optional[str] = None
+                         ) -> Tensor:
+    """Decode step of causal_conv1d_fn. x [B, D] or [B, D, L]; conv_state [B, D, S] with
+    S >= W-1 holds the last S inputs and is shifted in place. Returns out shaped like x."""
+    if not _conv_update_fits(x, conv_state, weight, bias, activation):
+        _conv_update_check(x, conv_state, weight, bias, activation)
+    act = _ACTIVATIONS[activation]
+    _check_inplace("conv_state", conv_state)
     name = _backend.resolve("conv", x.device, x.dtype)
+    direct = _direct((x, conv_state, weight, bias))
+    if direct and name == "torch":  # takes x [B, D] as it is
+        return _backend.implementation("conv", name).conv_update(x, conv_state, weight, bias,
+                                                                 act)
     xs = x.unsqueeze(-1) if x.dim() == 2 else x
-    out = _conv_update(xs, conv_state, weight, bias, act, name)
+    if direct:
+        out = _backend.implementation("conv", name).conv_update(xs, conv_state, weight, bias,
+                                                                 act)
+    else:
+        out = _conv_update(xs, conv_state, weight, bias, act, name)
     return out.squeeze(-1) if x.dim() == 2 else out
 
 

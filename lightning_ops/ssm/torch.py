@@ -627,34 +627,56 @@ def _per_head(X: Tensor, h: int) -> Tensor:
     return X.repeat_interleave(h // g, dim=1)[:, :, None, :]
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    """Heads form: state [b,h,p,n], x/dt/z [b,h,p], A [h,p,n], B/C [b,g,n], D/dt_bias [h,p].
-    A / dt / dt_bias tied over p (stride 0, as Mamba-2 expands them) take the per-head path."""
+    """Heads form: state [b,h,p,n], x/dt/z [b,h,p], A [h,p,n], B/C [b,g,n], D/dt_bias [h,p];
+    also the Mamba-1 form as it is: state [b,D,n], x/dt/z [b,D], A [D,n], B/C [b,n], D/dt_bias
+    [D] (one group of D rows). A / dt / dt_bias tied over p (stride 0, as Mamba-2 expands them)
+    take the per-head path: one decay per (batch, head). A contiguous state in the compute dtype
+    is updated by two in-place passes (decay, then + dt x B), and the output is one batched
+    matmul per group: its heads stacked as rows against its C (B and C never repeated per head).
+    A decode step is a few small ops: each op counts, so no-op casts are skipped."""
     acc = _acc(x)
-    h, ng = state.shape[1], B.shape[1]
-    tied = _tied(A, (1, 2)) and _tied(dt, (2,)) and _tied(dt_bias, (1,))
-    if tied:  # one decay per (batch, head): [b, h, 1, 1]
-        dt, A = dt[:, :, :1], A[:, :1, :1]
-        dt_bias = None if dt_bias is None else dt_bias[:, :1]
-    dtf = dt.to(acc)
+    if state.dim() == 4:
+        b, h, p, n = state.shape
+        g = B.shape[1]
+        rows = (b, g, (h // g) * p)
+        if _tied(A, (1, 2)) and _tied(dt, (2,)) and _tied(dt_bias, (1,)):
+            dt, A = dt.narrow(2, 0, 1), A.narrow(1, 0, 1).narrow(2, 0, 1)  # [b,h,1], [h,1,1]
+            dt_bias = None if dt_bias is None else dt_bias.narrow(1, 0, 1)
+        Bf, Cf = _as(B, acc).unsqueeze(2), _as(C, acc).unsqueeze(-1)  # [b,g,1,n], [b,g,n,1]
+    else:
+        b, d, n = state.shape
+        rows = (b, d)
+        Bf, Cf = _as(B, acc).unsqueeze(1), _as(C, acc).unsqueeze(-1)  # [b,1,n], [b,n,1]
+    dtf = _as(dt, acc)
     if dt_bias is not None:
-        dtf = dtf + dt_bias.to(acc)
+        dtf = dtf + _as(dt_bias, acc)
     if dt_softplus:
         dtf = F.softplus(dtf)
-    Bf, Cf = _per_head(B.to(acc), h), _per_head(C.to(acc), h)  # [b, h, 1, n]
-    xf = x.to(acc)
-    decay = torch.exp(dtf[..., None] * A.to(acc))  # [b, h, p | 1, n | 1]
-    if state.dtype == acc:  # two in-place passes over the state, then one batched matmul
-        new = state.mul_(decay).addcmul_((dtf * xf)[..., None], Bf)
+    xf = _as(x, acc)
+    decay = torch.exp(dtf.unsqueeze(-1) * _as(A, acc))  # [.., p | 1, n | 1]
+    dtx = dtf * xf
+    if state.dtype == acc and state.is_contiguous():
+        state.mul_(decay)
+        sv = state.view(*rows, n)
+        sv.addcmul_(dtx.reshape(*rows, 1), Bf)
+        out = torch.matmul(sv, Cf).view(x.shape)
     else:
-        new = decay * state.to(acc) + (dtf * xf)[..., None] * Bf
+        if state.dim() == 4:
+            h = state.shape[1]
+            Bf, Cf = _per_head(_as(B, acc), h), _per_head(_as(C, acc), h).transpose(-1, -2)
+        new = torch.addcmul(decay * state.to(acc), dtx.unsqueeze(-1), Bf)
         state.copy_(new)
-    out = (new @ Cf.transpose(-1, -2)).squeeze(-1)  # [b, h, p]
+        out = (new @ Cf).squeeze(-1)
     if D is not None:
-        out = out + D.to(acc) * xf
+        out.addcmul_(_as(D, acc), xf)
     if z is not None:
-        out = out * F.silu(z.to(acc))
-    return out.to(x.dtype)
+        out.mul_(F.silu(_as(z, acc)))
+    return _as(out, x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -774,10 +796,64 @@ def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, df
                       for g, r in zip(out, refs)))
 
 
+def _conv_step(x, conv_state, weight, bias, activation, acc):
+    """One token (x [b, D], a contiguous conv_state [b, D, S]): out = act(bias + the W taps over
+    [the W-1 newest state columns, x]), then the state moves left by one column, x last.
+    A step is a few small ops, and which ops matters (measured): copies, concatenations and sums
+    over a 2-4 wide last dim cost several times a contiguous pass once b * D is large.
+    b = 1: [state, x] by one concatenation, the taps as one batched matmul over the channels,
+    the state copied back from it. b > 1: the taps as column multiply-adds, the state moved by one
+    flat copy through a temporary (each row's last column takes the next row's first, then x
+    overwrites it). Views by select / narrow / unbind: tensor indexing costs more."""
+    b, d = x.shape
+    W, S = weight.shape[1], conv_state.shape[-1]
+    wa, xa = _as(weight, acc), _as(x, acc)
+    if b == 1 and conv_state.dtype == x.dtype:
+        full = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # [1, D, S+1]
+        win = _as(full.select(0, 0).narrow(-1, S + 1 - W, W), acc).unsqueeze(1)  # [D, 1, W]
+        taps = wa.unsqueeze(-1)  # [D, W, 1]
+        out = (torch.bmm(win, taps) if bias is None else
+               torch.baddbmm(_as(bias, acc).view(d, 1, 1), win, taps)).view(1, d)
+        conv_state.copy_(full.narrow(-1, 1, S))
+    else:
+        w = wa.unbind(1)
+        out = xa * w[W - 1] if bias is None else torch.addcmul(_as(bias, acc), xa, w[W - 1])
+        hist = conv_state.narrow(-1, S - (W - 1), W - 1)  # [b, D, W-1]
+        for k in range(W - 1):
+            out.addcmul_(_as(hist.select(-1, k), acc), w[k])
+        if S > 1:
+            flat = conv_state.view(-1)
+            flat[:-1].copy_(flat[1:].clone())
+        conv_state.select(-1, S - 1).copy_(x)
+    if activation == "silu":
+        out = F.silu(out, inplace=True)
+    return _as(out, x.dtype)
+
+
 def conv_update(x, conv_state, weight, bias, activation):
-    """x [b, D, L]; conv_state [b, D, S] (S >= W-1) holds the last S inputs, shifted in place."""
-    W, S, L = weight.shape[1], conv_state.shape[-1], x.shape[-1]
-    full = torch.cat([conv_state, x.to(conv_state.dtype)], dim=-1)  # [b, D, S+L]
-    out, _ = _conv_math(x, weight, bias, full[:, :, S - (W - 1):S], None, activation)
-    conv_state.copy_(full[:, :, L:])
-    return out
+    """x [b, D, L], or [b, D] for one token (out [b, D]); conv_state [b, D, S] (S >= W-1)
+    holds the last S inputs and is shifted in place. One token: _conv_step. Several: one
+    concatenation [state, x], the W taps as one multiply and sum over each window (a depthwise
+    F.conv1d costs several times more on a decode step's few columns), one copy back."""
+    acc = _acc(x)
+    if x.dim() == 2 and conv_state.is_contiguous():
+        return _conv_step(x, conv_state, weight, bias, activation, acc)
+    W, S = weight.shape[1], conv_state.shape[-1]
+    one = x.dim() == 2
+    x3 = x.unsqueeze(-1) if one else x
+    L = x3.shape[-1]
+    if L == 0:
+        return x.new_zeros(x.shape)
+    full = torch.cat([conv_state, _as(x3, conv_state.dtype)], dim=-1)  # [b, D, S+L]
+    if conv_state.dtype == x.dtype:
+        win = _as(full[..., S - (W - 1):], acc)  # [b, D, W-1+L]
+    else:  # x itself (not rounded to the state's dtype) after the history
+        win = torch.cat([conv_state[..., S - (W - 1):].to(acc), x3.to(acc)], dim=-1)
+    out = (win.unfold(-1, W, 1) * _as(weight, acc)[:, None, :]).sum(-1)  # [b, D, L]
+    conv_state.copy_(full[..., L:])
+    if bias is not None:
+        out += _as(bias, acc)[:, None]
+    if activation == "silu":
+        out = F.silu(out, inplace=True)
+    out = _as(out, x.dtype)
+    return out.squeeze(-1) if one else out
