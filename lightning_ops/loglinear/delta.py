@@ -75,8 +75,9 @@ from ..chunk.torch import causal_scores, prefix_sum, segment_sums, suffix_sum_ex
 from ..delta.l2norm import l2norm
 from ..nonfinite import NonFiniteGuard
 from ..precision import accumulation_dtype
-from .ops import LogLinearAttentionState, _bit_length, _check, _next_offsets, present_levels
-from .torch import _bitlen, _intra_levels, _levels_of, _trailing_ones
+from .ops import (LogLinearAttentionState, _check, _next_offsets, present_levels,
+                  read_and_merge)
+from .torch import _bitlen, _intra_levels, _levels_of, merge_levels
 
 Tensor = torch.Tensor
 
@@ -161,14 +162,7 @@ def _group(q, k, v, g, beta, lam, h0, t0: int, C: int, scale: float, want_final:
                 H0 = {l: Trj @ s for l, s in H0.items()}
                 if j == NC - 1:
                     last_pre_merge = list(S)
-                mu = _trailing_ones(a0 + j)
-                merged = local[:, :, j]
-                for m in range(min(mu, n_inter)):
-                    if S[m] is not None:
-                        merged = merged + S[m]
-                    S[m] = None
-                if mu < n_inter:
-                    S[mu] = merged
+                merge_levels(S, local[:, :, j], a0 + j, n_inter)
             if any(x is not None for x in inter):
                 zero = oc.new_zeros(B, H, C, V)
                 oc = oc + torch.stack([zero if x is None else x for x in inter], 2)
@@ -413,21 +407,13 @@ def log_linear_gated_delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
     rep = H // q.shape[1]
     if rep > 1:
         qx, kx = qx.repeat_interleave(rep, 1), kx.repeat_interleave(rep, 1)
-    lv = torch.arange(L, device=ht.device)
     S = present_levels(ht.to(dt), off) * g.to(dt).exp()[:, :, None, None, None]
     b = beta.to(dt)[:, :, None, None, None]
     kS = torch.einsum("nhk,nhlkv->nhlv", kx, S)
     S = S - b * kx[:, :, None, :, None] * kS[:, :, :, None, :]  # (I - beta k k^T) on every level
     write = b[:, :, 0] * kx[..., :, None] * v.to(dt)[..., None, :]  # [N, H, K, V]
     S = torch.cat([write[:, :, None], S[:, :, 1:]], 2)
-    o = torch.einsum("nhl,nhk,nhlkv->nhv", level_scales.to(dt), qx, S)
-    o = o * (1.0 if scale is None else scale)
-    mu = _bit_length(off ^ (off + 1)) - 1  # trailing ones of the position
-    below = (lv[None, :] <= mu[:, None])[:, None, :, None, None]  # [N, 1, L, 1, 1]
-    merged = torch.where(below, S, 0).sum(2, keepdim=True)
-    target = (lv[None, :] == mu[:, None] + 1)[:, None, :, None, None]
-    S = torch.where(target, merged, torch.where(below, 0, S))
-    return o.to(v.dtype), LogLinearAttentionState(S.to(ht.dtype), off + 1)
+    return read_and_merge(S, level_scales, qx, off, scale, v.dtype, ht.dtype)
 
 
 def fused_recurrent_log_linear_gated_delta_rule(

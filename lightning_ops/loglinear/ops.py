@@ -218,19 +218,24 @@ def log_linear_attn_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scale
     dt = accumulation_dtype(q)
     rep = H // q.shape[1]
     qx, kx = (x.to(dt).repeat_interleave(rep, 1) for x in (q, k))
-    lv = torch.arange(L, device=ht.device)
-    exists = ((off[:, None] >> (lv[None, :] - 1).clamp(min=0)) & 1).bool() & (lv[None, :] > 0)
-    S = torch.where(exists[:, None, :, None, None], ht.to(dt), 0)  # absent buckets read as zero
-    S = S * g.to(dt).exp()[:, :, None, None, None]
+    S = present_levels(ht.to(dt), off) * g.to(dt).exp()[:, :, None, None, None]
     S = torch.cat([(kx[..., :, None] * v.to(dt)[..., None, :])[:, :, None], S[:, :, 1:]], 2)
-    o = torch.einsum("nhl,nhk,nhlkv->nhv", level_scales.to(dt), qx, S)
+    return read_and_merge(S, level_scales, qx, off, scale, v.dtype, ht.dtype)
+
+
+def read_and_merge(S: Tensor, level_scales: Tensor, qx: Tensor, off: Tensor,
+                   scale: Optional[float], out_dtype: torch.dtype, state_dtype: torch.dtype):
+    """The end of a decode step, once the token is written (level 0 of S [N, H, L, K, V]): the
+    output read through every level, then the Fenwick merge for the next position."""
+    lv = torch.arange(S.shape[2], device=S.device)
+    o = torch.einsum("nhl,nhk,nhlkv->nhv", level_scales.to(S.dtype), qx, S)
     o = o * (1.0 if scale is None else scale)
     mu = _bit_length(off ^ (off + 1)) - 1  # trailing ones of the position
     below = (lv[None, :] <= mu[:, None])[:, None, :, None, None]  # [N, 1, L, 1, 1]
     merged = torch.where(below, S, 0).sum(2, keepdim=True)
     target = (lv[None, :] == mu[:, None] + 1)[:, None, :, None, None]
     S = torch.where(target, merged, torch.where(below, 0, S))
-    return o.to(v.dtype), LogLinearAttentionState(S.to(ht.dtype), off + 1)
+    return o.to(out_dtype), LogLinearAttentionState(S.to(state_dtype), off + 1)
 
 
 def present_levels(ht: Tensor, off: Tensor) -> Tensor:

@@ -56,6 +56,19 @@ def _trailing_ones(a: int) -> int:
     return m
 
 
+def merge_levels(S: List[Optional[Tensor]], local: Tensor, position: int, n_inter: int) -> None:
+    """The Fenwick merge after chunk `position` (in place): the levels below mu (the trailing
+    ones of the position) and the chunk's own state fold into level mu; they become empty."""
+    mu = _trailing_ones(position)
+    merged = local
+    for m in range(min(mu, n_inter)):
+        if S[m] is not None:
+            merged = merged + S[m]
+        S[m] = None
+    if mu < n_inter:
+        S[mu] = merged
+
+
 def _intra_levels(C: int, L: int, device) -> Tuple[Tensor, Tensor]:
     """lev[i, j] of slots i >= j of an aligned chunk (clamped to L: weight 0), causal mask."""
     i = torch.arange(C, device=device)
@@ -124,14 +137,7 @@ def _group(q, k, v, g, lam, h0, t0: int, C: int, scale: float, want_final: bool)
                 S = [None if s is None else s * decay[:, :, j] for s in S]
                 if j == NC - 1:
                     last_pre_merge = list(S)
-                mu = _trailing_ones(a0 + j)
-                merged = local[:, :, j]
-                for m in range(min(mu, n_inter)):
-                    if S[m] is not None:
-                        merged = merged + S[m]
-                    S[m] = None
-                if mu < n_inter:
-                    S[mu] = merged
+                merge_levels(S, local[:, :, j], a0 + j, n_inter)
             if n_inter > 0:
                 zero = oc.new_zeros(B, H, C, V)
                 oc = oc + torch.stack([zero if x is None else x for x in inter_out], 2)
