@@ -42,16 +42,13 @@ from typing import Optional, Tuple
 import torch
 
 from .. import backend as _backend
+from ..precision import accumulation_dtype
 from .. import validation as V
 from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_if_present,
                           is_empty, passthrough_grad, passthrough_state, zeros_or_empty)
 
 Tensor = torch.Tensor
 _INT_DTYPES = (torch.int32, torch.int64)
-
-
-def _state_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _empty_grad(x: Optional[Tensor], ref: Tensor) -> Tensor:
@@ -85,7 +82,7 @@ def _scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Opti
     impl = _backend.implementation("selective_scan", backend)
     y, last, aux = impl.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                      return_last_state)
-    return y, empty_like_none(last, u, _state_dtype(u)), aux
+    return y, empty_like_none(last, u, accumulation_dtype(u)), aux
 
 
 @_scan_fwd.register_fake
@@ -93,8 +90,8 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, ba
     b, d, L = u.shape
     n = A.shape[1]
     impl = _backend.implementation("selective_scan", backend)
-    last = u.new_empty((b, d, n) if return_last_state else (0,), dtype=_state_dtype(u))
-    aux = u.new_empty(impl.scan_aux_shape(u, A), dtype=_state_dtype(u))
+    last = u.new_empty((b, d, n) if return_last_state else (0,), dtype=accumulation_dtype(u))
+    aux = u.new_empty(impl.scan_aux_shape(u, A), dtype=accumulation_dtype(u))
     return u.new_empty(u.shape), last, aux
 
 
@@ -211,15 +208,15 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
         b, l, h, p = x.shape
         N = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
         return x.new_zeros(x.shape), passthrough_state(
-            initial_states, (N, h, p, B.shape[-1]), x, _state_dtype(x), return_final_states), \
-            x.new_zeros(pre_shape, dtype=_state_dtype(x))
+            initial_states, (N, h, p, B.shape[-1]), x, accumulation_dtype(x), return_final_states), \
+            x.new_zeros(pre_shape, dtype=accumulation_dtype(x))
     impl = _backend.implementation("ssd", backend)
     out = impl.ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
                            chunk_size, dt_softplus, dt_min, dt_max, return_final_states,
                            need_pre=need_pre)
     y, final, pre = out
-    return (y, empty_like_none(final, x, _state_dtype(x)),
-            pre if need_pre else x.new_empty(0, dtype=_state_dtype(x)))
+    return (y, empty_like_none(final, x, accumulation_dtype(x)),
+            pre if need_pre else x.new_empty(0, dtype=accumulation_dtype(x)))
 
 
 @_ssd_fwd.register_fake
@@ -228,9 +225,9 @@ def _(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_
     b, l, h, p = x.shape
     N = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
     final = x.new_empty((N, h, p, B.shape[-1]) if return_final_states else (0,),
-                        dtype=_state_dtype(x))
+                        dtype=accumulation_dtype(x))
     pre = x.shape if need_pre and z is not None else (0,)
-    return x.new_empty(x.shape), final, x.new_empty(pre, dtype=_state_dtype(x))
+    return x.new_empty(x.shape), final, x.new_empty(pre, dtype=accumulation_dtype(x))
 
 
 @torch.library.custom_op("lightning_ops::ssd_backward", mutates_args=())

@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from .._custom_op import autograd_enabled, grad_by_recompute, own_storage as _own
-from ..chunk import torch as _gla  # the chunk engine (SSD runs on it)
+from ..chunk import torch as chunk_engine  # SSD runs on the chunk engine
+from ..precision import accumulation_dtype
+from .dt import effective_dt
 
 Tensor = torch.Tensor
 
@@ -40,10 +42,6 @@ SSD_CHUNK_MAX = 64  # _SSDCore's chunk (shorter for shorter sequences); results 
 
 def _recompute_grads(forward, inputs, grads):
     return grad_by_recompute(forward, inputs, grads)
-
-
-def _acc(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,7 +86,7 @@ class _ScanInputs:
     """The scan's inputs time-major in the compute dtype: dl, u [L, b, D]; B, C [L, b, G, N]."""
 
     def __init__(self, u, delta, A, B, C, delta_bias, delta_softplus):
-        acc = _acc(u)
+        acc = accumulation_dtype(u)
         self.b, self.d, self.L = u.shape
         self.n = A.shape[1]
         self.G = 1 if B.dim() == 3 else B.shape[1]
@@ -244,17 +242,6 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, aux, dy, 
 # Any other engine (the Triton one) runs through its forward/backward contract with q / k
 # repeated per head (_ssd_engine_inputs); so do inputs with a non-finite entry on the torch engine
 # (its NonFiniteGuard keeps causality for them; the finiteness test is the same in both passes).
-def _process_dt(dt, dt_bias, softplus, dt_min, dt_max, acc) -> Tensor:
-    d = dt.to(acc)
-    if dt_bias is not None:
-        d = d + dt_bias.to(acc)
-    if softplus:
-        d = F.softplus(d)
-    if (dt_min, dt_max) != (0.0, float("inf")):
-        d = d.clamp(dt_min, dt_max)
-    return d
-
-
 class _Segments:
     """The packed segments the chunk engine runs: the batch rows (or cu_seqlens' sequences) split
     further wherever seq_idx changes, since a reset to a zero state is a new sequence.
@@ -374,11 +361,8 @@ class _SSDCore:
         acc = dtf.dtype
         Bt, T, h, p = x.shape
         G, n = B.shape[2:]
-        if cu is None:
-            max_len = T
-        else:  # host read of the lengths, as the engine's own _prepare
-            max_len = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-        lay = _gla.ChunkLayout.build(Bt, T, cu, _gla.chunk_size_for(max_len, SSD_CHUNK_MAX),
+        lay = chunk_engine.ChunkLayout.build(Bt, T, cu, chunk_engine.chunk_size_for(
+            chunk_engine.longest(T, cu), SSD_CHUNK_MAX),
                                      x.device)
         self.layout, self.h, self.G, self.R = lay, h, G, h // G
         self.xc = lay.pack(x, acc)  # [NC, h, C, p]
@@ -392,12 +376,12 @@ class _SSDCore:
                                         self.g.sum() < inf]).all())
         if not self.finite:
             return
-        self.qd, self.kd, self.cd = _gla.gate_factors(self.g)  # [NC,h,C,1] x2, [NC,h,1,1]
+        self.qd, self.kd, self.cd = chunk_engine.gate_factors(self.g)  # [NC,h,C,1] x2, [NC,h,1,1]
         self.q_inter = self._per_head(self.Cc, self.qd)  # C exp(sum_{s<=t} g)
         self.k_inter = self._per_head(self.Bc, self.kd)  # B exp(sum_{s>t} g)
         self.h0 = h0 if h0 is not None else x.new_zeros(lay.N, h, n, p, dtype=acc)
         local = self.k_inter.transpose(-1, -2) @ self.X  # [NC, h, n, p]
-        self.states, self.final = _gla.state_passing(lay, self.h0, self.cd, local)
+        self.states, self.final = chunk_engine.state_passing(lay, self.h0, self.cd, local)
 
     def _heads(self, t: Tensor) -> Tensor:
         """[NC, h, ...] -> view [NC, g, h/g, ...]."""
@@ -430,7 +414,7 @@ class _SSDCore:
         (dX [NC, h, C, p] (w.r.t. x dt), dB, dC [NC, g, C, n], dg [NC, h, C], dh0 [N, h, n, p])."""
         lay = self.layout
         dht = torch.zeros_like(self.h0) if dht is None else dht
-        dE, dh0 = _gla.state_passing_backward(lay, self.cd,
+        dE, dh0 = chunk_engine.state_passing_backward(lay, self.cd,
                                               self.q_inter.transpose(-1, -2) @ do, dht)
         CB, L = self._scores()
         CBh = CB[:, :, None]
@@ -457,7 +441,7 @@ class _SSDCore:
         dC += self._group_sum(dqi.mul_(self.qd))
         dB += self._group_sum(dki.mul_(self.kd))
         from_total = _row_dot(self.states.flatten(2), dE.flatten(2)) * self.cd.flatten(1)
-        dg = _gla.gate_grad(from_q, from_k, from_total, dg)
+        dg = chunk_engine.gate_grad(from_q, from_k, from_total, dg)
         return dX, dB, dC, dg, dh0
 
 
@@ -479,22 +463,22 @@ def _ssd_post(core, x, D, z):
 
 
 def ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
-                dt_softplus, dt_min, dt_max, return_final_states, need_pre=False, engine=_gla):
+                dt_softplus, dt_min, dt_max, return_final_states, need_pre=False, engine=chunk_engine):
     """-> (y, final states or None, pre-gate output core + D x in the compute dtype when
     need_pre and z is given, else None: what the backward's dz needs, so it never recomputes the
     forward). engine: a chunk-engine backend module (its forward/backward contract): the torch
     engine here (run as _SSDCore), lightning_ops.chunk.triton for the Triton backend."""
     b, l, h, _ = x.shape
-    acc = _acc(x)
+    acc = accumulation_dtype(x)
     segs = _Segments(b, l, seq_idx, cu_seqlens)
     cu = segs.core_cu(x)
     with torch.no_grad():
-        dtf = _process_dt(dt, dt_bias, dt_softplus, dt_min, dt_max, acc)
+        dtf = effective_dt(dt, dt_bias, dt_softplus, (dt_min, dt_max), acc)
         xr, dtr, Br, Cr = (segs.rows(t) for t in (x.to(acc), dtf, B, C))
         h0 = segs.initial(None if initial_states is None
                           else initial_states.to(acc).transpose(-1, -2))  # [N, h, n, p]
         core = None
-        if engine is _gla:
+        if engine is chunk_engine:
             sc = _SSDCore(xr, dtr, A, Br, Cr, h0, cu)
             if sc.finite:
                 lay = sc.layout
@@ -518,7 +502,7 @@ def _ssd_post_grads(dy, x, D, z, pre):
     """Gradients of the element-wise part y = (core + D x) * silu(z) around the core:
     (d core, dx share, dD, dz). pre: the pre-gate output core + D x (the forward's), or a
     callable giving it; used only with z (dz is the one gradient that needs it)."""
-    acc = _acc(x)
+    acc = accumulation_dtype(x)
     dyf, xf = dy.to(acc), x.to(acc)
     Df = None
     if D is not None:
@@ -541,21 +525,21 @@ def _ssd_post_grads(dy, x, D, z, pre):
 
 
 def ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
-                 dt_softplus, dt_min, dt_max, dy, dfinal, pre=None, engine=_gla):
+                 dt_softplus, dt_min, dt_max, dy, dfinal, pre=None, engine=chunk_engine):
     """Hand-written around the core: the element-wise part by hand (_ssd_post_grads, with the
     forward's pre-gate output `pre` for dz), the core by _SSDCore.backward (torch engine) or the
     engine's own backward, the processed dt's and the initial states' transforms by autograd
     (tiny [b, l, h] / state-sized graphs). Without `pre` (a caller of the older contract) and
     with z, the core's forward is re-run once for dz."""
     b, l, h, _ = x.shape
-    acc = _acc(x)
+    acc = accumulation_dtype(x)
     segs = _Segments(b, l, seq_idx, cu_seqlens)
     cu = segs.core_cu(x)
     ldt = dt.detach().requires_grad_()
     ldtb = None if dt_bias is None else dt_bias.detach().requires_grad_()
     lh0 = None if initial_states is None else initial_states.detach().requires_grad_()
     with autograd_enabled():  # the cheap transforms keep a graph
-        dtf_g = _process_dt(ldt, ldtb, dt_softplus, dt_min, dt_max, acc)
+        dtf_g = effective_dt(ldt, ldtb, dt_softplus, (dt_min, dt_max), acc)
         h0_g = segs.initial(None if lh0 is None else lh0.to(acc).transpose(-1, -2))
     with torch.no_grad():
         dtf, h0 = dtf_g.detach(), None if h0_g is None else h0_g.detach()
@@ -563,7 +547,7 @@ def ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seql
         xr, dtr, Br, Cr = (segs.rows(t) for t in (xf, dtf, B.detach(), C.detach()))
         Af = A.detach().to(acc)
         dht = segs.dfinal(None if dfinal is None else dfinal.to(acc).transpose(-1, -2))
-        sc = _SSDCore(xr, dtr, Af, Br, Cr, h0, cu) if engine is _gla else None
+        sc = _SSDCore(xr, dtr, Af, Br, Cr, h0, cu) if engine is chunk_engine else None
         if sc is not None and not sc.finite:
             sc = None
         if pre is None and z is not None:
@@ -613,7 +597,8 @@ def ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seql
                       for g_, r in zip(out, refs)))
 
 
-def _tied(t: Optional[Tensor], dims: Sequence[int]) -> bool:
+def tied(t: Optional[Tensor], dims: Sequence[int]) -> bool:
+    """t is absent or constant along dims (stride 0 or size 1): one value serves them all."""
     return t is None or all(t.stride(d) == 0 or t.shape[d] == 1 for d in dims)
 
 
@@ -639,12 +624,12 @@ def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     is updated by two in-place passes (decay, then + dt x B), and the output is one batched
     matmul per group: its heads stacked as rows against its C (B and C never repeated per head).
     A decode step is a few small ops: each op counts, so no-op casts are skipped."""
-    acc = _acc(x)
+    acc = accumulation_dtype(x)
     if state.dim() == 4:
         b, h, p, n = state.shape
         g = B.shape[1]
         rows = (b, g, (h // g) * p)
-        if _tied(A, (1, 2)) and _tied(dt, (2,)) and _tied(dt_bias, (1,)):
+        if tied(A, (1, 2)) and tied(dt, (2,)) and tied(dt_bias, (1,)):
             dt, A = dt.narrow(2, 0, 1), A.narrow(1, 0, 1).narrow(2, 0, 1)  # [b,h,1], [h,1,1]
             dt_bias = None if dt_bias is None else dt_bias.narrow(1, 0, 1)
         Bf, Cf = _as(B, acc).unsqueeze(2), _as(C, acc).unsqueeze(-1)  # [b,g,1,n], [b,g,n,1]
@@ -716,7 +701,7 @@ def _conv_masked(x, weight, bias, initial_states, seq_idx, activation):
     """out[t] = act(bias + sum_i w[:, i] x[t - W + 1 + i]) as W shifted products (W <= 4),
     each tap reading only inputs of the same sequence as t (the history before t = 0 belongs to
     token 0's sequence). Differentiable; used with seq_idx."""
-    acc = _acc(x)
+    acc = accumulation_dtype(x)
     b, d, L = x.shape
     W = weight.shape[1]
     hist = (x.new_zeros(b, d, W - 1, dtype=acc) if initial_states is None
@@ -740,7 +725,7 @@ def _conv_math(x, weight, bias, initial_states, seq_idx, activation):
     """-> (out in x's dtype, final_states [b, d, W-1] in x's dtype)."""
     if seq_idx is not None:
         return _conv_masked(x, weight, bias, initial_states, seq_idx, activation)
-    acc = _acc(x)
+    acc = accumulation_dtype(x)
     W = weight.shape[1]
     xin, pad = _conv_input(x, initial_states, acc)
     out = _conv_pre(xin, weight.to(acc), None if bias is None else bias.to(acc), pad, W)
@@ -761,7 +746,7 @@ def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, df
             return _conv_masked(x, w, b, h0, seq_idx, activation)
         return _recompute_grads(f, [x, weight, bias, initial_states], [dout, dfinal])
     with torch.no_grad():
-        acc = _acc(x)
+        acc = accumulation_dtype(x)
         b, d, L = x.shape
         W = weight.shape[1]
         xin, pad = _conv_input(x, initial_states, acc)
@@ -796,38 +781,40 @@ def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, df
                       for g, r in zip(out, refs)))
 
 
+_ONES: dict = {}
+
+
+def _ones(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    key = (n, dtype, device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones(n, dtype=dtype, device=device)
+    return _ONES[key]
+
+
 def _conv_step(x, conv_state, weight, bias, activation, acc):
-    """One token (x [b, D], a contiguous conv_state [b, D, S]): out = act(bias + the W taps over
-    [the W-1 newest state columns, x]), then the state moves left by one column, x last.
-    A step is a few small ops, and which ops matters (measured): copies, concatenations and sums
-    over a 2-4 wide last dim cost several times a contiguous pass once b * D is large.
-    b = 1: [state, x] by one concatenation, the taps as one batched matmul over the channels,
-    the state copied back from it. b > 1: the taps as column multiply-adds, the state moved by one
-    flat copy through a temporary (each row's last column takes the next row's first, then x
-    overwrites it). Views by select / narrow / unbind: tensor indexing costs more."""
+    """One token (x [b, D], a contiguous conv_state [b, D, S]): out = act(bias + w[:, W-1] x +
+    sum_k w[:, k] h_k) over the W-1 newest state columns h, then the state moves left by one
+    column with x last. A step is a few small ops, and which ops matters (measured on CPU):
+    sums, concatenations and copies over a 2-4 wide last dim, a batched matmul over the
+    channels and F.conv1d each cost several times a contiguous pass. So: one multiply h * w,
+    its rows summed by one matrix-vector product with ones (added to bias + w x), and the state
+    moved by one flat copy through a temporary (each row's last column takes the next row's
+    first, then x overwrites it). Views by select / narrow: tensor indexing costs more."""
     b, d = x.shape
     W, S = weight.shape[1], conv_state.shape[-1]
     wa, xa = _as(weight, acc), _as(x, acc)
-    if b == 1 and conv_state.dtype == x.dtype:
-        full = torch.cat([conv_state, x.unsqueeze(-1)], dim=-1)  # [1, D, S+1]
-        win = _as(full.select(0, 0).narrow(-1, S + 1 - W, W), acc).unsqueeze(1)  # [D, 1, W]
-        taps = wa.unsqueeze(-1)  # [D, W, 1]
-        out = (torch.bmm(win, taps) if bias is None else
-               torch.baddbmm(_as(bias, acc).view(d, 1, 1), win, taps)).view(1, d)
-        conv_state.copy_(full.narrow(-1, 1, S))
-    else:
-        w = wa.unbind(1)
-        out = xa * w[W - 1] if bias is None else torch.addcmul(_as(bias, acc), xa, w[W - 1])
-        hist = conv_state.narrow(-1, S - (W - 1), W - 1)  # [b, D, W-1]
-        for k in range(W - 1):
-            out.addcmul_(_as(hist.select(-1, k), acc), w[k])
-        if S > 1:
-            flat = conv_state.view(-1)
-            flat[:-1].copy_(flat[1:].clone())
-        conv_state.select(-1, S - 1).copy_(x)
+    w_last = wa.select(1, W - 1)
+    out = xa * w_last if bias is None else torch.addcmul(_as(bias, acc), xa, w_last)
+    hist = _as(conv_state.narrow(-1, S - (W - 1), W - 1), acc)  # [b, D, W-1]
+    taps = hist * wa.narrow(1, 0, W - 1)
+    out = torch.addmv(out.view(-1), taps.view(b * d, W - 1), _ones(W - 1, acc, x.device))
+    if S > 1:
+        flat = conv_state.view(-1)
+        flat[:-1].copy_(flat[1:].clone())
+    conv_state.select(-1, S - 1).copy_(x)
     if activation == "silu":
         out = F.silu(out, inplace=True)
-    return _as(out, x.dtype)
+    return _as(out.view(b, d), x.dtype)
 
 
 def conv_update(x, conv_state, weight, bias, activation):
@@ -835,7 +822,7 @@ def conv_update(x, conv_state, weight, bias, activation):
     holds the last S inputs and is shifted in place. One token: _conv_step. Several: one
     concatenation [state, x], the W taps as one multiply and sum over each window (a depthwise
     F.conv1d costs several times more on a decode step's few columns), one copy back."""
-    acc = _acc(x)
+    acc = accumulation_dtype(x)
     if x.dim() == 2 and conv_state.is_contiguous():
         return _conv_step(x, conv_state, weight, bias, activation, acc)
     W, S = weight.shape[1], conv_state.shape[-1]

@@ -349,8 +349,8 @@ def _strides(t: Optional[Tensor], n: int):
 
 def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     b, H, P, N = state.shape
-    tie = _torch_impl._tied(A, (1, 2)) and _torch_impl._tied(dt, (2,)) and \
-        _torch_impl._tied(dt_bias, (1,))
+    tie = _torch_impl.tied(A, (1, 2)) and _torch_impl.tied(dt, (2,)) and \
+        _torch_impl.tied(dt_bias, (1,))
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if state.dtype == torch.float64 or x.dtype == torch.float64:  # no fp64 kernel math
         return _torch_impl.state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

@@ -51,7 +51,7 @@ class _Counting:
 
     def __init__(self):
         self.forward_calls = self.backward_calls = 0
-        eng = ssm_torch._gla
+        eng = ssm_torch.chunk_engine
         outer = self
 
         def forward(*a, **k):
@@ -121,7 +121,7 @@ def test_backward_runs_no_forward(torch_backend, monkeypatch, z):
         calls["engine"] += 1
         raise AssertionError("the engine's forward ran: the grouped core should have")
     monkeypatch.setattr(ssm_torch._SSDCore, "forward", counted)
-    monkeypatch.setattr(ssm_torch._gla, "forward", engine_forward)
+    monkeypatch.setattr(ssm_torch.chunk_engine, "forward", engine_forward)
     inp = ssd_inputs(1, 70, 4, 3, 1, 4, D="h", z=z, h0=True, seed=4)
     y, fin = _run(inp, dt_softplus=True)
     (y.square().sum() + fin.sum()).backward()
