@@ -191,6 +191,8 @@ def ssd_minimal_discrete(X, A, B, C, block_len):
 def load_before(rev: str) -> str:
     src = subprocess.run(["git", "show", f"{rev}:lightning_ops/ssm/torch.py"], cwd=ROOT,
                          check=True, capture_output=True, text=True).stdout
+    # the chunk engine moved from lightning_ops/gla/torch.py to lightning_ops/chunk/torch.py
+    src = src.replace("from ..gla import torch as _gla", "from ..chunk import torch as _gla")
     path = Path(f"/tmp/_ssm_torch_{rev.replace('/', '_').replace('~', '_')}.py")
     path.write_text(src)
     name = "lightning_ops.ssm._torch_before"
@@ -200,7 +202,13 @@ def load_before(rev: str) -> str:
     spec.loader.exec_module(mod)
     if "need_pre" not in inspect.signature(mod.ssd_forward).parameters:  # the older contract
         fwd, bwd = mod.ssd_forward, mod.ssd_backward
-        mod.ssd_forward = lambda *a, need_pre=False, **k: tuple(fwd(*a, **k)) + (None,)
+        def ssd_forward(*a, need_pre=False, **k):  # a placeholder pre: its backward recomputes
+            x, z = a[0], a[6]
+            pre = None if not need_pre or z is None else \
+                torch.empty(x.shape, dtype=torch.float64 if x.dtype == torch.float64
+                            else torch.float32)
+            return tuple(fwd(*a, **k)) + (pre,)
+        mod.ssd_forward = ssd_forward
         mod.ssd_backward = lambda *a, pre=None, **k: bwd(*a, **k)
     su, cu = mod.state_update, mod.conv_update  # older: heads form / x [b, D, L] only
 
