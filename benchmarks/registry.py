@@ -393,17 +393,6 @@ def our_function(op: OpSpec) -> Tuple[Optional[Callable], Optional[str]]:
     return fn, None
 
 
-def _has_backends(family: str) -> bool:
-    """Whether lightning_ops.backend dispatches `family` (else its ops are torch code that
-    use_backend does not reach, as log-linear attention so far)."""
-    from lightning_ops import backend as lob
-    try:
-        lob.missing("torch", torch.device("cpu"), family)
-    except KeyError:
-        return False
-    return True
-
-
 def provider_missing(provider: str, op: OpSpec, device: torch.device) -> Optional[str]:
     """Why `provider` cannot run `op` on `device`, or None when it can."""
     if provider in OURS:
@@ -413,13 +402,11 @@ def provider_missing(provider: str, op: OpSpec, device: torch.device) -> Optiona
         if fn is None:
             return why
         backend = provider.split("-", 1)[1]
-        if not _has_backends(op.family):
-            return (None if backend == "torch" else
-                    f"the {op.family} ops have no {backend} backend (torch only: the family "
-                    f"is not in lightning_ops.backend)")
+        from lightning_ops import backend as lob
+        if backend not in lob.family_backends(op.family):
+            return lob.missing(backend, device, op.family)  # "the X ops have no Y backend"
         if backend == "triton" and device.type != "cuda":
             return "Triton is benchmarked on CUDA only (the interpreter is for tests)"
-        from lightning_ops import backend as lob
         why = lob.missing(backend, device, op.family)
         if why is None:
             try:

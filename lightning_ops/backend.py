@@ -84,6 +84,11 @@ def _cuda_missing(device: torch.device) -> Optional[str]:
     return None
 
 
+def family_backends(family: str) -> Tuple[str, ...]:
+    """The backends that implement `family`, fastest first."""
+    return _FAMILY_BACKENDS[family]
+
+
 def missing(backend: str, device: torch.device, family: Optional[str] = None) -> Optional[str]:
     """Why `backend` cannot run `family` on `device`, or None if it can."""
     if backend not in BACKENDS:
