@@ -44,6 +44,15 @@ def _recompute_grads(forward, inputs, grads):
     return grad_by_recompute(forward, inputs, grads)
 
 
+def _rows_times(M: Tensor, v: Tensor) -> Tensor:
+    """M [.., r, n] times the vectors v [.., 1, n] -> [.., 1, r], written as v M^T: the batched
+    matrix-vector form M @ v^T ran 3-7x slower on CPU (measured, torch 2.13 / MKL: r = 256..3072,
+    n = 16..128, batch 16..64). A single matrix goes to torch.mv, faster still."""
+    if all(s == 1 for s in M.shape[:-2]):
+        return torch.mv(M.reshape(M.shape[-2], M.shape[-1]), v.reshape(-1))
+    return v @ M.transpose(-1, -2)
+
+
 # ------------------------------------------------------------------------------------------------
 # Mamba-1 selective scan: time blocks with cache-sized [T, b, D, N] working sets
 # ------------------------------------------------------------------------------------------------
@@ -121,11 +130,11 @@ class _ScanInputs:
             prev = xs[t].addcmul_(as_[t], prev)
 
     def contract(self, H: Tensor, t0: int, t1: int) -> Tensor:
-        """sum_n H[t, b, d, n] C[t, b, g(d), n] -> [T, b, D] (one batched matmul)."""
-        T = t1 - t0
-        out = H.view(T * self.b * self.G, self.dg, self.n) @ \
-            self.C[t0:t1].reshape(T * self.b * self.G, self.n, 1)
-        return out.view(T, self.b, self.d)
+        """sum_n H[t, b, d, n] C[t, b, g(d), n] -> [T, b, D] (one batched matmul, C as rows:
+        see _rows_times)."""
+        TG = (t1 - t0) * self.b * self.G
+        out = _rows_times(H.view(TG, self.dg, self.n), self.C[t0:t1].reshape(TG, 1, self.n))
+        return out.view(t1 - t0, self.b, self.d)
 
     def blocks(self):
         return [(t0, min(t0 + self.T, self.L)) for t0 in range(0, self.L, self.T)]
@@ -195,7 +204,7 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, aux, dy, 
             dlb = s.dl[t0:t1]
             dl_from_a = (q * s.A).sum(-1)  # [T, b, d]
             dA += q.mul_(dlb[..., None]).sum((0, 1))
-            gB = (gb.view(TG, dg, n) @ s.B[t0:t1].reshape(TG, n, 1)).view(T, b, d)
+            gB = _rows_times(gb.view(TG, dg, n), s.B[t0:t1].reshape(TG, 1, n)).view(T, b, d)
             ub = s.u[t0:t1]
             torch.addcmul(dl_from_a, ub, gB, out=dlT[t0:t1])
             torch.mul(dlb, gB, out=duT[t0:t1])
@@ -632,31 +641,31 @@ def state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
         if tied(A, (1, 2)) and tied(dt, (2,)) and tied(dt_bias, (1,)):
             dt, A = dt.narrow(2, 0, 1), A.narrow(1, 0, 1).narrow(2, 0, 1)  # [b,h,1], [h,1,1]
             dt_bias = None if dt_bias is None else dt_bias.narrow(1, 0, 1)
-        Bf, Cf = _as(B, acc).unsqueeze(2), _as(C, acc).unsqueeze(-1)  # [b,g,1,n], [b,g,n,1]
+        Bf, Cf = _as(B, acc).unsqueeze(2), _as(C, acc).unsqueeze(2)  # [b, g, 1, n]
     else:
         b, d, n = state.shape
         rows = (b, d)
-        Bf, Cf = _as(B, acc).unsqueeze(1), _as(C, acc).unsqueeze(-1)  # [b,1,n], [b,n,1]
+        Bf, Cf = _as(B, acc).unsqueeze(1), _as(C, acc).unsqueeze(1)  # [b, 1, n]
     dtf = _as(dt, acc)
     if dt_bias is not None:
         dtf = dtf + _as(dt_bias, acc)
     if dt_softplus:
         dtf = F.softplus(dtf)
     xf = _as(x, acc)
-    decay = torch.exp(dtf.unsqueeze(-1) * _as(A, acc))  # [.., p | 1, n | 1]
+    decay = (dtf.unsqueeze(-1) * _as(A, acc)).exp_()  # [.., p | 1, n | 1]
     dtx = dtf * xf
     if state.dtype == acc and state.is_contiguous():
         state.mul_(decay)
         sv = state.view(*rows, n)
         sv.addcmul_(dtx.reshape(*rows, 1), Bf)
-        out = torch.matmul(sv, Cf).view(x.shape)
+        out = _rows_times(sv, Cf).view(x.shape)
     else:
         if state.dim() == 4:
             h = state.shape[1]
-            Bf, Cf = _per_head(_as(B, acc), h), _per_head(_as(C, acc), h).transpose(-1, -2)
+            Bf, Cf = _per_head(_as(B, acc), h), _per_head(_as(C, acc), h)  # [b, h, 1, n]
         new = torch.addcmul(decay * state.to(acc), dtx.unsqueeze(-1), Bf)
         state.copy_(new)
-        out = (new @ Cf).squeeze(-1)
+        out = _rows_times(new, Cf).view(x.shape)
     if D is not None:
         out.addcmul_(_as(D, acc), xf)
     if z is not None:
