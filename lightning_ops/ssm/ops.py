@@ -207,9 +207,10 @@ def _ssd_fwd(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional
     if is_empty(x):  # no tokens (b, l or h = 0): no backend sees the call
         b, l, h, p = x.shape
         N = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        acc = accumulation_dtype(x)
         return x.new_zeros(x.shape), passthrough_state(
-            initial_states, (N, h, p, B.shape[-1]), x, accumulation_dtype(x), return_final_states), \
-            x.new_zeros(pre_shape, dtype=accumulation_dtype(x))
+            initial_states, (N, h, p, B.shape[-1]), x, acc, return_final_states), \
+            x.new_zeros(pre_shape, dtype=acc)
     impl = _backend.implementation("ssd", backend)
     out = impl.ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
                            chunk_size, dt_softplus, dt_min, dt_max, return_final_states,

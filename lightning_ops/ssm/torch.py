@@ -370,9 +370,8 @@ class _SSDCore:
         acc = dtf.dtype
         Bt, T, h, p = x.shape
         G, n = B.shape[2:]
-        lay = chunk_engine.ChunkLayout.build(Bt, T, cu, chunk_engine.chunk_size_for(
-            chunk_engine.longest(T, cu), SSD_CHUNK_MAX),
-                                     x.device)
+        size = chunk_engine.chunk_size_for(chunk_engine.longest(T, cu), SSD_CHUNK_MAX)
+        lay = chunk_engine.ChunkLayout.build(Bt, T, cu, size, x.device)
         self.layout, self.h, self.G, self.R = lay, h, G, h // G
         self.xc = lay.pack(x, acc)  # [NC, h, C, p]
         self.dtc = lay.pack(dtf, acc)  # [NC, h, C]
@@ -472,7 +471,8 @@ def _ssd_post(core, x, D, z):
 
 
 def ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
-                dt_softplus, dt_min, dt_max, return_final_states, need_pre=False, engine=chunk_engine):
+                dt_softplus, dt_min, dt_max, return_final_states, need_pre=False,
+                engine=chunk_engine):
     """-> (y, final states or None, pre-gate output core + D x in the compute dtype when
     need_pre and z is given, else None: what the backward's dz needs, so it never recomputes the
     forward). engine: a chunk-engine backend module (its forward/backward contract): the torch
