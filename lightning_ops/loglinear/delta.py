@@ -76,7 +76,7 @@ from ..delta.l2norm import l2norm
 from ..nonfinite import NonFiniteGuard
 from ..precision import accumulation_dtype
 from .ops import (LogLinearAttentionState, _check, _next_offsets, present_levels,
-                  read_and_merge)
+                  read_and_merge, token_walk)
 from .torch import _bitlen, _intra_levels, _levels_of, merge_levels
 
 Tensor = torch.Tensor
@@ -427,39 +427,10 @@ def fused_recurrent_log_linear_gated_delta_rule(
     (same arguments as chunk_log_linear_gated_delta_rule; differentiable by autograd)."""
     N = _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale)
     _check_beta(beta, q, v)
-    B, T, G, K = q.shape
-    H, V, L = v.shape[2], v.shape[3], level_scales.shape[3]
-    st_dt = accumulation_dtype(q)
-    if initial_state is None:
-        initial_state = LogLinearAttentionState(
-            torch.zeros(N, H, L, K, V, dtype=st_dt, device=q.device),
-            torch.zeros(N, dtype=torch.int64, device=q.device))
-    off = initial_state[1].to(torch.int64)
-    ht = present_levels(initial_state[0].to(st_dt), off)  # (an empty sequence returns it as is)
 
-    def walk(state, lo, hi, rows):
-        outs = []
-        for t in range(lo, hi):
-            o_t, state = log_linear_gated_delta_rule_step(
-                q[rows, t], k[rows, t], v[rows, t], g[rows, t], level_scales[rows, t],
-                beta[rows, t], state, scale, use_qk_l2norm_in_kernel)
-            outs.append(o_t)
-        return outs, state
-
-    if cu_seqlens is None:
-        outs, state = walk(LogLinearAttentionState(ht, off), 0, T, slice(None))
-        o = torch.stack(outs, 1) if outs else v.new_zeros(B, 0, H, V)
-        hts, offs = state.ht, state.offsets
-    else:
-        bounds = cu_seqlens.tolist()
-        outs, hl, ol = [], [], []
-        for n in range(N):
-            part, state = walk(LogLinearAttentionState(ht[n:n + 1], off[n:n + 1]), bounds[n],
-                               bounds[n + 1], slice(0, 1))
-            outs += part
-            hl.append(state.ht)
-            ol.append(state.offsets)
-        o = torch.stack(outs, 1) if outs else v.new_zeros(1, 0, H, V)
-        hts, offs = torch.cat(hl, 0), torch.cat(ol, 0)
-    final = LogLinearAttentionState(hts.to(st_dt), offs) if output_final_state else None
-    return o, final
+    def step(rows, t, state):
+        return log_linear_gated_delta_rule_step(
+            q[rows, t], k[rows, t], v[rows, t], g[rows, t], level_scales[rows, t],
+            beta[rows, t], state, scale, use_qk_l2norm_in_kernel)
+    return token_walk(step, q, v, level_scales.shape[3], N, initial_state, output_final_state,
+                      cu_seqlens)

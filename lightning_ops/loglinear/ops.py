@@ -255,8 +255,21 @@ def fused_recurrent_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
                                     ) -> Tuple[Tensor, Optional[LogLinearAttentionState]]:
     """The decode form over a whole sequence: log_linear_attn_step token by token."""
     N = _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale)
-    B, T, G, K = q.shape
-    H, V, L = v.shape[2], v.shape[3], level_scales.shape[3]
+
+    def step(rows, t, state):
+        return log_linear_attn_step(q[rows, t], k[rows, t], v[rows, t], g[rows, t],
+                                    level_scales[rows, t], state, scale)
+    return token_walk(step, q, v, level_scales.shape[3], N, initial_state, output_final_state,
+                      cu_seqlens)
+
+
+def token_walk(step, q: Tensor, v: Tensor, L: int, N: int,
+               initial_state: Optional[LogLinearAttentionState], output_final_state: bool,
+               cu_seqlens: Optional[Tensor]):
+    """The decode forms over whole sequences: step(rows, t, state) -> (o_t, state) token by
+    token, per batch (all rows at once) or per packed sequence (row 0, its own tokens)."""
+    B, T, _, K = q.shape
+    H, V = v.shape[2], v.shape[3]
     st_dt = accumulation_dtype(q)
     if initial_state is None:
         initial_state = LogLinearAttentionState(
@@ -264,23 +277,25 @@ def fused_recurrent_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
             torch.zeros(N, dtype=torch.int64, device=q.device))
     off = initial_state[1].to(torch.int64)
     ht = present_levels(initial_state[0].to(st_dt), off)  # an empty sequence returns it as is
-    if cu_seqlens is None:
-        state, outs = LogLinearAttentionState(ht, off), []
-        for t in range(T):
-            o_t, state = log_linear_attn_step(q[:, t], k[:, t], v[:, t], g[:, t],
-                                              level_scales[:, t], state, scale)
+
+    def walk(state, lo, hi, rows):
+        outs = []
+        for t in range(lo, hi):
+            o_t, state = step(rows, t, state)
             outs.append(o_t)
+        return outs, state
+
+    if cu_seqlens is None:
+        outs, state = walk(LogLinearAttentionState(ht, off), 0, T, slice(None))
         o = torch.stack(outs, 1) if outs else v.new_zeros(B, 0, H, V)
         hts, offs = state.ht, state.offsets
     else:
         bounds = cu_seqlens.tolist()
         outs, hl, ol = [], [], []
         for n in range(N):
-            state = LogLinearAttentionState(ht[n:n + 1], off[n:n + 1])
-            for t in range(bounds[n], bounds[n + 1]):
-                o_t, state = log_linear_attn_step(q[:, t], k[:, t], v[:, t], g[:, t],
-                                                  level_scales[:, t], state, scale)
-                outs.append(o_t)
+            part, state = walk(LogLinearAttentionState(ht[n:n + 1], off[n:n + 1]), bounds[n],
+                               bounds[n + 1], slice(0, 1))
+            outs += part
             hl.append(state.ht)
             ol.append(state.offsets)
         o = torch.stack(outs, 1) if outs else v.new_zeros(1, 0, H, V)
