@@ -6,6 +6,7 @@ Shapes (B * T = 64K tokens at T = 2K, 8K, 32K; bf16; fwd and fwd+bwd):
   chunk_gated_delta_rule  Qwen3-Next: 16 q/k heads, 32 value heads, K = V = 128 (the registry's
                           ungrouped op at H = 32: q/k repeated to the value heads, for every
                           provider alike)
+  chunk_kda                     Kimi Linear's head dims: H = 16, K = V = 128 (per-channel gates)
   chunk_gla, chunk_simple_gla   H = 16, K = V = 128
   mamba_chunk_scan_combined     Nemotron-H: head dim 64, state 128, 128 heads, chunk 256
   selective_scan_fn             Mamba-1: D = 1536 and 5120, N = 16
@@ -51,6 +52,7 @@ def _cfgs(dry: bool):
         return [Config(max(1, tok // T), T, h, k, v, **kw) for T in Ts]
     out = [
         ("chunk_gated_delta_rule", grid(2 * H, K, K)),
+        ("chunk_kda", grid(H, K, K)),
         ("chunk_gla", grid(H, K, K)),
         ("chunk_simple_gla", grid(H, K, K)),
         # SSD: registry dims p = min(V, 64), h = H * V / p, n = K

@@ -127,11 +127,11 @@ def _gla_cases(quick: bool):
 def _delta_cases(quick: bool):
     for dtype in DTYPES:
         for K, V in DIMS:
-            for gated in (False, True):
+            for gate in ("none", "scalar", "vector"):  # DeltaNet, Gated DeltaNet, KDA
                 for varlen in (False, True):
                     if varlen and dtype != "bfloat16":
                         continue
-                    yield dict(family="delta", dtype=dtype, K=K, V=V, gated=gated, varlen=varlen)
+                    yield dict(family="delta", dtype=dtype, K=K, V=V, gate=gate, varlen=varlen)
 
 
 def _ssm_cases(quick: bool):
@@ -208,7 +208,8 @@ def _run_case(c: dict):
             os.environ.pop("LIGHTNING_OPS_GLA_SINGLE_PASS", None)
         else:
             from lightning_ops.delta import triton as D
-            g = -torch.rand(B, T, H, dtype=dt) if c["gated"] else None
+            g = {"none": None, "scalar": -torch.rand(B, T, H, dtype=dt),
+                 "vector": -torch.rand(B, T, H, K, dtype=dt)}[c["gate"]]
             beta = torch.rand(B, T, H, dtype=dt)
             for mode in ("chunk", "recurrent"):
                 D.forward(q, k, v, g, beta, K ** -0.5, h0, True, cu, False, mode)

@@ -167,17 +167,39 @@ class _Chunks:
     dtype: torch.dtype
 
 
-def _scores(c: _Chunks, x: Tensor, y: Tensor, gated: bool) -> Tensor:
-    """Intra-chunk scores [B, T, H, C] fp32 (causal part only): vector-gated q k^T, or do v^T."""
-    meta, C, D = c.meta, c.meta.C, x.shape[-1]
+def chunk_scores(x: Tensor, y: Tensor, gc: Optional[Tensor], meta: ChunkMeta, scale: float,
+                 dtype: torch.dtype) -> Tensor:
+    """Intra-chunk scores A [B, T, H, C] fp32, causal part only (s <= t; readers mask the rest):
+    scale sum_d x_td y_sd e^{G_td - G_sd} with vector-gate cumsums gc [B, T, H, D], or ungated
+    scale x y^T (gc None: do v^T). dtype picks the dot config."""
+    B, T, H, D = x.shape
+    C = meta.C
+    gated = gc is not None
     BC = TRITON_SUB_CHUNK if gated else C
-    A = torch.empty(c.B, c.T, c.H, C, dtype=torch.float32, device=x.device)
-    DT, _, PREC = dot_config(x.dtype)
-    chunk_scores_kernel[(meta.grid_t, C // BC, c.B * c.H)](
-        x, y, c.gc if gated else None, A, meta.cu_or_none, meta.indices, c.scale, c.T, meta.NT,
-        H=c.H, D=D, C=C, BC=BC, BD=min(32 if gated else 64, next_pow2(D)), GATED=gated,
+    A = torch.empty(B, T, H, C, dtype=torch.float32, device=x.device)
+    DT, _, PREC = dot_config(dtype)
+    chunk_scores_kernel[(meta.grid_t, C // BC, B * H)](
+        x, y, gc, A, meta.cu_or_none, meta.indices, scale, T, meta.NT,
+        H=H, D=D, C=C, BC=BC, BD=min(32 if gated else 64, next_pow2(D)), GATED=gated,
         IS_VARLEN=meta.is_varlen, DT=DT, PREC=PREC)
     return A
+
+
+def scores_backward(q: Tensor, k: Tensor, gc: Tensor, dA: Tensor, meta: ChunkMeta,
+                    dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """(dq, dk) fp32 of vector-gated scores A_ts = sum_d q_td k_sd e^{G_td - G_sd}, s < t, from
+    dA (the s == t term excluded: see chunk_intra_grad_kernel)."""
+    B, T, H, K = q.shape
+    DT, _, PREC = dot_config(dtype)
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    BK = min(32, next_pow2(K))  # the diagonal sub-chunk holds [BC, BC, BK] products
+    n_sub = meta.C // TRITON_SUB_CHUNK
+    chunk_intra_grad_kernel[(triton.cdiv(K, BK) * n_sub, meta.grid_t, B * H)](
+        q, k, gc, dA, dq, dk, meta.cu_or_none, meta.indices, T, meta.NT,
+        H=H, K=K, C=meta.C, BC=TRITON_SUB_CHUNK, BK=BK, IS_VARLEN=meta.is_varlen,
+        DT=DT, PREC=PREC)
+    return dq, dk
 
 
 def _state_walk(c: _Chunks, *, x: Tensor, y: Tensor, rev: bool, s0: Optional[Tensor],
@@ -227,7 +249,7 @@ def _chunks(q, v, g, g_gamma, scale, cu_seqlens) -> _Chunks:
 def _chunk_forward(q, k, v, g, g_gamma, scale, h0, output_final_state, cu_seqlens):
     c = _chunks(q, v, g, g_gamma, scale, cu_seqlens)
     meta, H, K, V = c.meta, c.H, c.K, c.V
-    A = _scores(c, q, k, gated=True) if c.GATE == VECTOR_GATE else None
+    A = chunk_scores(q, k, c.gc, meta, scale, q.dtype) if c.GATE == VECTOR_GATE else None
     o = torch.empty_like(v)
     ht = fp32_empty(q, meta.N, H, K, V) if output_final_state else None
     if _single_pass(meta.N, H, K, V, q.dtype, q.device):
@@ -245,7 +267,7 @@ def _chunk_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
     # recompute the per-chunk states h_c (not kept from the forward: NT*K*V fp32 per head)
     hs = fp32_empty(q, meta.n_chunks, H, K, V)
     _state_walk(c, x=k, y=v, rev=False, s0=h0, hs=hs)
-    A = _scores(c, q, k, gated=True) if GATE == VECTOR_GATE else None
+    A = chunk_scores(q, k, c.gc, meta, scale, q.dtype) if GATE == VECTOR_GATE else None
     dhs = fp32_empty(q, meta.n_chunks, H, K, V)
     dh0 = fp32_empty(q, meta.N, H, K, V) if h0 is not None else None
     dv = torch.empty_like(v)
@@ -259,15 +281,8 @@ def _chunk_backward(q, k, v, g, g_gamma, scale, h0, cu_seqlens, do, dht):
     DT, DT_S, PREC = dot_config(q.dtype)
     dA = dqi = dki = None
     if GATE == VECTOR_GATE:
-        dA = _scores(c, do, v, gated=False)
-        dqi = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        dki = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        BKi = min(32, BK)  # the diagonal sub-chunk holds [BC, BC, BKi] products
-        n_sub = TRITON_CHUNK // TRITON_SUB_CHUNK
-        chunk_intra_grad_kernel[(triton.cdiv(K, BKi) * n_sub, meta.grid_t, B * H)](
-            q, k, c.gc, dA, dqi, dki, meta.cu_or_none, meta.indices, T, meta.NT,
-            H=H, K=K, C=TRITON_CHUNK, BC=TRITON_SUB_CHUNK, BK=BKi, IS_VARLEN=meta.is_varlen,
-            DT=DT, PREC=PREC)
+        dA = chunk_scores(do, v, None, meta, scale, q.dtype)
+        dqi, dki = scores_backward(q, k, c.gc, dA, meta, q.dtype)
     dq, dk = torch.empty_like(q), torch.empty_like(k)
     dg = None
     if g is not None:

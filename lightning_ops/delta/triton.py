@@ -1,4 +1,4 @@
-"""Triton backend of the delta-rule family (DeltaNet, Gated DeltaNet).
+"""Triton backend of the delta-rule family (DeltaNet, Gated DeltaNet, KDA).
 
 Contract (lightning_ops/delta/ops.py):
   forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
@@ -19,8 +19,15 @@ Backward: the forward is recomputed up to the states, then
   GLA chunk_dqkg_kernel    dq, dk, dg of the output and state parts (v_new as v)  (shared)
   wy_bwd_kernel            the triangular solve's adjoint: dv, dbeta and the WY parts of dk, dg
 The inter-chunk state and output kernels of the GLA family are reused as they are: after the
-WY transform the delta rule is scalar-gated linear attention with v_new for v. Only the state
+WY transform the delta rule is gated linear attention with v_new for v. Only the state
 walk itself is delta-specific (v_new depends on the state met), so it has its own kernels.
+
+Vector gates (KDA, b [C, K] per channel): e^{b_i - b_j} sits inside the k k^T and q k^T sums,
+so those scores come from the GLA engine's sub-chunked chunk_scores (every exponent <= 0):
+A_kk feeds wy_inverse, A_qk the output and the reverse walk. Their gradients go back through
+scores_backward (the GLA intra-chunk kernel, q = k for A_kk) and wy_gate_grad_kernel (A_kk's
+and w's per-channel dg, reverse-cumsummed within the chunk). The kernels take the gate kind
+GATE (chunk/constants.py: NO_GATE, SCALAR_GATE, VECTOR_GATE).
 
 Recurrent mode: one program per (sequence, value head, V block) walks the tokens with the state
 in registers (decode); q/k l2 norm in-kernel; grouped value heads read q/k head i // m directly.
@@ -33,7 +40,6 @@ fp32 throughout the kernels' accumulators; float64 inputs are computed in fp32.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -42,13 +48,14 @@ import triton.language as tl
 
 from ..chunk import constants
 from ..chunk.constants import K_BLOCK, TRITON_CHUNK, gate_kind
-from ..chunk.triton import (as_compute, check_mode, empty_backward, empty_forward, fp32_empty,
-                            gate_cumsum, restore_dtypes, zero_floored)
-from ..chunk.triton_kernels import chunk_dqkg_kernel, chunk_out_kernel
+from ..chunk.triton import (as_compute, check_mode, chunk_scores, empty_backward, empty_forward,
+                            fp32_empty, gate_cumsum, restore_dtypes, scores_backward,
+                            zero_floored)
+from ..chunk.triton_kernels import (_gates, _load_A, _row_decay, chunk_dqkg_kernel,
+                                    chunk_out_kernel)
 from ..nonfinite import NonFiniteGuard
 from ..triton_utils import (ChunkMeta, check_grid_yz, chunk_program, chunk_slot_base, dot_config,
                             full_k_stages, next_pow2, seq_bounds, state_tile)
-from . import torch as _torch_engine
 from .l2norm import l2norm, l2norm_backward
 
 Tensor = torch.Tensor
@@ -56,17 +63,22 @@ Tensor = torch.Tensor
 # rows per chunk in the kernels below (the WY inverse is written for 4 blocks of 16 rows)
 CHUNK = tl.constexpr(constants.TRITON_CHUNK)
 L2NORM_EPS = tl.constexpr(constants.L2NORM_EPS)
+NO_GATE = tl.constexpr(constants.NO_GATE)
+SCALAR_GATE = tl.constexpr(constants.SCALAR_GATE)
+VECTOR_GATE = tl.constexpr(constants.VECTOR_GATE)
 
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "NT"])
-def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
+def wy_inverse_kernel(k, beta, gc, Akk, Ai, cu_seqlens, chunk_indices, T, NT,
                       H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-                      GATED: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
+                      GATE: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
     """Ai [tokens, H, 64] fp32: (I + A)^-1 of one (chunk, batch x head), A = tril(beta (k k^T)
-    e^{b_r - b_s}, -1); row r of Ai is the chunk's token r. The four 16x16 diagonal blocks are
+    e^{b_r - b_s}, -1); row r of Ai is the chunk's token r. Vector gates (KDA) read the gated
+    k k^T from Akk [tokens, H, 64] (chunk_scores: e^{b_r - b_s} per channel inside the sum);
+    the other kinds form it here. The four 16x16 diagonal blocks are
     inverted together ([4, 16, 16]) by forward substitution (15 steps), the off-diagonal blocks
     by block forward substitution T_ij = -T_ii sum_{j <= l < i} A_il T_lj. Upper blocks are
     written as zeros so a [64, 64] load is the whole inverse.
@@ -82,16 +94,21 @@ def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
     loc = r0 + tl.arange(0, 4)[:, None] * 16 + o[None, :]
     m = loc < T_n
     rows = (bos + loc) * H + i_h
-    # k k^T over K in blocks of BK (unrolled): [*, 16, BK] tiles keep shared memory bounded
-    A3 = tl.zeros([4, 16, 16], dtype=tl.float32)
-    for i_k in tl.static_range(0, (K + BK - 1) // BK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        k3 = tl.load(k + (rows * K)[:, :, None] + o_k[None, None, :],
-                     mask=m[:, :, None] & (o_k < K)[None, None, :], other=0.).to(tl.float32)
-        A3 += tl.dot(k3, tl.permute(k3, (0, 2, 1)), input_precision=PREC)
-    b3 = tl.load(beta + rows, mask=m, other=0.).to(tl.float32)
     keep = m[:, :, None] & m[:, None, :] & (o[None, :, None] > o[None, None, :])
-    if GATED:
+    if GATE == VECTOR_GATE:
+        blk = tl.arange(0, 4) * 16
+        A3 = tl.load(Akk + (rows * CHUNK)[:, :, None] + blk[:, None, None] + o[None, None, :],
+                     mask=keep, other=0.)
+    else:
+        # k k^T over K in blocks of BK (unrolled): [*, 16, BK] tiles keep shared memory bounded
+        A3 = tl.zeros([4, 16, 16], dtype=tl.float32)
+        for i_k in tl.static_range(0, (K + BK - 1) // BK):
+            o_k = i_k * BK + tl.arange(0, BK)
+            k3 = tl.load(k + (rows * K)[:, :, None] + o_k[None, None, :],
+                         mask=m[:, :, None] & (o_k < K)[None, None, :], other=0.).to(tl.float32)
+            A3 += tl.dot(k3, tl.permute(k3, (0, 2, 1)), input_precision=PREC)
+    b3 = tl.load(beta + rows, mask=m, other=0.).to(tl.float32)
+    if GATE == SCALAR_GATE:
         G3 = tl.load(gc + rows, mask=m, other=0.)
         A3 = A3 * tl.exp(tl.where(keep, G3[:, :, None] - G3[:, None, :], 0.))
     A3 = tl.where(keep, A3 * b3[:, :, None], 0.)
@@ -112,18 +129,22 @@ def wy_inverse_kernel(k, beta, gc, Ai, cu_seqlens, chunk_indices, T, NT,
     mj = (lj < T_n) & (p < 6)[:, None]
     ri = (bos + li) * H + i_h
     rj = (bos + lj) * H + i_h
-    A8 = tl.zeros([8, 16, 16], dtype=tl.float32)
-    for i_k in tl.static_range(0, (K + BK - 1) // BK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = (o_k < K)[None, None, :]
-        ki = tl.load(k + (ri * K)[:, :, None] + o_k[None, None, :],
-                     mask=mi[:, :, None] & m_k, other=0.).to(tl.float32)
-        kj = tl.load(k + (rj * K)[:, :, None] + o_k[None, None, :],
-                     mask=mj[:, :, None] & m_k, other=0.).to(tl.float32)
-        A8 += tl.dot(ki, tl.permute(kj, (0, 2, 1)), input_precision=PREC)
-    bb = tl.load(beta + ri, mask=mi, other=0.).to(tl.float32)
     keep8 = mi[:, :, None] & mj[:, None, :]
-    if GATED:
+    if GATE == VECTOR_GATE:
+        A8 = tl.load(Akk + (ri * CHUNK)[:, :, None] + (bj * 16)[:, None, None]
+                     + o[None, None, :], mask=keep8, other=0.)
+    else:
+        A8 = tl.zeros([8, 16, 16], dtype=tl.float32)
+        for i_k in tl.static_range(0, (K + BK - 1) // BK):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = (o_k < K)[None, None, :]
+            ki = tl.load(k + (ri * K)[:, :, None] + o_k[None, None, :],
+                         mask=mi[:, :, None] & m_k, other=0.).to(tl.float32)
+            kj = tl.load(k + (rj * K)[:, :, None] + o_k[None, None, :],
+                         mask=mj[:, :, None] & m_k, other=0.).to(tl.float32)
+            A8 += tl.dot(ki, tl.permute(kj, (0, 2, 1)), input_precision=PREC)
+    bb = tl.load(beta + ri, mask=mi, other=0.).to(tl.float32)
+    if GATE == SCALAR_GATE:
         Gi = tl.load(gc + ri, mask=mi, other=0.)
         Gj = tl.load(gc + rj, mask=mj, other=0.)
         A8 = A8 * tl.exp(tl.where(keep8, Gi[:, :, None] - Gj[:, None, :], 0.))
@@ -194,9 +215,10 @@ def _wy_chunk(Ai, beta, bos, r0, T_n, i_h, H: tl.constexpr):
 @triton.jit(do_not_specialize=["T", "NT"])
 def wy_apply_kernel(k, v, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                    BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                     IS_VARLEN: tl.constexpr, PREC: tl.constexpr):
-    """w = Ai (beta e^b k) [tokens, H, K] and u = Ai (beta v) [tokens, H, V], fp32."""
+    """w = Ai (beta e^b k) [tokens, H, K] and u = Ai (beta v) [tokens, H, V], fp32 (e^b per
+    channel for vector gates)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
@@ -204,7 +226,7 @@ def wy_apply_kernel(k, v, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
     if r0 >= T_n:  # a padding program of a packed batch's grid
         return
     o_t, m_t, rows, Ti, bt = _wy_chunk(Ai, beta, bos, r0, T_n, i_h, H)
-    if GATED:
+    if GATE == SCALAR_GATE:
         G = tl.load(gc + rows, mask=m_t, other=0.)
         bk = bt * tl.exp(G)
     else:
@@ -213,14 +235,26 @@ def wy_apply_kernel(k, v, beta, gc, Ai, w, u, cu_seqlens, chunk_indices, T, NT,
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
         p = (rows * K)[:, None] + o_k[None, :]
-        kt = tl.load(k + p, mask=m, other=0.).to(tl.float32)
-        tl.store(w + p, tl.dot(Ti, kt * bk[:, None], input_precision=PREC), mask=m)
+        kt = tl.load(k + p, mask=m, other=0.).to(tl.float32) * bk[:, None]
+        if GATE == VECTOR_GATE:
+            kt = kt * tl.exp(tl.load(gc + p, mask=m, other=0.))
+        tl.store(w + p, tl.dot(Ti, kt, input_precision=PREC), mask=m)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
         p = (rows * V)[:, None] + o_v[None, :]
         vt = tl.load(v + p, mask=m, other=0.).to(tl.float32)
         tl.store(u + p, tl.dot(Ti, vt * bt[:, None], input_precision=PREC), mask=m)
+
+
+@triton.jit
+def _state_decay(G_L, GATE: tl.constexpr):
+    """e^{G_L} as a factor of a [BK, BV] state: a scalar, or per row (vector gates)."""
+    if GATE == VECTOR_GATE:
+        f = tl.exp(G_L)[:, None]
+    else:
+        f = tl.exp(G_L)
+    return f
 
 
 @triton.jit
@@ -253,12 +287,12 @@ def _chunk_tile(r0, o_t, o_k, o_v, m_k, m_v, bos, T_n, i_h, H: tl.constexpr, K: 
 @triton.jit(do_not_specialize=["T", "NT"])
 def delta_state_kernel(k, w, u, gc, hs, v_new, h0, ht, cu_seqlens, chunk_offsets, T, NT,
                        H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                       BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                        USE_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
                        DT_S: tl.constexpr, PREC: tl.constexpr):
     """One program per (V block, sequence x head), the full K in registers (BK >= K): stores
     h_c (state before chunk c) and v_new = u - w h_c, and carries
-    h <- e^{b_L} h + (k e^{b_L - b})^T v_new."""
+    h <- e^{b_L} h + (k e^{b_L - b})^T v_new (e^{b_L} per row of h for vector gates)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_n, base, o_t, o_k, o_v, m_k, m_v, m_kv, kv, head = _state_walk_setup(
@@ -276,27 +310,27 @@ def delta_state_kernel(k, w, u, gc, hs, v_new, h0, ht, cu_seqlens, chunk_offsets
         vn = ut - tl.dot(wt.to(DT_S), S.to(DT_S), input_precision=PREC)
         tl.store(v_new + pv, vn, mask=m_tv)
         kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
-        if GATED:
-            G = tl.load(gc + rows, mask=m_t, other=0.)
-            G_L = tl.load(gc + (bos + tl.minimum(r0 + CHUNK - 1, T_n - 1)) * H + i_h)
-            kt = kt * tl.where(m_t, tl.exp(tl.where(m_t, G_L - G, 0.)), 0.)[:, None]
-            S = S * tl.exp(G_L)
+        if GATE != NO_GATE:
+            G, G_L = _gates(gc, None, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k, H, K, CHUNK, GATE)
+            kt = kt * _row_decay(G, G_L, m_t, True, GATE)
+            S = S * _state_decay(G_L, GATE)
         S += tl.dot(tl.trans(kt).to(DT_S), vn.to(DT_S), input_precision=PREC)
     if STORE_HT:
         tl.store(ht + head + kv, S, mask=m_kv)
 
 
 @triton.jit(do_not_specialize=["T", "NT"])
-def delta_state_bwd_kernel(q, k, w, do, gc, dhs, dv_new, dht, dh0, cu_seqlens, chunk_offsets,
-                           scale, T, NT,
+def delta_state_bwd_kernel(q, k, w, do, gc, Aqk, dhs, dv_new, dht, dh0, cu_seqlens,
+                           chunk_offsets, scale, T, NT,
                            H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                           BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                           BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                            USE_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
                            IS_VARLEN: tl.constexpr, DT: tl.constexpr, DT_S: tl.constexpr,
                            PREC: tl.constexpr):
     """The reverse walk: with dE the gradient of the state after chunk c (stored in dhs),
     dv_new = A_qk^T do + (k e^{b_L - b}) dE  (A_qk = scale q k^T e^{b_t - b_s}, s <= t), then
-    dS = e^{b_L} dE + scale (q e^b)^T do - w^T dv_new becomes the previous chunk's dE."""
+    dS = e^{b_L} dE + scale (q e^b)^T do - w^T dv_new becomes the previous chunk's dE.
+    Vector gates read A_qk from Aqk (chunk_scores, scale included)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, T_n, base, o_t, o_k, o_v, m_k, m_v, m_kv, kv, head = _state_walk_setup(
@@ -315,24 +349,27 @@ def delta_state_bwd_kernel(q, k, w, do, gc, dhs, dv_new, dht, dh0, cu_seqlens, c
         kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
         wt = tl.load(w + pk, mask=m_tk, other=0.)
         dot_ = tl.load(do + pv, mask=m_tv, other=0.).to(tl.float32)
-        # A_qk^T [s, t] = scale q_t . k_s e^{b_t - b_s} for t >= s
-        keep = (o_t[None, :] >= o_t[:, None]) & m_t[:, None] & m_t[None, :]
-        At = tl.dot(kt.to(DT), tl.trans(qt).to(DT), input_precision=PREC)
-        if GATED:
-            G = tl.load(gc + rows, mask=m_t, other=0.)
-            G_L = tl.load(gc + (bos + tl.minimum(r0 + CHUNK - 1, T_n - 1)) * H + i_h)
-            At = At * tl.exp(tl.where(keep, G[None, :] - G[:, None], 0.))
-            kd = kt * tl.where(m_t, tl.exp(tl.where(m_t, G_L - G, 0.)), 0.)[:, None]
-            qi = qt * tl.where(m_t, tl.exp(tl.where(m_t, G, 0.)), 0.)[:, None]
+        if GATE != NO_GATE:
+            G, G_L = _gates(gc, None, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k, H, K, CHUNK, GATE)
+            kd = kt * _row_decay(G, G_L, m_t, True, GATE)
+            qi = qt * _row_decay(G, G_L, m_t, False, GATE)
         else:
             kd = kt
             qi = qt
-        At = tl.where(keep, At * scale, 0.)
+        # A_qk^T [s, t] = scale q_t . k_s e^{b_t - b_s} for t >= s
+        if GATE == VECTOR_GATE:
+            At = _load_A(Aqk, bos + r0 + o_t, i_h, m_t, o_t, H, CHUNK, True)
+        else:
+            keep = (o_t[None, :] >= o_t[:, None]) & m_t[:, None] & m_t[None, :]
+            At = tl.dot(kt.to(DT), tl.trans(qt).to(DT), input_precision=PREC)
+            if GATE == SCALAR_GATE:
+                At = At * tl.exp(tl.where(keep, G[None, :] - G[:, None], 0.))
+            At = tl.where(keep, At * scale, 0.)
         dvn = tl.dot(At.to(DT), dot_.to(DT), input_precision=PREC) \
             + tl.dot(kd.to(DT_S), dS.to(DT_S), input_precision=PREC)
         tl.store(dv_new + pv, dvn, mask=m_tv)
-        if GATED:
-            dS = dS * tl.exp(G_L)
+        if GATE != NO_GATE:
+            dS = dS * _state_decay(G_L, GATE)
         dS += scale * tl.dot(tl.trans(qi).to(DT), dot_.to(DT), input_precision=PREC)
         dS -= tl.dot(tl.trans(wt).to(DT_S), dvn.to(DT_S), input_precision=PREC)
     if STORE_DH0:
@@ -340,10 +377,10 @@ def delta_state_bwd_kernel(q, k, w, do, gc, dhs, dv_new, dht, dh0, cu_seqlens, c
 
 
 @triton.jit(do_not_specialize=["T", "NT"])
-def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
+def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, Akk, dk, dv, dbeta, dg, dAkk,
                   cu_seqlens, chunk_indices, T, NT,
                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                  BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                  BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                   IS_VARLEN: tl.constexpr, DT_S: tl.constexpr, PREC: tl.constexpr):
     """Adjoint of the WY transform of one (chunk, batch x head), K in blocks of BK.
     From du = dv_new and dw = -dv_new h_c^T:  dvb = Ai^T du, dkb = Ai^T dw,
@@ -352,7 +389,12 @@ def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
     Three passes, so no [64, K] tile is held whole (shared memory stays bounded at K = 256):
     over V blocks (dv, the u part of dA and dbeta), over K blocks (dw, dkb, the w part of dA,
     k k^T, the k parts of dbeta and dg; dk's dkb share stored), over K blocks again (dk += the
-    A part, read back after a barrier)."""
+    A part, read back after a barrier).
+    Vector gates (KDA): the gated k k^T comes from Akk (chunk_scores); the kernel stops at its
+    gradient dAkk = beta dA [tokens, H, 64] (rows written whole, zeros off the strict lower
+    triangle), whose dk and dg shares need e^{b_r - b_s} per channel (scores_backward, then
+    wy_gate_grad_kernel), and dg gets the w share dkb * (beta e^b k) per channel, not yet
+    reverse-cumsummed."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
@@ -361,7 +403,7 @@ def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
         return
     o_t, m_t, rows, Ti, bt = _wy_chunk(Ai, beta, bos, r0, T_n, i_h, H)
     strict = (o_t[:, None] > o_t[None, :]) & m_t[:, None] & m_t[None, :]
-    if GATED:
+    if GATE == SCALAR_GATE:
         G = tl.load(gc + rows, mask=m_t, other=0.)
         eG = tl.where(m_t, tl.exp(tl.where(m_t, G, 0.)), 0.)
         D = tl.exp(tl.where(strict, G[:, None] - G[None, :], 0.))
@@ -392,7 +434,12 @@ def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
         m_tk = m_t[:, None] & m_k[None, :]
         pk = (rows * K)[:, None] + o_k[None, :]
         kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
-        kb = kt * (bt * eG)[:, None]
+        if GATE == VECTOR_GATE:
+            eGk = tl.where(m_tk, tl.exp(tl.load(gc + pk, mask=m_tk, other=0.)), 0.)
+        else:
+            eGk = eG[:, None]
+        bte = bt[:, None] * eGk
+        kb = kt * bte
         wt = tl.dot(Ti, kb, input_precision=PREC)
         dw = tl.zeros([CHUNK, BK], dtype=tl.float32)
         for i_v in range(0, tl.cdiv(V, BV)):
@@ -405,40 +452,72 @@ def wy_bwd_kernel(k, v, beta, gc, Ai, hs, dv_new, dk, dv, dbeta, dg,
             dw -= tl.dot(dvn.to(DT_S), tl.trans(h).to(DT_S), input_precision=PREC)
         dkb = tl.dot(tl.trans(Ti), dw, input_precision=PREC)
         dA += tl.dot(dkb, tl.trans(wt), input_precision=PREC)
-        KK += tl.dot(kt, tl.trans(kt), input_precision=PREC)
-        db_ += tl.sum(dkb * kt * eG[:, None], axis=1)
-        dgk += tl.sum(dkb * kb, axis=1)
-        tl.store(dk + pk, dkb * (bt * eG)[:, None], mask=m_tk)
+        db_ += tl.sum(dkb * kt * eGk, axis=1)
+        if GATE == VECTOR_GATE:
+            tl.store(dg + pk, dkb * kb, mask=m_tk)
+        else:
+            KK += tl.dot(kt, tl.trans(kt), input_precision=PREC)
+            dgk += tl.sum(dkb * kb, axis=1)
+        tl.store(dk + pk, dkb * bte, mask=m_tk)
     dA = tl.where(strict, -dA, 0.)
-    Akk = tl.where(strict, KK * D, 0.)
-    db_ += tl.sum(dA * Akk, axis=1)
-    dAkk = dA * bt[:, None]
-    dKK = dAkk * D
+    if GATE == VECTOR_GATE:
+        Akk_ = tl.load(Akk + (rows * CHUNK)[:, None] + o_t[None, :], mask=strict, other=0.)
+    else:
+        Akk_ = tl.where(strict, KK * D, 0.)
+    db_ += tl.sum(dA * Akk_, axis=1)
+    dAkk_ = dA * bt[:, None]
     tl.store(dbeta + rows, db_, mask=m_t)
-    if GATED:
-        P = dAkk * Akk
-        dgt = tl.sum(P, axis=1) - tl.sum(P, axis=0) + dgk
-        tl.store(dg + rows, tl.cumsum(dgt, axis=0, reverse=True), mask=m_t)
-    # pass 3, over K: dk += dKK k + dKK^T k (this program's own pass-2 stores, read back)
-    tl.debug_barrier()
-    for i_k in range(0, tl.cdiv(K, BK)):
+    if GATE == VECTOR_GATE:
+        tl.store(dAkk + (rows * CHUNK)[:, None] + o_t[None, :], dAkk_, mask=m_t[:, None])
+    else:
+        dKK = dAkk_ * D
+        if GATE == SCALAR_GATE:
+            P = dAkk_ * Akk_
+            dgt = tl.sum(P, axis=1) - tl.sum(P, axis=0) + dgk
+            tl.store(dg + rows, tl.cumsum(dgt, axis=0, reverse=True), mask=m_t)
+        # pass 3, over K: dk += dKK k + dKK^T k (this program's own pass-2 stores, read back)
+        tl.debug_barrier()
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_tk = m_t[:, None] & (o_k < K)[None, :]
+            pk = (rows * K)[:, None] + o_k[None, :]
+            kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
+            dkt = tl.load(dk + pk, mask=m_tk, other=0.) + tl.dot(dKK, kt, input_precision=PREC) \
+                + tl.dot(tl.trans(dKK), kt, input_precision=PREC)
+            tl.store(dk + pk, dkt, mask=m_tk)
+
+
+@triton.jit(do_not_specialize=["T", "NT"])
+def wy_gate_grad_kernel(k, dki, dkj, dgw, dg, cu_seqlens, chunk_indices, T, NT,
+                        H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
+                        IS_VARLEN: tl.constexpr):
+    """Vector gates: the WY share of dg [tokens, H, K] fp32 of one (K block, chunk,
+    batch x head): the reverse cumsum within the chunk of dgw + k (dki - dkj), where dki / dkj
+    are the gated k k^T's gradients through its row / column factor (e^{+b} / e^{-b})."""
+    i_k, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    i_n, i_c, gid, bos, T_n = chunk_program(i_t, i_b, cu_seqlens, chunk_indices, T, NT, IS_VARLEN)
+    r0 = i_c * CHUNK
+    if r0 < T_n:
+        o_t = tl.arange(0, CHUNK)
         o_k = i_k * BK + tl.arange(0, BK)
-        m_tk = m_t[:, None] & (o_k < K)[None, :]
-        pk = (rows * K)[:, None] + o_k[None, :]
+        m_tk = ((r0 + o_t) < T_n)[:, None] & (o_k < K)[None, :]
+        pk = (((bos + r0 + o_t) * H + i_h) * K)[:, None] + o_k[None, :]
         kt = tl.load(k + pk, mask=m_tk, other=0.).to(tl.float32)
-        dkt = tl.load(dk + pk, mask=m_tk, other=0.) + tl.dot(dKK, kt, input_precision=PREC) \
-            + tl.dot(tl.trans(dKK), kt, input_precision=PREC)
-        tl.store(dk + pk, dkt, mask=m_tk)
+        x = tl.load(dgw + pk, mask=m_tk, other=0.) + kt * (
+            tl.load(dki + pk, mask=m_tk, other=0.) - tl.load(dkj + pk, mask=m_tk, other=0.))
+        tl.store(dg + pk, tl.cumsum(x, axis=0, reverse=True), mask=m_tk)
 
 
 @triton.jit(do_not_specialize=["T"])
 def recurrent_fwd_kernel(q, k, v, g, beta, h0, o, ht, cu_seqlens, scale, T,
                          H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                         BK: tl.constexpr, BV: tl.constexpr, GATED: tl.constexpr,
+                         BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
                          L2: tl.constexpr, USE_H0: tl.constexpr, STORE_HT: tl.constexpr,
                          IS_VARLEN: tl.constexpr):
     """Token-by-token delta rule (decode): one program per (V block, sequence x value head),
-    the [K, BV] state in registers. Value head i_hv reads q/k head i_hv // (HV // H)."""
+    the [K, BV] state in registers. Value head i_hv reads q/k head i_hv // (HV // H).
+    g: [tokens, HV] (scalar gate) or [tokens, HV, K] (vector gate), raw log decays."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)  # (sequence x head) on x: no 65535 cap
     i_n, i_hv = i_nh // HV, i_nh % HV
     i_h = i_hv // (HV // H)
@@ -457,8 +536,11 @@ def recurrent_fwd_kernel(q, k, v, g, beta, h0, o, ht, cu_seqlens, scale, T,
         if L2:
             qt = qt / tl.sqrt(tl.sum(qt * qt, axis=0) + L2NORM_EPS)
             kt = kt / tl.sqrt(tl.sum(kt * kt, axis=0) + L2NORM_EPS)
-        if GATED:
+        if GATE == SCALAR_GATE:
             S = S * tl.exp(tl.load(g + tok * HV + i_hv).to(tl.float32))
+        elif GATE == VECTOR_GATE:
+            gt = tl.load(g + (tok * HV + i_hv) * K + o_k, mask=m_k, other=0.).to(tl.float32)
+            S = S * tl.exp(gt)[:, None]
         err = vt - tl.sum(S * kt[:, None], axis=0)
         S += (bt * kt)[:, None] * err[None, :]
         ot = scale * tl.sum(S * qt[:, None], axis=0)
@@ -509,6 +591,17 @@ class _Prep:
         self.cu = cu_seqlens
         self.B, self.T = B, T
         self.gc = gate_cumsum(g, None, self.meta, B, T, self.HV)
+        self.GATE = gate_kind(g)
+        # vector gates: the gated k k^T of the WY transform (e^{b_r - b_s} per channel inside
+        # the sum, so it cannot be formed from a k k^T product in the WY kernels)
+        self.Akk = (chunk_scores(k, k, self.gc, self.meta, 1.0, q.dtype)
+                    if self.GATE == VECTOR_GATE else None)
+
+    def scores_qk(self, scale: float) -> Optional[Tensor]:
+        """Vector gates: the output's intra-chunk scores A_qk (scale included); else None."""
+        if self.GATE != VECTOR_GATE:
+            return None
+        return chunk_scores(self.q, self.k, self.gc, self.meta, scale, self.q.dtype)
 
     def grads_to_inputs(self, dq: Tensor, dk: Tensor):
         """dq, dk [B, T, HV, K] fp32 of the kernels' q/k -> of the op's q/k (fp32)."""
@@ -530,13 +623,13 @@ def _wy(p: _Prep, v, beta):
     Ai = fp32_empty(v, B, T, H, TRITON_CHUNK)
     # exact fp32 products in the inverse whatever the input dtype: its 15 substitution steps
     # compound rounding (the 16x16 products are cheap)
-    wy_inverse_kernel[grid](p.k, beta, p.gc, Ai, p.cu, meta.indices, T, meta.NT,
-                            H=H, K=K, BK=min(K_BLOCK, next_pow2(K)), GATED=p.gc is not None,
+    wy_inverse_kernel[grid](p.k, beta, p.gc, p.Akk, Ai, p.cu, meta.indices, T, meta.NT,
+                            H=H, K=K, BK=min(K_BLOCK, next_pow2(K)), GATE=p.GATE,
                             IS_VARLEN=meta.is_varlen, PREC="ieee")
     w, u = fp32_empty(v, B, T, H, K), fp32_empty(v, B, T, H, V)
     wy_apply_kernel[grid](p.k, v, beta, p.gc, Ai, w, u, p.cu, meta.indices, T, meta.NT,
                           H=H, K=K, V=V, BK=min(64, next_pow2(K)), BV=min(64, next_pow2(V)),
-                          GATED=p.gc is not None, IS_VARLEN=meta.is_varlen, PREC=PREC)
+                          GATE=p.GATE, IS_VARLEN=meta.is_varlen, PREC=PREC)
     return Ai, w, u
 
 
@@ -550,7 +643,7 @@ def _states(p: _Prep, w, u, h0, output_final_state):
     BV = _state_bv(K, V)
     delta_state_kernel[(triton.cdiv(V, BV), meta.N * H)](
         p.k, w, u, p.gc, hs, v_new, h0, ht, p.cu, meta.offsets, T, meta.NT,
-        H=H, K=K, V=V, BK=next_pow2(K), BV=BV, GATED=p.gc is not None, USE_H0=h0 is not None,
+        H=H, K=K, V=V, BK=next_pow2(K), BV=BV, GATE=p.GATE, USE_H0=h0 is not None,
         STORE_HT=ht is not None, IS_VARLEN=meta.is_varlen, DT_S=DT_S, PREC=PREC,
         num_warps=_walk_warps(K, BV), num_stages=full_k_stages(K))
     return hs, v_new, ht
@@ -565,8 +658,8 @@ def _chunk_forward(q, k, v, g, beta, scale, h0, output_final_state, cu_seqlens, 
     BK, BV = min(64, next_pow2(K)), min(64, next_pow2(V))
     o = torch.empty_like(v)
     chunk_out_kernel[(triton.cdiv(V, BV), meta.grid_t, B * H)](
-        p.q, p.k, v_new, p.gc, None, None, hs, o, p.cu, meta.indices, scale, T, meta.NT,
-        H=H, K=K, V=V, C=TRITON_CHUNK, BK=BK, BV=BV, GATE=gate_kind(p.gc), REV=False,
+        p.q, p.k, v_new, p.gc, None, p.scores_qk(scale), hs, o, p.cu, meta.indices, scale, T,
+        meta.NT, H=H, K=K, V=V, C=TRITON_CHUNK, BK=BK, BV=BV, GATE=p.GATE, REV=False,
         IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC)
     return o, ht
 
@@ -577,38 +670,59 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, cu_seqlens, use_l2, do, dht):
     hs, v_new, _ = _states(p, w, u, h0, False)
     meta, B, T, H, K, V = p.meta, p.B, p.T, p.HV, p.K, p.V
     DT, DT_S, PREC = dot_config(q.dtype)
-    gated = p.gc is not None
+    gated, GATE = p.gc is not None, p.GATE
+    Aqk = p.scores_qk(scale)
     dhs = fp32_empty(v, meta.n_chunks, H, K, V)
     dv_new = fp32_empty(v, *v.shape)
     dh0 = fp32_empty(v, meta.N, H, K, V) if h0 is not None else None
     BV = _state_bv(K, V)
     delta_state_bwd_kernel[(triton.cdiv(V, BV), meta.N * H)](
-        p.q, p.k, w, do, p.gc, dhs, dv_new, dht, dh0, p.cu, meta.offsets, scale, T, meta.NT,
-        H=H, K=K, V=V, BK=next_pow2(K), BV=BV, GATED=gated, USE_DHT=dht is not None,
+        p.q, p.k, w, do, p.gc, Aqk, dhs, dv_new, dht, dh0, p.cu, meta.offsets, scale, T,
+        meta.NT, H=H, K=K, V=V, BK=next_pow2(K), BV=BV, GATE=GATE, USE_DHT=dht is not None,
         STORE_DH0=dh0 is not None, IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC,
         num_warps=_walk_warps(K, BV), num_stages=full_k_stages(K))
     # output and state parts of dq, dk, dg: the GLA kernel with v_new for v
     BK, BVo = min(64, next_pow2(K)), min(64, next_pow2(V))
     NK = triton.cdiv(K, BK)
     dq, dk_out = fp32_empty(v, B, T, H, K), fp32_empty(v, B, T, H, K)
-    dg_out = fp32_empty(v, NK, B * T * H) if gated else None
+    dA = dqi = dki = None
+    if GATE == VECTOR_GATE:  # the output scores' gradient, through e^{b_t - b_s} per channel
+        dA = chunk_scores(do, v_new, None, meta, scale, q.dtype)
+        dqi, dki = scores_backward(p.q, p.k, p.gc, dA, meta, q.dtype)
+        dg_out = fp32_empty(v, B, T, H, K)
+    else:
+        dg_out = fp32_empty(v, NK, B * T * H) if gated else None
     chunk_dqkg_kernel[(NK, meta.grid_t, B * H)](
-        p.q, p.k, v_new, do, p.gc, None, hs, dhs, None, None, None, dq, dk_out, dg_out,
+        p.q, p.k, v_new, do, p.gc, None, hs, dhs, dA, dqi, dki, dq, dk_out, dg_out,
         p.cu, meta.indices, scale, T, meta.NT, B * T * H,
-        H=H, K=K, V=V, C=TRITON_CHUNK, BK=BK, BV=BVo, GATE=gate_kind(p.gc), HAS_DG=gated,
+        H=H, K=K, V=V, C=TRITON_CHUNK, BK=BK, BV=BVo, GATE=GATE, HAS_DG=gated,
         IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC)
     # the WY transform's adjoint
     dk_wy = fp32_empty(v, B, T, H, K)
     dv = torch.empty_like(v)
     dbeta = fp32_empty(v, *beta.shape)
     dg_wy = fp32_empty(v, *g.shape) if gated else None
+    dAkk = fp32_empty(v, B, T, H, TRITON_CHUNK) if GATE == VECTOR_GATE else None
     wy_bwd_kernel[(meta.grid_t, B * H)](
-        p.k, v, beta, p.gc, Ai, hs, dv_new, dk_wy, dv, dbeta, dg_wy, p.cu, meta.indices,
-        T, meta.NT, H=H, K=K, V=V, BK=min(K_BLOCK, next_pow2(K)), BV=min(32, next_pow2(V)),
-        GATED=gated, IS_VARLEN=meta.is_varlen, DT_S=DT_S, PREC=PREC,
+        p.k, v, beta, p.gc, Ai, hs, dv_new, p.Akk, dk_wy, dv, dbeta, dg_wy, dAkk, p.cu,
+        meta.indices, T, meta.NT, H=H, K=K, V=V, BK=min(K_BLOCK, next_pow2(K)),
+        BV=min(32, next_pow2(V)), GATE=GATE, IS_VARLEN=meta.is_varlen, DT_S=DT_S, PREC=PREC,
         num_warps=8 if K > 64 else 4)
+    if GATE == VECTOR_GATE:
+        # the gated k k^T's share: dk through both factors, dg per channel (then cumsummed)
+        dki, dkj = scores_backward(p.k, p.k, p.gc, dAkk, meta, q.dtype)
+        dk_wy += dki + dkj
+        dg = torch.empty_like(dg_wy)
+        BKg = min(64, next_pow2(K))
+        wy_gate_grad_kernel[(triton.cdiv(K, BKg), meta.grid_t, B * H)](
+            p.k, dki, dkj, dg_wy, dg, p.cu, meta.indices, T, meta.NT, H=H, K=K, BK=BKg,
+            IS_VARLEN=meta.is_varlen)
+        dg += dg_out
+    elif gated:
+        dg = dg_out.sum(0).view(g.shape) + dg_wy
+    else:
+        dg = None
     dq, dk = p.grads_to_inputs(dq, dk_out + dk_wy)
-    dg = None if not gated else dg_out.sum(0).view(g.shape) + dg_wy
     return dq, dk, dv, dg, dbeta, dh0
 
 
@@ -622,7 +736,7 @@ def _recurrent_forward(q, k, v, g, beta, scale, h0, output_final_state, cu_seqle
     ht = fp32_empty(q, N, HV, K, V) if output_final_state else None
     recurrent_fwd_kernel[(N * HV, triton.cdiv(V, BV))](
         q, k, v, g, beta, h0, o, ht, cu_seqlens, scale, T,
-        H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, GATED=g is not None, L2=use_l2,
+        H=H, HV=HV, K=K, V=V, BK=BK, BV=BV, GATE=gate_kind(g), L2=use_l2,
         USE_H0=h0 is not None, STORE_HT=ht is not None, IS_VARLEN=cu_seqlens is not None)
     return o, ht
 
@@ -630,22 +744,9 @@ def _recurrent_forward(q, k, v, g, beta, scale, h0, output_final_state, cu_seqle
 # ---------------------------------------------------------------------------------------------
 # Backend contract
 # ---------------------------------------------------------------------------------------------
-def _kda_on_torch(g) -> bool:
-    """KDA (a per-channel gate) has no Triton kernels yet: the chunked PyTorch engine runs it on
-    any device, with a one-time warning, rather than failing on the default CUDA backend."""
-    if g is None or g.dim() != 4:
-        return False
-    warnings.warn("chunk_kda / fused_recurrent_kda have no Triton kernels yet: running the "
-                  "chunked PyTorch engine (correct, not fast)", stacklevel=3)
-    return True
-
-
 def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
             use_qk_l2norm_in_kernel, mode):
     check_mode(mode)
-    if _kda_on_torch(g):
-        return _torch_engine.forward(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                     cu_seqlens, use_qk_l2norm_in_kernel, mode)
     # Chunks mix tokens both ways (0 * inf); the token walk of mode "recurrent" is causal as is.
     guard = (NonFiniteGuard.build(k, v, (g,), (beta,), cu_seqlens=cu_seqlens)
              if mode == "chunk" else None)
@@ -673,9 +774,6 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
     # mode "recurrent" is differentiated by the chunk kernels: the same function, and a
     # token-by-token reverse walk would need every state (or an unstable inversion).
     check_mode(mode)
-    if _kda_on_torch(g):
-        return _torch_engine.backward(q, k, v, g, beta, scale, initial_state, cu_seqlens,
-                                      use_qk_l2norm_in_kernel, mode, do, dht)
     guard = NonFiniteGuard.build(k, v, (g,), (beta,), cu_seqlens=cu_seqlens)
     if guard is not None:
         k, v, (g,), (beta,) = guard.clean(k, v, (g,), (beta,))

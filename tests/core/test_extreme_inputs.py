@@ -28,8 +28,7 @@ OPS = {
     "chunk_kda": (lo.chunk_kda, R.kda_ref, "kda"),
     "fused_recurrent_kda": (lo.fused_recurrent_kda, R.kda_ref, "kda"),
 }
-# KDA has no Triton kernels yet (its Triton backend runs the torch engine)
-CHUNK_OPS = [n for n in OPS if n.startswith("chunk") and OPS[n][2] != "kda"]
+CHUNK_OPS = [n for n in OPS if n.startswith("chunk")]
 
 # (backend, dtype, tolerance on relative RMS against the float64 reference)
 BACKENDS = [

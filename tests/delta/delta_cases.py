@@ -25,6 +25,7 @@ class Case:
     V: int = 16
     HV: Optional[int] = None  # value heads (grouped when a multiple of H)
     gated: bool = True
+    vector: bool = False  # KDA: a per-channel gate g [B, T, HV, K] (with gated=True)
     l2: bool = False
     h0: bool = True
     final: bool = True
@@ -34,7 +35,8 @@ class Case:
 
     @property
     def id(self) -> str:
-        s = (f"{'gdn' if self.gated else 'dn'}-{self.mode[:3]}-B{self.B}T{self.T}H{self.H}"
+        kind = "kda" if self.vector else "gdn" if self.gated else "dn"
+        s = (f"{kind}-{self.mode[:3]}-B{self.B}T{self.T}H{self.H}"
              f"HV{self.HV or self.H}K{self.K}V{self.V}")
         s += "-l2" if self.l2 else ""
         s += "" if self.h0 else "-noh0"
@@ -61,6 +63,18 @@ CASES = [
     Case(T=9, H=2, K=16, V=8, mode="recurrent", gated=False, lengths=[4, 1, 4]),
     Case(T=40, H=2, HV=4, K=16, V=8, mode="recurrent"),               # recurrent, chunk path
 ]
+# KDA (per-channel gates): the same matrix over the vector-gate paths
+KDA_CASES = [
+    Case(T=1, vector=True),
+    Case(B=2, T=37, H=2, K=32, V=16, vector=True, l2=True),
+    Case(T=150, H=2, K=20, V=12, vector=True, l2=True),               # 3 chunks, odd dims
+    Case(T=70, H=2, HV=4, K=16, V=8, vector=True),                    # grouped value heads
+    Case(T=100, HV=2, K=16, V=32, lengths=[1, 1, 64, 0, 34], vector=True, l2=True),
+    Case(T=67, H=2, HV=4, K=8, V=8, lengths=[65, 1, 1], vector=True, final=False, h0=False),
+    Case(T=20, K=128, V=64, vector=True, l2=True, scale=0.3),         # large head dims
+    Case(T=9, H=2, HV=4, K=16, V=8, mode="recurrent", vector=True, l2=True, lengths=[4, 1, 4]),
+    Case(B=2, T=5, K=32, V=16, mode="recurrent", vector=True),
+]
 
 
 def make_inputs(c: Case, dtype=torch.float64, device="cpu", seed=0):
@@ -80,7 +94,8 @@ def make_inputs(c: Case, dtype=torch.float64, device="cpu", seed=0):
     if not c.l2:
         k = reference.l2norm(k)
     v = rnd(B, c.T, HV, c.V)
-    g = log_gate(B, c.T, HV, low=-1.0, generator=gen) if c.gated else None
+    g_shape = (B, c.T, HV, c.K) if c.vector else (B, c.T, HV)
+    g = log_gate(*g_shape, low=-1.0, generator=gen) if c.gated else None
     beta = torch.rand(B, c.T, HV, generator=gen, dtype=torch.float64) * 1.9 + 0.05
     h0 = rnd(N, HV, c.K, c.V) if c.h0 else None
     cu = cu_seqlens_from_lengths(c.lengths) if c.lengths else None
@@ -94,7 +109,10 @@ def run_op(c: Case, inputs, cu):
     q, k, v, g, beta, h0 = leaves
     kw = dict(scale=c.scale, initial_state=h0, output_final_state=c.final, cu_seqlens=cu,
               use_qk_l2norm_in_kernel=c.l2)
-    if c.gated:
+    if c.vector:
+        fn = lo.chunk_kda if c.mode == "chunk" else lo.fused_recurrent_kda
+        o, ht = fn(q, k, v, g, beta, **kw)
+    elif c.gated:
         fn = lo.chunk_gated_delta_rule if c.mode == "chunk" else lo.fused_recurrent_gated_delta_rule
         o, ht = fn(q, k, v, g, beta, **kw)
     else:

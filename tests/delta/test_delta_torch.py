@@ -5,14 +5,15 @@ import pytest
 import torch
 
 import lightning_ops as lo
-from delta_cases import CASES, Case, compare, make_inputs, outputs_and_grads, run_op, run_ref
+from delta_cases import (CASES, KDA_CASES, Case, compare, make_inputs, outputs_and_grads,
+                         run_op, run_ref)
 from helpers import (assert_close, assert_lowp_parity, nan_filled_empty, rel_err, rel_rms,
                      requires_gpu)
 from lightning_ops import reference
 from lightning_ops.delta import torch as delta_torch
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASES + KDA_CASES, ids=lambda c: c.id)
 def test_matches_reference_float64(case, monkeypatch):
     inputs, cu = make_inputs(case)
     want = outputs_and_grads(*run_ref(case, inputs, cu))
@@ -146,7 +147,8 @@ def _plain_lowp(q, k, v, g, beta, h0, dtype):
     v, g, beta, S = v.to(dtype), g.to(dtype), beta.to(dtype), h0.to(dtype).clone()
     o = torch.empty_like(v)
     for t in range(q.shape[1]):
-        S = S * g[:, t].exp()[..., None, None]
+        decay = g[:, t].exp()
+        S = S * (decay[..., None] if g.dim() == 4 else decay[..., None, None])
         err = v[:, t] - torch.einsum("bhk,bhkv->bhv", k[:, t], S)
         S = S + beta[:, t, :, None, None] * k[:, t, ..., None] * err[..., None, :]
         o[:, t] = scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S)
@@ -157,14 +159,16 @@ def _plain_lowp(q, k, v, g, beta, h0, dtype):
 @requires_gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_gpu_low_precision_parity(dtype, backend):
-    case = Case(B=2, T=300, H=4, K=64, V=64, l2=True)
+@pytest.mark.parametrize("vector", [False, True], ids=["gdn", "kda"])
+def test_gpu_low_precision_parity(dtype, backend, vector):
+    case = Case(B=2, T=300, H=4, K=64, V=64, l2=True, vector=vector)
     inputs, _ = make_inputs(case, torch.float32, "cuda")
     q, k, v, g, beta, h0 = inputs
     want_o, want_h = reference.gated_delta_rule_ref(q, k, v, g, beta, None, h0, True, None, True)
     base_o, base_h = _plain_lowp(q, k, v, g, beta, h0, dtype)
     with lo.use_backend(backend):
-        o, ht = lo.chunk_gated_delta_rule(*[x.to(dtype) for x in (q, k, v, g, beta)],
+        fn = lo.chunk_kda if vector else lo.chunk_gated_delta_rule
+        o, ht = fn(*[x.to(dtype) for x in (q, k, v, g, beta)],
                                           initial_state=h0, output_final_state=True,
                                           use_qk_l2norm_in_kernel=True)
     assert o.dtype == dtype and torch.isfinite(o).all()

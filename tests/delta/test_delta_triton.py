@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import lightning_ops as lo
-from delta_cases import Case, compare, make_inputs, outputs_and_grads, run_op, run_ref
+from delta_cases import (KDA_CASES, Case, compare, make_inputs, outputs_and_grads, run_op,
+                         run_ref)
 from helpers import nan_filled_empty, rel_rms, requires_triton, triton_device
 from sm90_compile import build, compile_in_subprocess
 
@@ -38,14 +39,16 @@ def _check(case: Case, monkeypatch, scale_g: float = 1.0, seed: int = 0):
     compare(case, got, want, 1e-5, rel_rms)
 
 
-@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", TRITON_CASES + KDA_CASES, ids=lambda c: c.id)
 def test_matches_reference(case, monkeypatch):
     _check(case, monkeypatch)
 
 
-def test_strong_gates(monkeypatch):
-    """Gates down to -20 per token: every exponent the kernels take stays <= 0."""
-    _check(Case(T=130, K=16, V=16, l2=True), monkeypatch, scale_g=20.0, seed=5)
+@pytest.mark.parametrize("vector", [False, True], ids=["gdn", "kda"])
+def test_strong_gates(monkeypatch, vector):
+    """Gates down to -20 per token (per channel for KDA): every exponent the kernels take
+    stays <= 0."""
+    _check(Case(T=130, K=16, V=16, l2=True, vector=vector), monkeypatch, scale_g=20.0, seed=5)
 
 
 @pytest.mark.parametrize("mode", ["chunk", "recurrent"])
@@ -75,22 +78,24 @@ def test_float64_inputs_run_in_fp32():
 
 
 def _sm90_state_walks():
-    """The state walks (bf16, K=V=128), compiled for sm_90 by sm90_compile.build (in the
-    subprocess of test_state_walk_kernels_compile_for_sm90)."""
+    """The state walks (bf16, K=V=128, scalar and vector gates), compiled for sm_90 by
+    sm90_compile.build (in the subprocess of test_state_walk_kernels_compile_for_sm90)."""
     import triton.language as tl
+    from lightning_ops.chunk.constants import SCALAR_GATE, VECTOR_GATE
     from lightning_ops.delta import triton as D
     bf, i32 = "*bf16", "*i32"
     types = dict(cu_seqlens=i32, chunk_offsets=i32, scale="fp32", T="i32", NT="i32",
                  q=bf, k=bf, do=bf)
-    build(D.delta_state_kernel, types, dict(H=4, K=128, V=128, BK=128, BV=32, GATED=True,
-          USE_H0=True, STORE_HT=True, IS_VARLEN=True, DT_S=tl.bfloat16, PREC="tf32"),
-          num_warps=8)
-    build(D.delta_state_bwd_kernel, types, dict(H=4, K=128, V=128, BK=128, BV=32, GATED=True,
-          USE_DHT=True, STORE_DH0=True, IS_VARLEN=False, DT=tl.bfloat16, DT_S=tl.bfloat16,
-          PREC="tf32"), num_warps=8)
+    for gate in (SCALAR_GATE, VECTOR_GATE):
+        build(D.delta_state_kernel, types, dict(H=4, K=128, V=128, BK=128, BV=32, GATE=gate,
+              USE_H0=True, STORE_HT=True, IS_VARLEN=True, DT_S=tl.bfloat16, PREC="tf32"),
+              num_warps=8)
+        build(D.delta_state_bwd_kernel, types, dict(H=4, K=128, V=128, BK=128, BV=32, GATE=gate,
+              USE_DHT=True, STORE_DH0=True, IS_VARLEN=False, DT=tl.bfloat16, DT_S=tl.bfloat16,
+              PREC="tf32"), num_warps=8)
 
 
 def test_state_walk_kernels_compile_for_sm90():
     """The interpreter accepts code the compiler rejects: compile the state walks (bf16,
     K=V=128) for an H100 target on the CPU, in a subprocess without TRITON_INTERPRET."""
-    compile_in_subprocess(__file__, "_sm90_state_walks", 2, timeout=600)
+    compile_in_subprocess(__file__, "_sm90_state_walks", 4, timeout=600)

@@ -12,7 +12,8 @@ from helpers import rel_rms, requires_gpu
 # (op, B, T, H, K, V): registry layouts (SSD: n = K states, head dim p = min(V, 64);
 # the scan: D = H * V channels, N = 16 states)
 CASES = [(op, K, V) for op in ("chunk_linear_attn", "chunk_simple_gla", "lightning_attn",
-                               "chunk_gla", "chunk_delta_rule", "chunk_gated_delta_rule")
+                               "chunk_gla", "chunk_delta_rule", "chunk_gated_delta_rule",
+                               "chunk_kda")
          for K, V in ((256, 256), (128, 512), (256, 512))]
 CASES += [("mamba_chunk_scan_combined", 256, 64), ("selective_scan_fn", 16, 256)]
 TOL = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 5e-2)}  # (output, gradients)
@@ -57,7 +58,7 @@ def test_largest_head_dims(op_name, K, V, dtype):
 @requires_gpu
 @pytest.mark.parametrize("K,V", [(256, 256), (128, 512)])
 @pytest.mark.parametrize("op_name", ["fused_recurrent_gla", "fused_recurrent_simple_gla",
-                                     "fused_recurrent_gated_delta_rule"])
+                                     "fused_recurrent_gated_delta_rule", "fused_recurrent_kda"])
 def test_decode_largest_head_dims(op_name, K, V):
     """One decode step from a state at the largest head dims, bf16 against the fp32 chunk op."""
     import lightning_ops as lo
@@ -66,9 +67,11 @@ def test_decode_largest_head_dims(op_name, K, V):
     k = torch.nn.functional.normalize(k, dim=-1)
     v = torch.randn(B, 1, H, V, device="cuda")
     h0 = torch.randn(B, H, K, V, device="cuda")
-    gshape = (B, 1, H, K) if op_name == "fused_recurrent_gla" else (B, 1, H)
+    vector = op_name in ("fused_recurrent_gla", "fused_recurrent_kda")
+    gshape = (B, 1, H, K) if vector else (B, 1, H)
     g = torch.nn.functional.logsigmoid(torch.randn(gshape, device="cuda"))
-    args = [q, k, v, g] + ([torch.rand(B, 1, H, device="cuda")] if "delta" in op_name else [])
+    delta = "delta" in op_name or "kda" in op_name
+    args = [q, k, v, g] + ([torch.rand(B, 1, H, device="cuda")] if delta else [])
     fn = getattr(lo, op_name)
     chunk = getattr(lo, op_name.replace("fused_recurrent", "chunk"))
     o32, h32 = chunk(*args, initial_state=h0, output_final_state=True)
