@@ -593,8 +593,9 @@ class _Prep:
         self.gc = gate_cumsum(g, None, self.meta, B, T, self.HV)
         self.GATE = gate_kind(g)
         # vector gates: the gated k k^T of the WY transform (e^{b_r - b_s} per channel inside
-        # the sum, so it cannot be formed from a k k^T product in the WY kernels)
-        self.Akk = (chunk_scores(k, k, self.gc, self.meta, 1.0, q.dtype)
+        # the sum, so it cannot be formed from a k k^T product in the WY kernels); fp32
+        # products whatever the input dtype, as the inverse's own (its substitution compounds)
+        self.Akk = (chunk_scores(k, k, self.gc, self.meta, 1.0, torch.float32)
                     if self.GATE == VECTOR_GATE else None)
 
     def scores_qk(self, scale: float) -> Optional[Tensor]:
