@@ -3,6 +3,7 @@
 * SSD (Mamba-2): the Triton chunk engine (lightning_ops.chunk.triton) with q = C, k = B,
   v = x * dt, g = dt * A, wrapped by the same element-wise layer as the torch backend
   (lightning_ops.ssm.torch.ssd_forward / ssd_backward with engine=chunk.triton): one engine.
+  16-bit inputs reach the engine as 16-bit q, k, v (_HalfOperands): tensor-core products.
 * selective scan (Mamba-1; the CUDA kernel's fallback): one program per (batch, block of
   channels) walks the sequence in chunks of SCAN_CHUNK tokens; inside a chunk the recurrence
   h_t = a_t h_{t-1} + x_t is a tl.associative_scan over [channels, states, tokens] tiles. The
@@ -21,7 +22,6 @@ and cast back. Every offset that can pass 2^31 elements is 64-bit.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -65,8 +65,48 @@ def _combine(a1, b1, a2, b2):
 # =============================================================================================
 # SSD: the GLA Triton engine
 # =============================================================================================
-ssd_forward = functools.partial(_torch_impl.ssd_forward, engine=chunk_engine)
-ssd_backward = functools.partial(_torch_impl.ssd_backward, engine=chunk_engine)
+class _HalfOperands:
+    """The chunk engine fed 16-bit q, k, v (C, B and x dt rounded to the inputs' dtype): the
+    layer above hands the engine fp32 tensors, which would keep every product of the chunk
+    kernels off the tensor cores (fp32 'ieee' dots) for bf16 / fp16 models. Gates, states and
+    accumulators stay fp32; outputs and gradients come back fp32. The one extra rounding is
+    that of x dt (relative 2^-9 in bf16), the size of the inputs' own."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def forward(self, q, k, v, g, g_gamma, scale, h0, output_final_state, cu_seqlens, mode):
+        c = self.dtype
+        o, ht = chunk_engine.forward(q.to(c), k.to(c), v.to(c), g, g_gamma, scale, h0,
+                                     output_final_state, cu_seqlens, mode)
+        return o.float(), ht
+
+    def backward(self, q, k, v, g, g_gamma, scale, h0, cu_seqlens, mode, do, dht):
+        c = self.dtype
+        dq, dk, dv, dg, dh0 = chunk_engine.backward(q.to(c), k.to(c), v.to(c), g, g_gamma,
+                                                    scale, h0, cu_seqlens, mode, do, dht)
+        return dq.float(), dk.float(), dv.float(), dg, dh0
+
+
+_HALF_ENGINES = {dt: _HalfOperands(dt) for dt in (torch.bfloat16, torch.float16)}
+
+
+def _engine_for(x: Tensor):
+    return _HALF_ENGINES.get(x.dtype, chunk_engine)
+
+
+def ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
+                dt_softplus, dt_min, dt_max, return_final_states, need_pre=False):
+    return _torch_impl.ssd_forward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
+                                   cu_seqlens, chunk_size, dt_softplus, dt_min, dt_max,
+                                   return_final_states, need_pre, engine=_engine_for(x))
+
+
+def ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens, chunk_size,
+                 dt_softplus, dt_min, dt_max, dy, dfinal, pre=None):
+    return _torch_impl.ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
+                                    cu_seqlens, chunk_size, dt_softplus, dt_min, dt_max, dy,
+                                    dfinal, pre, engine=_engine_for(x))
 
 
 # =============================================================================================
@@ -121,94 +161,124 @@ def _scan_fwd_kernel(u, delta, A, Bm, Cm, Dv, z, dbias, out, last, carries,
 @triton.jit
 def _scan_bwd_kernel(u, delta, A, Bm, Cm, Dv, z, dbias, carries, dout, dlast,
                      du, ddelta, dz, dA_part, dB_part, dC_part, dD_part, ddb_part,
-                     Dm, L, N, G_PER, NGROUPS, NCHUNKS, NDB,
+                     Dm, L, N, G_PER, NGROUPS, NCHUNKS, NPART, BPP,
                      BD: tl.constexpr, BN: tl.constexpr, TC: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DB: tl.constexpr,
                      HAS_DLAST: tl.constexpr, SOFTPLUS: tl.constexpr):
-    pid_d, pid_b = tl.program_id(0), tl.program_id(1)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    offs_n = tl.arange(0, BN)
-    tl_ = tl.arange(0, TC)
-    mask_d, mask_n = offs_d < Dm, offs_n < N
-    m_dn = mask_d[:, None] & mask_n[None, :]
-    row = (pid_b * Dm + offs_d).to(tl.int64) * L
-    grp = (pid_b * NGROUPS + offs_d // G_PER).to(tl.int64) * N
-    bc_base = (grp[:, None] + offs_n[None, :]).to(tl.int64) * L
-    # this block's dB / dC partial slice [N, L] (all BD channels lie in one group)
-    part = ((pid_b * NDB + pid_d).to(tl.int64) * N + offs_n) * L       # [BN]
-    Av = tl.load(A + offs_d[:, None] * N + offs_n[None, :], mask=m_dn, other=0.0)
-    bias = tl.load(dbias + offs_d, mask=mask_d, other=0.0) if HAS_DB else tl.zeros([BD], tl.float32)
-    Dd = tl.load(Dv + offs_d, mask=mask_d, other=0.0) if HAS_D else tl.zeros([BD], tl.float32)
-    carry_row = ((pid_b * Dm + offs_d).to(tl.int64) * NCHUNKS)[:, None] * N + offs_n[None, :]
-    state_off = (pid_b * Dm + offs_d)[:, None].to(tl.int64) * N + offs_n[None, :]
-    if HAS_DLAST:
-        gc = tl.load(dlast + state_off, mask=m_dn, other=0.0)  # g at t = L (a_L = 1)
-    else:
-        gc = tl.zeros([BD, BN], tl.float32)
-    dA_acc = tl.zeros([BD, BN], tl.float32)
-    dD_acc = tl.zeros([BD], tl.float32)
-    ddb_acc = tl.zeros([BD], tl.float32)
-    for cc in range(0, NCHUNKS):
-        c = NCHUNKS - 1 - cc
-        t = c * TC + tl_
-        mt = t < L
-        m2 = mask_d[:, None] & mt[None, :]
-        m3 = m_dn[:, :, None] & mt[None, None, :]
-        uv = tl.load(u + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        raw = tl.load(delta + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        raw += bias[:, None]
-        dv = tl.where(m2, _softplus(raw) if SOFTPLUS else raw, 0.0)
-        dsp = _sigmoid(raw) if SOFTPLUS else tl.full([BD, TC], 1.0, tl.float32)
-        if SOFTPLUS:
-            dsp = tl.where(raw > 20.0, 1.0, dsp)
-        # delta at t + 1 (next chunk's first token for the last column): a_{t+1}
-        t1 = t + 1
-        m2n = mask_d[:, None] & (t1 < L)[None, :]
-        rawn = tl.load(delta + row[:, None] + t1[None, :], mask=m2n, other=0.0).to(tl.float32)
-        rawn += bias[:, None]
-        dvn = tl.where(m2n, _softplus(rawn) if SOFTPLUS else rawn, 0.0)
-        do = tl.load(dout + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zv = tl.load(z + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
-            sz = _sigmoid(zv)
-            dy = do * zv * sz
+    """Reverse walk of the blocks pid_d * BPP .. + BPP - 1 of BD channels (consecutive, all in
+    one B/C group), one block after the other; their dB / dC are summed into this program's
+    partial slice [N, L] (row pid_p of NPART): BPP > 1 bounds the partial buffers (the
+    launcher's PARTIAL_CAP_BYTES), a block after the first adds to what the one before stored."""
+    pid_p, pid_b = tl.program_id(0), tl.program_id(1)
+    for j in range(0, BPP):
+        pid_d = pid_p * BPP + j
+        tl.debug_barrier()  # the previous block's partial stores are read back below
+        offs_d = pid_d * BD + tl.arange(0, BD)
+        offs_n = tl.arange(0, BN)
+        tl_ = tl.arange(0, TC)
+        mask_d, mask_n = offs_d < Dm, offs_n < N
+        m_dn = mask_d[:, None] & mask_n[None, :]
+        row = (pid_b * Dm + offs_d).to(tl.int64) * L
+        grp = (pid_b * NGROUPS + offs_d // G_PER).to(tl.int64) * N
+        bc_base = (grp[:, None] + offs_n[None, :]).to(tl.int64) * L
+        # this block's dB / dC partial slice [N, L] (all BD channels lie in one group)
+        part = ((pid_b * NPART + pid_p).to(tl.int64) * N + offs_n) * L      # [BN]
+        Av = tl.load(A + offs_d[:, None] * N + offs_n[None, :], mask=m_dn, other=0.0)
+        bias = (tl.load(dbias + offs_d, mask=mask_d, other=0.0) if HAS_DB
+                else tl.zeros([BD], tl.float32))
+        Dd = tl.load(Dv + offs_d, mask=mask_d, other=0.0) if HAS_D else tl.zeros([BD], tl.float32)
+        carry_row = (((pid_b * Dm + offs_d).to(tl.int64) * NCHUNKS)[:, None] * N
+                     + offs_n[None, :])
+        state_off = (pid_b * Dm + offs_d)[:, None].to(tl.int64) * N + offs_n[None, :]
+        if HAS_DLAST:
+            gc = tl.load(dlast + state_off, mask=m_dn, other=0.0)  # g at t = L (a_L = 1)
         else:
-            dy = do
-        Bv = tl.load(Bm + bc_base[:, :, None] + t[None, None, :], mask=m3, other=0.0).to(tl.float32)
-        Cv = tl.load(Cm + bc_base[:, :, None] + t[None, None, :], mask=m3, other=0.0).to(tl.float32)
-        a = tl.exp(dv[:, None, :] * Av[:, :, None])
-        an = tl.exp(dvn[:, None, :] * Av[:, :, None])
-        x = (dv * uv)[:, None, :] * Bv
-        # states of this chunk from the saved carry
-        h0 = tl.load(carries + carry_row + (c - 1) * N,
-                     mask=m_dn & (tl.full([BD, BN], c, tl.int32) > 0), other=0.0)
-        pa, pb = tl.associative_scan((a, x), 2, _combine)
-        hs = pb + pa * h0[:, :, None]
-        # adjoint g_t = dy_t C_t + a_{t+1} g_{t+1}, the chunk's successor carried in gc
-        ga, gb = tl.associative_scan((an, dy[:, None, :] * Cv), 2, _combine, reverse=True)
-        g = gb + ga * gc[:, :, None]
-        gc = tl.sum(tl.where((tl_ == 0)[None, None, :], g, 0.0), axis=2)
-        da = g * (hs - x)                          # dL/d(delta A) = g_t a_t h_{t-1}
-        dA_acc += tl.sum(da * dv[:, None, :], axis=2)
-        du_v = tl.sum(g * Bv, axis=1) * dv + dy * Dd[:, None]
-        dd_v = (tl.sum(g * Bv, axis=1) * uv + tl.sum(da * Av[:, :, None], axis=1)) * dsp
-        dd_v = tl.where(m2, dd_v, 0.0)
-        y = tl.sum(hs * Cv, axis=1) + Dd[:, None] * uv
-        tl.store(du + row[:, None] + t[None, :], du_v.to(du.dtype.element_ty), mask=m2)
-        tl.store(ddelta + row[:, None] + t[None, :], dd_v.to(ddelta.dtype.element_ty), mask=m2)
-        if HAS_Z:
-            dzv = do * y * sz * (1.0 + zv * (1.0 - sz))
-            tl.store(dz + row[:, None] + t[None, :], dzv.to(dz.dtype.element_ty), mask=m2)
-        dD_acc += tl.sum(dy * uv, axis=1)
-        ddb_acc += tl.sum(dd_v, axis=1)
-        dBv = tl.sum(g * (dv * uv)[:, None, :], axis=0)          # [BN, TC], over the channels
-        dCv = tl.sum(dy[:, None, :] * hs, axis=0)
-        m_nt = mask_n[:, None] & mt[None, :]
-        tl.store(dB_part + part[:, None] + t[None, :], dBv, mask=m_nt)
-        tl.store(dC_part + part[:, None] + t[None, :], dCv, mask=m_nt)
-    tl.store(dA_part + state_off, dA_acc, mask=m_dn)
-    tl.store(dD_part + pid_b * Dm + offs_d, dD_acc, mask=mask_d)
-    tl.store(ddb_part + pid_b * Dm + offs_d, ddb_acc, mask=mask_d)
+            gc = tl.zeros([BD, BN], tl.float32)
+        dA_acc = tl.zeros([BD, BN], tl.float32)
+        dD_acc = tl.zeros([BD], tl.float32)
+        ddb_acc = tl.zeros([BD], tl.float32)
+        for cc in range(0, NCHUNKS):
+            c = NCHUNKS - 1 - cc
+            t = c * TC + tl_
+            mt = t < L
+            m2 = mask_d[:, None] & mt[None, :]
+            m3 = m_dn[:, :, None] & mt[None, None, :]
+            uv = tl.load(u + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            raw = tl.load(delta + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            raw += bias[:, None]
+            dv = tl.where(m2, _softplus(raw) if SOFTPLUS else raw, 0.0)
+            dsp = _sigmoid(raw) if SOFTPLUS else tl.full([BD, TC], 1.0, tl.float32)
+            if SOFTPLUS:
+                dsp = tl.where(raw > 20.0, 1.0, dsp)
+            # delta at t + 1 (next chunk's first token for the last column): a_{t+1}
+            t1 = t + 1
+            m2n = mask_d[:, None] & (t1 < L)[None, :]
+            rawn = tl.load(delta + row[:, None] + t1[None, :], mask=m2n, other=0.0).to(tl.float32)
+            rawn += bias[:, None]
+            dvn = tl.where(m2n, _softplus(rawn) if SOFTPLUS else rawn, 0.0)
+            do = tl.load(dout + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zv = tl.load(z + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+                sz = _sigmoid(zv)
+                dy = do * zv * sz
+            else:
+                dy = do
+            pbc = bc_base[:, :, None] + t[None, None, :]
+            Bv = tl.load(Bm + pbc, mask=m3, other=0.0).to(tl.float32)
+            Cv = tl.load(Cm + pbc, mask=m3, other=0.0).to(tl.float32)
+            a = tl.exp(dv[:, None, :] * Av[:, :, None])
+            an = tl.exp(dvn[:, None, :] * Av[:, :, None])
+            x = (dv * uv)[:, None, :] * Bv
+            # states of this chunk from the saved carry
+            h0 = tl.load(carries + carry_row + (c - 1) * N,
+                         mask=m_dn & (tl.full([BD, BN], c, tl.int32) > 0), other=0.0)
+            pa, pb = tl.associative_scan((a, x), 2, _combine)
+            hs = pb + pa * h0[:, :, None]
+            # adjoint g_t = dy_t C_t + a_{t+1} g_{t+1}, the chunk's successor carried in gc
+            ga, gb = tl.associative_scan((an, dy[:, None, :] * Cv), 2, _combine, reverse=True)
+            g = gb + ga * gc[:, :, None]
+            gc = tl.sum(tl.where((tl_ == 0)[None, None, :], g, 0.0), axis=2)
+            da = g * (hs - x)                          # dL/d(delta A) = g_t a_t h_{t-1}
+            dA_acc += tl.sum(da * dv[:, None, :], axis=2)
+            du_v = tl.sum(g * Bv, axis=1) * dv + dy * Dd[:, None]
+            dd_v = (tl.sum(g * Bv, axis=1) * uv + tl.sum(da * Av[:, :, None], axis=1)) * dsp
+            dd_v = tl.where(m2, dd_v, 0.0)
+            y = tl.sum(hs * Cv, axis=1) + Dd[:, None] * uv
+            tl.store(du + row[:, None] + t[None, :], du_v.to(du.dtype.element_ty), mask=m2)
+            tl.store(ddelta + row[:, None] + t[None, :], dd_v.to(ddelta.dtype.element_ty), mask=m2)
+            if HAS_Z:
+                dzv = do * y * sz * (1.0 + zv * (1.0 - sz))
+                tl.store(dz + row[:, None] + t[None, :], dzv.to(dz.dtype.element_ty), mask=m2)
+            dD_acc += tl.sum(dy * uv, axis=1)
+            ddb_acc += tl.sum(dd_v, axis=1)
+            dBv = tl.sum(g * (dv * uv)[:, None, :], axis=0)          # [BN, TC], over the channels
+            dCv = tl.sum(dy[:, None, :] * hs, axis=0)
+            m_nt = mask_n[:, None] & mt[None, :]
+            pt = part[:, None] + t[None, :]
+            m_add = m_nt & (tl.full([BN, TC], j, tl.int32) > 0)
+            dBv += tl.load(dB_part + pt, mask=m_add, other=0.0)
+            dCv += tl.load(dC_part + pt, mask=m_add, other=0.0)
+            tl.store(dB_part + pt, dBv, mask=m_nt)
+            tl.store(dC_part + pt, dCv, mask=m_nt)
+        tl.store(dA_part + state_off, dA_acc, mask=m_dn)
+        tl.store(dD_part + pid_b * Dm + offs_d, dD_acc, mask=mask_d)
+        tl.store(ddb_part + pid_b * Dm + offs_d, ddb_acc, mask=mask_d)
+
+
+# the selective-scan backward's dB + dC partial buffers stay under this (beyond one row per
+# group, which is dB's own size): 2 x 8 x 512 blocks x 16 x 2048 fp32 would be 1 GiB at
+# b = 8, D = 4096, N = 16, L = 2048
+PARTIAL_CAP_BYTES = 256 * 2 ** 20
+
+
+def _blocks_per_partial(b: int, NDB: int, G: int, N: int, L: int) -> int:
+    """Channel blocks summed into one dB / dC partial row: the fewest (most parallel) that keep
+    the two partial buffers under PARTIAL_CAP_BYTES; a divisor of the blocks per group."""
+    per_group = NDB // G
+    for bpp in range(1, per_group + 1):
+        if per_group % bpp == 0 and 2 * b * (NDB // bpp) * N * L * 4 <= PARTIAL_CAP_BYTES:
+            return bpp
+    return per_group
 
 
 def _scan_block(G_per: int) -> int:
@@ -266,22 +336,24 @@ def scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, aux, dy, 
     du, ddelta = torch.empty_like(uc), torch.empty_like(uc)
     dz = torch.empty_like(uc) if z is not None else None
     dA = torch.empty(b, Dm, N, **f32)
-    dBp, dCp = torch.empty(b, NDB, N, L, **f32), torch.empty(b, NDB, N, L, **f32)
+    BPP = _blocks_per_partial(b, NDB, G, N, L)
+    NPART = NDB // BPP
+    dBp, dCp = torch.empty(b, NPART, N, L, **f32), torch.empty(b, NPART, N, L, **f32)
     dD, ddb = torch.empty(b, Dm, **f32), torch.empty(b, Dm, **f32)
     dl = None if dlast is None else dlast.to(torch.float32).contiguous()
     if b * Dm:
-        _scan_bwd_kernel[(NDB, b)](
+        _scan_bwd_kernel[(NPART, b)](
             uc, dc, Ac, Bc, Cc, Dc, zc, dbc, aux.to(torch.float32).contiguous(),
             dy.to(uc.dtype).contiguous(), dl, du, ddelta, dz, dA, dBp, dCp, dD, ddb,
-            Dm, L, N, Dm // G, G, nchunks, NDB,
+            Dm, L, N, Dm // G, G, nchunks, NPART, BPP,
             BD=BD, BN=next_pow2(N, 2), TC=SCAN_CHUNK, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_DB=delta_bias is not None, HAS_DLAST=dlast is not None,
             SOFTPLUS=delta_softplus)
     else:
         dA.zero_(), dBp.zero_(), dCp.zero_(), dD.zero_(), ddb.zero_()
     # blocks of one group are consecutive: fixed-order sums (deterministic)
-    dB = dBp.view(b, G, NDB // G, N, L).sum(2)
-    dC = dCp.view(b, G, NDB // G, N, L).sum(2)
+    dB = dBp.view(b, G, NPART // G, N, L).sum(2)
+    dC = dCp.view(b, G, NPART // G, N, L).sum(2)
     if B.dim() == 3:
         dB, dC = dB[:, 0], dC[:, 0]
     return (du.to(u.dtype), ddelta.to(delta.dtype), dA.sum(0).to(A.dtype), dB.to(B.dtype),
