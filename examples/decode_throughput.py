@@ -8,9 +8,11 @@ For each mixer and batch size: prefill a `--prompt`-token prompt, then time `--s
 calls (eval mode, no_grad: the layers' recurrent decode path), after `--warmup` untimed ones.
 Each layer is driven through its own public decode contract, as code written for its peer
 would drive it:
-  * fla's (GLA, DeltaNet, Gated DeltaNet, KDA, Lightning, HGRN-2, Hedgehog, MoM):
+  * fla's (GLA, DeltaNet, Gated DeltaNet, KDA, Lightning, HGRN-2, Hedgehog, MoM, log-linear
+    Mamba-2 and log-linear Gated DeltaNet):
     `o, _, cache = layer(x, past_key_values=cache, use_cache=True)` with a `layers.Cache`
-    (MoM returns a fourth value, its router logits);
+    (MoM returns a fourth value, its router logits; the log-linear layers cache a tuple of
+    level states and offsets);
   * mamba-ssm's (Mamba, Mamba2): `out = layer(x, inference_params=params)` with a
     `layers.InferenceParams`, the caller advancing `params.seqlen_offset` by the tokens fed.
 Prints a table and optionally appends rows to a CSV (mixer, batch, hidden, dtype, device,
@@ -56,11 +58,18 @@ def layer_kwargs(name: str, d: int) -> dict:
         # fla's MoM has head_dim 256 x expand_v 2 x 8 memories at d = 2048: scaled down
         "mom": dict(num_heads=max(1, d // 256), head_dim=128, expand_v=1.0, num_memories=4,
                     topk=2),
+        # fla's LogLinearMamba2Config (Mamba-2's: head_dim 64, state 128, expand 2; heads =
+        # expand * d / head_dim) and 15 levels (16K tokens)
+        "log_linear_mamba2": dict(num_heads=max(1, 2 * d // 64), head_dim=min(64, 2 * d),
+                                  state_size=128, expand=2),
+        # the authors' log-linear Gated DeltaNet: Gated DeltaNet's shapes plus the levels
+        "log_linear_gated_deltanet": dict(num_heads=max(1, d // 256), head_dim=128,
+                                          expand_v=2.0),
     }[name]
 
 
 SUPPORTED = ["gla", "deltanet", "gated_deltanet", "kda", "mamba", "mamba2", "lightning",
-             "hgrn2", "hedgehog", "mom"]
+             "hgrn2", "hedgehog", "mom", "log_linear_mamba2", "log_linear_gated_deltanet"]
 
 
 def sync(device):

@@ -6,10 +6,12 @@ values from the upper half, token 0 fills the gaps. The loss and the accuracy co
 query positions (predict the value right after seeing the key).
 
     .venv/bin/python examples/mqar.py                       # the default demo (< 5 min, 2 cores)
-    .venv/bin/python examples/mqar.py --mixers all --steps 200   # all ten mixers (Mamba, MoM slow)
+    .venv/bin/python examples/mqar.py --mixers all --steps 200   # all twelve (Mamba, MoM slow)
     .venv/bin/python examples/mqar.py --mixers hgrn2,hedgehog,mom --threads 1   # issue 16 rows
     .venv/bin/python examples/mqar.py --mixers gated_deltanet,kda --threads 1   # issue 15 row
-    .venv/bin/python examples/mqar.py --mixers kda --kda-gate-init gdn --kda-output-gate off
+    .venv/bin/python examples/mqar.py --threads 1 \
+        --mixers log_linear_mamba2,log_linear_gated_deltanet,mamba2,gated_deltanet
+    .venv/bin/python examples/mqar.py --mixers kda --kda-gate-init zeros --kda-output-gate off
     .venv/bin/python examples/mqar.py --mixers deltanet,mamba2 --num-kv-pairs 16 --seq-len 128
 
 Prints a progress line every --log-every steps (loss, accuracy on the batch's queries, elapsed
@@ -32,13 +34,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import layers  # noqa: E402
 
 ALL_MIXERS = ["deltanet", "gated_deltanet", "kda", "gla", "mamba", "mamba2", "lightning",
-              "hgrn2", "hedgehog", "mom"]
+              "hgrn2", "hedgehog", "mom", "log_linear_mamba2", "log_linear_gated_deltanet"]
 # the default run (make demo) has one mixer per family, so it finishes in a few minutes on a
 # shared 2-core machine: the delta rule (DeltaNet), gated linear attention (GLA) and the
 # state-space duality (Mamba-2). --mixers all adds Gated DeltaNet, KDA, Lightning, HGRN-2,
-# Hedgehog, Mixture-of-Memories and Mamba-1 (whose CPU selective scan materialises
-# [B, D, L, N]: slower than all the others together; MoM is the next slowest, its tokens go to
-# top-k memories).
+# Hedgehog, Mixture-of-Memories, log-linear Mamba-2 and Gated DeltaNet and Mamba-1 (whose CPU
+# selective scan materialises [B, D, L, N]: slower than all the others together; MoM is the
+# next slowest, its tokens go to top-k memories).
 DEFAULT_MIXERS = ["deltanet", "gla", "mamba2"]
 DEFAULT_STEPS = 150
 
@@ -129,11 +131,13 @@ def mixer_kwargs(name: str, d_model: int) -> dict:
     with use_gate=True behaves the same). MoM (gated-delta memories, same g_proj init) runs
     without it too, as the Gated DeltaNet row, with 4 memories of the same head size, top-2
     routing. KDA has Gated DeltaNet's row's sizes (heads, head dim, expand_v, short convs of
-    width 4) and otherwise fla's layer as it is: its sigmoid output gate (near 1/2 at the
-    start) has no constructor switch, and its decay init (dt_bias = 0) makes exp(g) tiny at
-    the start; as they are it stays at chance in this short run (examples/README.md: changing
-    both after construction, --kda-gate-init gdn --kda-output-gate off, gives 47% after 200
-    steps). HGRN-2's state expansion (expand_ratio) is the per-head key size: d_model // heads, as the other mixers'
+    width 4) and otherwise fla 0.6's layer as it is, init included (softplus(dt_bias)
+    log-uniform in [1e-3, 1e-1], A = U(1, 16) per head) and its sigmoid output gate, which has
+    no constructor switch: 35.5% after the default 150 steps, 99.8% after 500
+    (examples/README.md). The log-linear Mamba-2 and Gated DeltaNet rows have the Mamba-2 and
+    Gated DeltaNet rows' sizes and fla's / the authors' default 15 levels (the hierarchy then
+    covers far more than the 64 tokens here). HGRN-2's state expansion (expand_ratio) is the
+    per-head key size: d_model // heads, as the other mixers'
     heads; Hedgehog keeps its defaults (expand_k = expand_v = 1, normalised feature maps)."""
     heads = max(1, d_model // 32)
     return {
@@ -149,26 +153,29 @@ def mixer_kwargs(name: str, d_model: int) -> dict:
         "hedgehog": dict(num_heads=heads),
         "mom": dict(num_heads=heads, head_dim=d_model // heads, expand_v=1.0, num_memories=4,
                     topk=2, use_output_gate=False),
+        # the Mamba-2 row's sizes (head dim 16, state 32, expand 2, chunk 64) in fla's names
+        "log_linear_mamba2": dict(num_heads=2 * d_model // 16, head_dim=16, state_size=32,
+                                  expand=2, chunk_size=64),
+        # the Gated DeltaNet row's sizes, output gate off as there
+        "log_linear_gated_deltanet": dict(num_heads=heads, head_dim=d_model // heads,
+                                          expand_v=1.0, use_gate=False),
     }[name]
 
 
-def gdn_gate_init(model, seed: int) -> int:
-    """A control for KDA (--kda-gate-init gdn): re-draw every KDA layer's dt_bias as Gated
-    DeltaNet initialises its own (softplus(dt_bias) = dt log-uniform in [1e-3, 1e-1], per key
-    channel here), so its per-token decay exp(g) starts near 1 as Gated DeltaNet's does. With
-    fla's init (dt_bias = 0, A = U(1, 16) per head) g = -A softplus(f_proj(x)) is about -0.69 A:
-    exp(g) below 1e-3 at this demo's two heads, the state forgets each token almost at once.
-    Returns the number of layers changed."""
-    from layers.utils import init_dt_bias
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+def zero_dt_bias_init(model) -> int:
+    """A control for KDA (--kda-gate-init zeros): set every KDA layer's dt_bias to 0, the init
+    of fla 0.4's KimiDeltaAttention (and of this layer before it followed fla 0.6). With it
+    g = -A softplus(f_proj(x)) is about -0.69 A at the start, A = U(1, 16): exp(g) below 1e-3
+    per token at this demo's two heads, so the state forgets each token almost at once. fla 0.6
+    (the layer's default) draws dt_bias as Gated DeltaNet does: softplus(dt_bias) log-uniform
+    in [1e-3, 1e-1] per (value head, key channel), g between about -1.6 and -1e-3. Returns the
+    number of layers changed."""
     n = 0
     for m in model.modules():
         if isinstance(m, layers.KimiDeltaAttention):
             with torch.no_grad():
-                m.dt_bias.copy_(init_dt_bias(m.dt_bias.numel(), device=m.dt_bias.device))
+                m.dt_bias.zero_()
             n += 1
-    torch.random.set_rng_state(gen_state)
     return n
 
 
@@ -228,8 +235,8 @@ def train_one(name: str, args, device, dtype, progress=None, idx=0):
                             mixer_kwargs={**mixer_kwargs(name, args.d_model),
                                           **getattr(args, "overrides", {}).get(name, {})},
                             mlp_ratio=args.mlp_ratio).to(device=device, dtype=dtype)
-    if getattr(args, "kda_gate_init", "fla") == "gdn":
-        gdn_gate_init(model, args.seed)
+    if getattr(args, "kda_gate_init", "fla") == "zeros":
+        zero_dt_bias_init(model)
     if getattr(args, "kda_output_gate", "on") == "off":
         kda_output_gate_off(model)
     params = sum(p.numel() for p in model.parameters())
@@ -298,10 +305,10 @@ def main(argv=None):
     p.add_argument("--mixer-kwargs", default="",
                    help='JSON {mixer: {arg: value}} over the built-in small-model settings, '
                         'e.g. \'{"mom": {"num_memories": 1, "topk": 1}}\'')
-    p.add_argument("--kda-gate-init", default="fla", choices=["fla", "gdn"],
-                   help="KDA's dt_bias init: fla's (zeros: exp(g) < 1e-3 per token at the start) "
-                        "or Gated DeltaNet's (softplus(dt_bias) log-uniform in [1e-3, 1e-1]; "
-                        "a control, see gdn_gate_init)")
+    p.add_argument("--kda-gate-init", default="fla", choices=["fla", "zeros"],
+                   help="KDA's dt_bias init: the layer's (fla 0.6's: softplus(dt_bias) "
+                        "log-uniform in [1e-3, 1e-1]) or zeros (fla 0.4's: exp(g) < 1e-3 per "
+                        "token at the start; a control, see zero_dt_bias_init)")
     p.add_argument("--kda-output-gate", default="on", choices=["on", "off"],
                    help="off: KDA without its sigmoid output gate (as the Gated DeltaNet row "
                         "runs without its own; a control, see kda_output_gate_off)")
@@ -340,7 +347,7 @@ def main(argv=None):
         p.error("--kda-gate-init / --kda-output-gate apply to the kda mixer, which is not among "
                 "the mixers run")
     if args.kda_gate_init != "fla":
-        print("  kda: dt_bias initialised as Gated DeltaNet's (--kda-gate-init gdn)", flush=True)
+        print("  kda: dt_bias = 0, fla 0.4's init (--kda-gate-init zeros)", flush=True)
     if args.kda_output_gate != "on":
         print("  kda: no output gate (--kda-output-gate off)", flush=True)
     left_out = [m for m in ALL_MIXERS if m not in names]
@@ -356,11 +363,12 @@ def main(argv=None):
         print(f"  {n:>15}: accuracy {r['acc']:6.1%}  ({r['tok_s']:,.0f} tok/s train, "
               f"{r['wall']:.0f} s)", flush=True)
     print()
-    print(f"| {'mixer':<15} | {'params':>8} | {'final loss':>10} | {'recall acc':>10} | "
+    w = max([15] + [len(r["mixer"]) for r in rows])  # the log-linear names are longer
+    print(f"| {'mixer':<{w}} | {'params':>8} | {'final loss':>10} | {'recall acc':>10} | "
           f"{'train tok/s':>11} | {'time (s)':>8} |")
-    print(f"|{'-' * 17}|{'-' * 9}:|{'-' * 11}:|{'-' * 11}:|{'-' * 12}:|{'-' * 9}:|")
+    print(f"|{'-' * (w + 2)}|{'-' * 9}:|{'-' * 11}:|{'-' * 11}:|{'-' * 12}:|{'-' * 9}:|")
     for r in rows:
-        print(f"| {r['mixer']:<15} | {r['params']:>8,} | {r['loss']:>10.3f} | "
+        print(f"| {r['mixer']:<{w}} | {r['params']:>8,} | {r['loss']:>10.3f} | "
               f"{r['acc']:>10.1%} | {r['tok_s']:>11,.0f} | {r['wall']:>8.1f} |")
     print(f"\ntotal {_fmt_s(time.perf_counter() - t_all)}; chance is "
           f"1/{args.vocab_size - args.vocab_size // 2} ({1 / (args.vocab_size - args.vocab_size // 2):.1%})",

@@ -111,10 +111,6 @@ class _DeltaRuleMixer(FlaMixer):
         return (split_heads(q, self.num_heads), split_heads(k, self.num_heads),
                 split_heads(v, self.num_v_heads))
 
-    def _per_value_head(self, x: Tensor) -> Tensor:
-        """Per-head gate / beta [B, T, heads, ...] -> the value heads' (identity here)."""
-        return x
-
     def _gate(self, x: Tensor, step: MixerStep) -> Optional[Tensor]:
         """The log decay the op takes (None: the ungated delta rule)."""
         return None
@@ -125,7 +121,7 @@ class _DeltaRuleMixer(FlaMixer):
             x.new_ones(*x.shape[:2], self.num_v_heads, dtype=cd)
         if self.allow_neg_eigval:  # beta in (0, 2): eigenvalues of (I - beta k k^T) in (-1, 1)
             beta = beta * 2
-        return apply_mask(self._per_value_head(beta), step.mask)
+        return apply_mask(beta, step.mask)
 
     def _mix(self, x: Tensor, step: MixerStep):
         q, k, v = self._qkv(x, step)
@@ -207,6 +203,8 @@ class GatedDeltaNet(_DeltaRuleMixer):
         use_short_conv, conv_size, conv_bias: causal depthwise convs (SiLU) on q, k, v.
         allow_neg_eigval: beta in (0, 2) instead of (0, 1).
         norm_eps: eps of the output RMSNorm.
+        output_gate_activation: activation of the output gate, 'swish' (default) / 'silu' or
+            'sigmoid' (fla 0.6's argument).
         dt_min, dt_max, dt_init_floor: init of dt_bias (softplus(dt_bias) log-uniform in
             [dt_min, dt_max]); A_log = log(U(0, 16)). Both float32, no weight decay.
         layer_idx: the layer's slot in a cache (`past_key_values`).
@@ -222,16 +220,24 @@ class GatedDeltaNet(_DeltaRuleMixer):
                  use_gate: bool = True, use_short_conv: bool = True,
                  allow_neg_eigval: bool = False, conv_size: int = 4, conv_bias: bool = False,
                  layer_idx: Optional[int] = None, norm_eps: float = 1e-5,
+                 output_gate_activation: str = "swish",
                  dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4,
                  d_model: Optional[int] = None, device=None, dtype=None, **kwargs):
         super().__init__()
         warn_ignored("GatedDeltaNet", kwargs)
+        if output_gate_activation not in ("swish", "silu", "sigmoid"):
+            raise ValueError(f"output_gate_activation must be 'swish', 'silu' or 'sigmoid' "
+                             f"(as fla's FusedRMSNormGated), got {output_gate_activation!r}")
         hidden_size = d_model if d_model is not None else hidden_size
         kw = dict(device=device, dtype=dtype)
         num_v_heads = self._build_by_head_dim(hidden_size, head_dim, expand_v, num_heads,
                                               num_v_heads, mode, use_gate, use_short_conv,
                                               conv_size, conv_bias, allow_neg_eigval, norm_eps,
                                               layer_idx, kw)
+        self.output_gate_activation = output_gate_activation
+        if output_gate_activation != "swish":
+            self.o_norm = RMSNorm(self.head_v_dim, norm_eps, gate_fn=output_gate_activation,
+                                  **kw)
         self.a_proj = nn.Linear(hidden_size, num_v_heads, bias=False, **kw)
         self.b_proj = nn.Linear(hidden_size, num_v_heads, bias=False, **kw)
         init_linear(self)
@@ -249,23 +255,32 @@ class GatedDeltaNet(_DeltaRuleMixer):
 class KimiDeltaAttention(_DeltaRuleMixer):
     """Kimi Delta Attention (KDA): Gated DeltaNet with a per-channel decay,
     `S_t = (I - beta_t k_t k_t^T) diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T`, with the gate
-    `g_t = -exp(A_log) * softplus(f_proj(x_t) + dt_bias)` per (head, key channel), as in fla's
-    `KimiDeltaAttention` (same argument names, defaults and parameter names).
+    `g_t = -exp(A_log) * softplus(f_proj(x_t) + dt_bias)` per (value head, key channel), as in
+    fla 0.6's `KimiDeltaAttention` (same argument names and positional order, defaults,
+    parameter names and shapes, init).
 
     Args:
         hidden_size (alias d_model): model width.
         expand_v: value head dim = head_dim * expand_v.
         head_dim: q/k head dim.
-        num_heads: q/k heads (and gate / beta heads).
+        num_heads: q/k heads.
         num_v_heads: value heads (a multiple of num_heads; each group of value heads shares a
-            q/k head, its gate and its beta); default num_heads.
+            q/k head, GVA); the gate, beta, A_log and dt_bias are per value head, as in fla;
+            default num_heads.
         mode: 'chunk' or 'fused_recurrent' (eval inputs <= 64 tokens take the recurrent path).
         use_short_conv, conv_size, conv_bias: causal depthwise convs (SiLU) on q, k, v.
         allow_neg_eigval: beta in (0, 2) instead of (0, 1).
+        safe_gate: fla's flag for its bounded-gate TensorCore kernels; needs lower_bound. Here
+            it changes only the init (A_log = 0, as in fla) and checks lower_bound's range.
+        lower_bound: a bounded gate `g = lower_bound * sigmoid(exp(A_log) * (f_proj(x) +
+            dt_bias))` in [lower_bound, 0) instead of the softplus one (fla: -5 recommended;
+            with safe_gate it must lie in [-5, 0)).
         norm_eps: eps of the output RMSNorm (gated by sigmoid(g_proj(x))).
         layer_idx: the layer's slot in a cache (`past_key_values`).
-    f_proj and g_proj are low-rank (hidden -> head_v_dim -> key / value dim); A_log = log(U(1,
-    16)) per head and dt_bias = 0 per key channel, both float32 without weight decay.
+    f_proj and g_proj are low-rank (hidden -> head_v_dim -> num_v_heads * head_dim / value
+    dim). Init as fla's: A_log = log(U(1, 16)) per value head (0 with safe_gate); dt_bias per
+    (value head, key channel) with softplus(dt_bias) log-uniform in [1e-3, 1e-1] (floor 1e-4),
+    as Mamba's / Gated DeltaNet's; both float32 without weight decay.
     """
 
     _chunk_op = "chunk_kda"
@@ -274,37 +289,53 @@ class KimiDeltaAttention(_DeltaRuleMixer):
     def __init__(self, hidden_size: int = 2048, expand_v: float = 1, head_dim: int = 128,
                  num_heads: int = 16, num_v_heads: Optional[int] = None, mode: str = "chunk",
                  use_short_conv: bool = True, allow_neg_eigval: bool = False,
+                 safe_gate: bool = False, lower_bound: Optional[float] = None,
                  conv_size: int = 4, conv_bias: bool = False, layer_idx: Optional[int] = None,
                  norm_eps: float = 1e-5, d_model: Optional[int] = None, device=None,
                  dtype=None, **kwargs):
         super().__init__()
         warn_ignored("KimiDeltaAttention", kwargs)
         hidden_size = d_model if d_model is not None else hidden_size
+        if safe_gate and lower_bound is None:
+            raise ValueError("safe_gate=True needs lower_bound (fla recommends -5)")
+        if lower_bound is not None:
+            lower_bound = float(lower_bound)
+            if not lower_bound < 0:
+                raise ValueError(f"lower_bound must be < 0 (a log decay), got {lower_bound}")
+            if safe_gate and not -5 <= lower_bound:
+                raise ValueError(f"with safe_gate, lower_bound must be in [-5, 0), got "
+                                 f"{lower_bound}")
+        self.safe_gate, self.lower_bound = bool(safe_gate), lower_bound
         kw = dict(device=device, dtype=dtype)
-        self._build_by_head_dim(hidden_size, head_dim, expand_v, num_heads, num_v_heads, mode,
-                                True, use_short_conv, conv_size, conv_bias, allow_neg_eigval,
-                                norm_eps, layer_idx, kw)
+        num_v_heads = self._build_by_head_dim(hidden_size, head_dim, expand_v, num_heads,
+                                              num_v_heads, mode, True, use_short_conv,
+                                              conv_size, conv_bias, allow_neg_eigval, norm_eps,
+                                              layer_idx, kw)
         head_v_dim = self.head_v_dim
+        self.gate_dim = num_v_heads * head_dim  # one decay per (value head, key channel)
         self.f_proj = nn.Sequential(nn.Linear(hidden_size, head_v_dim, bias=False, **kw),
-                                    nn.Linear(head_v_dim, self.key_dim, bias=False, **kw))
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False, **kw)
+                                    nn.Linear(head_v_dim, self.gate_dim, bias=False, **kw))
+        self.b_proj = nn.Linear(hidden_size, num_v_heads, bias=False, **kw)
         self.g_proj = nn.Sequential(nn.Linear(hidden_size, head_v_dim, bias=False, **kw),
                                     nn.Linear(head_v_dim, self.value_dim, bias=True, **kw))
         self.o_norm = RMSNorm(head_v_dim, norm_eps, gate_fn="sigmoid", **kw)
         init_linear(self)
-        A = torch.empty(num_heads, dtype=torch.float32, device=device).uniform_(1, 16)
-        self.A_log = nn.Parameter(torch.log(A))
-        self.dt_bias = nn.Parameter(torch.zeros(self.key_dim, dtype=torch.float32,
-                                                device=device))
+        if safe_gate:
+            A_log = torch.zeros(num_v_heads, dtype=torch.float32, device=device)
+        else:
+            A_log = torch.empty(num_v_heads, dtype=torch.float32, device=device).uniform_(1, 16)
+            A_log = torch.log(A_log)
+        self.A_log = nn.Parameter(A_log)
+        self.dt_bias = nn.Parameter(init_dt_bias(self.gate_dim, device=device))
         no_weight_decay(self.A_log, self.dt_bias)
 
-    def _per_value_head(self, x: Tensor) -> Tensor:
-        """[B, T, num_heads, ...] -> [B, T, num_v_heads, ...] (groups share a key head)."""
-        m = self.num_v_heads // self.num_heads
-        return x if m == 1 else x.repeat_interleave(m, dim=2)
-
     def _gate(self, x: Tensor, step: MixerStep) -> Tensor:
-        H = self.num_heads  # A_log per head, dt_bias per (head, key channel)
-        g = decay_gate(self.A_log[:, None], split_heads(self.f_proj(x), H),
-                       split_heads(self.dt_bias, H), compute_dtype(x))
-        return apply_mask(self._per_value_head(g), step.mask)  # no decay over padding
+        HV, cd = self.num_v_heads, compute_dtype(x)
+        f = split_heads(self.f_proj(x), HV)
+        dt_bias = split_heads(self.dt_bias, HV)  # A_log per value head, dt_bias per channel
+        if self.lower_bound is None:
+            g = decay_gate(self.A_log[:, None], f, dt_bias, cd)
+        else:  # fla's bounded gate: lower_bound * sigmoid(exp(A_log) * (f + dt_bias))
+            a = self.A_log.to(cd).exp()[:, None]
+            g = self.lower_bound * torch.sigmoid(a * (f.to(cd) + dt_bias.to(cd)))
+        return apply_mask(g, step.mask)  # no decay over padding

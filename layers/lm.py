@@ -13,6 +13,8 @@ from .delta import DeltaNet, GatedDeltaNet, KimiDeltaAttention
 from .gla import GatedLinearAttention, LightningAttention
 from .hedgehog import HedgehogAttention
 from .hgrn2 import HGRN2Attention
+from .log_linear import LogLinearMamba2
+from .log_linear_delta import LogLinearGatedDeltaNet
 from .mamba import Mamba, Mamba2
 from .mom import MomAttention
 from .norm import RMSNorm
@@ -30,20 +32,25 @@ MIXERS: Dict[str, type] = {
     "hgrn2": HGRN2Attention,
     "hedgehog": HedgehogAttention,
     "mom": MomAttention,
+    "log_linear_mamba2": LogLinearMamba2,
+    "log_linear_gated_deltanet": LogLinearGatedDeltaNet,
 }
 
 
 def make_mixer(mixer: str, hidden_size: int, layer_idx: int = 0, num_layers: int = 1,
                **kwargs) -> RecurrentMixer:
     """Build a mixer by name ('gla', 'deltanet', 'gated_deltanet', 'kda', 'mamba', 'mamba2',
-    'lightning', 'hgrn2', 'hedgehog', 'mom'); kwargs go to its constructor. Every one of them
-    has a decoding cache (CausalLM.generate works with each); the bidirectional `LION` is not a
-    causal mixer and is not listed.
+    'lightning', 'hgrn2', 'hedgehog', 'mom', 'log_linear_mamba2', 'log_linear_gated_deltanet');
+    kwargs go to its constructor. Every one of them has a decoding cache (CausalLM.generate
+    works with each; the log-linear ones cache a (level states, offsets) tuple); the
+    bidirectional `LION` is not a causal mixer and is not listed.
 
     Note the layers' own defaults are sized for large models: HGRN2Attention's expand_ratio
     (128, num_heads = hidden_size // expand_ratio) needs hidden_size >= 128, and MomAttention's
     head_dim 256 x expand_v 2 x 8 memories is large; pass smaller ones for small models (e.g.
-    `expand_ratio=hidden_size // 2`, or `head_dim=32, expand_v=1, num_memories=4`)."""
+    `expand_ratio=hidden_size // 2`, or `head_dim=32, expand_v=1, num_memories=4`).
+    LogLinearMamba2 has no default num_heads (as fla's): pass num_heads and head_dim with
+    num_heads * head_dim = expand * hidden_size."""
     if mixer not in MIXERS:
         raise ValueError(f"unknown mixer {mixer!r}; choose one of {sorted(MIXERS)}")
     cls = MIXERS[mixer]

@@ -69,7 +69,9 @@ def delta_ref(m, x, gated):
         o, _ = R.delta_rule_ref(q, k, v, beta, use_qk_l2norm_in_kernel=True)
     o = rms(o, m.o_norm.weight, m.o_norm.eps)
     if m.use_gate:
-        o = o * F.silu(heads(m.g_proj(x), m.head_v_dim))
+        act = torch.sigmoid if getattr(m, "output_gate_activation", "swish") == "sigmoid" \
+            else F.silu
+        o = o * act(heads(m.g_proj(x), m.head_v_dim))
     return m.o_proj(o.flatten(-2))
 
 
@@ -104,10 +106,14 @@ def kda_ref(m, x):
     q, k, v = m.q_proj(x), m.k_proj(x), m.v_proj(x)
     q, k, v = conv_ref(m.q_conv1d, q), conv_ref(m.k_conv1d, k), conv_ref(m.v_conv1d, v)
     q, k, v = heads(q, m.head_k_dim), heads(k, m.head_k_dim), heads(v, m.head_v_dim)
-    rep = m.num_v_heads // m.num_heads
-    g = -m.A_log.exp()[:, None] * F.softplus(heads(m.f_proj(x) + m.dt_bias, m.head_k_dim))
-    g = g.repeat_interleave(rep, dim=2)
-    beta = torch.sigmoid(m.b_proj(x)).repeat_interleave(rep, dim=2)
+    # fla 0.6: gate, beta, A_log [HV] and dt_bias [HV * K] per value head (q/k shared by
+    # each group of value heads inside the op)
+    f = heads(m.f_proj(x) + m.dt_bias, m.head_k_dim)
+    if m.lower_bound is None:
+        g = -m.A_log.exp()[:, None] * F.softplus(f)
+    else:
+        g = m.lower_bound * torch.sigmoid(m.A_log.exp()[:, None] * f)
+    beta = torch.sigmoid(m.b_proj(x)) * (2 if m.allow_neg_eigval else 1)
     o, _ = R.kda_ref(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)
     o = rms(o, m.o_norm.weight, m.o_norm.eps) * torch.sigmoid(heads(m.g_proj(x), m.head_v_dim))
     return m.o_proj(o.flatten(-2))
@@ -180,22 +186,26 @@ def fla_deltanet_keys(H=32, nh=2, conv=4):
             "o_norm.weight": [H // nh], "o_proj.weight": [H, H]}
 
 
-def fla_gdn_keys(H=32, hd=8, nh=2, ev=2, conv=4):
-    kd, vd = nh * hd, nh * hd * ev
+def fla_gdn_keys(H=32, hd=8, nh=2, ev=2, conv=4, nv=None):
+    nv = nv or nh
+    kd, vd = nh * hd, nv * hd * ev
     return {"q_proj.weight": [kd, H], "k_proj.weight": [kd, H], "v_proj.weight": [vd, H],
-            "a_proj.weight": [nh, H], "b_proj.weight": [nh, H], "A_log": [nh], "dt_bias": [nh],
+            "a_proj.weight": [nv, H], "b_proj.weight": [nv, H], "A_log": [nv], "dt_bias": [nv],
             "q_conv1d.weight": [kd, 1, conv], "k_conv1d.weight": [kd, 1, conv],
             "v_conv1d.weight": [vd, 1, conv], "g_proj.weight": [vd, H],
             "o_norm.weight": [hd * ev], "o_proj.weight": [H, vd]}
 
 
-def fla_kda_keys(H=32, hd=8, nh=2, ev=1, conv=4):
-    kd, vd, hv = nh * hd, nh * hd * ev, hd * ev
+def fla_kda_keys(H=32, hd=8, nh=2, ev=1, conv=4, nv=None):
+    """fla 0.6's KimiDeltaAttention: f_proj's output, b_proj, A_log and dt_bias per value head
+    (gate_dim = num_v_heads * head_dim), q/k per q/k head."""
+    nv = nv or nh
+    kd, vd, hv, gd = nh * hd, nv * hd * ev, hd * ev, nv * hd
     return {"q_proj.weight": [kd, H], "k_proj.weight": [kd, H], "v_proj.weight": [vd, H],
             "q_conv1d.weight": [kd, 1, conv], "k_conv1d.weight": [kd, 1, conv],
             "v_conv1d.weight": [vd, 1, conv], "f_proj.0.weight": [hv, H],
-            "f_proj.1.weight": [kd, hv], "b_proj.weight": [nh, H], "A_log": [nh],
-            "dt_bias": [kd], "g_proj.0.weight": [hv, H], "g_proj.1.weight": [vd, hv],
+            "f_proj.1.weight": [gd, hv], "b_proj.weight": [nv, H], "A_log": [nv],
+            "dt_bias": [gd], "g_proj.0.weight": [hv, H], "g_proj.1.weight": [vd, hv],
             "g_proj.1.bias": [vd], "o_norm.weight": [hv], "o_proj.weight": [H, vd]}
 
 
@@ -226,8 +236,16 @@ PEERS = {
                      fla_deltanet_keys()),
     "fla GatedDeltaNet": ("gated_deltanet", lambda: layers.GatedDeltaNet(
         hidden_size=32, head_dim=8, num_heads=2), fla_gdn_keys()),
+    "fla GatedDeltaNet sigmoid gate, GVA": ("gated_deltanet", lambda: layers.GatedDeltaNet(
+        hidden_size=32, head_dim=8, num_heads=2, num_v_heads=4, expand_v=1,
+        output_gate_activation="sigmoid"), fla_gdn_keys(nh=2, ev=1, nv=4)),
     "fla KimiDeltaAttention": ("kda", lambda: layers.KimiDeltaAttention(
         hidden_size=32, head_dim=8, num_heads=2), fla_kda_keys()),
+    "fla KimiDeltaAttention GVA": ("kda", lambda: layers.KimiDeltaAttention(
+        hidden_size=32, head_dim=8, num_heads=2, num_v_heads=4), fla_kda_keys(nv=4)),
+    "fla KimiDeltaAttention lower_bound": ("kda", lambda: layers.KimiDeltaAttention(
+        hidden_size=32, head_dim=8, num_heads=2, num_v_heads=4, safe_gate=True,
+        lower_bound=-5.0, allow_neg_eigval=True), fla_kda_keys(nv=4)),
     "mamba-ssm Mamba": ("mamba", lambda: layers.Mamba(32, d_state=4), mamba_keys()),
     "mamba-ssm Mamba2": ("mamba2", lambda: layers.Mamba2(32, d_state=8, headdim=8),
                          mamba2_keys()),
@@ -268,6 +286,23 @@ def test_peer_positional_constructor_order():
     assert (m.d_state, m.d_conv, m.layer_idx) == (4, 3, 5)
     m2 = layers.Mamba2(32, 8, 4, None, 2, 8, 32, 1)
     assert (m2.d_state, m2.headdim, m2.d_ssm, m2.nheads) == (8, 8, 32, 4)
+    # fla 0.6: hidden_size, expand_v, head_dim, num_heads, num_v_heads, mode, use_short_conv,
+    # allow_neg_eigval, safe_gate, lower_bound, conv_size, conv_bias, layer_idx, norm_eps
+    kda = layers.KimiDeltaAttention(32, 1, 8, 2, 4, "chunk", True, False, True, -3.0, 3, False,
+                                    7, 1e-6)
+    assert (kda.num_v_heads, kda.safe_gate, kda.lower_bound, kda.conv_size, kda.layer_idx,
+            kda.o_norm.eps) == (4, True, -3.0, 3, 7, 1e-6)
+
+
+def test_gated_deltanet_output_gate_activation():
+    """fla 0.6's output_gate_activation: 'swish' (default, also 'silu') or 'sigmoid'."""
+    for act in ("swish", "silu", "sigmoid"):
+        m = layers.GatedDeltaNet(hidden_size=32, head_dim=8, num_heads=2,
+                                 output_gate_activation=act)
+        assert m.o_norm.gate_fn == act and m.output_gate_activation == act
+    with pytest.raises(ValueError, match="output_gate_activation"):
+        layers.GatedDeltaNet(hidden_size=32, head_dim=8, num_heads=2,
+                             output_gate_activation="relu")
 
 
 def test_gla_feature_map_and_fused_chunk_mode():

@@ -39,7 +39,8 @@ def test_unknown_mixer_and_bad_arguments_are_errors():
             dt.main(TINY + bad)
 
 
-@pytest.mark.parametrize("name", ["gla", "mom", "mamba2", "mamba"])
+@pytest.mark.parametrize("name", ["gla", "mom", "mamba2", "mamba", "log_linear_mamba2",
+                                  "log_linear_gated_deltanet"])
 def test_decoder_matches_the_full_forward(name):
     """Prefill then one-token steps through the layer's own contract (fla's past_key_values /
     MoM's 4-tuple / mamba-ssm's inference_params) == one forward over the whole sequence."""

@@ -22,7 +22,13 @@ SMALL = {
     "hgrn2": dict(expand_ratio=8),
     "hedgehog": dict(num_heads=2),
     "mom": dict(num_heads=2, head_dim=8, expand_v=1, num_memories=3, topk=2),
+    "log_linear_mamba2": dict(num_heads=4, head_dim=8, state_size=8, chunk_size=8,
+                              num_levels=6),
+    "log_linear_gated_deltanet": dict(num_heads=2, head_dim=8, expand_v=1, num_levels=6),
 }
+# the log-linear layers: a Fenwick hierarchy of level states per sequence, cached as the tuple
+# (ht [N, *state_shape()], offsets [N])
+LOG_LINEAR = ["log_linear_mamba2", "log_linear_gated_deltanet"]
 # issue 16's mixers (HGRN-2, Hedgehog, Mixture-of-Memories): each has a decoding cache
 NEW = ["hgrn2", "hedgehog", "mom"]
 
@@ -41,13 +47,17 @@ def test_every_mixer_builds_a_model(mixer):
     assert logits.shape == (2, 5, 23) and logits.dtype == torch.float32
     assert isinstance(cache, layers.Cache) and len(cache) == 2
     for blk, state in zip(model.layers, cache):
-        assert state["recurrent_state"].shape == (2, *blk.mixer.state_shape())
+        rec = state["recurrent_state"]
+        if mixer in LOG_LINEAR:
+            rec, offsets = rec
+            assert torch.equal(offsets, torch.full((2,), 5))
+        assert rec.shape == (2, *blk.mixer.state_shape())
     if mixer == "lightning":  # TNL: deeper layers decay less
         s0, s1 = (b.mixer.slope for b in model.layers)
         assert (s1 < s0).all()
 
 
-@pytest.mark.parametrize("mixer", ["gated_deltanet", "mamba", "mamba2"] + NEW)
+@pytest.mark.parametrize("mixer", ["gated_deltanet", "mamba", "mamba2"] + NEW + LOG_LINEAR)
 def test_generate_with_cache_equals_recompute(mixer):
     model = small_lm(mixer)
     ids = torch.randint(1, 23, (2, 6), generator=torch.Generator().manual_seed(0))
@@ -60,7 +70,7 @@ def test_generate_with_cache_equals_recompute(mixer):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("mixer", ["gated_deltanet"] + NEW)
+@pytest.mark.parametrize("mixer", ["gated_deltanet"] + NEW + LOG_LINEAR)
 def test_generate_left_padded_prompts(mixer):
     model = small_lm(mixer)
     a = torch.tensor([[5, 6, 7, 8, 9, 10]])
@@ -97,7 +107,7 @@ def test_new_mixers_forward_backward(mixer):
             assert sum(m.weight.grad.abs().sum() for m in blk.mixer.k_proj) > 0
 
 
-@pytest.mark.parametrize("mixer", NEW)
+@pytest.mark.parametrize("mixer", NEW + LOG_LINEAR)
 def test_new_mixers_decode_equals_chunked_forward(mixer):
     """Decoding from the cache, one token at a time (the recurrent kernels), gives the logits
     of one chunked forward over the whole sequence (training mode: the chunk kernels), and
@@ -193,29 +203,32 @@ def test_mqar_mixer_kwargs_override():
 
 
 def test_mqar_kda_settings_and_gate_init_control():
-    """KDA's MQAR row has Gated DeltaNet's sizes; --kda-gate-init gdn re-draws only KDA's
-    dt_bias, as Gated DeltaNet initialises its own (softplus(dt_bias) in [1e-3, 1e-1])."""
+    """KDA's MQAR row has Gated DeltaNet's sizes and the layer's (fla 0.6's) init; --kda-gate-init
+    zeros sets only KDA's dt_bias to 0 (fla 0.4's init, a control)."""
     kda, gdn = mqar.mixer_kwargs("kda", 64), mqar.mixer_kwargs("gated_deltanet", 64)
     assert all(kda[k] == gdn[k] for k in ("num_heads", "head_dim", "expand_v"))
     torch.manual_seed(0)
     model = layers.CausalLM(64, 64, 2, mixer="kda", mixer_kwargs=kda)
     before = {n: p.clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        if n.endswith("dt_bias"):  # fla 0.6's init in the model as built
+            dt = torch.nn.functional.softplus(p)
+            assert ((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001)).all()
     rng = torch.random.get_rng_state()
-    assert mqar.gdn_gate_init(model, 0) == 2
+    assert mqar.zero_dt_bias_init(model) == 2
     assert torch.equal(rng, torch.random.get_rng_state())  # the caller's RNG is untouched
     for n, p in model.named_parameters():
         if n.endswith("dt_bias"):
-            dt = torch.nn.functional.softplus(p)
-            assert ((dt >= 1e-3 * 0.999) & (dt <= 0.1 * 1.001)).all()
+            assert torch.equal(p, torch.zeros_like(p))
         else:
             assert torch.equal(p, before[n]), n
     small = ["--steps", "1", "--batch-size", "2", "--eval-examples", "2", "--d-model", "32",
              "--seq-len", "16", "--vocab-size", "16", "--num-kv-pairs", "2", "--log-every", "0",
              "--threads", "1"]
-    rows = mqar.main(small + ["--mixers", "kda", "--kda-gate-init", "gdn"])
+    rows = mqar.main(small + ["--mixers", "kda", "--kda-gate-init", "zeros"])
     assert rows[0]["mixer"] == "kda"
     with pytest.raises(SystemExit):  # a KDA option without KDA
-        mqar.main(small + ["--mixers", "deltanet", "--kda-gate-init", "gdn"])
+        mqar.main(small + ["--mixers", "deltanet", "--kda-gate-init", "zeros"])
     with pytest.raises(SystemExit):
         mqar.main(small + ["--mixers", "deltanet", "--kda-output-gate", "off"])
 
