@@ -14,7 +14,7 @@ TORCH_PIP_ARGS ?=
 BENCH_OUT     ?= benchmarks/results
 STAMP         := $(VENV)/.installed-$(TORCH_VERSION)
 
-.PHONY: test test-gpu bench bench-gpu demo venv clean
+.PHONY: test test-gpu bench bench-gpu demo venv clean peers
 
 venv: $(STAMP)
 
@@ -50,6 +50,24 @@ bench-gpu:
 
 demo: $(STAMP)
 	$(VPY) examples/mqar.py $(DEMO_ARGS)
+
+# The peers' pure-PyTorch references for make bench (providers fla-naive, mamba-ref, conv1d-ref;
+# optional: make test and make bench never need them). Into .venv, never another torch: fla's
+# pure-Python wheels and mamba-ssm / causal-conv1d from their sdists without their CUDA
+# extensions (FORCE_BUILD: no attempt to fetch a prebuilt CUDA wheel), all without deps.
+# Then prints which references import. Undo:
+#   .venv/bin/pip uninstall -y flash-linear-attention fla-core mamba-ssm causal-conv1d
+FLA_VERSION    ?= 0.6.0
+MAMBA_VERSION  ?= 2.3.2.post1
+CONV1D_VERSION ?= 1.7.0
+peers: $(STAMP)
+	$(VPY) -m pip install -q --no-deps fla-core==$(FLA_VERSION) \
+	  flash-linear-attention==$(FLA_VERSION) einops
+	MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE \
+	  CAUSAL_CONV1D_FORCE_BUILD=TRUE $(VPY) -m pip install -q --no-deps --no-build-isolation \
+	  --no-binary mamba-ssm,causal-conv1d mamba-ssm==$(MAMBA_VERSION) \
+	  causal-conv1d==$(CONV1D_VERSION)
+	$(VPY) -c "from benchmarks import registry; print(*registry.peer_ref_status(), sep='\n')"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

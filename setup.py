@@ -66,5 +66,13 @@ setup(
         "bench": ["tqdm", "matplotlib"],
         # lightning_ops.models (Hugging Face models); accelerate is what transformers' Trainer needs
         "hf": ["transformers>=5.0", "accelerate"],
+        # the peers, for the benchmark's comparisons with their pure-PyTorch references (providers
+        # fla-naive, mamba-ref, conv1d-ref; benchmarks/registry.py). Never needed by the library,
+        # make test or make bench. On a CPU machine use `make peers` instead: it installs these
+        # into .venv without their dependencies (no second torch; mamba-ssm and causal-conv1d
+        # from their sources without the CUDA extensions), which a plain pip install of this
+        # extra does not do.
+        "peers": ["flash-linear-attention==0.6.0", "fla-core==0.6.0", "mamba-ssm>=2.2",
+                  "causal-conv1d>=1.4", "einops"],
     },
 )

@@ -146,7 +146,8 @@ def _rel(a: torch.Tensor, e: torch.Tensor) -> float:
 
 class Accuracy:
     """max over (output, every input gradient) of max|a - e| / max|e|, where e comes from
-    lightning_ops.reference in float64 on the same (rounded) inputs, at `cfg`."""
+    lightning_ops.reference in float64 on the same (rounded) inputs, at `cfg`. Ops without
+    differentiable inputs (decode steps): the output and the states they write in place."""
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -184,16 +185,19 @@ class Accuracy:
                       for k, v in inputs.items()}
             ro = main_output(spec.reference(ref_in, kwargs))
             leaves = [v for v in ref_in.values() if v.requires_grad]
-            rg = torch.autograd.grad(ro, leaves, do64, allow_unused=True)
-            self.refs[rkey] = (ro.detach(), list(rg))
-        ro, rg = self.refs[rkey]
+            rg = torch.autograd.grad(ro, leaves, do64, allow_unused=True) if leaves else ()
+            self.refs[rkey] = (ro.detach(), list(rg), {n: ref_in[n].detach() for n in spec.writes})
+        ro, rg, rw = self.refs[rkey]
         o = main_output(run(inputs, kwargs))
         leaves = [v for v in inputs.values() if v.requires_grad]
-        gs = torch.autograd.grad(o, leaves, do64.to(o.device, o.dtype), allow_unused=True)
+        gs = torch.autograd.grad(o, leaves, do64.to(o.device, o.dtype), allow_unused=True) \
+            if leaves else ()
         err = _rel(o, ro)
         for g, r in zip(gs, rg):
             if r is not None:
                 err = max(err, _rel(torch.zeros_like(r) if g is None else g, r))
+        for n, r in rw.items():  # a state written in place
+            err = max(err, _rel(inputs[n], r))
         return err
 
 
@@ -274,7 +278,9 @@ class Runner:
         if key in self.warmed or case.provider == "reference":
             return
         self.warmed.add(key)
-        small = Case(case.op, case.provider, self.s.err_cfg, "fwd+bwd", case.dtype)
+        modes = case.spec.modes
+        small = Case(case.op, case.provider, self.s.err_cfg,
+                     "fwd+bwd" if "fwd+bwd" in modes else modes[0], case.dtype)
         try:
             timing.build_step(small, case.spec, run, self.device, 1)(0)
         except Exception:  # noqa: BLE001 - the timed call will report the failure

@@ -15,6 +15,13 @@ layout (`OpSpec.dims`) so one row of the table compares like with like:
   * mamba_chunk_scan_combined (Mamba-2 SSD): x [B, L, h, p] with p = min(V, 64) (Mamba-2 head dim),
     h = H*V/p heads, n = K states, one group, chunk_size = cfg.ssd_chunk (256, Mamba-2's default)
   * causal_conv1d_fn: x [B, D, L] with D = H*V channels, width W = 4, SiLU
+  * chunk_log_linear_gated_delta_rule: chunk_log_linear_attn's inputs and beta [B, T, H]
+  * decode steps (one token per sequence, `OpSpec.decode`: timed once per run at T = 1, forward
+    only, the state updated in place or returned): selective_state_update as Mamba2.step calls it
+    (state [B, h, p, n] fp32 with SSD's h, p, n; A, dt, dt_bias, D expanded over p (and n) with
+    stride 0 from [h] / [B, h]; z = None, as with Mamba-2's gated RMSNorm), causal_conv1d_update
+    (x [B, D], conv_state [B, D, W], Mamba's d_conv), fused_recurrent_gated_delta_rule (q, k
+    [B, 1, H, K], the fp32 state [B, H, K, V] in, the new one out)
 Inputs are random and never zero; gates are realistic decays (logsigmoid of randn), delta-rule keys
 are L2-normalised (as models feed them), Mamba parameters follow Mamba's init. Parameters that
 mamba-ssm requires in fp32 (A, D, dt_bias, delta_bias) and lightning's slope are fp32; everything
@@ -44,13 +51,52 @@ Cost model (what GB/s, % of floor, TFLOP/s are computed from; tests check them b
     SSD (Mamba-2):  the linear-attention count with K=n, V=p, C=chunk_size, per (batch, head)
     selective scan:  9*B*L*D*N + B*D*L (D skip) + B*D*L (z gate)   (mamba-ssm's own count)
     causal conv1d:  2*B*D*L*W
+    log-linear gated delta rule:  the log-linear count + the WY transform T*C*(2K+V) + T*C^2/3
+        (beta k k^T, the triangular solve, w and u, as the delta rule's) + T*C*K (the effective
+        queries q e^b - P w) + 2*T*K^2 (each chunk's K x K transition e^b I - kd^T w) + 2*K^2*V*P
+        (every level state passes each chunk through that transition)
+    decode steps (matrix-vector work, 2 per multiply-add, the decay multiply 1):
+        selective_state_update 5*B*h*p*n, causal_conv1d_update 2*B*D*W,
+        fused_recurrent_gated_delta_rule 7*B*H*K*V (decay, k^T S, the rank-1 update, q^T S)
+    Bytes of a decode step also count the state it writes (`OpSpec.writes`) once more; inputs
+    passed as stride-0 expansions count at their stored size.
   bwd = 2 x fwd for every op (the usual convention: two matmuls per forward matmul), except
   SDPA where bwd = 2.5 x fwd (FlashAttention's convention: 5 matmuls vs 2).
+
+Providers (PROVIDERS):
+  ours-torch, ours-triton, ours-cuda   lightning_ops' backends (lightning_ops.backend)
+  sdpa                                 torch's scaled_dot_product_attention, the baseline of the
+                                       q/k/v ops (causal; non-causal for bidirectional ones)
+  fla, mamba-ssm, causal-conv1d        the peers' fast kernels (`OpSpec.peers`), CUDA only
+  fla-naive, mamba-ref, conv1d-ref     the peers' own pure-PyTorch references (`OpSpec.peer_refs`,
+                                       PEER_REFS), on any device: fla 0.6.0's naive ops
+                                       (fla.ops.<op>.naive), mamba-ssm's selective_scan_ref,
+                                       ssd_minimal_discrete and selective_state_update_ref,
+                                       causal-conv1d's causal_conv1d_ref and
+                                       causal_conv1d_update_ref; called from the installed
+                                       packages (never copied here), each through an adapter
+                                       written below that maps our layout onto theirs. Optional:
+                                       `make peers` installs them into .venv on a CPU machine
+                                       (`pip install .[peers]` names them); without them a run
+                                       notes "<provider> skipped: not installed: <package> ...".
+                                       On by default on CPU only (`--provider` asks for them on
+                                       GPU, where the fast kernels are the comparison).
+  reference                            lightning_ops.reference (float64 spec; only when asked)
+mamba-ssm and causal-conv1d import their CUDA extensions (selective_scan_cuda, causal_conv1d_cuda)
+at the top of their packages, so a CPU install (built with MAMBA_SKIP_CUDA_BUILD /
+CAUSAL_CONV1D_SKIP_CUDA_BUILD) cannot import even their pure-PyTorch modules; the import here
+stands a placeholder module in for a missing extension while the package imports (it raises if
+anything touches it; the references never do) and removes it from sys.modules afterwards.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 import math
+import sys
+import types
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -81,12 +127,16 @@ class Config:
 @dataclass(frozen=True)
 class TensorSpec:
     """One input tensor: its dims (names looked up in OpSpec.dims, or ints), how it is filled,
-    whether it takes a gradient, and whether it is an fp32 parameter (else: benchmark dtype)."""
+    whether it takes a gradient, and whether it is an fp32 parameter (else: benchmark dtype).
+    `expand`: the dims the op receives it with, a stride-0 expansion of the stored tensor over
+    trailing dims (as Mamba2.step passes A, dt, dt_bias and D); the cost model counts the stored
+    dims. For inputs without gradient (decode steps)."""
     name: str
     dims: Tuple[Any, ...]
     init: str = "randn"
     grad: bool = True
     fp32: bool = False
+    expand: Optional[Tuple[Any, ...]] = None
 
 
 def _fill(init: str, shape: Tuple[int, ...], gen: torch.Generator, device) -> torch.Tensor:
@@ -122,6 +172,18 @@ def _fill(init: str, shape: Tuple[int, ...], gen: torch.Generator, device) -> to
     raise ValueError(f"unknown init {init!r}")
 
 
+@dataclass(frozen=True)
+class PeerRef:
+    """A peer's pure-PyTorch reference of an op, called from its installed package: `module.attr`
+    through `adapt(fn, inputs, kwargs)`, which maps our inputs (the op's layout) onto the peer's
+    signature and its result back onto our layout (main output first). `max_T`: a reference
+    quadratic in T (T x T tensors) is not timed above this T."""
+    module: str
+    attr: str
+    adapt: Callable[[Callable, Dict[str, torch.Tensor], Dict[str, Any]], Any]
+    max_T: Optional[int] = None
+
+
 @dataclass
 class OpSpec:
     name: str
@@ -137,6 +199,11 @@ class OpSpec:
     attention_like: bool = False       # causal q/k/v layout: causal SDPA is a baseline for it
     bidirectional: bool = False        # non-causal q/k/v layout: non-causal SDPA is its baseline
     peers: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # provider -> (module, attr)
+    # the peers' pure-PyTorch references: provider (PEER_REFS) -> PeerRef
+    peer_refs: Dict[str, "PeerRef"] = field(default_factory=dict)
+    modes: Tuple[str, ...] = MODES     # the modes it has (decode steps: fwd only)
+    decode: bool = False               # one token per sequence: timed at T = 1, once per run
+    writes: Tuple[str, ...] = ()       # inputs it writes back (a decode state): bytes count them
 
     # -- shapes ---------------------------------------------------------------------------------
     def shape_of(self, spec_dims: Sequence[Any], d: Dict[str, int]) -> Tuple[int, ...]:
@@ -153,8 +220,11 @@ class OpSpec:
         for s in self.tensors:
             x = _fill(s.init, self.shape_of(s.dims, d), gen, device)
             dt = torch.float32 if (s.fp32 and dtype != torch.float64) else dtype
-            x = x.to(dtype=dt)
-            out[s.name] = x.requires_grad_(grad and s.grad)
+            x = x.to(dtype=dt).requires_grad_(grad and s.grad)
+            if s.expand is not None:
+                full = self.shape_of(s.expand, d)
+                x = x.reshape(x.shape + (1,) * (len(full) - x.dim())).expand(full)
+            out[s.name] = x
         return out
 
     # -- cost model (documented in the module docstring) ----------------------------------------
@@ -164,7 +234,7 @@ class OpSpec:
         size = {s.name: math.prod(self.shape_of(s.dims, d)) *
                 (4 if (s.fp32 and dtype != torch.float64) else e) for s in self.tensors}
         inputs = sum(size.values())
-        out = math.prod(self.shape_of(self.output, d)) * e
+        out = math.prod(self.shape_of(self.output, d)) * e + sum(size[n] for n in self.writes)
         grads = sum(size[s.name] for s in self.tensors if s.grad)
         fwd, bwd = inputs + out, inputs + out + grads
         return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
@@ -276,6 +346,215 @@ def _loglinear_label(d) -> str:  # L is a function of T (see _loglinear_dims): n
     return f"B{d['B']} T{d['T']} G{d['G']} H{d['H']} K{d['K']} V{d['V']}"
 
 
+def _loglinear_delta_flops(d) -> int:
+    T, K, V, C = d["T"], d["K"], d["V"], GLA_CHUNK
+    reads = sum(bin(a).count("1") for a in range(-(-T // C)))
+    return _loglinear_flops(d) + d["B"] * d["H"] * (
+        T * C * (2 * K + V) + T * C * C // 3 + T * C * K + 2 * T * K * K + 2 * K * K * V * reads)
+
+
+def _ssd_step_dims(cfg: Config) -> Dict[str, int]:
+    """A Mamba-2 decode step: SSD's heads (h, p, n, one group), no sequence."""
+    d = _ssd_dims(cfg)
+    return dict(B=d["B"], h=d["h"], p=d["p"], n=d["n"], g=d["g"])
+
+
+def _step_dims(cfg: Config) -> Dict[str, int]:
+    """A q/k/v decode step: one token."""
+    return dict(B=cfg.B, T=1, H=cfg.H, K=cfg.K, V=cfg.V)
+
+
+# ------------------------------------------------------------------------------------------------
+# The peers' pure-PyTorch references (providers fla-naive, mamba-ref, conv1d-ref): adapters from
+# our layout to theirs. Their signatures are those of fla 0.6.0, mamba-ssm 2.3.2 and causal-conv1d
+# 1.7.0; the chunked ones take chunk 64 (fla's and our torch chunk; SSD: see _mamba_ssd).
+# ------------------------------------------------------------------------------------------------
+PEER_CHUNK = 64
+
+
+def _pad_T(x: torch.Tensor, mult: int, dim: int = 1) -> torch.Tensor:
+    """x zero-padded at the end of `dim` to a multiple of `mult` (the references that require
+    one; zero keys, values, betas and log gates after the last token change no earlier output)."""
+    n = (-x.shape[dim]) % mult
+    if n == 0:
+        return x
+    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, n]
+    return F.pad(x, pad)
+
+
+def _same_signature(fn, inputs, kwargs):
+    """The peer's reference takes our (= its fast op's) signature as it is."""
+    return fn(**inputs, **kwargs)
+
+
+def _fla_gla(fn, inputs, kwargs):
+    """fla.ops.gla.naive.naive_recurrent_gla(q, k, v, gk): token by token (fla 0.6.0 has no
+    naive chunked GLA)."""
+    return fn(inputs["q"], inputs["k"], inputs["v"], inputs["g"])
+
+
+def _fla_simple_gla(fn, inputs, kwargs):
+    """naive_chunk_simple_gla(q, k, v, g, chunk_size=64): pads T itself; o in fp32."""
+    return fn(inputs["q"], inputs["k"], inputs["v"], inputs["g"], chunk_size=PEER_CHUNK)
+
+
+def _fla_lightning(fn, inputs, kwargs):
+    """Lightning attention is simple GLA with the constant log decay -slope[h] (fla's
+    lightning_attn passes it as g_gamma): naive_chunk_simple_gla with g = -slope for every
+    token."""
+    q = inputs["q"]
+    g = (-inputs["slope"]).to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2])
+    return fn(q, inputs["k"], inputs["v"], g, chunk_size=PEER_CHUNK)
+
+
+def _fla_linear(fn, inputs, kwargs):
+    """naive_chunk_linear_attn(q, k, v): chunk 64, T a multiple of it (padded here)."""
+    T = inputs["q"].shape[1]
+    q, k, v = (_pad_T(inputs[n], PEER_CHUNK) for n in ("q", "k", "v"))
+    return fn(q, k, v)[:, :T]
+
+
+def _fla_delta(fn, inputs, kwargs):
+    """fla.ops.delta_rule.naive.delta_rule_chunkwise(q, k, v, beta, chunk_size): [B, H, T, D]
+    layout, T a multiple of the chunk (padded here); it computes in the input dtype."""
+    T = inputs["q"].shape[1]
+    q, k, v, beta = (_pad_T(inputs[n], PEER_CHUNK).transpose(1, 2)
+                     for n in ("q", "k", "v", "beta"))
+    o, S = fn(q, k, v, beta, chunk_size=PEER_CHUNK)
+    return o.transpose(1, 2)[:, :T], S
+
+
+def _fla_gated_delta(fn, inputs, kwargs):
+    """naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=64): pads T itself."""
+    return fn(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"],
+              chunk_size=PEER_CHUNK)
+
+
+def _fla_kda(fn, inputs, kwargs):
+    """naive_chunk_kda(q, k, v, g, beta, chunk_size=64): T a multiple of the chunk (padded)."""
+    T = inputs["q"].shape[1]
+    q, k, v, g, beta = (_pad_T(inputs[n], PEER_CHUNK) for n in ("q", "k", "v", "g", "beta"))
+    o, S = fn(q, k, v, g, beta, chunk_size=PEER_CHUNK)
+    return o[:, :T], S
+
+
+def _fla_log_linear(fn, inputs, kwargs):
+    """naive_log_linear_attn(q, k, v, g, level_scales, scale=1.0): the dense T x T form (levels
+    0..ceil(log2 T), the L of our row)."""
+    return fn(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["level_scales"],
+              scale=1.0)
+
+
+def _fla_gated_delta_step(fn, inputs, kwargs):
+    """One decode token: naive_recurrent_gated_delta_rule(q, k, v, beta, g, initial_state,
+    output_final_state) (note its beta-before-g order)."""
+    return fn(inputs["q"], inputs["k"], inputs["v"], inputs["beta"], inputs["g"],
+              initial_state=inputs["initial_state"],
+              output_final_state=kwargs.get("output_final_state", False))
+
+
+def _mamba_ssd(fn, inputs, kwargs):
+    """mamba-ssm's ssd_minimal_discrete(X, A, B, C, block_len), as its own tests call it against
+    mamba_chunk_scan_combined: X = x dt, A = A dt ([b, l, h], dt after dt_bias and softplus),
+    B, C per head [b, l, h, n] (groups repeated), block_len 64, L padded to a multiple of it;
+    the D skip added here (the minimal form has none). One dtype throughout (it asserts it):
+    fp32."""
+    x, dt, A = inputs["x"], inputs["dt"].float(), inputs["A"].float()
+    if inputs.get("dt_bias") is not None:
+        dt = dt + inputs["dt_bias"].float()
+    if kwargs.get("dt_softplus"):
+        dt = F.softplus(dt)
+    L, h = x.shape[1], x.shape[2]
+    rep = h // inputs["B"].shape[2]
+    B = inputs["B"].float().repeat_interleave(rep, dim=2)
+    C = inputs["C"].float().repeat_interleave(rep, dim=2)
+    X = x.float() * dt[..., None]
+    X, Ad, B, C = (_pad_T(t, PEER_CHUNK) for t in (X, A * dt, B, C))
+    y, _ = fn(X, Ad, B, C, PEER_CHUNK)
+    y = y[:, :L]
+    if inputs.get("D") is not None:
+        D = inputs["D"].float()
+        y = y + x.float() * (D[:, None] if D.dim() == 1 else D)
+    return y.to(x.dtype)
+
+
+# The package each provider needs, its distribution (what `pip install` names) and the CUDA
+# extension modules it imports at its top level (absent from a CPU build).
+PEER_REF_PACKAGES: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
+    "fla-naive": ("fla", "fla-core", ()),
+    "mamba-ref": ("mamba_ssm", "mamba-ssm", ("selective_scan_cuda",)),
+    "conv1d-ref": ("causal_conv1d", "causal-conv1d", ("causal_conv1d_cuda",)),
+}
+PEERS_HINT = "optional: `make peers`, or pip install .[peers]"
+_REF_CACHE: Dict[Tuple[str, str], Tuple[Optional[Callable], Optional[str]]] = {}
+
+
+class _NotBuilt(types.ModuleType):
+    """Stands in for a peer's CUDA extension while its package imports on a CPU install."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise RuntimeError(f"{self.__name__} (a CUDA extension) is not built in this install: "
+                           f"only the package's pure-PyTorch references can run")
+
+
+def _peer_installed(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def _import_peer_ref(package: str, dist: str, cuda_ext: Tuple[str, ...], module: str,
+                     attr: str) -> Tuple[Optional[Callable], Optional[str]]:
+    """(function, None) or (None, why not)."""
+    if not _peer_installed(dist):
+        return None, f"not installed: {dist} ({PEERS_HINT})"
+    stand_ins = {}
+    for name in cuda_ext:
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            stand_ins[name] = sys.modules[name] = _NotBuilt(name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fla: "Triton is not supported ... roll back to CPU"
+            fn = getattr(importlib.import_module(module), attr)
+    except Exception as e:  # noqa: BLE001 - an optional extra: any failure means unavailable
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        return None, f"{dist} is installed but {module}.{attr} does not import ({msg})"
+    finally:
+        for name, mod in stand_ins.items():
+            if sys.modules.get(name) is mod:
+                del sys.modules[name]
+    if str(getattr(fn, "__module__", "")).startswith("lightning_ops"):
+        return None, (f"{module}.{attr} is lightning_ops' own (lightning_ops.compat has patched "
+                      f"{package}), not the peer's code")
+    return fn, None
+
+
+def peer_ref_function(provider: str, op: "OpSpec") -> Tuple[Optional[Callable], Optional[str]]:
+    """The peer's reference function of op, or (None, why not); imported once per process."""
+    ref = op.peer_refs.get(provider)
+    if ref is None:
+        return None, f"{provider} has no reference of this op"  # (no op name: notes merge)
+    key = (ref.module, ref.attr)
+    if key not in _REF_CACHE:
+        _REF_CACHE[key] = _import_peer_ref(*PEER_REF_PACKAGES[provider], ref.module, ref.attr)
+    return _REF_CACHE[key]
+
+
+def peer_ref_status() -> List[str]:
+    """One line per (provider, op): available, or why not (`make peers` prints it)."""
+    lines = []
+    for name, op in OPS.items():
+        for p, ref in op.peer_refs.items():
+            fn, why = peer_ref_function(p, op)
+            lines.append(f"{p:11s} {name:34s} {ref.module}.{ref.attr}: "
+                         + ("available" if fn is not None else why))
+    return lines
+
+
 _FLA = "fla.ops"
 OPS: Dict[str, OpSpec] = {}
 
@@ -287,36 +566,48 @@ def _add(spec: OpSpec) -> None:
 _add(OpSpec(
     "chunk_gla", "gla", (Q, KK, VV, TensorSpec("g", ("B", "T", "H", "K"), "logsigmoid")),
     QKV_OUT, _qkv_dims, _linear_flops, _qkv_label, _ref("gla_ref"), attention_like=True,
-    peers={"fla": ("fla.ops.gla", "chunk_gla")}))
+    peers={"fla": ("fla.ops.gla", "chunk_gla")},
+    peer_refs={"fla-naive": PeerRef("fla.ops.gla.naive", "naive_recurrent_gla", _fla_gla)}))
 _add(OpSpec(
     "chunk_simple_gla", "gla", (Q, KK, VV, TensorSpec("g", ("B", "T", "H"), "logsigmoid")),
     QKV_OUT, _qkv_dims, _linear_flops, _qkv_label, _ref("simple_gla_ref"), attention_like=True,
-    peers={"fla": ("fla.ops.simple_gla", "chunk_simple_gla")}))
+    peers={"fla": ("fla.ops.simple_gla", "chunk_simple_gla")},
+    peer_refs={"fla-naive": PeerRef("fla.ops.simple_gla.naive", "naive_chunk_simple_gla",
+                                    _fla_simple_gla)}))
 _add(OpSpec(
     "chunk_linear_attn", "gla", (Q, KK, VV), QKV_OUT, _qkv_dims, _linear_flops, _qkv_label,
-    _ref("linear_attn_ref"), attention_like=True))
+    _ref("linear_attn_ref"), attention_like=True,
+    peer_refs={"fla-naive": PeerRef("fla.ops.linear_attn.naive", "naive_chunk_linear_attn",
+                                    _fla_linear)}))
 _add(OpSpec(
     "lightning_attn", "gla",
     (Q, KK, VV, TensorSpec("slope", ("H",), "slope", grad=False, fp32=True)),
     QKV_OUT, _qkv_dims, _linear_flops, _qkv_label, _ref("lightning_attn_ref"),
-    attention_like=True))
+    attention_like=True,
+    peer_refs={"fla-naive": PeerRef("fla.ops.simple_gla.naive", "naive_chunk_simple_gla",
+                                    _fla_lightning)}))
 _add(OpSpec(
     "chunk_delta_rule", "delta", (Q, KU, VV, TensorSpec("beta", ("B", "T", "H"), "sigmoid")),
     QKV_OUT, _qkv_dims, _delta_flops, _qkv_label, _ref("delta_rule_ref"), attention_like=True,
-    peers={"fla": ("fla.ops.delta_rule", "chunk_delta_rule")}))
+    peers={"fla": ("fla.ops.delta_rule", "chunk_delta_rule")},
+    peer_refs={"fla-naive": PeerRef("fla.ops.delta_rule.naive", "delta_rule_chunkwise",
+                                    _fla_delta)}))
 _add(OpSpec(
     "chunk_gated_delta_rule", "delta",
     (Q, KU, VV, TensorSpec("g", ("B", "T", "H"), "logsigmoid"),
      TensorSpec("beta", ("B", "T", "H"), "sigmoid")),
     QKV_OUT, _qkv_dims, _delta_flops, _qkv_label, _ref("gated_delta_rule_ref"),
     attention_like=True,
-    peers={"fla": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")}))
+    peers={"fla": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")},
+    peer_refs={"fla-naive": PeerRef("fla.ops.gated_delta_rule.naive",
+                                    "naive_chunk_gated_delta_rule", _fla_gated_delta)}))
 _add(OpSpec(  # Kimi Delta Attention: the gated delta rule with a per-channel log decay
     "chunk_kda", "delta",
     (Q, KU, VV, TensorSpec("g", ("B", "T", "H", "K"), "logsigmoid"),
      TensorSpec("beta", ("B", "T", "H"), "sigmoid")),
     QKV_OUT, _qkv_dims, _delta_flops, _qkv_label, _ref("kda_ref"), attention_like=True,
-    peers={"fla": ("fla.ops.kda", "chunk_kda")}))
+    peers={"fla": ("fla.ops.kda", "chunk_kda")},
+    peer_refs={"fla-naive": PeerRef("fla.ops.kda.naive", "naive_chunk_kda", _fla_kda)}))
 _add(OpSpec(  # log-linear attention (Guo et al. 2025) over the scalar gate; torch only so far
     "chunk_log_linear_attn", "loglinear",
     (TensorSpec("q", ("B", "T", "G", "K")), TensorSpec("k", ("B", "T", "G", "K"), "unit"),
@@ -324,7 +615,19 @@ _add(OpSpec(  # log-linear attention (Guo et al. 2025) over the scalar gate; tor
      TensorSpec("level_scales", ("B", "T", "H", "L"), "softplus")),
     QKV_OUT, _loglinear_dims, _loglinear_flops, _loglinear_label, _ref("log_linear_attn_ref"),
     attention_like=True,
-    peers={"fla": ("fla.ops.log_linear_attn", "chunk_log_linear_attn")}))
+    peers={"fla": ("fla.ops.log_linear_attn", "chunk_log_linear_attn")},
+    # the dense T x T form, its masks built level by level in Python: 18 s per forward at
+    # T = 1024 on one busy core (its fwd+bwd past 60 s), quadratic in time and memory
+    peer_refs={"fla-naive": PeerRef("fla.ops.log_linear_attn.naive", "naive_log_linear_attn",
+                                    _fla_log_linear, max_T=512)}))
+_add(OpSpec(  # log-linear Gated DeltaNet (Guo et al. 2025, sec. 3.3); torch only; no peer has it
+    "chunk_log_linear_gated_delta_rule", "loglinear",
+    (TensorSpec("q", ("B", "T", "G", "K")), TensorSpec("k", ("B", "T", "G", "K"), "unit"),
+     TensorSpec("v", ("B", "T", "H", "V")), TensorSpec("g", ("B", "T", "H"), "logsigmoid"),
+     TensorSpec("level_scales", ("B", "T", "H", "L"), "softplus"),
+     TensorSpec("beta", ("B", "T", "H"), "sigmoid")),
+    QKV_OUT, _loglinear_dims, _loglinear_delta_flops, _loglinear_label,
+    _ref("log_linear_gated_delta_rule_ref"), attention_like=True))
 _add(OpSpec(
     "selective_scan_fn", "selective_scan",
     (TensorSpec("u", ("B", "D", "L")), TensorSpec("delta", ("B", "D", "L"), "small"),
@@ -335,7 +638,9 @@ _add(OpSpec(
     lambda d: 9 * d["B"] * d["L"] * d["D"] * d["N"] + 2 * d["B"] * d["D"] * d["L"],
     lambda d: f"B{d['B']} D{d['D']} N{d['N']} L{d['L']}", _ref("selective_scan_ref"),
     kwargs=lambda d: {"delta_softplus": True},
-    peers={"mamba-ssm": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")}))
+    peers={"mamba-ssm": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn")},
+    peer_refs={"mamba-ref": PeerRef("mamba_ssm.ops.selective_scan_interface",
+                                    "selective_scan_ref", _same_signature)}))
 _add(OpSpec(
     "mamba_chunk_scan_combined", "ssd",
     (TensorSpec("x", ("B", "L", "h", "p")), TensorSpec("dt", ("B", "L", "h"), "small"),
@@ -345,7 +650,9 @@ _add(OpSpec(
     ("B", "L", "h", "p"), _ssd_dims, _ssd_flops,
     lambda d: f"B{d['B']} L{d['L']} h{d['h']} p{d['p']} n{d['n']} chunk{d['C']}", _ssd_ref,
     kwargs=lambda d: {"chunk_size": d["C"], "dt_softplus": True},
-    peers={"mamba-ssm": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")}))
+    peers={"mamba-ssm": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined")},
+    peer_refs={"mamba-ref": PeerRef("mamba_ssm.modules.ssd_minimal", "ssd_minimal_discrete",
+                                    _mamba_ssd)}))
 _add(OpSpec(
     "causal_conv1d_fn", "conv",
     (TensorSpec("x", ("B", "D", "L")), TensorSpec("weight", ("D", "W")),
@@ -353,11 +660,55 @@ _add(OpSpec(
     ("B", "D", "L"), _conv_dims, lambda d: 2 * d["B"] * d["D"] * d["L"] * d["W"],
     lambda d: f"B{d['B']} D{d['D']} L{d['L']} W{d['W']}", _ref("causal_conv1d_ref"),
     kwargs=lambda d: {"activation": "silu"},
-    peers={"causal-conv1d": ("causal_conv1d", "causal_conv1d_fn")}))
+    peers={"causal-conv1d": ("causal_conv1d", "causal_conv1d_fn")},
+    peer_refs={"conv1d-ref": PeerRef("causal_conv1d.causal_conv1d_interface", "causal_conv1d_ref",
+                                     _same_signature)}))
 _add(OpSpec(  # LION-S (data-dependent gates); its baseline is non-causal SDPA
     "lion_attn", "gla", (Q, KK, VV, TensorSpec("g", ("B", "T", "H"), "logsigmoid")),
     QKV_OUT, _qkv_dims, lambda d: 2 * _linear_flops(d), _qkv_label, _ref("lion_ref"),
     bidirectional=True))
+
+# Decode steps: one token per sequence, forward only, the state written (in place, or returned).
+_STEP = dict(modes=("fwd",), decode=True)
+_add(OpSpec(  # Mamba-2's decode step, with the arguments Mamba2.step passes
+    "selective_state_update", "ssd",
+    (TensorSpec("state", ("B", "h", "p", "n"), grad=False, fp32=True),
+     TensorSpec("x", ("B", "h", "p"), grad=False),
+     TensorSpec("dt", ("B", "h"), "small", grad=False, expand=("B", "h", "p")),
+     TensorSpec("A", ("h",), "mamba_A", grad=False, fp32=True, expand=("h", "p", "n")),
+     TensorSpec("B", ("B", "g", "n"), grad=False), TensorSpec("C", ("B", "g", "n"), grad=False),
+     TensorSpec("D", ("h",), grad=False, fp32=True, expand=("h", "p")),
+     TensorSpec("dt_bias", ("h",), "dt_bias", grad=False, fp32=True, expand=("h", "p"))),
+    ("B", "h", "p"), _ssd_step_dims, lambda d: 5 * d["B"] * d["h"] * d["p"] * d["n"],
+    lambda d: f"B{d['B']} h{d['h']} p{d['p']} n{d['n']} (one token)",
+    _ref("selective_state_update_ref"), kwargs=lambda d: {"dt_softplus": True},
+    writes=("state",), **_STEP,
+    peer_refs={"mamba-ref": PeerRef("mamba_ssm.ops.triton.selective_state_update",
+                                    "selective_state_update_ref", _same_signature)}))
+_add(OpSpec(  # the decode step of causal_conv1d_fn (conv_state of Mamba's d_conv = W inputs)
+    "causal_conv1d_update", "conv",
+    (TensorSpec("x", ("B", "D"), grad=False),
+     TensorSpec("conv_state", ("B", "D", "W"), grad=False),
+     TensorSpec("weight", ("D", "W"), grad=False), TensorSpec("bias", ("D",), grad=False)),
+    ("B", "D"), _conv_dims, lambda d: 2 * d["B"] * d["D"] * d["W"],
+    lambda d: f"B{d['B']} D{d['D']} W{d['W']} (one token)", _ref("causal_conv1d_update_ref"),
+    kwargs=lambda d: {"activation": "silu"}, writes=("conv_state",), **_STEP,
+    peer_refs={"conv1d-ref": PeerRef("causal_conv1d.causal_conv1d_interface",
+                                     "causal_conv1d_update_ref", _same_signature)}))
+_add(OpSpec(  # Gated DeltaNet decode: one token from the fp32 state, the new state returned
+    "fused_recurrent_gated_delta_rule", "delta",
+    (TensorSpec("q", ("B", "T", "H", "K"), grad=False),
+     TensorSpec("k", ("B", "T", "H", "K"), "unit", grad=False),
+     TensorSpec("v", ("B", "T", "H", "V"), grad=False),
+     TensorSpec("g", ("B", "T", "H"), "logsigmoid", grad=False),
+     TensorSpec("beta", ("B", "T", "H"), "sigmoid", grad=False),
+     TensorSpec("initial_state", ("B", "H", "K", "V"), grad=False, fp32=True)),
+    QKV_OUT, _step_dims, lambda d: 7 * d["B"] * d["H"] * d["K"] * d["V"],
+    lambda d: f"B{d['B']} H{d['H']} K{d['K']} V{d['V']} (one token)",
+    _ref("gated_delta_rule_ref"), kwargs=lambda d: {"output_final_state": True},
+    writes=("initial_state",), **_STEP,
+    peer_refs={"fla-naive": PeerRef("fla.ops.gated_delta_rule.naive",
+                                    "naive_recurrent_gated_delta_rule", _fla_gated_delta_step)}))
 
 # The SDPA baseline: its own inputs (q/k/v in SDPA's [B, H, T, D] layout) and cost; it is shown
 # under every attention-like op at the same (B, T, H, K, V).
@@ -380,7 +731,8 @@ SDPA_FULL = replace(
 # ------------------------------------------------------------------------------------------------
 OURS = ("ours-torch", "ours-triton", "ours-cuda")
 PEERS = ("sdpa", "fla", "mamba-ssm", "causal-conv1d")
-PROVIDERS = OURS + PEERS + ("reference",)
+PEER_REFS = tuple(PEER_REF_PACKAGES)  # the peers' pure-PyTorch references (see the docstring)
+PROVIDERS = OURS + PEERS + PEER_REFS + ("reference",)
 
 
 def our_function(op: OpSpec) -> Tuple[Optional[Callable], Optional[str]]:
@@ -419,6 +771,8 @@ def provider_missing(provider: str, op: OpSpec, device: torch.device) -> Optiona
                 else "SDPA is a baseline for q/k/v ops only")
     if provider == "reference":
         return None
+    if provider in PEER_REFS:  # pure PyTorch: any device
+        return peer_ref_function(provider, op)[1]
     if provider in op.peers:
         if device.type != "cuda":
             return f"{provider} runs on CUDA only"
@@ -452,6 +806,12 @@ def provider_function(provider: str, op: OpSpec) -> Callable[[Dict[str, torch.Te
         return run
     if provider == "reference":
         return op.reference
+    if provider in PEER_REFS:
+        fn, why = peer_ref_function(provider, op)
+        if fn is None:
+            raise RuntimeError(why)
+        adapt = op.peer_refs[provider].adapt
+        return lambda inputs, kwargs: adapt(fn, inputs, kwargs)
     mod, attr = op.peers[provider]
     fn = getattr(importlib.import_module(mod), attr)
     return lambda inputs, kwargs: fn(**inputs, **kwargs)
@@ -529,17 +889,19 @@ def suite(name: str) -> Suite:
 
 
 def default_providers(device: torch.device) -> Tuple[str, ...]:
-    """Every lightning_ops backend, SDPA and the peers; unavailable ones drop out per op."""
-    return OURS + PEERS
+    """Every lightning_ops backend, SDPA and the peers, and on CPU the peers' pure-PyTorch
+    references (on GPU only when asked for: there the peers' kernels are the comparison);
+    unavailable ones drop out per op."""
+    return OURS + PEERS + (PEER_REFS if device.type == "cpu" else ())
 
 
 def plan(s: Suite, ops: Sequence[str], providers: Optional[Sequence[str]],
          modes: Sequence[str], Ts: Sequence[int], dtypes: Sequence[str],
          device: torch.device, extras: bool = True) -> Tuple[List[Case], List[str]]:
     """The cases to run, in priority order, so a run that hits its time budget still has every
-    op at its smallest size and the suite's headline rows: the smallest T for every op, then the
-    headline ops (suite.extra) by growing T, then any reference rows, then everything else by
-    growing T.
+    op at its smallest size and the suite's headline rows: the smallest T for every op (and the
+    decode steps, at T = 1, once), then the headline ops (suite.extra) by growing T, then any
+    reference rows, then everything else by growing T. An op's cases are only in its modes.
     Returns (cases, notes)."""
     notes, cases, seen = [], [], set()
     wanted = list(providers) if providers else list(default_providers(device))
@@ -556,25 +918,31 @@ def plan(s: Suite, ops: Sequence[str], providers: Optional[Sequence[str]],
             # (ours-triton / ours-cuda are absent for most families on most devices: only
             # said when asked for; a missing op or peer is always said)
             if (op_name, p) not in reported and (providers or p == "ours-torch"
-                                                 or p in op.peers):
+                                                 or p in op.peers or p in op.peer_refs):
                 notes.append(f"{op_name}: {p} skipped: {why}")
             reported.add((op_name, p))
             continue
+        ref = op.peer_refs.get(p)
+        if ref is not None and ref.max_T is not None and T > ref.max_T and not op.decode:
+            if (op_name, p, "max_T") not in reported:
+                notes.append(f"{op_name}: {p} skipped: above T={ref.max_T} (its T x T tensors)")
+            reported.add((op_name, p, "max_T"))
+            continue
         for dt in dtypes:
             for m in modes:
-                if only and m not in only:
+                if (only and m not in only) or m not in op.modes:
                     continue
-                c = Case(op_name, p, s.base.with_T(T), m, dt)
+                c = Case(op_name, p, s.base.with_T(1 if op.decode else T), m, dt)
                 if c not in seen:
                     seen.add(c)
                     cases.append(c)
     order = {n: i for i, n in enumerate(OPS)}
-    first_T = min((c.cfg.T for c in cases), default=0)
+    first_T = min((c.cfg.T for c in cases if not OPS[c.op].decode), default=0)
     targets = {x[0] for x in s.extra} if extras else set()
 
     def priority(c: Case) -> int:
-        if c.cfg.T == first_T and c.provider != "reference":
-            return 0  # every op at the smallest size first
+        if (c.cfg.T == first_T or OPS[c.op].decode) and c.provider != "reference":
+            return 0  # every op at the smallest size first (decode steps have one size)
         if c.op in targets:
             return 1  # then the suite's headline rows, growing T (for the runtime prediction)
         return 2 if c.provider == "reference" else 3

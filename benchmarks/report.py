@@ -472,9 +472,12 @@ FAMILIES = {"gla": ("linear attention family", ("chunk_gla", "chunk_simple_gla",
                                                   "chunk_linear_attn", "lightning_attn",
                                                   "lion_attn", "chunk_log_linear_attn")),
             "delta": ("delta-rule family", ("chunk_delta_rule", "chunk_gated_delta_rule",
-                                            "chunk_kda")),
+                                            "chunk_kda", "chunk_log_linear_gated_delta_rule")),
             "ssm": ("state-space family", ("selective_scan_fn", "mamba_chunk_scan_combined",
-                                           "causal_conv1d_fn"))}
+                                           "causal_conv1d_fn")),
+            # one token per sequence (T = 1): a figure of their own, off the others' T axis
+            "decode": ("decode steps", ("selective_state_update", "causal_conv1d_update",
+                                        "fused_recurrent_gated_delta_rule"))}
 
 
 def _ms_of_hole(r: Result) -> Optional[float]:
