@@ -166,13 +166,18 @@ class GatedDeltaNetConfig(_FlaLMConfig):
                  tie_word_embeddings: bool = False, initializer_range: float = 0.02,
                  fuse_norm: bool = True, fuse_swiglu: bool = True, fuse_cross_entropy: bool = True,
                  fuse_linear_cross_entropy: bool = False, use_l2warp: bool = False,
-                 vocab_size: int = 32000, attnres_block_size: Optional[int] = None, **kwargs):
+                 vocab_size: int = 32000, attnres_block_size: Optional[int] = None,
+                 output_gate_activation: str = "swish", **kwargs):
+        if output_gate_activation not in ("swish", "silu", "sigmoid"):
+            raise ValueError(f"output_gate_activation must be 'swish', 'silu' or 'sigmoid', "
+                             f"got {output_gate_activation!r}")
         self.attn_mode = attn_mode
         self.hidden_size = hidden_size
         self.expand_v = expand_v
         self.use_gate = use_gate
         self.use_short_conv = use_short_conv
         self.allow_neg_eigval = allow_neg_eigval
+        self.output_gate_activation = output_gate_activation
         self.conv_size = conv_size
         self.head_dim = head_dim
         self.num_heads = num_heads
@@ -193,6 +198,7 @@ class KDAConfig(_FlaLMConfig):
 
     def __init__(self, attn_mode: str = "chunk", hidden_size: int = 2048, expand_v: float = 1,
                  use_short_conv: bool = True, allow_neg_eigval: bool = False,
+                 safe_gate: bool = False, lower_bound: Optional[float] = None,
                  conv_size: int = 4, head_dim: int = 128, num_heads: int = 16,
                  num_v_heads: Optional[int] = None, max_position_embeddings: int = 2048,
                  hidden_ratio: Optional[int] = 4, intermediate_size: Optional[int] = None,
@@ -208,6 +214,8 @@ class KDAConfig(_FlaLMConfig):
         self.expand_v = expand_v
         self.use_short_conv = use_short_conv
         self.allow_neg_eigval = allow_neg_eigval
+        self.safe_gate = safe_gate
+        self.lower_bound = lower_bound
         self.conv_size = conv_size
         self.head_dim = head_dim
         self.num_heads = num_heads

@@ -179,7 +179,8 @@ def _gated_delta_mixer(config: GatedDeltaNetConfig, i: int):
         head_dim=config.head_dim, num_heads=config.num_heads, num_v_heads=config.num_v_heads,
         use_gate=config.use_gate, use_short_conv=config.use_short_conv,
         allow_neg_eigval=config.allow_neg_eigval, conv_size=config.conv_size,
-        norm_eps=config.norm_eps, layer_idx=i)
+        norm_eps=config.norm_eps, output_gate_activation=config.output_gate_activation,
+        layer_idx=i)
 
 
 def _kda_mixer(config: KDAConfig, i: int):
@@ -187,6 +188,7 @@ def _kda_mixer(config: KDAConfig, i: int):
         mode=config.attn_mode, hidden_size=config.hidden_size, expand_v=config.expand_v,
         head_dim=config.head_dim, num_heads=config.num_heads, num_v_heads=config.num_v_heads,
         use_short_conv=config.use_short_conv, allow_neg_eigval=config.allow_neg_eigval,
+        safe_gate=config.safe_gate, lower_bound=config.lower_bound,
         conv_size=config.conv_size, norm_eps=config.norm_eps, layer_idx=i)
 
 
@@ -270,11 +272,15 @@ class LinearPreTrainedModel(PreTrainedModel):
             if _fresh(module.dt_bias):
                 module.dt_bias.copy_(init_dt_bias(module.dt_bias.numel(),
                                                   device=module.dt_bias.device))
-        elif isinstance(module, L.KimiDeltaAttention):
+        elif isinstance(module, L.KimiDeltaAttention):  # as fla 0.6's KDA model
             if _fresh(module.A_log):
-                module.A_log.copy_(torch.empty_like(module.A_log).uniform_(1, 16).log())
+                if module.safe_gate:
+                    module.A_log.zero_()
+                else:
+                    module.A_log.copy_(torch.empty_like(module.A_log).uniform_(1, 16).log())
             if _fresh(module.dt_bias):
-                module.dt_bias.zero_()
+                module.dt_bias.copy_(init_dt_bias(module.dt_bias.numel(),
+                                                  device=module.dt_bias.device))
         elif isinstance(module, L.LightningAttention):
             if _fresh(module.slope):
                 n = self.config.num_hidden_layers

@@ -349,3 +349,30 @@ def test_generate_with_a_user_cache_and_continuation():
         assert cache.get_seq_length() == 10  # the prompt and 4 fed-back tokens
         more = model.generate(first, max_new_tokens=3, do_sample=False, **{_CACHE_FIELD: cache})
     assert torch.equal(first, ref[:, :11]) and torch.equal(more, ref)
+
+
+def test_kda_and_gdn_fla06_fields_and_init():
+    """fla 0.6's KDAConfig gate options and GatedDeltaNetConfig output gate reach the layers,
+    and the model init is fla 0.6's: KDA's dt_bias with softplus(dt_bias) in [1e-4, 0.1]
+    (not zeros: its decays would forget within a token), A_log = 0 with safe_gate."""
+    cfg = M.KDAConfig(hidden_size=64, num_heads=2, head_dim=16, num_hidden_layers=1,
+                      vocab_size=50)
+    m = M.KDAForCausalLM(cfg)
+    kda = [mod for mod in m.modules() if type(mod).__name__ == "KimiDeltaAttention"][0]
+    dt = F.softplus(kda.dt_bias.detach())
+    assert dt.min() >= 1e-4 * 0.999 and dt.max() <= 0.1 * 1.001, (dt.min(), dt.max())
+    A = kda.A_log.detach().exp()
+    assert A.min() >= 1 and A.max() <= 16
+    safe = M.KDAForCausalLM(M.KDAConfig(hidden_size=64, num_heads=2, head_dim=16,
+                                        num_hidden_layers=1, vocab_size=50, safe_gate=True,
+                                        lower_bound=-5.0))
+    kda = [mod for mod in safe.modules() if type(mod).__name__ == "KimiDeltaAttention"][0]
+    assert kda.safe_gate and kda.lower_bound == -5.0
+    assert torch.equal(kda.A_log.detach(), torch.zeros_like(kda.A_log))
+    g = M.GatedDeltaNetForCausalLM(M.GatedDeltaNetConfig(
+        hidden_size=64, num_heads=2, head_dim=16, num_hidden_layers=1, vocab_size=50,
+        output_gate_activation="sigmoid"))
+    gdn = [mod for mod in g.modules() if type(mod).__name__ == "GatedDeltaNet"][0]
+    assert gdn.output_gate_activation == "sigmoid"
+    with pytest.raises(ValueError, match="output_gate_activation"):
+        M.GatedDeltaNetConfig(output_gate_activation="relu")
