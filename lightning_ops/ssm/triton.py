@@ -113,6 +113,23 @@ def ssd_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seql
 # Mamba-1 selective scan
 # =============================================================================================
 @triton.jit
+def _scan_chunk_inputs(u, delta, row, bias, c, tl_, mask_d, m_dn, L, TC: tl.constexpr,
+                       SOFTPLUS: tl.constexpr):
+    """Chunk c of a block's channels: token offsets t, masks (tokens; channels x tokens;
+    channels x states x tokens), u, the raw delta (+ bias) and the effective delta (0 on
+    padding tokens: unit decay, no input)."""
+    t = c * TC + tl_
+    mt = t < L
+    m2 = mask_d[:, None] & mt[None, :]
+    m3 = m_dn[:, :, None] & mt[None, None, :]
+    uv = tl.load(u + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+    raw = tl.load(delta + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
+    raw += bias[:, None]
+    dv = tl.where(m2, _softplus(raw) if SOFTPLUS else raw, 0.0)
+    return t, mt, m2, m3, uv, raw, dv
+
+
+@triton.jit
 def _scan_fwd_kernel(u, delta, A, Bm, Cm, Dv, z, dbias, out, last, carries,
                      Dm, L, N, G_PER, NGROUPS, NCHUNKS,
                      BD: tl.constexpr, BN: tl.constexpr, TC: tl.constexpr,
@@ -133,14 +150,8 @@ def _scan_fwd_kernel(u, delta, A, Bm, Cm, Dv, z, dbias, out, last, carries,
     carry_row = ((pid_b * Dm + offs_d).to(tl.int64) * NCHUNKS)[:, None] * N + offs_n[None, :]
     h = tl.zeros([BD, BN], tl.float32)
     for c in range(0, NCHUNKS):
-        t = c * TC + tl_
-        mt = t < L
-        m2 = mask_d[:, None] & mt[None, :]
-        m3 = m_dn[:, :, None] & mt[None, None, :]
-        uv = tl.load(u + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        raw = tl.load(delta + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        raw += bias[:, None]
-        dv = tl.where(m2, _softplus(raw) if SOFTPLUS else raw, 0.0)     # padding: unit decay
+        t, mt, m2, m3, uv, raw, dv = _scan_chunk_inputs(u, delta, row, bias, c, tl_, mask_d,
+                                                        m_dn, L, TC, SOFTPLUS)
         Bv = tl.load(Bm + bc_base[:, :, None] + t[None, None, :], mask=m3, other=0.0).to(tl.float32)
         Cv = tl.load(Cm + bc_base[:, :, None] + t[None, None, :], mask=m3, other=0.0).to(tl.float32)
         a = tl.exp(dv[:, None, :] * Av[:, :, None])
@@ -199,14 +210,8 @@ def _scan_bwd_kernel(u, delta, A, Bm, Cm, Dv, z, dbias, carries, dout, dlast,
         ddb_acc = tl.zeros([BD], tl.float32)
         for cc in range(0, NCHUNKS):
             c = NCHUNKS - 1 - cc
-            t = c * TC + tl_
-            mt = t < L
-            m2 = mask_d[:, None] & mt[None, :]
-            m3 = m_dn[:, :, None] & mt[None, None, :]
-            uv = tl.load(u + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
-            raw = tl.load(delta + row[:, None] + t[None, :], mask=m2, other=0.0).to(tl.float32)
-            raw += bias[:, None]
-            dv = tl.where(m2, _softplus(raw) if SOFTPLUS else raw, 0.0)
+            t, mt, m2, m3, uv, raw, dv = _scan_chunk_inputs(u, delta, row, bias, c, tl_, mask_d,
+                                                            m_dn, L, TC, SOFTPLUS)
             dsp = _sigmoid(raw) if SOFTPLUS else tl.full([BD, TC], 1.0, tl.float32)
             if SOFTPLUS:
                 dsp = tl.where(raw > 20.0, 1.0, dsp)
