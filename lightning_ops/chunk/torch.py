@@ -24,7 +24,11 @@ the size of any other gate. For vector gates, A is built from secondary sub-chun
 halved recursively down to c tokens; the off-diagonal (lower-left) quadrant of every block is one
 plain matmul of q_i * exp(sum_{m<=s<=i} g) and k_j * exp(sum_{j<s<m} g) (m the block's middle,
 both factors <= 1), and only the c x c diagonal blocks pay the element-wise [c, c, K] cost.
-Nothing T x T is ever formed: the largest intermediates are [NC, H, C, C] (T * C per head).
+Nothing T x T is ever formed, and the forward and backward walk the stream a group of chunks
+at a time (GROUP_BYTES, "Chunk groups" below): the chunk-stream intermediates ([n, H, C, K],
+[n, H, C, C], per-chunk states [n, H, K, V]) exist for one group of n chunks, not for all NC, so
+forward memory is the output plus one group's work whatever T; only the backward keeps the
+states before every chunk between its two passes (and the delta rule its WY pieces).
 
 Varlen (cu_seqlens) reads the segment lengths on the host to build the chunk layout: a device
 sync on GPU, acceptable for this path (the Triton backend builds its indices on the device).
@@ -41,6 +45,7 @@ its own size at strong decays.
 Reusable API (for the delta-rule, SSD, log-linear and LION code):
   ChunkLayout.build(B, T, cu_seqlens, chunk_size, device)   where tokens live in the chunk stream
   layout.pack(x, dtype) / layout.unpack(y, dtype)             [B,T,H,*] <-> [NC,H,C,*]
+  layout.groups(n) / pack(x, dtype, grp) / unpack_into(out, y, grp)   the same, a group at a time
   gate_factors(g)                          exp(sum_{s<=t} g), exp(sum_{s>t} g), exp(sum_chunk g)
   segment_sums(g)                          the log causal decay mask, [.., C, C]
   gate_grad / pair_gate_grad               gate gradients from the decays' log-gradients
@@ -48,6 +53,7 @@ Reusable API (for the delta-rule, SSD, log-linear and LION code):
   intra_chunk_scores(q, k, g) -> A                            decayed causal scores per chunk
   intra_chunk_scores_backward(dA, q, k, g) -> (dq, dk, A, dg)
   scan_chunks(layout, h0, step) / scan_chunks_reverse(layout, dht, step)   generic state loops
+  scan_group / scan_group_reverse           the same over one group, resumable
   state_passing(layout, h0, chunk_decay, local_states)        GLA inter-chunk recurrence
   state_passing_backward(layout, chunk_decay, q_states, dht)
   chunk_output(q_inter, states, A, v)                         o = q_inter @ H + A @ v
@@ -92,6 +98,12 @@ class ChunkLayout:
     inv_order: Optional[Tensor] = None
     chunk_of: Optional[Tensor] = None
     slot_of: Optional[Tensor] = None
+    # varlen, for packing a range of chunks: the tokens in stream order, their chunks and
+    # slots, and (host ints) how many real tokens come before each chunk of the stream
+    tokens: Optional[Tensor] = None
+    token_chunk: Optional[Tensor] = None
+    token_slot: Optional[Tensor] = None
+    token_start: Optional[List[int]] = None
 
     @staticmethod
     def build(B: int, T: int, cu_seqlens: Optional[Tensor], chunk_size: int,
@@ -103,36 +115,75 @@ class ChunkLayout:
             return _dense_layout(B, T, chunk_size, torch.device(device))
         return _varlen_layout(cu_seqlens.to("cpu", torch.int64), T, chunk_size, device)
 
-    def pack(self, x: Tensor, dtype: torch.dtype) -> Tensor:
-        """[B, T, H, *] -> [NC, H, C, *] in `dtype`, zero in padding slots."""
+    def groups(self, chunks: int) -> List["ChunkGroup"]:
+        """The steps cut into consecutive groups of at most `chunks` chunks (one step at least):
+        the loops that walk the stream a group at a time keep only one group's intermediates."""
+        out, j, J = [], 0, len(self.steps)
+        while j < J:
+            base, e = self.steps[j][0], j + 1
+            while e < J and self.steps[e][0] + self.steps[e][1] - base <= chunks:
+                e += 1
+            out.append(ChunkGroup(j, e, base, self.steps[e - 1][0] + self.steps[e - 1][1]))
+            j = e
+        return out
+
+    def whole(self) -> "ChunkGroup":
+        """The whole stream as one group."""
+        return ChunkGroup(0, len(self.steps), 0, self.NC)
+
+    def pack(self, x: Tensor, dtype: torch.dtype, grp: Optional["ChunkGroup"] = None) -> Tensor:
+        """[B, T, H, *] -> [NC, H, C, *] in `dtype`, zero in padding slots; with `grp` only that
+        group's chunks, [grp.s1 - grp.s0, H, C, *]."""
         rest = x.shape[2:]
-        out = torch.empty(self.NC, rest[0], self.C, *rest[1:], dtype=dtype, device=x.device)
+        grp = grp or self.whole()
+        out = torch.empty(grp.s1 - grp.s0, rest[0], self.C, *rest[1:], dtype=dtype,
+                          device=x.device)
         if self.dense:  # chunk (j, b) is rows [j*C, (j+1)*C) of batch row b: strided copies
-            B, C, full = self.B, self.C, self.T // self.C
-            view = out.view(-1, B, *out.shape[1:]).transpose(2, 3).transpose(0, 1)  # [B,NT,C,H,*]
-            view[:, :full] = x[:, :full * C].view(B, full, C, *rest)
+            B, C = self.B, self.C
+            t0, t1 = grp.j0 * C, min(grp.j1 * C, self.T)
+            full = (t1 - t0) // C
+            view = out.view(-1, B, *out.shape[1:]).transpose(2, 3).transpose(0, 1)  # [B,n,C,H,*]
+            view[:, :full] = x[:, t0:t0 + full * C].view(B, full, C, *rest)
             if full < view.shape[1]:  # the ragged last chunk
                 view[:, full].zero_()
-                view[:, full, :self.T - full * C] = x[:, full * C:]
+                view[:, full, :t1 - t0 - full * C] = x[:, t0 + full * C:t1]
             return out
         out.zero_()
         flat = x.reshape(self.B * self.T, *rest)
-        out.transpose(1, 2)[self.chunk_of, self.slot_of] = flat.to(dtype)
+        if grp.s0 == 0 and grp.s1 == self.NC:
+            out.transpose(1, 2)[self.chunk_of, self.slot_of] = flat.to(dtype)
+            return out
+        a, b = self.token_start[grp.s0], self.token_start[grp.s1]
+        out.transpose(1, 2)[self.token_chunk[a:b] - grp.s0, self.token_slot[a:b]] = \
+            flat[self.tokens[a:b]].to(dtype)
         return out
 
     def unpack(self, y: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
         """[NC, H, C, *] -> [B, T, H, *] in `dtype` (default y's), dropping the padding."""
         rest = (y.shape[1],) + y.shape[3:]
         if self.dense:
-            B, C, full = self.B, self.C, self.T // self.C
-            out = torch.empty(B, self.T, *rest, dtype=dtype or y.dtype, device=y.device)
-            view = y.view(-1, B, *y.shape[1:]).transpose(2, 3).transpose(0, 1)  # [B,NT,C,H,*]
-            out[:, :full * C].view(B, full, C, *rest).copy_(view[:, :full])
-            if full < view.shape[1]:
-                out[:, full * C:] = view[:, full, :self.T - full * C]
+            out = torch.empty(self.B, self.T, *rest, dtype=dtype or y.dtype, device=y.device)
+            self.unpack_into(out, y, self.whole())
             return out
         flat = y.transpose(1, 2)[self.chunk_of, self.slot_of]
         return flat.reshape(self.B, self.T, *rest).to(dtype or y.dtype)
+
+    def unpack_into(self, out: Tensor, y: Tensor, grp: "ChunkGroup") -> None:
+        """Write the tokens of group `grp` ([grp.s1 - grp.s0, H, C, *]) into their places in
+        out [B, T, H, *] (converted to out's dtype), dropping the padding."""
+        rest = (y.shape[1],) + y.shape[3:]
+        if self.dense:
+            B, C = self.B, self.C
+            t0, t1 = grp.j0 * C, min(grp.j1 * C, self.T)
+            full = (t1 - t0) // C
+            view = y.view(-1, B, *y.shape[1:]).transpose(2, 3).transpose(0, 1)  # [B,n,C,H,*]
+            out[:, t0:t0 + full * C].view(B, full, C, *rest).copy_(view[:, :full])
+            if full < view.shape[1]:
+                out[:, t0 + full * C:t1] = view[:, full, :t1 - t0 - full * C]
+            return
+        a, b = self.token_start[grp.s0], self.token_start[grp.s1]
+        flat = y.transpose(1, 2)[self.token_chunk[a:b] - grp.s0, self.token_slot[a:b]]
+        out.view(self.B * self.T, *rest)[self.tokens[a:b]] = flat.to(out.dtype)
 
     def to_stream_order(self, states: Tensor) -> Tensor:
         """Per-sequence tensor [N, ...] in sequence order -> stream (rank) order."""
@@ -140,6 +191,15 @@ class ChunkLayout:
 
     def to_sequence_order(self, states: Tensor) -> Tensor:
         return states if self.inv_order is None else states[self.inv_order]
+
+
+@dataclass(frozen=True)
+class ChunkGroup:
+    """Steps j0..j1-1 of a ChunkLayout: the stream slice s0..s1-1 (see ChunkLayout.groups)."""
+    j0: int
+    j1: int
+    s0: int
+    s1: int
 
 
 @functools.lru_cache(maxsize=32)
@@ -175,11 +235,14 @@ def _varlen_layout(cu: Tensor, T: int, C: int, device) -> ChunkLayout:
     chunk_of = torch.empty(T, dtype=torch.int64)
     slot_of = torch.empty(T, dtype=torch.int64)
     chunk_of[tokens], slot_of[tokens] = pos // C, pos % C
+    token_start = [0] + torch.cumsum(valid.sum(1), 0).tolist()
     return ChunkLayout(
         C=C, N=N, NC=NC, B=1, T=T, steps=list(zip(bases.tolist(), n_per_step.tolist())),
         valid=valid[:, None, :].to(device), dense=False,
         order=order.to(device), inv_order=inv_order.to(device),
-        chunk_of=chunk_of.to(device), slot_of=slot_of.to(device))
+        chunk_of=chunk_of.to(device), slot_of=slot_of.to(device),
+        tokens=tokens.to(device), token_chunk=(pos // C).to(device),
+        token_slot=(pos % C).to(device), token_start=token_start)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -438,16 +501,25 @@ def scan_chunks(layout: ChunkLayout, h0: Tensor, step: Step) -> Tuple[Tensor, Te
     h [n, H, K, V] before those chunks; it returns the states after them.
     Returns (states [NC, H, K, V]: the state before each chunk, final [N, H, K, V] in sequence
     order; a sequence with no tokens keeps its h0)."""
-    h = layout.to_stream_order(h0).clone()
-    states = torch.empty(layout.NC, *h.shape[1:], dtype=h.dtype, device=h.device)
-    for base, n in layout.steps:
-        sl = slice(base, base + n)
+    states, h = scan_group(layout, layout.whole(), layout.to_stream_order(h0).clone(), step)
+    return states, layout.to_sequence_order(h)
+
+
+def scan_group(layout: ChunkLayout, grp: "ChunkGroup", h: Tensor, step: Step
+               ) -> Tuple[Tensor, Tensor]:
+    """scan_chunks over the steps of one group, resumable: h [n, H, K, V] are the states before
+    the group in stream order (updated in place or replaced), step(sl, h) gets slices relative
+    to the group (grp.s0 is index 0). Returns (states before each of the group's chunks, h after
+    the group, still in stream order)."""
+    states = torch.empty(grp.s1 - grp.s0, *h.shape[1:], dtype=h.dtype, device=h.device)
+    for base, n in layout.steps[grp.j0:grp.j1]:
+        sl = slice(base - grp.s0, base - grp.s0 + n)
         states[sl] = h[:n]
         if n == h.shape[0]:
             h = step(sl, h)
         else:  # sequences n.. have ended: keep their final states
             h[:n] = step(sl, h[:n])
-    return states, layout.to_sequence_order(h)
+    return states, h
 
 
 def scan_chunks_reverse(layout: ChunkLayout, dht: Tensor, step: Step) -> Tuple[Tensor, Tensor]:
@@ -455,16 +527,24 @@ def scan_chunks_reverse(layout: ChunkLayout, dht: Tensor, step: Step) -> Tuple[T
     (sequence order) backwards over the chunks. step(sl, dh) gets the gradients w.r.t. the states
     *after* chunks sl and returns those w.r.t. the states before them.
     Returns (d_after [NC, H, K, V]: gradient w.r.t. the state after each chunk, dh0 [N, ...])."""
-    dh = layout.to_stream_order(dht).clone()
-    d_after = torch.empty(layout.NC, *dh.shape[1:], dtype=dh.dtype, device=dh.device)
-    for base, n in reversed(layout.steps):
-        sl = slice(base, base + n)
+    d_after, dh = scan_group_reverse(layout, layout.whole(),
+                                     layout.to_stream_order(dht).clone(), step)
+    return d_after, layout.to_sequence_order(dh)
+
+
+def scan_group_reverse(layout: ChunkLayout, grp: "ChunkGroup", dh: Tensor, step: Step
+                       ) -> Tuple[Tensor, Tensor]:
+    """scan_chunks_reverse over one group (see scan_group): dh are the gradients w.r.t. the
+    states after the group, stream order. Returns (d_after of the group's chunks, dh before)."""
+    d_after = torch.empty(grp.s1 - grp.s0, *dh.shape[1:], dtype=dh.dtype, device=dh.device)
+    for base, n in reversed(layout.steps[grp.j0:grp.j1]):
+        sl = slice(base - grp.s0, base - grp.s0 + n)
         d_after[sl] = dh[:n]
         if n == dh.shape[0]:
             dh = step(sl, dh)
         else:
             dh[:n] = step(sl, dh[:n])
-    return d_after, layout.to_sequence_order(dh)
+    return d_after, dh
 
 
 def state_passing(layout: ChunkLayout, h0: Tensor, chunk_decay: Optional[Tensor],
@@ -472,11 +552,17 @@ def state_passing(layout: ChunkLayout, h0: Tensor, chunk_decay: Optional[Tensor]
     """H_{n+1} = chunk_decay_n * H_n + local_states_n along each sequence.
     chunk_decay: None or [NC, H, 1 | K, 1] (exp(b_last)); local_states [NC, H, K, V]
     ((k * exp(b_last - b))^T v). Returns (states before each chunk [NC, ...], final [N, ...])."""
+    return scan_chunks(layout, h0, passing_step(chunk_decay, local_states))
+
+
+def passing_step(chunk_decay: Optional[Tensor], add: Tensor) -> Step:
+    """The step h -> chunk_decay * h + add of state_passing (and, with the outputs' pull for
+    `add`, of its adjoint); slices index chunk_decay and add."""
     def step(sl, h):
         if chunk_decay is None:
-            return local_states[sl] + h
-        return torch.addcmul(local_states[sl], chunk_decay[sl], h)
-    return scan_chunks(layout, h0, step)
+            return add[sl] + h
+        return torch.addcmul(add[sl], chunk_decay[sl], h)
+    return step
 
 
 def state_passing_backward(layout: ChunkLayout, chunk_decay: Optional[Tensor],
@@ -484,11 +570,7 @@ def state_passing_backward(layout: ChunkLayout, chunk_decay: Optional[Tensor],
     """Adjoint of state_passing with the outputs' pull on each state: dH_n = chunk_decay_n *
     dE_n + q_states_n, where q_states_n = (q * exp(b))^T do of chunk n ([NC, H, K, V]).
     Returns (dE [NC, ...]: gradient w.r.t. the state after each chunk, dh0 [N, ...])."""
-    def step(sl, dh):
-        if chunk_decay is None:
-            return q_states[sl] + dh
-        return torch.addcmul(q_states[sl], chunk_decay[sl], dh)
-    return scan_chunks_reverse(layout, dht, step)
+    return scan_chunks_reverse(layout, dht, passing_step(chunk_decay, q_states))
 
 
 def chunk_output(q_inter: Tensor, states: Tensor, A: Tensor, v: Tensor) -> Tensor:
@@ -517,99 +599,150 @@ def chunk_size_for(max_len: int, limit: int = TORCH_CHUNK) -> int:
     return C
 
 
+# Chunk groups. The engine walks the chunk stream a group of consecutive steps at a time, so
+# the chunk-stream intermediates (packed inputs, decays, scores, per-chunk states) exist for one
+# group only, not for the whole sequence: forward memory is the output plus one group's work,
+# whatever T. Every chunk's arithmetic is the same as over the whole stream (element-wise ops,
+# per-chunk matmuls and sums within a chunk), so the grouping changes no bit. About GROUP_BYTES
+# per [chunks, H, C, max(K, V, C)] intermediate keeps them well under glibc's mmap threshold
+# (32 MiB at most): freed blocks are reused from the heap by the next group instead of being
+# unmapped and freshly faulted in on every call (which at T=32K cost 12-18 minor page faults per
+# token and ~45 % system time), and one group's work stays in the last-level cache.
+GROUP_BYTES = 1 << 20
+
+
+def group_chunks(H: int, C: int, K: int, V: int, dtype: torch.dtype) -> int:
+    """How many chunks one group holds (see GROUP_BYTES)."""
+    per_chunk = H * max(C * K, C * V, K * V, C * C) * torch.finfo(dtype).bits // 8
+    return max(1, GROUP_BYTES // max(per_chunk, 1))
+
+
 @dataclass
 class _Chunked:
-    """The inputs in the chunk stream, in the compute dtype (q already multiplied by scale)."""
-    layout: ChunkLayout
-    q: Tensor
+    """One group's inputs in the chunk stream, in the compute dtype (q already times scale;
+    None where a pass does not need it)."""
+    q: Optional[Tensor]
     k: Tensor
     v: Tensor
-    g: Optional[Tensor]  # per-token log decays, 0 in padding: [NC, H, C] or [NC, H, C, K]
-    h0: Tensor
+    g: Optional[Tensor]  # per-token log decays, 0 in padding: [n, H, C] or [n, H, C, K]
 
 
-def _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens) -> _Chunked:
+def _setup(q, v, initial_state, cu_seqlens):
+    """(layout, compute dtype, groups, h0 [N, H, K, V] in sequence order)."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     layout = ChunkLayout.build(B, T, cu_seqlens, chunk_size_for(longest(T, cu_seqlens)),
                                q.device)
     dt = accumulation_dtype(q)
-    gc = None if g is None else layout.pack(g, dt)
-    if g_gamma is not None:  # constant decay on real tokens only (padding must stay 0)
-        gamma = g_gamma.to(dt)[None, :, None] * layout.valid.to(dt)
-        gc = gamma if gc is None else gc + gamma
     h0 = (q.new_zeros(layout.N, H, K, V, dtype=dt) if initial_state is None
           else initial_state.to(dt))
-    return _Chunked(layout, layout.pack(q, dt) * scale, layout.pack(k, dt), layout.pack(v, dt),
-                    gc, h0)
+    return layout, dt, layout.groups(group_chunks(H, layout.C, K, V, dt)), h0
+
+
+def _pack_group(layout: ChunkLayout, grp: ChunkGroup, dt, q, k, v, g, g_gamma, scale,
+                with_q: bool = True) -> _Chunked:
+    gc = None if g is None else layout.pack(g, dt, grp)
+    if g_gamma is not None:  # constant decay on real tokens only (padding must stay 0)
+        gamma = g_gamma.to(dt)[None, :, None] * layout.valid[grp.s0:grp.s1].to(dt)
+        gc = gamma if gc is None else gc + gamma
+    return _Chunked(layout.pack(q, dt, grp) * scale if with_q else None, layout.pack(k, dt, grp),
+                    layout.pack(v, dt, grp), gc)
 
 
 @dataclass
 class _Inter:
-    """The inter-chunk pieces of one forward pass (see gate_factors and state_passing)."""
+    """The inter-chunk pieces of one group (see gate_factors and state_passing)."""
     q_decay: Optional[Tensor]
     k_decay: Optional[Tensor]
     chunk_decay: Optional[Tensor]
-    q_inter: Tensor  # q * exp(sum_{s<=t} g)   [NC, H, C, K]
-    k_inter: Tensor  # k * exp(sum_{s>t} g)    [NC, H, C, K]
-    local: Tensor  # k_inter^T v             [NC, H, K, V]
-    states: Tensor  # state before each chunk [NC, H, K, V]
-    final: Tensor  # [N, H, K, V]
+    q_inter: Optional[Tensor]  # q * exp(sum_{s<=t} g)   [n, H, C, K]
+    k_inter: Tensor  # k * exp(sum_{s>t} g)    [n, H, C, K]
+    states: Optional[Tensor]  # state before each chunk [n, H, K, V]
 
 
-def _inter_chunk(x: _Chunked) -> _Inter:
+def _decays(x: _Chunked) -> _Inter:
     q_decay, k_decay, chunk_decay = gate_factors(x.g)
-    q_inter, k_inter = mul_if(x.q, q_decay), mul_if(x.k, k_decay)
-    local = k_inter.transpose(-1, -2) @ x.v
-    states, final = state_passing(x.layout, x.h0, chunk_decay, local)
-    return _Inter(q_decay, k_decay, chunk_decay, q_inter, k_inter, local, states, final)
+    return _Inter(q_decay, k_decay, chunk_decay, None if x.q is None else mul_if(x.q, q_decay),
+                  mul_if(x.k, k_decay), None)
+
+
+def _inter_group(layout: ChunkLayout, grp: ChunkGroup, x: _Chunked, h: Tensor
+                 ) -> Tuple[_Inter, Tensor]:
+    """The group's decays and states; h: the states before the group (stream order) -> after."""
+    r = _decays(x)
+    local = r.k_inter.transpose(-1, -2) @ x.v  # [n, H, K, V]
+    r.states, h = scan_group(layout, grp, h, passing_step(r.chunk_decay, local))
+    return r, h
 
 
 def forward(q, k, v, g, g_gamma, scale, initial_state, output_final_state, cu_seqlens, mode):
     """GLA backend contract (lightning_ops.gla.ops) -> (o in v's dtype, final state fp32/fp64 or
-    None). Both modes run the chunk engine (see the module docstring)."""
+    None). Both modes run the chunk engine (see the module docstring), a group at a time."""
     guard = NonFiniteGuard.build(k, v, (g,), cu_seqlens=cu_seqlens)
     if guard is not None:
         k, v, (g,) = guard.clean(k, v, (g,))
-    x = _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens)
-    r = _inter_chunk(x)
-    A = intra_chunk_scores(x.q, x.k, x.g)
-    o = x.layout.unpack(chunk_output(r.q_inter, r.states, A, x.v), v.dtype)
-    final = r.final if output_final_state else None
+    layout, dt, groups, h0 = _setup(q, v, initial_state, cu_seqlens)
+    o = v.new_empty(v.shape)
+    h = layout.to_stream_order(h0).clone()
+    for grp in groups:
+        x = _pack_group(layout, grp, dt, q, k, v, g, g_gamma, scale)
+        r, h = _inter_group(layout, grp, x, h)
+        A = intra_chunk_scores(x.q, x.k, x.g)
+        layout.unpack_into(o, chunk_output(r.q_inter, r.states, A, x.v), grp)
+        del x, r, A
+    final = layout.to_sequence_order(h) if output_final_state else None
     return (o, final) if guard is None else guard.poison(o, final)
 
 
 def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dht):
-    """-> (dq, dk, dv, dg or None, dh0 or None), each in its input's dtype; dht may be None."""
+    """-> (dq, dk, dv, dg or None, dh0 or None), each in its input's dtype; dht may be None.
+    Two passes over the groups: forward for the state before every chunk (recomputed: cheaper
+    than saving them in the forward), then backward group by group from the last one (whose
+    forward pieces the first pass left in place)."""
     guard = NonFiniteGuard.build(k, v, (g,), cu_seqlens=cu_seqlens)
     if guard is not None:
         k, v, (g,) = guard.clean(k, v, (g,))
         do, dht = guard.clean_grads(do, dht)
-    x = _prepare(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens)
-    layout = x.layout
-    r = _inter_chunk(x)  # recomputed: cheaper than saving per-chunk states from the forward
-    doc = layout.pack(do, x.q.dtype)
-    dht = torch.zeros_like(x.h0) if dht is None else dht.to(x.h0.dtype)
-
-    dE, dh0 = state_passing_backward(layout, r.chunk_decay, r.q_inter.transpose(-1, -2) @ doc,
-                                     dht)
-    dq, dk, A, dg_intra = intra_chunk_scores_backward(doc @ x.v.transpose(-1, -2), x.q, x.k,
-                                                      x.g, need_dg=g is not None)
-    dq_inter = doc @ r.states.transpose(-1, -2)  # w.r.t. q_inter
-    dk_inter = x.v @ dE.transpose(-1, -2)  # w.r.t. k_inter
-    dq += mul_if(dq_inter, r.q_decay)
-    dk += mul_if(dk_inter, r.k_decay)
-    dv = A.transpose(-1, -2) @ doc + r.k_inter @ dE
-
-    dg = None
-    if g is not None:
-        # The gates enter through exp(prefix) in q_inter, exp(suffix) in k_inter, exp(total) on
-        # the carried state and the pair decays of the scores (dg_intra).
-        from_q, from_k = r.q_inter * dq_inter, r.k_inter * dk_inter  # [NC, H, C, K]
-        from_total = (r.states * r.chunk_decay * dE).sum(-1)  # [NC, H, K]
-        if x.g.dim() == 3:  # scalar gate: one decay per head
-            from_q, from_k, from_total = from_q.sum(-1), from_k.sum(-1), from_total.sum(-1)
-        dg = layout.unpack(gate_grad(from_q, from_k, from_total, dg_intra), g.dtype)
-    return (layout.unpack(dq * scale, q.dtype), layout.unpack(dk, k.dtype),
-            layout.unpack(dv, v.dtype), dg,
+    layout, dt, groups, h0 = _setup(q, v, initial_state, cu_seqlens)
+    h = layout.to_stream_order(h0).clone()
+    states = []
+    for i, grp in enumerate(groups):
+        x = _pack_group(layout, grp, dt, q, k, v, g, g_gamma, scale,
+                        with_q=i == len(groups) - 1)
+        r, h = _inter_group(layout, grp, x, h)
+        states.append(r.states)
+    del h
+    dht = torch.zeros_like(h0) if dht is None else dht.to(dt)
+    dh = layout.to_stream_order(dht).clone()
+    dq_all, dk_all, dv_all = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    dg_all = None if g is None else g.new_empty(g.shape)
+    for grp in reversed(groups):
+        if grp is not groups[-1]:
+            x = _pack_group(layout, grp, dt, q, k, v, g, g_gamma, scale)
+            r = _decays(x)
+        r.states = states.pop()
+        doc = layout.pack(do, dt, grp)
+        dE, dh = scan_group_reverse(layout, grp, dh,
+                                    passing_step(r.chunk_decay,
+                                                 r.q_inter.transpose(-1, -2) @ doc))
+        dq, dk, A, dg_intra = intra_chunk_scores_backward(doc @ x.v.transpose(-1, -2), x.q, x.k,
+                                                          x.g, need_dg=g is not None)
+        dq_inter = doc @ r.states.transpose(-1, -2)  # w.r.t. q_inter
+        dk_inter = x.v @ dE.transpose(-1, -2)  # w.r.t. k_inter
+        dq += mul_if(dq_inter, r.q_decay)
+        dk += mul_if(dk_inter, r.k_decay)
+        layout.unpack_into(dv_all, A.transpose(-1, -2) @ doc + r.k_inter @ dE, grp)
+        layout.unpack_into(dq_all, dq * scale, grp)
+        layout.unpack_into(dk_all, dk, grp)
+        if g is not None:
+            # The gates enter through exp(prefix) in q_inter, exp(suffix) in k_inter, exp(total)
+            # on the carried state and the pair decays of the scores (dg_intra).
+            from_q, from_k = r.q_inter * dq_inter, r.k_inter * dk_inter  # [n, H, C, K]
+            from_total = (r.states * r.chunk_decay * dE).sum(-1)  # [n, H, K]
+            if x.g.dim() == 3:  # scalar gate: one decay per head
+                from_q, from_k, from_total = from_q.sum(-1), from_k.sum(-1), from_total.sum(-1)
+            layout.unpack_into(dg_all, gate_grad(from_q, from_k, from_total, dg_intra), grp)
+        del x, r, doc, dE, dq, dk, A, dg_intra, dq_inter, dk_inter
+    dh0 = layout.to_sequence_order(dh)
+    return (dq_all, dk_all, dv_all, dg_all,
             None if initial_state is None else dh0.to(initial_state.dtype))

@@ -14,12 +14,15 @@ the WY/UT representation turns the C sequential rank-1 updates into one triangul
 
 From there on the math is the GLA family's with a scalar gate and v_new for v, so this module
 reuses the chunk engine (lightning_ops.chunk.torch) for the layout (ChunkLayout: varlen,
-padding), the gate cumsum and factors, the state loops (scan_chunks / scan_chunks_reverse) and the output (chunk_output). The
-delta-specific parts: the WY transform and the v_new dependence of the state loop. Written
-with b_t = sum_{s<=t} g_s for short, but every decay is computed from its own gates (prefix,
-suffix and segment sums, see the chunk engine's "Gates"), never as a difference of cumsums: reset
-gates (-inf) and huge gates are exact. The decay mask is built once per call and shared by the
-k k^T and q k^T scores.
+padding, chunk groups), the gate cumsum and factors, the state loops (scan_group /
+scan_group_reverse) and the output (chunk_output). The delta-specific parts: the WY transform
+and the v_new dependence of the state loop. Like the GLA engine, forward and backward walk the
+stream a group of chunks at a time; the backward's first pass keeps each group's WY pieces and
+states for its second, reverse pass (recomputing the WY transform would cost more than keeping
+it). Written with b_t = sum_{s<=t} g_s for short, but every decay is computed from its own gates
+(prefix, suffix and segment sums, see the chunk engine's "Gates"), never as a difference of
+cumsums: reset gates (-inf) and huge gates are exact. The decay mask is built once per group and
+shared by the k k^T and q k^T scores.
 
 Backward is hand-written: the reverse state loop carries dS through v_new = u - w S, then every
 chunk-local gradient is batched. The solve's adjoint is a matmul with the stored inverse
@@ -35,25 +38,27 @@ applied first, its gradient by hand. Varlen reads the lengths on the host (Chunk
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from ..chunk.constants import RECURRENT_MAX_T, TORCH_CHUNK
 from ..chunk.torch import (
+    ChunkGroup,
     ChunkLayout,
     causal_scores,
     chunk_output,
     chunk_size_for,
     gate_factors,
+    group_chunks,
     gate_grad,
     intra_chunk_scores,
     intra_chunk_scores_backward,
     longest,
     mul_if,
     pair_gate_grad,
-    scan_chunks,
-    scan_chunks_reverse,
+    scan_group,
+    scan_group_reverse,
     segment_sums,
 )
 from ..nonfinite import NonFiniteGuard
@@ -73,22 +78,33 @@ def _chunk_size(mode: str, max_len: int) -> int:
 
 
 @dataclass
-class _Chunked:
-    """Inputs in the chunk stream [NC, HV, C, *], compute dtype; q already times scale."""
+class _Setup:
+    """What every group of a call shares: the layout, q and k after the optional l2 norm (kept
+    for its backward) and the head repeat, the initial states."""
     layout: ChunkLayout
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    beta: Tensor  # [NC, HV, C, 1]
-    g: Optional[Tensor]  # [NC, HV, C] per-token log decays, 0 in padding
-    h0: Tensor
-    qn: Tensor  # q, k after the optional l2 norm, [B, T, H, K] (kept for its backward)
+    dt: torch.dtype
+    groups: list
+    qn: Tensor  # [B, T, H, K], compute dtype
     kn: Tensor
     rq: Optional[Tensor]
     rk: Optional[Tensor]
+    qh: Tensor  # [B, T, HV, K]
+    kh: Tensor
+    h0: Tensor  # [N, HV, K, V], sequence order
 
 
-def _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_l2, mode) -> _Chunked:
+@dataclass
+class _Chunked:
+    """One group's inputs in the chunk stream [n, HV, C, *], compute dtype; q already times
+    scale (None where a pass does not need it)."""
+    q: Optional[Tensor]
+    k: Tensor
+    v: Tensor
+    beta: Tensor  # [n, HV, C, 1]
+    g: Optional[Tensor]  # [n, HV, C] per-token log decays, 0 in padding
+
+
+def _setup(q, k, v, initial_state, cu_seqlens, use_l2, mode) -> _Setup:
     B, T, H, K = q.shape
     HV, Vd = v.shape[2:]
     layout = ChunkLayout.build(B, T, cu_seqlens, _chunk_size(mode, longest(T, cu_seqlens)),
@@ -102,10 +118,16 @@ def _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_l2, mode) -
         qh, kh = qn.repeat_interleave(HV // H, 2), kn.repeat_interleave(HV // H, 2)
     h0 = (q.new_zeros(layout.N, HV, K, Vd, dtype=dt) if initial_state is None
           else initial_state.to(dt))
-    gc = None if g is None else layout.pack(g, dt)
-    return _Chunked(layout, layout.pack(qh, dt) * scale, layout.pack(kh, dt),
-                    layout.pack(v, dt), layout.pack(beta, dt)[..., None],
-                    gc, h0, qn, kn, rq, rk)
+    groups = layout.groups(group_chunks(HV, layout.C, K, Vd, dt))
+    return _Setup(layout, dt, groups, qn, kn, rq, rk, qh, kh, h0)
+
+
+def _pack_group(s: _Setup, grp: ChunkGroup, v, g, beta, scale, with_q: bool = True
+                ) -> _Chunked:
+    L, dt = s.layout, s.dt
+    return _Chunked(L.pack(s.qh, dt, grp) * scale if with_q else None, L.pack(s.kh, dt, grp),
+                    L.pack(v, dt, grp), L.pack(beta, dt, grp)[..., None],
+                    None if g is None else L.pack(g, dt, grp))
 
 
 def _decay_mask(g: Optional[Tensor], C: int, like: Tensor) -> Tensor:
@@ -149,7 +171,8 @@ def _unit_lower_inverse(Akk: Tensor, beta: Tensor) -> Tensor:
 
 @dataclass
 class _Forward:
-    """Every forward intermediate the backward reuses (all [NC, HV, ...], compute dtype)."""
+    """Every forward intermediate of one group that the backward reuses (all [n, HV, ...],
+    compute dtype)."""
     q_decay: Optional[Tensor]  # exp(b)           [.., C, 1]
     k_decay: Optional[Tensor]  # exp(b_last - b)  [.., C, 1]
     chunk_decay: Optional[Tensor]  # exp(b_last)  [.., 1, 1]
@@ -162,11 +185,12 @@ class _Forward:
     kd: Tensor  # k exp(b_last - b)
     v_new: Tensor  # u - w S
     states: Tensor  # S before each chunk
-    final: Tensor  # [N, HV, K, V]
 
 
-def _forward_states(x: _Chunked) -> _Forward:
-    """The WY transform and the state loop."""
+def _forward_states(layout: ChunkLayout, grp: ChunkGroup, x: _Chunked, h: Tensor
+                    ) -> Tuple[_Forward, Tensor]:
+    """The WY transform and the state loop of one group; h: the states before the group
+    (stream order) -> after it."""
     q_decay, k_decay, chunk_decay = gate_factors(x.g)
     D, Akk = _scores(x.k, x.k, x.g)
     Tinv = _unit_lower_inverse(Akk, x.beta)
@@ -183,9 +207,9 @@ def _forward_states(x: _Chunked) -> _Forward:
         v_new[sl] = vn
         return mul_if(h, None if chunk_decay is None else chunk_decay[sl]) + kdT[sl] @ vn
 
-    states, final = scan_chunks(x.layout, x.h0, step)
-    return _Forward(q_decay, k_decay, chunk_decay, D, Akk, Tinv, kb, u, w, kd, v_new, states,
-                    final)
+    states, h = scan_group(layout, grp, h, step)
+    return _Forward(q_decay, k_decay, chunk_decay, D, Akk, Tinv, kb, u, w, kd, v_new,
+                    states), h
 
 
 def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
@@ -193,89 +217,117 @@ def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqle
     guard = NonFiniteGuard.build(k, v, (g,), (beta,), cu_seqlens=cu_seqlens)
     if guard is not None:
         k, v, (g,), (beta,) = guard.clean(k, v, (g,), (beta,))
-    x = _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel,
-                 mode)
-    f = _forward_states(x)
-    _, Aqk = _scores(x.q, x.k, x.g, f.D)
-    o = x.layout.unpack(chunk_output(mul_if(x.q, f.q_decay), f.states, Aqk, f.v_new), v.dtype)
-    final = f.final if output_final_state else None
+    s = _setup(q, k, v, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, mode)
+    layout = s.layout
+    o = v.new_empty(v.shape)
+    h = layout.to_stream_order(s.h0).clone()
+    for grp in s.groups:  # one group of chunks at a time (see chunk.torch's GROUP_BYTES)
+        x = _pack_group(s, grp, v, g, beta, scale)
+        f, h = _forward_states(layout, grp, x, h)
+        _, Aqk = _scores(x.q, x.k, x.g, f.D)
+        layout.unpack_into(o, chunk_output(mul_if(x.q, f.q_decay), f.states, Aqk, f.v_new),
+                           grp)
+        del x, f, Aqk
+    final = layout.to_sequence_order(h) if output_final_state else None
     return (o, final) if guard is None else guard.poison(o, final)
 
 
 def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, mode,
              do, dht):
+    """Two passes over the chunk groups: forward (the WY transform and the state loop, each
+    group's pieces kept for its backward), then backward from the last group."""
     guard = NonFiniteGuard.build(k, v, (g,), (beta,), cu_seqlens=cu_seqlens)
     if guard is not None:
         k, v, (g,), (beta,) = guard.clean(k, v, (g,), (beta,))
         do, dht = guard.clean_grads(do, dht)
-    x = _prepare(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_in_kernel,
-                 mode)
-    layout, dt = x.layout, x.q.dtype
-    f = _forward_states(x)
+    s = _setup(q, k, v, initial_state, cu_seqlens, use_qk_l2norm_in_kernel, mode)
+    layout, dt, groups = s.layout, s.dt, s.groups
     T_ = lambda t: t.transpose(-1, -2)  # noqa: E731
-    qi = mul_if(x.q, f.q_decay)
-    _, Aqk = _scores(x.q, x.k, x.g, f.D)
-    doc = layout.pack(do, dt)
-    dht = torch.zeros_like(x.h0) if dht is None else dht.to(dt)
+    h = layout.to_stream_order(s.h0).clone()
+    fs = []
+    for i, grp in enumerate(groups):
+        x = _pack_group(s, grp, v, g, beta, scale, with_q=i == len(groups) - 1)
+        f, h = _forward_states(layout, grp, x, h)
+        fs.append(f)
+    del h
+    dht = torch.zeros_like(s.h0) if dht is None else dht.to(dt)
+    dh = layout.to_stream_order(dht).clone()
 
-    # Reverse state loop; with E the state after a chunk:
-    #   dv_new = Aqk^T do + kd dE ;  dS = exp(b_last) dE + qi^T do - w^T dv_new
-    q_pull, o_pull, wT = T_(qi) @ doc, T_(Aqk) @ doc, T_(f.w)
-    dv_new = torch.empty_like(f.v_new)
-
-    def step(sl, dE):
-        dvn = torch.baddbmm(o_pull[sl].flatten(0, 1), f.kd[sl].flatten(0, 1),
-                            dE.flatten(0, 1)).view(dE.shape[0], *o_pull.shape[1:])
-        dv_new[sl] = dvn
-        return q_pull[sl] + mul_if(dE, None if f.chunk_decay is None else f.chunk_decay[sl]) \
-            - wT[sl] @ dvn
-
-    dE, dh0 = scan_chunks_reverse(layout, dht, step)
-
-    # o = qi S + (q k^T * D) v_new
-    dAqk = doc @ T_(f.v_new)
-    dqi = doc @ T_(f.states)
-    dq, dk, dg_qk = _scores_backward(dAqk, x.q, x.k, x.g, f.D)
-    dq += mul_if(dqi, f.q_decay)
-    # E = exp(b_last) S + kd^T v_new
-    dkd = f.v_new @ T_(dE)
-    dk += mul_if(dkd, f.k_decay)
-    # v_new = u - w S with u = Tinv (beta v), w = Tinv kb: the solve's adjoint
-    dvb = T_(f.Tinv) @ dv_new
-    dkb = -(T_(f.Tinv) @ (dv_new @ T_(f.states)))
-    dA = -(dvb @ T_(f.u) + dkb @ T_(f.w)).tril_(-1)  # d of tril(beta Akk, -1)
-    dbeta = (dA * f.Akk).sum(-1, keepdim=True) + (dvb * x.v).sum(-1, keepdim=True) \
-        + (dkb * mul_if(x.k, f.q_decay)).sum(-1, keepdim=True)
-    dv = dvb * x.beta
-    dk += mul_if(dkb, f.q_decay) * x.beta
-    dAkk = dA * x.beta
-    dk1, dk2, dg_kk = _scores_backward(dAkk, x.k, x.k, x.g, f.D)  # k in both roles
-    dk += dk1 + dk2
-
-    dg = None
-    if x.g is not None:
-        # The pair decays of both score matrices, exp(prefix) in qi and kb, exp(suffix) in kd,
-        # exp(total) on the carried state: each summed only where it contains g_s.
-        from_prefix = dqi * qi + dkb * f.kb
-        from_suffix = dkd * f.kd
-        from_total = (f.states * f.chunk_decay * dE).sum(-1)  # [NC, HV, K]
-        if x.g.dim() == 3:  # scalar gate: one decay per head
-            from_pairs = pair_gate_grad(dAqk * Aqk + dAkk * f.Akk)
-            from_prefix, from_suffix = from_prefix.sum(-1), from_suffix.sum(-1)
-            from_total = from_total.sum(-1)
-        else:  # KDA: the pair decays' share came with the score gradients
-            from_pairs = dg_qk + dg_kk
-        dg = layout.unpack(gate_grad(from_prefix, from_suffix, from_total, from_pairs), g.dtype)
-
-    # Back to tokens: undo scale, head repeat and l2 norm.
     B, T, H, K = q.shape
     HV = v.shape[2]
-    dqt, dkt = layout.unpack(dq) * scale, layout.unpack(dk)
+    post = HV != H or use_qk_l2norm_in_kernel  # dq, dk go through head sums / the l2 norm
+    dq_all = torch.empty(B, T, HV, K, dtype=dt if post else q.dtype, device=q.device)
+    dk_all = torch.empty(B, T, HV, K, dtype=dt if post else k.dtype, device=k.device)
+    dv_all, dbeta_all = v.new_empty(v.shape), beta.new_empty(beta.shape)
+    dg_all = None if g is None else g.new_empty(g.shape)
+    for grp in reversed(groups):
+        if grp is not groups[-1]:
+            x = _pack_group(s, grp, v, g, beta, scale)
+        f = fs.pop()
+        qi = mul_if(x.q, f.q_decay)
+        _, Aqk = _scores(x.q, x.k, x.g, f.D)
+        doc = layout.pack(do, dt, grp)
+
+        # Reverse state loop; with E the state after a chunk:
+        #   dv_new = Aqk^T do + kd dE ;  dS = exp(b_last) dE + qi^T do - w^T dv_new
+        q_pull, o_pull, wT = T_(qi) @ doc, T_(Aqk) @ doc, T_(f.w)
+        dv_new = torch.empty_like(f.v_new)
+
+        def step(sl, dE):
+            dvn = torch.baddbmm(o_pull[sl].flatten(0, 1), f.kd[sl].flatten(0, 1),
+                                dE.flatten(0, 1)).view(dE.shape[0], *o_pull.shape[1:])
+            dv_new[sl] = dvn
+            return q_pull[sl] + mul_if(dE, None if f.chunk_decay is None
+                                       else f.chunk_decay[sl]) - wT[sl] @ dvn
+
+        dE, dh = scan_group_reverse(layout, grp, dh, step)
+
+        # o = qi S + (q k^T * D) v_new
+        dAqk = doc @ T_(f.v_new)
+        dqi = doc @ T_(f.states)
+        dq, dk, dg_qk = _scores_backward(dAqk, x.q, x.k, x.g, f.D)
+        dq += mul_if(dqi, f.q_decay)
+        # E = exp(b_last) S + kd^T v_new
+        dkd = f.v_new @ T_(dE)
+        dk += mul_if(dkd, f.k_decay)
+        # v_new = u - w S with u = Tinv (beta v), w = Tinv kb: the solve's adjoint
+        dvb = T_(f.Tinv) @ dv_new
+        dkb = -(T_(f.Tinv) @ (dv_new @ T_(f.states)))
+        dA = -(dvb @ T_(f.u) + dkb @ T_(f.w)).tril_(-1)  # d of tril(beta Akk, -1)
+        dbeta = (dA * f.Akk).sum(-1, keepdim=True) + (dvb * x.v).sum(-1, keepdim=True) \
+            + (dkb * mul_if(x.k, f.q_decay)).sum(-1, keepdim=True)
+        layout.unpack_into(dv_all, dvb * x.beta, grp)
+        layout.unpack_into(dbeta_all, dbeta[..., 0], grp)
+        dk += mul_if(dkb, f.q_decay) * x.beta
+        dAkk = dA * x.beta
+        dk1, dk2, dg_kk = _scores_backward(dAkk, x.k, x.k, x.g, f.D)  # k in both roles
+        dk += dk1 + dk2
+        layout.unpack_into(dq_all, dq * scale, grp)
+        layout.unpack_into(dk_all, dk, grp)
+
+        if x.g is not None:
+            # The pair decays of both score matrices, exp(prefix) in qi and kb, exp(suffix) in
+            # kd, exp(total) on the carried state: each summed only where it contains g_s.
+            from_prefix = dqi * qi + dkb * f.kb
+            from_suffix = dkd * f.kd
+            from_total = (f.states * f.chunk_decay * dE).sum(-1)  # [n, HV, K]
+            if x.g.dim() == 3:  # scalar gate: one decay per head
+                from_pairs = pair_gate_grad(dAqk * Aqk + dAkk * f.Akk)
+                from_prefix, from_suffix = from_prefix.sum(-1), from_suffix.sum(-1)
+                from_total = from_total.sum(-1)
+            else:  # KDA: the pair decays' share came with the score gradients
+                from_pairs = dg_qk + dg_kk
+            layout.unpack_into(dg_all, gate_grad(from_prefix, from_suffix, from_total,
+                                                 from_pairs), grp)
+        del x, f, step
+
+    # Back to tokens: undo the head repeat and the l2 norm.
+    dqt, dkt = dq_all, dk_all
     if HV != H:
         dqt = dqt.view(B, T, H, HV // H, K).sum(3)
         dkt = dkt.view(B, T, H, HV // H, K).sum(3)
     if use_qk_l2norm_in_kernel:
-        dqt, dkt = l2norm_backward(dqt, x.qn, x.rq), l2norm_backward(dkt, x.kn, x.rk)
-    return (dqt.to(q.dtype), dkt.to(k.dtype), layout.unpack(dv, v.dtype), dg,
-            layout.unpack(dbeta[..., 0], beta.dtype),
+        dqt, dkt = l2norm_backward(dqt, s.qn, s.rq), l2norm_backward(dkt, s.kn, s.rk)
+    dh0 = layout.to_sequence_order(dh)
+    return (dqt.to(q.dtype), dkt.to(k.dtype), dv_all, dg_all, dbeta_all,
             None if initial_state is None else dh0.to(initial_state.dtype))
