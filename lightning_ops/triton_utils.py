@@ -104,13 +104,24 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def exact_precision() -> str:
+    """input_precision of the products that must be fp32-accurate (fp32 inputs, the WY inverse,
+    dg's prefix sums): 3xTF32 on the GPU, each fp32 operand split into two tf32 halves
+    (relative error ~2^-22, on tensor cores). Exact 'ieee' products lower to FMA loops at 32
+    registers that spilled 13-48 KB per thread at sm_90 (benchmarks/results/sm90_resources.csv:
+    e.g. chunk_dqkg fp32 K=256 V=512 37 KB -> 1.2 KB, chunk_out 18.8 KB -> 40 B under triton
+    3.6). The interpreter computes exact fp32 ('ieee')."""
+    return "ieee" if interpreting() else "tf32x3"
+
+
 def dot_config(dtype: torch.dtype) -> Tuple[object, object, str]:
     """(DT, DT_S, PREC) for the kernels' tl.dot calls.
 
     DT: operand dtype of products of inputs (q k^T, A v): the input dtype, fp32 for fp32.
     DT_S: operand dtype of products with the fp32 state: bf16 keeps bf16 (fp32 range), fp16 goes
     through tf32 because a long un-decayed state can pass fp16's 65504.
-    PREC: fp32 inputs get exact ('ieee') products, not tf32, so fp32 results match fp32 math.
+    PREC: fp32 inputs get fp32-accurate products (exact_precision: 3xTF32), not plain tf32, so
+    fp32 results match fp32 math to ~1e-6.
     Under TRITON_INTERPRET=1 everything is fp32/'ieee': interpreted bf16 tl.dot is wrong (bf16
     inputs gave garbage, relative errors ~1e9), and fp32 is the interpreter path's contract."""
     if interpreting():
@@ -119,7 +130,7 @@ def dot_config(dtype: torch.dtype) -> Tuple[object, object, str]:
         return tl.bfloat16, tl.bfloat16, "tf32"
     if dtype == torch.float16:
         return tl.float16, tl.float32, "tf32"
-    return tl.float32, tl.float32, "ieee"
+    return tl.float32, tl.float32, exact_precision()
 
 
 class ChunkMeta:

@@ -34,7 +34,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..triton_utils import chunk_program, chunk_slot_base, seq_bounds, state_tile
+from ..triton_utils import (chunk_program, chunk_slot_base, exact_precision, seq_bounds,
+                           state_tile)
 from . import constants
 
 NO_GATE = tl.constexpr(constants.NO_GATE)
@@ -50,6 +51,9 @@ VECTOR_GATE = tl.constexpr(constants.VECTOR_GATE)
 # decays of its chunk. Gates above the floor are untouched; the floored ones get gradient 0
 # (the launchers mask them: zero_floored in chunk/triton.py).
 GATE_FLOOR = tl.constexpr(constants.GATE_FLOOR)
+# fp32-accurate products whatever the input dtype (triton_utils.exact_precision: 3xTF32 on the
+# GPU, exact in the interpreter; read at import, after TRITON_INTERPRET is set)
+EXACT_PREC = tl.constexpr(exact_precision())
 
 
 @triton.jit
@@ -503,7 +507,7 @@ def chunk_dqkg_kernel(
         # the O(1) last-row term against itself and leave only its rounding at strong decays)
         kdk_inter = kt * dk_acc
         before = tl.where(o_t[None, :] < o_t[:, None], 1., 0.)  # before[s, t] = t < s
-        k_excl = tl.dot(before, kdk_inter, input_precision="ieee")
+        k_excl = tl.dot(before, kdk_inter, input_precision=EXACT_PREC)
         d_tot = hdh * tl.exp(G_L)
     # the s == t intra term (dA_tt k_t in dq_t, dA_tt q_t in dk_t) is kept apart: it cancels
     # exactly in q dq - k dk, so dg is formed without it

@@ -55,7 +55,7 @@ from ..chunk.triton_kernels import (_gates, _load_A, _row_decay, chunk_dqkg_kern
                                     chunk_out_kernel)
 from ..nonfinite import NonFiniteGuard
 from ..triton_utils import (ChunkMeta, check_grid_yz, chunk_program, chunk_slot_base, dot_config,
-                            full_k_stages, next_pow2, seq_bounds, state_tile)
+                            exact_precision, full_k_stages, next_pow2, seq_bounds, state_tile)
 from .l2norm import l2norm, l2norm_backward
 
 Tensor = torch.Tensor
@@ -622,11 +622,11 @@ def _wy(p: _Prep, v, beta):
     _, _, PREC = dot_config(p.q.dtype)
     grid = (meta.grid_t, B * H)
     Ai = fp32_empty(v, B, T, H, TRITON_CHUNK)
-    # exact fp32 products in the inverse whatever the input dtype: its 15 substitution steps
-    # compound rounding (the 16x16 products are cheap)
+    # fp32-accurate products in the inverse whatever the input dtype: its 15 substitution steps
+    # compound rounding (the 16x16 products are cheap; 3xTF32 on the GPU: exact_precision)
     wy_inverse_kernel[grid](p.k, beta, p.gc, p.Akk, Ai, p.cu, meta.indices, T, meta.NT,
                             H=H, K=K, BK=min(K_BLOCK, next_pow2(K)), GATE=p.GATE,
-                            IS_VARLEN=meta.is_varlen, PREC="ieee")
+                            IS_VARLEN=meta.is_varlen, PREC=exact_precision())
     w, u = fp32_empty(v, B, T, H, K), fp32_empty(v, B, T, H, V)
     wy_apply_kernel[grid](p.k, v, beta, p.gc, Ai, w, u, p.cu, meta.indices, T, meta.NT,
                           H=H, K=K, V=V, BK=min(64, next_pow2(K)), BV=min(64, next_pow2(V)),
