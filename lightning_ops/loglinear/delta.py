@@ -75,8 +75,8 @@ from ..chunk.torch import causal_scores, prefix_sum, segment_sums, suffix_sum_ex
 from ..delta.l2norm import l2norm
 from ..nonfinite import NonFiniteGuard
 from ..precision import accumulation_dtype
-from .ops import (LogLinearAttentionState, _check, _next_offsets, present_levels,
-                  read_and_merge, token_walk)
+from .ops import (LogLinearAttentionState, _check, _merged_step, _next_offsets, _step_levels,
+                  _step_state, needs_grad, token_walk)
 from .torch import _bitlen, _intra_levels, _levels_of, merge_levels
 
 Tensor = torch.Tensor
@@ -394,10 +394,13 @@ def log_linear_gated_delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
                                      level_scales: Tensor, beta: Tensor,
                                      state: LogLinearAttentionState,
                                      scale: Optional[float] = None,
-                                     use_qk_l2norm_in_kernel: bool = False
+                                     use_qk_l2norm_in_kernel: bool = False, *,
+                                     inplace_final_state: bool = False
                                      ) -> Tuple[Tensor, LogLinearAttentionState]:
     """One decode token per sequence, on the device (no host sync): q/k [N, G, K], v [N, H, V],
-    g/beta [N, H], level_scales [N, H, L]. Returns (o [N, H, V], the next state)."""
+    g/beta [N, H], level_scales [N, H, L]. Returns (o [N, H, V], the next state). O(L K V)
+    work per (sequence, head), one new full-size tensor; the slots that do not exist at the
+    offsets must be finite; inplace_final_state as in log_linear_attn_step."""
     ht, off = state
     N, H, L, K, V = ht.shape
     dt = accumulation_dtype(q)
@@ -407,13 +410,22 @@ def log_linear_gated_delta_rule_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
     rep = H // q.shape[1]
     if rep > 1:
         qx, kx = qx.repeat_interleave(rep, 1), kx.repeat_interleave(rep, 1)
-    S = present_levels(ht.to(dt), off) * g.to(dt).exp()[:, :, None, None, None]
-    b = beta.to(dt)[:, :, None, None, None]
-    kS = torch.einsum("nhk,nhlkv->nhlv", kx, S)
-    S = S - b * kx[:, :, None, :, None] * kS[:, :, :, None, :]  # (I - beta k k^T) on every level
-    write = b[:, :, 0] * kx[..., :, None] * v.to(dt)[..., None, :]  # [N, H, K, V]
-    S = torch.cat([write[:, :, None], S[:, :, 1:]], 2)
-    return read_and_merge(S, level_scales, qx, off, scale, v.dtype, ht.dtype)
+    vx, lam, b = v.to(dt), level_scales.to(dt), beta.to(dt)
+    hx, inplace = _step_state(ht, dt, inplace_final_state)
+    off = off.to(torch.int64)
+    f = _step_levels(off, g.to(dt).exp(), L)
+    # q^T h_l and k^T h_l for every level: one batched matmul, one pass over the levels
+    qk2 = torch.stack([qx, kx], 2)[:, :, None]  # [N, H, 1, 2, K]
+    P = torch.matmul(qk2, hx)  # [N, H, L, 2, V]
+    qS, kS = P[..., 0, :], P[..., 1, :]
+    # level l after the transition: a [slot l exists] (h_l - b k (k^T h_l)^T); level 0 the write
+    bqk = b * (qx * kx).sum(-1)  # [N, H]
+    o = torch.einsum("nhl,nhlv->nhv", lam * f.read, qS - bqk[..., None, None] * kS)
+    o = o + (lam[..., 0] * bqk)[..., None] * vx
+    if scale is not None:
+        o = o * scale
+    new = _merged_step(hx, f, b[..., None] * kx, vx, kS, inplace)
+    return o.to(v.dtype), LogLinearAttentionState(new.to(ht.dtype), off + 1)
 
 
 def fused_recurrent_log_linear_gated_delta_rule(
@@ -427,10 +439,11 @@ def fused_recurrent_log_linear_gated_delta_rule(
     (same arguments as chunk_log_linear_gated_delta_rule; differentiable by autograd)."""
     N = _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale)
     _check_beta(beta, q, v)
+    inplace = not needs_grad(q, k, v, g, level_scales, beta, initial_state)
 
     def step(rows, t, state):
         return log_linear_gated_delta_rule_step(
             q[rows, t], k[rows, t], v[rows, t], g[rows, t], level_scales[rows, t],
-            beta[rows, t], state, scale, use_qk_l2norm_in_kernel)
+            beta[rows, t], state, scale, use_qk_l2norm_in_kernel, inplace_final_state=inplace)
     return token_walk(step, q, v, level_scales.shape[3], N, initial_state, output_final_state,
                       cu_seqlens)

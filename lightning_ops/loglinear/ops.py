@@ -11,7 +11,8 @@ no scale argument; the library's K**-0.5 default does not apply here).
 State: LogLinearAttentionState(ht [N, H, L, K, V] float32, offsets [N] int64): the level states
 of the Fenwick hierarchy for the next query position offsets[n] (slot 0 always zero; slot l holds
 the bucket of size 2^(l-1), decayed to the last token, and is zero unless bit l-1 of the offset
-is set; in a given state such slots are ignored: read as zero, gradient zero).
+is set; in a given state such slots are ignored: read as zero, gradient zero; the decode
+steps, which multiply them by 0 rather than mask them, need them finite).
 Unlike fla's LogLinearAttentionState it carries no previous-chunk inputs: the torch path
 needs no chunk alignment with the past. `fused_recurrent_log_linear_attn` and
 `log_linear_attn_step` (one token, all on the device) are the decode form.
@@ -203,39 +204,102 @@ def chunk_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scal
     return o, (LogLinearAttentionState(ht, offsets) if output_final_state else None)
 
 
-def _bit_length(x: Tensor) -> Tensor:
-    bits = torch.arange(63, device=x.device)
-    return ((x[:, None] >> bits) > 0).sum(-1)
+class _StepLevels(NamedTuple):
+    """The per-level factors of one decode step from positions off to off + 1 (all [N, H, L],
+    a = exp(g) folded in, 0 for the slots that do not exist at off)."""
+    read: Tensor   # a on the existing levels l >= 1: what the query reads after the decay
+    keep: Tensor   # a on the existing levels above the merge: what stays in place at off + 1
+    merge: Tensor  # a on the existing levels l <= mu (mu = trailing ones of off) when level
+    #               mu + 1 < L exists: what the Fenwick merge sums into level mu + 1
+    valid: Tensor  # [N, 1, 1] 1 when level mu + 1 < L (else the merged bucket falls off, as it
+    #               weighs 0 for every later query)
+    rows: Tensor   # [N * H] the row (n H + h) L + min(mu + 1, L - 1) of level mu + 1 in
+    #               the [N H L, K V] view of the state (level L - 1 when invalid: then it is a
+    #               merged level, written with zeros)
+
+
+def _step_levels(off: Tensor, a: Tensor, L: int) -> _StepLevels:
+    """Level factors for the step from off [N] (int64, on the device: no host sync) with the
+    decays a [N, H]: arithmetic on the positions, O(N L)."""
+    N, H = a.shape
+    lv = torch.arange(L, device=off.device)
+    o = off[:, None]
+    exists = ((o >> (lv - 1).clamp(min=0)) & 1).bool() & (lv > 0)  # [N, L]: bit l-1 set
+    below = ((o + 1) & ((1 << lv) - 1)) == 0  # [N, L]: l <= mu (bits 0..l-1 of off all set)
+    mu = below.sum(1) - 1  # min(mu, L - 1)
+    valid = mu + 1 < L
+    dt = a.dtype
+    ex = exists.to(dt)[:, None] * a[..., None]  # [N, H, L]
+    keep = ex * (~below).to(dt)[:, None]
+    merge = ex * (below & valid[:, None]).to(dt)[:, None]
+    target = (mu + 1).clamp(max=L - 1)
+    rows = (torch.arange(N * H, device=off.device).view(N, H) * L + target[:, None]).reshape(-1)
+    return _StepLevels(ex, keep, merge, valid.to(dt)[:, None, None], rows)
+
+
+def _merged_step(hx: Tensor, f: _StepLevels, kw: Tensor, vw: Tensor,
+                 kS: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
+    """The state at off + 1 from the levels hx [N, H, L, K, V] (contiguous) at off: every
+    level decayed (the factors f), the token's write kw vw^T ([N, H, K] x [N, H, V]) as level 0,
+    then the Fenwick merge. With kS [N, H, L, V] (k^T S_l), each level first takes the delta
+    rule's rank-one update S_l - kw kS_l^T. One new full-size tensor (none with inplace: hx
+    itself is overwritten), then updated in place: O(L K V) per (sequence, head)."""
+    N, H, L, K, V = hx.shape
+    # the merged level mu + 1: the write plus the merged levels, by one bmm over the levels
+    # (read before hx may be overwritten)
+    merged = torch.bmm(f.merge.reshape(N * H, 1, L), hx.view(N * H, L, K * V)).view(N, H, K, V)
+    vm = f.valid * vw
+    if kS is not None:
+        vm = vm - torch.einsum("nhl,nhlv->nhv", f.merge, kS)
+    merged.addcmul_(kw[..., :, None], vm[..., None, :])
+    keep = f.keep[..., None, None]
+    new = hx.mul_(keep) if inplace else hx * keep
+    if kS is not None:
+        new.addcmul_((f.keep[..., None] * kw[:, :, None, :])[..., None], kS[:, :, :, None, :],
+                     value=-1)
+    new.view(N * H * L, K * V).index_copy_(0, f.rows, merged.view(N * H, K * V))
+    return new
+
+
+def _step_state(ht: Tensor, dt: torch.dtype, inplace: bool) -> Tuple[Tensor, bool]:
+    """The levels as the step reads them (contiguous, dtype dt) and whether it may overwrite
+    them: with inplace_final_state, when ht already is such a tensor."""
+    hx = ht.to(dt).contiguous()
+    return hx, bool(inplace) and hx is ht
 
 
 def log_linear_attn_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor,
-                         state: LogLinearAttentionState, scale: Optional[float] = None
+                         state: LogLinearAttentionState, scale: Optional[float] = None, *,
+                         inplace_final_state: bool = False
                          ) -> Tuple[Tensor, LogLinearAttentionState]:
     """One decode token per sequence, on the device (no host sync): q/k [N, G, K], v [N, H, V],
-    g [N, H], level_scales [N, H, L]. Returns (o [N, H, V], the next state). O(log T) states."""
+    g [N, H], level_scales [N, H, L]. Returns (o [N, H, V], the next state). O(log T) states,
+    O(L K V) work per (sequence, head): the read is one bmm over the levels with the level
+    weights folded into the query, the merge follows from the positions (_step_levels), one
+    new full-size tensor. The slots that do not exist at the offsets are read as zero by
+    multiplying them by 0: they must be finite (the states these ops return hold zeros there).
+
+    inplace_final_state=True writes the next levels over state.ht when it is contiguous and of
+    the accumulation dtype (float32 for half inputs), and returns it as the new state's ht: no
+    new full-size tensor (on CPU, a fresh one costs more than the step's arithmetic), but the
+    old state is gone and no gradient flows through it. Otherwise as without it."""
     ht, off = state
     N, H, L, K, V = ht.shape
     dt = accumulation_dtype(q)
     rep = H // q.shape[1]
     qx, kx = (x.to(dt).repeat_interleave(rep, 1) for x in (q, k))
-    S = present_levels(ht.to(dt), off) * g.to(dt).exp()[:, :, None, None, None]
-    S = torch.cat([(kx[..., :, None] * v.to(dt)[..., None, :])[:, :, None], S[:, :, 1:]], 2)
-    return read_and_merge(S, level_scales, qx, off, scale, v.dtype, ht.dtype)
-
-
-def read_and_merge(S: Tensor, level_scales: Tensor, qx: Tensor, off: Tensor,
-                   scale: Optional[float], out_dtype: torch.dtype, state_dtype: torch.dtype):
-    """The end of a decode step, once the token is written (level 0 of S [N, H, L, K, V]): the
-    output read through every level, then the Fenwick merge for the next position."""
-    lv = torch.arange(S.shape[2], device=S.device)
-    o = torch.einsum("nhl,nhk,nhlkv->nhv", level_scales.to(S.dtype), qx, S)
-    o = o * (1.0 if scale is None else scale)
-    mu = _bit_length(off ^ (off + 1)) - 1  # trailing ones of the position
-    below = (lv[None, :] <= mu[:, None])[:, None, :, None, None]  # [N, 1, L, 1, 1]
-    merged = torch.where(below, S, 0).sum(2, keepdim=True)
-    target = (lv[None, :] == mu[:, None] + 1)[:, None, :, None, None]
-    S = torch.where(target, merged, torch.where(below, 0, S))
-    return o.to(out_dtype), LogLinearAttentionState(S.to(state_dtype), off + 1)
+    vx, lam = v.to(dt), level_scales.to(dt)
+    hx, inplace = _step_state(ht, dt, inplace_final_state)
+    off = off.to(torch.int64)
+    f = _step_levels(off, g.to(dt).exp(), L)
+    # o = lam_0 (q.k) v + sum_{l >= 1} lam_l a [slot l exists] q^T h_l
+    qw = (lam * f.read)[..., None] * qx[:, :, None, :]  # [N, H, L, K]
+    o = torch.bmm(qw.view(N * H, 1, L * K), hx.view(N * H, L * K, V)).view(N, H, V)
+    o = o + (lam[..., 0] * (qx * kx).sum(-1))[..., None] * vx
+    if scale is not None:
+        o = o * scale
+    new = _merged_step(hx, f, kx, vx, inplace=inplace)
+    return o.to(v.dtype), LogLinearAttentionState(new.to(ht.dtype), off + 1)
 
 
 def present_levels(ht: Tensor, off: Tensor) -> Tensor:
@@ -255,19 +319,32 @@ def fused_recurrent_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor,
                                     ) -> Tuple[Tensor, Optional[LogLinearAttentionState]]:
     """The decode form over a whole sequence: log_linear_attn_step token by token."""
     N = _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale)
+    inplace = not needs_grad(q, k, v, g, level_scales, initial_state)
 
     def step(rows, t, state):
         return log_linear_attn_step(q[rows, t], k[rows, t], v[rows, t], g[rows, t],
-                                    level_scales[rows, t], state, scale)
+                                    level_scales[rows, t], state, scale,
+                                    inplace_final_state=inplace)
     return token_walk(step, q, v, level_scales.shape[3], N, initial_state, output_final_state,
                       cu_seqlens)
+
+
+def needs_grad(*xs) -> bool:
+    """Whether autograd records through any of xs (tensors, tuples of them or None): if not,
+    token_walk's steps may update the walk's own level states in place."""
+    if not torch.is_grad_enabled():
+        return False
+    flat = [y for x in xs for y in (x if isinstance(x, tuple) else (x,))]
+    return any(isinstance(x, Tensor) and x.requires_grad for x in flat)
 
 
 def token_walk(step, q: Tensor, v: Tensor, L: int, N: int,
                initial_state: Optional[LogLinearAttentionState], output_final_state: bool,
                cu_seqlens: Optional[Tensor]):
     """The decode forms over whole sequences: step(rows, t, state) -> (o_t, state) token by
-    token, per batch (all rows at once) or per packed sequence (row 0, its own tokens)."""
+    token, per batch (all rows at once) or per packed sequence (row 0, its own tokens). The
+    walk's level states are its own (a fresh tensor, never the caller's initial state), so
+    steps may update them in place."""
     B, T, _, K = q.shape
     H, V = v.shape[2], v.shape[3]
     st_dt = accumulation_dtype(q)
