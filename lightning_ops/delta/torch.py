@@ -212,8 +212,54 @@ def _forward_states(layout: ChunkLayout, grp: ChunkGroup, x: _Chunked, h: Tensor
                     states), h
 
 
+def _token_walk(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
+                use_l2):
+    """mode "recurrent" up to RECURRENT_MAX_T tokens: the recurrence itself, token by token
+    (a decode step does only the step's work: no chunk layout, no solve). Varlen sequences are
+    padded to the longest with zero tokens (beta = g = 0 leaves a state exactly as it is).
+    Non-finite inputs reach only what follows them, as in the recurrence."""
+    B, T, H, K = q.shape
+    HV, Vd = v.shape[2:]
+    dt = accumulation_dtype(q)
+    qn, kn = q.to(dt), k.to(dt)
+    if use_l2:
+        qn, kn = l2norm(qn)[0], l2norm(kn)[0]
+    if HV != H:
+        qn, kn = qn.repeat_interleave(HV // H, 2), kn.repeat_interleave(HV // H, 2)
+    xs = [qn * scale, kn, v.to(dt), beta.to(dt), None if g is None else g.to(dt)]
+    if cu_seqlens is not None:  # [1, T] packed -> [N, longest] padded
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        L = max(lengths, default=0)
+        pos = torch.arange(L, device=q.device)
+        valid = pos[None, :] < torch.tensor(lengths, device=q.device)[:, None]
+        idx = (cu_seqlens[:-1, None].to(pos.dtype) + pos[None, :]).clamp(max=max(T - 1, 0))
+        xs = [None if x is None else torch.where(
+            valid.view(*valid.shape, *[1] * (x.dim() - 2)), x[0][idx], 0.) for x in xs]
+    qs, ks, vs, bs, gs = xs
+    N, L = ks.shape[:2]
+    # never updated in place: the initial state itself is safe to start from
+    S = q.new_zeros(N, HV, K, Vd, dtype=dt) if initial_state is None else initial_state.to(dt)
+    out = vs.new_empty(N, L, HV, Vd)
+    for t in range(L):
+        if gs is not None:
+            decay = gs[:, t].exp()
+            S = S * (decay[..., None] if gs.dim() == 4 else decay[..., None, None])
+        kt = ks[:, t]                                               # [N, HV, K]
+        err = vs[:, t] - torch.einsum("nhk,nhkv->nhv", kt, S)
+        S = S + (bs[:, t, :, None] * kt)[..., None] * err[..., None, :]
+        out[:, t] = torch.einsum("nhk,nhkv->nhv", qs[:, t], S)
+    if cu_seqlens is not None:
+        o = out[valid].unsqueeze(0)
+    else:
+        o = out
+    return o.to(v.dtype), (S if output_final_state else None)
+
+
 def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
             use_qk_l2norm_in_kernel, mode):
+    if mode == "recurrent" and longest(q.shape[1], cu_seqlens) <= RECURRENT_MAX_T:
+        return _token_walk(q, k, v, g, beta, scale, initial_state, output_final_state,
+                           cu_seqlens, use_qk_l2norm_in_kernel)
     guard = NonFiniteGuard.build(k, v, (g,), (beta,), cu_seqlens=cu_seqlens)
     if guard is not None:
         k, v, (g,), (beta,) = guard.clean(k, v, (g,), (beta,))
