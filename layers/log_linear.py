@@ -38,7 +38,7 @@ from .base import FlaMixer, HierarchyStateMixin, MixerStep, warn_ignored
 from .conv import ShortConvolution
 from .norm import RMSNorm
 from .utils import (apply_mask, compute_dtype, decay_rate, init_dt_bias, no_weight_decay,
-                    softplus_dt, split_xbc)
+                    reuse_decode_state, softplus_dt, split_xbc)
 
 Tensor = torch.Tensor
 
@@ -217,7 +217,10 @@ class LogLinearMamba2(HierarchyStateMixin, FlaMixer):
         v = (x * dt[..., None]).to(x.dtype)
         lam = F.softplus(Lp * dl.to(cd))
         ht, off = rec
-        o, new = log_linear_attn_step(C, B, v, A * dt, lam, (ht, off))
+        # the cache's levels are rewritten in place when nothing needs them afterwards (no
+        # padding rows to restore, no autograd): a fresh full-size state per step costs ~10x
+        o, new = log_linear_attn_step(C, B, v, A * dt, lam, (ht, off),
+                                      inplace_final_state=reuse_decode_state(mask))
         y = o + x * (D[:, None] if D.dim() == 1 else D)
         if z is not None:
             y = y * F.silu(z)

@@ -41,7 +41,8 @@ from lightning_ops.loglinear import (chunk_log_linear_gated_delta_rule,
 from .base import HierarchyStateMixin, MixerStep, warn_ignored
 from .delta import GatedDeltaNet
 from .log_linear import MAX_NUM_LEVELS
-from .utils import apply_mask, compute_dtype, init_linear, no_weight_decay, split_heads
+from .utils import (apply_mask, compute_dtype, init_linear, no_weight_decay, reuse_decode_state,
+                    split_heads)
 
 Tensor = torch.Tensor
 
@@ -151,5 +152,6 @@ class LogLinearGatedDeltaNet(HierarchyStateMixin, GatedDeltaNet):
         v [b, HV, V], g/beta [b, HV], lam [b, HV, L]."""
         ht, off = rec
         o, new = log_linear_gated_delta_rule_step(q, k, v, g, lam, beta, (ht, off),
-                                                  use_qk_l2norm_in_kernel=True)
+                                                  use_qk_l2norm_in_kernel=True,
+                                                  inplace_final_state=reuse_decode_state(mask))
         return o, self.keep_padded_rows(mask, (new.ht, new.offsets), (ht, off))

@@ -75,6 +75,13 @@ def left_pad_lengths(mask: Tensor) -> Tensor:
     return mask.sum(-1)
 
 
+def reuse_decode_state(mask: Optional[Tensor]) -> bool:
+    """May a decode step write its cached state over the old one? Only when nothing needs the
+    old state afterwards: no padding rows to restore from it (keep_padded_rows) and no autograd
+    graph through it."""
+    return mask is None and not torch.is_grad_enabled()
+
+
 def split_heads(x: Tensor, n: int) -> Tensor:
     """[..., n * d] -> [..., n, d]."""
     return x.view(*x.shape[:-1], n, x.shape[-1] // n)
