@@ -12,6 +12,24 @@ import torch
 Tensor = torch.Tensor
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_direct(tensors: Sequence[Optional[Tensor]]) -> bool:
+    """May a decode step call its backend function directly instead of through its custom op
+    (whose dispatch costs more than a small step on the CPU)? Only in plain eager mode: not
+    compiling, no dispatch or function mode active, plain tensors, none needing autograd.
+    Everything else (torch.compile, fake tensors, subclasses, gradients) takes the custom op."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
+            torch._C._is_torch_function_mode_enabled():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+            return False
+    return True
+
+
 def empty_like_none(x: Optional[Tensor], ref: Tensor, dtype=None) -> Tensor:
     return ref.new_empty(0, dtype=dtype or ref.dtype) if x is None else x
 

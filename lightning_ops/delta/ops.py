@@ -27,9 +27,9 @@ from .. import backend as _backend
 from .. import validation as V
 from ..chunk.constants import NO_GATE, SCALAR_GATE, VECTOR_GATE
 from ..precision import accumulation_dtype
-from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_if_present,
-                          is_empty, none_if_empty, passthrough_grad, passthrough_state,
-                          zeros_or_empty)
+from .._custom_op import (contiguous, eager_direct, empty_like_none, forbid_double_backward,
+                          grad_if_present, is_empty, none_if_empty, passthrough_grad,
+                          passthrough_state, zeros_or_empty)
 
 Tensor = torch.Tensor
 
@@ -148,7 +148,15 @@ def delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
     scale = float(K ** -0.5 if scale is None else scale)
     name = _backend.resolve("delta", q.device, q.dtype)
     q, k, v, g, beta, initial_state = contiguous(q, k, v, g, beta, initial_state)
-    o, ht = _delta_fwd(q, k, v, None if gate == NO_GATE else g, beta, initial_state, cu_seqlens,
+    g = None if gate == NO_GATE else g
+    if mode == "recurrent" and cu_seqlens is None and not is_empty(q, v) and \
+            eager_direct((q, k, v, g, beta, initial_state)):
+        # a decode step in plain eager mode: the backend directly (what the op body does)
+        o, ht = _backend.implementation("delta", name).forward(
+            q, k, v, g, beta, scale, initial_state, output_final_state, None,
+            use_qk_l2norm_in_kernel, mode)
+        return o, ht
+    o, ht = _delta_fwd(q, k, v, g, beta, initial_state, cu_seqlens,
                        scale, output_final_state, use_qk_l2norm_in_kernel, mode, name)
     return o, (ht if output_final_state else None)
 
