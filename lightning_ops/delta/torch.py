@@ -246,7 +246,7 @@ def _token_walk(q, k, v, g, beta, scale, initial_state, output_final_state, cu_s
             S = S * (decay[..., None] if gs.dim() == 4 else decay[..., None, None])
         kt = ks[:, t]                                               # [N, HV, K]
         err = vs[:, t] - torch.einsum("nhk,nhkv->nhv", kt, S)
-        S = S + (bs[:, t, :, None] * kt)[..., None] * err[..., None, :]
+        S = torch.addcmul(S, (bs[:, t, :, None] * kt)[..., None], err[..., None, :])
         out[:, t] = torch.einsum("nhk,nhkv->nhv", qs[:, t], S)
     if cu_seqlens is not None:
         o = out[valid].unsqueeze(0)
