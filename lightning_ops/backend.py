@@ -12,6 +12,7 @@ import contextvars
 import importlib
 import os
 import shutil
+import sys
 import threading
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -103,14 +104,50 @@ def missing(backend: str, device: torch.device, family: Optional[str] = None) ->
     return None
 
 
+_ENV_VAR = "LIGHTNING_OPS_BACKEND"
+# os.environ's own key for it (bytes on POSIX): eager calls read os.environ._data directly
+_ENV_KEY = os.environ.encodekey(_ENV_VAR) if hasattr(os.environ, "encodekey") else None
+_env_parsed: Tuple[object, Optional[str]] = (None, None)  # (raw value, its backend name)
+
+
+def _env_backend() -> Optional[str]:
+    """LIGHTNING_OPS_BACKEND stripped and lower-cased, None when unset or empty. Read on every
+    call, so a change takes effect at once; but cheaply, since it sits on every op's path (a
+    decode step's wrapper is measured in microseconds): os.environ.get costs four Python-level
+    calls (Mapping.get, __getitem__, encodekey, decodevalue), so the value is looked up in
+    os.environ's own dict, the dict os.environ.get reads and assignments to os.environ update,
+    and parsed only when it differs from the last one seen."""
+    global _env_parsed
+    env = os.environ
+    data = getattr(env, "_data", None)
+    if _ENV_KEY is None or type(data) is not dict:  # os.environ replaced by another mapping
+        raw = env.get(_ENV_VAR)
+    else:
+        raw = data.get(_ENV_KEY)
+    if raw is None:
+        return None
+    last = _env_parsed
+    if raw == last[0]:
+        return last[1]
+    text = raw if isinstance(raw, str) else env.decodevalue(raw)
+    name = text.strip().lower() or None
+    _env_parsed = (raw, name)
+    return name
+
+
 def requested() -> Optional[str]:
     """The backend forced by use_backend() (innermost, in this thread / task) or
     LIGHTNING_OPS_BACKEND, if any."""
-    stack = _mirrored() if torch.compiler.is_compiling() else _forced.get()
+    if torch.compiler.is_compiling():  # what dynamo traces: the per-thread mirror, os.environ
+        stack = _mirrored()
+        if stack:
+            return stack[-1]
+        env = os.environ.get(_ENV_VAR, "").strip().lower()
+        return env or None
+    stack = _forced.get()
     if stack:
         return stack[-1]
-    env = os.environ.get("LIGHTNING_OPS_BACKEND", "").strip().lower()
-    return env or None
+    return _env_backend()
 
 
 @contextlib.contextmanager
@@ -147,6 +184,8 @@ def resolve(family: str, device: torch.device, dtype: Optional[torch.dtype] = No
     """The backend that runs `family` on `device` for inputs of `dtype`. Unforced, float64 runs
     on torch everywhere: the kernels compute in fp32 and would quietly lose the precision."""
     forced = requested()
+    if forced is None and device.type != "cuda":  # the common CPU call: nothing to check
+        return "torch"
     if forced is not None:
         why = missing(forced, device, family)
         if why is not None:
@@ -174,6 +213,9 @@ def _loadable(family: str, backend: str) -> bool:
 def implementation(family: str, backend: str):
     """The module implementing `family` on `backend` (imported lazily)."""
     key = (family, backend)
+    mod = sys.modules.get(_MODULES.get(key, ""))  # loaded already: what import_module returns
+    if mod is not None:
+        return mod
     if key in _load_errors:
         raise BackendUnavailableError(_load_errors[key])
     try:

@@ -520,7 +520,8 @@ _ACTIVATIONS = {None: "none", "silu": "silu", "swish": "silu"}
 
 
 def _activation(activation) -> str:
-    if activation not in _ACTIVATIONS:
+    if not (activation is None or isinstance(activation, str)) or \
+            activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be None, 'silu' or 'swish', got {activation!r}")
     return _ACTIVATIONS[activation]
 
@@ -636,7 +637,8 @@ def _(x, conv_state, weight, bias, activation, backend):
 def _conv_update_fits(x, conv_state, weight, bias, activation) -> bool:
     """The inputs of causal_conv1d_update are certainly valid (what _conv_update_check checks)."""
     if not isinstance(x, torch.Tensor) or x.dtype not in V.FLOAT_DTYPES or \
-            x.dim() not in (2, 3) or activation not in _ACTIVATIONS or \
+            x.dim() not in (2, 3) or not (activation is None or isinstance(activation, str)) or \
+            activation not in _ACTIVATIONS or \
             not isinstance(weight, torch.Tensor) or weight.dim() != 2 or \
             not isinstance(conv_state, torch.Tensor) or conv_state.dim() != 3:
         return False
@@ -661,11 +663,61 @@ def _conv_update_check(x, conv_state, weight, bias, activation) -> None:
     _activation(activation)
 
 
+def _conv_update_eager(x, conv_state, weight, bias, activation) -> Optional[Tensor]:
+    """causal_conv1d_update's common call, a decode step in plain eager mode, in one pass of
+    plain compares: not compiling and no mode active, plain CPU tensors that need no gradient,
+    one token x [b, D], float dtypes and matching shapes (what _conv_update_fits checks), a
+    contiguous state that is not an inference tensor (nothing for _check_inplace to find), and
+    the torch backend (unforced on the CPU, or forced). Then the torch backend's conv_update runs
+    directly and its output is returned; otherwise None, and causal_conv1d_update takes the
+    general path, whose checks name what is wrong. At B=1 this wrapper is a sizeable part of the
+    step, so it makes no call it can avoid (each Python-level call costs ~1 us there)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
+            torch._C._is_torch_function_mode_enabled():
+        return None
+    if type(x) not in _PLAIN or type(conv_state) not in _PLAIN or type(weight) not in _PLAIN \
+            or (bias is not None and type(bias) not in _PLAIN):
+        return None
+    if not (x.is_cpu and conv_state.is_cpu and weight.is_cpu and (bias is None or bias.is_cpu)):
+        return None
+    act = _ACTIVATIONS.get(activation) if activation is None or type(activation) is str \
+        else None
+    if act is None:
+        return None
+    try:  # unpacking checks the number of dims too
+        b, d = x.shape
+        dw, W = weight.shape
+        bs, ds, S = conv_state.shape
+        db, = (d,) if bias is None else bias.shape
+    except ValueError:
+        return None
+    if dw != d or bs != b or ds != d or db != d or not 2 <= W <= 4 or S < W - 1:
+        return None
+    floats = V.FLOAT_DTYPES
+    if x.dtype not in floats or weight.dtype not in floats or conv_state.dtype not in floats or \
+            (bias is not None and bias.dtype not in floats):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or conv_state.requires_grad or
+                                    weight.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        return None
+    if not conv_state.is_contiguous() or conv_state.is_inference():
+        return None
+    forced = _backend.requested()
+    if forced is not None and forced != "torch":
+        return None
+    return _backend.implementation("conv", "torch").conv_update(x, conv_state, weight, bias,
+                                                                act)
+
+
 def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
                          bias: Optional[Tensor] = None, activation: Optional[str] = None
                          ) -> Tensor:
     """Decode step of causal_conv1d_fn. x [B, D] or [B, D, L]; conv_state [B, D, S] with
     S >= W-1 holds the last S inputs and is shifted in place. Returns out shaped like x."""
+    out = _conv_update_eager(x, conv_state, weight, bias, activation)
+    if out is not None:
+        return out
     if not _conv_update_fits(x, conv_state, weight, bias, activation):
         _conv_update_check(x, conv_state, weight, bias, activation)
     act = _ACTIVATIONS[activation]

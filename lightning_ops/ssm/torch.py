@@ -811,19 +811,25 @@ def _conv_step(x, conv_state, weight, bias, activation, acc):
     first, then x overwrites it). Views by select / narrow: tensor indexing costs more."""
     b, d = x.shape
     W, S = weight.shape[1], conv_state.shape[-1]
-    wa, xa = _as(weight, acc), _as(x, acc)
+    wa = weight if weight.dtype == acc else weight.to(acc)  # (_as inlined: a hot path)
+    xa = x if x.dtype == acc else x.to(acc)
     w_last = wa.select(1, W - 1)
-    out = xa * w_last if bias is None else torch.addcmul(_as(bias, acc), xa, w_last)
-    hist = _as(conv_state.narrow(-1, S - (W - 1), W - 1), acc)  # [b, D, W-1]
-    taps = hist * wa.narrow(1, 0, W - 1)
-    out = torch.addmv(out.view(-1), taps.view(b * d, W - 1), _ones(W - 1, acc, x.device))
+    if bias is None:
+        out = xa * w_last
+    else:
+        out = torch.addcmul(bias if bias.dtype == acc else bias.to(acc), xa, w_last)
+    hist = conv_state.narrow(-1, S - (W - 1), W - 1)  # [b, D, W-1]
+    taps = (hist if hist.dtype == acc else hist.to(acc)) * wa.narrow(1, 0, W - 1)
+    out = out.view(-1).addmv_(taps.view(b * d, W - 1), _ones(W - 1, acc, x.device))
     if S > 1:
         flat = conv_state.view(-1)
-        flat[:-1].copy_(flat[1:].clone())
+        n = flat.shape[0] - 1
+        flat.narrow(0, 0, n).copy_(flat.narrow(0, 1, n).clone())
     conv_state.select(-1, S - 1).copy_(x)
     if activation == "silu":
         out = F.silu(out, inplace=True)
-    return _as(out.view(b, d), x.dtype)
+    out = out.view(b, d)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def conv_update(x, conv_state, weight, bias, activation):
