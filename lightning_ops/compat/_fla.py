@@ -259,9 +259,8 @@ def fused_recurrent_lightning_attn(q, k, v, layer_idx: int, num_layers: int,
                                    scale: Optional[float] = None,
                                    initial_state: Optional[Tensor] = None,
                                    output_final_state: bool = False, reverse: bool = False,
-                                   cu_seqlens: Optional[Tensor] = None, **kwargs):
-    """fla.ops.lightning_attn.fused_recurrent_lightning_attn."""
-    take_kwargs("fused_recurrent_lightning_attn", kwargs, ())
+                                   cu_seqlens: Optional[Tensor] = None):
+    """fla.ops.lightning_attn.fused_recurrent_lightning_attn (no **kwargs, as in fla)."""
     check_bool("fused_recurrent_lightning_attn", "reverse", reverse)
     g_gamma = lightning_g_gamma(q.shape[2], layer_idx, num_layers, q.device)
     return _call(lo.fused_recurrent_simple_gla, q, k, v, {"g_gamma": g_gamma}, scale,
@@ -482,9 +481,11 @@ def fused_recurrent_kda(q, k, v, g: Tensor, beta: Tensor, A_log: Optional[Tensor
                 allow_neg_eigval, lower_bound, state_v_first, cu_seqlens, A_log, dt_bias)
 
 
-def fused_kda_gate(g: Tensor, A_log: Tensor, dt_bias: Optional[Tensor] = None,
-                   lower_bound: Optional[float] = None, output_dtype=torch.float32) -> Tensor:
-    """fla.ops.kda.gate.fused_kda_gate: the KDA gate from its raw input, g [..., HV, K]."""
+def fused_kda_gate(g: Tensor, A_log: Optional[Tensor] = None,
+                   dt_bias: Optional[Tensor] = None, lower_bound: Optional[float] = None,
+                   output_dtype: torch.dtype = torch.float32) -> Tensor:
+    """fla.ops.kda.gate.fused_kda_gate: the KDA gate from its raw input, g [..., HV, K].
+    A_log may be None only with lower_bound (then lower_bound * sigmoid(g + dt_bias)), as fla."""
     shaped = g if g.dim() == 4 else g.view(1, -1, *g.shape[-2:])
     return _kda_gate("fused_kda_gate", shaped, A_log, dt_bias, lower_bound).view(
         g.shape).to(output_dtype)
