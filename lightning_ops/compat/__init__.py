@@ -140,6 +140,7 @@ def _patch_alias(peer: str) -> _Patch:
 
 def _patch_installed(peer: str, layers: bool) -> _Patch:
     from ._layers import LAYERS
+    from ._refs import REFERENCES
 
     p = _Patch(peer, "replace")
     swaps: Dict[int, Tuple[object, object]] = {}       # id(theirs) -> (theirs, ours)
@@ -155,6 +156,8 @@ def _patch_installed(peer: str, layers: bool) -> _Patch:
         for attr in getattr(mirror, "__all__", ()):
             if attr in LAYERS and not layers:
                 continue
+            if attr in REFERENCES and attr in vars(real):
+                continue        # the installed peer's own reference stays its ground truth
             ours = getattr(mirror, attr)
             theirs = vars(real).get(attr)
             if theirs is ours:

@@ -66,6 +66,28 @@ FLA_OPS = {
     },
     "fla.ops.kda.gate": {
         "fused_kda_gate": "(g, A_log=None, dt_bias=None, lower_bound=None, output_dtype=torch.float32)",
+        "naive_kda_gate": "(g, A_log, dt_bias=None, output_dtype=torch.float32)",
+        "naive_kda_lowerbound_gate": "(g, A_log=None, dt_bias=None, lower_bound=-5.0, output_dtype=torch.float32)",
+    },
+    # the pure-PyTorch references fla's op tests import (fla/ops/<op>/naive.py)
+    "fla.ops.gla.naive": {
+        "naive_recurrent_gla": "(q, k, v, gk, initial_state=None, output_final_state=False)",
+    },
+    "fla.ops.simple_gla.naive": {
+        "naive_recurrent_simple_gla": "(q, k, v, g, scale=None, initial_state=None, output_final_state=True)",
+    },
+    "fla.ops.linear_attn.naive": {
+        "naive_recurrent_linear_attn": "(q, k, v, scale=None, initial_state=None, output_final_state=False, normalize=False)",
+        "naive_chunk_linear_attn": "(q, k, v, scale=None, normalize=False)",
+    },
+    "fla.ops.delta_rule.naive": {
+        "delta_rule_recurrence": "(q, k, v, beta, initial_state=None, output_final_state=True)",
+    },
+    "fla.ops.gated_delta_rule.naive": {
+        "naive_recurrent_gated_delta_rule": "(q, k, v, beta, g, scale=None, initial_state=None, output_final_state=False)",
+    },
+    "fla.ops.kda.naive": {
+        "naive_recurrent_kda": "(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False)",
     },
 }
 
@@ -93,12 +115,15 @@ MAMBA_SSM = {
     "mamba_ssm.ops.selective_scan_interface": {
         "selective_scan_fn": "(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False)",
         "mamba_inner_fn": "(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None, delta_softplus=True, checkpoint_lvl=1, b_rms_weight=None, c_rms_weight=None, dt_rms_weight=None, b_c_dt_rms_eps=1e-06)",
+        "selective_scan_ref": "(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, return_last_state=False)",
+        "mamba_inner_ref": "(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias, A, B=None, C=None, D=None, delta_bias=None, B_proj_bias=None, C_proj_bias=None, delta_softplus=True)",
     },
     "mamba_ssm.ops.triton.ssd_combined": {
         "mamba_chunk_scan_combined": "(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float('inf')), return_final_states=False, return_varlen_states=False)",
     },
     "mamba_ssm.ops.triton.selective_state_update": {
         "selective_state_update": "(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, state_batch_indices=None)",
+        "selective_state_update_ref": "(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False)",
     },
     "mamba_ssm.modules.mamba_simple": {
         "Mamba": "(d_model, d_state=16, d_conv=4, expand=2, dt_rank='auto', dt_min=0.001, dt_max=0.1, dt_init='random', dt_scale=1.0, dt_init_floor=0.0001, conv_bias=True, bias=False, use_fast_path=True, layer_idx=None, device=None, dtype=None)",
@@ -118,6 +143,14 @@ CAUSAL_CONV1D = {
     "causal_conv1d": {
         "causal_conv1d_fn": "(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False, final_states_out=None, activation=None)",
         "causal_conv1d_update": "(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None, conv_state_indices=None)",
+    },
+    "causal_conv1d.causal_conv1d_interface": {
+        "causal_conv1d_ref": "(x, weight, bias=None, initial_states=None, return_final_states=False, final_states_out=None, activation=None, seq_idx=None)",
+        "causal_conv1d_update_ref": "(x, conv_state, weight, bias=None, activation=None, cache_seqlens=None)",
+    },
+    "causal_conv1d.causal_conv1d_varlen": {
+        "causal_conv1d_varlen_states": "(x, cu_seqlens, state_len)",
+        "causal_conv1d_varlen_states_ref": "(x, cu_seqlens, state_len)",
     },
 }
 
@@ -206,14 +239,21 @@ CLAIMED_MODULES: Dict[str, List[str]] = {
     "fla.ops.delta_rule.fused_chunk": ["fused_chunk_delta_rule"],
     "fla.ops.delta_rule.fused_recurrent": ["fused_recurrent_delta_rule"],
     "fla.ops.gated_delta_rule": ["chunk_gated_delta_rule", "chunk_gdn",
-                                 "fused_recurrent_gated_delta_rule", "fused_recurrent_gdn"],
+                                 "fused_recurrent_gated_delta_rule", "fused_recurrent_gdn",
+                                 "naive_recurrent_gated_delta_rule"],
     "fla.ops.gated_delta_rule.chunk": ["chunk_gated_delta_rule", "chunk_gdn"],
     "fla.ops.gated_delta_rule.fused_recurrent": ["fused_recurrent_gated_delta_rule",
                                                  "fused_recurrent_gdn"],
     "fla.ops.kda": ["chunk_kda", "fused_recurrent_kda"],
     "fla.ops.kda.chunk": ["chunk_kda"],
     "fla.ops.kda.fused_recurrent": ["fused_recurrent_kda"],
-    "fla.ops.kda.gate": ["fused_kda_gate"],
+    "fla.ops.kda.gate": ["fused_kda_gate", "naive_kda_gate", "naive_kda_lowerbound_gate"],
+    "fla.ops.gla.naive": ["naive_recurrent_gla"],
+    "fla.ops.simple_gla.naive": ["naive_recurrent_simple_gla"],
+    "fla.ops.linear_attn.naive": ["naive_recurrent_linear_attn", "naive_chunk_linear_attn"],
+    "fla.ops.delta_rule.naive": ["delta_rule_recurrence"],
+    "fla.ops.gated_delta_rule.naive": ["naive_recurrent_gated_delta_rule"],
+    "fla.ops.kda.naive": ["naive_recurrent_kda"],
     "fla.layers": ["GatedLinearAttention", "DeltaNet", "GatedDeltaNet", "KimiDeltaAttention",
                    "HGRN2Attention", "MomAttention"],
     "fla.layers.gla": ["GatedLinearAttention"],
@@ -224,15 +264,20 @@ CLAIMED_MODULES: Dict[str, List[str]] = {
     "fla.layers.mom": ["MomAttention"],
     "mamba_ssm": ["selective_scan_fn", "mamba_inner_fn", "Mamba", "Mamba2"],
     "mamba_ssm.ops": [],
-    "mamba_ssm.ops.selective_scan_interface": ["selective_scan_fn", "mamba_inner_fn"],
+    "mamba_ssm.ops.selective_scan_interface": ["selective_scan_fn", "mamba_inner_fn",
+                                               "selective_scan_ref", "mamba_inner_ref"],
     "mamba_ssm.ops.triton": [],
     "mamba_ssm.ops.triton.ssd_combined": ["mamba_chunk_scan_combined"],
-    "mamba_ssm.ops.triton.selective_state_update": ["selective_state_update"],
+    "mamba_ssm.ops.triton.selective_state_update": ["selective_state_update",
+                                                    "selective_state_update_ref"],
     "mamba_ssm.modules": [],
     "mamba_ssm.modules.mamba_simple": ["Mamba"],
     "mamba_ssm.modules.mamba2": ["Mamba2"],
     "causal_conv1d": ["causal_conv1d_fn", "causal_conv1d_update"],
-    "causal_conv1d.causal_conv1d_interface": ["causal_conv1d_fn", "causal_conv1d_update"],
+    "causal_conv1d.causal_conv1d_interface": ["causal_conv1d_fn", "causal_conv1d_update",
+                                              "causal_conv1d_ref", "causal_conv1d_update_ref"],
+    "causal_conv1d.causal_conv1d_varlen": ["causal_conv1d_varlen_states",
+                                           "causal_conv1d_varlen_states_ref"],
 }
 
 # Peer modules the README does not claim: not mirrored (an import of them in alias mode is a
@@ -240,20 +285,28 @@ CLAIMED_MODULES: Dict[str, List[str]] = {
 UNCLAIMED_MODULES = ["fla.ops.log_linear_attn", "fla.ops.rwkv7", "fla.models",
                      "fla.modules", "fla.utils", "mamba_ssm.modules.mamba3",
                      "mamba_ssm.models", "mamba_ssm.utils",
-                     "causal_conv1d.causal_conv1d_varlen"]
+                     "mamba_ssm.ops.triton.ssd_chunk_state", "mamba_ssm.ops.triton.ssd_chunk_scan",
+                     "mamba_ssm.ops.triton.ssd_state_passing", "fla.ops.utils",
+                     "fla.ops.gated_delta_rule.gate", "fla.ops.gated_delta_rule.wy_fast"]
 
 # Names the peer modules export that we do not serve (documentation of the gaps; an entry
 # that becomes served must move to CLAIMED_MODULES).
 NOT_SERVED = {
     "fla.ops.simple_gla": ["parallel_simple_gla"],
-    "fla.ops.gated_delta_rule": ["naive_chunk_gated_delta_rule",
-                                 "naive_recurrent_gated_delta_rule"],
+    # chunked naive forms: the same math as the recurrent references, a different evaluation
+    # order (and fla's own padding quirks); not served so a test of them is not a tautology
+    "fla.ops.gated_delta_rule": ["naive_chunk_gated_delta_rule"],
+    "fla.ops.gated_delta_rule.naive": ["naive_chunk_gated_delta_rule"],
+    "fla.ops.simple_gla.naive": ["naive_chunk_simple_gla", "naive_parallel_simple_gla"],
+    "fla.ops.kda.naive": ["naive_chunk_kda"],
+    "fla.ops.kda.gate": ["kda_gate_fwd", "kda_gate_bwd", "kda_gate_chunk_cumsum"],
+    "fla.ops.delta_rule.naive": ["delta_rule_chunkwise", "delta_rule_parallel"],
     "mamba_ssm": ["Mamba3", "MambaLMHeadModel"],
-    "mamba_ssm.ops.selective_scan_interface": ["selective_scan_ref", "mamba_inner_ref"],
     "mamba_ssm.ops.triton.ssd_combined": ["mamba_chunk_scan",
-                                          "mamba_split_conv1d_scan_combined"],
-    "mamba_ssm.ops.triton.selective_state_update": ["selective_state_update_ref"],
-    "causal_conv1d.causal_conv1d_interface": ["causal_conv1d_ref", "causal_conv1d_update_ref"],
+                                          "mamba_split_conv1d_scan_combined",
+                                          "ssd_chunk_scan_combined_ref", "ssd_selective_scan",
+                                          "mamba_conv1d_scan_ref",
+                                          "mamba_split_conv1d_scan_ref"],
 }
 
 

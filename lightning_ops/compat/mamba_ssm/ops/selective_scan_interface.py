@@ -3,5 +3,9 @@ from lightning_ops.compat._mamba import (  # noqa: F401
     selective_scan_fn,
     mamba_inner_fn,
 )
+from lightning_ops.compat._refs import (  # noqa: F401
+    selective_scan_ref,
+    mamba_inner_ref,
+)
 
-__all__ = ['selective_scan_fn', 'mamba_inner_fn']
+__all__ = ['selective_scan_fn', 'mamba_inner_fn', 'selective_scan_ref', 'mamba_inner_ref']

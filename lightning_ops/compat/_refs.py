@@ -1,0 +1,337 @@
+"""The peers' pure-PyTorch reference functions, at the peers' paths with the peers' signatures,
+computed by our spec (lightning_ops.reference) plus layout glue.
+
+The peers' own test files import these next to the ops (mamba-ssm's selective_scan_ref,
+causal-conv1d's causal_conv1d_ref, fla's fla.ops.<op>.naive functions, ...); a missing name
+fails a whole test file at import. They are references, not kernels: token-by-token loops,
+slow, for tests. When the peer package is installed, patching never replaces the peer's own
+references (see REFERENCES): the peer's ground truth stays the peer's.
+
+Where we differ from the peer's reference on purpose (never in the math):
+  * the loops run in float64 for float64 inputs (the peers' upcast to float32 only);
+  * input shapes the peer's reference only works for by accident are not narrowed (fla's
+    naive_chunk_linear_attn needs T % 64 == 0; ours takes any T);
+  * mamba_inner_ref honours delta_softplus (mamba-ssm 2.3.2's ignores it and always applies
+    softplus; the default, True, agrees).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from lightning_ops import reference as spec
+
+from ._common import unsupported
+
+Tensor = torch.Tensor
+
+# names the mirror modules export that are references (never patched over an installed peer)
+REFERENCES = frozenset({
+    "selective_scan_ref", "mamba_inner_ref", "selective_state_update_ref",
+    "causal_conv1d_ref", "causal_conv1d_update_ref", "causal_conv1d_varlen_states_ref",
+    "naive_recurrent_gla", "naive_recurrent_simple_gla", "naive_recurrent_linear_attn",
+    "naive_chunk_linear_attn", "delta_rule_recurrence", "naive_recurrent_gated_delta_rule",
+    "naive_recurrent_kda", "naive_kda_gate", "naive_kda_lowerbound_gate",
+})
+
+
+def _acc(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# =============================================================================================
+# causal-conv1d
+# =============================================================================================
+def _check_activation(activation):
+    if activation not in (None, "silu", "swish"):
+        raise NotImplementedError("activation must be None, silu, or swish")
+
+
+def causal_conv1d_ref(x, weight, bias=None, initial_states=None, return_final_states=False,
+                      final_states_out=None, activation=None, seq_idx=None):
+    """causal_conv1d.causal_conv1d_interface.causal_conv1d_ref: x [b, D, L], weight [D, W],
+    bias [D], initial_states / final states [b, D, W-1], seq_idx [b, L] (a window only sums
+    inputs of the output's own sequence; the initial states belong to the first token's
+    sequence; an output with seq_idx < 0 is zero). Returns out, or (out, final_states), the
+    final states written into final_states_out when given."""
+    _check_activation(activation)
+    if seq_idx is None:
+        res = spec.causal_conv1d_ref(x, weight, bias, initial_states, bool(return_final_states),
+                                     activation)
+        out, final = res if return_final_states else (res, None)
+    else:
+        b, d, L = x.shape
+        W = weight.shape[1]
+        if tuple(seq_idx.shape) != (b, L):
+            raise ValueError(f"seq_idx must have shape [b, L] = [{b}, {L}], "
+                             f"got {list(seq_idx.shape)}")
+        acc = _acc(x)
+        if initial_states is None:
+            hist = x.new_zeros(b, d, W - 1, dtype=acc)
+            hist_idx = seq_idx.new_full((b, W - 1), -1)
+        else:
+            hist = initial_states.to(acc)
+            hist_idx = seq_idx[:, :1].expand(b, W - 1)
+        xp = torch.cat([hist, x.to(acc)], dim=-1)                 # [b, D, W-1+L]
+        sp = torch.cat([hist_idx, seq_idx], dim=-1)               # [b, W-1+L]
+        wf = weight.to(acc)
+        o = torch.zeros(b, d, L, dtype=acc, device=x.device)
+        for i in range(W):
+            same = (sp[:, i:i + L] == seq_idx).to(acc)[:, None]  # [b, 1, L]
+            o = o + wf[:, i, None] * xp[:, :, i:i + L] * same
+        if bias is not None:
+            o = o + bias.to(acc)[:, None]
+        o = o.masked_fill((seq_idx < 0)[:, None], 0.0)
+        out = (F.silu(o) if activation is not None else o).to(x.dtype)
+        final = xp[:, :, xp.shape[-1] - (W - 1):].to(x.dtype) if return_final_states else None
+    if not return_final_states:
+        return out
+    if final_states_out is not None:
+        final_states_out.copy_(final)
+        final = final_states_out
+    return out, final
+
+
+def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None,
+                             cache_seqlens=None):
+    """causal_conv1d.causal_conv1d_interface.causal_conv1d_update_ref: x [b, D] or [b, D, L],
+    conv_state [b, D, S] (S >= W-1) updated in place; cache_seqlens [b] makes it a circular
+    buffer whose history of row i ends at cache_seqlens[i] (mod S). Returns out shaped as x."""
+    _check_activation(activation)
+    if cache_seqlens is None:
+        return spec.causal_conv1d_update_ref(x, conv_state, weight, bias, activation)
+    squeeze = x.dim() == 2
+    xs = x[..., None] if squeeze else x
+    b, d, L = xs.shape
+    S, W = conv_state.shape[-1], weight.shape[1]
+    c = cache_seqlens.to(device=x.device, dtype=torch.long)
+    out = torch.empty(b, d, L, dtype=x.dtype, device=x.device)
+    for i in range(b):
+        ci = int(c[i])
+        read = [(ci + j) % S for j in range(-(W - 1), 0)]
+        hist = conv_state[i:i + 1, :, read].to(x.dtype)
+        out[i:i + 1] = spec.causal_conv1d_ref(xs[i:i + 1], weight, bias, initial_states=hist,
+                                              activation=activation)
+        for t in range(L):                                          # later writes win
+            conv_state[i, :, (ci + t) % S] = xs[i, :, t].to(conv_state.dtype)
+    return out[..., 0] if squeeze else out
+
+
+def _varlen_bounds(x: Tensor, cu_seqlens: Tensor):
+    if x.dim() != 2:
+        raise ValueError(f"x must have shape [total_tokens, dim], got {list(x.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must have shape [batch + 1], got {list(cu_seqlens.shape)}")
+    return [int(v) for v in cu_seqlens.tolist()]
+
+
+def causal_conv1d_varlen_states(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
+    """causal_conv1d.causal_conv1d_varlen.causal_conv1d_varlen_states: x [total_tokens, dim]
+    packed by cu_seqlens [batch + 1] -> the conv states [batch, dim, state_len] after each
+    sequence: its last state_len inputs, right-aligned, zeros where the sequence is shorter
+    (memory channel-last, as causal-conv1d allocates it). Forward only."""
+    bounds = _varlen_bounds(x, cu_seqlens)
+    batch, dim = len(bounds) - 1, x.shape[1]
+    states = x.new_zeros(batch, state_len, dim).transpose(1, 2)
+    for i in range(batch):
+        n = min(bounds[i + 1] - bounds[i], state_len)
+        if n > 0:
+            states[i, :, state_len - n:] = x[bounds[i + 1] - n:bounds[i + 1]].transpose(0, 1)
+    return states
+
+
+def causal_conv1d_varlen_states_ref(x: Tensor, cu_seqlens: Tensor, state_len: int) -> Tensor:
+    """The reference of causal_conv1d_varlen_states: token by token, state slot s of sequence
+    i holds input token end_i - state_len + s when that token belongs to sequence i."""
+    bounds = _varlen_bounds(x, cu_seqlens)
+    batch, dim = len(bounds) - 1, x.shape[1]
+    states = x.new_zeros(batch, state_len, dim).transpose(1, 2)
+    for i in range(batch):
+        for s in range(state_len):
+            t = bounds[i + 1] - state_len + s
+            if bounds[i] <= t < bounds[i + 1]:
+                states[i, :, s] = x[t]
+    return states
+
+
+# =============================================================================================
+# mamba-ssm
+# =============================================================================================
+def _fixed_bc(name: str, X: Tensor, u: Tensor) -> Tensor:
+    if X.dim() != 2:
+        return X
+    b, d, L = u.shape
+    if X.shape[0] != d:
+        raise ValueError(f"{name} of shape [D, N] must have D = {d} rows, got {list(X.shape)}")
+    return X[None, :, :, None].expand(b, d, X.shape[1], L)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """mamba_ssm.ops.selective_scan_interface.selective_scan_ref: u / delta / z [b, D, L],
+    A [D, N] (real), B / C [b, N, L], [b, G, N, L] or input-independent [D, N], D / delta_bias
+    [D]. Returns out [b, D, L] (u's dtype), or (out, last_state [b, D, N], float32 / float64).
+    Complex A is not supported (as our selective_scan_fn)."""
+    if A.is_complex():
+        raise unsupported("selective_scan_ref", "A", "complex A (S4D-style) is not supported; "
+                          "use a real A [D, N]")
+    return spec.selective_scan_ref(u, delta, A, _fixed_bc("B", B, u), _fixed_bc("C", C, u), D, z,
+                                   delta_bias, bool(delta_softplus), bool(return_last_state))
+
+
+def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+                    out_proj_weight, out_proj_bias, A, B=None, C=None, D=None, delta_bias=None,
+                    B_proj_bias=None, C_proj_bias=None, delta_softplus=True):
+    """mamba_ssm.ops.selective_scan_interface.mamba_inner_ref: Mamba-1's block (conv1d + silu,
+    x_proj, dt_proj, selective scan gated by silu(z), out_proj) over the spec.
+    xz [b, 2*D, L] -> [b, L, d_model]. B / C None: projected from x (plus B/C_proj_bias)."""
+    if A.is_complex():
+        raise unsupported("mamba_inner_ref", "A", "complex A is not supported; use a real A")
+    L = xz.shape[-1]
+    rank, n = delta_proj_weight.shape[1], A.shape[-1]
+    x, z = xz.chunk(2, dim=1)
+    w = conv1d_weight.reshape(conv1d_weight.shape[0], conv1d_weight.shape[-1])
+    x = spec.causal_conv1d_ref(x, w, conv1d_bias, activation="silu")
+    x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)                  # [b, L, rank + 2n]
+    delta = F.linear(x_dbl[..., :rank], delta_proj_weight).transpose(1, 2)   # [b, D, L]
+
+    def variable(cols, bias):                                           # -> [b, n, L]
+        M = x_dbl[..., cols]
+        if bias is not None:
+            M = M + bias.to(M.dtype)
+        return M.transpose(1, 2)
+
+    if B is None:
+        B = variable(slice(rank, rank + n), B_proj_bias)
+    if C is None:
+        C = variable(slice(x_dbl.shape[-1] - n, x_dbl.shape[-1]), C_proj_bias)
+    y = selective_scan_ref(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+
+
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                               dt_softplus=False):
+    """mamba_ssm.ops.triton.selective_state_update.selective_state_update_ref: state
+    [b, D, N] or [b, h, p, N] updated in place; x / dt / z [b, D] or [b, h, p]; A [D, N] or
+    [h, p, N]; B / C [b, N] or [b, g, N]; D / dt_bias [D] or [h, p]. Returns out [b, D] or
+    [b, h, p]."""
+    heads = state.dim() > 3
+
+    def up(t, dims, at=1):
+        return t if t is None or t.dim() != dims else t.unsqueeze(at)
+
+    out = spec.selective_state_update_ref(
+        up(state, 3), up(x, 2), up(dt, 2), up(A, 2, 0), up(B, 2), up(C, 2), up(D, 1, 0),
+        up(z, 2), up(dt_bias, 1, 0), bool(dt_softplus))
+    return out if heads else out.squeeze(1)
+
+
+# =============================================================================================
+# fla naive references (layout [B, T, H, ...] unless said otherwise)
+# =============================================================================================
+def naive_recurrent_gla(q, k, v, gk, initial_state=None, output_final_state=False):
+    """fla.ops.gla.naive.naive_recurrent_gla: scale K**-0.5, vector gate gk [B, T, H, K];
+    returns (o in q's dtype, final state [B, H, K, V] or None)."""
+    o, ht = spec.gla_ref(q, k, v, gk, None, initial_state, bool(output_final_state))
+    return o.to(q.dtype), ht
+
+
+def naive_recurrent_simple_gla(q, k, v, g, scale=None, initial_state=None,
+                               output_final_state=True):
+    """fla.ops.simple_gla.naive.naive_recurrent_simple_gla: scalar gate g [B, T, H]; note fla's
+    default output_final_state=True."""
+    o, ht = spec.simple_gla_ref(q, k, v, g, None, scale, initial_state,
+                                bool(output_final_state))
+    return o.to(q.dtype), ht
+
+
+def _normalizer(q, k, scale, z_init):
+    """fla's linear-attention normalizer: q_t . (z_init + sum_{s<=t} k_s) * scale + 1e-10."""
+    acc = _acc(q)
+    k_cum = k.to(acc).cumsum(1)
+    if z_init is not None:
+        k_cum = k_cum + z_init.to(acc)
+    return (q.to(acc) * scale * k_cum).sum(-1, keepdim=True) + 1e-10, k_cum
+
+
+def naive_recurrent_linear_attn(q, k, v, scale=None, initial_state=None,
+                                output_final_state=False, normalize=False):
+    """fla.ops.linear_attn.naive.naive_recurrent_linear_attn. normalize: o divided by
+    q . (running key sum) * scale (+1e-10); initial_state may then be (kv, z) and the final
+    state is (kv, z [B, 1, H, K]) — or None without output_final_state."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    kv_init, z_init = initial_state, None
+    if normalize and isinstance(initial_state, tuple):
+        kv_init, z_init = initial_state
+    o, ht = spec.linear_attn_ref(q, k, v, scale, kv_init, bool(output_final_state))
+    if not normalize:
+        return o.to(q.dtype), ht
+    den, k_cum = _normalizer(q, k, scale, z_init)
+    o = (o.to(den.dtype) / den).to(q.dtype)
+    return o, ((ht, k_cum[:, -1:]) if output_final_state else None)
+
+
+def naive_chunk_linear_attn(q, k, v, scale=None, normalize=False):
+    """fla.ops.linear_attn.naive.naive_chunk_linear_attn: causal linear attention from a zero
+    state, returns o only (any T: fla's needs T % 64 == 0)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    o, _ = spec.linear_attn_ref(q, k, v, scale)
+    if normalize:
+        den, _ = _normalizer(q, k, scale, None)
+        o = o.to(den.dtype) / den
+    return o.to(q.dtype)
+
+
+def delta_rule_recurrence(q, k, v, beta, initial_state=None, output_final_state=True):
+    """fla.ops.delta_rule.naive.delta_rule_recurrence, head-first layout: q / k [B, H, T, K],
+    v [B, H, T, V], beta [B, H, T] (or [B, H, T, V]: a per-value-channel beta is not
+    supported); scale K**-0.5. Returns (o [B, H, T, V], final state or None)."""
+    if beta.dim() == v.dim():
+        raise unsupported("delta_rule_recurrence", "beta", "a per-channel beta [B, H, T, V] "
+                          "is not supported; pass [B, H, T]")
+    o, ht = spec.delta_rule_ref(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                beta.transpose(1, 2), None, initial_state,
+                                output_final_state is not False)
+    return o.transpose(1, 2).to(q.dtype), ht
+
+
+def naive_recurrent_gated_delta_rule(q, k, v, beta, g, scale=None, initial_state=None,
+                                     output_final_state=False):
+    """fla.ops.gated_delta_rule.naive.naive_recurrent_gated_delta_rule (note fla's order:
+    beta before g): g [B, T, H] log decay, beta [B, T, H]."""
+    return spec.gated_delta_rule_ref(q, k, v, g, beta, scale, initial_state,
+                                     bool(output_final_state))
+
+
+def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None,
+                        output_final_state=False):
+    """fla.ops.kda.naive.naive_recurrent_kda: per-channel log decay g [B, T, HV, K], v / beta
+    with HV = m * H value heads. Returns (o in v's dtype, final state [B, HV, K, V] or None)."""
+    return spec.kda_ref(q, k, v, g, beta, scale, initial_state, bool(output_final_state))
+
+
+def naive_kda_gate(g, A_log, dt_bias=None, output_dtype=torch.float32):
+    """fla.ops.kda.gate.naive_kda_gate: -exp(A_log[h]) * softplus(g + dt_bias) over g
+    [..., H, K] (dt_bias [H * K])."""
+    H = g.shape[-2]
+    acc = _acc(g)
+    x = g.to(acc)
+    if dt_bias is not None:
+        x = x + dt_bias.to(acc).view(H, -1)
+    return (-A_log.to(acc).view(H, 1).exp() * F.softplus(x)).to(output_dtype)
+
+
+def naive_kda_lowerbound_gate(g, A_log=None, dt_bias=None, lower_bound=-5.0,
+                              output_dtype=torch.float32):
+    """fla.ops.kda.gate.naive_kda_lowerbound_gate: lower_bound * sigmoid(exp(A_log[h]) *
+    (g + dt_bias)) (without A_log: lower_bound * sigmoid(g + dt_bias))."""
+    H = g.shape[-2]
+    acc = _acc(g)
+    x = g.to(acc)
+    if dt_bias is not None:
+        x = x + dt_bias.to(acc).view(H, -1)
+    if A_log is not None:
+        x = A_log.to(acc).view(H, 1).exp() * x
+    return (lower_bound * torch.sigmoid(x)).to(output_dtype)
