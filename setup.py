@@ -71,8 +71,9 @@ setup(
         # make test or make bench. On a CPU machine use `make peers` instead: it installs these
         # into .venv without their dependencies (no second torch; mamba-ssm and causal-conv1d
         # from their sources without the CUDA extensions), which a plain pip install of this
-        # extra does not do.
+        # extra does not do. (einops, which mamba-ssm imports, comes as its own dependency:
+        # lightning_ops never imports it, so it is not ours to declare.)
         "peers": ["flash-linear-attention==0.6.0", "fla-core==0.6.0", "mamba-ssm>=2.2",
-                  "causal-conv1d>=1.4", "einops"],
+                  "causal-conv1d>=1.4"],
     },
 )
