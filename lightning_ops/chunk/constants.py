@@ -50,3 +50,6 @@ GATE_FLOOR = 104.0
 # mode "recurrent" of the torch engine runs as one chunk.
 L2NORM_EPS = 1e-6
 RECURRENT_MAX_T = 16
+# torch engines: the bytes of one chunk-stream intermediate per group of chunks (chunk/torch.py,
+# "Chunk groups": forward memory independent of T, below glibc's mmap threshold)
+GROUP_BYTES = 1 << 20

@@ -68,7 +68,8 @@ import torch
 
 from ..nonfinite import NonFiniteGuard
 from ..precision import accumulation_dtype
-from .constants import SCALAR_GATE, TORCH_CHUNK, TORCH_SUB_CHUNK, VECTOR_GATE, gate_kind
+from .constants import (GROUP_BYTES, SCALAR_GATE, TORCH_CHUNK, TORCH_SUB_CHUNK, VECTOR_GATE,
+                        gate_kind)
 
 Tensor = torch.Tensor
 
@@ -608,7 +609,7 @@ def chunk_size_for(max_len: int, limit: int = TORCH_CHUNK) -> int:
 # (32 MiB at most): freed blocks are reused from the heap by the next group instead of being
 # unmapped and freshly faulted in on every call (which at T=32K cost 12-18 minor page faults per
 # token and ~45 % system time), and one group's work stays in the last-level cache.
-GROUP_BYTES = 1 << 20
+# (GROUP_BYTES lives with the other sizes in chunk/constants.py.)
 
 
 def group_chunks(H: int, C: int, K: int, V: int, dtype: torch.dtype) -> int:

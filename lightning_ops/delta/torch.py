@@ -267,7 +267,7 @@ def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqle
     layout = s.layout
     o = v.new_empty(v.shape)
     h = layout.to_stream_order(s.h0).clone()
-    for grp in s.groups:  # one group of chunks at a time (see chunk.torch's GROUP_BYTES)
+    for grp in s.groups:  # one group of chunks at a time (see chunk.constants.GROUP_BYTES)
         x = _pack_group(s, grp, v, g, beta, scale)
         f, h = _forward_states(layout, grp, x, h)
         _, Aqk = _scores(x.q, x.k, x.g, f.D)

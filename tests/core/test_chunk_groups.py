@@ -1,5 +1,5 @@
 """The torch chunk engines walk the chunk stream a group of chunks at a time
-(chunk/torch.py's GROUP_BYTES): the grouping must change no bit. Every GLA-family and delta-rule
+(chunk/constants.py's GROUP_BYTES): the grouping must change no bit. Every GLA-family and delta-rule
 case runs with groups of 1 and 3 chunks and as one group, and the outputs, final states and
 every gradient must be identical (torch.equal); outputs start NaN-filled, so a token no group
 writes fails. Varlen layouts (sequences ending in different groups), grouped value heads, the l2
