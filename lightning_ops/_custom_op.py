@@ -12,7 +12,7 @@ import torch
 Tensor = torch.Tensor
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def eager_direct(tensors: Sequence[Optional[Tensor]]) -> bool:
@@ -25,7 +25,7 @@ def eager_direct(tensors: Sequence[Optional[Tensor]]) -> bool:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+        if t is not None and (type(t) not in PLAIN_TENSORS or (grad and t.requires_grad)):
             return False
     return True
 

@@ -44,8 +44,9 @@ import torch
 from .. import backend as _backend
 from ..precision import accumulation_dtype
 from .. import validation as V
-from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_if_present,
-                          is_empty, passthrough_grad, passthrough_state, zeros_or_empty)
+from .._custom_op import (PLAIN_TENSORS, contiguous, eager_direct, empty_like_none,
+                          forbid_double_backward, grad_if_present, is_empty, passthrough_grad,
+                          passthrough_state, zeros_or_empty)
 
 Tensor = torch.Tensor
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -387,23 +388,10 @@ def _(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, backend):
 # Decode steps run once per token and layer, on tensors of a few KB to a few MB: the checks and
 # the dispatch must cost next to nothing. Each wrapper first asks _ssu_fits / _conv_update_fits
 # (plain tuple compares) whether the inputs are certainly valid, and runs the full checks, which
-# name what is wrong, only when they are not. In plain eager mode (_direct) the backend function
-# is called without the custom op's dispatch (measured on CPU: more than the step itself);
-# torch.compile, fake tensors, modes, tensor subclasses and inputs that need autograd still go
-# through the custom op.
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _direct(tensors) -> bool:
-    """May the backend function be called directly instead of through its custom op?"""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
-            torch._C._is_torch_function_mode_enabled():
-        return False
-    grad = torch.is_grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
-            return False
-    return True
+# name what is wrong, only when they are not. In plain eager mode (_custom_op.eager_direct) the
+# backend function is called without the custom op's dispatch (measured on CPU: more than the
+# step itself); torch.compile, fake tensors, modes, tensor subclasses and inputs that need
+# autograd still go through the custom op.
 
 
 def _check_inplace(name: str, t: Tensor) -> None:
@@ -495,7 +483,7 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     _check_inplace("state", state)
     name = _backend.resolve("ssd", state.device, state.dtype)
     args = (state, x, dt, A, B, C, D, z, dt_bias)
-    direct = _direct(args)
+    direct = eager_direct(args)
     if direct and name == "torch":  # takes the Mamba-1 form as it is
         return _backend.implementation("ssd", name).state_update(*args, dt_softplus)
     mamba1 = state.dim() == 3
@@ -675,8 +663,9 @@ def _conv_update_eager(x, conv_state, weight, bias, activation) -> Optional[Tens
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
             torch._C._is_torch_function_mode_enabled():
         return None
-    if type(x) not in _PLAIN or type(conv_state) not in _PLAIN or type(weight) not in _PLAIN \
-            or (bias is not None and type(bias) not in _PLAIN):
+    if type(x) not in PLAIN_TENSORS or type(conv_state) not in PLAIN_TENSORS or \
+            type(weight) not in PLAIN_TENSORS or (bias is not None and
+                                                  type(bias) not in PLAIN_TENSORS):
         return None
     if not (x.is_cpu and conv_state.is_cpu and weight.is_cpu and (bias is None or bias.is_cpu)):
         return None
@@ -723,7 +712,7 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
     act = _ACTIVATIONS[activation]
     _check_inplace("conv_state", conv_state)
     name = _backend.resolve("conv", x.device, x.dtype)
-    direct = _direct((x, conv_state, weight, bias))
+    direct = eager_direct((x, conv_state, weight, bias))
     if direct and name == "torch":  # takes x [B, D] as it is
         return _backend.implementation("conv", name).conv_update(x, conv_state, weight, bias,
                                                                  act)
