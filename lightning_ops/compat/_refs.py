@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from lightning_ops import reference as spec
 
 from ._common import unsupported
+from ._mamba import _fixed_bc
 
 Tensor = torch.Tensor
 
@@ -159,15 +160,6 @@ def causal_conv1d_varlen_states_ref(x: Tensor, cu_seqlens: Tensor, state_len: in
 # =============================================================================================
 # mamba-ssm
 # =============================================================================================
-def _fixed_bc(name: str, X: Tensor, u: Tensor) -> Tensor:
-    if X.dim() != 2:
-        return X
-    b, d, L = u.shape
-    if X.shape[0] != d:
-        raise ValueError(f"{name} of shape [D, N] must have D = {d} rows, got {list(X.shape)}")
-    return X[None, :, :, None].expand(b, d, X.shape[1], L)
-
-
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     """mamba_ssm.ops.selective_scan_interface.selective_scan_ref: u / delta / z [b, D, L],
