@@ -351,12 +351,9 @@ def delta_state_bwd_kernel(q, k, w, do, gc, Aqk, dhs, dv_new, dht, dh0, cu_seqle
         dot_ = tl.load(do + pv, mask=m_tv, other=0.).to(tl.float32)
         if GATE != NO_GATE:
             G, G_L = _gates(gc, None, i_h, bos, r0, T_n, o_t, m_t, o_k, m_k, H, K, CHUNK, GATE)
-            kd = kt * _row_decay(G, G_L, m_t, True, GATE)
-            qi = qt * _row_decay(G, G_L, m_t, False, GATE)
-        else:
-            kd = kt
-            qi = qt
-        # A_qk^T [s, t] = scale q_t . k_s e^{b_t - b_s} for t >= s
+        # A_qk^T [s, t] = scale q_t . k_s e^{b_t - b_s} for t >= s (formed before the decayed
+        # k / q tiles: fewer [64, K] tiles live at once, which sm_90 shared memory needs at
+        # K = 256 in fp16)
         if GATE == VECTOR_GATE:
             At = _load_A(Aqk, bos + r0 + o_t, i_h, m_t, o_t, H, CHUNK, True)
         else:
@@ -365,6 +362,12 @@ def delta_state_bwd_kernel(q, k, w, do, gc, Aqk, dhs, dv_new, dht, dh0, cu_seqle
             if GATE == SCALAR_GATE:
                 At = At * tl.exp(tl.where(keep, G[None, :] - G[:, None], 0.))
             At = tl.where(keep, At * scale, 0.)
+        if GATE != NO_GATE:
+            kd = kt * _row_decay(G, G_L, m_t, True, GATE)
+            qi = qt * _row_decay(G, G_L, m_t, False, GATE)
+        else:
+            kd = kt
+            qi = qt
         dvn = tl.dot(At.to(DT), dot_.to(DT), input_precision=PREC) \
             + tl.dot(kd.to(DT_S), dS.to(DT_S), input_precision=PREC)
         tl.store(dv_new + pv, dvn, mask=m_tv)
