@@ -29,8 +29,10 @@ and suffix sums): exponents <= 0 and a gate of -inf is an exact reset. An initia
 (ht [N, H, L, K, V], offsets [N]) enters as its own term: slot l (bucket l of query t0) holds
 keys whose level for query t is bit_length(rep_l xor t), rep_l = ((t0 >> (l-1)) << (l-1)) - 1.
 
-Backward: torch autograd through this forward (the DESIGN's allowance for the torch backend).
-The chunk loop runs in Python (one step per chunk, O(log) small matmuls each).
+Backward: `backward` is hand-written (no autograd, nothing T x T; see its docstring): the intra
+pieces per chunk, a forward walk recomputing the states each chunk reads and a reverse walk with
+one gradient accumulator per chunk level. The chunk loops run in Python (one step per chunk,
+O(log) small matmuls each).
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..chunk.constants import TORCH_CHUNK
-from ..chunk.torch import prefix_sum, segment_sums, suffix_sum_exclusive
+from ..chunk.torch import (pair_gate_grad, prefix_sum, prefix_sum_exclusive, segment_sums,
+                           suffix_sum, suffix_sum_exclusive)
 from ..precision import accumulation_dtype
 
 Tensor = torch.Tensor
@@ -84,6 +87,68 @@ def _levels_of(rep: List[int], pos: List[int], L: int) -> List[List[int]]:
     return [[min(_bitlen(r ^ t), L) if r >= 0 else L for r in rep] for t in pos]
 
 
+def _segments(B: int, N: int, offs: List[int], cu_seqlens: Optional[Tensor]):
+    """The groups the chunk walk runs at once, as (sequence ids, token span or None): dense rows
+    that share an offset are batched (the levels depend on absolute positions); varlen runs one
+    sequence at a time. Reads cu_seqlens on the host."""
+    if cu_seqlens is None:
+        if len(set(offs)) <= 1:
+            return [(list(range(B)), None)]
+        return [([b for b in range(B) if offs[b] == o0], None) for o0 in sorted(set(offs))]
+    bounds = cu_seqlens.tolist()
+    return [([n], (bounds[n], bounds[n + 1])) for n in range(N)]
+
+
+def _group_inputs(xs, ids: List[int], span) -> List[Tensor]:
+    """The rows (dense) or the token span (varlen) of each [B, T, ...] tensor of xs."""
+    if span is None:
+        sel = torch.tensor(ids, device=xs[0].device)
+        return [x.index_select(0, sel) for x in xs]
+    return [x[:, span[0]:span[1]] for x in xs]
+
+
+def _group_chunk(chunk_size: int, t0: int, n: int) -> int:
+    """The chunk of a group: chunk_size, or the smallest power of two covering a short one."""
+    return min(chunk_size, 1 << max(0, (t0 % chunk_size + n - 1).bit_length()))
+
+
+def _chunk_grid(t0: int, n: int, C: int) -> Tuple[int, int]:
+    """(front padding p = t0 % C, number of chunks NC) of n tokens starting at offset t0."""
+    p = t0 % C
+    return p, -(-(p + n) // C)
+
+
+def _chunked(x: Tensor, p: int, NC: int, C: int) -> Tensor:
+    """[B, n, H, *] -> [B, H, NC, C, *], zero-padded by p tokens in front and to NC * C."""
+    n = x.shape[1]
+    x = x.movedim(1, -1)  # [B, H, *, n]
+    x = torch.nn.functional.pad(x, (p, NC * C - p - n))
+    return x.reshape(*x.shape[:-1], NC, C).movedim(-2, 2).movedim(-1, 3)
+
+
+def _unchunk(x: Tensor, p: int, n: int) -> Tensor:
+    """[B, H, NC, C, *] -> [B, n, H, *]: the inverse of _chunked."""
+    B, H, NC, C = x.shape[:4]
+    return x.reshape(B, H, NC * C, *x.shape[4:])[:, :, p:p + n].transpose(1, 2)
+
+
+def _intra_factors(lc: Tensor, gc: Tensor, L: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(causal [C, C], level weights W = lambda_i[lev(i, j)], decays D = exp(sum_{j<r<=i} g))
+    of the chunks (lc [B, H, NC, C, L], gc [B, H, NC, C]); W and D are 0 above the diagonal."""
+    B, H, NC, C = gc.shape
+    lev, causal = _intra_levels(C, L, gc.device)
+    lam_pad = torch.cat([lc, lc.new_zeros(*lc.shape[:-1], 1)], -1)
+    W = lam_pad.gather(-1, lev.expand(B, H, NC, C, C))
+    return causal, W, segment_sums(gc).exp()
+
+
+def _h0_reps(t0: int, L: int) -> List[int]:
+    """A key position standing for each slot of the initial state at offset t0 (its bucket's
+    last key; -1 for the slots that do not exist there: level L, weight 0)."""
+    return [((t0 >> (l - 1)) << (l - 1)) - 1 if l and (t0 >> (l - 1)) & 1 else -1
+            for l in range(L)]
+
+
 def _group(q, k, v, g, lam, h0, t0: int, C: int, scale: float, want_final: bool):
     """One group of sequences sharing offset t0 and length n: q/k/v [B, n, H, *] (q/k already per
     value head), g [B, n, H], lam [B, n, H, L], h0 [B, H, L, K, V] or None; all in the compute
@@ -99,23 +164,11 @@ def _group(q, k, v, g, lam, h0, t0: int, C: int, scale: float, want_final: bool)
     c = C.bit_length() - 1
     n_inter = max(L - (c + 1), 0)  # chunk levels m with token level c + 1 + m < L
     if n > 0:
-        p = t0 % C
-        NC = -(-(p + n) // C)
-        pad = (p, NC * C - p - n)
-
-        def chunked(x):  # [B, n, H, *] -> [B, H, NC, C, *]
-            x = x.movedim(1, -1)  # [B, H, *, n]
-            x = torch.nn.functional.pad(x, pad)
-            x = x.reshape(*x.shape[:-1], NC, C).movedim(-2, 2).movedim(-1, 3)
-            return x
-
-        qc, kc, vc, lc = chunked(q), chunked(k), chunked(v), chunked(lam)
-        gc = chunked(g)  # [B, H, NC, C]
+        p, NC = _chunk_grid(t0, n, C)
+        qc, kc, vc, lc = (_chunked(x, p, NC, C) for x in (q, k, v, lam))
+        gc = _chunked(g, p, NC, C)  # [B, H, NC, C]
         # intra-chunk: masked, decayed, level-weighted scores
-        lev, causal = _intra_levels(C, L, dev)
-        lam_pad = torch.cat([lc, lc.new_zeros(*lc.shape[:-1], 1)], -1)
-        W = lam_pad.gather(-1, lev.expand(B, H, NC, C, C))
-        D = segment_sums(gc).exp()
+        causal, W, D = _intra_factors(lc, gc, L)
         A = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0) * W * D
         oc = A @ vc  # [B, H, NC, C, V]
         # inter-chunk: chunk-level Fenwick states
@@ -141,7 +194,7 @@ def _group(q, k, v, g, lam, h0, t0: int, C: int, scale: float, want_final: bool)
             if n_inter > 0:
                 zero = oc.new_zeros(B, H, C, V)
                 oc = oc + torch.stack([zero if x is None else x for x in inter_out], 2)
-        o = oc.reshape(B, H, NC * C, V)[:, :, p:p + n].transpose(1, 2)
+        o = _unchunk(oc, p, n)
         if want_final:
             r = t_end % C
             src = S if r == 0 else last_pre_merge
@@ -159,8 +212,7 @@ def _group(q, k, v, g, lam, h0, t0: int, C: int, scale: float, want_final: bool)
             zero = torch.zeros(B, H, K, V, dtype=dt, device=dev)
             ht = torch.stack([zero if s is None else s for s in slots], 2)
     if h0 is not None:  # the initial hierarchy, each slot at its level for every query
-        reps = [((t0 >> (l - 1)) << (l - 1)) - 1 if l and (t0 >> (l - 1)) & 1 else -1
-                for l in range(L)]
+        reps = _h0_reps(t0, L)
         if n > 0:
             lev0 = torch.tensor(_levels_of(reps, list(range(t0, t_end)), L), device=dev)  # [n, L]
             lam_pad = torch.cat([lam, lam.new_zeros(B, n, H, 1)], -1)
@@ -191,25 +243,16 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, sc
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     offs = [0] * N if offsets is None else [int(x) for x in offsets.reshape(-1).tolist()]
     h0x = None if h0 is None else h0.to(dt)
-    if cu_seqlens is None:
-        segs = [(list(range(B)), None) for _ in [0]] if len(set(offs)) <= 1 else \
-            [([b for b in range(B) if offs[b] == o0], None) for o0 in sorted(set(offs))]
-    else:
-        bounds = cu_seqlens.tolist()
-        segs = [([n], (bounds[n], bounds[n + 1])) for n in range(N)]
+    segs = _segments(B, N, offs, cu_seqlens)
     hts = [None] * N
     pieces = []
     for ids, span in segs:
         if not ids:
             continue
         t0 = offs[ids[0]]
-        if span is None:
-            sel = torch.tensor(ids, device=q.device)
-            args = [x.index_select(0, sel) for x in (qx, kx, vx, gx, lx)]
-        else:
-            args = [x[:, span[0]:span[1]] for x in (qx, kx, vx, gx, lx)]
+        args = _group_inputs((qx, kx, vx, gx, lx), ids, span)
         hg = None if h0x is None else h0x[ids]
-        C = min(chunk_size, 1 << max(0, (t0 % chunk_size + args[0].shape[1] - 1).bit_length()))
+        C = _group_chunk(chunk_size, t0, args[0].shape[1])
         og, hg_out = _group(*args, hg, t0, C, scale, output_final_state)
         pieces.append((ids, span, og))
         if output_final_state:
@@ -233,3 +276,243 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, sc
                  torch.tensor([offs[n] + lengths[n] for n in range(N)], dtype=torch.int64,
                               device=q.device))
     return o.to(v.dtype), final
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward (hand-written): the forward's pieces run in reverse, nothing recomputed by autograd.
+# ---------------------------------------------------------------------------------------------
+def _level_sums(Z: Tensor, nlev: int) -> Tensor:
+    """[.., C, C] -> [.., C, nlev]: for each row i, the sum of Z[i, j] over the keys j of each
+    intra-chunk level l < nlev. Level l >= 1 of row i is the lower-left quadrant of the aligned
+    2^l block holding i, so each is a plain sum over a block view (no mask, no cumsum difference)."""
+    *lead, C, _ = Z.shape
+    Z = Z.contiguous()
+    out = Z.new_zeros(*lead, nlev, C)
+    out[..., 0, :] = Z.diagonal(0, -2, -1)
+    for l in range(1, nlev):
+        h = 1 << (l - 1)
+        nb = C // (2 * h)
+        blocks = Z.view(*lead, nb, 2, h, nb, 2, h).diagonal(dim1=-6, dim2=-3)  # [.., 2, h, 2, h, nb]
+        quad = blocks[..., 1, :, 0, :, :].sum(-2)  # rows of the second half: [.., h, nb]
+        out[..., l, :].view(*lead, nb, 2, h)[..., 1, :] = quad.transpose(-1, -2)
+    return out.transpose(-1, -2)
+
+
+def _chunk_states(local: Tensor, decay: Tensor, a0: int, M: int) -> Tensor:
+    """The forward's chunk-level walk, keeping the states each chunk reads: [B, H, NC, K, M, V]
+    (level m of the states before chunk j; levels side by side so that one matmul reads them
+    all). local [B, H, NC, K, V], decay [B, H, NC]."""
+    B, H, NC, K, V = local.shape
+    Sall = local.new_empty(B, H, NC, K, M, V)
+    S = local.new_zeros(B, H, K, M, V)
+    for j in range(NC):
+        Sall[:, :, j] = S
+        S.mul_(decay[:, :, j, None, None, None])
+        mu = _trailing_ones(a0 + j)
+        if mu < M:  # levels below mu and the chunk's own state merge into level mu (empty)
+            merged = local[:, :, j] + S[:, :, :, :mu].sum(3)
+            S[:, :, :, :mu] = 0
+            S[:, :, :, mu] = merged
+        else:  # merged into a level >= L: weighs 0 for every later query
+            S.zero_()
+    return Sall
+
+
+def _chunk_states_reverse(Q: Tensor, decay: Tensor, a0: int, M: int, dS: Tensor,
+                          d_last: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The reverse of _chunk_states. Q [B, H, NC, K, M, V]: the gradient each chunk's read puts on
+    the states it reads (level m: qd^T (lambda[c+1+m] do)); dS [B, H, K, M, V]: the gradient of
+    the states after the last merge (overwritten); d_last: that of the states after the last
+    chunk's decay, before its merge (a partial last chunk's final state), or None.
+    Returns (dSall [B, H, NC, K, M, V], the gradient of each chunk's decayed-and-not-yet-merged
+    states; dlocal [B, H, NC, K, V], that of each chunk's own state).
+
+    The merge at chunk j sums levels < mu and local_j into level mu, so in reverse level mu's
+    gradient goes to local_j and to each level < mu, and level mu's old value (empty) gets none:
+    a key chunk's gradient thus collects, level by level, every later query chunk of that level,
+    weighed by that level's lambda (in Q) and decayed by the chunks between."""
+    B, H, NC, K, M, V = Q.shape
+    dSall = Q.new_empty(B, H, NC, K, M, V)
+    dlocal = Q.new_zeros(B, H, NC, K, V)
+    for j in range(NC - 1, -1, -1):
+        mu = _trailing_ones(a0 + j)
+        if mu < M:
+            dlocal[:, :, j] = dS[:, :, :, mu]
+            dS[:, :, :, :mu] = dS[:, :, :, mu:mu + 1]
+            dS[:, :, :, mu] = 0
+        else:
+            dS.zero_()
+        if j == NC - 1 and d_last is not None:
+            dS.add_(d_last)
+        dSall[:, :, j] = dS
+        dS.mul_(decay[:, :, j, None, None, None]).add_(Q[:, :, j])
+    return dSall, dlocal
+
+
+def _group_backward(q, k, v, g, lam, do, h0, dht, t0: int, C: int):
+    """Gradients of one group of _group (same shapes, compute dtype, do already times scale):
+    (dq, dk, dv, dg, dlam) [B, n, H, *] per value head and dh0 [B, H, L, K, V] (or None).
+    dht [B, H, L, K, V] or None (then the final state is not differentiated)."""
+    B, n, H, K = q.shape
+    V, L = v.shape[-1], lam.shape[-1]
+    dev, dt = q.device, q.dtype
+    t_end = t0 + n
+    c = C.bit_length() - 1
+    M = max(L - (c + 1), 0)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dg, dlam = torch.zeros_like(g), torch.zeros_like(lam)
+    dh0 = None if h0 is None else torch.zeros_like(h0)
+    if n > 0:
+        p, NC = _chunk_grid(t0, n, C)
+        qc, kc, vc, lc, doc = (_chunked(x, p, NC, C) for x in (q, k, v, lam, do))
+        gc = _chunked(g, p, NC, C)
+        # intra: A = QK * W * D (QK the causal q.k, W the level weights, D the pair decays)
+        causal, W, D = _intra_factors(lc, gc, L)
+        QK = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0)
+        E = (doc @ vc.transpose(-1, -2)) * D  # dA * D (dA = do v^T)
+        dQK = E * W  # zero above the diagonal (W and D are)
+        Z = E * QK  # gradient w.r.t. W
+        A = QK * W * D
+        dqc, dkc, dvc = dQK @ kc, dQK.transpose(-1, -2) @ qc, A.transpose(-1, -2) @ doc
+        dlc = torch.zeros_like(lc)
+        nlev = min(c + 1, L)
+        dlc[..., :nlev] = _level_sums(Z, nlev)
+        # the pair decays' log-gradient dA * A = Z * W reaches g_r for the pairs j < r <= i
+        dgc = pair_gate_grad(Z * W)
+        r = t_end % C
+        if M > 0 or (dht is not None and r):
+            # inter: qd = q exp(prefix), kd = k exp(suffix), chunk decay exp(total)
+            pre = prefix_sum(gc[..., None], 3)  # [B, H, NC, C, 1]
+            eq = pre.exp()
+            ek = suffix_sum_exclusive(gc[..., None], 3).exp()
+            qd, kd = qc * eq, kc * ek
+            decay = eq[:, :, :, -1, 0]  # [B, H, NC]
+            dqd = torch.zeros_like(qd)
+            dlocal = None
+            from_total = None
+            if M > 0:
+                a0 = (t0 - p) // C
+                local = kd.transpose(-1, -2) @ vc  # [B, H, NC, K, V]
+                Sall = _chunk_states(local, decay, a0, M)
+                Sf = Sall.view(B, H, NC, K, M * V)
+                # o_i += sum_m lambda_i[c+1+m] qd_i S_m: the level weights go with do
+                LD = (lc[..., c + 1:, None] * doc[..., None, :]).reshape(B, H, NC, C, M * V)
+                dqd = LD @ Sf.transpose(-1, -2)
+                Y = (qd @ Sf).view(B, H, NC, C, M, V)  # qd_i S_m
+                dlc[..., c + 1:] = (Y * doc[..., None, :]).sum(-1)
+                Q = (qd.transpose(-1, -2) @ LD).view(B, H, NC, K, M, V)
+                dS = Q.new_zeros(B, H, K, M, V)
+                d_last = None
+                if dht is not None:  # final levels c+1+m: after the last merge, or before it
+                    top = dht[:, :, c + 1:].transpose(2, 3)  # [B, H, K, M, V]
+                    if r == 0:
+                        dS.copy_(top)
+                    else:
+                        d_last = top
+                dSall, dlocal = _chunk_states_reverse(Q, decay, a0, M, dS, d_last)
+                # the total of chunk j decays every state passing it: d log = <S decayed, dS>
+                from_total = torch.einsum("bhnx,bhnx->bhn", Sall.view(B, H, NC, -1),
+                                          dSall.view(B, H, NC, -1)) * decay
+                del Sall, dSall, Q, LD, Y
+            dkd = vc @ dlocal.transpose(-1, -2) if dlocal is not None else torch.zeros_like(kd)
+            if dlocal is not None:
+                dvc = dvc + kd @ dlocal
+            if dht is not None and r:  # the last chunk's tokens j < r, at low levels of t_end
+                levs = torch.tensor([min(_bitlen(jj ^ r), L) if jj < r else L
+                                     for jj in range(C)], device=dev)
+                onehot = torch.nn.functional.one_hot(levs, L + 1)[:, :L].to(dt)  # [C, L]
+                dtok = torch.einsum("cl,bhlkv->bhckv", onehot, dht)  # dht at each token's level
+                dkd[:, :, -1] += (dtok @ vc[:, :, -1][..., None])[..., 0]
+                dvc[:, :, -1] += (dtok.transpose(-1, -2) @ kd[:, :, -1][..., None])[..., 0]
+            dqc = dqc + dqd * eq
+            dkc = dkc + dkd * ek
+            # prefix_i reaches g_r for r <= i, the suffix of s for r > s (within the chunk)
+            dgc = dgc + suffix_sum((qd * dqd).sum(-1), 3) + \
+                prefix_sum_exclusive((kd * dkd).sum(-1), 3)
+            if from_total is not None:
+                dgc = dgc + from_total[..., None]
+        dq, dk, dv = _unchunk(dqc, p, n), _unchunk(dkc, p, n), _unchunk(dvc, p, n)
+        dg, dlam = _unchunk(dgc, p, n), _unchunk(dlc, p, n)
+    if h0 is not None:
+        reps = _h0_reps(t0, L)
+        if n > 0:  # o_t += sum_l lambda_t[lev0(t, l)] exp(sum_{t0<=r<=t} g_r) q_t h0_l
+            lev0 = torch.tensor(_levels_of(reps, list(range(t0, t_end)), L), device=dev)
+            idx = lev0[None, :, None, :].expand(B, n, H, L)
+            lam_pad = torch.cat([lam, lam.new_zeros(B, n, H, 1)], -1)
+            Et = prefix_sum(g, 1).exp()  # [B, n, H]
+            W0 = lam_pad.gather(-1, idx) * Et[..., None]  # [B, n, H, L]
+            h0kv = h0.permute(0, 1, 3, 2, 4).reshape(B, H, K, L * V)  # [B, H, K, (L V)]
+            qh = (q.transpose(1, 2) @ h0kv).view(B, H, n, L, V)  # q_t h0_l
+            R = (qh * do.transpose(1, 2)[:, :, :, None, :]).sum(-1).transpose(1, 2)  # [B,n,H,L]
+            dl_pad = torch.zeros_like(lam_pad).scatter_add_(-1, idx, Et[..., None] * R)
+            dlam = dlam + dl_pad[..., :L]
+            dg = dg + suffix_sum((W0 * R).sum(-1), 1)
+            Wdo = (W0.transpose(1, 2)[..., None] * do.transpose(1, 2)[:, :, :, None, :])
+            dq = dq + (Wdo.reshape(B, H, n, L * V) @ h0kv.transpose(-1, -2)).transpose(1, 2)
+            Wq = W0.permute(0, 2, 3, 1)[..., None] * q.transpose(1, 2)[:, :, None]  # [B,H,L,n,K]
+            dh0 = dh0 + (Wq.transpose(-1, -2) @ do.transpose(1, 2)[:, :, None])
+        if dht is not None:  # slot l of h0 ends at slot end[l] of the final state
+            end = _levels_of(reps, [t_end], L)[0]
+            onehot = torch.nn.functional.one_hot(torch.tensor(end, device=dev), L + 1)[:, :L]
+            dht_at = torch.einsum("lm,bhmkv->bhlkv", onehot.to(dt), dht)
+            total = g.sum(1).exp() if n > 0 else torch.ones(B, H, dtype=dt, device=dev)
+            dh0 = dh0 + total[..., None, None, None] * dht_at
+            if n > 0:
+                dg = dg + (total * (h0 * dht_at).sum((2, 3, 4)))[:, None, :]
+    return dq, dk, dv, dg, dlam, dh0
+
+
+def backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, scale: float,
+             h0: Optional[Tensor], offsets: Optional[Tensor], cu_seqlens: Optional[Tensor],
+             do: Tensor, dht: Optional[Tensor], chunk_size: int = TORCH_CHUNK):
+    """Gradients of forward() for (o, final ht) given (do, dht) (dht None: the final state is
+    not differentiated): returns (dq, dk, dv, dg, dlevel_scales, dh0), each in its input's
+    dtype and shape (dq, dk summed over the value heads sharing a key head), dh0 None when h0
+    is. Same groups and chunks as forward(); reads cu_seqlens and offsets on the host.
+
+    Per chunk, with do' = scale do: intra, dA = do' v^T and A = (q.k) W D give dq, dk from
+    dA W D, dv = A^T do', dlambda from the per-level row sums of dA (q.k) D and the gate's
+    share from the pair log-gradients dA A (pair_gate_grad). Inter, a forward walk recomputes
+    the states every chunk reads (dq, dlambda[c+1+m] from do' . qd S_m) and a reverse walk
+    carries one gradient per level (each query chunk adds qd^T (lambda[c+1+m] do') to level m,
+    the merges run backwards) to each key chunk's own state (dk, dv). The gates' gradient is
+    summed only over the terms whose decay holds each gate: the pairs straddling it, the
+    chunk prefixes and suffixes holding it, the chunk totals on the states passing it, and the
+    initial state's prefixes and total. O(T C (K + V) + T L K V); nothing T x T."""
+    B, T, G, K = q.shape
+    H, V, L = v.shape[2], v.shape[-1], level_scales.shape[-1]
+    dt = accumulation_dtype(q)
+    rep = H // G
+    qx = q.to(dt).repeat_interleave(rep, 2) if rep > 1 else q.to(dt)
+    kx = k.to(dt).repeat_interleave(rep, 2) if rep > 1 else k.to(dt)
+    vx, gx, lx = v.to(dt), g.to(dt), level_scales.to(dt)
+    dox = do.to(dt) * scale
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    offs = [0] * N if offsets is None else [int(x) for x in offsets.reshape(-1).tolist()]
+    h0x = None if h0 is None else h0.to(dt)
+    dhtx = None if dht is None else dht.to(dt)
+    dq, dk = qx.new_zeros(B, T, H, K), kx.new_zeros(B, T, H, K)
+    dv, dg, dl = torch.zeros_like(vx), torch.zeros_like(gx), torch.zeros_like(lx)
+    dh0 = None if h0x is None else torch.zeros_like(h0x)
+    for ids, span in _segments(B, N, offs, cu_seqlens):
+        if not ids:
+            continue
+        t0 = offs[ids[0]]
+        args = _group_inputs((qx, kx, vx, gx, lx, dox), ids, span)
+        hg = None if h0x is None else h0x[ids]
+        dhg = None if dhtx is None else dhtx[ids]
+        C = _group_chunk(chunk_size, t0, args[0].shape[1])
+        grads = _group_backward(*args, hg, dhg, t0, C)
+        if span is None:
+            sel = torch.tensor(ids, device=q.device)
+            for out, x in zip((dq, dk, dv, dg, dl), grads):
+                out.index_copy_(0, sel, x)
+        else:
+            for out, x in zip((dq, dk, dv, dg, dl), grads):
+                out[:, span[0]:span[1]] = x
+        if dh0 is not None:
+            dh0[ids] = grads[5]
+    if rep > 1:
+        dq, dk = dq.view(B, T, G, rep, K).sum(3), dk.view(B, T, G, rep, K).sum(3)
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype),
+            dl.to(level_scales.dtype), None if h0 is None else dh0.to(h0.dtype))
