@@ -608,7 +608,7 @@ _add(OpSpec(  # Kimi Delta Attention: the gated delta rule with a per-channel lo
     QKV_OUT, _qkv_dims, _delta_flops, _qkv_label, _ref("kda_ref"), attention_like=True,
     peers={"fla": ("fla.ops.kda", "chunk_kda")},
     peer_refs={"fla-naive": PeerRef("fla.ops.kda.naive", "naive_chunk_kda", _fla_kda)}))
-_add(OpSpec(  # log-linear attention (Guo et al. 2025) over the scalar gate; torch only so far
+_add(OpSpec(  # log-linear attention (Guo et al. 2025) over the scalar gate; Triton forward kernels
     "chunk_log_linear_attn", "loglinear",
     (TensorSpec("q", ("B", "T", "G", "K")), TensorSpec("k", ("B", "T", "G", "K"), "unit"),
      TensorSpec("v", ("B", "T", "H", "V")), TensorSpec("g", ("B", "T", "H"), "logsigmoid"),
@@ -621,7 +621,7 @@ _add(OpSpec(  # log-linear attention (Guo et al. 2025) over the scalar gate; tor
     peer_refs={"fla-naive": PeerRef("fla.ops.log_linear_attn.naive", "naive_log_linear_attn",
                                     _fla_log_linear, max_T=512)}))
 _add(OpSpec(  # log-linear Gated DeltaNet (Guo et al. 2025, sec. 3.3); torch only; no peer has it
-    "chunk_log_linear_gated_delta_rule", "loglinear",
+    "chunk_log_linear_gated_delta_rule", "loglinear_delta",
     (TensorSpec("q", ("B", "T", "G", "K")), TensorSpec("k", ("B", "T", "G", "K"), "unit"),
      TensorSpec("v", ("B", "T", "H", "V")), TensorSpec("g", ("B", "T", "H"), "logsigmoid"),
      TensorSpec("level_scales", ("B", "T", "H", "L"), "softplus"),

@@ -27,7 +27,8 @@ _FAMILY_BACKENDS: Dict[str, Tuple[str, ...]] = {
     "selective_scan": ("cuda", "triton", "torch"),
     "ssd": ("triton", "torch"),
     "conv": ("triton", "torch"),
-    "loglinear": ("torch",),  # no kernels yet: an asked-for triton / cuda backend raises
+    "loglinear": ("triton", "torch"),  # chunk_log_linear_attn (triton: the forward kernels)
+    "loglinear_delta": ("torch",),  # log-linear Gated DeltaNet: torch only, a forced triton raises
 }
 # (family, backend) -> module implementing it
 _MODULES: Dict[Tuple[str, str], str] = {
@@ -43,6 +44,8 @@ _MODULES: Dict[Tuple[str, str], str] = {
     ("conv", "torch"): "lightning_ops.ssm.torch",
     ("conv", "triton"): "lightning_ops.ssm.triton",
     ("loglinear", "torch"): "lightning_ops.loglinear.torch",
+    ("loglinear", "triton"): "lightning_ops.loglinear.triton",
+    ("loglinear_delta", "torch"): "lightning_ops.loglinear.delta",
 }
 
 # use_backend() stack (innermost last). The ContextVar is the truth: each thread and each asyncio

@@ -374,7 +374,7 @@ def chunk_log_linear_gated_delta_rule(
     (lightning_ops::log_linear_gated_delta_rule): torch.compile(fullgraph=True) traces it."""
     _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_size)
     _check_beta(beta, q, v)
-    _backend.resolve("loglinear", q.device, q.dtype)  # a forced kernel backend raises
+    _backend.resolve("loglinear_delta", q.device, q.dtype)  # a forced kernel backend raises
     Vd.check_flag("output_final_state", output_final_state)
     Vd.check_flag("use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel)
     h0, off = (None, None) if initial_state is None else initial_state

@@ -17,9 +17,11 @@ Unlike fla's LogLinearAttentionState it carries no previous-chunk inputs: the to
 needs no chunk alignment with the past. `fused_recurrent_log_linear_attn` and
 `log_linear_attn_step` (one token, all on the device) are the decode form.
 
-Backend: torch only (chunked PyTorch); no Triton kernel yet. chunk_log_linear_attn is a
-torch.library custom op (lightning_ops::log_linear_attn, fake impl + autograd whose backward
-recomputes the forward under autograd), so torch.compile(fullgraph=True) traces through it.
+Backend ("loglinear" family): triton (loglinear/triton.py: the forward kernels; the default on
+CUDA) or torch (chunked PyTorch; the default on CPU, and float64 everywhere unless forced).
+chunk_log_linear_attn is a torch.library custom op (lightning_ops::log_linear_attn, fake impl +
+autograd), so torch.compile(fullgraph=True) traces through it. Its backward, on every backend,
+recomputes the torch implementation under autograd (_ll_bwd).
 """
 from __future__ import annotations
 
@@ -103,7 +105,7 @@ def _next_offsets(offsets: Optional[Tensor], cu_seqlens: Optional[Tensor], N: in
 @torch.library.custom_op("lightning_ops::log_linear_attn", mutates_args=())
 def _ll_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor,
             h0: Optional[Tensor], offsets: Optional[Tensor], cu_seqlens: Optional[Tensor],
-            scale: float, output_final_state: bool, chunk_size: int
+            scale: float, output_final_state: bool, chunk_size: int, backend: str = "torch"
             ) -> Tuple[Tensor, Tensor, Tensor]:
     # value checks here too: under torch.compile only this body sees real tensors
     Vd.check_cu_seqlens_values(cu_seqlens, q.shape[1])
@@ -117,8 +119,9 @@ def _ll_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor,
         return v.new_zeros(v.shape), passthrough_state(h0, (N, H, L, K, V), q, accumulation_dtype(q),
                                                        True), \
             _next_offsets(offsets, cu_seqlens, N, T, q)
-    o, final = _impl.forward(q, k, v, g, level_scales, scale, h0, offsets, output_final_state,
-                             cu_seqlens, chunk_size)
+    impl = _impl if backend == "torch" else _backend.implementation("loglinear", backend)
+    o, final = impl.forward(q, k, v, g, level_scales, scale, h0, offsets, output_final_state,
+                            cu_seqlens, chunk_size)
     o = o.contiguous()  # the fake impl's (dense) layout
     if final is None:
         return o, q.new_empty(0, dtype=accumulation_dtype(q)), q.new_empty(0, dtype=torch.int64)
@@ -126,7 +129,8 @@ def _ll_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor,
 
 
 @_ll_fwd.register_fake
-def _(q, k, v, g, level_scales, h0, offsets, cu_seqlens, scale, output_final_state, chunk_size):
+def _(q, k, v, g, level_scales, h0, offsets, cu_seqlens, scale, output_final_state, chunk_size,
+      backend="torch"):
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[3], level_scales.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -166,7 +170,7 @@ def _(do, dht, q, k, v, g, level_scales, h0, offsets, cu_seqlens, scale, chunk_s
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, g, lam, h0, off, cu, scale, _, chunk_size = inputs
+    q, k, v, g, lam, h0, off, cu, scale, _, chunk_size = inputs[:11]  # (then the backend)
     ctx.save_for_backward(q, k, v, g, lam, h0, off, cu)
     ctx.scale, ctx.chunk_size = scale, chunk_size
 
@@ -176,7 +180,7 @@ def _backward(ctx, do, dht, doff):
     dht = none_if_empty(dht)
     dq, dk, dv, dg, dl, dh0 = _ll_bwd(do.contiguous(), dht, q, k, v, g, lam, h0, off, cu,
                                       ctx.scale, ctx.chunk_size)
-    return dq, dk, dv, dg, dl, grad_if_present(dh0, h0), None, None, None, None, None
+    return (dq, dk, dv, dg, dl, grad_if_present(dh0, h0), None, None, None, None, None, None)
 
 
 _ll_fwd.register_autograd(_backward, setup_context=_setup)
@@ -190,9 +194,11 @@ def chunk_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scal
                           chunk_size: int = TORCH_CHUNK
                           ) -> Tuple[Tensor, Optional[LogLinearAttentionState]]:
     """Log-linear attention over the scalar gate (see the module docstring). A torch.library
-    custom op (lightning_ops::log_linear_attn, fake impl + autograd): torch.compile traces it."""
+    custom op (lightning_ops::log_linear_attn, fake impl + autograd): torch.compile traces it.
+    The forward runs on the chosen backend (triton or torch); the backward recomputes the torch
+    implementation under autograd."""
     _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_size)
-    _backend.resolve("loglinear", q.device, q.dtype)  # a forced kernel backend raises
+    name = _backend.resolve("loglinear", q.device, q.dtype)  # a forced unavailable one raises
     Vd.check_flag("output_final_state", output_final_state)
     h0, off = (None, None) if initial_state is None else initial_state
     if off is not None:
@@ -200,7 +206,7 @@ def chunk_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scal
     q, k, v, g, level_scales, h0, off = contiguous(q, k, v, g, level_scales, h0, off)
     o, ht, offsets = _ll_fwd(q, k, v, g, level_scales, h0, off, cu_seqlens,
                              1.0 if scale is None else float(scale), bool(output_final_state),
-                             int(chunk_size))
+                             int(chunk_size), name)
     return o, (LogLinearAttentionState(ht, offsets) if output_final_state else None)
 
 

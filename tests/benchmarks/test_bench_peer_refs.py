@@ -157,7 +157,7 @@ def test_decode_counts_by_hand():
 
 def test_log_linear_gated_delta_rule_row():
     cfg, op = Config(B=1, T=256, H=2, K=16, V=32), OPS["chunk_log_linear_gated_delta_rule"]
-    assert op.family == "loglinear" and not op.peers and not op.peer_refs
+    assert op.family == "loglinear_delta" and not op.peers and not op.peer_refs
     assert op.dims(cfg) == OPS["chunk_log_linear_attn"].dims(cfg)
     inp = op.make_inputs(cfg, torch.float32, "cpu")
     assert ((inp["beta"] > 0) & (inp["beta"] < 1)).all() and inp["q"].shape == (1, 256, 1, 16)

@@ -202,10 +202,11 @@ def test_fused_recurrent_empty_segment_state_matches_chunk():
 
 
 def test_forced_kernel_backend_raises_not_silently_torch():
-    """Log-linear attention has only the torch path: use_backend("triton") must say so."""
+    """Log-linear attention has torch and triton paths, no cuda one: use_backend("cuda") must
+    say so (the triton backend: tests/loglinear/test_log_linear_triton.py)."""
     from lightning_ops import BackendUnavailableError, use_backend
     q = torch.randn(1, 4, 1, 4)
     lam = torch.rand(1, 4, 1, 3)
-    with use_backend("triton"), pytest.raises(BackendUnavailableError, match="no triton"):
+    with use_backend("cuda"), pytest.raises(BackendUnavailableError, match="no cuda"):
         chunk_log_linear_attn(q, q, q, -torch.rand(1, 4, 1), lam)
     chunk_log_linear_attn(q, q, q, -torch.rand(1, 4, 1), lam)  # unforced: torch
