@@ -36,6 +36,8 @@ def check_float(name: str, x: Tensor) -> None:
 
 def check_shape(name: str, x: Tensor, expected: Sequence[Dim], layout: str) -> None:
     """expected: sizes, None for free dims; layout: the dim names, e.g. '[B, T, H, K]'."""
+    if x.shape == expected:  # the common call, cheaply (decode steps validate every token)
+        return
     ok = x.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, x.shape))
     if not ok:
         raise ValueError(f"{name} must have shape {layout} = {_fmt(expected)}, "
@@ -168,12 +170,14 @@ def qkv_dims(q: Tensor, k: Tensor, v: Tensor, v_heads_multiple: bool = False
         if x.dim() != 4:
             raise ValueError(f"{name} must have shape {layout} (4 dims), got {list(x.shape)}")
     names, xs = ("q", "k", "v"), (q, k, v)
-    _check_same(names, xs, "device", lambda n, x, ref, rn: ValueError(
-        f"{n} is on {x.device} but the inputs are on {ref.device}; "
-        f"all tensors must be on one device"))
-    _check_same(names, xs, "dtype", lambda n, x, ref, rn: TypeError(
-        f"{n} has dtype {x.dtype} but {rn} has {ref.dtype}; q, k and v must share one dtype"))
-    shapes = {n: list(x.shape) for n, x in zip(names, xs)}
+    if not q.device == k.device == v.device:
+        _check_same(names, xs, "device", lambda n, x, ref, rn: ValueError(
+            f"{n} is on {x.device} but the inputs are on {ref.device}; "
+            f"all tensors must be on one device"))
+    if not q.dtype == k.dtype == v.dtype:
+        _check_same(names, xs, "dtype", lambda n, x, ref, rn: TypeError(
+            f"{n} has dtype {x.dtype} but {rn} has {ref.dtype}; q, k and v must share one dtype"))
+    shapes = _Shapes(names, xs)  # read by error messages only
     for i, dim in ((0, "batch size B"), (1, "sequence length T")):
         sizes = [x.shape[i] for x in xs]
         if not sizes[0] == sizes[1] == sizes[2]:  # no set(): sizes may be symbolic
@@ -206,6 +210,15 @@ def qkv_dims(q: Tensor, k: Tensor, v: Tensor, v_heads_multiple: bool = False
     check_head_dim("q/k (K)", K, MAX_KEY_DIM)
     check_head_dim("v (V)", v.shape[3], MAX_VALUE_DIM)
     return B, T, H, K, v.shape[3]
+
+
+class _Shapes:
+    """name -> list(shape), formed when an error message asks (not on every call)."""
+    def __init__(self, names, xs):
+        self._by_name = dict(zip(names, xs))
+
+    def __getitem__(self, name):
+        return list(self._by_name[name].shape)
 
 
 def _check_same(names, xs, attr: str, error) -> None:

@@ -217,16 +217,23 @@ def _token_walk(q, k, v, g, beta, scale, initial_state, output_final_state, cu_s
     """mode "recurrent" up to RECURRENT_MAX_T tokens: the recurrence itself, token by token
     (a decode step does only the step's work: no chunk layout, no solve). Varlen sequences are
     padded to the longest with zero tokens (beta = g = 0 leaves a state exactly as it is).
-    Non-finite inputs reach only what follows them, as in the recurrence."""
+    Non-finite inputs reach only what follows them, as in the recurrence.
+
+    Per token, with D = diag(exp(g_t)) (a scalar per head, or per key channel for KDA) and S
+    the state before it: e = beta v - (beta D k)^T S, S_t = D S + k e^T (one scaling pass, one
+    in-place rank-1 update), o = scale q^T S_t: three batched matmuls and four passes over the
+    state. Torch's per-op overhead, not the arithmetic, dominates a step at decode sizes, so
+    the token loop works on views of [N * HV, L, ...] rows (no per-token reshapes or copies)."""
     B, T, H, K = q.shape
     HV, Vd = v.shape[2:]
     dt = accumulation_dtype(q)
-    qn, kn = q.to(dt), k.to(dt)
+    as_dt = lambda x: x if x is None or x.dtype == dt else x.to(dt)  # noqa: E731
+    qn, kn = as_dt(q), as_dt(k)
     if use_l2:
         qn, kn = l2norm(qn)[0], l2norm(kn)[0]
     if HV != H:
         qn, kn = qn.repeat_interleave(HV // H, 2), kn.repeat_interleave(HV // H, 2)
-    xs = [qn * scale, kn, v.to(dt), beta.to(dt), None if g is None else g.to(dt)]
+    xs = [qn, kn, as_dt(v), as_dt(beta), as_dt(g)]
     if cu_seqlens is not None:  # [1, T] packed -> [N, longest] padded
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
         L = max(lengths, default=0)
@@ -237,22 +244,44 @@ def _token_walk(q, k, v, g, beta, scale, initial_state, output_final_state, cu_s
             valid.view(*valid.shape, *[1] * (x.dim() - 2)), x[0][idx], 0.) for x in xs]
     qs, ks, vs, bs, gs = xs
     N, L = ks.shape[:2]
+    M = N * HV  # the batched-matmul batch: one (sequence, value head) state each
+
+    def rows(x, *tail):  # [N, L, HV, ...] -> [M, L, *tail] (a view when L == 1)
+        return (x if L == 1 else x.transpose(1, 2)).reshape(M, L, *tail)
+
+    bk = ks * bs[..., None]  # beta k; e = beta v - (beta D k)^T S in one baddbmm
+    if gs is not None:
+        decay = gs.exp()  # [N, L, HV] or [N, L, HV, K]
+        bk = bk * (decay[..., None] if gs.dim() == 3 else decay)
+        dS = rows(decay, 1, 1) if gs.dim() == 3 else rows(decay, K, 1)
+    bk, bv = rows(bk, 1, K), rows(vs * bs[..., None], 1, Vd)
+    kc, qr = rows(ks, K, 1), rows(qs, 1, K)
     # never updated in place: the initial state itself is safe to start from
-    S = q.new_zeros(N, HV, K, Vd, dtype=dt) if initial_state is None else initial_state.to(dt)
-    out = vs.new_empty(N, L, HV, Vd)
+    S = torch.zeros(M, K, Vd, dtype=dt, device=q.device) if initial_state is None else \
+        as_dt(initial_state).reshape(M, K, Vd)
+    own = False  # S is the caller's initial state until the first update copies it
+    outs = []
     for t in range(L):
-        if gs is not None:
-            decay = gs[:, t].exp()
-            S = S * (decay[..., None] if gs.dim() == 4 else decay[..., None, None])
-        kt = ks[:, t]                                               # [N, HV, K]
-        err = vs[:, t] - torch.einsum("nhk,nhkv->nhv", kt, S)
-        S = torch.addcmul(S, (bs[:, t, :, None] * kt)[..., None], err[..., None, :])
-        out[:, t] = torch.einsum("nhk,nhkv->nhv", qs[:, t], S)
+        e = torch.baddbmm(bv.select(1, t), bk.select(1, t), S, alpha=-1)  # [M, 1, V]
+        if gs is None:
+            S = S if own else S.clone()
+        else:
+            S = S.mul_(dS.select(1, t)) if own else S * dS.select(1, t)
+        own = True
+        S.baddbmm_(kc.select(1, t), e)
+        outs.append(torch.bmm(qr.select(1, t), S))  # [M, 1, V]
+    if L == 1:
+        o = outs[0].view(N, 1, HV, Vd)
+    else:  # token-major and dense, as the custom op's fake promises
+        o = torch.stack([x.view(N, HV, Vd) for x in outs], 1) if outs else \
+            vs.new_empty(N, 0, HV, Vd)
+    o = o.mul_(scale)
     if cu_seqlens is not None:
-        o = out[valid].unsqueeze(0)
-    else:
-        o = out
-    return o.to(v.dtype), (S if output_final_state else None)
+        o = o[valid].unsqueeze(0)
+    final = None
+    if output_final_state:  # never the caller's tensor (no token updated it when L == 0)
+        final = (S if own else S.clone()).view(N, HV, K, Vd)
+    return o.to(v.dtype), final
 
 
 def forward(q, k, v, g, beta, scale, initial_state, output_final_state, cu_seqlens,
