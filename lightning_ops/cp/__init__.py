@@ -9,6 +9,8 @@ from .ops import (
     chunk_gla,
     chunk_kda,
     chunk_linear_attn,
+    chunk_log_linear_attn,
+    chunk_log_linear_gated_delta_rule,
     chunk_simple_gla,
     lightning_attn,
     mamba_chunk_scan_combined,
@@ -17,5 +19,6 @@ from .ops import (
 __all__ = [
     "CPContext", "build_cp_context", "chunk_linear_attn", "chunk_simple_gla", "lightning_attn",
     "chunk_gla", "chunk_delta_rule", "chunk_gated_delta_rule", "chunk_kda",
-    "mamba_chunk_scan_combined", "causal_conv1d_fn",
+    "mamba_chunk_scan_combined", "causal_conv1d_fn", "chunk_log_linear_attn",
+    "chunk_log_linear_gated_delta_rule",
 ]

@@ -16,6 +16,8 @@ folds the summaries of the ranks before it into its incoming state and corrects 
   delta / gated / KDA K x K matrix, from the op itself (below)  u_t^T S_in
   SSD                 exp(sum dt A) per head                    exp(P_t) (S_in C_t) * silu(z_t)
   causal conv1d       a shift of the W-1 token history          (the op reruns with the halo)
+  log-linear          exp(sum g) x the level move (below)       scale sum_l W_tl exp(P_t) q_t^T S_l
+  log-linear delta    M (K x K) x the level move                sum_l W_tl u_t^T S_l
 
 P_t is the prefix sum of the log decays from the piece start through t (a running sum of terms
 <= 0, never a difference of two sums), so every exp is <= 1.
@@ -29,6 +31,32 @@ every gradient. Cost: (V + K) / V of one op run (x2 at K = V), plus T K V for th
 no second run and no K x K per token in memory. (When V + K exceeds the op's maximum value dim,
 the identity columns run as a second call.)
 
+Log-linear attention (chunk_log_linear_attn, chunk_log_linear_gated_delta_rule): the state is a
+Fenwick hierarchy of L level states S_l [K, V] (LogLinearAttentionState(ht [N, H, L, K, V],
+offsets [N])) and the level of a key depends on ABSOLUTE positions. So the continuing piece runs
+the public op with a zero hierarchy at its absolute start P (the user's offset of its sequence
+plus the sequence's tokens on earlier ranks): the op then gives the piece's own output and
+final hierarchy at their true levels. The incoming hierarchy stays affine: slot l (present iff
+bit l-1 of P is set) holds keys ending at rep_l = (P with bits < l-1 cleared) - 1, all read by a
+later query t at level bit_length(rep_l xor t), weight W_tl = lambda_t[that level] (0 from level
+L on); through the piece the slot moves, whole, to level bit_length(rep_l xor (P + n)) of the
+final hierarchy (slots may merge there or fall off), decayed by exp(sum g) (attention) or by the
+gated delta rule's K x K transition M (every level passes the same one). The summary of a piece:
+its final hierarchy [n, H, L, K, V] and the transition (decay x move [n, H, L, L]; delta form:
+M [n, H, K, K] and the move [n, L, L]); the sender computes the move from its own positions.
+The delta form's M and u_t = scale M_t^T q_t come from a second public op run on the continuing
+piece only: chunk_gated_delta_rule with zero values of width K and an identity initial state
+(the identity-columns trick above cannot ride in the log-linear run itself: its extra columns
+would come out weighed by one slot's level weight, not the u_t every slot needs). Cost there:
+one log-linear run plus one gated-delta run of width K over the first piece, plus T L K V for
+the correction (a loop over the L levels).
+Positions: the context records every rank's slice but not where a crossing sequence began (only
+the rank it began on knows), and the local op needs P before the summaries exist. So the first
+log-linear call with a varlen context all-gathers every rank's last piece length once (a host
+collective of `world` ints, cached on the context: under torch.compile(fullgraph=True) make one
+eager log-linear call with the context first, as dynamo cannot trace it). Dense contexts assume
+every rank holds the same length T (P = offset + rank T).
+
 States: initial_state keeps the ops' layout [N, ...] (N = B dense, or the GLOBAL number of
 sequences with cu_seqlens); rank r reads the rows of the sequences that START on it (dense: rank
 0), and gives the other rows a zero gradient. final_state [N, ...] holds, on each rank, the final
@@ -40,11 +68,15 @@ from __future__ import annotations
 from typing import Callable, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..chunk.constants import NO_GATE, SCALAR_GATE, VECTOR_GATE
+from ..chunk.constants import NO_GATE, SCALAR_GATE, TORCH_CHUNK, VECTOR_GATE
 from ..delta import ops as _delta_ops
 from ..gla import ops as _gla_ops
+from ..loglinear import delta as _ll_delta
+from ..loglinear import ops as _ll_ops
+from ..loglinear.ops import LogLinearAttentionState as _LLState
 from ..ssm import ops as _ssm_ops
 from ..ssm.dt import effective_dt
 from ..precision import accumulation_dtype
@@ -444,3 +476,217 @@ def causal_conv1d_fn(x, weight, bias=None, initial_states=None, return_final_sta
         return out
     fin = torch.cat([torch.cat([hx, xx], dim=-1)[..., -W1:] for hx, xx in zip(hists, xs)])
     return out, _final_out(cp, fin.to(x.dtype))
+
+
+# ------------------------------------------------------------------------------------------------
+# Log-linear attention: a Fenwick hierarchy of L level states, placed by absolute positions
+# ------------------------------------------------------------------------------------------------
+def _varlen_prev(cp: CPContext) -> int:
+    """Varlen: the tokens of this rank's first piece's sequence on earlier ranks (0 if it starts
+    here). The context knows every rank's slice but not where a crossing sequence began: only
+    the rank it began on does. So each rank's last piece length is all-gathered once per context
+    (a host collective of `world` ints, cached on the context); every rank takes part, since all
+    hold the same context and reach their first log-linear call together."""
+    lens = getattr(cp, "_last_piece_lens", None)
+    if lens is None:
+        lens = []  # nothing crosses a boundary: every chain is empty
+        if cp.world > 1 and any(cp.first_cont_all):
+            lens = [None] * cp.world
+            dist.all_gather_object(lens, cp.piece_lengths()[-1], group=cp.group)
+            cp.collectives += 1
+            cp.bytes_sent += 8 * (cp.world - 1)
+            cp.bytes_received += 8 * (cp.world - 1)
+        cp._last_piece_lens = lens
+    return sum(lens[j] for j in cp.chain())
+
+
+def _ll_levels(P: Tensor, T0: int, L: int) -> Tuple[Tensor, Tensor]:
+    """For pieces starting at absolute positions P [n] (int64, on the device) with T0 tokens:
+    lev0 [n, T0, L], the level at which each token's query reads slot l of the hierarchy at P
+    (L where the slot is absent or its level is >= L: weight 0), and move [n, L, L] (0/1): slot
+    l of the hierarchy at P lands in level m of the one at P + T0 (slots may merge; levels >= L
+    drop out). Slot l (l >= 1) exists iff bit l-1 of P is set; its keys end at rep_l = P with
+    bits < l-1 cleared, minus 1, and all sit at level bit_length(rep_l xor t) for a query t
+    (loglinear.torch's rule). Integer arithmetic on the device: no host sync."""
+    dev = P.device
+    lv = torch.arange(L, device=dev)
+    sh = (lv - 1).clamp(min=0)
+    Pc = P.to(torch.int64)[:, None]
+    exists = (((Pc >> sh) & 1) == 1) & (lv > 0)  # [n, L]
+    rep = ((Pc >> sh) << sh) - 1
+
+    def level(t):  # t [n, m] -> [n, m, L]: min(bit_length(rep xor t), L), L if absent
+        x = rep[:, None, :] ^ t[..., None]
+        lev = torch.zeros_like(x)
+        for b in range(L):
+            lev += (x >= (1 << b)).to(torch.int64)
+        return torch.where(exists[:, None, :], lev, L)
+
+    lev0 = level(Pc + torch.arange(T0, device=dev))
+    move = F.one_hot(level(Pc + T0)[:, 0], L + 1)[..., :L]
+    return lev0, move
+
+
+def _ll_weights(lam: Tensor, lev0: Tensor) -> Tensor:
+    """lambda_t at each slot's level: lam [n, T0, H, L], lev0 [n, T0, L] -> [n, T0, H, L]."""
+    n, T0, H, L = lam.shape
+    lam_pad = torch.cat([lam, lam.new_zeros(n, T0, H, 1)], -1)
+    return lam_pad.gather(-1, lev0[:, :, None, :].expand(n, T0, H, L))
+
+
+def _ll_state_in(cp: CPContext, initial_state, B: int, T: int, shape: Tuple[int, ...], sd,
+                 device):
+    """The op's initial_state on this rank: the user's (ht, offsets) rows for the sequences
+    starting here; for the piece continuing from the previous rank a ZERO hierarchy at the
+    piece's absolute start (so the local op places the piece's own tokens at their true levels).
+    Returns (state or None, P [n_cross]: the continuing piece's start, or None)."""
+    h0, off = (None, None) if initial_state is None else initial_state
+    N = B if cp.dense else cp.N
+    if off is not None and (not isinstance(off, Tensor) or tuple(off.shape) != (N,)
+                            or off.is_floating_point()):
+        raise ValueError(f"initial_state.offsets must be an integer tensor of shape [{N}] (the "
+                         f"global offsets, on every rank), got {list(getattr(off, 'shape', []))}")
+    if cp.dense:
+        if not cp.first_cont():
+            return initial_state, None
+        # every row continues from the previous rank (dense slices have equal lengths)
+        base = off.to(torch.int64) if off is not None else \
+            torch.zeros(B, dtype=torch.int64, device=device)
+        P = base + cp.rank * T
+        return (torch.zeros((B,) + shape, dtype=sd, device=device), P), P
+    prev = _varlen_prev(cp)  # on every rank: it may take part in a collective
+    if initial_state is None and not cp.first_cont():
+        return None, None
+    Nl = cp.n_pieces
+    dev = device if off is None else off.device
+    offs = torch.zeros(Nl, dtype=torch.int64, device=dev) if off is None else \
+        off.to(torch.int64).index_select(0, torch.tensor([n_ for n_, _, _ in cp.pieces],
+                                                         device=dev))
+    ht = None if h0 is None else _local_h0(cp, h0)  # zero rows for the continuing piece
+    if not cp.first_cont():
+        return (ht, offs), None
+    # the continuing piece starts after its sequence's tokens on earlier ranks (and after the
+    # user's offset of that sequence)
+    shift = torch.zeros(Nl, dtype=torch.int64, device=dev)
+    shift[0] = prev
+    offs = offs + shift
+    if ht is None:
+        ht = torch.zeros((Nl,) + shape, dtype=sd, device=device)
+    return (ht, offs), offs[:1]
+
+
+def _ll_correct(W: Tensor, qu: Tensor, S: Tensor) -> Tensor:
+    """sum_l W[n, t, h, l] qu[n, t, h, :] . S[n, h, l] -> [n, T0, H, V]: the incoming hierarchy
+    read by the continuing piece's tokens (a loop over the L levels keeps memory at [n, T0, H, V]
+    instead of a [n, T0, H, L, K or V] intermediate)."""
+    out = None
+    for l in range(S.shape[2]):
+        term = W[..., l, None] * torch.einsum("nthk,nhkv->nthv", qu, S[:, :, l])
+        out = term if out is None else out + term
+    return out
+
+
+def _log_linear(cp, q, v, level_scales, initial_state, output_final_state, run, first,
+                trans_shape, apply):
+    """The CP flow of the log-linear ops. run(state) -> (o, LogLinearAttentionState): the public
+    op on this rank's slice; first(L0, lev0, move) -> _Piece: the continuing piece's transition
+    and output correction."""
+    B, T, _, K = q.shape
+    H, Vd, L = v.shape[2], v.shape[3], level_scales.shape[3]
+    _check_ctx(cp, B, T, "q")
+    sd = accumulation_dtype(q)
+    state, P = _ll_state_in(cp, initial_state, B, T, (H, L, K, Vd), sd, q.device)
+    o_loc, (ht_loc, off_loc) = run(state)
+    piece = None
+    if cp.first_cont():
+        L0 = _first_len(cp, T)
+        lev0, move = _ll_levels(P, L0, L)
+        piece = first(L0, lev0, move.to(sd))
+    o, ht = _merge(cp, o_loc, ht_loc, piece, trans_shape, apply)
+    if not output_final_state:
+        return o, None
+    return o, _LLState(_final_out(cp, ht), _final_out(cp, off_loc))
+
+
+def chunk_log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_final_state=False,
+                          cu_seqlens=None, *, scale=None, chunk_size=TORCH_CHUNK,
+                          cp_context: Optional[CPContext] = None):
+    """lightning_ops.chunk_log_linear_attn over a CP group. States: LogLinearAttentionState
+    (ht [N, H, L, K, V], offsets [N]) as in the module docstring; final offsets are the absolute
+    end positions of the sequences ending on the rank, 0 elsewhere. Dense contexts assume every
+    rank holds the same length (positions are absolute)."""
+    if cp_context is None:
+        return _ll_ops.chunk_log_linear_attn(q, k, v, g, level_scales, initial_state,
+                                             output_final_state, cu_seqlens, scale=scale,
+                                             chunk_size=chunk_size)
+    _no_cu(cu_seqlens)
+    cp = cp_context
+    cu = None if cp.dense else cp.local_cu_seqlens(q.device)
+    H, L = v.shape[2], level_scales.shape[3]
+    scale_ = 1.0 if scale is None else float(scale)
+
+    def run(state):
+        return _ll_ops.chunk_log_linear_attn(q, k, v, g, level_scales, state, True, cu,
+                                             scale=scale, chunk_size=chunk_size)
+
+    def first(L0, lev0, move):
+        sd = move.dtype
+        pre = torch.cumsum(g[:, :L0].to(sd), dim=1)  # [n, L0, H]: running sums of terms <= 0
+        W = _ll_weights(level_scales[:, :L0].to(sd), lev0) * (scale_ * torch.exp(pre))[..., None]
+        qf = q[:, :L0].to(sd).repeat_interleave(H // q.shape[2], dim=2)
+        decay = torch.exp(g[:, :L0].to(sd).sum(1))  # [n, H] (1 for an empty dense slice)
+        trans = decay[..., None, None] * move[:, None]  # [n, H, L, L]
+        return _Piece(trans, _level_apply, lambda S: _ll_correct(W, qf, S))
+
+    return _log_linear(cp, q, v, level_scales, initial_state, output_final_state, run, first,
+                       (H, L, L), _level_apply)
+
+
+def _level_apply(A: Tensor, S: Tensor) -> Tensor:
+    return torch.einsum("nhlm,nhlkv->nhmkv", A, S)  # A [n, H, L, L] (decay x move)
+
+
+def chunk_log_linear_gated_delta_rule(q, k, v, g, level_scales, beta, scale=None,
+                                      initial_state=None, output_final_state=False,
+                                      cu_seqlens=None, use_qk_l2norm_in_kernel=False, *,
+                                      chunk_size=TORCH_CHUNK,
+                                      cp_context: Optional[CPContext] = None):
+    """lightning_ops.chunk_log_linear_gated_delta_rule over a CP group (states as
+    chunk_log_linear_attn's wrapper). The continuing piece's K x K transition M and u_t =
+    scale M_t^T q_t come from the public chunk_gated_delta_rule on that piece (zero values,
+    identity initial state): every level passes the same gated delta transition."""
+    if cp_context is None:
+        return _ll_delta.chunk_log_linear_gated_delta_rule(
+            q, k, v, g, level_scales, beta, scale, initial_state, output_final_state,
+            cu_seqlens, use_qk_l2norm_in_kernel, chunk_size=chunk_size)
+    _no_cu(cu_seqlens)
+    cp = cp_context
+    cu = None if cp.dense else cp.local_cu_seqlens(q.device)
+    K, H, L = q.shape[3], v.shape[2], level_scales.shape[3]
+    scale_ = 1.0 if scale is None else float(scale)
+    HKK = H * K * K
+
+    def run(state):
+        return _ll_delta.chunk_log_linear_gated_delta_rule(
+            q, k, v, g, level_scales, beta, scale, state, True, cu, use_qk_l2norm_in_kernel,
+            chunk_size=chunk_size)
+
+    def apply(A, S):  # A [n, H K K + L L]: M and the level move
+        n = S.shape[0]
+        M, move = A[:, :HKK].reshape(n, H, K, K), A[:, HKK:].reshape(n, L, L)
+        return torch.matmul(M[:, :, None], torch.einsum("nlm,nhlkv->nhmkv", move, S))
+
+    def first(L0, lev0, move):
+        sd = move.dtype
+        n = lev0.shape[0]
+        eye = torch.eye(K, dtype=sd, device=q.device).expand(n, H, K, K)
+        u, M = _delta_ops.delta_rule(q[:, :L0], k[:, :L0], v.new_zeros(n, L0, H, K), g[:, :L0],
+                                     beta[:, :L0], scale_, eye, True, None,
+                                     use_qk_l2norm_in_kernel, "chunk", SCALAR_GATE)
+        W = _ll_weights(level_scales[:, :L0].to(sd), lev0)
+        uf = u.to(sd)
+        trans = torch.cat([M.to(sd).reshape(n, -1), move.reshape(n, -1)], dim=1)
+        return _Piece(trans, apply, lambda S: _ll_correct(W, uf, S))
+
+    return _log_linear(cp, q, v, level_scales, initial_state, output_final_state, run, first,
+                       (HKK + L * L,), apply)
