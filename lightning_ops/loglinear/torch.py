@@ -126,6 +126,13 @@ def _chunked(x: Tensor, p: int, NC: int, C: int) -> Tensor:
     return x.reshape(*x.shape[:-1], NC, C).movedim(-2, 2).movedim(-1, 3)
 
 
+def _chunked_contiguous(x: Tensor, p: int, NC: int, C: int) -> Tensor:
+    """_chunked's values laid out contiguously (the backward's matmuls then copy nothing)."""
+    B, n, H = x.shape[:3]
+    x = torch.nn.functional.pad(x.transpose(1, 2), [0, 0] * (x.dim() - 3) + [p, NC * C - p - n])
+    return x.reshape(B, H, NC, C, *x.shape[3:])
+
+
 def _unchunk(x: Tensor, p: int, n: int) -> Tensor:
     """[B, H, NC, C, *] -> [B, n, H, *]: the inverse of _chunked."""
     B, H, NC, C = x.shape[:4]
@@ -284,7 +291,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, sc
 def _level_sums(Z: Tensor, nlev: int) -> Tensor:
     """[.., C, C] -> [.., C, nlev]: for each row i, the sum of Z[i, j] over the keys j of each
     intra-chunk level l < nlev. Level l >= 1 of row i is the lower-left quadrant of the aligned
-    2^l block holding i, so each is a plain sum over a block view (no mask, no cumsum difference)."""
+    2^l block holding i, so each is a plain sum over a block view (no mask, no cumsum
+    difference)."""
     *lead, C, _ = Z.shape
     Z = Z.contiguous()
     out = Z.new_zeros(*lead, nlev, C)
@@ -292,61 +300,103 @@ def _level_sums(Z: Tensor, nlev: int) -> Tensor:
     for l in range(1, nlev):
         h = 1 << (l - 1)
         nb = C // (2 * h)
-        blocks = Z.view(*lead, nb, 2, h, nb, 2, h).diagonal(dim1=-6, dim2=-3)  # [.., 2, h, 2, h, nb]
+        # the diagonal 2^l blocks: [.., 2, h, 2, h, nb]
+        blocks = Z.view(*lead, nb, 2, h, nb, 2, h).diagonal(dim1=-6, dim2=-3)
         quad = blocks[..., 1, :, 0, :, :].sum(-2)  # rows of the second half: [.., h, nb]
         out[..., l, :].view(*lead, nb, 2, h)[..., 1, :] = quad.transpose(-1, -2)
     return out.transpose(-1, -2)
 
 
 def _chunk_states(local: Tensor, decay: Tensor, a0: int, M: int) -> Tensor:
-    """The forward's chunk-level walk, keeping the states each chunk reads: [B, H, NC, K, M, V]
-    (level m of the states before chunk j; levels side by side so that one matmul reads them
-    all). local [B, H, NC, K, V], decay [B, H, NC]."""
+    """The forward's chunk-level walk, keeping the states each chunk reads: [B, H, M, NC, K, V]
+    (level m of the states before chunk j, each step written in place from the one before;
+    level-major so that each level's reads gather contiguous blocks).
+    local [B, H, NC, K, V], decay [B, H, NC]."""
     B, H, NC, K, V = local.shape
-    Sall = local.new_empty(B, H, NC, K, M, V)
-    S = local.new_zeros(B, H, K, M, V)
-    for j in range(NC):
-        Sall[:, :, j] = S
-        S.mul_(decay[:, :, j, None, None, None])
+    Sall = local.new_empty(B, H, M, NC, K, V)
+    Sall[:, :, :, 0] = 0
+    for j in range(NC - 1):
+        S = torch.mul(Sall[:, :, :, j], decay[:, :, j, None, None, None],
+                      out=Sall[:, :, :, j + 1])
         mu = _trailing_ones(a0 + j)
-        if mu < M:  # levels below mu and the chunk's own state merge into level mu (empty)
-            merged = local[:, :, j] + S[:, :, :, :mu].sum(3)
-            S[:, :, :, :mu] = 0
-            S[:, :, :, mu] = merged
+        if mu == 0 < M:
+            S[:, :, 0] = local[:, :, j]
+        elif mu < M:  # levels below mu and the chunk's own state merge into level mu (empty)
+            torch.add(local[:, :, j], S[:, :, :mu].sum(2), out=S[:, :, mu])
+            S[:, :, :mu] = 0
         else:  # merged into a level >= L: weighs 0 for every later query
             S.zero_()
     return Sall
 
 
-def _chunk_states_reverse(Q: Tensor, decay: Tensor, a0: int, M: int, dS: Tensor,
+def _chunk_states_reverse(Q: Tensor, decay: Tensor, a0: int, dS: Tensor,
                           d_last: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """The reverse of _chunk_states. Q [B, H, NC, K, M, V]: the gradient each chunk's read puts on
-    the states it reads (level m: qd^T (lambda[c+1+m] do)); dS [B, H, K, M, V]: the gradient of
-    the states after the last merge (overwritten); d_last: that of the states after the last
-    chunk's decay, before its merge (a partial last chunk's final state), or None.
-    Returns (dSall [B, H, NC, K, M, V], the gradient of each chunk's decayed-and-not-yet-merged
+    """The reverse of _chunk_states. Q [B, H, M, NC, K, V]: the gradient each chunk's read puts
+    on the states it reads (level m: qd^T (lambda[c+1+m] do)); dS [B, H, M, K, V]: the gradient
+    of the states after the last merge; d_last: that of the states after the last chunk's
+    decay, before its merge (a partial last chunk's final state), or None.
+    Returns (dSall [B, H, M, NC, K, V], the gradient of each chunk's decayed-and-not-yet-merged
     states; dlocal [B, H, NC, K, V], that of each chunk's own state).
 
     The merge at chunk j sums levels < mu and local_j into level mu, so in reverse level mu's
     gradient goes to local_j and to each level < mu, and level mu's old value (empty) gets none:
     a key chunk's gradient thus collects, level by level, every later query chunk of that level,
     weighed by that level's lambda (in Q) and decayed by the chunks between."""
-    B, H, NC, K, M, V = Q.shape
-    dSall = Q.new_empty(B, H, NC, K, M, V)
-    dlocal = Q.new_zeros(B, H, NC, K, V)
+    B, H, M, NC, K, V = Q.shape
+    dSall = Q.new_empty(B, H, M, NC, K, V)
+    dlocal = Q.new_empty(B, H, NC, K, V)
     for j in range(NC - 1, -1, -1):
+        if j == NC - 1:
+            d = dSall[:, :, :, j].copy_(dS)
+        else:  # the gradient after chunk j's merge: through chunk j+1's decay and read
+            d = torch.addcmul(Q[:, :, :, j + 1], dSall[:, :, :, j + 1],
+                              decay[:, :, j + 1, None, None, None], out=dSall[:, :, :, j])
         mu = _trailing_ones(a0 + j)
         if mu < M:
-            dlocal[:, :, j] = dS[:, :, :, mu]
-            dS[:, :, :, :mu] = dS[:, :, :, mu:mu + 1]
-            dS[:, :, :, mu] = 0
+            dlocal[:, :, j] = d[:, :, mu]
+            d[:, :, :mu] = d[:, :, mu:mu + 1]
+            d[:, :, mu] = 0
         else:
-            dS.zero_()
+            dlocal[:, :, j] = 0
+            d.zero_()
         if j == NC - 1 and d_last is not None:
-            dS.add_(d_last)
-        dSall[:, :, j] = dS
-        dS.mul_(decay[:, :, j, None, None, None]).add_(Q[:, :, j])
+            d.add_(d_last)
     return dSall, dlocal
+
+
+def _level_reads(qd: Tensor, doc: Tensor, lam: Tensor, Sall: Tensor, a0: int
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The gradients of the inter-chunk reads o_i += lambda_i[c+1+m] qd_i S_m (lam [B, H, NC, C,
+    M]: those weights): returns (dqd, dlambda [B, H, NC, C, M] = do_i . (qd_i S_m), Q [B, H, M,
+    NC, K, V] = qd^T (lambda[c+1+m] do) per level and chunk). Level m of chunk j is empty
+    unless bit m of its absolute index a0 + j is set (its keys are the chunks that differ from
+    it first at bit m), so each level runs only on those chunks (half of them): the Q of an
+    empty level would be dropped by the reverse walk's merges anyway."""
+    B, H, M, NC, K, V = Sall.shape
+    dqd = torch.zeros_like(qd)
+    dl = qd.new_zeros(B, H, M, NC, qd.shape[3])
+    Q = Sall.new_zeros(B, H, M, NC, K, V)
+    lam = lam.movedim(-1, 2)  # [B, H, M, NC, C]
+    for m in range(M):
+        J = [j for j in range(NC) if (a0 + j) >> m & 1]
+        if not J:
+            continue
+        J = torch.tensor(J, device=qd.device)
+        qJ, doJ = qd.index_select(2, J), doc.index_select(2, J)  # [B, H, nJ, C, *]
+        lJ = lam[:, :, m].index_select(2, J)[..., None]  # [B, H, nJ, C, 1]
+        X = doJ @ Sall[:, :, m].index_select(2, J).transpose(-1, -2)  # do_i S_m^T
+        dl[:, :, m].index_copy_(2, J, (X * qJ).sum(-1))
+        dqd.index_add_(2, J, X.mul_(lJ))
+        Q[:, :, m].index_copy_(2, J, qJ.transpose(-1, -2) @ doJ.mul_(lJ))
+    return dqd, dl.permute(0, 1, 3, 4, 2), Q
+
+
+def _bitlens(x: Tensor) -> Tensor:
+    """bit_length of every element of a non-negative int64 tensor."""
+    out = torch.zeros_like(x)
+    for b in range(max(int(x.max()), 0).bit_length() if x.numel() else 0):
+        out += x >= (1 << b)
+    return out
 
 
 def _group_backward(q, k, v, g, lam, do, h0, dht, t0: int, C: int):
@@ -359,26 +409,28 @@ def _group_backward(q, k, v, g, lam, do, h0, dht, t0: int, C: int):
     t_end = t0 + n
     c = C.bit_length() - 1
     M = max(L - (c + 1), 0)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    dg, dlam = torch.zeros_like(g), torch.zeros_like(lam)
     dh0 = None if h0 is None else torch.zeros_like(h0)
-    if n > 0:
+    if n == 0:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dg, dlam = torch.zeros_like(g), torch.zeros_like(lam)
+    else:
         p, NC = _chunk_grid(t0, n, C)
-        qc, kc, vc, lc, doc = (_chunked(x, p, NC, C) for x in (q, k, v, lam, do))
-        gc = _chunked(g, p, NC, C)
+        qc, kc, vc, lc, doc, gc = (_chunked_contiguous(x, p, NC, C)
+                                   for x in (q, k, v, lam, do, g))
         # intra: A = QK * W * D (QK the causal q.k, W the level weights, D the pair decays)
         causal, W, D = _intra_factors(lc, gc, L)
-        QK = (qc @ kc.transpose(-1, -2)).masked_fill(~causal, 0)
-        E = (doc @ vc.transpose(-1, -2)) * D  # dA * D (dA = do v^T)
-        dQK = E * W  # zero above the diagonal (W and D are)
+        QK = (qc @ kc.transpose(-1, -2)).masked_fill_(~causal, 0)
+        E = (doc @ vc.transpose(-1, -2)).mul_(D)  # dA * D (dA = do v^T)
         Z = E * QK  # gradient w.r.t. W
-        A = QK * W * D
+        dQK = E.mul_(W)  # zero above the diagonal (W and D are)
+        A = QK.mul_(W).mul_(D)
         dqc, dkc, dvc = dQK @ kc, dQK.transpose(-1, -2) @ qc, A.transpose(-1, -2) @ doc
         dlc = torch.zeros_like(lc)
         nlev = min(c + 1, L)
         dlc[..., :nlev] = _level_sums(Z, nlev)
         # the pair decays' log-gradient dA * A = Z * W reaches g_r for the pairs j < r <= i
-        dgc = pair_gate_grad(Z * W)
+        dgc = pair_gate_grad(Z.mul_(W))
+        del QK, E, Z, W, D
         r = t_end % C
         if M > 0 or (dht is not None and r):
             # inter: qd = q exp(prefix), kd = k exp(suffix), chunk decay exp(total)
@@ -387,43 +439,36 @@ def _group_backward(q, k, v, g, lam, do, h0, dht, t0: int, C: int):
             ek = suffix_sum_exclusive(gc[..., None], 3).exp()
             qd, kd = qc * eq, kc * ek
             decay = eq[:, :, :, -1, 0]  # [B, H, NC]
-            dqd = torch.zeros_like(qd)
-            dlocal = None
-            from_total = None
+            dqd, dlocal, from_total = torch.zeros_like(qd), None, None
             if M > 0:
                 a0 = (t0 - p) // C
                 local = kd.transpose(-1, -2) @ vc  # [B, H, NC, K, V]
                 Sall = _chunk_states(local, decay, a0, M)
-                Sf = Sall.view(B, H, NC, K, M * V)
-                # o_i += sum_m lambda_i[c+1+m] qd_i S_m: the level weights go with do
-                LD = (lc[..., c + 1:, None] * doc[..., None, :]).reshape(B, H, NC, C, M * V)
-                dqd = LD @ Sf.transpose(-1, -2)
-                Y = (qd @ Sf).view(B, H, NC, C, M, V)  # qd_i S_m
-                dlc[..., c + 1:] = (Y * doc[..., None, :]).sum(-1)
-                Q = (qd.transpose(-1, -2) @ LD).view(B, H, NC, K, M, V)
-                dS = Q.new_zeros(B, H, K, M, V)
+                dqd, dl_inter, Q = _level_reads(qd, doc, lc[..., c + 1:], Sall, a0)
+                dlc[..., c + 1:] = dl_inter
+                dS = Q.new_zeros(B, H, M, K, V)
                 d_last = None
                 if dht is not None:  # final levels c+1+m: after the last merge, or before it
-                    top = dht[:, :, c + 1:].transpose(2, 3)  # [B, H, K, M, V]
                     if r == 0:
-                        dS.copy_(top)
+                        dS.copy_(dht[:, :, c + 1:])
                     else:
-                        d_last = top
-                dSall, dlocal = _chunk_states_reverse(Q, decay, a0, M, dS, d_last)
+                        d_last = dht[:, :, c + 1:]
+                dSall, dlocal = _chunk_states_reverse(Q, decay, a0, dS, d_last)
                 # the total of chunk j decays every state passing it: d log = <S decayed, dS>
-                from_total = torch.einsum("bhnx,bhnx->bhn", Sall.view(B, H, NC, -1),
-                                          dSall.view(B, H, NC, -1)) * decay
-                del Sall, dSall, Q, LD, Y
+                from_total = Sall.mul_(dSall).sum((2, 4, 5)) * decay
+                del Sall, dSall, Q
             dkd = vc @ dlocal.transpose(-1, -2) if dlocal is not None else torch.zeros_like(kd)
             if dlocal is not None:
                 dvc = dvc + kd @ dlocal
             if dht is not None and r:  # the last chunk's tokens j < r, at low levels of t_end
                 levs = torch.tensor([min(_bitlen(jj ^ r), L) if jj < r else L
                                      for jj in range(C)], device=dev)
-                onehot = torch.nn.functional.one_hot(levs, L + 1)[:, :L].to(dt)  # [C, L]
-                dtok = torch.einsum("cl,bhlkv->bhckv", onehot, dht)  # dht at each token's level
-                dkd[:, :, -1] += (dtok @ vc[:, :, -1][..., None])[..., 0]
-                dvc[:, :, -1] += (dtok.transpose(-1, -2) @ kd[:, :, -1][..., None])[..., 0]
+                onehot = torch.nn.functional.one_hot(levs, L + 1)[:, :L].to(dt)[..., None]
+                # v_j dht_l^T and kd_j dht_l for every level l at once, then token j's level
+                dkd[:, :, -1] += ((vc[:, :, -1] @ dht.reshape(B, H, L * K, V).transpose(-1, -2))
+                                  .view(B, H, C, L, K) * onehot).sum(-2)
+                dht_kv = dht.transpose(2, 3).reshape(B, H, K, L * V)
+                dvc[:, :, -1] += ((kd[:, :, -1] @ dht_kv).view(B, H, C, L, V) * onehot).sum(-2)
             dqc = dqc + dqd * eq
             dkc = dkc + dkd * ek
             # prefix_i reaches g_r for r <= i, the suffix of s for r > s (within the chunk)
@@ -435,22 +480,32 @@ def _group_backward(q, k, v, g, lam, do, h0, dht, t0: int, C: int):
         dg, dlam = _unchunk(dgc, p, n), _unchunk(dlc, p, n)
     if h0 is not None:
         reps = _h0_reps(t0, L)
-        if n > 0:  # o_t += sum_l lambda_t[lev0(t, l)] exp(sum_{t0<=r<=t} g_r) q_t h0_l
-            lev0 = torch.tensor(_levels_of(reps, list(range(t0, t_end)), L), device=dev)
-            idx = lev0[None, :, None, :].expand(B, n, H, L)
+        # only the slots that exist at t0 (bit l-1 set) and that some query reads (level < L)
+        # carry anything: the others weigh 0 for every query
+        # the slots read at all: they exist at t0 and the first query has them below level L
+        # (a key's level only grows with the query position)
+        slots = [l for l in range(L) if reps[l] >= 0 and n > 0 and _bitlen(reps[l] ^ t0) < L]
+        if slots:  # o_t += sum_l lambda_t[lev0(t, l)] exp(sum_{t0<=r<=t} g_r) q_t h0_l
+            P = len(slots)
+            sl = torch.tensor(slots, device=dev)
+            lev0 = _bitlens(torch.tensor([reps[l] for l in slots], device=dev)[None, :] ^
+                            torch.arange(t0, t_end, device=dev)[:, None]).clamp_(max=L)  # [n, P]
+            idx = lev0[None, :, None, :].expand(B, n, H, P)
             lam_pad = torch.cat([lam, lam.new_zeros(B, n, H, 1)], -1)
             Et = prefix_sum(g, 1).exp()  # [B, n, H]
-            W0 = lam_pad.gather(-1, idx) * Et[..., None]  # [B, n, H, L]
-            h0kv = h0.permute(0, 1, 3, 2, 4).reshape(B, H, K, L * V)  # [B, H, K, (L V)]
-            qh = (q.transpose(1, 2) @ h0kv).view(B, H, n, L, V)  # q_t h0_l
-            R = (qh * do.transpose(1, 2)[:, :, :, None, :]).sum(-1).transpose(1, 2)  # [B,n,H,L]
+            W0 = lam_pad.gather(-1, idx) * Et[..., None]  # [B, n, H, P]
+            h0s = h0.index_select(2, sl)  # [B, H, P, K, V]
+            h0kv = h0s.permute(0, 1, 3, 2, 4).reshape(B, H, K, P * V)  # [B, H, K, (P V)]
+            qt, dot = q.transpose(1, 2), do.transpose(1, 2)  # [B, H, n, *]
+            qh = (qt @ h0kv).view(B, H, n, P, V)  # q_t h0_l
+            R = (qh * dot[:, :, :, None, :]).sum(-1).transpose(1, 2)  # [B, n, H, P]
             dl_pad = torch.zeros_like(lam_pad).scatter_add_(-1, idx, Et[..., None] * R)
             dlam = dlam + dl_pad[..., :L]
             dg = dg + suffix_sum((W0 * R).sum(-1), 1)
-            Wdo = (W0.transpose(1, 2)[..., None] * do.transpose(1, 2)[:, :, :, None, :])
-            dq = dq + (Wdo.reshape(B, H, n, L * V) @ h0kv.transpose(-1, -2)).transpose(1, 2)
-            Wq = W0.permute(0, 2, 3, 1)[..., None] * q.transpose(1, 2)[:, :, None]  # [B,H,L,n,K]
-            dh0 = dh0 + (Wq.transpose(-1, -2) @ do.transpose(1, 2)[:, :, None])
+            Wdo = W0.transpose(1, 2)[..., None] * dot[:, :, :, None, :]  # [B, H, n, P, V]
+            dq = dq + (Wdo.reshape(B, H, n, P * V) @ h0kv.transpose(-1, -2)).transpose(1, 2)
+            Wq = W0.permute(0, 2, 3, 1)[..., None] * qt[:, :, None]  # [B, H, P, n, K]
+            dh0.index_add_(2, sl, Wq.transpose(-1, -2) @ dot[:, :, None])
         if dht is not None:  # slot l of h0 ends at slot end[l] of the final state
             end = _levels_of(reps, [t_end], L)[0]
             onehot = torch.nn.functional.one_hot(torch.tensor(end, device=dev), L + 1)[:, :L]
@@ -491,28 +546,43 @@ def backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, s
     offs = [0] * N if offsets is None else [int(x) for x in offsets.reshape(-1).tolist()]
     h0x = None if h0 is None else h0.to(dt)
     dhtx = None if dht is None else dht.to(dt)
-    dq, dk = qx.new_zeros(B, T, H, K), kx.new_zeros(B, T, H, K)
-    dv, dg, dl = torch.zeros_like(vx), torch.zeros_like(gx), torch.zeros_like(lx)
+    segs = [(ids, span) for ids, span in _segments(B, N, offs, cu_seqlens) if ids]
     dh0 = None if h0x is None else torch.zeros_like(h0x)
-    for ids, span in _segments(B, N, offs, cu_seqlens):
-        if not ids:
-            continue
+    outs = None
+    for ids, span in segs:
         t0 = offs[ids[0]]
-        args = _group_inputs((qx, kx, vx, gx, lx, dox), ids, span)
+        xs = (qx, kx, vx, gx, lx, dox)
+        args = xs if len(segs) == 1 and span is None else _group_inputs(xs, ids, span)
         hg = None if h0x is None else h0x[ids]
         dhg = None if dhtx is None else dhtx[ids]
         C = _group_chunk(chunk_size, t0, args[0].shape[1])
         grads = _group_backward(*args, hg, dhg, t0, C)
-        if span is None:
-            sel = torch.tensor(ids, device=q.device)
-            for out, x in zip((dq, dk, dv, dg, dl), grads):
-                out.index_copy_(0, sel, x)
-        else:
-            for out, x in zip((dq, dk, dv, dg, dl), grads):
-                out[:, span[0]:span[1]] = x
         if dh0 is not None:
             dh0[ids] = grads[5]
+        if len(segs) == 1 and (span is None or span == (0, T)):
+            outs = grads[:5]  # one group: its gradients are the whole ones
+            break
+        if outs is None:  # each row (dense) or token span (varlen) lies in exactly one group
+            outs = [x.new_zeros(shape) for x, shape in
+                    zip(grads, ((B, T, H, K), (B, T, H, K), vx.shape, gx.shape, lx.shape))]
+        if span is None:
+            sel = torch.tensor(ids, device=q.device)
+            for out, x in zip(outs, grads):
+                out.index_copy_(0, sel, x)
+        else:
+            for out, x in zip(outs, grads):
+                out[:, span[0]:span[1]] = x
+    if outs is None:  # no group (no rows): nothing flows
+        outs = [x.new_zeros(shape) for x, shape in
+                zip((qx, kx, vx, gx, lx), ((B, T, H, K), (B, T, H, K), vx.shape, gx.shape,
+                                           lx.shape))]
+    dq, dk, dv, dg, dl = outs
     if rep > 1:
-        dq, dk = dq.view(B, T, G, rep, K).sum(3), dk.view(B, T, G, rep, K).sum(3)
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype),
-            dl.to(level_scales.dtype), None if h0 is None else dh0.to(h0.dtype))
+        dq, dk = dq.unflatten(2, (G, rep)).sum(3), dk.unflatten(2, (G, rep)).sum(3)
+    return (_dense(dq, q.dtype), _dense(dk, k.dtype), _dense(dv, v.dtype), _dense(dg, g.dtype),
+            _dense(dl, level_scales.dtype), None if h0 is None else dh0.to(h0.dtype))
+
+
+def _dense(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in dtype, contiguous (a group's gradients are strided views of its chunk layout)."""
+    return x.to(dtype, memory_format=torch.contiguous_format)
