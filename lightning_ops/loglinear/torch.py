@@ -29,10 +29,12 @@ and suffix sums): exponents <= 0 and a gate of -inf is an exact reset. An initia
 (ht [N, H, L, K, V], offsets [N]) enters as its own term: slot l (bucket l of query t0) holds
 keys whose level for query t is bit_length(rep_l xor t), rep_l = ((t0 >> (l-1)) << (l-1)) - 1.
 
+The forward's chunk loop runs in Python (one step per chunk, O(log) small matmuls each).
+
 Backward: `backward` is hand-written (no autograd, nothing T x T; see its docstring): the intra
-pieces per chunk, a forward walk recomputing the states each chunk reads and a reverse walk with
-one gradient accumulator per chunk level. The chunk loops run in Python (one step per chunk,
-O(log) small matmuls each).
+pieces for all chunks at once, and the inter-chunk levels one level at a time (level m pairs
+each aligned block of 2^m chunks with the run of 2^m chunks after it), so no Python loop runs
+per chunk and the states it holds are one per block pair.
 """
 from __future__ import annotations
 
@@ -307,88 +309,100 @@ def _level_sums(Z: Tensor, nlev: int) -> Tensor:
     return out.transpose(-1, -2)
 
 
-def _chunk_states(local: Tensor, decay: Tensor, a0: int, M: int) -> Tensor:
-    """The forward's chunk-level walk, keeping the states each chunk reads: [B, H, M, NC, K, V]
-    (level m of the states before chunk j, each step written in place from the one before;
-    level-major so that each level's reads gather contiguous blocks).
-    local [B, H, NC, K, V], decay [B, H, NC]."""
-    B, H, NC, K, V = local.shape
-    Sall = local.new_empty(B, H, M, NC, K, V)
-    Sall[:, :, :, 0] = 0
-    for j in range(NC - 1):
-        S = torch.mul(Sall[:, :, :, j], decay[:, :, j, None, None, None],
-                      out=Sall[:, :, :, j + 1])
-        mu = _trailing_ones(a0 + j)
-        if mu == 0 < M:
-            S[:, :, 0] = local[:, :, j]
-        elif mu < M:  # levels below mu and the chunk's own state merge into level mu (empty)
-            torch.add(local[:, :, j], S[:, :, :mu].sum(2), out=S[:, :, mu])
-            S[:, :, :mu] = 0
-        else:  # merged into a level >= L: weighs 0 for every later query
-            S.zero_()
-    return Sall
+def _segment_scan(x: Tensor, segs: List[int], suffix: bool) -> Tensor:
+    """Exclusive prefix (or suffix) sums of x [B, H, n] within runs of equal segs (n host ints,
+    non-decreasing): each run is laid out as a zero-padded row and scanned on its own, so no
+    sum is ever the difference of two longer ones (exact with -inf)."""
+    pos, row, width = [], -1, 0
+    for i, s in enumerate(segs):
+        if i == 0 or s != segs[i - 1]:
+            row, col = row + 1, 0
+        pos.append((row, col))
+        col += 1
+        width = max(width, col)
+    idx = torch.tensor([r * width + c for r, c in pos], device=x.device)
+    B, H = x.shape[:2]
+    buf = x.new_zeros(B, H, (row + 1) * width).index_copy_(2, idx, x).view(B, H, row + 1, width)
+    scan = suffix_sum_exclusive(buf, 3) if suffix else prefix_sum_exclusive(buf, 3)
+    return scan.view(B, H, -1).index_select(2, idx)
 
 
-def _chunk_states_reverse(Q: Tensor, decay: Tensor, a0: int, dS: Tensor,
-                          d_last: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """The reverse of _chunk_states. Q [B, H, M, NC, K, V]: the gradient each chunk's read puts
-    on the states it reads (level m: qd^T (lambda[c+1+m] do)); dS [B, H, M, K, V]: the gradient
-    of the states after the last merge; d_last: that of the states after the last chunk's
-    decay, before its merge (a partial last chunk's final state), or None.
-    Returns (dSall [B, H, M, NC, K, V], the gradient of each chunk's decayed-and-not-yet-merged
-    states; dlocal [B, H, NC, K, V], that of each chunk's own state).
+def _inter_levels(qd: Tensor, doc: Tensor, lam: Tensor, local: Tensor, log_total: Tensor,
+                  a0: int, dht: Optional[Tensor], r: int):
+    """Gradients of the inter-chunk terms o_i += lambda_i[c+1+m] qd_i S_m^(j) (lam [B, H, NC, C,
+    M]: those weights; local [B, H, NC, K, V] = kd^T v; log_total [B, H, NC]: each chunk's gate
+    sum) and of the final levels c+1+m (dht [B, H, M, K, V] or None; r = the tokens of a partial
+    last chunk). Returns (dqd, dlambda [B, H, NC, C, M], dlocal, dlog_total [B, H, NC]).
 
-    The merge at chunk j sums levels < mu and local_j into level mu, so in reverse level mu's
-    gradient goes to local_j and to each level < mu, and level mu's old value (empty) gets none:
-    a key chunk's gradient thus collects, level by level, every later query chunk of that level,
-    weighed by that level's lambda (in Q) and decayed by the chunks between."""
-    B, H, M, NC, K, V = Q.shape
-    dSall = Q.new_empty(B, H, M, NC, K, V)
-    dlocal = Q.new_empty(B, H, NC, K, V)
-    for j in range(NC - 1, -1, -1):
-        if j == NC - 1:
-            d = dSall[:, :, :, j].copy_(dS)
-        else:  # the gradient after chunk j's merge: through chunk j+1's decay and read
-            d = torch.addcmul(Q[:, :, :, j + 1], dSall[:, :, :, j + 1],
-                              decay[:, :, j + 1, None, None, None], out=dSall[:, :, :, j])
-        mu = _trailing_ones(a0 + j)
-        if mu < M:
-            dlocal[:, :, j] = d[:, :, mu]
-            d[:, :, :mu] = d[:, :, mu:mu + 1]
-            d[:, :, mu] = 0
-        else:
-            dlocal[:, :, j] = 0
-            d.zero_()
-        if j == NC - 1 and d_last is not None:
-            d.add_(d_last)
-    return dSall, dlocal
-
-
-def _level_reads(qd: Tensor, doc: Tensor, lam: Tensor, Sall: Tensor, a0: int
-                 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """The gradients of the inter-chunk reads o_i += lambda_i[c+1+m] qd_i S_m (lam [B, H, NC, C,
-    M]: those weights): returns (dqd, dlambda [B, H, NC, C, M] = do_i . (qd_i S_m), Q [B, H, M,
-    NC, K, V] = qd^T (lambda[c+1+m] do) per level and chunk). Level m of chunk j is empty
-    unless bit m of its absolute index a0 + j is set (its keys are the chunks that differ from
-    it first at bit m), so each level runs only on those chunks (half of them): the Q of an
-    empty level would be dropped by the reverse walk's merges anyway."""
-    B, H, M, NC, K, V = Sall.shape
-    dqd = torch.zeros_like(qd)
-    dl = qd.new_zeros(B, H, M, NC, qd.shape[3])
-    Q = Sall.new_zeros(B, H, M, NC, K, V)
+    Level m pairs the aligned blocks of 2^m chunks (absolute indices a0 + j): for a chunk j whose
+    bit m is set (the query run), S_m^(j) = rho_j Shat_u, Shat_u = sum_a sigma_a local_a over the
+    chunks a of the block just before the run (bit m clear, same bits above m), sigma_a = exp(the
+    block's gates after a), rho_j = exp(the run's gates before j). This is the forward's
+    chunk walk (its merges move exactly such a block into level m, and out after the run), so
+    one pass per level covers every chunk: nothing walks chunk by chunk, and the states held are
+    one per block pair (O(NC K V) over all levels). In reverse, dShat_u = sum_j rho_j G_j over
+    the run (G_j = qd_j^T (lambda[c+1+m] do_j), plus the final state's gradient where it reads
+    level m), dlocal_a = sigma_a dShat_u; the log-gradients of rho_j (<S_m^(j), G_j>) and of
+    sigma_a (<sigma_a local_a, dShat_u>) reach the chunk totals they sum, within the run or
+    block."""
+    B, H, NC, C, K = qd.shape
+    M, V = lam.shape[-1], doc.shape[-1]
+    dev = qd.device
+    dqd, dlocal = torch.zeros_like(qd), torch.zeros_like(local)
+    dl = qd.new_zeros(B, H, M, NC, C)
+    dtot = torch.zeros_like(log_total)
+    log_ext = torch.cat([log_total, log_total.new_zeros(B, H, 1)], 2)  # the end: chunk NC
     lam = lam.movedim(-1, 2)  # [B, H, M, NC, C]
     for m in range(M):
-        J = [j for j in range(NC) if (a0 + j) >> m & 1]
-        if not J:
+        pair = [(a0 + j) >> (m + 1) for j in range(NC + 1)]
+        keys = [j for j in range(NC) if not (a0 + j) >> m & 1]
+        reads = [j for j in range(NC) if (a0 + j) >> m & 1]
+        # the final state after a whole last chunk is what a chunk NC would read
+        end = dht is not None and r == 0 and bool((a0 + NC) >> m & 1)
+        if end:
+            reads.append(NC)
+        ku, ru = {pair[j] for j in keys}, {pair[j] for j in reads}
+        keys = [j for j in keys if pair[j] in ru]
+        reads = [j for j in reads if pair[j] in ku]
+        if not keys:
             continue
-        J = torch.tensor(J, device=qd.device)
-        qJ, doJ = qd.index_select(2, J), doc.index_select(2, J)  # [B, H, nJ, C, *]
-        lJ = lam[:, :, m].index_select(2, J)[..., None]  # [B, H, nJ, C, 1]
-        X = doJ @ Sall[:, :, m].index_select(2, J).transpose(-1, -2)  # do_i S_m^T
-        dl[:, :, m].index_copy_(2, J, (X * qJ).sum(-1))
-        dqd.index_add_(2, J, X.mul_(lJ))
-        Q[:, :, m].index_copy_(2, J, qJ.transpose(-1, -2) @ doJ.mul_(lJ))
-    return dqd, dl.permute(0, 1, 3, 4, 2), Q
+        rank = {u: i for i, u in enumerate(sorted(ku & ru))}
+        kseg, rseg = [rank[pair[j]] for j in keys], [rank[pair[j]] for j in reads]
+        real = reads[:-1] if reads[-1] == NC else reads
+        kI, kS, rS = (torch.tensor(x, device=dev) for x in (keys, kseg, rseg))
+        rI = torch.tensor(real, device=dev)
+        sigma = _segment_scan(log_total.index_select(2, kI), kseg, True).exp()[..., None, None]
+        rho = _segment_scan(log_ext.index_select(2, torch.tensor(reads, device=dev)), rseg,
+                            False).exp()[..., None, None]
+        wk = local.index_select(2, kI).mul_(sigma)  # sigma_a local_a
+        Shat = local.new_zeros(B, H, len(rank), K, V).index_add_(2, kS, wk)
+        Sread = Shat.index_select(2, rS).mul_(rho)  # S_m^(j), [B, H, nR, K, V]
+        nr = len(real)
+        if nr:
+            qJ, doJ = qd.index_select(2, rI), doc.index_select(2, rI)  # [B, H, nr, C, *]
+            lJ = lam[:, :, m].index_select(2, rI)[..., None]  # [B, H, nr, C, 1]
+            X = doJ @ Sread[:, :, :nr].transpose(-1, -2)  # do_i S_m^T
+            dl[:, :, m].index_copy_(2, rI, (X * qJ).sum(-1))
+            dqd.index_add_(2, rI, X.mul_(lJ))
+            G = qJ.transpose(-1, -2) @ doJ.mul_(lJ)  # [B, H, nr, K, V]
+        else:
+            G = Sread.new_zeros(B, H, 0, K, V)
+        if end:
+            G = torch.cat([G, dht[:, :, m, None]], 2)
+        elif dht is not None and r and real and real[-1] == NC - 1:
+            # a partial last chunk: the final level is its read state times its decay
+            dn = log_total[:, :, NC - 1].exp()[..., None, None]
+            G[:, :, -1].addcmul_(dht[:, :, m], dn)
+            dtot[:, :, NC - 1] += (Sread[:, :, -1] * dht[:, :, m]).sum((-1, -2)) * dn[..., 0, 0]
+        gamma = (Sread * G).sum((-1, -2))  # [B, H, nR]: log-gradients of rho
+        dShat = Shat.new_zeros(B, H, len(rank), K, V).index_add_(2, rS, G.mul_(rho))
+        dSk = dShat.index_select(2, kS)
+        eta = (wk * dSk).sum((-1, -2))  # log-gradients of sigma
+        dlocal.index_add_(2, kI, dSk.mul_(sigma))
+        if nr:  # rho_j holds the run's totals before j; sigma_a the block's totals after a
+            dtot.index_add_(2, rI, _segment_scan(gamma, rseg, True)[..., :nr])
+        dtot.index_add_(2, kI, _segment_scan(eta, kseg, False))
+    return dqd, dl.permute(0, 1, 3, 4, 2), dlocal, dtot
 
 
 def _bitlens(x: Tensor) -> Tensor:
@@ -438,25 +452,13 @@ def _group_backward(q, k, v, g, lam, do, h0, dht, t0: int, C: int):
             eq = pre.exp()
             ek = suffix_sum_exclusive(gc[..., None], 3).exp()
             qd, kd = qc * eq, kc * ek
-            decay = eq[:, :, :, -1, 0]  # [B, H, NC]
             dqd, dlocal, from_total = torch.zeros_like(qd), None, None
             if M > 0:
-                a0 = (t0 - p) // C
                 local = kd.transpose(-1, -2) @ vc  # [B, H, NC, K, V]
-                Sall = _chunk_states(local, decay, a0, M)
-                dqd, dl_inter, Q = _level_reads(qd, doc, lc[..., c + 1:], Sall, a0)
+                dqd, dl_inter, dlocal, from_total = _inter_levels(
+                    qd, doc, lc[..., c + 1:], local, pre[:, :, :, -1, 0], (t0 - p) // C,
+                    None if dht is None else dht[:, :, c + 1:], r)
                 dlc[..., c + 1:] = dl_inter
-                dS = Q.new_zeros(B, H, M, K, V)
-                d_last = None
-                if dht is not None:  # final levels c+1+m: after the last merge, or before it
-                    if r == 0:
-                        dS.copy_(dht[:, :, c + 1:])
-                    else:
-                        d_last = dht[:, :, c + 1:]
-                dSall, dlocal = _chunk_states_reverse(Q, decay, a0, dS, d_last)
-                # the total of chunk j decays every state passing it: d log = <S decayed, dS>
-                from_total = Sall.mul_(dSall).sum((2, 4, 5)) * decay
-                del Sall, dSall, Q
             dkd = vc @ dlocal.transpose(-1, -2) if dlocal is not None else torch.zeros_like(kd)
             if dlocal is not None:
                 dvc = dvc + kd @ dlocal
@@ -527,13 +529,14 @@ def backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, s
 
     Per chunk, with do' = scale do: intra, dA = do' v^T and A = (q.k) W D give dq, dk from
     dA W D, dv = A^T do', dlambda from the per-level row sums of dA (q.k) D and the gate's
-    share from the pair log-gradients dA A (pair_gate_grad). Inter, a forward walk recomputes
-    the states every chunk reads (dq, dlambda[c+1+m] from do' . qd S_m) and a reverse walk
-    carries one gradient per level (each query chunk adds qd^T (lambda[c+1+m] do') to level m,
-    the merges run backwards) to each key chunk's own state (dk, dv). The gates' gradient is
-    summed only over the terms whose decay holds each gate: the pairs straddling it, the
-    chunk prefixes and suffixes holding it, the chunk totals on the states passing it, and the
-    initial state's prefixes and total. O(T C (K + V) + T L K V); nothing T x T."""
+    share from the pair log-gradients dA A (pair_gate_grad). Inter (_inter_levels), per chunk
+    level m: the states S_m each chunk reads (the block of chunks before its run, decayed),
+    giving dq and dlambda[c+1+m] (do' . qd S_m); each run's qd^T (lambda[c+1+m] do'), decayed
+    back to its block, gives that block's chunks' own-state gradient (dk, dv); the final
+    levels' dht enter as one more read. The gates' gradient is summed only over the terms
+    whose decay holds each gate: the pairs straddling it, the chunk prefixes and suffixes
+    holding it, the chunk totals inside a run or block, and the initial state's prefixes and
+    total. O(T C (K + V) + T L K V); nothing T x T."""
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[-1], level_scales.shape[-1]
     dt = accumulation_dtype(q)
