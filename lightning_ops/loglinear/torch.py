@@ -583,7 +583,7 @@ def backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, s
     if rep > 1:
         dq, dk = dq.unflatten(2, (G, rep)).sum(3), dk.unflatten(2, (G, rep)).sum(3)
     return (_dense(dq, q.dtype), _dense(dk, k.dtype), _dense(dv, v.dtype), _dense(dg, g.dtype),
-            _dense(dl, level_scales.dtype), None if h0 is None else dh0.to(h0.dtype))
+            _dense(dl, level_scales.dtype), None if h0 is None else _dense(dh0, h0.dtype))
 
 
 def _dense(x: Tensor, dtype: torch.dtype) -> Tensor:

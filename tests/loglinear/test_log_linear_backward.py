@@ -99,6 +99,7 @@ CASES = [  # B, T, G, H, K, V, L, chunk, lengths, offsets, gate
     pytest.param(1, 300, 1, 2, 6, 5, 12, 16, None, None, None, id="T300-C16-L12"),
     pytest.param(2, 300, 1, 2, 4, 3, 12, 16, None, [5, 37], None, id="T300-offsets-5-37"),
     pytest.param(2, 256, 1, 2, 4, 3, 12, 16, None, [0, 48], None, id="T256-ends-on-chunk"),
+    pytest.param(2, 90, 1, 2, 3, 4, 20, 8, None, [4133, 32765], None, id="big-offsets-L20"),
     pytest.param(1, 300, 1, 1, 4, 3, 7, 16, None, [5], None, id="T300-few-levels"),
     pytest.param(2, 70, 1, 2, 5, 3, 3, 16, None, [0, 3], None, id="L3"),
     pytest.param(1, 40, 1, 2, 3, 4, 1, 8, None, [0], None, id="L1"),
