@@ -42,6 +42,9 @@ class CPContext:
     crosses_all: List[bool] = field(default_factory=list)
     passes_all: List[bool] = field(default_factory=list)
     slice_len_all: List[int] = field(default_factory=list)
+    # tokens of this rank's first piece's sequence on earlier ranks (0 if it starts here):
+    # position-dependent ops (log-linear attention's Fenwick levels) need the absolute start
+    prior_tokens: int = 0
     device: Optional[torch.device] = None
     # communication accounting (filled by the exchange; see comm.py)
     bytes_sent: int = 0
@@ -180,4 +183,4 @@ def build_cp_context(cu_seqlens: Optional[Tensor] = None, group=None,
         ends_here=[cu[n + 1] <= bounds[rank + 1] for n, _, _ in mine],
         first_cont_all=tables["first_cont"], crosses_all=tables["crosses"],
         passes_all=tables["passes"], slice_len_all=[b - a for a, b in zip(bounds, bounds[1:])],
-        device=cu_seqlens.device)
+        prior_tokens=max(bounds[rank] - cu[mine[0][0]], 0), device=cu_seqlens.device)

@@ -50,12 +50,9 @@ piece only: chunk_gated_delta_rule with zero values of width K and an identity i
 would come out weighed by one slot's level weight, not the u_t every slot needs). Cost there:
 one log-linear run plus one gated-delta run of width K over the first piece, plus T L K V for
 the correction (a loop over the L levels).
-Positions: the context records every rank's slice but not where a crossing sequence began (only
-the rank it began on knows), and the local op needs P before the summaries exist. So the first
-log-linear call with a varlen context all-gathers every rank's last piece length once (a host
-collective of `world` ints, cached on the context: under torch.compile(fullgraph=True) make one
-eager log-linear call with the context first, as dynamo cannot trace it). Dense contexts assume
-every rank holds the same length T (P = offset + rank T).
+Positions: the local op needs P before the summaries exist; varlen contexts record it
+(CPContext.prior_tokens, from the global cu_seqlens every rank holds), so no extra collective.
+Dense contexts assume every rank holds the same length T (P = offset + rank T).
 
 States: initial_state keeps the ops' layout [N, ...] (N = B dense, or the GLOBAL number of
 sequences with cu_seqlens); rank r reads the rows of the sequences that START on it (dense: rank
@@ -483,21 +480,8 @@ def causal_conv1d_fn(x, weight, bias=None, initial_states=None, return_final_sta
 # ------------------------------------------------------------------------------------------------
 def _varlen_prev(cp: CPContext) -> int:
     """Varlen: the tokens of this rank's first piece's sequence on earlier ranks (0 if it starts
-    here). The context knows every rank's slice but not where a crossing sequence began: only
-    the rank it began on does. So each rank's last piece length is all-gathered once per context
-    (a host collective of `world` ints, cached on the context); every rank takes part, since all
-    hold the same context and reach their first log-linear call together."""
-    lens = getattr(cp, "_last_piece_lens", None)
-    if lens is None:
-        lens = []  # nothing crosses a boundary: every chain is empty
-        if cp.world > 1 and any(cp.first_cont_all):
-            lens = [None] * cp.world
-            dist.all_gather_object(lens, cp.piece_lengths()[-1], group=cp.group)
-            cp.collectives += 1
-            cp.bytes_sent += 8 * (cp.world - 1)
-            cp.bytes_received += 8 * (cp.world - 1)
-        cp._last_piece_lens = lens
-    return sum(lens[j] for j in cp.chain())
+    here), from the context's tables (every rank builds them from the same global cu_seqlens)."""
+    return cp.prior_tokens
 
 
 def _ll_levels(P: Tensor, T0: int, L: int) -> Tuple[Tensor, Tensor]:
