@@ -21,7 +21,8 @@ Backend ("loglinear" family): triton (loglinear/triton.py: the forward kernels; 
 CUDA) or torch (chunked PyTorch; the default on CPU, and float64 everywhere unless forced).
 chunk_log_linear_attn is a torch.library custom op (lightning_ops::log_linear_attn, fake impl +
 autograd), so torch.compile(fullgraph=True) traces through it. Its backward, on every backend,
-recomputes the torch implementation under autograd (_ll_bwd).
+is the torch implementation's hand-written one (loglinear.torch.backward: no autograd, nothing
+T x T; no Triton backward kernels yet).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as Vd
-from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_by_recompute,
+from .._custom_op import (contiguous, empty_like_none, forbid_double_backward,
                           grad_if_present, is_empty, none_if_empty, own_storage, passthrough_grad,
                           passthrough_state)
 from ..chunk.constants import TORCH_CHUNK
@@ -88,8 +89,8 @@ def _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_siz
 
 # ---------------------------------------------------------------------------------------------
 # The torch.library custom ops (forward, backward) around the chunked torch implementation, so
-# torch.compile(fullgraph=True) traces chunk_log_linear_attn as one opaque node. The backward
-# recomputes the forward under autograd (the torch backend's allowance). Absent optional outputs
+# torch.compile(fullgraph=True) traces chunk_log_linear_attn as one opaque node. The backward is
+# loglinear.torch.backward (hand-written, chunked) on every backend. Absent optional outputs
 # travel as empty tensors (custom ops cannot return None).
 # ---------------------------------------------------------------------------------------------
 def _next_offsets(offsets: Optional[Tensor], cu_seqlens: Optional[Tensor], N: int, T: int,
@@ -140,12 +141,6 @@ def _(q, k, v, g, level_scales, h0, offsets, cu_seqlens, scale, output_final_sta
             q.new_empty((N,) if want else (0,), dtype=torch.int64))
 
 
-def _grad_forward(q, k, v, g, level_scales, h0, offsets, cu_seqlens, scale, want, chunk_size):
-    o, final = _impl.forward(q, k, v, g, level_scales, scale, h0, offsets, want, cu_seqlens,
-                             chunk_size)
-    return o, (None if final is None else final[0])
-
-
 @torch.library.custom_op("lightning_ops::log_linear_attn_backward", mutates_args=())
 def _ll_bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Tensor,
             level_scales: Tensor, h0: Optional[Tensor], offsets: Optional[Tensor],
@@ -155,10 +150,8 @@ def _ll_bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, 
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                 torch.zeros_like(g), torch.zeros_like(level_scales),
                 passthrough_grad(dht, h0, q))
-    grads = grad_by_recompute(
-        lambda *a: _grad_forward(*a, scale, dht is not None, chunk_size),
-        (q, k, v, g, level_scales, h0, offsets, cu_seqlens), (do, dht))
-    dq, dk, dv, dg, dl, dh0 = grads[:6]
+    dq, dk, dv, dg, dl, dh0 = _impl.backward(q, k, v, g, level_scales, scale, h0, offsets,
+                                             cu_seqlens, do, dht, chunk_size)
     return (*contiguous(dq, dk, dv, dg, dl), empty_like_none(dh0, q))
 
 
@@ -195,8 +188,8 @@ def chunk_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scal
                           ) -> Tuple[Tensor, Optional[LogLinearAttentionState]]:
     """Log-linear attention over the scalar gate (see the module docstring). A torch.library
     custom op (lightning_ops::log_linear_attn, fake impl + autograd): torch.compile traces it.
-    The forward runs on the chosen backend (triton or torch); the backward recomputes the torch
-    implementation under autograd."""
+    The forward runs on the chosen backend (triton or torch); the backward is the torch
+    implementation's hand-written one."""
     _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_size)
     name = _backend.resolve("loglinear", q.device, q.dtype)  # a forced unavailable one raises
     Vd.check_flag("output_final_state", output_final_state)
