@@ -8,6 +8,7 @@ Shapes (B * T = 64K tokens at T = 2K, 8K, 32K; bf16; fwd and fwd+bwd):
                           provider alike)
   chunk_kda                     Kimi Linear's head dims: H = 16, K = V = 128 (per-channel gates)
   chunk_gla, chunk_simple_gla   H = 16, K = V = 128
+  chunk_log_linear_attn         log-linear Mamba-2: 32 value heads of 64, one q/k group of 128
   mamba_chunk_scan_combined     Nemotron-H: head dim 64, state 128, 128 heads, chunk 256
   selective_scan_fn             Mamba-1: D = 1536 and 5120, N = 16
 Decode (one token, state in, state out) at batch 1, 32, 256: fused_recurrent_gated_delta_rule
@@ -55,6 +56,9 @@ def _cfgs(dry: bool):
         ("chunk_kda", grid(H, K, K)),
         ("chunk_gla", grid(H, K, K)),
         ("chunk_simple_gla", grid(H, K, K)),
+        # log-linear Mamba-2 (fla's LogLinearMamba2 defaults): one q/k group of state 128
+        # shared by 32 value heads of head dim 64 (hidden 1024, expand 2)
+        ("chunk_log_linear_attn", grid(1 if dry else 32, K, 16 if dry else 64)),
         # SSD: registry dims p = min(V, 64), h = H * V / p, n = K
         ("mamba_chunk_scan_combined", grid(1 if dry else 128, 16 if dry else 128,
                                            16 if dry else 64, ssd_chunk=16 if dry else 256)),
