@@ -178,10 +178,11 @@ class RecurrentMixer(nn.Module):
         if not self._cp_supported():
             raise NotImplementedError(
                 f"{name}: context parallelism (cp_context) is not supported by this layer "
-                f"(lightning_ops.cp wraps the chunked GLA, delta-rule, SSD and causal-conv ops; "
-                f"layers taking cp_context: GatedLinearAttention, LightningAttention, DeltaNet, "
-                f"GatedDeltaNet, KimiDeltaAttention, HGRN2Attention, HedgehogAttention, "
-                f"Mamba2){self._cp_note()}")
+                f"(lightning_ops.cp wraps the chunked GLA, delta-rule, SSD, log-linear and "
+                f"causal-conv ops; layers taking cp_context: GatedLinearAttention, "
+                f"LightningAttention, DeltaNet, GatedDeltaNet, KimiDeltaAttention, "
+                f"HGRN2Attention, HedgehogAttention, Mamba2, LogLinearMamba2, "
+                f"LogLinearGatedDeltaNet){self._cp_note()}")
         if not isinstance(cp_context, lo.cp.CPContext):
             raise TypeError(f"{name}: cp_context must come from "
                             f"lightning_ops.cp.build_cp_context, got {type(cp_context).__name__}")

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lightning_ops as lo
 from lightning_ops.loglinear import hmamba_chunk_scan_combined, log_linear_attn_step
 
 from .base import FlaMixer, HierarchyStateMixin, MixerStep, warn_ignored
@@ -83,6 +84,8 @@ class LogLinearMamba2(HierarchyStateMixin, FlaMixer):
     Parameters (fla's names): in_proj, conv1d, dt_bias [H], A_log [H] (log(1..H)), L [H, levels]
     (ones), norm.weight, D, out_proj; dt_bias, A_log, L and D carry `_no_weight_decay`.
     """
+
+    supports_cp = True
 
     def __init__(self, num_heads: int, head_dim: int = 64, hidden_size: int = 2048,
                  state_size: int = 128, expand: int = 2, n_groups: int = 1, conv_kernel: int = 4,
@@ -155,9 +158,6 @@ class LogLinearMamba2(HierarchyStateMixin, FlaMixer):
     def conv_layers(self) -> List[ShortConvolution]:
         return [self.conv1d]
 
-    def _cp_note(self) -> str:
-        return "; lightning_ops.cp has no wrapper of the log-linear scan"
-
     def _get_D(self) -> Tensor:
         return self.D.view(self.num_heads, self.head_dim) if self.D_has_hdim else self.D
 
@@ -196,6 +196,10 @@ class LogLinearMamba2(HierarchyStateMixin, FlaMixer):
         kw = dict(chunk_size=self.chunk_size, D=D, dt_bias=self.dt_bias.to(A.dtype),
                   dt_softplus=True, dt_limit=self.dt_limit, return_final_states=step.want_state)
         init = None if rec is None else tuple(rec)
+        if step.cp_context is not None:  # (mix refuses masks and states under CP)
+            y, _ = lo.cp.hmamba_chunk_scan_combined(x, dt, A, B, C, dl, Lp, z=z,
+                                                    cp_context=step.cp_context, **kw)
+            return y, None
         if step.mask is None or step.cu_seqlens is not None:
             y, st = hmamba_chunk_scan_combined(x, dt, A, B, C, dl, Lp, z=z, initial_states=init,
                                                cu_seqlens=step.cu_seqlens, **kw)

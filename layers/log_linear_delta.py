@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import lightning_ops as lo
 from lightning_ops.loglinear import (chunk_log_linear_gated_delta_rule,
                                      fused_recurrent_log_linear_gated_delta_rule,
                                      log_linear_gated_delta_rule_step)
@@ -61,7 +62,7 @@ class LogLinearGatedDeltaNet(HierarchyStateMixin, GatedDeltaNet):
     [num_v_heads, num_levels] (ones, `_no_weight_decay`).
     """
 
-    supports_cp = False
+    supports_cp = True
 
     def __init__(self, hidden_size: int = 2048, expand_v: float = 2, head_dim: int = 256,
                  num_heads: int = 6, num_v_heads: Optional[int] = None, mode: str = "chunk",
@@ -103,9 +104,6 @@ class LogLinearGatedDeltaNet(HierarchyStateMixin, GatedDeltaNet):
         """Shape of one sequence's level states ht (the offsets ride along in the tuple)."""
         return (self.num_v_heads, self.num_levels, self.head_k_dim, self.head_v_dim)
 
-    def _cp_note(self) -> str:
-        return "; lightning_ops.cp has no wrapper of the log-linear ops"
-
     # -- the mixer -----------------------------------------------------------------------------
     def _lambda(self, x: Tensor, step: MixerStep) -> Tensor:
         cd = compute_dtype(x)
@@ -130,9 +128,12 @@ class LogLinearGatedDeltaNet(HierarchyStateMixin, GatedDeltaNet):
         """The chunked op. A padding mask (left-aligned by `mix`) becomes packing: row b is two
         packed sequences, its padding and its real tokens, so the real tokens start at their own
         offset (0, or the cache's) and get their own state (fixed shapes, no host sync here)."""
+        kw = dict(output_final_state=step.want_state, use_qk_l2norm_in_kernel=True)
+        if step.cp_context is not None:  # the chunked form, whatever the mode (as the others)
+            return lo.cp.chunk_log_linear_gated_delta_rule(
+                q, k, v, g, lam, beta, cp_context=step.cp_context, **kw)[0], None
         fn = fused_recurrent_log_linear_gated_delta_rule if self.mode == "fused_recurrent" \
             else chunk_log_linear_gated_delta_rule
-        kw = dict(output_final_state=step.want_state, use_qk_l2norm_in_kernel=True)
         if step.mask is None or step.cu_seqlens is not None:
             o, st = fn(q, k, v, g, lam, beta, initial_state=rec, cu_seqlens=step.cu_seqlens,
                        **kw)

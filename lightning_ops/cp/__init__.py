@@ -12,6 +12,7 @@ from .ops import (
     chunk_log_linear_attn,
     chunk_log_linear_gated_delta_rule,
     chunk_simple_gla,
+    hmamba_chunk_scan_combined,
     lightning_attn,
     mamba_chunk_scan_combined,
 )
@@ -20,5 +21,5 @@ __all__ = [
     "CPContext", "build_cp_context", "chunk_linear_attn", "chunk_simple_gla", "lightning_attn",
     "chunk_gla", "chunk_delta_rule", "chunk_gated_delta_rule", "chunk_kda",
     "mamba_chunk_scan_combined", "causal_conv1d_fn", "chunk_log_linear_attn",
-    "chunk_log_linear_gated_delta_rule",
+    "chunk_log_linear_gated_delta_rule", "hmamba_chunk_scan_combined",
 ]

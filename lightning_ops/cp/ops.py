@@ -626,6 +626,42 @@ def chunk_log_linear_attn(q, k, v, g, level_scales, initial_state=None, output_f
                        (H, L, L), _level_apply)
 
 
+def hmamba_chunk_scan_combined(x, dt, A, B, C, dl, L, chunk_size=64, D=None, z=None,
+                               dt_bias=None, initial_states=None, seq_idx=None,
+                               cu_seqlens=None, dt_softplus=False,
+                               dt_limit=(0.0, float("inf")), return_final_states=False,
+                               cp_context: Optional[CPContext] = None):
+    """lightning_ops.loglinear.hmamba_chunk_scan_combined (log-linear Mamba-2's scan) over a CP
+    group: chunk_log_linear_attn's wrapper with q = C, k = B, v = x dt, g = A dt, level weights
+    softplus(L dl); D x and the silu(z) gate are per token, so they need no exchange. States as
+    chunk_log_linear_attn's wrapper. Returns (y, state or None), as the public op."""
+    if cp_context is None:
+        return _ll_ops.hmamba_chunk_scan_combined(
+            x, dt, A, B, C, dl, L, chunk_size, D, z, dt_bias, initial_states, seq_idx,
+            cu_seqlens, dt_softplus, dt_limit, return_final_states)
+    _no_cu(cu_seqlens)
+    if seq_idx is not None:
+        raise ValueError("seq_idx is not supported with cp_context: pass the global cu_seqlens "
+                         "to build_cp_context")
+    if x.dim() != 4:  # the public op's 3-D form is a one-token decode step, not a CP slice
+        raise ValueError(f"with cp_context, x must be this rank's slice [b, l, h, p], got shape "
+                         f"{list(x.shape)}")
+    if B.shape != C.shape:
+        raise ValueError(f"B and C must have the same shape, got {list(B.shape)} and "
+                         f"{list(C.shape)}")
+    # the public op's own parametrisation (loglinear.ops.hmamba_chunk_scan_combined)
+    dt = effective_dt(dt, dt_bias, dt_softplus, dt_limit)
+    v = (x * dt[..., None]).to(x.dtype)
+    lam = F.softplus(L * dl).to(L.dtype)
+    y, state = chunk_log_linear_attn(C, B, v, A * dt, lam, initial_states, return_final_states,
+                                     chunk_size=chunk_size, cp_context=cp_context)
+    if D is not None:
+        y = y + x * (D[:, None] if D.dim() == 1 else D)
+    if z is not None:
+        y = y * F.silu(z)
+    return y, state
+
+
 def _level_apply(A: Tensor, S: Tensor) -> Tensor:
     return torch.einsum("nhlm,nhlkv->nhmkv", A, S)  # A [n, H, L, L] (decay x move)
 

@@ -378,6 +378,19 @@ def make_layer(kind: str, d: int = 16) -> torch.nn.Module:
     if kind == "mamba2_mlp":  # the gated MLP channels, D per channel, y * silu(z) in the op
         return L.Mamba2(d_model=d, d_state=4, headdim=8, chunk_size=8, d_ssm=16,
                         D_has_hdim=True, rmsnorm=False)
+    # log-linear: levels placed by absolute positions across the rank boundary; few levels
+    # (keys over 2^(L-2) tokens back drop out) and small chunks so slots move, merge and fall off
+    if kind == "log_linear_mamba2":
+        return L.LogLinearMamba2(num_heads=4, head_dim=8, hidden_size=d, state_size=4,
+                                 n_groups=2, chunk_size=4, num_levels=4, dt_limit=(0.001, 2.0))
+    if kind == "log_linear_mamba2_gate":  # y * silu(z) in the op, D per channel, 15 levels
+        return L.LogLinearMamba2(num_heads=2, head_dim=16, hidden_size=d, state_size=8,
+                                 chunk_size=8, rmsnorm=False, D_has_hdim=True)
+    if kind == "log_linear_gated_delta":
+        return L.LogLinearGatedDeltaNet(hidden_size=d, head_dim=8, num_heads=2, num_v_heads=4,
+                                        expand_v=1, num_levels=4)
+    if kind == "log_linear_gated_delta_wide":  # default levels, K != V
+        return L.LogLinearGatedDeltaNet(hidden_size=d, head_dim=8, num_heads=2, expand_v=0.75)
     raise ValueError(kind)
 
 
@@ -444,6 +457,70 @@ def check_compiled_cp(rank: int, world: int) -> None:
     compiled = run(torch.compile(layer, fullgraph=True, backend=backend))
     for i, (a, b) in enumerate(zip(compiled, eager)):
         _close(f"compiled vs eager CP, tensor {i} [rank {rank}]", a, b, 1e-6)
+
+
+def check_hmamba_op(rank: int, world: int) -> None:
+    """cp.hmamba_chunk_scan_combined (log-linear Mamba-2's scan) against the public op in
+    float64 (1e-10): output slice, final (ht, offsets) and every gradient, including the
+    initial hierarchy at user offsets, grouped B/C, D per channel, z, dt_bias / softplus /
+    dt_limit; dense (B = 2) and varlen (a sequence crossing the boundary, an empty one)."""
+    from lightning_ops.loglinear import LogLinearAttentionState, hmamba_chunk_scan_combined
+    f64 = torch.float64
+    for B, cu_list, D_hdim, lv in ((2, None, True, 5), (1, [0, 5, 17, 17, 24], False, 7)):
+        torch.manual_seed(11)
+        T, h, p, g, n = 24, 4, 3, 2, 4
+        cu = None if cu_list is None else torch.tensor(cu_list, dtype=torch.int32)
+        N = B if cu is None else len(cu_list) - 1
+        ins = {"x": (torch.randn(B, T, h, p, dtype=f64), 1),
+               "dt": (torch.randn(B, T, h, dtype=f64) * 0.5, 1),
+               "A": (-torch.rand(h, dtype=f64) - 0.2, None),
+               "B": (torch.randn(B, T, g, n, dtype=f64), 1),
+               "C": (torch.randn(B, T, g, n, dtype=f64), 1),
+               "dl": (torch.randn(B, T, h, lv, dtype=f64), 1),
+               "L": (torch.rand(h, lv, dtype=f64) + 0.5, None),
+               "D": (torch.randn(h * p if D_hdim else h, dtype=f64), None),
+               "z": (torch.randn(B, T, h, p, dtype=f64), 1),
+               "dt_bias": (torch.randn(h, dtype=f64) * 0.1, None),
+               "h0": (torch.randn(N, h, lv, n, p, dtype=f64), None)}
+        for t, _ in ins.values():
+            t.requires_grad_(True)
+        offsets = torch.randint(0, 40, (N,), dtype=torch.int64)
+
+        def call(x, cu_, ctx):
+            fn = hmamba_chunk_scan_combined if ctx is None else cp.hmamba_chunk_scan_combined
+            D = x["D"].view(h, p) if D_hdim else x["D"]
+            return fn(x["x"], x["dt"], x["A"], x["B"], x["C"], x["dl"], x["L"], 4, D=D,
+                      z=x["z"], dt_bias=x["dt_bias"],
+                      initial_states=LogLinearAttentionState(x["h0"], offsets), cu_seqlens=cu_,
+                      dt_softplus=True, dt_limit=(0.01, 5.0), return_final_states=True,
+                      **({} if ctx is None else {"cp_context": ctx}))
+
+        full = {k_: t for k_, (t, _) in ins.items()}
+        y_ref, st_ref = call(full, cu, None)
+        dy, dht = torch.randn_like(y_ref), torch.randn_like(st_ref.ht)
+        leaves = [t for t, _ in ins.values()]
+        g_ref = torch.autograd.grad((y_ref * dy).sum() + (st_ref.ht * dht).sum(), leaves)
+        ctx = cp.build_cp_context(cu)
+        s, e = (ctx.bounds[rank], ctx.bounds[rank + 1]) if cu is not None else \
+            (rank * T // world, (rank + 1) * T // world)
+        local = {k_: (t if d is None else t.narrow(d, s, e - s)) for k_, (t, d) in ins.items()}
+        y, st = call(local, None, ctx)
+        grads = torch.autograd.grad((y * dy[:, s:e]).sum() + (st.ht * dht).sum(), leaves,
+                                    allow_unused=True)
+        ht, off = st.ht.detach().clone(), st.offsets.clone()
+        dist.all_reduce(ht)
+        dist.all_reduce(off)
+        summed = []
+        for g_cp, g_1 in zip(grads, g_ref):
+            g_cp = torch.zeros_like(g_1) if g_cp is None else g_cp.detach().clone()
+            dist.all_reduce(g_cp)
+            summed.append(g_cp)
+        where = f"hmamba op world={world} rank={rank} B={B} cu={cu_list}"
+        _close(f"y [{where}]", y, y_ref[:, s:e], 1e-10)
+        _close(f"final ht [{where}]", ht, st_ref.ht, 1e-10)
+        assert torch.equal(off, st_ref.offsets), f"final offsets [{where}]"
+        for name, g_cp, g_1 in zip(ins, summed, g_ref):
+            _close(f"d{name} [{where}]", g_cp, g_1, 1e-10)
 
 
 def worker_layers(rank: int, world: int, cases: list, extras: tuple = ()) -> None:

@@ -1,9 +1,9 @@
 """The layers with cp_context= (context parallel, lightning_ops.cp) on 2 gloo CPU ranks: each
 rank runs its slice of the tokens, and the output, dL/dx and every parameter gradient (summed
 over the ranks) equal the single-process layer on the whole input, in float32 (<= 1e-5
-relative); a layer under torch.compile(fullgraph=True) with the collective in its graph; the
-errors raised before any collective. One spawn for all the rank cases (process start-up
-dominates on CI)."""
+relative); cp.hmamba_chunk_scan_combined against the public op (float64); a layer under
+torch.compile(fullgraph=True) with the collective in its graph; the errors raised before any
+collective. One spawn for all the rank cases (process start-up dominates on CI)."""
 from __future__ import annotations
 
 import pytest
@@ -32,8 +32,12 @@ def test_cp_layers_two_ranks():
         ("hedgehog", 1, 24, VARLEN, F32_TOL),
         ("mamba2", 1, 24, VARLEN, F32_TOL),
         ("mamba2_mlp", 2, 24, None, F32_TOL),
+        ("log_linear_mamba2", 1, 24, VARLEN, F32_TOL),
+        ("log_linear_mamba2_gate", 2, 24, None, F32_TOL),
+        ("log_linear_gated_delta", 1, 24, VARLEN, F32_TOL),
+        ("log_linear_gated_delta_wide", 2, 24, None, F32_TOL),
     ]
-    run_ranks(2, worker_layers, cases, ("check_compiled_cp",), timeout=300)
+    run_ranks(2, worker_layers, cases, ("check_compiled_cp", "check_hmamba_op"), timeout=300)
 
 
 def _ctx():
@@ -63,12 +67,30 @@ def test_cp_layer_errors_before_any_collective():
            cp_context=_ctx())
     with pytest.raises(ValueError, match="seq_idx"):
         m2(x, seq_idx=torch.zeros(1, 4, dtype=torch.int32), cp_context=_ctx())
+    # the log-linear layers: the mixer's checks, then the ops' own (no short conv in front of
+    # the log-linear Gated DeltaNet's op; the conv's in front of log-linear Mamba-2's scan)
+    llm = make_layer("log_linear_mamba2")
+    lld = L.LogLinearGatedDeltaNet(hidden_size=16, head_dim=8, num_heads=2, num_levels=4,
+                                   use_short_conv=False, layer_idx=0)
+    for layer in (llm, lld):
+        with pytest.raises(ValueError, match="attention_mask cannot be combined with cp_context"):
+            layer(x, attention_mask=torch.ones(1, 4), cp_context=_ctx())
+        with pytest.raises(ValueError, match="cached states"):
+            layer.mix(x, output_final_state=True, cp_context=_ctx())
+        with pytest.raises(ValueError, match="context gives this rank"):
+            layer(torch.randn(1, 5, 16), cp_context=_ctx())
+    with pytest.raises(ValueError, match="cached states"):
+        lld(x, past_key_values=L.Cache(), use_cache=True, cp_context=_ctx())
+    xs, dt, A = torch.randn(1, 5, 2, 4), torch.randn(1, 5, 2), -torch.rand(2)
+    Bc, dl, lv = torch.randn(1, 5, 1, 4), torch.randn(1, 5, 2, 4), torch.ones(2, 4)
+    with pytest.raises(ValueError, match="context gives this rank"):
+        cp.hmamba_chunk_scan_combined(xs, dt, A, Bc, Bc, dl, lv, cp_context=_ctx())
+    with pytest.raises(ValueError, match="seq_idx"):
+        cp.hmamba_chunk_scan_combined(xs, dt, A, Bc, Bc, dl, lv, cp_context=_ctx(),
+                                      seq_idx=torch.zeros(1, 5, dtype=torch.int32))
     unsupported = [L.Mamba(d_model=16), L.LION(hidden_size=16, num_heads=2),
                    L.MomAttention(hidden_size=16, head_dim=8, num_heads=2, num_memories=2,
-                                  topk=1),
-                   L.LogLinearMamba2(num_heads=4, head_dim=8, hidden_size=16, state_size=4)]
-    if hasattr(L, "LogLinearGatedDeltaNet"):  # a GatedDeltaNet subclass with its own _mix
-        unsupported.append(L.LogLinearGatedDeltaNet(hidden_size=16, head_dim=8, num_heads=2))
+                                  topk=1)]
     for layer in unsupported:
         with pytest.raises(NotImplementedError, match="cp_context"):
             layer(x, cp_context=_ctx())
