@@ -27,10 +27,13 @@ Backend module contract (lightning_ops.ssm.torch / .triton / .cuda; families "se
         heads form: state [b,h,p,n]; the Mamba-1 form is mapped onto it with h = 1, except that
         the torch backend, called directly in eager mode, takes it as it is)
   conv:
-    conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, activation)
-        -> (out, final_states or None)
-    conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal)
-        -> (dx, dweight, dbias or None, dinitial_states or None)
+    conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, activation,
+                 save_pre) -> (out, final_states or None, pre or None): pre is the conv's
+        output before SiLU (float32 / float64; [b, D, L + W - 1] as F.conv1d with padding W - 1
+        gives it, or [b, D, L] with initial_states), returned when save_pre and the backend
+        keeps it
+    conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal, pre)
+        -> (dx, dweight, dbias or None, dinitial_states or None)   (pre None: recomputed)
     conv_update(x, conv_state, weight, bias, activation) -> out   (x [b, D, L]; state in place;
         the torch backend, called directly in eager mode, also takes x [b, D] for one token)
 activation is "none" or "silu". States are float32 (float64 for float64 inputs).
@@ -45,8 +48,8 @@ from .. import backend as _backend
 from ..precision import accumulation_dtype
 from .. import validation as V
 from .._custom_op import (PLAIN_TENSORS, contiguous, eager_direct, empty_like_none,
-                          forbid_double_backward, grad_if_present, is_empty, passthrough_grad,
-                          passthrough_state, zeros_or_empty)
+                          forbid_double_backward, grad_if_present, is_empty, none_if_empty,
+                          passthrough_grad, passthrough_state, zeros_or_empty)
 
 Tensor = torch.Tensor
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -517,58 +520,66 @@ def _activation(activation) -> str:
 @torch.library.custom_op("lightning_ops::causal_conv1d", mutates_args=())
 def _conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor],
               initial_states: Optional[Tensor], seq_idx: Optional[Tensor],
-              return_final_states: bool, activation: str, backend: str
-              ) -> Tuple[Tensor, Tensor]:
+              return_final_states: bool, activation: str, backend: str, save_pre: bool
+              ) -> Tuple[Tensor, Tensor, Tensor]:
+    # save_pre (torch backend, SiLU, a backward to come): also return SiLU's input, kept for
+    # the backward instead of a second conv there; else an empty placeholder
     if is_empty(x):  # no tokens (b, d or L = 0): the history passes through unchanged
         b, d, _ = x.shape
         return x.new_zeros(x.shape), passthrough_state(
-            initial_states, (b, d, weight.shape[1] - 1), x, x.dtype, return_final_states)
+            initial_states, (b, d, weight.shape[1] - 1), x, x.dtype, return_final_states), \
+            x.new_empty(0, dtype=accumulation_dtype(x))
     impl = _backend.implementation("conv", backend)
-    out, final = impl.conv_forward(x, weight, bias, initial_states, seq_idx,
-                                   return_final_states, activation)
-    return out, empty_like_none(final, x)
+    out, final, pre = impl.conv_forward(x, weight, bias, initial_states, seq_idx,
+                                        return_final_states, activation, save_pre)
+    return out, empty_like_none(final, x), empty_like_none(pre, x, accumulation_dtype(x))
 
 
 @_conv_fwd.register_fake
-def _(x, weight, bias, initial_states, seq_idx, return_final_states, activation, backend):
+def _(x, weight, bias, initial_states, seq_idx, return_final_states, activation, backend,
+      save_pre):
     b, d, _ = x.shape
     final = x.new_empty((b, d, weight.shape[1] - 1) if return_final_states else (0,))
-    return x.new_empty(x.shape), final
+    keep = save_pre and activation == "silu" and seq_idx is None and x.numel() > 0
+    W1 = weight.shape[1] - 1  # the conv's full output: [b, d, L + W - 1] without a history
+    pre = x.new_empty((b, d, x.shape[2] + (W1 if initial_states is None else 0)) if keep
+                      else (0,), dtype=accumulation_dtype(x))
+    return x.new_empty(x.shape), final, pre
 
 
 @torch.library.custom_op("lightning_ops::causal_conv1d_backward", mutates_args=())
 def _conv_bwd(dout: Tensor, dfinal: Optional[Tensor], x: Tensor, weight: Tensor,
               bias: Optional[Tensor], initial_states: Optional[Tensor],
-              seq_idx: Optional[Tensor], activation: str, backend: str
+              seq_idx: Optional[Tensor], pre: Optional[Tensor], activation: str, backend: str
               ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     if is_empty(x):
         return (torch.zeros_like(x), torch.zeros_like(weight), zeros_or_empty(bias, x),
                 passthrough_grad(dfinal, initial_states, x))
     impl = _backend.implementation("conv", backend)
     dx, dw, db, dh0 = impl.conv_backward(x, weight, bias, initial_states, seq_idx, activation,
-                                         dout, dfinal)
+                                         dout, dfinal, pre)
     return contiguous(dx, dw, empty_like_none(db, x), empty_like_none(dh0, x))
 
 
 @_conv_bwd.register_fake
-def _(dout, dfinal, x, weight, bias, initial_states, seq_idx, activation, backend):
+def _(dout, dfinal, x, weight, bias, initial_states, seq_idx, pre, activation, backend):
     return (torch.empty_like(x), torch.empty_like(weight), _empty_grad(bias, x),
             _empty_grad(initial_states, x))
 
 
 def _conv_setup(ctx, inputs, output):
-    x, weight, bias, h0, seq_idx, _, activation, backend = inputs
-    ctx.save_for_backward(x, weight, bias, h0, seq_idx)
+    x, weight, bias, h0, seq_idx, _, activation, backend, _ = inputs
+    ctx.save_for_backward(x, weight, bias, h0, seq_idx, output[2])
     ctx.activation, ctx.backend = activation, backend
 
 
-def _conv_backward(ctx, dout, dfinal):
-    x, weight, bias, h0, seq_idx = ctx.saved_tensors
+def _conv_backward(ctx, dout, dfinal, dpre):
+    x, weight, bias, h0, seq_idx, pre = ctx.saved_tensors
     dfinal = None if dfinal is None or dfinal.numel() == 0 else dfinal
     dx, dw, db, dh0 = _conv_bwd(dout.contiguous(), dfinal, x, weight, bias, h0, seq_idx,
-                                ctx.activation, ctx.backend)
+                                none_if_empty(pre), ctx.activation, ctx.backend)
     db, dh0 = _none_for_absent((db, dh0), (bias, h0))
-    return dx, dw, db, dh0, None, None, None, None
+    return dx, dw, db, dh0, None, None, None, None, None
 
 
 _conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -605,8 +616,13 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     _check_seq_idx(seq_idx, (b, L), "[B, L]", x)
     name = _backend.resolve("conv", x.device, x.dtype)
     x, weight, bias, initial_states = contiguous(x, weight, bias, initial_states)
-    out, final = _conv_fwd(x, weight, bias, initial_states, seq_idx, return_final_states, act,
-                           name)
+    # the torch backend keeps SiLU's input when a backward will follow (the Triton one
+    # recomputes it inside its fused gradient kernel)
+    save_pre = name == "torch" and act == "silu" and seq_idx is None and \
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                        for t in (x, weight, bias, initial_states))
+    out, final, _ = _conv_fwd(x, weight, bias, initial_states, seq_idx, return_final_states,
+                              act, name, save_pre)
     return (out, final) if return_final_states else out
 
 

@@ -687,13 +687,16 @@ def _conv_input(x, initial_states, acc):
     return torch.cat([initial_states.to(acc), x.to(acc)], dim=-1), 0
 
 
-def _conv_pre(xin, w, bias, pad, W):
-    """The conv before the activation, [b, d, L]."""
+def _conv_full(xin, w, bias, pad, W):
+    """The conv before the activation as F.conv1d returns it: [b, d, L + W - 1] of which the
+    first L are the causal outputs (padding W-1), or [b, d, L] when the history is prepended."""
     d = w.shape[0]
-    if pad is None:
-        out = F.conv1d(xin, w[:, None, :], bias, padding=W - 1, groups=d)
-        return out[..., :xin.shape[-1]]
-    return F.conv1d(xin, w[:, None, :], bias, groups=d)
+    return F.conv1d(xin, w[:, None, :], bias, padding=W - 1 if pad is None else 0, groups=d)
+
+
+def _conv_pre(xin, w, bias, pad, W):
+    """The conv before the activation, [b, d, L] (a view of _conv_full's output)."""
+    return _conv_full(xin, w, bias, pad, W)[..., :xin.shape[-1] - (0 if pad is None else W - 1)]
 
 
 def _conv_final(x, initial_states, W, acc):
@@ -730,26 +733,37 @@ def _conv_masked(x, weight, bias, initial_states, seq_idx, activation):
     return out.to(x.dtype), final.to(x.dtype)
 
 
-def _conv_math(x, weight, bias, initial_states, seq_idx, activation):
-    """-> (out in x's dtype, final_states [b, d, W-1] in x's dtype)."""
+def _conv_math(x, weight, bias, initial_states, seq_idx, activation, save_pre=False):
+    """-> (out in x's dtype, final_states [b, d, W-1] in x's dtype, and when save_pre and SiLU
+    the conv's full output (_conv_full: SiLU's input is its first L columns; kept whole, not
+    copied out of the strided slice), else None)."""
     if seq_idx is not None:
-        return _conv_masked(x, weight, bias, initial_states, seq_idx, activation)
+        return (*_conv_masked(x, weight, bias, initial_states, seq_idx, activation), None)
     acc = accumulation_dtype(x)
-    W = weight.shape[1]
+    L, W = x.shape[-1], weight.shape[1]
     xin, pad = _conv_input(x, initial_states, acc)
-    out = _conv_pre(xin, weight.to(acc), None if bias is None else bias.to(acc), pad, W)
-    if activation == "silu":
+    full = _conv_full(xin, weight.to(acc), None if bias is None else bias.to(acc), pad, W)
+    out = full[..., :L]
+    if activation == "silu":  # reads the strided slice once, writes a dense output
         out = F.silu(out)
-    return out.to(x.dtype), _conv_final(x, initial_states, W, acc).to(x.dtype)
+    return out.to(x.dtype), _conv_final(x, initial_states, W, acc).to(x.dtype), \
+        full if save_pre and activation == "silu" else None
 
 
-def conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, activation):
+def conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, activation,
+                 save_pre=False):
+    """-> (out, final or None, pre or None). save_pre: keep SiLU's input for the backward
+    (one [b, d, L] tensor, what autograd of F.conv1d + silu keeps too) instead of recomputing
+    the conv there."""
     with torch.no_grad():
-        out, final = _conv_math(x, weight, bias, initial_states, seq_idx, activation)
-    return _own((out, final.contiguous() if return_final_states else None))
+        out, final, pre = _conv_math(x, weight, bias, initial_states, seq_idx, activation,
+                                     save_pre)
+    return _own((out, final.contiguous() if return_final_states else None, pre))
 
 
-def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal):
+def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal, pre=None):
+    """pre: the conv's full output as conv_forward(save_pre=True) kept it, or None (then SiLU's
+    input is recomputed)."""
     if seq_idx is not None:
         def f(x, w, b, h0):
             return _conv_masked(x, w, b, h0, seq_idx, activation)
@@ -762,7 +776,8 @@ def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, df
         wf = weight.to(acc)
         dpre = dout.to(acc)
         if activation == "silu":
-            pre = _conv_pre(xin, wf, None if bias is None else bias.to(acc), pad, W)
+            pre = _conv_pre(xin, wf, None if bias is None else bias.to(acc), pad, W) \
+                if pre is None else pre[..., :L]
             dpre = torch.ops.aten.silu_backward(dpre, pre)  # one fused pass
         if pad is None:  # the conv's output is [b, d, L+W-1], of which the first L are kept
             dpre_full = F.pad(dpre, (0, W - 1))

@@ -567,7 +567,9 @@ def _conv_args(x, initial_states, seq_idx):
     return (*x.stride(), *(_strides(h, 3)), *(_strides(seq_idx, 2)))
 
 
-def conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, activation):
+def conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, activation,
+                 save_pre=False):
+    """save_pre is ignored: conv_backward's fused kernel recomputes SiLU's input."""
     b, Dm, L = x.shape
     W = weight.shape[1]
     out = torch.empty(b, Dm, L, dtype=x.dtype, device=x.device)
@@ -584,10 +586,10 @@ def conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, 
     if return_final_states:  # the last W-1 inputs (history included when L < W-1)
         hist = x.new_zeros(b, Dm, W - 1) if initial_states is None else initial_states.to(x.dtype)
         final = torch.cat([hist, x], -1)[:, :, L:]
-    return own_storage((out, final))
+    return (*own_storage((out, final)), None)
 
 
-def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal):
+def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal, pre=None):
     b, Dm, L = x.shape
     W = weight.shape[1]
     wc = weight.float().contiguous()
@@ -633,6 +635,6 @@ def conv_update(x, conv_state, weight, bias, activation):
     b, Dm, L = x.shape
     W, S = weight.shape[1], conv_state.shape[-1]
     hist = conv_state[:, :, S - (W - 1):]
-    out, _ = conv_forward(x, weight, bias, hist, None, False, activation)
+    out, _, _ = conv_forward(x, weight, bias, hist, None, False, activation)
     conv_state.copy_(torch.cat([conv_state, x.to(conv_state.dtype)], -1)[:, :, L:])
     return out
