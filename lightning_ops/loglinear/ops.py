@@ -20,9 +20,10 @@ needs no chunk alignment with the past. `fused_recurrent_log_linear_attn` and
 Backend ("loglinear" family): triton (loglinear/triton.py: the forward kernels; the default on
 CUDA) or torch (chunked PyTorch; the default on CPU, and float64 everywhere unless forced).
 chunk_log_linear_attn is a torch.library custom op (lightning_ops::log_linear_attn, fake impl +
-autograd), so torch.compile(fullgraph=True) traces through it. Its backward, on every backend,
-is the torch implementation's hand-written one (loglinear.torch.backward: no autograd, nothing
-T x T; no Triton backward kernels yet).
+autograd), so torch.compile(fullgraph=True) traces through it. Its backward runs on the backend
+that ran the forward: Triton kernels (loglinear/triton_backward.py) after a triton forward, else
+the torch implementation's hand-written one (loglinear.torch.backward); neither uses autograd or
+forms anything T x T.
 """
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_siz
 # ---------------------------------------------------------------------------------------------
 # The torch.library custom ops (forward, backward) around the chunked torch implementation, so
 # torch.compile(fullgraph=True) traces chunk_log_linear_attn as one opaque node. The backward is
-# loglinear.torch.backward (hand-written, chunked) on every backend. Absent optional outputs
+# the forward backend's: loglinear.triton_backward after triton, loglinear.torch.backward
+# (hand-written, chunked) otherwise. Absent optional outputs
 # travel as empty tensors (custom ops cannot return None).
 # ---------------------------------------------------------------------------------------------
 def _next_offsets(offsets: Optional[Tensor], cu_seqlens: Optional[Tensor], N: int, T: int,
@@ -144,35 +146,41 @@ def _(q, k, v, g, level_scales, h0, offsets, cu_seqlens, scale, output_final_sta
 @torch.library.custom_op("lightning_ops::log_linear_attn_backward", mutates_args=())
 def _ll_bwd(do: Tensor, dht: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, g: Tensor,
             level_scales: Tensor, h0: Optional[Tensor], offsets: Optional[Tensor],
-            cu_seqlens: Optional[Tensor], scale: float, chunk_size: int
+            cu_seqlens: Optional[Tensor], scale: float, chunk_size: int, backend: str = "torch"
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if is_empty(q, v):
         return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                 torch.zeros_like(g), torch.zeros_like(level_scales),
                 passthrough_grad(dht, h0, q))
-    dq, dk, dv, dg, dl, dh0 = _impl.backward(q, k, v, g, level_scales, scale, h0, offsets,
-                                             cu_seqlens, do, dht, chunk_size)
+    if backend == "triton":  # the backend that ran the forward runs the backward
+        from . import triton_backward as bwd
+    else:
+        bwd = _impl
+    dq, dk, dv, dg, dl, dh0 = bwd.backward(q, k, v, g, level_scales, scale, h0, offsets,
+                                           cu_seqlens, do, dht, chunk_size)
     return (*contiguous(dq, dk, dv, dg, dl), empty_like_none(dh0, q))
 
 
 @_ll_bwd.register_fake
-def _(do, dht, q, k, v, g, level_scales, h0, offsets, cu_seqlens, scale, chunk_size):
+def _(do, dht, q, k, v, g, level_scales, h0, offsets, cu_seqlens, scale, chunk_size,
+      backend="torch"):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g),
             torch.empty_like(level_scales),
             q.new_empty(0) if h0 is None else torch.empty_like(h0))
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, g, lam, h0, off, cu, scale, _, chunk_size = inputs[:11]  # (then the backend)
+    q, k, v, g, lam, h0, off, cu, scale, _, chunk_size = inputs[:11]
     ctx.save_for_backward(q, k, v, g, lam, h0, off, cu)
     ctx.scale, ctx.chunk_size = scale, chunk_size
+    ctx.backend = inputs[11] if len(inputs) > 11 else "torch"
 
 
 def _backward(ctx, do, dht, doff):
     q, k, v, g, lam, h0, off, cu = ctx.saved_tensors
     dht = none_if_empty(dht)
     dq, dk, dv, dg, dl, dh0 = _ll_bwd(do.contiguous(), dht, q, k, v, g, lam, h0, off, cu,
-                                      ctx.scale, ctx.chunk_size)
+                                      ctx.scale, ctx.chunk_size, ctx.backend)
     return (dq, dk, dv, dg, dl, grad_if_present(dh0, h0), None, None, None, None, None, None)
 
 
@@ -188,8 +196,7 @@ def chunk_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scal
                           ) -> Tuple[Tensor, Optional[LogLinearAttentionState]]:
     """Log-linear attention over the scalar gate (see the module docstring). A torch.library
     custom op (lightning_ops::log_linear_attn, fake impl + autograd): torch.compile traces it.
-    The forward runs on the chosen backend (triton or torch); the backward is the torch
-    implementation's hand-written one."""
+    The forward and the backward run on the chosen backend (triton or torch)."""
     _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_size)
     name = _backend.resolve("loglinear", q.device, q.dtype)  # a forced unavailable one raises
     Vd.check_flag("output_final_state", output_final_state)

@@ -40,8 +40,9 @@ offsets and cu_seqlens are read on the device (chunk table built with torch ops)
 fp32 inputs use 3xTF32 (exact_precision); the interpreter computes fp32 throughout. float64
 inputs are computed in fp32 and cast back. Outputs in v's dtype, states fp32.
 
-Backward: none here. The op's backward (loglinear/ops.py, _ll_bwd) recomputes the torch
-implementation under autograd for every backend.
+Backward: loglinear/triton_backward.py (Triton kernels: intra-chunk gradients, a forward and a
+reverse walk over the chunk levels, the gate totals' scan); the op's backward (loglinear/ops.py,
+_ll_bwd) runs it after a triton forward.
 
 Not handled here: the NonFiniteGuard of the chunk engines (a NaN/Inf k or v inside a chunk
 reaches that chunk's earlier outputs through 0 * inf, as in the torch implementation).
