@@ -518,6 +518,25 @@ def _ll_weights(lam: Tensor, lev0: Tensor) -> Tensor:
     return lam_pad.gather(-1, lev0[:, :, None, :].expand(n, T0, H, L))
 
 
+def _check_dense_lengths(cp: CPContext, T: int) -> None:
+    """Dense log-linear pieces start at rank * T (absolute positions), so every rank must hold
+    the same T: checked once per context by a host all-gather of the ranks' lengths (every rank
+    sees the same list and raises the same error, so none is left waiting in a collective).
+    Skipped while compiling (dynamo cannot trace it): make one eager call first to check."""
+    if cp.world == 1 or getattr(cp, "_dense_len_checked", None) == T or \
+            torch.compiler.is_compiling():
+        return
+    lens = [None] * cp.world
+    dist.all_gather_object(lens, int(T), group=cp.group)
+    cp.collectives += 1
+    if len(set(lens)) != 1:
+        raise ValueError(f"log-linear attention under a dense CP context needs the same number "
+                         f"of tokens on every rank (positions are absolute), got {lens}: use "
+                         f"a varlen context (build_cp_context(cu_seqlens, bounds=...)) for "
+                         f"unequal slices")
+    cp._dense_len_checked = T
+
+
 def _ll_state_in(cp: CPContext, initial_state, B: int, T: int, shape: Tuple[int, ...], sd,
                  device):
     """The op's initial_state on this rank: the user's (ht, offsets) rows for the sequences
@@ -531,6 +550,7 @@ def _ll_state_in(cp: CPContext, initial_state, B: int, T: int, shape: Tuple[int,
         raise ValueError(f"initial_state.offsets must be an integer tensor of shape [{N}] (the "
                          f"global offsets, on every rank), got {list(getattr(off, 'shape', []))}")
     if cp.dense:
+        _check_dense_lengths(cp, T)
         if not cp.first_cont():
             return initial_state, None
         # every row continues from the previous rank (dense slices have equal lengths)

@@ -117,6 +117,18 @@ def check_no_final_state(rank, world, group=None):
     assert st1 is None and torch.equal(o1, o2)
 
 
+def check_dense_unequal(rank, world, group=None):
+    """A dense context with unequal slices: every rank raises the same ValueError (positions
+    are absolute) rather than placing the later ranks' tokens at wrong levels."""
+    torch.manual_seed(4)
+    T = 6 + rank  # unequal on purpose
+    ins, offsets = _inputs("attn", 1, T, 1, 5)
+    ctx = cp.build_cp_context(None, group)
+    local = {k_: t for k_, (t, d) in ins.items()}
+    with pytest.raises(ValueError, match="same number of tokens on every rank"):
+        _call("attn", local, offsets, None, ctx, 4, False)
+
+
 def _cases(world):
     cases = []
     for op in ("attn", "delta"):
@@ -147,7 +159,8 @@ def worker(rank, world):
     """The 2-rank cases on the subgroup {0, 1} (a CP group that is not the world group), then
     the 3-rank cases on the world group: one spawn (process start-up is most of the time)."""
     sub = dist.new_group([0, 1])
-    runs = [(2, sub, _cases(2), ("check_no_final_state",))] if rank < 2 else []
+    runs = [(2, sub, _cases(2), ("check_no_final_state", "check_dense_unequal"))] \
+        if rank < 2 else []
     runs.append((world, None, _cases(world), ()))
     failures = []
     for w, group, cases, extras in runs:
