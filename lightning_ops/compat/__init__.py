@@ -40,7 +40,7 @@ import sys
 import warnings
 from typing import Dict, List, Optional, Tuple
 
-from ._common import UnsupportedArgumentError
+from ._common import NotServed, UnsupportedArgumentError
 
 PEERS = ("fla", "mamba_ssm", "causal_conv1d")
 
@@ -139,6 +139,7 @@ def _patch_alias(peer: str) -> _Patch:
 
 
 def _patch_installed(peer: str, layers: bool) -> _Patch:
+    from ._fla import KEEP_PEER_MODULES, KEEP_PEER_NAMES
     from ._layers import LAYERS
     from ._refs import REFERENCES
 
@@ -158,7 +159,11 @@ def _patch_installed(peer: str, layers: bool) -> _Patch:
                 continue
             if attr in REFERENCES and attr in vars(real):
                 continue        # the installed peer's own reference stays its ground truth
+            if _peer_name(mirror_name) in KEEP_PEER_MODULES or attr in KEEP_PEER_NAMES:
+                continue        # the peer's own helpers / state conventions stay (see _fla)
             ours = getattr(mirror, attr)
+            if isinstance(ours, NotServed):
+                continue        # an import-only marker never hides the peer's real object
             theirs = vars(real).get(attr)
             if theirs is ours:
                 continue

@@ -51,7 +51,8 @@ def check_bool(fn: str, name: str, value) -> bool:
     return value
 
 
-def check_chunk_size(fn: str, chunk_size, allowed: Optional[Tuple[int, ...]] = None) -> None:
+def check_chunk_size(fn: str, chunk_size, allowed: Optional[Tuple[int, ...]] = None,
+                     suffix: str = "") -> None:
     """chunk_size is a tiling choice: the result does not depend on it, so a valid value is
     accepted and our own tiling is used. Invalid values raise as in fla."""
     if chunk_size is None:
@@ -59,7 +60,10 @@ def check_chunk_size(fn: str, chunk_size, allowed: Optional[Tuple[int, ...]] = N
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}.")
     if allowed is not None and chunk_size not in allowed:
-        raise ValueError(f"`chunk_size` must be one of {allowed}, got {chunk_size}.")
+        # fla's wording where it has one (KDA: "must be either 32 or 64 for KDA")
+        choices = (f"either {allowed[0]} or {allowed[1]}" if len(allowed) == 2 else
+                   ", ".join(str(a) for a in allowed[:-1]) + f", or {allowed[-1]}")
+        raise ValueError(f"`chunk_size` must be {choices}{suffix}, got {chunk_size}.")
     if chunk_size & (chunk_size - 1):
         raise ValueError(f"`chunk_size` must be a power of 2, got {chunk_size}.")
 
@@ -129,3 +133,27 @@ def with_state_rows(pool: Tensor, indices: Tensor, step: Callable[[Tensor], Tens
         pool.index_copy_(0, safe[src], vals)
     return torch.where(_bcast(valid.to(out.device), out), out, torch.zeros((), dtype=out.dtype,
                                                                              device=out.device))
+
+
+class NotServed:
+    """A name a peer module exports that lightning_ops cannot honour (a GPU kernel object, a
+    kernel-internal helper with the peer's private conventions). Importing it works, so a
+    peer test file that imports it at the top still runs its other tests; calling it (or
+    launching it, kernel[grid](...)) raises UnsupportedArgumentError naming it."""
+
+    def __init__(self, module: str, name: str, why: str):
+        self.__module__, self.__name__, self.__qualname__ = module, name, name
+        self._why = why
+
+    def _error(self) -> UnsupportedArgumentError:
+        return UnsupportedArgumentError(f"{self.__module__}.{self.__name__} is not served by "
+                                        f"lightning_ops.compat: {self._why}")
+
+    def __call__(self, *args, **kwargs):
+        raise self._error()
+
+    def __getitem__(self, grid):
+        raise self._error()
+
+    def __repr__(self) -> str:
+        return f"<not served: {self.__module__}.{self.__name__}>"

@@ -24,9 +24,16 @@ from ._common import (
     take_kwargs,
     transpose_state,
     unsupported,
+    NotServed,
 )
 
 Tensor = torch.Tensor
+
+# Served in alias mode only (fla not installed); an installed fla keeps its own: its testing
+# helpers, device flags and cache mode describe its own kernels, and its chunk_log_linear_attn
+# carries a state object of its own (the previous chunk's inputs) that its layers pass back in.
+KEEP_PEER_MODULES = frozenset({"fla.utils", "fla.ops.utils", "fla.ops.utils.cache"})
+KEEP_PEER_NAMES = frozenset({"chunk_log_linear_attn"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,9 +110,11 @@ def _beta(beta: Tensor, use_sigmoid: bool, allow_neg_eigval: bool) -> Tensor:
         raise ValueError("`allow_neg_eigval=True` requires `use_beta_sigmoid_in_kernel=True`.")
     if not use_sigmoid:
         return beta
+    # kept in fp32 (fp64 for fp64): fla applies the sigmoid in-kernel and never rounds the
+    # result back to beta's dtype (an fp16 round trip costs ~1e-4 relative in o and ht)
     acc = torch.float64 if beta.dtype == torch.float64 else torch.float32
     b = torch.sigmoid(beta.to(acc))
-    return (2.0 * b if allow_neg_eigval else b).to(beta.dtype)
+    return 2.0 * b if allow_neg_eigval else b
 
 
 def _reject_cp(fn, cp_context):
@@ -319,7 +328,7 @@ def chunk_gated_delta_rule(q, k, v, g: Tensor, beta: Tensor, scale: Optional[flo
     kw = take_kwargs(fn, kwargs, ("use_gate_in_kernel", "A_log", "dt_bias", "chunk_size",
                                   "transpose_state_layout"))
     state_v_first = state_v_first_alias(fn, state_v_first, kw)
-    check_chunk_size(fn, kw.get("chunk_size", 64), (16, 32, 64))
+    check_chunk_size(fn, kw.get("chunk_size", 64), (16, 32, 64), " for Gated Delta Rule")
     _reject_cp(fn, cp_context)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must have the same number of heads, but got "
@@ -441,7 +450,7 @@ def chunk_kda(q, k, v, g: Tensor, beta: Tensor, scale: Optional[float] = None,
     fn = "chunk_kda"
     kw = take_kwargs(fn, kwargs, ("A_log", "dt_bias", "chunk_size", "transpose_state_layout"))
     state_v_first = state_v_first_alias(fn, state_v_first, kw)
-    check_chunk_size(fn, kw.get("chunk_size", 64), (32, 64))
+    check_chunk_size(fn, kw.get("chunk_size", 64), (32, 64), " for KDA")
     _reject_cp(fn, cp_context)
     if return_intermediate_states:
         raise unsupported(fn, "return_intermediate_states", "per-chunk states are internal to "
@@ -490,7 +499,134 @@ def fused_kda_gate(g: Tensor, A_log: Optional[Tensor] = None,
     return _kda_gate("fused_kda_gate", shaped, A_log, dt_bias, lower_bound).view(
         g.shape).to(output_dtype)
 
+# ---------------------------------------------------------------------------------------------
+# the parallel (attention-matrix) form of simple GLA
+# ---------------------------------------------------------------------------------------------
+def parallel_simple_gla(q, k, v, g: Optional[Tensor] = None, scale: Optional[float] = None,
+                        output_attentions: bool = False, cu_seqlens: Optional[Tensor] = None,
+                        cu_seqlens_cpu: Optional[Tensor] = None):
+    """fla.ops.simple_gla.parallel.parallel_simple_gla: the same math as chunk_simple_gla from a
+    zero state; returns (o, attn) where attn [B, H, T, T] (q's dtype) is the decayed, scaled
+    causal score matrix when output_attentions=True, else None."""
+    fn = "parallel_simple_gla"
+    check_bool(fn, "output_attentions", output_attentions)
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"The batch size is expected to be 1 rather than {q.shape[0]} when "
+                         f"using `cu_seqlens`. Please flatten variable-length inputs before "
+                         f"processing.")
+    if output_attentions and cu_seqlens is not None:
+        raise AssertionError("output_attentions=True is not supported with variable-length "
+                             "sequences")
+    if scale is None:
+        scale = k.shape[-1] ** -0.5
+    o, _ = _call(lo.chunk_simple_gla, q, k, v, {"g": g}, scale, None, False, cu_seqlens)
+    if not output_attentions:
+        return o, None
+    from ._refs import naive_parallel_simple_gla
+    _, attn = naive_parallel_simple_gla(q, k, v, g, scale)
+    return o, attn.to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# gates and kernel-level entry points fla's tests import
+# ---------------------------------------------------------------------------------------------
+def fused_gdn_gate(g: Tensor, A_log: Tensor, dt_bias: Optional[Tensor] = None,
+                   output_dtype: torch.dtype = torch.float32) -> Tensor:
+    """fla.ops.gated_delta_rule.gate.fused_gdn_gate: -exp(A_log[h]) * softplus(g + dt_bias[h])
+    over g [..., HV], differentiable in g, A_log and dt_bias (fp32; fp64 for fp64 inputs)."""
+    return _gdn_gate("fused_gdn_gate", g, A_log, dt_bias).to(output_dtype)
+
+
+def fused_recurrent_kda_fwd(q, k, v, g, beta, A_log: Optional[Tensor] = None,
+                            dt_bias: Optional[Tensor] = None,
+                            initial_state: Optional[Tensor] = None,
+                            scale: Optional[float] = None, output_final_state: bool = False,
+                            inplace_final_state: bool = True, state_v_first: bool = False,
+                            cu_seqlens: Optional[Tensor] = None,
+                            ssm_state_indices: Optional[Tensor] = None,
+                            num_accepted_tokens: Optional[Tensor] = None,
+                            use_qk_l2norm_in_kernel: bool = False,
+                            use_gate_in_kernel: bool = False,
+                            use_beta_sigmoid_in_kernel: bool = False,
+                            allow_neg_eigval: bool = False, lower_bound: Optional[float] = None,
+                            out: Optional[Tensor] = None, **kwargs):
+    """fla.ops.kda.fused_recurrent.fused_recurrent_kda_fwd, the decode entry point (vLLM):
+    with inplace_final_state=True (fla's default) initial_state is a state pool and sequence n
+    reads and writes row ssm_state_indices[n] in place; otherwise (o, final state or None) as
+    fused_recurrent_kda. Forward only (no autograd graph), as fla's. Speculative decoding
+    (2-D ssm_state_indices, num_accepted_tokens) is not supported."""
+    fn = "fused_recurrent_kda_fwd"
+    take_kwargs(fn, kwargs, ())
+    if num_accepted_tokens is not None:
+        raise unsupported(fn, "num_accepted_tokens", "speculative decoding (per-token state "
+                          "slots) is not implemented")
+    if ssm_state_indices is not None and ssm_state_indices.dim() != 1:
+        raise unsupported(fn, "ssm_state_indices", "2-D indices (speculative decoding) are "
+                          "not implemented; pass one state row per sequence [N]")
+    if check_bool(fn, "inplace_final_state", inplace_final_state):
+        if initial_state is None:
+            raise AssertionError("inplace_final_state=True needs initial_state (the pool)")
+        if ssm_state_indices is None:
+            raise unsupported(fn, "inplace_final_state", "without ssm_state_indices fla "
+                              "stores per-token states; pass ssm_state_indices (one pool row "
+                              "per sequence) or inplace_final_state=False")
+    idx = None if ssm_state_indices is None else ssm_state_indices.to(
+        device=q.device, dtype=torch.long)
+    h0 = initial_state if idx is None or initial_state is None else         initial_state.index_select(0, idx)
+    with torch.no_grad():
+        o, ht = fused_recurrent_kda(
+            q, k, v, g, beta, A_log, dt_bias, scale, h0,
+            bool(output_final_state) or bool(inplace_final_state), use_qk_l2norm_in_kernel,
+            use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval, lower_bound,
+            state_v_first, cu_seqlens)
+        if out is not None:
+            out.copy_(o)
+            o = out
+        if inplace_final_state:
+            initial_state.index_copy_(0, idx, ht.to(initial_state.dtype))
+            return o, initial_state
+    return o, (ht if output_final_state else None)
+
+
+_WY_WHY = ("a chunk-internal step of fla's Triton Gated DeltaNet (fla's per-chunk A layout and "
+           "exp2 gates); lightning_ops' chunk engine has its own internals. Test the public "
+           "ops (chunk_gated_delta_rule) instead")
+recompute_w_u_fwd = NotServed("fla.ops.gated_delta_rule.wy_fast", "recompute_w_u_fwd", _WY_WHY)
+prepare_wy_repr_bwd = NotServed("fla.ops.gated_delta_rule.wy_fast", "prepare_wy_repr_bwd",
+                                _WY_WHY)
+
+
+# ---------------------------------------------------------------------------------------------
+# log-linear attention
+# ---------------------------------------------------------------------------------------------
+def chunk_log_linear_attn(q, k, v, g: Tensor, level_scales: Tensor, initial_state=None,
+                          output_final_state: bool = False,
+                          cu_seqlens: Optional[Tensor] = None, scale: Optional[float] = 1.0):
+    """fla.ops.log_linear_attn.chunk_log_linear_attn: q / k [B, T, G, K], v [B, T, H, V],
+    g [B, T, H], level_scales [B, T, H, L]; scale defaults to 1.0 (None: K**-0.5), as fla.
+    The state is lightning_ops' LogLinearAttentionState (ht [N, H, L, K, V], offsets [N]);
+    fla's state object (which also carries the previous chunk's inputs) is not accepted."""
+    fn = "chunk_log_linear_attn"
+    if initial_state is not None and not isinstance(initial_state, lo.LogLinearAttentionState):
+        raise unsupported(fn, "initial_state", "pass lightning_ops.LogLinearAttentionState "
+                          "(ht [N, H, L, K, V], offsets [N]) as returned with "
+                          "output_final_state=True; fla's state object is not accepted")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return lo.chunk_log_linear_attn(q, k, v, g, level_scales, initial_state,
+                                    check_bool(fn, "output_final_state", output_final_state),
+                                    cu_seqlens, scale=scale)
+
+
+chunkwise_bwd_kernel_dkg = NotServed(
+    "fla.ops.log_linear_attn.chunk", "chunkwise_bwd_kernel_dkg",
+    "a Triton kernel of fla's log-linear backward, launched with fla's own buffers; "
+    "lightning_ops' backward is its own. Test chunk_log_linear_attn's gradients instead")
+
+
 __all__ = [
+    "parallel_simple_gla", "fused_gdn_gate", "fused_recurrent_kda_fwd", "recompute_w_u_fwd",
+    "prepare_wy_repr_bwd", "chunk_log_linear_attn", "chunkwise_bwd_kernel_dkg",
     "chunk_linear_attn", "fused_chunk_linear_attn", "fused_recurrent_linear_attn",
     "chunk_simple_gla", "fused_chunk_simple_gla", "fused_recurrent_simple_gla",
     "chunk_gla", "fused_chunk_gla", "fused_recurrent_gla",

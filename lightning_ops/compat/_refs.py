@@ -35,6 +35,7 @@ REFERENCES = frozenset({
     "naive_recurrent_gla", "naive_recurrent_simple_gla", "naive_recurrent_linear_attn",
     "naive_chunk_linear_attn", "delta_rule_recurrence", "naive_recurrent_gated_delta_rule",
     "naive_recurrent_kda", "naive_kda_gate", "naive_kda_lowerbound_gate",
+    "naive_parallel_simple_gla", "naive_chunk_kda", "naive_gdn_gate", "naive_log_linear_attn",
 })
 
 
@@ -223,10 +224,20 @@ def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=No
 # =============================================================================================
 # fla naive references (layout [B, T, H, ...] unless said otherwise)
 # =============================================================================================
+def _h0(state, q, v):
+    """fla's references add initial_state onto a zero [B, HV, K, V] state (`S += h0`), so any
+    shape that broadcasts to it is accepted: fla's own varlen tests pass one sequence's
+    [HV, K, V] row. Expanded here to the [B, HV, K, V] our spec takes."""
+    if state is None or isinstance(state, tuple):
+        return state
+    full = (q.shape[0], v.shape[2], q.shape[-1], v.shape[-1])
+    return state if tuple(state.shape) == full else state.expand(full)
+
+
 def naive_recurrent_gla(q, k, v, gk, initial_state=None, output_final_state=False):
     """fla.ops.gla.naive.naive_recurrent_gla: scale K**-0.5, vector gate gk [B, T, H, K];
     returns (o in q's dtype, final state [B, H, K, V] or None)."""
-    o, ht = spec.gla_ref(q, k, v, gk, None, initial_state, bool(output_final_state))
+    o, ht = spec.gla_ref(q, k, v, gk, None, _h0(initial_state, q, v), bool(output_final_state))
     return o.to(q.dtype), ht
 
 
@@ -234,7 +245,7 @@ def naive_recurrent_simple_gla(q, k, v, g, scale=None, initial_state=None,
                                output_final_state=True):
     """fla.ops.simple_gla.naive.naive_recurrent_simple_gla: scalar gate g [B, T, H]; note fla's
     default output_final_state=True."""
-    o, ht = spec.simple_gla_ref(q, k, v, g, None, scale, initial_state,
+    o, ht = spec.simple_gla_ref(q, k, v, g, None, scale, _h0(initial_state, q, v),
                                 bool(output_final_state))
     return o.to(q.dtype), ht
 
@@ -257,7 +268,8 @@ def naive_recurrent_linear_attn(q, k, v, scale=None, initial_state=None,
     kv_init, z_init = initial_state, None
     if normalize and isinstance(initial_state, tuple):
         kv_init, z_init = initial_state
-    o, ht = spec.linear_attn_ref(q, k, v, scale, kv_init, bool(output_final_state))
+    o, ht = spec.linear_attn_ref(q, k, v, scale, _h0(kv_init, q, v),
+                                bool(output_final_state))
     if not normalize:
         return o.to(q.dtype), ht
     den, k_cum = _normalizer(q, k, scale, z_init)
@@ -283,8 +295,8 @@ def delta_rule_recurrence(q, k, v, beta, initial_state=None, output_final_state=
     if beta.dim() == v.dim():
         raise unsupported("delta_rule_recurrence", "beta", "a per-channel beta [B, H, T, V] "
                           "is not supported; pass [B, H, T]")
-    o, ht = spec.delta_rule_ref(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                beta.transpose(1, 2), None, initial_state,
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    o, ht = spec.delta_rule_ref(q, k, v, beta.transpose(1, 2), None, _h0(initial_state, q, v),
                                 output_final_state is not False)
     return o.transpose(1, 2).to(q.dtype), ht
 
@@ -293,7 +305,7 @@ def naive_recurrent_gated_delta_rule(q, k, v, beta, g, scale=None, initial_state
                                      output_final_state=False):
     """fla.ops.gated_delta_rule.naive.naive_recurrent_gated_delta_rule (note fla's order:
     beta before g): g [B, T, H] log decay, beta [B, T, H]."""
-    return spec.gated_delta_rule_ref(q, k, v, g, beta, scale, initial_state,
+    return spec.gated_delta_rule_ref(q, k, v, g, beta, scale, _h0(initial_state, q, v),
                                      bool(output_final_state))
 
 
@@ -301,7 +313,8 @@ def naive_recurrent_kda(q, k, v, g, beta, scale=None, initial_state=None,
                         output_final_state=False):
     """fla.ops.kda.naive.naive_recurrent_kda: per-channel log decay g [B, T, HV, K], v / beta
     with HV = m * H value heads. Returns (o in v's dtype, final state [B, HV, K, V] or None)."""
-    return spec.kda_ref(q, k, v, g, beta, scale, initial_state, bool(output_final_state))
+    return spec.kda_ref(q, k, v, g, beta, scale, _h0(initial_state, q, v),
+                        bool(output_final_state))
 
 
 def naive_kda_gate(g, A_log, dt_bias=None, output_dtype=torch.float32):
@@ -327,3 +340,69 @@ def naive_kda_lowerbound_gate(g, A_log=None, dt_bias=None, lower_bound=-5.0,
     if A_log is not None:
         x = A_log.to(acc).view(H, 1).exp() * x
     return (lower_bound * torch.sigmoid(x)).to(output_dtype)
+
+
+def naive_parallel_simple_gla(q, k, v, g, scale=None):
+    """fla.ops.simple_gla.naive.naive_parallel_simple_gla: the parallel (attention-matrix) form
+    of simple GLA from a zero state. Returns (o [B, T, H, V], A [B, H, T, T]) with
+    A[t, s] = scale q_t . k_s exp(sum_{s < r <= t} g_r) for s <= t, 0 above the diagonal; both
+    in float32 (float64 for float64 inputs), as fla's are float32. g None: no decay."""
+    acc = _acc(q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qf, kf, vf = (x.to(acc).transpose(1, 2) for x in (q, k, v))      # [B, H, T, D]
+    A = qf @ kf.transpose(-1, -2) * scale
+    T = q.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if g is not None:
+        gc = g.to(acc).transpose(1, 2).cumsum(-1)                     # [B, H, T]
+        # masked to -inf before exp: the upper triangle would overflow (positive sums)
+        seg = (gc[..., :, None] - gc[..., None, :]).masked_fill(~causal, float("-inf"))
+        A = A * seg.exp()
+    else:
+        A = A.masked_fill(~causal, 0.0)
+    return (A @ vf).transpose(1, 2), A
+
+
+def naive_chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                    chunk_size=64):
+    """fla.ops.kda.naive.naive_chunk_kda: KDA in chunked (WY) form. Served by lightning_ops'
+    chunked PyTorch engine (the torch backend, forced: the executable spec of the kernels), so
+    fla's test of it against naive_recurrent_kda checks our chunk engine against our
+    token-by-token spec. chunk_size: a power of 2 (tiling only; the result does not depend on
+    it; any T, where fla's needs T % chunk_size == 0). Returns (o in v's dtype, final state
+    [B, HV, K, V] float32 / float64, or None)."""
+    import lightning_ops as lo
+
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1 or \
+            chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a positive power of 2, got {chunk_size!r}")
+    acc = _acc(q)
+    with lo.use_backend("torch"):
+        o, ht = lo.chunk_kda(q.to(acc), k.to(acc), v.to(acc), g.to(acc), beta.to(acc),
+                             scale=scale, initial_state=initial_state,
+                             output_final_state=bool(output_final_state))
+    return o.to(v.dtype), ht
+
+
+def naive_gdn_gate(g, A_log, dt_bias=None, output_dtype=torch.float32):
+    """fla.ops.gated_delta_rule.gate.naive_gdn_gate: -exp(A_log[h]) * softplus(g + dt_bias[h])
+    over g [..., HV] (the Gated DeltaNet / Mamba-2 gate), computed in float32 (float64 for
+    float64 inputs)."""
+    acc = _acc(g)
+    x = g.to(acc)
+    if dt_bias is not None:
+        x = x + dt_bias.to(acc)
+    return (-A_log.to(acc).exp() * F.softplus(x)).to(output_dtype)
+
+
+def naive_log_linear_attn(q, k, v, g, level_scales, scale=1.0):
+    """fla.ops.log_linear_attn.naive.naive_log_linear_attn: log-linear attention as one masked
+    T x T matrix per sequence (the Fenwick level of each (query, key) pair weighted by
+    level_scales), from a zero state. q / k [B, T, G, K], v [B, T, H, V] (H a multiple of G),
+    g [B, T, H], level_scales [B, T, H, L]. scale: fla's default 1.0; None means K**-0.5.
+    Returns o in v's dtype (float64 for float64 inputs)."""
+    if v.shape[2] % k.shape[2] != 0:
+        raise ValueError("The number of value heads must be divisible by the number of "
+                         "query/key heads.")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return spec.log_linear_attn_masked_ref(q, k, v, g, level_scales, scale).to(v.dtype)

@@ -175,7 +175,7 @@ def test_kwargs_chunk_size_and_unknown():
     assert_close("o", o, o_ref, TOL)
     with pytest.raises(ValueError, match="power of 2"):
         C.chunk_simple_gla(q, k, v, g, chunk_size=48)
-    with pytest.raises(ValueError, match="16, 32, 64"):
+    with pytest.raises(ValueError, match="16, 32, or 64"):
         C.chunk_delta_rule(q, k, v, torch.rand(2, 7, 2, dtype=f64), chunk_size=128)
     with pytest.raises(TypeError, match="chunk_sz"):
         C.chunk_simple_gla(q, k, v, g, chunk_sz=16)

@@ -65,8 +65,8 @@ def test_alias_mode_serves_the_peer_import_paths():
     assert o.shape == (1, 6, 2, 8) and ht.shape == (1, 2, 8, 8)
     from fla.ops.kda import chunk_kda  # KDA is mirrored too
     assert chunk_kda is _fla.chunk_kda
-    with pytest.raises(ModuleNotFoundError, match="fla.ops.log_linear_attn.*not installed"):
-        import fla.ops.log_linear_attn  # noqa: F401
+    with pytest.raises(ModuleNotFoundError, match="fla.ops.rwkv7.*not installed"):
+        import fla.ops.rwkv7  # noqa: F401
     with pytest.raises(ModuleNotFoundError, match="mamba_ssm.models"):
         import mamba_ssm.models  # noqa: F401
     lc.unpatch()

@@ -3,6 +3,7 @@ from lightning_ops.compat._fla import (  # noqa: F401
     chunk_simple_gla,
     fused_chunk_simple_gla,
     fused_recurrent_simple_gla,
+    parallel_simple_gla,
 )
 
-__all__ = ['chunk_simple_gla', 'fused_chunk_simple_gla', 'fused_recurrent_simple_gla']
+__all__ = ['chunk_simple_gla', 'fused_chunk_simple_gla', 'fused_recurrent_simple_gla', 'parallel_simple_gla']
