@@ -134,6 +134,15 @@ def _delta_cases(quick: bool):
                     yield dict(family="delta", dtype=dtype, K=K, V=V, gate=gate, varlen=varlen)
 
 
+def _loglinear_cases(quick: bool):
+    for dtype in DTYPES:
+        for K, V in DIMS:
+            for varlen in (False, True):
+                if varlen and dtype != "bfloat16":
+                    continue
+                yield dict(family="loglinear", dtype=dtype, K=K, V=V, varlen=varlen)
+
+
 def _ssm_cases(quick: bool):
     for dtype in DTYPES:
         for N in (16, 64, 128, 256):
@@ -145,9 +154,10 @@ def _ssm_cases(quick: bool):
 
 
 def cases(quick: bool = False, families=None, dims=None, dtypes=None):
-    """Every case, or those of the given families ("gla", "delta", "scan", "state_update",
-    "conv"), (K, V) pairs and dtypes (None: all)."""
-    for c in (*_gla_cases(quick), *_delta_cases(quick), *_ssm_cases(quick)):
+    """Every case, or those of the given families ("gla", "delta", "loglinear", "scan",
+    "state_update", "conv"), (K, V) pairs and dtypes (None: all)."""
+    for c in (*_gla_cases(quick), *_delta_cases(quick), *_loglinear_cases(quick),
+              *_ssm_cases(quick)):
         if families and c["family"] not in families:
             continue
         if dims and "K" in c and (c["K"], c["V"]) not in dims:
@@ -215,6 +225,20 @@ def _run_case(c: dict):
                 D.forward(q, k, v, g, beta, K ** -0.5, h0, True, cu, False, mode)
             D.forward(q, k, v, g, beta, K ** -0.5, h0, True, cu, True, "recurrent")
             D.backward(q, k, v, g, beta, K ** -0.5, h0, cu, False, "chunk", do, dht)
+    elif fam == "loglinear":
+        # chunk_log_linear_attn's forward kernels: with an initial state and the final state,
+        # and without either (other constexprs), at the default chunk (64) and the smallest (16)
+        from lightning_ops.loglinear import triton as LL
+        K, V = c["K"], c["V"]
+        cu = torch.tensor([0, 30, 70], dtype=torch.int32) if c["varlen"] else None
+        B, N, L = (1 if cu is not None else 2), 2, 20
+        q, k = torch.randn(B, T, H, K, dtype=dt), torch.randn(B, T, H, K, dtype=dt)
+        v, g = torch.randn(B, T, H, V, dtype=dt), -torch.rand(B, T, H, dtype=dt)
+        lam = torch.rand(B, T, H, L, dtype=dt)
+        h0, off = torch.randn(N, H, L, K, V), torch.tensor([5, 37])
+        for C in (64, 16):
+            LL.forward(q, k, v, g, lam, 1.0, h0, off, True, cu, C)
+            LL.forward(q, k, v, g, lam, 1.0, None, None, False, cu, C)
     elif fam == "scan":
         from lightning_ops.ssm import triton as S
         N, Dm, L = c["N"], 16, T
@@ -646,7 +670,7 @@ def main(argv=None):
     for sp in (r, c):  # a subset (e.g. to check a fix quickly; pass --table to keep the
         # committed table as it is)
         sp.add_argument("--family", default="", help="comma-separated families: gla, delta, "
-                        "scan, state_update, conv (default: all)")
+                        "loglinear, scan, state_update, conv (default: all)")
         sp.add_argument("--dims", default="", help="comma-separated KxV pairs, e.g. 128x128")
         sp.add_argument("--dtypes", default="", help="comma-separated: float32,float16,bfloat16")
         sp.add_argument("--kernel", default="", help="regex on kernel names (e.g. 'wy_|delta_')")

@@ -21,7 +21,9 @@ at token level c + 1 + m. Two kernels:
                    the Fenwick merge of complete chunks (mu = trailing ones of a): the chunk's
                    own state (k exp(suffix))^T v and the levels below mu, each times
                    exp(dec), become level mu. K is walked in blocks of <= 64 rows, so no program
-                   holds more than a [64, 64] state tile whatever K is.
+                   holds more than a [64, 64] state tile whatever K is. K blocks, levels and
+                   slots are runtime loops: unrolled, one K=256 V=512 configuration had not
+                   compiled for sm_90 after 4 CPU minutes; as loops each takes 3-12 s.
   The initial state enters in the walk: its slots l >= c + 1 are the chunk levels m = l - c - 1
   at chunk t0 // C (copied to the scratch at the start), its slots 1..c are virtual keys at slot
   r_l = ((p >> (l-1)) << (l-1)) - 1 of the first chunk (read by that chunk's queries at level
@@ -29,6 +31,9 @@ at token level c + 1 + m. Two kernels:
   final state is written by the walk too (every slot, zeros included): the high slots from the
   levels live at the end, the low ones from the tokens of a trailing partial chunk (and the
   virtual keys when that chunk is the first).
+
+Memory besides the outputs: o32 (fp32, the size of o) and the level scratch, N H n_inter K V
+fp32 (as large as the final state), both from torch.empty: every element read is written first.
 
 chunk_size: C = chunk_size clamped to [16, 64] (tl.dot's smallest side; [C, C] score tiles
 beyond 64 cost registers for nothing: the result does not depend on C). L (levels) is a
@@ -107,7 +112,7 @@ def ll_intra_kernel(q, k, v, g, lam, offsets, o32, cu_seqlens, chunk_indices, T,
     rq = (tok * G + i_h // (H // G)) * K
     # raw scores over K blocks
     Sqk = tl.zeros([C, C], dtype=tl.float32)
-    for kb in tl.static_range(0, K, BK):
+    for kb in range(0, K, BK):
         o_k = kb + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k < K)[None, :]
         qb = tl.load(q + rq[:, None] + o_k[None, :], mask=m_tk, other=0.).to(tl.float32)
@@ -170,7 +175,7 @@ def ll_walk_kernel(q, k, v, g, lam, h0, offsets, o32, o, ht, scr, cu_seqlens, T,
     if HAS_H0:  # the inherited chunk levels: slot c + 1 + m where bit m of a0 is set
         for m in range(NI):
             if ((a0 >> m) & 1) == 1:
-                for kb in tl.static_range(0, K, BK):
+                for kb in range(0, K, BK):
                     o_k = kb + tl.arange(0, BK)
                     m_kv = (o_k < K)[:, None] & m_v[None, :]
                     x = tl.load(h0 + h0_o + ((CLOG + 1 + m) * K + o_k[:, None]) * V + o_v[None, :],
@@ -197,7 +202,7 @@ def ll_walk_kernel(q, k, v, g, lam, h0, offsets, o32, o, ht, scr, cu_seqlens, T,
                 w = tl.load(lam + rl + CLOG + 1 + m, mask=m_t, other=0.).to(tl.float32)
                 w = tl.where(m_t, w * tl.exp(b + dm), 0.)
                 part = tl.zeros([C, BV], dtype=tl.float32)
-                for kb in tl.static_range(0, K, BK):
+                for kb in range(0, K, BK):
                     o_k = kb + tl.arange(0, BK)
                     m_k = o_k < K
                     qb = tl.load(q + rq[:, None] + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
@@ -208,14 +213,14 @@ def ll_walk_kernel(q, k, v, g, lam, h0, offsets, o32, o, ht, scr, cu_seqlens, T,
                 acc += w[:, None] * part
         if HAS_H0:
             if j == 0:  # the initial state's low slots: virtual keys at slots r_l < p
-                for l in tl.static_range(1, CLOG + 1):
+                for l in range(1, CLOG + 1):
                     if (l < L) & (((p >> (l - 1)) & 1) == 1):
                         r_l = ((p >> (l - 1)) << (l - 1)) - 1
                         lev = _bitlen(o_c ^ r_l, CLOG)
                         w = tl.load(lam + rl + lev, mask=m_t & (lev < L), other=0.)
                         w = tl.where(m_t, w.to(tl.float32) * tl.exp(b), 0.)
                         part = tl.zeros([C, BV], dtype=tl.float32)
-                        for kb in tl.static_range(0, K, BK):
+                        for kb in range(0, K, BK):
                             o_k = kb + tl.arange(0, BK)
                             m_k = o_k < K
                             qb = tl.load(q + rq[:, None] + o_k[None, :],
@@ -228,12 +233,13 @@ def ll_walk_kernel(q, k, v, g, lam, h0, offsets, o32, o, ht, scr, cu_seqlens, T,
         tl.store(o + rv, (acc * scale).to(o.dtype.element_ty), mask=m_tv)
         dec += tot
         if (j + 1) * C - p <= T_n:  # a complete chunk: the Fenwick merge
-            below = ((a + 1) & ((tl.full([LB], 2, tl.int64) << o_m) - 1)) == 0  # m < trailing ones of a
+            # below[m]: m < trailing ones of a (bits 0..m of a all set)
+            below = ((a + 1) & ((tl.full([LB], 2, tl.int64) << o_m) - 1)) == 0
             mu = tl.sum((below & (o_m < NI)).to(tl.int32), axis=0)
             if mu < NI:
                 wk = tl.where(m_t, tl.exp(sfx), 0.)
                 vt = tl.load(v + rv, mask=m_tv, other=0.)
-                for kb in tl.static_range(0, K, BK):
+                for kb in range(0, K, BK):
                     o_k = kb + tl.arange(0, BK)
                     m_k = o_k < K
                     m_kv = m_k[:, None] & m_v[None, :]
@@ -243,10 +249,11 @@ def ll_walk_kernel(q, k, v, g, lam, h0, offsets, o32, o, ht, scr, cu_seqlens, T,
                                  input_precision=PREC)
                     if HAS_H0:
                         if j == 0:
-                            for l in tl.static_range(1, CLOG + 1):
+                            for l in range(1, CLOG + 1):
                                 if (l < L) & (((p >> (l - 1)) & 1) == 1):
-                                    hb = tl.load(h0 + h0_o + (l * K + o_k[:, None]) * V + o_v[None, :],
-                                                 mask=m_kv, other=0.).to(tl.float32)
+                                    hb = tl.load(h0 + h0_o + (l * K + o_k[:, None]) * V
+                                                 + o_v[None, :], mask=m_kv, other=0.)
+                                    hb = hb.to(tl.float32)
                                     new += tl.exp(tot) * hb
                     for m in range(0, mu):
                         Sb = tl.load(scr_h + (m * K + o_k[:, None]) * V + o_v[None, :],
@@ -273,7 +280,7 @@ def ll_walk_kernel(q, k, v, g, lam, h0, offsets, o32, o, ht, scr, cu_seqlens, T,
         rv = ((tok * H + i_h) * V)[:, None] + o_v[None, :]
         vt = tl.load(v + rv, mask=m_t[:, None] & m_v[None, :], other=0.)
         ht_h = ht + head * L * K * V
-        for kb in tl.static_range(0, K, BK):
+        for kb in range(0, K, BK):
             o_k = kb + tl.arange(0, BK)
             m_k = o_k < K
             m_kv = m_k[:, None] & m_v[None, :]
@@ -281,14 +288,14 @@ def ll_walk_kernel(q, k, v, g, lam, h0, offsets, o32, o, ht, scr, cu_seqlens, T,
             kd = tl.load(k + rq[:, None] + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
                          other=0.).to(tl.float32) * wk[:, None]
             tl.store(ht_h + kv, tl.zeros([BK, BV], dtype=tl.float32), mask=m_kv)
-            for l in tl.static_range(1, CLOG + 1):
+            for l in range(1, CLOG + 1):
                 if l < L:
                     sel = tl.where(m_t & (lev_r == l), 1., 0.)
                     x = tl.dot(tl.trans(kd * sel[:, None]).to(DT), vt.to(DT),
                                input_precision=PREC)
                     if HAS_H0:
                         if jf == 0:
-                            for l2 in tl.static_range(1, CLOG + 1):
+                            for l2 in range(1, CLOG + 1):
                                 if (l2 < L) & (((p >> (l2 - 1)) & 1) == 1):
                                     r2 = ((p >> (l2 - 1)) << (l2 - 1)) - 1
                                     if _bitlen(r2 ^ r, CLOG) == l:
@@ -334,7 +341,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, sc
     """loglinear/torch.forward's contract: q/k [B, T, G, K], v [B, T, H, V], g [B, T, H],
     level_scales [B, T, H, L]; h0 [N, H, L, K, V] with offsets [N] (or None). Returns o
     [B, T, H, V] (v's dtype) and (ht fp32 (float64 for float64 inputs), next offsets) or None.
-    No host sync. Not differentiable (the op's backward recomputes the torch form)."""
+    No host sync. Not differentiable (the op's backward: loglinear/triton_backward.py)."""
     in_dtype, f64 = v.dtype, q.dtype == torch.float64
     if f64:
         q, k, v, g, level_scales = (x.float() for x in (q, k, v, g, level_scales))
