@@ -423,16 +423,60 @@ def _kda_gate(fn, g: Tensor, A_log: Optional[Tensor], dt_bias: Optional[Tensor],
 
 def _kda(fn, recurrent, q, k, v, g, beta, scale, initial_state, output_final_state,
          use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
-         allow_neg_eigval, lower_bound, state_v_first, cu_seqlens, A_log, dt_bias):
+         allow_neg_eigval, lower_bound, state_v_first, cu_seqlens, A_log, dt_bias,
+         chunk_states: bool = False):
     if check_bool(fn, "use_gate_in_kernel", use_gate_in_kernel):
         g = _kda_gate(fn, g, A_log, dt_bias, lower_bound)
     beta = _beta(beta, check_bool(fn, "use_beta_sigmoid_in_kernel", use_beta_sigmoid_in_kernel),
                  check_bool(fn, "allow_neg_eigval", allow_neg_eigval))
     op = lo.fused_recurrent_kda if recurrent else lo.chunk_kda
-    return _call(lambda q, k, v, **a: op(
-        q, k, v, g, beta, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **a),
-        q, k, v, {}, scale, initial_state, output_final_state, cu_seqlens,
-        state_v_first=state_v_first, out_dtype=q.dtype if not recurrent else v.dtype)
+
+    def run(q, k, v, g, beta, h0, final, cu):
+        return _call(lambda q, k, v, **a: op(
+            q, k, v, g, beta, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **a),
+            q, k, v, {}, scale, h0, final, cu,
+            state_v_first=state_v_first, out_dtype=q.dtype if not recurrent else v.dtype)
+
+    if chunk_states:
+        return _with_chunk_states(run, q, k, v, g, beta, initial_state, output_final_state,
+                                  cu_seqlens, state_v_first)
+    return run(q, k, v, g, beta, initial_state, output_final_state, cu_seqlens)
+
+
+def _with_chunk_states(run, q, k, v, g, beta, initial_state, output_final_state, cu_seqlens,
+                       state_v_first, chunk: int = 64):
+    """fla's return_intermediate_states: also the state at the start of every 64-token chunk
+    of every sequence (the first one is the initial state), [B, NT, HV, K, V] (varlen: [1,
+    total chunks, HV, K, V], sequence by sequence) in k's dtype, as fla. The op runs chunk by
+    chunk, each piece starting from the previous piece's final state (the same recurrence;
+    an inference feature, so one call per chunk is acceptable). Varlen reads the sequence
+    bounds on the host, as fla's chunk indices do."""
+    B, T, HV = q.shape[0], q.shape[1], v.shape[2]
+    shape = (HV, v.shape[-1], q.shape[-1]) if state_v_first else (HV, q.shape[-1], v.shape[-1])
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if initial_state is None:
+        initial_state = q.new_zeros((N,) + shape, dtype=torch.float32)
+    if cu_seqlens is None:
+        segments = [(slice(None), 0, T, initial_state)]
+    else:
+        bounds = [int(x) for x in cu_seqlens.tolist()]
+        segments = [(slice(0, 1), bounds[n], bounds[n + 1], initial_state[n:n + 1])
+                    for n in range(N)]
+    o = torch.empty_like(v, dtype=q.dtype)
+    states, finals = [], []
+    for rows, bos, eos, h in segments:
+        seq_states = []
+        for s in range(bos, eos, chunk):
+            e = min(s + chunk, eos)
+            seq_states.append(h)
+            piece = (slice(None) if cu_seqlens is None else rows, slice(s, e))
+            o[piece], h = run(q[piece], k[piece], v[piece], g[piece], beta[piece], h, True, None)
+        states.append(torch.stack(seq_states, 1) if seq_states else
+                      h.new_zeros((h.shape[0], 0) + shape))
+        finals.append(h)
+    hs = torch.cat(states, 1).to(k.dtype)
+    final = torch.cat(finals, 0) if output_final_state else None
+    return o, final, hs
 
 
 def chunk_kda(q, k, v, g: Tensor, beta: Tensor, scale: Optional[float] = None,
@@ -446,15 +490,13 @@ def chunk_kda(q, k, v, g: Tensor, beta: Tensor, scale: Optional[float] = None,
               use_graph: bool = False, max_num_seqs: Optional[int] = None, **kwargs):
     """fla.ops.kda.chunk_kda. kwargs: A_log [HV], dt_bias [HV * K] (with use_gate_in_kernel),
     chunk_size in (32, 64) (tiling only). safe_gate / disable_recompute / use_graph change only
-    speed in fla and are accepted; return_intermediate_states is not supported."""
+    speed in fla and are accepted. return_intermediate_states=True returns (o, final_state,
+    h) with h the state at the start of every 64-token chunk (see _with_chunk_states)."""
     fn = "chunk_kda"
     kw = take_kwargs(fn, kwargs, ("A_log", "dt_bias", "chunk_size", "transpose_state_layout"))
     state_v_first = state_v_first_alias(fn, state_v_first, kw)
     check_chunk_size(fn, kw.get("chunk_size", 64), (32, 64), " for KDA")
     _reject_cp(fn, cp_context)
-    if return_intermediate_states:
-        raise unsupported(fn, "return_intermediate_states", "per-chunk states are internal to "
-                          "the engine; use output_final_state (or the decode cache)")
     if safe_gate and use_gate_in_kernel:
         if lower_bound is None:
             raise ValueError("`lower_bound` must be specified when `safe_gate=True` and "
@@ -468,7 +510,8 @@ def chunk_kda(q, k, v, g: Tensor, beta: Tensor, scale: Optional[float] = None,
     return _kda(fn, False, q, k, v, g, beta, scale, initial_state, output_final_state,
                 use_qk_l2norm_in_kernel, use_gate_in_kernel, use_beta_sigmoid_in_kernel,
                 allow_neg_eigval, lower_bound, state_v_first, cu_seqlens, kw.get("A_log"),
-                kw.get("dt_bias"))
+                kw.get("dt_bias"), check_bool(fn, "return_intermediate_states",
+                                              return_intermediate_states))
 
 
 def fused_recurrent_kda(q, k, v, g: Tensor, beta: Tensor, A_log: Optional[Tensor] = None,

@@ -320,7 +320,5 @@ def test_kda_refusals():
     with pytest.raises(ValueError, match="lower_bound"):
         C.chunk_kda(q, k, v, g, beta, use_gate_in_kernel=True, safe_gate=True,
                     A_log=torch.zeros(2, dtype=f64))
-    with pytest.raises(UnsupportedArgumentError, match="return_intermediate_states"):
-        C.chunk_kda(q, k, v, g, beta, return_intermediate_states=True)
     with pytest.raises(TypeError, match="nonsense"):
         C.chunk_kda(q, k, v, g, beta, nonsense=1)

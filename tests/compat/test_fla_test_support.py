@@ -260,3 +260,47 @@ def test_chunk_size_errors_use_fla_wording():
         _fla.chunk_kda(q, q, q, g, beta, chunk_size=16)
     with pytest.raises(ValueError, match=r"`chunk_size` must be 16, 32, or 64"):
         _fla.chunk_gated_delta_rule(q, q, q, g[..., 0], beta, chunk_size=128)
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("state_v_first", [False, True])
+def test_chunk_kda_return_intermediate_states(varlen, state_v_first):
+    """Was UnsupportedArgumentError (fla tests/ops/test_kda.py
+    test_chunk_return_intermediate_states): h [B, NT, HV, K, V] (varlen [1, total chunks, ...])
+    holds the state at the start of every 64-token chunk, in k's dtype."""
+    Tk, Hk, Kk, Vk = 150, 2, 8, 4
+    Bk = 1 if varlen else 2
+    q, k = (F.normalize(_r(Bk, Tk, Hk, Kk, seed=s), dim=-1) for s in (0, 1))
+    v = _r(Bk, Tk, Hk, Vk, seed=2)
+    g = F.logsigmoid(_r(Bk, Tk, Hk, Kk, seed=3))
+    beta = torch.sigmoid(_r(Bk, Tk, Hk, seed=4))
+    cu = torch.tensor([0, 64, 65, 150]) if varlen else None
+    N = 3 if varlen else Bk
+    h0 = _r(N, Hk, Kk, Vk, seed=5)
+    h0_in = h0.transpose(-1, -2) if state_v_first else h0
+    o, ht, h = _fla.chunk_kda(q, k, v, g, beta, initial_state=h0_in, output_final_state=True,
+                              return_intermediate_states=True, cu_seqlens=cu,
+                              state_v_first=state_v_first)
+    o_ref, ht_ref = _fla.chunk_kda(q, k, v, g, beta, initial_state=h0_in,
+                                   output_final_state=True, cu_seqlens=cu,
+                                   state_v_first=state_v_first)
+    torch.testing.assert_close(o, o_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ht, ht_ref, rtol=1e-10, atol=1e-10)
+    bounds = [0, 64, 65, 150] if varlen else [0, Tk]
+    starts = []                                   # (row, sequence, start token, seq start)
+    for n in range(len(bounds) - 1):
+        for s in range(bounds[n], bounds[n + 1], 64):
+            starts.append((n, s, bounds[n]))
+    assert h.shape == ((1, len(starts)) if varlen else (Bk, len(starts))) + h0_in.shape[1:]
+    assert h.dtype == k.dtype
+    for i, (n, s, bos) in enumerate(starts):
+        rows = slice(0, 1) if varlen else slice(None)
+        init = h0_in[n:n + 1] if varlen else h0_in
+        if s == bos:
+            expect = init
+        else:
+            expect = _fla.chunk_kda(q[rows, bos:s], k[rows, bos:s], v[rows, bos:s],
+                                    g[rows, bos:s], beta[rows, bos:s], initial_state=init,
+                                    output_final_state=True, state_v_first=state_v_first)[1]
+        got = h[:, i] if not varlen else h[0, i][None]
+        torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-10)

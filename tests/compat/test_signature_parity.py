@@ -658,8 +658,6 @@ def test_fla_deprecated_fused_chunk_raise(name):
 def test_fla_unhonoured_options_raise_naming_them():
     g, gk, beta = _gates()
     f = _fla("fla.ops.kda", "chunk_kda")
-    with pytest.raises(UnsupportedArgumentError, match="return_intermediate_states"):
-        f(*_qkv(), gk, beta, return_intermediate_states=True)
     with pytest.raises(UnsupportedArgumentError, match="cp_context"):
         f(*_qkv(), gk, beta, cp_context=object())
     with pytest.raises(UnsupportedArgumentError, match="gv"):
