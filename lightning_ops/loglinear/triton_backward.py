@@ -12,8 +12,10 @@ sequence's own keys. Four kernels, in this order:
                        state's slots) and of dlambda (all levels > c, and the initial state's
                        levels); per chunk, gamma_m = <S_m read, its gradient> and the initial-state
                        reads' gate share; the final levels' <S_m, dht> and dh0 (reads + dht
-                       passed through). Partial over V tiles: [n_vtiles, ...] fp32, summed by
-                       torch (deterministic, no atomics).
+                       passed through). Partial over V tiles: [slots, ...] fp32, summed by
+                       torch (deterministic, no atomics); one slot per V tile while the slots
+                       stay within PARTIAL_MAX_BYTES, else launches of `slots` tiles in turn,
+                       each adding to the slots (still in a fixed order).
   llb_rev_walk_kernel  per (sequence x head, V tile), chunks in reverse: one accumulator per
                        chunk level D_m (the gradient of level m's block-run pair: reads of the run
                        decayed back, then handed to the block's chunks), giving dlocal -> the inter
@@ -34,9 +36,9 @@ Every exponent is a sum of gates over exactly its own tokens (<= 0); a -inf gate
 reset (no -inf - -inf). The gate gradient is summed only over the terms whose decay holds each
 gate (scalar products of bounded states and state gradients, never a difference of large sums).
 
-Memory besides the outputs (fp32): partial dq and dk, n_vtiles x [B, T, H, K] each; partial
-dlambda n_vtiles x [B, T, H, L]; dv_inter [B, T, H, V]; two level scratches N H n_inter K V; per
-chunk scalars O(n_vtiles H T / C L). 16-bit inputs: tl.dot on 16-bit operands (dot_config);
+Memory besides the outputs (fp32): partial dq and dk, slots x [B, T, H, K] each; partial
+dlambda slots x [B, T, H, L] (slots <= the V tiles, bounded by PARTIAL_MAX_BYTES); dv_inter
+[B, T, H, V]; the level scratch N H n_inter K V; per-chunk scalars O(slots H T / C L). 16-bit inputs: tl.dot on 16-bit operands (dot_config);
 fp32 inputs 3xTF32; the interpreter computes fp32. float64 inputs are computed in fp32.
 No host sync; sequence length is never a constexpr.
 """
@@ -48,7 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_utils import check_grid_yz, dot_config, exact_precision, next_pow2, seq_bounds
+from ..triton_utils import (PARTIAL_MAX_BYTES, check_grid_yz, dot_config, exact_precision,
+                            next_pow2, seq_bounds)
 from .triton import _bitlen, _chunk_rows, _chunk_table, _level_of, chunk_size_for
 
 Tensor = torch.Tensor
@@ -78,16 +81,19 @@ def _seq_start(i_n, offsets, HAS_OFF: tl.constexpr):
     return t0
 
 
-@triton.jit(do_not_specialize=["T", "L", "NI", "NCH", "SQ", "SL"])
+@triton.jit(do_not_specialize=["T", "L", "NI", "NCH", "SQ", "SL", "V0"])
 def llb_fwd_walk_kernel(q, k, v, g, lam, h0, dht, offsets, do, cstart, cu_seqlens, scr,
-                        dq_p, dl_p, gam_p, hs_p, gfin_p, hc_p, dh0, T, L, NI, NCH, SQ, SL, scale,
+                        dq_p, dl_p, gam_p, hs_p, gfin_p, hc_p, dh0, T, L, NI, NCH, SQ, SL, V0, scale,
                         H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         C: tl.constexpr, CLOG: tl.constexpr, BK: tl.constexpr,
                         BV: tl.constexpr, LB: tl.constexpr, LP: tl.constexpr,
                         HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, HAS_OFF: tl.constexpr,
-                        IS_VARLEN: tl.constexpr, DT: tl.constexpr, DT_S: tl.constexpr,
-                        PREC: tl.constexpr):
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+                        IS_VARLEN: tl.constexpr, ACC: tl.constexpr, DT: tl.constexpr,
+                        DT_S: tl.constexpr, PREC: tl.constexpr):
+    """Partial sums go to slot program_id(1) of the partial buffers (added to what an earlier
+    launch of V tiles left there when ACC); the V tile is V0 + program_id(1)."""
+    part = tl.program_id(1).to(tl.int64)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1) + V0
     i_n, i_h = i_nh // H, i_nh % H
     i_g = i_h // (H // G)
     bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
@@ -104,7 +110,6 @@ def llb_fwd_walk_kernel(q, k, v, g, lam, h0, dht, offsets, do, cstart, cu_seqlen
     head = i_nh.to(tl.int64)
     scr_h = scr + head * NI * K * V
     h0_h = head * L * K * V
-    part = i_v.to(tl.int64)
     if HAS_H0:  # dh0 starts at zero (every slot, absent ones included)
         for l in range(0, L):
             for kb in range(0, K, BK):
@@ -177,8 +182,10 @@ def llb_fwd_walk_kernel(q, k, v, g, lam, h0, dht, offsets, do, cstart, cu_seqlen
                         acc += tl.dot(tl.trans(qb * w0[:, None]).to(DT_S), dot_.to(DT_S),
                                       input_precision=PREC)
                         tl.store(dp, acc, mask=m_kv)
-            tl.store(dq_p + part * SQ + ((tok * H + i_h) * K)[:, None] + o_k[None, :], dqb,
-                     mask=m_t[:, None] & m_k[None, :])
+            pq = dq_p + part * SQ + ((tok * H + i_h) * K)[:, None] + o_k[None, :]
+            if ACC:
+                dqb += tl.load(pq, mask=m_t[:, None] & m_k[None, :], other=0.)
+            tl.store(pq, dqb, mask=m_t[:, None] & m_k[None, :])
         if HAS_H0:
             for l in range(1, L):
                 if ((t0 >> (l - 1)) & 1) == 1:
@@ -187,11 +194,17 @@ def llb_fwd_walk_kernel(q, k, v, g, lam, h0, dht, offsets, do, cstart, cu_seqlen
                     dl_acc += tl.where((o_l[None, :] == lev0[:, None]) & (lev0[:, None] < L),
                                        (E * R)[:, None], 0.)
                     s_h += _col(W0T, o_l, l) * R
-        tl.store(dl_p + part * SL + ((tok * H + i_h) * L)[:, None] + o_l[None, :], dl_acc,
-                 mask=m_t[:, None] & (o_l < L)[None, :])
-        gb = ((part * H + i_h) * NCH + cb + j) * LB
-        tl.store(gam_p + gb + o_m, gam, mask=o_m < NI)
-        tl.store(hs_p + (part * H + i_h) * NCH + cb + j, tl.sum(s_h, axis=0))
+        pl = dl_p + part * SL + ((tok * H + i_h) * L)[:, None] + o_l[None, :]
+        ph = hs_p + (part * H + i_h) * NCH + cb + j
+        pg = gam_p + ((part * H + i_h) * NCH + cb + j) * LB + o_m
+        hsum = tl.sum(s_h, axis=0)
+        if ACC:
+            dl_acc += tl.load(pl, mask=m_t[:, None] & (o_l < L)[None, :], other=0.)
+            gam += tl.load(pg, mask=o_m < NI, other=0.)
+            hsum += tl.load(ph)
+        tl.store(pl, dl_acc, mask=m_t[:, None] & (o_l < L)[None, :])
+        tl.store(pg, gam, mask=o_m < NI)
+        tl.store(ph, hsum)
         # the chunk's decay, then the Fenwick merge of a complete chunk (as ll_walk_kernel)
         dec += tot
         P += tot
@@ -235,7 +248,10 @@ def llb_fwd_walk_kernel(q, k, v, g, lam, h0, dht, offsets, do, cstart, cu_seqlen
                     x += Sb * Db
                 gf += tl.where(o_m == m, tl.exp(_level_of(dec, o_m, m)) * tl.sum(tl.sum(x, 1), 0),
                                0.)
-        tl.store(gfin_p + (part * tl.num_programs(0) + i_nh) * LB + o_m, gf, mask=o_m < NI)
+        pf = gfin_p + (part * tl.num_programs(0) + i_nh) * LB + o_m
+        if ACC:
+            gf += tl.load(pf, mask=o_m < NI, other=0.)
+        tl.store(pf, gf, mask=o_m < NI)
         if HAS_H0:  # slot l of h0 ends at slot bit_length(rep_l xor t_end), decayed by all gates
             hc = tl.zeros([BK, BV], dtype=tl.float32)
             tot_all = tl.exp(P)
@@ -255,24 +271,28 @@ def llb_fwd_walk_kernel(q, k, v, g, lam, h0, dht, offsets, do, cstart, cu_seqlen
                             acc = tl.load(dh0 + h0_h + l * K * V + kv, mask=m_kv, other=0.)
                             tl.store(dh0 + h0_h + l * K * V + kv, acc + tot_all * Db, mask=m_kv)
                             hc += hb * Db
-            tl.store(hc_p + part * tl.num_programs(0) + i_nh,
-                     tot_all * tl.sum(tl.sum(hc, 1), 0))
+            hcs = tot_all * tl.sum(tl.sum(hc, 1), 0)
+            if ACC:
+                hcs += tl.load(hc_p + part * tl.num_programs(0) + i_nh)
+            tl.store(hc_p + part * tl.num_programs(0) + i_nh, hcs)
 
 
-@triton.jit(do_not_specialize=["T", "L", "NI", "NCH", "SQ"])
+@triton.jit(do_not_specialize=["T", "L", "NI", "NCH", "SQ", "V0"])
 def llb_rev_walk_kernel(q, k, v, g, lam, dht, offsets, do, cstart, cu_seqlens, scr, dk_p, dv_o,
-                        eta_p, T, L, NI, NCH, SQ, scale,
+                        eta_p, T, L, NI, NCH, SQ, V0, scale,
                         H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                         C: tl.constexpr, CLOG: tl.constexpr, BK: tl.constexpr,
                         BV: tl.constexpr, LB: tl.constexpr, HAS_DHT: tl.constexpr,
-                        HAS_OFF: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
-                        DT_S: tl.constexpr, PREC: tl.constexpr):
+                        HAS_OFF: tl.constexpr, IS_VARLEN: tl.constexpr, ACC: tl.constexpr,
+                        DT: tl.constexpr, DT_S: tl.constexpr, PREC: tl.constexpr):
     """D_m (scr, fp32, the program's V columns) is the gradient of level m's block-run pair at
     the end of the chunk being walked: inside a run (bit m of the chunk set) it gathers the
     run's reads G = (q exp(prefix))^T (lambda[c+1+m] do) decayed back; inside the block before
     the run (bit m clear) it is what each complete chunk's own state (k exp(suffix))^T v
-    receives; it restarts at zero where the walk leaves a block for an earlier run."""
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
+    receives; it restarts at zero where the walk leaves a block for an earlier run. Partial
+    sums as in llb_fwd_walk_kernel (slot program_id(1), V tile V0 + program_id(1))."""
+    part = tl.program_id(1).to(tl.int64)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1) + V0
     i_n, i_h = i_nh // H, i_nh % H
     i_g = i_h // (H // G)
     bos, T_n = seq_bounds(i_n, cu_seqlens, T, IS_VARLEN)
@@ -291,7 +311,6 @@ def llb_rev_walk_kernel(q, k, v, g, lam, dht, offsets, do, cstart, cu_seqlens, s
     head = i_nh.to(tl.int64)
     scr_h = scr + head * NI * K * V
     dht_h = head * L * K * V
-    part = i_v.to(tl.int64)
     # the final levels read the live levels at a_fin: D_m starts as their dht
     for m in range(NI):
         for kb in range(0, K, BK):
@@ -362,10 +381,16 @@ def llb_rev_walk_kernel(q, k, v, g, lam, dht, offsets, do, cstart, cu_seqlens, s
                             dkb += sel[:, None] * Y
                             dv_acc += tl.dot((kd * sel[:, None]).to(DT_S), Db.to(DT_S),
                                              input_precision=PREC)
-            tl.store(dk_p + part * SQ + ((tok * H + i_h) * K)[:, None] + o_k[None, :],
-                     dkb * ek[:, None], mask=m_tk)
+            pk = dk_p + part * SQ + ((tok * H + i_h) * K)[:, None] + o_k[None, :]
+            dkb = dkb * ek[:, None]
+            if ACC:
+                dkb += tl.load(pk, mask=m_tk, other=0.)
+            tl.store(pk, dkb, mask=m_tk)
         tl.store(dv_o + rv, dv_acc, mask=m_tv)
-        tl.store(eta_p + ((part * H + i_h) * NCH + cb + j) * LB + o_m, eta, mask=o_m < NI)
+        pe = eta_p + ((part * H + i_h) * NCH + cb + j) * LB + o_m
+        if ACC:
+            eta += tl.load(pe, mask=o_m < NI, other=0.)
+        tl.store(pe, eta, mask=o_m < NI)
         tl.debug_barrier()
 
 
@@ -571,36 +596,42 @@ def backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, s
     varlen = cu_seqlens is not None
     f32 = dict(dtype=torch.float32, device=dev)
     cstart, NCH = _chunk_starts(cu_seqlens, off, B, T, C, dev)
-    check_grid_yz(NV, "value tiles")
     SQ, SL = B * T * H * K, B * T * H * L
-    NIB = max(NI, 1)
+    # partial sums over V tiles: NP slots (rule 3: at most PARTIAL_MAX_BYTES, or one slot);
+    # with more tiles than slots the walks run as launches of NP tiles, each adding to the
+    # slots in launch order (deterministic)
+    NP = max(1, min(NV, PARTIAL_MAX_BYTES // max(4 * (SQ + SL), 1)))
+    groups = [(v0, min(NP, NV - v0)) for v0 in range(0, NV, NP)]
+    # num_warps 8 for the walks: at fp32 K = 256 V = 512 ptxas spilled 2.3-2.8 KB per thread
+    # with 4 warps, 1.5-1.7 KB with 8 (bf16 K = V = 128: 0.36 KB with 8); run time unmeasured
     scr = torch.empty(max(N * H * NI * K * V, 1), **f32)
-    dq_p = torch.empty(NV, B, T, H, K, **f32)
-    dl_p = torch.empty(NV, B, T, H, L, **f32)
-    gam_p = torch.empty(NV, H, NCH, LB, **f32)
-    hs_p = torch.empty(NV, H, NCH, **f32)
-    gfin_p = torch.empty(NV, N * H, LB, **f32)
-    hc_p = torch.empty(NV, N * H, **f32)
+    dq_p = torch.empty(NP, B, T, H, K, **f32)
+    dl_p = torch.empty(NP, B, T, H, L, **f32)
+    gam_p = torch.empty(NP, H, NCH, LB, **f32)
+    hs_p = torch.empty(NP, H, NCH, **f32)
+    gfin_p = torch.empty(NP, N * H, LB, **f32)
+    hc_p = torch.empty(NP, N * H, **f32)
     dh0 = torch.empty(N, H, L, K, V, **f32) if has_h0 else None
     common = dict(H=H, G=G, K=K, V=V, C=C, CLOG=c, BK=BK, BV=BV, LB=LB)
-    if N * H:
-        llb_fwd_walk_kernel[(N * H, NV)](
+    for v0, nv in groups if N * H else ():
+        llb_fwd_walk_kernel[(N * H, nv)](
             q, k, v, g, lam, h0c, dhtc, off, do, cstart, cu_seqlens, scr, dq_p, dl_p, gam_p,
-            hs_p, gfin_p, hc_p, dh0, T, L, NI, NCH, SQ, SL, float(scale), LP=LP,
+            hs_p, gfin_p, hc_p, dh0, T, L, NI, NCH, SQ, SL, v0, float(scale), LP=LP,
             HAS_H0=has_h0, HAS_DHT=dht is not None, HAS_OFF=off is not None,
-            IS_VARLEN=varlen, DT=DT, DT_S=DT_S, PREC=PREC, **common)
-    # partial sums over the V tiles, in a fixed order (deterministic)
+            IS_VARLEN=varlen, ACC=v0 > 0, DT=DT, DT_S=DT_S, PREC=PREC, num_warps=8, **common)
+    # the slots' partial sums, in a fixed order (deterministic)
     dq_i, dl_w, gam, hs = (x.sum(0) for x in (dq_p, dl_p, gam_p, hs_p))
     gfin, hc = gfin_p.sum(0), hc_p.sum(0)
     del dq_p, dl_p
-    dk_p = torch.empty(NV, B, T, H, K, **f32)
+    dk_p = torch.empty(NP, B, T, H, K, **f32)
     dv_i = torch.empty(B, T, H, V, **f32)
-    eta_p = torch.empty(NV, H, NCH, LB, **f32)
-    if N * H:
-        llb_rev_walk_kernel[(N * H, NV)](
+    eta_p = torch.empty(NP, H, NCH, LB, **f32)
+    for v0, nv in groups if N * H else ():
+        llb_rev_walk_kernel[(N * H, nv)](
             q, k, v, g, lam, dhtc, off, do, cstart, cu_seqlens, scr, dk_p, dv_i, eta_p,
-            T, L, NI, NCH, SQ, float(scale), HAS_DHT=dht is not None, HAS_OFF=off is not None,
-            IS_VARLEN=varlen, DT=DT, DT_S=DT_S, PREC=PREC, **common)
+            T, L, NI, NCH, SQ, v0, float(scale), HAS_DHT=dht is not None,
+            HAS_OFF=off is not None, IS_VARLEN=varlen, ACC=v0 > 0, DT=DT, DT_S=DT_S,
+            PREC=PREC, num_warps=8, **common)
     dk_i, eta = dk_p.sum(0), eta_p.sum(0)
     del dk_p
     dtot = torch.empty(H, NCH, **f32)
@@ -618,12 +649,15 @@ def backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, s
         table, n_grid = _chunk_table(cu_seqlens, None if off is None else off % C, T, C)
     else:
         table, n_grid = None, triton.cdiv(T + (C - 1 if off is not None else 0), C)
+    # rule 4: at C = 64 the program holds ~6 [64, 64] fp32 score tiles; ptxas spilled ~5.7 KB
+    # per thread with 4 warps, 1.4 KB with 8 (bf16 K = V = 128, triton 3.9)
+    warps = 8 if C >= 64 else 4
     if n_grid and B * H:
         llb_intra_kernel[(n_grid, B * H)](
             q, k, v, g, lam, do, off, cu_seqlens, table, cstart, dq_i, dk_i, dv_i, dl_w, dtot,
             dq, dk, dv, dg, dl, T, L, NCH, float(scale), H=H, G=G, K=K, V=V, C=C, CLOG=c,
             BK=BK, BV=BV, LP=LP, HAS_OFF=off is not None, IS_VARLEN=varlen, DT=DT, PREC=PREC,
-            PREC32=PREC32)
+            PREC32=PREC32, num_warps=warps)
     rep = H // G
     if rep > 1:
         dq, dk = dq.unflatten(2, (G, rep)).sum(3), dk.unflatten(2, (G, rep)).sum(3)

@@ -124,12 +124,16 @@ def test_triton_backward_extreme_gates(fill, nan_empty):
     _check(_grads(x, cu, init, torch.float32, "triton"), _grads(x, cu, init, F64, "torch"))
 
 
-def test_triton_backward_deterministic():
-    """Same inputs, same bits (partial sums over V tiles reduced in a fixed order)."""
+def test_triton_backward_deterministic(monkeypatch):
+    """Same inputs, same bits (partial sums over V tiles reduced in a fixed order); with the
+    partial-sum cap forcing one slot, the two V tiles run as two launches adding in turn."""
+    from lightning_ops.loglinear import triton_backward as TB
     x, cu, init = _inputs(1, 20, 1, 1, 4, 80, 8, offsets=[21])
     a = _grads(x, cu, init, torch.float32, "triton")
     b = _grads(x, cu, init, torch.float32, "triton")
     assert all(torch.equal(a[n], b[n]) for n in a)
+    monkeypatch.setattr(TB, "PARTIAL_MAX_BYTES", 1)
+    _check(_grads(x, cu, init, torch.float32, "triton"), _grads(x, cu, init, F64, "torch"))
 
 
 @pytest.mark.gpu
