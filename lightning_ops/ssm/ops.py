@@ -571,11 +571,15 @@ def _conv_setup(ctx, inputs, output):
     x, weight, bias, h0, seq_idx, _, activation, backend, _ = inputs
     ctx.save_for_backward(x, weight, bias, h0, seq_idx, output[2])
     ctx.activation, ctx.backend = activation, backend
+    # the saved pre-activation never gets a gradient: no zero tensor of its size materialised
+    # for it (nor for an unused output) on every backward
+    ctx.set_materialize_grads(False)
 
 
 def _conv_backward(ctx, dout, dfinal, dpre):
     x, weight, bias, h0, seq_idx, pre = ctx.saved_tensors
     dfinal = None if dfinal is None or dfinal.numel() == 0 else dfinal
+    dout = torch.zeros_like(x) if dout is None else dout
     dx, dw, db, dh0 = _conv_bwd(dout.contiguous(), dfinal, x, weight, bias, h0, seq_idx,
                                 none_if_empty(pre), ctx.activation, ctx.backend)
     db, dh0 = _none_for_absent((db, dh0), (bias, h0))

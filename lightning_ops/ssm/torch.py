@@ -691,7 +691,10 @@ def _conv_full(xin, w, bias, pad, W):
     """The conv before the activation as F.conv1d returns it: [b, d, L + W - 1] of which the
     first L are the causal outputs (padding W-1), or [b, d, L] when the history is prepended."""
     d = w.shape[0]
-    return F.conv1d(xin, w[:, None, :], bias, padding=W - 1 if pad is None else 0, groups=d)
+    # F.conv1d's result is a squeezed view of its own 4-d output: detached, it owns its whole
+    # storage, so returning it from the custom op costs no defensive copy (own_storage)
+    return F.conv1d(xin, w[:, None, :], bias, padding=W - 1 if pad is None else 0,
+                    groups=d).detach()
 
 
 def _conv_pre(xin, w, bias, pad, W):
@@ -789,7 +792,7 @@ def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, df
         dw = dw[:, 0, :]
         dh0 = None
         if pad is None:
-            dx = dxin
+            dx = dxin.detach()  # a view of a fresh 4-d gradient: no copy by own_storage
         else:
             dx, dh0 = dxin[..., W - 1:], dxin[..., :W - 1]
         if dfinal is not None:  # final = the last W-1 of [history, x]
