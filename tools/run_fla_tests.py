@@ -164,6 +164,9 @@ def _run_file(path: Path, tests_root: Path, args, report: Path) -> float:
                                          env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["LO_FLA_REPORT"] = str(report)
     env.setdefault("OMP_NUM_THREADS", str(args.threads))
+    # fla's tests skip GQA cases unless its backend dispatch (tilelang / FlashQLA routing) is
+    # off; the drop-in has no such dispatch, our ops are what run, so the cases apply
+    env.setdefault("FLA_DISABLE_BACKEND_DISPATCH", "1")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p",
            "run_fla_tests", f"--rootdir={tests_root.parent}", "--lo-max-tokens",
            str(args.max_tokens), "-W", "ignore::DeprecationWarning", str(path)]

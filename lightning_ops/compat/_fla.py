@@ -33,7 +33,9 @@ Tensor = torch.Tensor
 # helpers, device flags and cache mode describe its own kernels, and its chunk_log_linear_attn
 # carries a state object of its own (the previous chunk's inputs) that its layers pass back in.
 KEEP_PEER_MODULES = frozenset({"fla.utils", "fla.ops.utils", "fla.ops.utils.cache"})
-KEEP_PEER_NAMES = frozenset({"chunk_log_linear_attn"})
+# fused_recurrent_kda_fwd: fla's decode entry also serves speculative decoding, which ours
+# refuses; an installed fla's callers (vLLM-style) keep the complete one.
+KEEP_PEER_NAMES = frozenset({"chunk_log_linear_attn", "fused_recurrent_kda_fwd"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -304,3 +304,52 @@ def test_chunk_kda_return_intermediate_states(varlen, state_v_first):
                                     output_final_state=True, state_v_first=state_v_first)[1]
         got = h[:, i] if not varlen else h[0, i][None]
         torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the fake fla lacks most modules
+def test_replace_mode_keeps_an_installed_flas_test_helpers(tmp_path, monkeypatch):
+    """With fla installed, patch_fla() replaces ops, never fla's own testing helpers, flags,
+    cache mode, kernel internals (our import-only markers), decode entry or log-linear op."""
+    import lightning_ops.compat as lc
+    from compat_helpers import drop_peer_modules
+
+    lc.unpatch()
+    drop_peer_modules()
+    files = {
+        "fla/__init__.py": "",
+        "fla/utils.py": "def assert_close(*a, **k):\n    pass\ndevice = 'theirs'\n",
+        "fla/ops/__init__.py": "",
+        "fla/ops/utils/__init__.py": "",
+        "fla/ops/utils/cache.py": "FLA_CACHE_MODE = 'theirs'\n",
+        "fla/ops/gated_delta_rule/__init__.py": "",
+        "fla/ops/gated_delta_rule/wy_fast.py": "def recompute_w_u_fwd():\n    return 'theirs'\n",
+        "fla/ops/simple_gla/__init__.py": "",
+        "fla/ops/simple_gla/parallel.py": "def parallel_simple_gla():\n    return 'theirs'\n",
+        "fla/ops/kda/__init__.py": "",
+        "fla/ops/kda/fused_recurrent.py": "def fused_recurrent_kda_fwd():\n    return 'theirs'\n",
+        "fla/ops/log_linear_attn/__init__.py": "",
+        "fla/ops/log_linear_attn/chunk.py": "def chunk_log_linear_attn():\n    return 'theirs'\n"
+                                            "def chunkwise_bwd_kernel_dkg():\n    return 'theirs'\n",
+    }
+    for rel, text in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert lc.patch_fla() == "replace"
+        import fla.ops.gated_delta_rule.wy_fast as wy
+        import fla.ops.kda.fused_recurrent as kfr
+        import fla.ops.log_linear_attn.chunk as llc
+        import fla.ops.simple_gla.parallel as par
+        import fla.ops.utils.cache as cache
+        import fla.utils as fu
+        assert fu.device == "theirs" and fu.assert_close.__module__ == "fla.utils"
+        assert cache.FLA_CACHE_MODE == "theirs"
+        assert wy.recompute_w_u_fwd() == "theirs"
+        assert kfr.fused_recurrent_kda_fwd() == "theirs"
+        assert llc.chunk_log_linear_attn() == llc.chunkwise_bwd_kernel_dkg() == "theirs"
+        assert par.parallel_simple_gla is _fla.parallel_simple_gla      # an op: replaced
+    finally:
+        lc.unpatch()
+        drop_peer_modules()
