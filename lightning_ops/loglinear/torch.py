@@ -236,6 +236,15 @@ def _group(q, k, v, g, lam, h0, t0: int, C: int, scale: float, want_final: bool)
     return o * scale, ht
 
 
+def _compute_inputs(q, k, v, g, level_scales):
+    """(compute dtype, q, k repeated to the value heads, v, g, level_scales), all in it."""
+    dt = accumulation_dtype(q)
+    rep = v.shape[2] // q.shape[2]
+    qx = q.to(dt).repeat_interleave(rep, 2) if rep > 1 else q.to(dt)
+    kx = k.to(dt).repeat_interleave(rep, 2) if rep > 1 else k.to(dt)
+    return dt, qx, kx, v.to(dt), g.to(dt), level_scales.to(dt)
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, scale: float,
             h0: Optional[Tensor], offsets: Optional[Tensor], output_final_state: bool,
             cu_seqlens: Optional[Tensor], chunk_size: int = TORCH_CHUNK):
@@ -244,11 +253,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, sc
     Differentiable by autograd. Reads cu_seqlens and offsets on the host."""
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[-1], level_scales.shape[-1]
-    dt = accumulation_dtype(q)
-    rep = H // G
-    qx = q.to(dt).repeat_interleave(rep, 2) if rep > 1 else q.to(dt)
-    kx = k.to(dt).repeat_interleave(rep, 2) if rep > 1 else k.to(dt)
-    vx, gx, lx = v.to(dt), g.to(dt), level_scales.to(dt)
+    dt, qx, kx, vx, gx, lx = _compute_inputs(q, k, v, g, level_scales)
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     offs = [0] * N if offsets is None else [int(x) for x in offsets.reshape(-1).tolist()]
     h0x = None if h0 is None else h0.to(dt)
@@ -539,11 +544,7 @@ def backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, s
     total. O(T C (K + V) + T L K V); nothing T x T."""
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[-1], level_scales.shape[-1]
-    dt = accumulation_dtype(q)
-    rep = H // G
-    qx = q.to(dt).repeat_interleave(rep, 2) if rep > 1 else q.to(dt)
-    kx = k.to(dt).repeat_interleave(rep, 2) if rep > 1 else k.to(dt)
-    vx, gx, lx = v.to(dt), g.to(dt), level_scales.to(dt)
+    dt, qx, kx, vx, gx, lx = _compute_inputs(q, k, v, g, level_scales)
     dox = do.to(dt) * scale
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     offs = [0] * N if offsets is None else [int(x) for x in offsets.reshape(-1).tolist()]
@@ -580,6 +581,7 @@ def backward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, s
                 zip((qx, kx, vx, gx, lx), ((B, T, H, K), (B, T, H, K), vx.shape, gx.shape,
                                            lx.shape))]
     dq, dk, dv, dg, dl = outs
+    rep = H // G
     if rep > 1:
         dq, dk = dq.unflatten(2, (G, rep)).sum(3), dk.unflatten(2, (G, rep)).sum(3)
     return (_dense(dq, q.dtype), _dense(dk, k.dtype), _dense(dv, v.dtype), _dense(dg, g.dtype),
