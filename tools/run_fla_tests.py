@@ -27,11 +27,21 @@ lines file as it finishes).
 
 Summary: per file passed / failed / errors / skipped / deselected, then the distinct failure
 reasons (exception type and first line) with their counts and one example test id each.
+
+Our own compat suite in the "no peers installed" state (as CI has it) on a machine where
+`make peers` installed them:
+
+  OMP_NUM_THREADS=1 .venv/bin/python tools/run_fla_tests.py --without-installed-peers -- \
+      -q -p no:cacheprovider tests/compat
+
+runs pytest in-process with a finder that hides the peers' installed copies (those found in
+site-packages) but not fake peer packages the tests themselves put on sys.path.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.abc
+import importlib.machinery
 import json
 import os
 import subprocess
@@ -53,6 +63,20 @@ DEFAULT_FILES = ("test_gla.py", "test_simple_gla.py", "test_linear_attn.py",
 # =============================================================================================
 # the pytest plugin (runs inside each test subprocess)
 # =============================================================================================
+class _HideInstalledPeers(importlib.abc.MetaPathFinder):
+    """Hides the peers' installed copies (site-packages / dist-packages) only."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] not in BLOCKED:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        where = "" if spec is None else str(spec.origin or spec.submodule_search_locations)
+        if "site-packages" in where or "dist-packages" in where:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (installed copy hidden by "
+                                      f"tools/run_fla_tests.py)", name=fullname)
+        return None
+
+
 class _BlockPeers(importlib.abc.MetaPathFinder):
     """Makes the installed peer packages invisible: import and find_spec of them fail."""
 
@@ -206,6 +230,12 @@ def _summarise(name: str, report: Path, secs: float, verbose: bool) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--without-installed-peers"]:
+        import pytest
+        sys.meta_path.insert(0, _HideInstalledPeers())
+        rest = argv[1:]
+        return pytest.main(rest[1:] if rest[:1] == ["--"] else rest)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tests", help="fla's tests directory (the one holding ops/)")
