@@ -10,12 +10,12 @@ sequence's own keys. Four kernels, in this order:
                        states (fp32 scratch + register vector of decays, as ll_walk_kernel) and
                        gives, per token, the inter part of dq (reads of S_m and of the initial
                        state's slots) and of dlambda (all levels > c, and the initial state's
-                       levels); per chunk, gamma_m = <S_m read, its gradient> and the initial-state
-                       reads' gate share; the final levels' <S_m, dht> and dh0 (reads + dht
-                       passed through). Partial over V tiles: [slots, ...] fp32, summed by
-                       torch (deterministic, no atomics); one slot per V tile while the slots
-                       stay within PARTIAL_MAX_BYTES, else launches of `slots` tiles in turn,
-                       each adding to the slots (still in a fixed order).
+                       levels); per chunk, gamma_m = <S_m read, its gradient> and the
+                       initial-state reads' gate share; the final levels' <S_m, dht> and dh0
+                       (reads + dht passed through). Partial over V tiles: [slots, ...] fp32,
+                       summed by torch (deterministic, no atomics); one slot per V tile while
+                       the slots stay within PARTIAL_MAX_BYTES, else launches of `slots` tiles
+                       in turn, each adding to the slots (still in a fixed order).
   llb_rev_walk_kernel  per (sequence x head, V tile), chunks in reverse: one accumulator per
                        chunk level D_m (the gradient of level m's block-run pair: reads of the run
                        decayed back, then handed to the block's chunks), giving dlocal -> the inter
@@ -23,8 +23,9 @@ sequence's own keys. Four kernels, in this order:
                        chunk, and the final state's low slots (a trailing partial chunk's tokens).
   llb_dtot_kernel      per (sequence x head), scalars only: each chunk's total-gate gradient, the
                        sum over the pairs straddling it: eta prefix sums inside each level's block,
-                       gamma suffix sums inside each level's run (the final levels as one more read),
-                       later chunks' initial-state read shares, the initial state's pass-through.
+                       gamma suffix sums inside each level's run (the final levels as one more
+                       read), later chunks' initial-state read shares, the initial state's
+                       pass-through.
   llb_intra_kernel     per (chunk, batch x head): dA = do v^T, A = (q.k) W D; dq, dk from dA W D,
                        dv = A^T do, dlambda's intra levels (per-level row sums of dA (q.k) D), the
                        gate's pair share (per gate, the sum of dA A over the pairs straddling it,
@@ -38,8 +39,9 @@ gate (scalar products of bounded states and state gradients, never a difference 
 
 Memory besides the outputs (fp32): partial dq and dk, slots x [B, T, H, K] each; partial
 dlambda slots x [B, T, H, L] (slots <= the V tiles, bounded by PARTIAL_MAX_BYTES); dv_inter
-[B, T, H, V]; the level scratch N H n_inter K V; per-chunk scalars O(slots H T / C L). 16-bit inputs: tl.dot on 16-bit operands (dot_config);
-fp32 inputs 3xTF32; the interpreter computes fp32. float64 inputs are computed in fp32.
+[B, T, H, V]; the level scratch N H n_inter K V; per-chunk scalars O(slots H T / C L).
+16-bit inputs: tl.dot on 16-bit operands (dot_config); fp32 inputs 3xTF32; the interpreter
+computes fp32. float64 inputs are computed in fp32.
 No host sync; sequence length is never a constexpr.
 """
 from __future__ import annotations
