@@ -490,18 +490,15 @@ def llb_intra_kernel(q, k, v, g, lam, do, offsets, cu_seqlens, chunk_indices, cs
     causal = (o_c[:, None] >= o_c[None, :]) & m_t[:, None] & m_t[None, :]
     strict = o_c[None, :] < o_c[:, None]
     e = tl.cumsum(tl.where(strict, g_n[None, :], 0.), axis=1, reverse=True)
-    WD = tl.exp(tl.where(causal, e, 0.))
+    Dx = tl.where(causal, tl.exp(tl.where(causal, e, 0.)), 0.)
     lev = _bitlen(o_c[:, None] ^ o_c[None, :], CLOG)
     rl = (tok * H + i_h) * L
     W = tl.zeros([C, C], dtype=tl.float32)
     for lv in tl.static_range(0, CLOG + 1):
         col = tl.load(lam + rl + lv, mask=m_t & (o_c * 0 + lv < L), other=0.).to(tl.float32)
         W = tl.where(lev == lv, col[:, None], W)
-    Z = tl.where(causal, dA * QK * WD, 0.)  # d/dW
-    WD = tl.where(causal, W * WD, 0.)
-    M = dA * WD          # dQK
-    A = QK * WD
-    Pg = Z * W           # dA * A: each pair's log-gradient
+    # the [C, C] tiles are formed in an order that lets each die early (register pressure)
+    Z = dA * QK * Dx  # d/dW (0 off the causal pairs: Dx is)
     # dlambda: the walks' levels plus the intra levels' row sums
     o_l = tl.arange(0, LP)
     m_tl = m_t[:, None] & (o_l < L)[None, :]
@@ -510,10 +507,13 @@ def llb_intra_kernel(q, k, v, g, lam, do, offsets, cu_seqlens, chunk_indices, cs
         s = tl.sum(tl.where(lev == lv, Z, 0.), axis=1)
         dlt += tl.where(o_l[None, :] == lv, s[:, None], 0.)
     tl.store(dl + rl[:, None] + o_l[None, :], dlt, mask=m_tl)
-    # gate: pairs s < r <= t, as (Pg @ strict upper triangle) summed over the rows t >= r
+    # gate: pairs s < r <= t, as (dA A @ strict upper triangle) summed over the rows t >= r
     up = tl.where(o_c[:, None] < o_c[None, :], 1., 0.)
-    Rm = tl.dot(Pg, up, input_precision=PREC32)
+    Rm = tl.dot(Z * W, up, input_precision=PREC32)
     dgv = tl.sum(tl.where(o_c[:, None] >= o_c[None, :], Rm, 0.), axis=0)
+    WD = W * Dx
+    M = dA * WD          # dQK
+    A = QK * WD
     wq = tl.zeros([C], dtype=tl.float32)
     uk = tl.zeros([C], dtype=tl.float32)
     for kb in range(0, K, BK):
