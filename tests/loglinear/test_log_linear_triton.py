@@ -17,43 +17,21 @@ that dtype) at K = V = 64, 128 and 256.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 import lightning_ops as lo
 from lightning_ops import reference as R
 from lightning_ops.loglinear import LogLinearAttentionState, chunk_log_linear_attn
-from helpers import (assert_lowp_parity, cu_seqlens_from_lengths, nan_filled_empty, rel_rms,
-                     requires_gpu, requires_triton, triton_device)
+from helpers import (assert_lowp_parity, nan_filled_empty, rel_rms, requires_gpu,
+                     requires_triton)
+from loglinear_cases import make_inputs as _inputs
 
 pytestmark = requires_triton
 
 F64 = torch.float64
 TOL = 1e-5
-DEV = triton_device()
 NAMES = ("q", "k", "v", "g", "level_scales")
-
-
-def _inputs(B, T, G, H, K, V, L, lengths=None, offsets=None, fill=None, seed=0, device=DEV):
-    """float64 inputs (gates in (-0.5, 0) unless fill), cu_seqlens and the initial state."""
-    gen = torch.Generator().manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
-    x = dict(q=rn(B, T, G, K), k=rn(B, T, G, K), v=rn(B, T, H, V),
-             g=-0.5 * torch.rand(B, T, H, generator=gen, dtype=F64),
-             level_scales=torch.rand(B, T, H, L, generator=gen, dtype=F64))
-    if fill == "strong":
-        x["g"].fill_(-20.0)
-    elif fill == "-inf":
-        x["g"][:, [3, min(17, T - 1)], 0] = -math.inf
-        x["g"][:, T // 2:T // 2 + 2, -1] = -math.inf
-    cu = None if lengths is None else cu_seqlens_from_lengths(lengths, device)
-    N = B if lengths is None else len(lengths)
-    init = None
-    if offsets is not None:  # every slot random: the ones absent at the offset are ignored
-        init = (rn(N, H, L, K, V).to(device), torch.tensor(offsets, device=device))
-    return {n: t.to(device) for n, t in x.items()}, cu, init
 
 
 def _run(x, cu, init, dtype, want_final=True, chunk_size=16, backend="triton", grad=True):

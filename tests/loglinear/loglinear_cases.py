@@ -1,0 +1,33 @@
+"""The inputs shared by the log-linear Triton tests (forward and backward): float64 tensors, the
+cu_seqlens of given lengths and an initial state at given offsets; gates in (-0.5, 0) unless
+`fill` asks for strong (-20 per token) or reset (-inf) gates."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from helpers import cu_seqlens_from_lengths, triton_device
+
+F64 = torch.float64
+DEV = triton_device()
+
+
+def make_inputs(B, T, G, H, K, V, L, lengths=None, offsets=None, fill=None, seed=0, device=DEV):
+    """float64 inputs (gates in (-0.5, 0) unless fill), cu_seqlens and the initial state."""
+    gen = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
+    x = dict(q=rn(B, T, G, K), k=rn(B, T, G, K), v=rn(B, T, H, V),
+             g=-0.5 * torch.rand(B, T, H, generator=gen, dtype=F64),
+             level_scales=torch.rand(B, T, H, L, generator=gen, dtype=F64))
+    if fill == "strong":
+        x["g"].fill_(-20.0)
+    elif fill == "-inf":
+        x["g"][:, [3, min(17, T - 1)], 0] = -math.inf
+        x["g"][:, T // 2:T // 2 + 2, -1] = -math.inf
+    cu = None if lengths is None else cu_seqlens_from_lengths(lengths, device)
+    N = B if lengths is None else len(lengths)
+    init = None
+    if offsets is not None:  # every slot random: the ones absent at the offset are ignored
+        init = (rn(N, H, L, K, V).to(device), torch.tensor(offsets, device=device))
+    return {n: t.to(device) for n, t in x.items()}, cu, init
