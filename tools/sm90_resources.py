@@ -239,6 +239,12 @@ def _run_case(c: dict):
         for C in (64, 16):
             LL.forward(q, k, v, g, lam, 1.0, h0, off, True, cu, C)
             LL.forward(q, k, v, g, lam, 1.0, None, None, False, cu, C)
+        # and its backward kernels (loglinear/triton_backward.py), with and without the
+        # initial state and dht, at the default chunk
+        from lightning_ops.loglinear import triton_backward as LLB
+        do, dht = torch.randn_like(v), torch.randn(N, H, L, K, V)  # N = B dense, 2 varlen
+        LLB.backward(q, k, v, g, lam, 1.0, h0, off, cu, do, dht, 64)
+        LLB.backward(q, k, v, g, lam, 1.0, None, None, cu, do, None, 64)
     elif fam == "scan":
         from lightning_ops.ssm import triton as S
         N, Dm, L = c["N"], 16, T
