@@ -212,11 +212,7 @@ def check_parity(rank: int, world: int, family: str, B: int, T: int,
     # every collective first (a failed comparison must not leave the other ranks waiting)
     ht = ht.detach().clone()
     dist.all_reduce(ht)
-    summed = []
-    for g_cp, g_1 in zip(grads, g_ref):
-        g_cp = torch.zeros_like(g_1) if g_cp is None else g_cp.detach().clone()
-        dist.all_reduce(g_cp)
-        summed.append(g_cp)
+    summed = sum_over_ranks(grads, g_ref)
     _close(f"o [{where}]", o, o_ref.narrow(sd, s, e - s), tol)
     _close(f"final state [{where}]", ht, ht_ref, tol)
     for name, g_cp, g_1 in zip(ins, summed, g_ref):
@@ -228,6 +224,17 @@ def _close(name: str, a: torch.Tensor, b: torch.Tensor, tol: float) -> None:
     assert torch.isfinite(a).all(), f"{name}: non-finite"
     err = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def sum_over_ranks(grads, like, group=None):
+    """Each rank's gradient (zeros where it got none) all-reduced: the CP op's gradient of the
+    whole input, to compare with the single-process one (like: those reference gradients)."""
+    out = []
+    for g_cp, g_1 in zip(grads, like):
+        g_cp = torch.zeros_like(g_1) if g_cp is None else g_cp.detach().clone()
+        dist.all_reduce(g_cp, group=group)
+        out.append(g_cp)
+    return out
 
 
 def worker_all(rank: int, world: int, cases: list) -> None:
@@ -510,11 +517,7 @@ def check_hmamba_op(rank: int, world: int) -> None:
         ht, off = st.ht.detach().clone(), st.offsets.clone()
         dist.all_reduce(ht)
         dist.all_reduce(off)
-        summed = []
-        for g_cp, g_1 in zip(grads, g_ref):
-            g_cp = torch.zeros_like(g_1) if g_cp is None else g_cp.detach().clone()
-            dist.all_reduce(g_cp)
-            summed.append(g_cp)
+        summed = sum_over_ranks(grads, g_ref)
         where = f"hmamba op world={world} rank={rank} B={B} cu={cu_list}"
         _close(f"y [{where}]", y, y_ref[:, s:e], 1e-10)
         _close(f"final ht [{where}]", ht, st_ref.ht, 1e-10)

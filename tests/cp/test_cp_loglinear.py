@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cp_harness import _close, run_ranks
+from cp_harness import _close, run_ranks, sum_over_ranks
 
 import lightning_ops as lo
 import lightning_ops.cp as cp
@@ -92,11 +92,7 @@ def check(rank, world, op, B, T, cu_list, L, chunk_size=64, bounds=None, G=1, l2
     ht, off = st.ht.detach().clone(), st.offsets.clone()
     dist.all_reduce(ht, group=group)
     dist.all_reduce(off, group=group)
-    summed = []
-    for g_cp, g_1 in zip(grads, g_ref):
-        g_cp = torch.zeros_like(g_1) if g_cp is None else g_cp.detach().clone()
-        dist.all_reduce(g_cp, group=group)
-        summed.append(g_cp)
+    summed = sum_over_ranks(grads, g_ref, group)
     _close(f"o [{where}]", o, o_ref[:, s:e], TOL)
     _close(f"final ht [{where}]", ht, st_ref.ht, TOL)
     assert torch.equal(off, st_ref.offsets), f"final offsets [{where}]: {off} != {st_ref.offsets}"
