@@ -620,17 +620,17 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     _check_seq_idx(seq_idx, (b, L), "[B, L]", x)
     name = _backend.resolve("conv", x.device, x.dtype)
     x, weight, bias, initial_states = contiguous(x, weight, bias, initial_states)
-    # the torch backend keeps SiLU's input when a backward will follow (the Triton one
-    # recomputes it inside its fused gradient kernel)
-    save_pre = name == "torch" and act == "silu" and seq_idx is None and \
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                        for t in (x, weight, bias, initial_states))
     if not is_empty(x) and eager_direct((x, weight, bias, initial_states, seq_idx)):
         # plain eager inference (nothing needs a gradient): the backend directly, as the op's
         # body would run it; the custom-op dispatch costs more than a short conv on the CPU
         out, final, _ = _backend.implementation("conv", name).conv_forward(
             x, weight, bias, initial_states, seq_idx, return_final_states, act, False)
         return (out, final) if return_final_states else out
+    # the torch backend keeps SiLU's input when a backward will follow (the Triton one
+    # recomputes it inside its fused gradient kernel)
+    save_pre = name == "torch" and act == "silu" and seq_idx is None and \
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                        for t in (x, weight, bias, initial_states))
     out, final, _ = _conv_fwd(x, weight, bias, initial_states, seq_idx, return_final_states,
                               act, name, save_pre)
     return (out, final) if return_final_states else out
