@@ -170,13 +170,11 @@ def qkv_dims(q: Tensor, k: Tensor, v: Tensor, v_heads_multiple: bool = False
         if x.dim() != 4:
             raise ValueError(f"{name} must have shape {layout} (4 dims), got {list(x.shape)}")
     names, xs = ("q", "k", "v"), (q, k, v)
-    if not q.device == k.device == v.device:
-        _check_same(names, xs, "device", lambda n, x, ref, rn: ValueError(
-            f"{n} is on {x.device} but the inputs are on {ref.device}; "
-            f"all tensors must be on one device"))
-    if not q.dtype == k.dtype == v.dtype:
-        _check_same(names, xs, "dtype", lambda n, x, ref, rn: TypeError(
-            f"{n} has dtype {x.dtype} but {rn} has {ref.dtype}; q, k and v must share one dtype"))
+    _check_same(names, xs, "device", lambda n, x, ref, rn: ValueError(
+        f"{n} is on {x.device} but the inputs are on {ref.device}; "
+        f"all tensors must be on one device"))
+    _check_same(names, xs, "dtype", lambda n, x, ref, rn: TypeError(
+        f"{n} has dtype {x.dtype} but {rn} has {ref.dtype}; q, k and v must share one dtype"))
     shapes = _Shapes(names, xs)  # read by error messages only
     for i, dim in ((0, "batch size B"), (1, "sequence length T")):
         sizes = [x.shape[i] for x in xs]
