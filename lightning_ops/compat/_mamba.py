@@ -118,17 +118,45 @@ def _fixed_bc(name: str, X: Tensor, u: Tensor) -> Tensor:
     return X[None, :, :, None].expand(b, d, X.shape[1], L)
 
 
+def _per_channel(X: Tensor, d: int) -> Tensor:
+    """A variable B / C [b, N, L] or [b, G, N, L] as [b, D, N, L] (channel c reads group
+    c // (D / G), as mamba-ssm's grouping)."""
+    if X.dim() == 3:
+        X = X.unsqueeze(1)
+    if X.dim() != 4 or d % X.shape[1]:
+        raise ValueError(f"B / C must have shape [B, N, L] or [B, G, N, L] with D = {d} "
+                         f"divisible by G, got {list(X.shape)}")
+    if X.shape[1] == d:
+        return X
+    if X.shape[1] == 1:
+        return X.expand(X.shape[0], d, *X.shape[2:])
+    return X.repeat_interleave(d // X.shape[1], dim=1)
+
+
+def _bc_pair(B: Tensor, C: Tensor, u: Tensor) -> Tuple[Tensor, Tensor]:
+    """B and C in one layout for our op, which takes them alike. mamba-ssm lets each be
+    input-independent [D, N] or variable [b, N, L] / [b, G, N, L] on its own (test_mamba_inner_fn
+    mixes a fixed B with a projected C); when the two differ both become [b, D, N, L]."""
+    B, C = _fixed_bc("B", B, u), _fixed_bc("C", C, u)
+    if B.shape == C.shape:
+        return B, C
+    d = u.shape[1]
+    return _per_channel(B, d), _per_channel(C, d)
+
+
 def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                       D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                       delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                       return_last_state: bool = False):
     """mamba_ssm.ops.selective_scan_interface.selective_scan_fn. B / C: [B, N, L],
-    [B, G, N, L] or input-independent [D, N]. Complex A is not supported."""
+    [B, G, N, L] or input-independent [D, N], each independently of the other. Complex A is
+    not supported."""
     if A.is_complex():
         raise unsupported("selective_scan_fn", "A", "complex A (S4D-style) is not supported; "
                           "use a real A [D, N]")
-    return lo.selective_scan_fn(u, delta, A, _fixed_bc("B", B, u), _fixed_bc("C", C, u), D, z,
-                                delta_bias, delta_softplus, return_last_state)
+    B, C = _bc_pair(B, C, u)
+    return lo.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                return_last_state)
 
 
 def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:

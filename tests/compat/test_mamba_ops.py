@@ -117,23 +117,54 @@ def test_selective_scan_fixed_B_C():
         M.selective_scan_fn(u, delta, A.to(torch.complex128), Bf, Cf)
 
 
+@pytest.mark.parametrize("var_shape", [(2, 4, 5), (2, 1, 4, 5), (2, 3, 4, 5)])
+@pytest.mark.parametrize("fixed", ["B", "C"])
+def test_selective_scan_one_fixed_one_variable(fixed, var_shape):
+    """Regression (mamba-ssm tests/ops/test_selective_scan.py test_mamba_inner_fn, a fixed
+    [D, N] B with a projected [b, N, L] C and vice versa): our op takes B and C in one
+    layout, the mixed pair raised "C must have B's shape". Gradients reach both."""
+    b, d, n, L = 2, 6, 4, 5
+    u, delta = _rand(b, d, L).requires_grad_(), _rand(b, d, L, seed=1).sigmoid()
+    A = -_rand(d, n, seed=2).exp()
+    F_ = _rand(d, n, seed=3).requires_grad_()
+    V = _rand(*var_shape, seed=4).requires_grad_()
+    Bm, Cm = (F_, V) if fixed == "B" else (V, F_)
+    y, last = M.selective_scan_fn(u, delta, A, Bm, Cm, return_last_state=True)
+    # written out: the fixed one per channel, the variable one's group c // (D / G)
+    Fx = F_[None, :, :, None].expand(b, d, n, L)
+    Vg = V if V.dim() == 4 else V[:, None]
+    Vx = Vg.repeat_interleave(d // Vg.shape[1], dim=1)
+    Bx, Cx = (Fx, Vx) if fixed == "B" else (Vx, Fx)
+    y_ref, last_ref = R.selective_scan_ref(u, delta, A, Bx, Cx, return_last_state=True)
+    assert_close("y", y, y_ref, TOL)
+    assert_close("last", last, last_ref, TOL)
+    g = _rand(b, d, L, seed=5)
+    grads = torch.autograd.grad((y * g).sum(), (u, F_, V))
+    grads_ref = torch.autograd.grad((y_ref * g).sum(), (u, F_, V))
+    for name, a, r in zip(("du", "dfixed", "dvariable"), grads, grads_ref):
+        assert_close(name, a, r, TOL)
+
+
 def _rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-@pytest.mark.parametrize("rms", [False, True])
-def test_mamba_inner_fn(rms):
+@pytest.mark.parametrize("rms,fixed", [(False, None), (True, None), (False, "B"),
+                                        (False, "C")])
+def test_mamba_inner_fn(rms, fixed):
     b, d_model, d, n, r, W, L = 2, 6, 4, 3, 2, 4, 5
     xz = _rand(b, 2 * d, L)
     conv_w, conv_b = _rand(d, 1, W, seed=1), _rand(d, seed=2)
-    x_proj = _rand(r + 2 * n, d, seed=3)
+    x_proj = _rand(r + (1 if fixed else 2) * n, d, seed=3)
+    Bf = _rand(d, n, seed=13) if fixed == "B" else None       # input-independent B or C
+    Cf = _rand(d, n, seed=14) if fixed == "C" else None
     dt_proj = _rand(d, r, seed=4)
     out_w, out_b = _rand(d_model, d, seed=5), _rand(d_model, seed=6)
     A = -_rand(d, n, seed=7).exp()
     D, dt_bias = _rand(d, seed=8), _rand(d, seed=9)
     bw, cw, dw = (_rand(n, seed=10), _rand(n, seed=11), _rand(d, seed=12)) if rms else \
         (None, None, None)
-    out = M.mamba_inner_fn(xz, conv_w, conv_b, x_proj, dt_proj, out_w, out_b, A, None, None, D,
+    out = M.mamba_inner_fn(xz, conv_w, conv_b, x_proj, dt_proj, out_w, out_b, A, Bf, Cf, D,
                            dt_bias, None, None, True, 1, bw, cw, dw, 1e-6)
     # the same block written plainly over the reference ops
     x, z = xz.chunk(2, dim=1)
@@ -141,11 +172,15 @@ def test_mamba_inner_fn(rms):
     xt = x.transpose(1, 2)                                          # b l d
     dbl = xt @ x_proj.t()
     delta = dbl[..., :r] @ dt_proj.t()                              # b l d
-    Bm, Cm = dbl[..., r:r + n], dbl[..., r + n:]
+    Bm, Cm = dbl[..., r:r + n], dbl[..., dbl.shape[-1] - n:]
     if rms:
         delta, Bm, Cm = _rms(delta, dw, 1e-6), _rms(Bm, bw, 1e-6), _rms(Cm, cw, 1e-6)
-    y = R.selective_scan_ref(x, delta.transpose(1, 2), A, Bm.transpose(1, 2),
-                             Cm.transpose(1, 2), D, z, dt_bias, True)
+    Bm, Cm = Bm.transpose(1, 2)[:, None], Cm.transpose(1, 2)[:, None]      # b 1 n l
+    if fixed == "B":
+        Bm, Cm = Bf[None, :, :, None].expand(b, d, n, L), Cm.expand(b, d, n, L)
+    if fixed == "C":
+        Bm, Cm = Bm.expand(b, d, n, L), Cf[None, :, :, None].expand(b, d, n, L)
+    y = R.selective_scan_ref(x, delta.transpose(1, 2), A, Bm, Cm, D, z, dt_bias, True)
     ref = y.transpose(1, 2) @ out_w.t() + out_b
     assert out.shape == (b, L, d_model)
     assert_close("out", out, ref, TOL)
