@@ -28,7 +28,7 @@ _FAMILY_BACKENDS: Dict[str, Tuple[str, ...]] = {
     "ssd": ("triton", "torch"),
     "conv": ("triton", "torch"),
     "loglinear": ("triton", "torch"),  # chunk_log_linear_attn (triton: the forward kernels)
-    "loglinear_delta": ("torch",),  # log-linear Gated DeltaNet: torch only, a forced triton raises
+    "loglinear_delta": ("triton", "torch"),  # log-linear Gated DeltaNet (triton: the forward)
 }
 # (family, backend) -> module implementing it
 _MODULES: Dict[Tuple[str, str], str] = {
@@ -46,6 +46,7 @@ _MODULES: Dict[Tuple[str, str], str] = {
     ("loglinear", "torch"): "lightning_ops.loglinear.torch",
     ("loglinear", "triton"): "lightning_ops.loglinear.triton",
     ("loglinear_delta", "torch"): "lightning_ops.loglinear.delta",
+    ("loglinear_delta", "triton"): "lightning_ops.loglinear.triton_delta",
 }
 
 # use_backend() stack (innermost last). The ContextVar is the truth: each thread and each asyncio

@@ -51,13 +51,17 @@ An initial state enters as its own terms: slot l passes every chunk by Tr and re
 level lev(rep_l, t), rep_l = ((t0 >> (l-1)) << (l-1)) - 1. Cost O(T C (C + K + V) + T log(T/C)
 K V) (the log(T/C) chunk-level states each pass every chunk by a K x K transition), nothing T x T.
 
-Non-finite inputs: lightning_ops.nonfinite.NonFiniteGuard (a NaN/Inf in k, v, g or beta at token
-t reaches only outputs from t on). Backward: torch autograd through the chunked forward (the
-torch backend's allowance), wrapped as one torch.library custom op
-(lightning_ops::log_linear_gated_delta_rule, fake impl + autograd recomputing the forward), so
-torch.compile(fullgraph=True) traces it. Varlen and offsets are read on the host.
-`fused_recurrent_log_linear_gated_delta_rule` and `log_linear_gated_delta_rule_step` (one token,
-on the device, O(log T) states) are the decode form. No Triton kernel yet.
+Backend ("loglinear_delta" family): triton (loglinear/triton_delta.py: the forward kernels, the
+same chunked math; the default on CUDA, no host sync) or torch (this module; the default on CPU,
+and float64 everywhere unless forced). Non-finite inputs: lightning_ops.nonfinite.NonFiniteGuard
+on either backend (a NaN/Inf in k, v, g or beta at token t reaches only outputs from t on).
+Backward: torch autograd through this module's chunked forward (the torch backend's allowance;
+there is no Triton backward), whichever backend ran the forward, wrapped with it as one
+torch.library custom op (lightning_ops::log_linear_gated_delta_rule, fake impl + autograd
+recomputing the torch forward), so torch.compile(fullgraph=True) traces it. The torch forward
+reads varlen and offsets on the host. `fused_recurrent_log_linear_gated_delta_rule` and
+`log_linear_gated_delta_rule_step` (one token, on the device, O(log T) states) are the decode
+form.
 """
 from __future__ import annotations
 
@@ -265,14 +269,15 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, be
 
 # ---------------------------------------------------------------------------------------------
 # The torch.library custom ops (forward, backward): torch.compile(fullgraph=True) sees one opaque
-# node. The backward recomputes the forward under autograd. Absent optional outputs travel as
-# empty tensors (custom ops cannot return None).
+# node. The forward runs on the resolved backend (`backend`: torch, or triton's
+# loglinear/triton_delta.forward); the backward recomputes the torch forward under autograd.
+# Absent optional outputs travel as empty tensors (custom ops cannot return None).
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("lightning_ops::log_linear_gated_delta_rule", mutates_args=())
 def _lld_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, beta: Tensor,
              h0: Optional[Tensor], offsets: Optional[Tensor], cu_seqlens: Optional[Tensor],
-             scale: float, output_final_state: bool, use_qk_l2norm: bool, chunk_size: int
-             ) -> Tuple[Tensor, Tensor, Tensor]:
+             scale: float, output_final_state: bool, use_qk_l2norm: bool, chunk_size: int,
+             backend: str = "torch") -> Tuple[Tensor, Tensor, Tensor]:
     # value checks here too: under torch.compile only this body sees real tensors
     Vd.check_cu_seqlens_values(cu_seqlens, q.shape[1])
     B, T, G, K = q.shape
@@ -285,8 +290,11 @@ def _lld_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, b
                 q.new_empty(0, dtype=torch.int64)
         return v.new_zeros(v.shape), passthrough_state(h0, (N, H, L, K, V), q, acc, True), \
             _next_offsets(offsets, cu_seqlens, N, T, q)
-    o, final = forward(q, k, v, g, level_scales, beta, scale, h0, offsets, output_final_state,
-                       cu_seqlens, use_qk_l2norm, chunk_size)
+    # the triton forward (loglinear/triton_delta.py) builds its NonFiniteGuard as forward does
+    run = forward if backend == "torch" else \
+        _backend.implementation("loglinear_delta", backend).forward
+    o, final = run(q, k, v, g, level_scales, beta, scale, h0, offsets, output_final_state,
+                   cu_seqlens, use_qk_l2norm, chunk_size)
     o = o.contiguous()
     if final is None:
         return o, q.new_empty(0, dtype=acc), q.new_empty(0, dtype=torch.int64)
@@ -295,7 +303,7 @@ def _lld_fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, b
 
 @_lld_fwd.register_fake
 def _(q, k, v, g, level_scales, beta, h0, offsets, cu_seqlens, scale, output_final_state,
-      use_qk_l2norm, chunk_size):
+      use_qk_l2norm, chunk_size, backend="torch"):
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[3], level_scales.shape[3]
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -309,7 +317,10 @@ def _grad_forward(q, k, v, g, level_scales, beta, h0, offsets, cu_seqlens, scale
                   use_qk_l2norm, chunk_size):
     o, final = forward(q, k, v, g, level_scales, beta, scale, h0, offsets, want, cu_seqlens,
                        use_qk_l2norm, chunk_size)
-    return o, (None if final is None else final[0])
+    ht = None if final is None else final[0]
+    if ht is not None and not ht.requires_grad:  # every slot is structurally zero (L = 1):
+        ht = None  # a constant, so dht contributes nothing (grad_by_recompute wants a graph)
+    return o, ht
 
 
 @torch.library.custom_op("lightning_ops::log_linear_gated_delta_rule_backward", mutates_args=())
@@ -337,7 +348,7 @@ def _(do, dht, q, k, v, g, level_scales, beta, h0, offsets, cu_seqlens, scale, u
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, g, lam, beta, h0, off, cu, scale, _, use_l2, chunk_size = inputs
+    q, k, v, g, lam, beta, h0, off, cu, scale, _, use_l2, chunk_size = inputs[:13]
     ctx.save_for_backward(q, k, v, g, lam, beta, h0, off, cu)
     ctx.scale, ctx.use_l2, ctx.chunk_size = scale, use_l2, chunk_size
 
@@ -347,7 +358,8 @@ def _backward(ctx, do, dht, doff):
     dht = none_if_empty(dht)
     dq, dk, dv, dg, dl, db, dh0 = _lld_bwd(do.contiguous(), dht, q, k, v, g, lam, beta, h0, off,
                                            cu, ctx.scale, ctx.use_l2, ctx.chunk_size)
-    return dq, dk, dv, dg, dl, db, grad_if_present(dh0, h0), None, None, None, None, None, None
+    return (dq, dk, dv, dg, dl, db, grad_if_present(dh0, h0), None, None, None, None, None, None,
+            None)
 
 
 _lld_fwd.register_autograd(_backward, setup_context=_setup)
@@ -371,10 +383,12 @@ def chunk_log_linear_gated_delta_rule(
     """Log-linear Gated DeltaNet (see the module docstring): q/k [B, T, G, K], v [B, T, H, V],
     g/beta [B, T, H], level_scales [B, T, H, L]; returns (o [B, T, H, V], the final
     LogLinearAttentionState or None). A torch.library custom op
-    (lightning_ops::log_linear_gated_delta_rule): torch.compile(fullgraph=True) traces it."""
+    (lightning_ops::log_linear_gated_delta_rule): torch.compile(fullgraph=True) traces it. The
+    forward runs on the chosen backend (triton or torch); the backward recomputes the torch
+    forward under autograd."""
     _check(q, k, v, g, level_scales, initial_state, cu_seqlens, scale, chunk_size)
     _check_beta(beta, q, v)
-    _backend.resolve("loglinear_delta", q.device, q.dtype)  # a forced kernel backend raises
+    name = _backend.resolve("loglinear_delta", q.device, q.dtype)  # a forced cuda one raises
     Vd.check_flag("output_final_state", output_final_state)
     Vd.check_flag("use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel)
     h0, off = (None, None) if initial_state is None else initial_state
@@ -383,7 +397,7 @@ def chunk_log_linear_gated_delta_rule(
     q, k, v, g, level_scales, beta, h0, off = contiguous(q, k, v, g, level_scales, beta, h0, off)
     o, ht, offsets = _lld_fwd(q, k, v, g, level_scales, beta, h0, off, cu_seqlens,
                               1.0 if scale is None else float(scale), bool(output_final_state),
-                              bool(use_qk_l2norm_in_kernel), int(chunk_size))
+                              bool(use_qk_l2norm_in_kernel), int(chunk_size), name)
     return o, (LogLinearAttentionState(ht, offsets) if output_final_state else None)
 
 

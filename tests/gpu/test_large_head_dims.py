@@ -16,6 +16,9 @@ CASES = [(op, K, V) for op in ("chunk_linear_attn", "chunk_simple_gla", "lightni
                                "chunk_kda")
          for K, V in ((256, 256), (128, 512), (256, 512))]
 CASES += [("mamba_chunk_scan_combined", 256, 64), ("selective_scan_fn", 16, 256)]
+# the log-linear Gated DeltaNet: Triton forward (loglinear/triton_delta.py), torch recompute
+# backward
+CASES += [("chunk_log_linear_gated_delta_rule", K, V) for K, V in ((128, 128), (256, 512))]
 TOL = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 5e-2)}  # (output, gradients)
 
 

@@ -138,10 +138,9 @@ def test_no_final_state(nan_empty):
 
 
 def test_backend_choice(monkeypatch):
-    """Forced triton runs the kernels (counted); unforced CPU runs torch; the log-linear Gated
-    DeltaNet stays torch-only and says so when triton is forced."""
+    """Forced triton runs the kernels (counted); unforced CPU runs torch; a forced cuda
+    backend raises (the log-linear Gated DeltaNet's choice: test_log_linear_delta_triton.py)."""
     from lightning_ops import BackendUnavailableError
-    from lightning_ops.loglinear import chunk_log_linear_gated_delta_rule
     from lightning_ops.loglinear import triton as LT
     calls = []
     real = LT.forward
@@ -155,9 +154,8 @@ def test_backend_choice(monkeypatch):
     with lo.use_backend("triton"):
         chunk_log_linear_attn(**x)
     assert calls == [1]
-    beta = torch.rand(1, 5, 1)
-    with lo.use_backend("triton"), pytest.raises(BackendUnavailableError, match="no triton"):
-        chunk_log_linear_gated_delta_rule(**x, beta=beta)
+    with lo.use_backend("cuda"), pytest.raises(BackendUnavailableError, match="no cuda"):
+        chunk_log_linear_attn(**x)
 
 
 def test_compile_fullgraph_triton():
