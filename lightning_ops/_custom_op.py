@@ -15,19 +15,76 @@ Tensor = torch.Tensor
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def eager_direct(tensors: Sequence[Optional[Tensor]]) -> bool:
-    """May a decode step call its backend function directly instead of through its custom op
-    (whose dispatch costs more than a small step on the CPU)? Only in plain eager mode: not
-    compiling, no dispatch or function mode active, plain tensors, none needing autograd.
-    Everything else (torch.compile, fake tensors, subclasses, gradients) takes the custom op."""
+def _plain_eager(tensors: Sequence[object]) -> bool:
+    """Plain eager mode: not compiling, no dispatch or function mode (fake tensors, make_fx,
+    selective checkpointing), no functorch transform (vmap, torch.func.grad), and every tensor a
+    plain CPU/CUDA tensor (no subclass such as DTensor, no meta tensor)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
-            torch._C._is_torch_function_mode_enabled():
+            torch._C._is_torch_function_mode_enabled() or \
+            torch._C._functorch.maybe_current_level() is not None:
         return False
-    grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) not in PLAIN_TENSORS or (grad and t.requires_grad)):
+        if isinstance(t, torch.Tensor) and (type(t) not in PLAIN_TENSORS or t.is_meta):
             return False
     return True
+
+
+def eager_direct(tensors: Sequence[Optional[Tensor]]) -> bool:
+    """May an op call its implementation directly instead of through its custom op (whose
+    dispatch costs more than a small step on the CPU)? Only in plain eager mode (_plain_eager)
+    with no tensor needing autograd. Everything else (torch.compile, fake tensors, subclasses,
+    gradients) takes the custom op."""
+    if not _plain_eager(tensors):
+        return False
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return False
+    return True
+
+
+def call_op(op, *args):
+    """op(*args) for a custom op without autograd of its own (a backward op): its Python body
+    directly in plain eager mode when nothing needs a gradient (eager_direct), else through the
+    dispatcher (torch.compile, fake tensors, and double backward, which then meets
+    forbid_double_backward's error)."""
+    if eager_direct([a for a in args if isinstance(a, torch.Tensor)]):
+        return op._init_fn(*args)
+    return op(*args)
+
+
+def register_autograd(op, backward: Callable, setup_context: Callable) -> Callable:
+    """op.register_autograd(backward, setup_context) and return the caller the public functions
+    use instead of op: in plain eager mode (_plain_eager) it runs op's Python body directly,
+    wrapped in a torch.autograd.Function built from the same setup_context and backward when a
+    tensor needs a gradient. torch.library's dispatch of a custom op (defaults filled in,
+    redispatch, its generated autograd node) costs several hundred microseconds per forward and
+    backward on the CPU, as much as a whole small op; torch.compile, fake tensors, tensor
+    subclasses and functorch transforms still see the custom op, so the two paths compute the
+    same thing with the same code. Arguments are positional (all of them)."""
+    op.register_autograd(backward, setup_context=setup_context)
+    body = op._init_fn
+
+    def forward(ctx, *args):
+        # the ctx-taking form: Function.apply binds a separate setup_context's arguments with
+        # inspect.signature on every call (~0.1 ms); functorch, which needs that form, takes
+        # the custom op instead
+        out = body(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    eager_fn = type(f"{body.__name__}_eager", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def call(*args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if not _plain_eager(tensors):
+            return op(*args)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return eager_fn.apply(*args)
+        return body(*args)
+    call.op = op
+    return call
 
 
 def empty_like_none(x: Optional[Tensor], ref: Tensor, dtype=None) -> Tensor:

@@ -27,9 +27,9 @@ from .. import backend as _backend
 from .. import validation as V
 from ..chunk.constants import NO_GATE, SCALAR_GATE, VECTOR_GATE
 from ..precision import accumulation_dtype
-from .._custom_op import (contiguous, eager_direct, empty_like_none, forbid_double_backward,
-                          grad_if_present, is_empty, none_if_empty, passthrough_grad,
-                          passthrough_state, zeros_or_empty)
+from .._custom_op import (call_op, contiguous, empty_like_none,
+                          forbid_double_backward, grad_if_present, is_empty, none_if_empty,
+                          passthrough_grad, passthrough_state, register_autograd, zeros_or_empty)
 
 Tensor = torch.Tensor
 
@@ -99,13 +99,13 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, do, dht):
     q, k, v, g, beta, h0, cu = ctx.saved_tensors
     dht = none_if_empty(dht)
-    dq, dk, dv, dg, dbeta, dh0 = _delta_bwd(do.contiguous(), dht, q, k, v, g, beta, h0, cu,
-                                            ctx.scale, ctx.l2, ctx.mode, ctx.backend)
+    dq, dk, dv, dg, dbeta, dh0 = call_op(_delta_bwd, do.contiguous(), dht, q, k, v, g, beta,
+                                         h0, cu, ctx.scale, ctx.l2, ctx.mode, ctx.backend)
     return (dq, dk, dv, grad_if_present(dg, g), dbeta,
             grad_if_present(dh0, h0), None, None, None, None, None, None)
 
 
-_delta_fwd.register_autograd(_backward, setup_context=_setup)
+_delta_call = register_autograd(_delta_fwd, _backward, _setup)
 
 
 def _public_name(inputs) -> str:
@@ -149,15 +149,8 @@ def delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, cu_se
     name = _backend.resolve("delta", q.device, q.dtype)
     q, k, v, g, beta, initial_state = contiguous(q, k, v, g, beta, initial_state)
     g = None if gate == NO_GATE else g
-    if mode == "recurrent" and cu_seqlens is None and not is_empty(q, v) and \
-            eager_direct((q, k, v, g, beta, initial_state)):
-        # a decode step in plain eager mode: the backend directly (what the op body does)
-        o, ht = _backend.implementation("delta", name).forward(
-            q, k, v, g, beta, scale, initial_state, output_final_state, None,
-            use_qk_l2norm_in_kernel, mode)
-        return o, ht
-    o, ht = _delta_fwd(q, k, v, g, beta, initial_state, cu_seqlens,
-                       scale, output_final_state, use_qk_l2norm_in_kernel, mode, name)
+    o, ht = _delta_call(q, k, v, g, beta, initial_state, cu_seqlens,
+                        scale, output_final_state, use_qk_l2norm_in_kernel, mode, name)
     return o, (ht if output_final_state else None)
 
 

@@ -25,9 +25,9 @@ from .. import backend as _backend
 from .. import validation as V
 from ..chunk.constants import NO_GATE, SCALAR_GATE, VECTOR_GATE
 from ..precision import accumulation_dtype
-from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_if_present,
-                          is_empty, none_if_empty, passthrough_grad, passthrough_state,
-                          zeros_or_empty)
+from .._custom_op import (call_op, contiguous, empty_like_none, forbid_double_backward,
+                          grad_if_present, is_empty, none_if_empty, passthrough_grad,
+                          passthrough_state, register_autograd, zeros_or_empty)
 
 Tensor = torch.Tensor
 
@@ -89,13 +89,13 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, do, dht):
     q, k, v, g, g_gamma, h0, cu = ctx.saved_tensors
     dht = none_if_empty(dht)
-    dq, dk, dv, dg, dh0 = _gla_bwd(do.contiguous(), dht, q, k, v, g, g_gamma, h0, cu,
-                                   ctx.scale, ctx.mode, ctx.backend)
+    dq, dk, dv, dg, dh0 = call_op(_gla_bwd, do.contiguous(), dht, q, k, v, g, g_gamma, h0,
+                                  cu, ctx.scale, ctx.mode, ctx.backend)
     return (dq, dk, dv, grad_if_present(dg, g), None,
             grad_if_present(dh0, h0), None, None, None, None, None)
 
 
-_gla_fwd.register_autograd(_backward, setup_context=_setup)
+_gla_call = register_autograd(_gla_fwd, _backward, _setup)
 
 
 def _public_name(inputs) -> str:
@@ -137,8 +137,8 @@ def gated_linear_attention(q, k, v, g, g_gamma, scale, initial_state, output_fin
     scale = float(K ** -0.5 if scale is None else scale)
     name = _backend.resolve("gla", q.device, q.dtype)
     q, k, v, g, g_gamma, initial_state = contiguous(q, k, v, g, g_gamma, initial_state)
-    o, ht = _gla_fwd(q, k, v, g, g_gamma, initial_state, cu_seqlens, scale,
-                     output_final_state, mode, name)
+    o, ht = _gla_call(q, k, v, g, g_gamma, initial_state, cu_seqlens, scale,
+                      output_final_state, mode, name)
     return o, (ht if output_final_state else None)
 
 

@@ -33,9 +33,9 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as Vd
-from .._custom_op import (contiguous, empty_like_none, forbid_double_backward,
+from .._custom_op import (call_op, contiguous, empty_like_none, forbid_double_backward,
                           grad_if_present, is_empty, none_if_empty, own_storage, passthrough_grad,
-                          passthrough_state)
+                          passthrough_state, register_autograd)
 from ..chunk.constants import TORCH_CHUNK
 from ..precision import accumulation_dtype
 from ..ssm.dt import effective_dt
@@ -179,12 +179,12 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, do, dht, doff):
     q, k, v, g, lam, h0, off, cu = ctx.saved_tensors
     dht = none_if_empty(dht)
-    dq, dk, dv, dg, dl, dh0 = _ll_bwd(do.contiguous(), dht, q, k, v, g, lam, h0, off, cu,
-                                      ctx.scale, ctx.chunk_size, ctx.backend)
+    dq, dk, dv, dg, dl, dh0 = call_op(_ll_bwd, do.contiguous(), dht, q, k, v, g, lam, h0, off,
+                                      cu, ctx.scale, ctx.chunk_size, ctx.backend)
     return (dq, dk, dv, dg, dl, grad_if_present(dh0, h0), None, None, None, None, None, None)
 
 
-_ll_fwd.register_autograd(_backward, setup_context=_setup)
+_ll_call = register_autograd(_ll_fwd, _backward, _setup)
 forbid_double_backward(_ll_bwd, lambda inputs: "chunk_log_linear_attn")
 
 
@@ -204,9 +204,9 @@ def chunk_log_linear_attn(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scal
     if off is not None:
         off = off.to(torch.int64)
     q, k, v, g, level_scales, h0, off = contiguous(q, k, v, g, level_scales, h0, off)
-    o, ht, offsets = _ll_fwd(q, k, v, g, level_scales, h0, off, cu_seqlens,
-                             1.0 if scale is None else float(scale), bool(output_final_state),
-                             int(chunk_size), name)
+    o, ht, offsets = _ll_call(q, k, v, g, level_scales, h0, off, cu_seqlens,
+                              1.0 if scale is None else float(scale), bool(output_final_state),
+                              int(chunk_size), name)
     return o, (LogLinearAttentionState(ht, offsets) if output_final_state else None)
 
 

@@ -47,9 +47,9 @@ import torch
 from .. import backend as _backend
 from ..precision import accumulation_dtype
 from .. import validation as V
-from .._custom_op import (PLAIN_TENSORS, contiguous, eager_direct, empty_like_none,
+from .._custom_op import (PLAIN_TENSORS, call_op, contiguous, eager_direct, empty_like_none,
                           forbid_double_backward, grad_if_present, is_empty, none_if_empty,
-                          passthrough_grad, passthrough_state, zeros_or_empty)
+                          passthrough_grad, passthrough_state, register_autograd, zeros_or_empty)
 
 Tensor = torch.Tensor
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -128,14 +128,14 @@ def _scan_setup(ctx, inputs, output):
 def _scan_backward(ctx, dy, dlast, _daux):
     u, delta, A, B, C, D, z, delta_bias, aux = ctx.saved_tensors
     dlast = None if dlast is None or dlast.numel() == 0 else dlast
-    grads = _scan_bwd(dy.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias, aux,
-                      ctx.delta_softplus, ctx.backend)
+    grads = call_op(_scan_bwd, dy.contiguous(), dlast, u, delta, A, B, C, D, z, delta_bias,
+                    aux, ctx.delta_softplus, ctx.backend)
     du, ddelta, dA, dB, dC = grads[:5]
     rest = _none_for_absent(grads[5:], (D, z, delta_bias))
     return (du, ddelta, dA, dB, dC) + rest + (None, None, None)
 
 
-_scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup)
+_scan_call = register_autograd(_scan_fwd, _scan_backward, _scan_setup)
 forbid_double_backward(_scan_bwd, lambda inputs: "selective_scan_fn")
 
 
@@ -190,8 +190,8 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     V.check_flag("return_last_state", return_last_state)
     name = _backend.resolve("selective_scan", u.device, u.dtype)
     u, delta, A, B, C, D, z, delta_bias = contiguous(u, delta, A, B, C, D, z, delta_bias)
-    y, last, _ = _scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                           return_last_state, name)
+    y, last, _ = _scan_call(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                            return_last_state, name)
     return (y, last) if return_last_state else y
 
 
@@ -276,13 +276,13 @@ def _ssd_setup(ctx, inputs, output):
 def _ssd_backward(ctx, dy, dfinal, _dpre):
     x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, cu, pre = ctx.saved_tensors
     dfinal = None if dfinal is None or dfinal.numel() == 0 else dfinal
-    grads = _ssd_bwd(dy.contiguous(), dfinal, x, dt, A, B, C, D, z, dt_bias, h0, seq_idx, cu,
-                     pre, *ctx.opts)
+    grads = call_op(_ssd_bwd, dy.contiguous(), dfinal, x, dt, A, B, C, D, z, dt_bias, h0,
+                    seq_idx, cu, pre, *ctx.opts)
     rest = _none_for_absent(grads[5:], (D, z, dt_bias, h0))
     return tuple(grads[:5]) + rest + (None,) * 9
 
 
-_ssd_fwd.register_autograd(_ssd_backward, setup_context=_ssd_setup)
+_ssd_call = register_autograd(_ssd_fwd, _ssd_backward, _ssd_setup)
 forbid_double_backward(_ssd_bwd, lambda inputs: "mamba_chunk_scan_combined")
 
 
@@ -365,8 +365,8 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
     need_pre = z is not None and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, z, dt_bias,
                                                     initial_states))
-    y, final, _ = _ssd_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
-                           chunk_size, dt_softplus, dt_min, dt_max, want_states, need_pre, name)
+    y, final, _ = _ssd_call(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, cu_seqlens,
+                            chunk_size, dt_softplus, dt_min, dt_max, want_states, need_pre, name)
     if return_varlen_states:
         return (y, final[-1:], final) if return_final_states else (y, final)
     return (y, final) if return_final_states else y
@@ -580,13 +580,13 @@ def _conv_backward(ctx, dout, dfinal, dpre):
     x, weight, bias, h0, seq_idx, pre = ctx.saved_tensors
     dfinal = None if dfinal is None or dfinal.numel() == 0 else dfinal
     dout = torch.zeros_like(x) if dout is None else dout
-    dx, dw, db, dh0 = _conv_bwd(dout.contiguous(), dfinal, x, weight, bias, h0, seq_idx,
-                                none_if_empty(pre), ctx.activation, ctx.backend)
+    dx, dw, db, dh0 = call_op(_conv_bwd, dout.contiguous(), dfinal, x, weight, bias, h0,
+                              seq_idx, none_if_empty(pre), ctx.activation, ctx.backend)
     db, dh0 = _none_for_absent((db, dh0), (bias, h0))
     return dx, dw, db, dh0, None, None, None, None, None
 
 
-_conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup)
+_conv_call = register_autograd(_conv_fwd, _conv_backward, _conv_setup)
 forbid_double_backward(_conv_bwd, lambda inputs: "causal_conv1d_fn")
 
 
@@ -620,19 +620,13 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     _check_seq_idx(seq_idx, (b, L), "[B, L]", x)
     name = _backend.resolve("conv", x.device, x.dtype)
     x, weight, bias, initial_states = contiguous(x, weight, bias, initial_states)
-    if not is_empty(x) and eager_direct((x, weight, bias, initial_states, seq_idx)):
-        # plain eager inference (nothing needs a gradient): the backend directly, as the op's
-        # body would run it; the custom-op dispatch costs more than a short conv on the CPU
-        out, final, _ = _backend.implementation("conv", name).conv_forward(
-            x, weight, bias, initial_states, seq_idx, return_final_states, act, False)
-        return (out, final) if return_final_states else out
     # the torch backend keeps SiLU's input when a backward will follow (the Triton one
     # recomputes it inside its fused gradient kernel)
     save_pre = name == "torch" and act == "silu" and seq_idx is None and \
         torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                         for t in (x, weight, bias, initial_states))
-    out, final, _ = _conv_fwd(x, weight, bias, initial_states, seq_idx, return_final_states,
-                              act, name, save_pre)
+    out, final, _ = _conv_call(x, weight, bias, initial_states, seq_idx, return_final_states,
+                               act, name, save_pre)
     return (out, final) if return_final_states else out
 
 

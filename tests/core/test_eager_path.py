@@ -1,0 +1,112 @@
+"""The plain-eager path of the custom ops (_custom_op.register_autograd / call_op): in plain eager
+mode a public op runs its custom op's Python body directly (an autograd.Function when a gradient
+is needed), skipping torch.library's dispatch; anything else (a torch-function or dispatch mode,
+torch.compile, functorch) takes the custom op. Both paths run the same code: outputs and every
+gradient are bitwise equal, double backward still raises the op's own error."""
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch._library.custom_ops import CustomOpDef
+
+import lightning_ops as lo
+from lightning_ops._custom_op import DoubleBackwardError
+from test_all_ops_custom import CASES as ALL_CASES, _leaves, _outputs
+
+
+def _extra_cases():
+    g = torch.Generator().manual_seed(1)
+    B, T, H, K, V, L = 1, 21, 2, 8, 6, 5
+
+    def r(*s, neg=False):
+        x = torch.randn(*s, generator=g, dtype=torch.float64)
+        return -x.abs() * 0.3 if neg else x
+    q, k, v = r(B, T, H, K), r(B, T, H, K), r(B, T, H, V)
+    return {
+        "chunk_simple_gla": (lo.chunk_simple_gla, (q, k, v),
+                             dict(g=r(B, T, H, neg=True), initial_state=r(B, H, K, V),
+                                  output_final_state=True), True),
+        "lightning_attn": (lo.lightning_attn, (q, k, v, torch.rand(H, dtype=torch.float64)),
+                           dict(output_final_state=True), True),
+        "chunk_log_linear_attn": (lo.chunk_log_linear_attn,
+                                  (q, k, v, r(B, T, H, neg=True), r(B, T, H, L).abs()),
+                                  dict(output_final_state=True), True),
+    }
+
+
+CASES = {**{n: c for n, c in ALL_CASES.items() if c[3]}, **_extra_cases()}
+
+
+class _Passthrough(TorchFunctionMode):
+    """A torch-function mode that changes nothing but makes the ops take their custom ops."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts calls of any torch.library custom op (CustomOpDef.__call__)."""
+    calls = []
+    orig = CustomOpDef.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(self._qualname)
+        return orig(self, *args, **kwargs)
+    monkeypatch.setattr(CustomOpDef, "__call__", counting)
+    return calls
+
+
+def _run(name, mode=None):
+    fn, args, kwargs, _ = CASES[name]
+    a, kw = _leaves(args, kwargs, True)
+    ctx = mode if mode is not None else torch.autograd.graph.saved_tensors_hooks(
+        lambda t: t, lambda t: t)  # a no-op context: plain eager
+    with ctx:
+        outs = [t for o in _outputs(fn(*a, **kw))
+                for t in (o if isinstance(o, tuple) else (o,))]  # a state tuple: its tensors
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum()
+                   for o in outs if o.is_floating_point())
+        loss.backward()
+    grads = [x.grad for x in list(a) + list(kw.values())
+             if isinstance(x, torch.Tensor) and x.grad is not None]
+    return [o.detach() for o in outs], grads
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_eager_path_equals_custom_op_path(name, op_calls):
+    outs, grads = _run(name)
+    assert not op_calls, f"{name}: plain eager mode went through custom ops {op_calls}"
+    outs_c, grads_c = _run(name, _Passthrough())
+    assert op_calls, f"{name}: under a torch-function mode no custom op was called"
+    assert len(outs) == len(outs_c) and len(grads) == len(grads_c) and grads
+    for i, (a, b) in enumerate(zip(outs + grads, outs_c + grads_c)):
+        assert torch.equal(a, b), f"{name}[{i}]: eager and custom-op paths differ"
+
+
+@pytest.mark.parametrize("name", ["causal_conv1d_fn", "chunk_simple_gla", "selective_scan_fn",
+                                  "chunk_gated_delta_rule"])
+def test_eager_path_double_backward_raises(name):
+    fn, args, kwargs, _ = CASES[name]
+    a, kw = _leaves(args, kwargs, True)
+    outs = _outputs(fn(*a, **kw))
+    x = a[0]
+    (gx,) = torch.autograd.grad(outs[0].square().sum(), x, create_graph=True)
+    with pytest.raises(DoubleBackwardError, match="double backward"):
+        gx.sum().backward()
+
+
+def test_eager_inference_calls_no_custom_op(op_calls):
+    x = torch.randn(2, 4, 9)
+    w = torch.randn(4, 4)
+    with torch.no_grad():
+        lo.causal_conv1d_fn(x, w, activation="silu")
+    lo.chunk_simple_gla(torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 4),
+                        g=-torch.rand(1, 5, 2))
+    assert not op_calls
+
+
+def test_meta_tensors_take_the_custom_op(op_calls):
+    y = lo.causal_conv1d_fn(torch.empty(2, 4, 9, device="meta"),
+                            torch.empty(4, 4, device="meta"), activation="silu")
+    assert y.shape == (2, 4, 9) and y.device.type == "meta"
+    assert op_calls == ["lightning_ops::causal_conv1d"]
