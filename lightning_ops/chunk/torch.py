@@ -48,6 +48,7 @@ Reusable API (for the delta-rule, SSD, log-linear and LION code):
   layout.groups(n) / pack(x, dtype, grp) / unpack_into(out, y, grp)   the same, a group at a time
   gate_factors(g)                          exp(sum_{s<=t} g), exp(sum_{s>t} g), exp(sum_chunk g)
   segment_sums(g)                          the log causal decay mask, [.., C, C]
+  causal_decays(g) / causal_decay_mask(g, C, like)   its exp (the decay mask), 0 above the diagonal
   gate_grad / pair_gate_grad               gate gradients from the decays' log-gradients
   causal_scores(x, y, M)                   (x y^T) * M, exact zeros above the diagonal
   intra_chunk_scores(q, k, g) -> A                            decayed causal scores per chunk
@@ -296,14 +297,35 @@ def gate_factors(g: Optional[Tensor]):
     return b.exp(), suffix_sum_exclusive(gk).exp(), b[:, :, -1:, :].transpose(-1, -2).exp()
 
 
+_STRICT_LOWER: dict = {}
+
+
+def _strict_lower(C: int, device: torch.device) -> Tensor:
+    """[C, C] bool, s > j (cached: built once per size and device)."""
+    key = (C, device)
+    if key not in _STRICT_LOWER:
+        _STRICT_LOWER[key] = torch.ones(C, C, dtype=torch.bool, device=device).tril(-1)
+    return _STRICT_LOWER[key]
+
+
 def segment_sums(g: Tensor) -> Tensor:
     """S_ij = sum_{j < s <= i} g_s for j <= i, -inf above the diagonal: [.., C, C] from g [.., C].
     Accumulated column by column over i (never b_i - b_j), so -inf gates and huge gates are
     exact; exp(S) is the causal decay mask."""
     C = g.shape[-1]
-    causal = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
-    seg = g[..., :, None].expand(*g.shape, C).masked_fill(~causal.tril(-1), 0).cumsum(-2)
-    return seg.masked_fill(~causal, float("-inf"))
+    seg = torch.where(_strict_lower(C, g.device), g[..., :, None], 0).cumsum(-2)
+    return seg.masked_fill(_strict_lower(C, g.device).T, float("-inf"))
+
+
+def causal_decays(g: Tensor) -> Tensor:
+    """exp(segment_sums(g)): M_ij = exp(sum_{j < s <= i} g_s) for j <= i, exact 0 above the
+    diagonal, [.., C, C] from g [.., C]. The same column-wise sums; the upper triangle (sums of
+    nothing) is zeroed after the exp by selection, which costs less than filling it with -inf."""
+    C = g.shape[-1]
+    seg = torch.where(_strict_lower(C, g.device), g[..., :, None], 0).cumsum(-2)
+    if seg.requires_grad:  # under autograd (a recomputed forward): exp's saved output intact
+        return seg.exp().tril()
+    return seg.exp_().tril_()
 
 
 def mul_if(x: Tensor, factor: Optional[Tensor]) -> Tensor:
@@ -342,20 +364,18 @@ def pair_gate_grad(P: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 # Intra-chunk scores
 # ------------------------------------------------------------------------------------------------
-def _causal_decay_mask(g: Optional[Tensor], C: int, like: Tensor) -> Tensor:
-    """M_ij = exp(sum_{j<s<=i} g_s) for j <= i, else 0: [NC, H, C, C] (scalar) or [C, C]."""
+def causal_decay_mask(g: Optional[Tensor], C: int, like: Tensor) -> Tensor:
+    """M_ij = exp(sum_{j<s<=i} g_s) for j <= i, else 0: [NC, H, C, C] (scalar gates), or the 0/1
+    causal mask [C, C] without a gate."""
     if g is None:
         return torch.ones(C, C, dtype=like.dtype, device=like.device).tril()
-    return segment_sums(g).exp()
+    return causal_decays(g)
 
 
 def causal_scores(x: Tensor, y: Tensor, M: Tensor) -> Tensor:
     """(x @ y^T) * M with exact zeros above the diagonal: masked by selection, not by multiplying
     with 0, so a non-finite y_j never reaches rows i < j."""
-    C = x.shape[-2]
-    s = x @ y.transpose(-1, -2)
-    s.masked_fill_(torch.ones(C, C, dtype=torch.bool, device=x.device).triu(1), 0)
-    return s.mul_(M)
+    return (x @ y.transpose(-1, -2)).tril_().mul_(M)
 
 
 def _halves(x: Tensor, size: int) -> Tensor:
@@ -418,7 +438,7 @@ def intra_chunk_scores(q: Tensor, k: Tensor, g: Optional[Tensor],
     the c x c diagonal blocks are built element-wise (one sub-diagonal at a time)."""
     C = q.shape[2]
     if gate_kind(g) != VECTOR_GATE:
-        return causal_scores(q, k, _causal_decay_mask(g, C, q))
+        return causal_scores(q, k, causal_decay_mask(g, C, q))
     q, k, g = q.contiguous(), k.contiguous(), g.contiguous()  # the block views below need it
     c = _diag_size(C, sub_chunk)
     A = q.new_zeros(*q.shape[:3], C)
@@ -444,7 +464,7 @@ def intra_chunk_scores_backward(dA: Tensor, q: Tensor, k: Tensor, g: Optional[Te
     C = q.shape[2]
     kind = gate_kind(g)
     if kind != VECTOR_GATE:
-        M = _causal_decay_mask(g, C, q)
+        M = causal_decay_mask(g, C, q)
         dS = dA * M
         A = causal_scores(q, k, M)
         dg = pair_gate_grad(dA * A) if kind == SCALAR_GATE and need_dg else None

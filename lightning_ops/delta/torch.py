@@ -46,6 +46,7 @@ from ..chunk.constants import RECURRENT_MAX_T, TORCH_CHUNK
 from ..chunk.torch import (
     ChunkGroup,
     ChunkLayout,
+    causal_decay_mask,
     causal_scores,
     chunk_output,
     chunk_size_for,
@@ -59,7 +60,6 @@ from ..chunk.torch import (
     pair_gate_grad,
     scan_group,
     scan_group_reverse,
-    segment_sums,
 )
 from ..nonfinite import NonFiniteGuard
 from ..precision import accumulation_dtype
@@ -130,15 +130,6 @@ def _pack_group(s: _Setup, grp: ChunkGroup, v, g, beta, scale, with_q: bool = Tr
                     None if g is None else L.pack(g, dt, grp))
 
 
-def _decay_mask(g: Optional[Tensor], C: int, like: Tensor) -> Tensor:
-    """D_ij = exp(sum_{j<s<=i} g_s) for j <= i, else 0: [NC, HV, C, C], or the 0/1 causal mask
-    [C, C] without a gate (segment sums: exact for -inf and huge gates). Built once per call and
-    shared by the k k^T and q k^T scores (and their gradients)."""
-    if g is None:
-        return torch.ones(C, C, dtype=like.dtype, device=like.device).tril()
-    return segment_sums(g).exp_()
-
-
 def _scores(x: Tensor, y: Tensor, g: Optional[Tensor], D: Optional[Tensor] = None):
     """(D, (x y^T) * decay) with zeros above the diagonal. Scalar gates (and none) share the
     [C, C] decay mask D (built here when not given); vector gates (KDA) use the GLA engine's
@@ -146,7 +137,7 @@ def _scores(x: Tensor, y: Tensor, g: Optional[Tensor], D: Optional[Tensor] = Non
     if g is not None and g.dim() == 4:
         return None, intra_chunk_scores(x, y, g)
     if D is None:
-        D = _decay_mask(g, x.shape[2], x)
+        D = causal_decay_mask(g, x.shape[2], x)
     return D, causal_scores(x, y, D)
 
 

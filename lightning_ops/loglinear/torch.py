@@ -24,8 +24,8 @@ causal scan does not express; it would take one full simple-GLA pass per level w
 keys gated in and out (O(log T) passes over q, k, v, each with its own state), against one pass
 here with O(log T) small states. A measurement of that composition was not done.
 
-Every decay is exp of a sum of gates over exactly its own tokens (chunk.torch's segment_sums, prefix
-and suffix sums): exponents <= 0 and a gate of -inf is an exact reset. An initial state
+Every decay is exp of a sum of gates over exactly its own tokens (chunk.torch's causal_decays,
+prefix and suffix sums): exponents <= 0 and a gate of -inf is an exact reset. An initial state
 (ht [N, H, L, K, V], offsets [N]) enters as its own term: slot l (bucket l of query t0) holds
 keys whose level for query t is bit_length(rep_l xor t), rep_l = ((t0 >> (l-1)) << (l-1)) - 1.
 
@@ -43,7 +43,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ..chunk.constants import TORCH_CHUNK
-from ..chunk.torch import (pair_gate_grad, prefix_sum, prefix_sum_exclusive, segment_sums,
+from ..chunk.torch import (causal_decays, pair_gate_grad, prefix_sum, prefix_sum_exclusive,
                            suffix_sum, suffix_sum_exclusive)
 from ..precision import accumulation_dtype
 
@@ -148,7 +148,7 @@ def _intra_factors(lc: Tensor, gc: Tensor, L: int) -> Tuple[Tensor, Tensor, Tens
     lev, causal = _intra_levels(C, L, gc.device)
     lam_pad = torch.cat([lc, lc.new_zeros(*lc.shape[:-1], 1)], -1)
     W = lam_pad.gather(-1, lev.expand(B, H, NC, C, C))
-    return causal, W, segment_sums(gc).exp()
+    return causal, W, causal_decays(gc)
 
 
 def _h0_reps(t0: int, L: int) -> List[int]:
