@@ -245,6 +245,14 @@ def _run_case(c: dict):
         do, dht = torch.randn_like(v), torch.randn(N, H, L, K, V)  # N = B dense, 2 varlen
         LLB.backward(q, k, v, g, lam, 1.0, h0, off, cu, do, dht, 64)
         LLB.backward(q, k, v, g, lam, 1.0, None, None, cu, do, None, 64)
+        # and the log-linear Gated DeltaNet's forward kernels (loglinear/triton_delta.py), with
+        # the initial and final states and without either, at the default chunk (64) and the
+        # smallest (16)
+        from lightning_ops.loglinear import triton_delta as LLD
+        beta = torch.rand(B, T, H, dtype=dt)
+        for C in (64, 16):
+            LLD.forward(q, k, v, g, lam, beta, 1.0, h0, off, True, cu, False, C)
+        LLD.forward(q, k, v, g, lam, beta, 1.0, None, None, False, cu, False, 64)
     elif fam == "scan":
         from lightning_ops.ssm import triton as S
         N, Dm, L = c["N"], 16, T

@@ -21,8 +21,10 @@ c + 1 + m through the effective query Qe. Two kernels:
                       o32 = (Phat * Wl) v,  Phat = P Tinv diag(beta), Wl_ij = lambda_i[lev(i, j)]
                     (the intra-chunk output, unscaled, fp32 scratch); K and V are walked in
                     blocks. For the last chunk of each sequence (with output_final_state) it
-                    also keeps Tinv ([N H, C, C] fp32): the final state's low slots need the
-                    partial chunk's writes by level, kd^T Tinv diag(sel_l beta) v.
+                    also keeps Rt = Tinv^T kd ([N H, C, K] fp32): the final state's low slots
+                    need the partial chunk's writes by level, kd^T Tinv diag(sel_l beta) v =
+                    (Rt diag(sel_l beta))^T v (holding the [C, C] Tinv in the walk instead
+                    spilled 1.7 KB per thread at sm_90).
   lld_walk_kernel   one program per (sequence x head, V tile) walks its chunks in order. The
                     n_inter = L - c - 1 chunk-level states live in an fp32 global scratch
                     [N H, n_inter, K, V] (the program owns its V columns); level m is live
@@ -52,7 +54,7 @@ c + 1 + m through the effective query Qe. Two kernels:
   reset, a huge negative one loses nothing to cancellation.
 
 Memory besides the outputs: w, Qe (fp32, [tokens, H, K] each), u and o32 (fp32, [tokens, H, V]
-each), the level scratch N H n_inter K V fp32 and the last chunks' Tinv (N H C^2 fp32), all
+each), the level scratch N H n_inter K V fp32 and the last chunks' Rt (N H C K fp32), all
 from torch.empty: every element read is written first (the tests fill them with NaN).
 
 chunk_size: C = chunk_size clamped to [16, 64] (loglinear/triton.chunk_size_for; the result does
@@ -89,15 +91,16 @@ Tensor = torch.Tensor
 
 
 @triton.jit(do_not_specialize=["T", "L"])
-def lld_chunk_kernel(q, k, v, g, beta, lam, offsets, w, qe, u, o32, tl_last, cu_seqlens,
+def lld_chunk_kernel(q, k, v, g, beta, lam, offsets, w, qe, u, o32, rt_last, cu_seqlens,
                      chunk_indices, T, L,
                      H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                      C: tl.constexpr, CLOG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      HAS_OFF: tl.constexpr, IS_VARLEN: tl.constexpr, STORE_LAST: tl.constexpr,
                      DT: tl.constexpr, PREC: tl.constexpr, PREC_X: tl.constexpr):
     """One absolute-aligned chunk of one (batch, head): Tinv, w, u, Qe and the intra-chunk
-    output o32 (unscaled) for the chunk's real rows; Tinv of a sequence's last chunk to
-    tl_last [N H, C, C] (STORE_LAST)."""
+    output o32 (unscaled) for the chunk's real rows; for a sequence's last chunk (STORE_LAST)
+    Rt = Tinv^T kd to rt_last [N H, C, K] (row j: the chunk's transitions from token j to the
+    chunk's end applied to k_j)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_h = i_bh % H
     i_g = i_h // (H // G)
@@ -125,6 +128,8 @@ def lld_chunk_kernel(q, k, v, g, beta, lam, offsets, w, qe, u, o32, tl_last, cu_
     e = tl.cumsum(tl.where(strict, g_n[None, :], 0.), axis=1, reverse=True)
     D = tl.where(causal, tl.exp(tl.where(causal, e, 0.)), 0.)
     bt = tl.load(beta + rh, mask=m_t, other=0.).to(tl.float32)
+    # the sequence's last chunk (one with real rows), whose Rt the final state needs
+    last = (T_n > 0) & (j * C - p < T_n) & ((j + 1) * C - p >= T_n)
     # k k^T (fp32 operands, exact products) and q k^T over K blocks
     KK = tl.zeros([C, C], dtype=tl.float32)
     QK = tl.zeros([C, C], dtype=tl.float32)
@@ -165,6 +170,12 @@ def lld_chunk_kernel(q, k, v, g, beta, lam, offsets, w, qe, u, o32, tl_last, cu_
         qb = qt * eb[:, None] - tl.dot(P, wb, input_precision=PREC)
         tl.store(w + rk[:, None] + o_k[None, :], wb, mask=m_tk)
         tl.store(qe + rk[:, None] + o_k[None, :], qb, mask=m_tk)
+        if STORE_LAST:
+            if last:  # Rt = Tinv^T kd, kd = k exp(sum of g over (s, chunk end]), all C rows
+                ek = tl.where(m_t, tl.exp(tl.cumsum(g_n, axis=0, reverse=True)), 0.)
+                rt = tl.dot(tl.trans(Ti), kt * ek[:, None], input_precision=PREC)
+                tl.store(rt_last + (i_n * H + i_h) * C * K + o_c[:, None] * K + o_k[None, :],
+                         rt, mask=(o_c[:, None] < C) & (o_k < K)[None, :])
     # u = Tinv (beta v), o32 = (Phat * Wl) v, per V block
     rv = rh * V
     for vb in range(0, V, BV):
@@ -175,14 +186,10 @@ def lld_chunk_kernel(q, k, v, g, beta, lam, offsets, w, qe, u, o32, tl_last, cu_
                  tl.dot(Ti, vt * bt[:, None], input_precision=PREC), mask=m_tv)
         tl.store(o32 + rv[:, None] + o_v[None, :],
                  tl.dot(Aw.to(DT), vt.to(DT), input_precision=PREC), mask=m_tv)
-    if STORE_LAST:  # the sequence's last chunk (one with real rows): its Tinv for the final state
-        if (T_n > 0) & (j * C - p < T_n) & ((j + 1) * C - p >= T_n):
-            base = tl_last + (i_n * H + i_h) * C * C
-            tl.store(base + o_c[:, None] * C + o_c[None, :], Ti)
 
 
 @triton.jit(do_not_specialize=["T", "L", "NI"])
-def lld_walk_kernel(q, k, v, g, beta, lam, h0, offsets, w, qe, u, o32, tl_last, o, ht, scr,
+def lld_walk_kernel(q, k, v, g, beta, lam, h0, offsets, w, qe, u, o32, rt_last, o, ht, scr,
                     cu_seqlens, T, L, NI, scale,
                     H: tl.constexpr, G: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                     C: tl.constexpr, CLOG: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -345,12 +352,8 @@ def lld_walk_kernel(q, k, v, g, beta, lam, h0, offsets, w, qe, u, o32, tl_last, 
         rk = rh * K
         lev_r = _bitlen(o_c ^ r, CLOG)
         m_tv = m_t[:, None] & m_v[None, :]
-        vt = tl.load(v + (rh * V)[:, None] + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
         bt = tl.load(beta + rh, mask=m_t, other=0.).to(tl.float32)
-        # the partial chunk's Tinv (written by lld_chunk_kernel when the chunk has rows)
         has_rows = ((o_c * 0 + T_n) > 0) & ((o_c * 0 + r) != 0)
-        Ti = tl.load(tl_last + head * C * C + o_c[:, None] * C + o_c[None, :],
-                     mask=has_rows[:, None] & has_rows[None, :], other=0.)
         ht_h = ht + head * L * K * V
         for kb in range(0, K, BK):  # slot 0 is always zero
             o_k = kb + tl.arange(0, BK)
@@ -360,10 +363,14 @@ def lld_walk_kernel(q, k, v, g, beta, lam, h0, offsets, w, qe, u, o32, tl_last, 
                      mask=m_kv)
         for l in range(1, CLOG + 1):
             if l < L:
+                # the partial chunk's writes at level l: kd^T Tinv diag(sel_l beta) v
+                # = (Rt diag(sel_l beta))^T v, Rt = Tinv^T kd from lld_chunk_kernel
                 sel = tl.where(m_t & (lev_r == l), bt, 0.)
-                U = tl.dot(Ti, vt * sel[:, None], input_precision=PREC)
+                vs = tl.load(v + (rh * V)[:, None] + o_v[None, :], mask=m_tv,
+                             other=0.).to(tl.float32) * sel[:, None]
+                X = tl.zeros([C, BV], dtype=tl.float32)
                 if HAS_H0:
-                    if jf == 0:  # the virtual keys that reach level l at t_end, by Tr
+                    if jf == 0:  # the virtual keys that reach level l at t_end, by Tr: X = w Y
                         for kb in range(0, K, BK):
                             o_k = kb + tl.arange(0, BK)
                             kv = o_k[:, None] * V + o_v[None, :]
@@ -378,17 +385,21 @@ def lld_walk_kernel(q, k, v, g, beta, lam, h0, offsets, w, qe, u, o32, tl_last, 
                                                      mask=m_kv, other=0.).to(tl.float32)
                             wb = tl.load(w + rk[:, None] + o_k[None, :],
                                          mask=m_t[:, None] & m_k[None, :], other=0.)
-                            U -= tl.dot(wb.to(DT_S), Y.to(DT_S), input_precision=PREC)
+                            X += tl.dot(wb.to(DT_S), Y.to(DT_S), input_precision=PREC)
                 for kb in range(0, K, BK):
                     o_k = kb + tl.arange(0, BK)
                     kv = o_k[:, None] * V + o_v[None, :]
                     m_k = o_k < K
                     m_kv = m_k[:, None] & m_v[None, :]
-                    kd = tl.load(k + rq[:, None] + o_k[None, :], mask=m_t[:, None] & m_k[None, :],
-                                 other=0.).to(tl.float32) * ek[:, None]
-                    x = tl.dot(tl.trans(kd).to(DT_S), U.to(DT_S), input_precision=PREC)
+                    rt = tl.load(rt_last + head * C * K + o_c[:, None] * K + o_k[None, :],
+                                 mask=has_rows[:, None] & m_k[None, :], other=0.)
+                    x = tl.dot(tl.trans(rt).to(DT_S), vs.to(DT_S), input_precision=PREC)
                     if HAS_H0:
                         if jf == 0:
+                            kd = tl.load(k + rq[:, None] + o_k[None, :],
+                                         mask=m_t[:, None] & m_k[None, :],
+                                         other=0.).to(tl.float32) * ek[:, None]
+                            x -= tl.dot(tl.trans(kd).to(DT_S), X.to(DT_S), input_precision=PREC)
                             for l2 in range(1, CLOG + 1):
                                 if (l2 < L) & (((p >> (l2 - 1)) & 1) == 1):
                                     r2 = ((p >> (l2 - 1)) << (l2 - 1)) - 1
@@ -411,17 +422,18 @@ def lld_walk_kernel(q, k, v, g, beta, lam, h0, offsets, w, qe, u, o32, tl_last, 
 # ---------------------------------------------------------------------------------------------
 # Launcher (backend contract: loglinear/delta.py's forward and _lld_fwd)
 # ---------------------------------------------------------------------------------------------
+# Tiles (benchmarks/results/sm90_resources.csv, K <= 256, V <= 512): K and V in blocks of 32.
+# With blocks of 64 the fp32 walk (3xTF32 products) spilled 4-5 KB per thread at sm_90 and the
+# chunk kernel 1.2 KB; with 32, bf16 / fp16 spill nothing and fp32 ~2 KB at most (the walk
+# with the initial and final states). Smaller V blocks also give the walk, which is sequential
+# over chunks, more programs.
+BLOCK_K, BLOCK_V = 32, 32
+
+
 def _chunk_warps(C: int) -> int:
     """The chunk kernel holds several [C, C] fp32 tiles (Tinv, P, the weighted scores, the
     decays): 8 warps at C = 64 keep them at 16 registers each per thread."""
     return 8 if C >= 64 else 4
-
-
-def _walk_config(K: int, V: int):
-    """(BK, BV, num_warps) of the walk: [C, BK] and [BK, BV] tiles, K in blocks of <= 64."""
-    BK = min(64, next_pow2(K))
-    BV = min(64, next_pow2(V))
-    return BK, BV, 4
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, beta: Tensor,
@@ -450,8 +462,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, be
     c = C.bit_length() - 1
     NI = max(L - c - 1, 0)
     LB = next_pow2(NI + 1, 1)
-    BKc, BVc = min(64, next_pow2(K)), min(64, next_pow2(V))
-    BK, BV, walk_warps = _walk_config(K, V)
+    BK, BV = min(BLOCK_K, next_pow2(K)), min(BLOCK_V, next_pow2(V))
     NV = triton.cdiv(V, BV)
     off = None if h0 is None else offsets.to(device=q.device, dtype=torch.int64).contiguous()
     h0c = None if h0 is None else h0.contiguous()
@@ -463,25 +474,25 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, be
     u = torch.empty(B, T, H, V, dtype=f32, device=dev)
     o32 = torch.empty(B, T, H, V, dtype=f32, device=dev)
     o = torch.empty(B, T, H, V, dtype=v.dtype, device=dev)
-    t_last = torch.empty(max(N * H * C * C, 1) if output_final_state else 1, dtype=f32,
-                         device=dev)
+    rt_last = torch.empty(max(N * H * C * K, 1) if output_final_state else 1, dtype=f32,
+                          device=dev)
     check_grid_yz(B * H, "batch x heads")
     if varlen:
         table, n_grid = _chunk_table(cu_seqlens, None if off is None else off % C, T, C)
     else:
         table, n_grid = None, triton.cdiv(T + (C - 1 if off is not None else 0), C)
     lld_chunk_kernel[(n_grid, B * H)](
-        q, k, v, g, beta, lam, off, w, qe, u, o32, t_last, cu_seqlens, table, T, L,
-        H=H, G=G, K=K, V=V, C=C, CLOG=c, BK=BKc, BV=BVc, HAS_OFF=off is not None,
+        q, k, v, g, beta, lam, off, w, qe, u, o32, rt_last, cu_seqlens, table, T, L,
+        H=H, G=G, K=K, V=V, C=C, CLOG=c, BK=BK, BV=BV, HAS_OFF=off is not None,
         IS_VARLEN=varlen, STORE_LAST=output_final_state, DT=DT, PREC=PREC,
         PREC_X=exact_precision(), num_warps=_chunk_warps(C))
     ht = (torch.empty(N, H, L, K, V, dtype=f32, device=dev) if output_final_state else None)
     scr = torch.empty(max(N * H * NI * K * V, 1), dtype=f32, device=dev)
     lld_walk_kernel[(N * H, NV)](
-        q, k, v, g, beta, lam, h0c, off, w, qe, u, o32, t_last, o, ht, scr, cu_seqlens, T, L,
+        q, k, v, g, beta, lam, h0c, off, w, qe, u, o32, rt_last, o, ht, scr, cu_seqlens, T, L,
         NI, float(scale), H=H, G=G, K=K, V=V, C=C, CLOG=c, BK=BK, BV=BV, LB=LB,
         HAS_H0=h0 is not None, STORE_FINAL=output_final_state, IS_VARLEN=varlen, DT=DT,
-        DT_S=DT_S, PREC=PREC, num_warps=walk_warps)
+        DT_S=DT_S, PREC=PREC, num_warps=4)
     final = None
     if output_final_state:
         if cu_seqlens is None:
