@@ -9,6 +9,8 @@ Shapes (B * T = 64K tokens at T = 2K, 8K, 32K; bf16; fwd and fwd+bwd):
   chunk_kda                     Kimi Linear's head dims: H = 16, K = V = 128 (per-channel gates)
   chunk_gla, chunk_simple_gla   H = 16, K = V = 128
   chunk_log_linear_attn         log-linear Mamba-2: 32 value heads of 64, one q/k group of 128
+  chunk_log_linear_gated_delta_rule   the same heads, forward only (its backward is the torch
+                                recompute, not a kernel)
   mamba_chunk_scan_combined     Nemotron-H: head dim 64, state 128, 128 heads, chunk 256
   selective_scan_fn             Mamba-1: D = 1536 and 5120, N = 16
 Decode (one token, state in, state out) at batch 1, 32, 256: fused_recurrent_gated_delta_rule
@@ -37,6 +39,9 @@ if ROOT not in sys.path:
 
 import torch  # noqa: E402
 
+# ops whose backward is not a kernel of ours (the log-linear Gated DeltaNet's is the torch
+# recompute through autograd): their fwd+bwd would spend lease time measuring PyTorch
+FWD_ONLY = {"chunk_log_linear_gated_delta_rule"}
 FIELDS = ["kind", "op", "provider", "shape", "B", "T", "mode", "dtype", "median_ms",
           "tokens_per_s", "tflops", "gbps", "pct_floor", "rel_err", "note"]
 TOKENS = 64 * 1024
@@ -59,6 +64,8 @@ def _cfgs(dry: bool):
         # log-linear Mamba-2 (fla's LogLinearMamba2 defaults): one q/k group of state 128
         # shared by 32 value heads of head dim 64 (hidden 1024, expand 2)
         ("chunk_log_linear_attn", grid(1 if dry else 32, K, 16 if dry else 64)),
+        # its Gated DeltaNet form on the same heads (forward only: see FWD_ONLY)
+        ("chunk_log_linear_gated_delta_rule", grid(1 if dry else 32, K, 16 if dry else 64)),
         # SSD: registry dims p = min(V, 64), h = H * V / p, n = K
         ("mamba_chunk_scan_combined", grid(1 if dry else 128, 16 if dry else 128,
                                            16 if dry else 64, ssd_chunk=16 if dry else 256)),
@@ -251,7 +258,7 @@ def run(out_csv: str, dry: bool, budget_s: float, log=print) -> int:
         for op_name, cfgs in grid:
             cfg = cfgs[i_T]
             op = OPS[op_name]
-            for mode in ("fwd", "fwd+bwd"):
+            for mode in ("fwd",) if op_name in FWD_ONLY else ("fwd", "fwd+bwd"):
                 for prov in _providers(op, device):
                     base = dict(kind="throughput", op=op_name, provider=prov,
                                 shape=op.shape_label(cfg), B=cfg.B, T=cfg.T, mode=mode,
