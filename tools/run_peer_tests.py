@@ -87,12 +87,16 @@ PLUGIN = Path(__file__).stem
 class Suite:
     """One peer's test files: `files` are relative to tests/<subdir>; `patch` the peers
     patched (alias mode) in each test subprocess; `cuda_device` whether the files hard-code
-    device "cuda" (rewritten to "cpu" without CUDA); `not_run` files left out, with why."""
+    device "cuda" (rewritten to "cpu" without CUDA); `not_run` files left out, with why;
+    `known` failure reasons that are not drop-in bugs (a regex searched in
+    "<test function>: <reason>"), with their explanation, printed beside them in the summary
+    (they still count as failures)."""
     subdir: str
     files: Tuple[str, ...]
     patch: Tuple[str, ...]
     cuda_device: bool
     not_run: Dict[str, str] = field(default_factory=dict)
+    known: Dict[str, str] = field(default_factory=dict)
 
 
 _MAMBA3 = "Mamba-3 kernels (not served by the drop-in)"
@@ -114,7 +118,25 @@ SUITES = {
                                                   "kernels (atomics), CUDA only",
                            "benchmark_determinism_kernels.py": "a benchmark, not a test",
                            "test_generation.py": "mamba-ssm's models and generation utilities "
-                                                 "(not served)"}),
+                                                 "(not served)"},
+                       known={
+                           r"No module named 'mamba_ssm\.ops\.triton\.ssd_(chunk_state|"
+                           r"state_passing|chunk_scan)'":
+                               "outside the drop-in: mamba-ssm's internal SSD kernels "
+                               "(_chunk_cumsum_fwd, _chunk_state_fwd, chunk_state_varlen, ...) "
+                               "called directly",
+                           r"No module named 'mamba_ssm\.ops\.triton\.layernorm_gated'":
+                               "outside the drop-in: the gated LayerNorm / RMSNorm functional "
+                               "(layernorm_fn, rms_norm_ref) is not served",
+                           r"complex A":
+                               "not served: complex (S4D-style) A; our scan is real "
+                               "(UnsupportedArgumentError by design)",
+                           r"^test_mamba_inner_fn: assert False$":
+                               "fp32 tolerance: outputs reach ~1e8 (softplus(dt) ~ 1e2 over "
+                               "d_inner 768), atol 2e-3; mamba-ssm's own mamba_inner_ref "
+                               "composes its selective_scan_fn / causal_conv1d_fn kernels, "
+                               "alias mode's is the fp32 spec: both ~1e-6 relative from "
+                               "float64"}),
     "causal_conv1d": Suite("", ("test_causal_conv1d.py",), ("causal_conv1d",),
                            cuda_device=True, not_run={
                                "benchmark_determinism_kernels.py": "a benchmark, not a test"}),
@@ -292,7 +314,15 @@ def _append_to(report: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def _summarise(name: str, report: Path, secs: float, verbose: bool) -> dict:
+def _known(reason: str, known: Dict[str, str]) -> str:
+    for pattern, why in known.items():
+        if re.search(pattern, reason):
+            return why
+    return ""
+
+
+def _summarise(name: str, report: Path, secs: float, verbose: bool,
+               known: Dict[str, str] = None) -> dict:
     rows = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() \
         else []
     counts = Counter(r["outcome"] for r in rows)
@@ -305,11 +335,18 @@ def _summarise(name: str, report: Path, secs: float, verbose: bool) -> dict:
           f"errors {counts['error']:3d}  skipped {counts['skipped']:4d}  "
           f"deselected {counts['deselected']:4d}{'  TIMEOUT' if counts['timeout'] else ''}"
           f"  ({secs:.0f}s)")
+    notes = {}
     for why, ids in reasons.items():
-        print(f"    {len(ids):4d} x {why}\n           e.g. {ids[0].split('::')[-1]}")
+        func = ids[0].split("::")[-1].split("[")[0]
+        note = _known(f"{func}: {why.split('] ', 1)[-1]}", known or {})
+        if note:
+            notes[why] = note
+        print(f"    {len(ids):4d} x {why}\n           e.g. {ids[0].split('::')[-1]}"
+              + (f"\n           known: {note}" if note else ""))
     return {"file": name, **{k: counts[k] for k in ("passed", "failed", "error", "skipped",
                                                      "deselected", "timeout")},
-            "seconds": round(secs), "reasons": {k: len(v) for k, v in reasons.items()}}
+            "seconds": round(secs), "reasons": {k: len(v) for k, v in reasons.items()},
+            "known": notes}
 
 
 def _cuda_available() -> bool:
@@ -382,7 +419,7 @@ def main(argv=None, peer: str = None) -> int:
             report = rdir / f"{name.replace('/', '__')}.jsonl"
             report.unlink(missing_ok=True)
             secs = _run_file(path, tests, suite, args, report)
-            summary.append(_summarise(name, report, secs, args.verbose))
+            summary.append(_summarise(name, report, secs, args.verbose, suite.known))
         if not args.files:
             for name, why in suite.not_run.items():
                 if (base / name).exists():

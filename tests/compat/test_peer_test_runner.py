@@ -70,3 +70,16 @@ def test_mamba_suite_blocks_peers_patches_both_and_runs_on_cpu(tmp_path):
     assert rc == 1
     assert any("ssd_chunk_state" in r for r in s["reasons"]), s["reasons"]
     assert (tests / "ops" / "test_tiny.py").read_text() == before   # rewritten in a copy only
+
+
+def test_known_reasons_are_specific():
+    """A known (not-a-drop-in-bug) note names one test's failure, never a generic assert."""
+    run = _runner()
+    known = run.SUITES["mamba_ssm"].known
+    assert run._known("test_mamba_inner_fn: assert False", known)
+    assert not run._known("test_selective_scan: assert False", known)
+    assert not run._known("test_selective_state_update: assert False", known)
+    assert run._known("tests/ops/triton/test_ssd.py: ModuleNotFoundError: No module named "
+                      "'mamba_ssm.ops.triton.ssd_chunk_state': ...", known)
+    assert not run._known("test_x: ModuleNotFoundError: No module named "
+                          "'mamba_ssm.ops.triton.ssd_combined'", known)
