@@ -666,8 +666,8 @@ def _pack_group(layout: ChunkLayout, grp: ChunkGroup, dt, q, k, v, g, g_gamma, s
     if g_gamma is not None:  # constant decay on real tokens only (padding must stay 0)
         gamma = g_gamma.to(dt)[None, :, None] * layout.valid[grp.s0:grp.s1].to(dt)
         gc = gamma if gc is None else gc + gamma
-    return _Chunked(layout.pack(q, dt, grp) * scale if with_q else None, layout.pack(k, dt, grp),
-                    layout.pack(v, dt, grp), gc)
+    qc = layout.pack(q, dt, grp).mul_(scale) if with_q else None  # a fresh tensor: scaled in place
+    return _Chunked(qc, layout.pack(k, dt, grp), layout.pack(v, dt, grp), gc)
 
 
 @dataclass
@@ -753,7 +753,7 @@ def backward(q, k, v, g, g_gamma, scale, initial_state, cu_seqlens, mode, do, dh
         dq += mul_if(dq_inter, r.q_decay)
         dk += mul_if(dk_inter, r.k_decay)
         layout.unpack_into(dv_all, A.transpose(-1, -2) @ doc + r.k_inter @ dE, grp)
-        layout.unpack_into(dq_all, dq * scale, grp)
+        layout.unpack_into(dq_all, dq.mul_(scale), grp)
         layout.unpack_into(dk_all, dk, grp)
         if g is not None:
             # The gates enter through exp(prefix) in q_inter, exp(suffix) in k_inter, exp(total)

@@ -125,7 +125,7 @@ def _setup(q, k, v, initial_state, cu_seqlens, use_l2, mode) -> _Setup:
 def _pack_group(s: _Setup, grp: ChunkGroup, v, g, beta, scale, with_q: bool = True
                 ) -> _Chunked:
     L, dt = s.layout, s.dt
-    return _Chunked(L.pack(s.qh, dt, grp) * scale if with_q else None, L.pack(s.kh, dt, grp),
+    return _Chunked(L.pack(s.qh, dt, grp).mul_(scale) if with_q else None, L.pack(s.kh, dt, grp),
                     L.pack(v, dt, grp), L.pack(beta, dt, grp)[..., None],
                     None if g is None else L.pack(g, dt, grp))
 
@@ -368,7 +368,7 @@ def backward(q, k, v, g, beta, scale, initial_state, cu_seqlens, use_qk_l2norm_i
         dAkk = dA * x.beta
         dk1, dk2, dg_kk = _scores_backward(dAkk, x.k, x.k, x.g, f.D)  # k in both roles
         dk += dk1 + dk2
-        layout.unpack_into(dq_all, dq * scale, grp)
+        layout.unpack_into(dq_all, dq.mul_(scale), grp)
         layout.unpack_into(dk_all, dk, grp)
 
         if x.g is not None:
