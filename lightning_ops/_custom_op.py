@@ -43,14 +43,34 @@ def eager_direct(tensors: Sequence[Optional[Tensor]]) -> bool:
     return True
 
 
+def _autocast_device(tensors: Sequence[Tensor]) -> Optional[str]:
+    """The device type whose autocast is on for these tensors, or None (the common case)."""
+    if not tensors:
+        return None
+    dev = tensors[0].device.type
+    try:
+        return dev if torch.is_autocast_enabled(dev) else None
+    except RuntimeError:  # a device type without autocast (meta)
+        return None
+
+
+def _no_autocast(dev: str, fn, *args):
+    """fn(*args) with autocast off: an op computes in its inputs' dtypes and its own
+    accumulation dtype (the numerics contract), as the peers' kernels do; autocast would lower
+    the matmuls inside a torch-backend body to 16 bits."""
+    with torch.autocast(dev, enabled=False):
+        return fn(*args)
+
+
 def call_op(op, *args):
     """op(*args) for a custom op without autograd of its own (a backward op): its Python body
     directly in plain eager mode when nothing needs a gradient (eager_direct), else through the
     dispatcher (torch.compile, fake tensors, and double backward, which then meets
     forbid_double_backward's error)."""
-    if eager_direct([a for a in args if isinstance(a, torch.Tensor)]):
-        return op._init_fn(*args)
-    return op(*args)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    fn = op._init_fn if eager_direct(tensors) else op
+    dev = _autocast_device(tensors)
+    return fn(*args) if dev is None else _no_autocast(dev, fn, *args)
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> Callable:
@@ -61,7 +81,8 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> Callab
     redispatch, its generated autograd node) costs several hundred microseconds per forward and
     backward on the CPU, as much as a whole small op; torch.compile, fake tensors, tensor
     subclasses and functorch transforms still see the custom op, so the two paths compute the
-    same thing with the same code. Arguments are positional (all of them)."""
+    same thing with the same code. Either way the op runs with autocast off (_no_autocast).
+    Arguments are positional (all of them)."""
     op.register_autograd(backward, setup_context=setup_context)
     body = op._init_fn
 
@@ -79,10 +100,13 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> Callab
     def call(*args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if not _plain_eager(tensors):
-            return op(*args)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return eager_fn.apply(*args)
-        return body(*args)
+            fn = op
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            fn = eager_fn.apply
+        else:
+            fn = body
+        dev = _autocast_device(tensors)
+        return fn(*args) if dev is None else _no_autocast(dev, fn, *args)
     call.op = op
     return call
 

@@ -56,8 +56,13 @@ def op_calls(monkeypatch):
     return calls
 
 
-def _run(name, mode=None):
+def _run(name, mode=None, dtype=None):
     fn, args, kwargs, _ = CASES[name]
+    if dtype is not None:
+        args = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                for x in args]
+        kwargs = {n: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                  for n, x in kwargs.items()}
     a, kw = _leaves(args, kwargs, True)
     ctx = mode if mode is not None else torch.autograd.graph.saved_tensors_hooks(
         lambda t: t, lambda t: t)  # a no-op context: plain eager
@@ -110,3 +115,30 @@ def test_meta_tensors_take_the_custom_op(op_calls):
                             torch.empty(4, 4, device="meta"), activation="silu")
     assert y.shape == (2, 4, 9) and y.device.type == "meta"
     assert op_calls == ["lightning_ops::causal_conv1d"]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("path", ["eager", "custom_op"])
+def test_autocast_does_not_lower_the_ops_precision(name, path):
+    """Under torch.autocast an op still computes in its inputs' dtypes (the peers' kernels ignore
+    autocast too): outputs and gradients equal those of a run without autocast. float32 inputs
+    (autocast leaves float64 alone): it would round the torch bodies' matmuls to bfloat16."""
+    mode = _Passthrough() if path == "custom_op" else None
+    plain = _run(name, mode, torch.float32)
+
+    class _Autocast(torch.autocast):
+        def __init__(self):
+            super().__init__("cpu", dtype=torch.bfloat16)
+
+        def __enter__(self):
+            super().__enter__()
+            if mode is not None:
+                mode.__enter__()
+
+        def __exit__(self, *exc):
+            if mode is not None:
+                mode.__exit__(*exc)
+            return super().__exit__(*exc)
+    cast = _run(name, _Autocast(), torch.float32)
+    for i, (a, b) in enumerate(zip(plain[0] + plain[1], cast[0] + cast[1])):
+        assert torch.equal(a, b), f"{name}[{i}]: autocast changed the result"
