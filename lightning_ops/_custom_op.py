@@ -43,7 +43,7 @@ def eager_direct(tensors: Sequence[Optional[Tensor]]) -> bool:
     return True
 
 
-def _autocast_device(tensors: Sequence[Tensor]) -> Optional[str]:
+def autocast_device(tensors: Sequence[Tensor]) -> Optional[str]:
     """The device type whose autocast is on for these tensors, or None (the common case)."""
     if not tensors:
         return None
@@ -54,7 +54,7 @@ def _autocast_device(tensors: Sequence[Tensor]) -> Optional[str]:
         return None
 
 
-def _no_autocast(dev: str, fn, *args):
+def without_autocast(dev: str, fn, *args):
     """fn(*args) with autocast off: an op computes in its inputs' dtypes and its own
     accumulation dtype (the numerics contract), as the peers' kernels do; autocast would lower
     the matmuls inside a torch-backend body to 16 bits."""
@@ -69,8 +69,8 @@ def call_op(op, *args):
     forbid_double_backward's error)."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     fn = op._init_fn if eager_direct(tensors) else op
-    dev = _autocast_device(tensors)
-    return fn(*args) if dev is None else _no_autocast(dev, fn, *args)
+    dev = autocast_device(tensors)
+    return fn(*args) if dev is None else without_autocast(dev, fn, *args)
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> Callable:
@@ -81,7 +81,7 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> Callab
     redispatch, its generated autograd node) costs several hundred microseconds per forward and
     backward on the CPU, as much as a whole small op; torch.compile, fake tensors, tensor
     subclasses and functorch transforms still see the custom op, so the two paths compute the
-    same thing with the same code. Either way the op runs with autocast off (_no_autocast).
+    same thing with the same code. Either way the op runs with autocast off (without_autocast).
     Arguments are positional (all of them)."""
     op.register_autograd(backward, setup_context=setup_context)
     body = op._init_fn
@@ -105,8 +105,8 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> Callab
             fn = eager_fn.apply
         else:
             fn = body
-        dev = _autocast_device(tensors)
-        return fn(*args) if dev is None else _no_autocast(dev, fn, *args)
+        dev = autocast_device(tensors)
+        return fn(*args) if dev is None else without_autocast(dev, fn, *args)
     call.op = op
     return call
 

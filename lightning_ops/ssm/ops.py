@@ -47,9 +47,10 @@ import torch
 from .. import backend as _backend
 from ..precision import accumulation_dtype
 from .. import validation as V
-from .._custom_op import (PLAIN_TENSORS, call_op, contiguous, eager_direct, empty_like_none,
-                          forbid_double_backward, grad_if_present, is_empty, none_if_empty,
-                          passthrough_grad, passthrough_state, register_autograd, zeros_or_empty)
+from .._custom_op import (PLAIN_TENSORS, autocast_device, call_op, contiguous, eager_direct,
+                          empty_like_none, forbid_double_backward, grad_if_present, is_empty,
+                          none_if_empty, passthrough_grad, passthrough_state, register_autograd,
+                          without_autocast, zeros_or_empty)
 
 Tensor = torch.Tensor
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -483,6 +484,10 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
     per-head fast path."""
     if not _ssu_fits(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
         _ssu_check(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    dev = autocast_device((state,))
+    if dev is not None:  # the step in its inputs' dtypes, as every op (_custom_op)
+        return without_autocast(dev, selective_state_update, state, x, dt, A, B, C, D, z,
+                                dt_bias, dt_softplus)
     _check_inplace("state", state)
     name = _backend.resolve("ssd", state.device, state.dtype)
     args = (state, x, dt, A, B, C, D, z, dt_bias)
@@ -673,15 +678,15 @@ def _conv_update_check(x, conv_state, weight, bias, activation) -> None:
 
 def _conv_update_eager(x, conv_state, weight, bias, activation) -> Optional[Tensor]:
     """causal_conv1d_update's common call, a decode step in plain eager mode, in one pass of
-    plain compares: not compiling and no mode active, plain CPU tensors that need no gradient,
-    one token x [b, D], float dtypes and matching shapes (what _conv_update_fits checks), a
-    contiguous state that is not an inference tensor (nothing for _check_inplace to find), and
-    the torch backend (unforced on the CPU, or forced). Then the torch backend's conv_update runs
+    plain compares: not compiling, no mode or CPU autocast active, plain CPU tensors that need
+    no gradient, one token x [b, D], float dtypes and matching shapes (what _conv_update_fits
+    checks), a contiguous state that is not an inference tensor (nothing for _check_inplace to
+    find), and the torch backend (unforced on the CPU, or forced). Then the torch backend's conv_update runs
     directly and its output is returned; otherwise None, and causal_conv1d_update takes the
     general path, whose checks name what is wrong. At B=1 this wrapper is a sizeable part of the
     step, so it makes no call it can avoid (each Python-level call costs ~1 us there)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
-            torch._C._is_torch_function_mode_enabled():
+            torch._C._is_torch_function_mode_enabled() or torch.is_autocast_enabled("cpu"):
         return None
     if type(x) not in PLAIN_TENSORS or type(conv_state) not in PLAIN_TENSORS or \
             type(weight) not in PLAIN_TENSORS or (bias is not None and
@@ -729,6 +734,10 @@ def causal_conv1d_update(x: Tensor, conv_state: Tensor, weight: Tensor,
         return out
     if not _conv_update_fits(x, conv_state, weight, bias, activation):
         _conv_update_check(x, conv_state, weight, bias, activation)
+    dev = autocast_device((conv_state,))
+    if dev is not None:  # the step in its inputs' dtypes, as every op (_custom_op)
+        return without_autocast(dev, causal_conv1d_update, x, conv_state, weight, bias,
+                                activation)
     act = _ACTIVATIONS[activation]
     _check_inplace("conv_state", conv_state)
     name = _backend.resolve("conv", x.device, x.dtype)

@@ -142,3 +142,21 @@ def test_autocast_does_not_lower_the_ops_precision(name, path):
     cast = _run(name, _Autocast(), torch.float32)
     for i, (a, b) in enumerate(zip(plain[0] + plain[1], cast[0] + cast[1])):
         assert torch.equal(a, b), f"{name}[{i}]: autocast changed the result"
+
+
+def test_autocast_leaves_the_decode_steps_alone():
+    """The in-place decode steps (their own fast paths) under autocast: same output and state."""
+    g = torch.Generator().manual_seed(3)
+    b, h, p, n = 2, 3, 16, 32
+    state, x = torch.randn(b, h, p, n, generator=g), torch.randn(b, h, p, generator=g)
+    dt, A = torch.rand(b, h, p, generator=g), -torch.rand(h, p, n, generator=g)
+    B, C, D = (torch.randn(*s, generator=g) for s in ((b, 1, n), (b, 1, n), (h, p)))
+    xc, cs, w = (torch.randn(*s, generator=g) for s in ((2, 8), (2, 8, 3), (8, 4)))
+    outs = []
+    for cast in (False, True):
+        s, c = state.clone(), cs.clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+            outs.append((lo.selective_state_update(s, x, dt, A, B, C, D=D), s,
+                         lo.causal_conv1d_update(xc, c, w, None, "silu"), c))
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)
