@@ -683,8 +683,9 @@ def _conv_update_eager(x, conv_state, weight, bias, activation) -> Optional[Tens
     checks), a contiguous state that is not an inference tensor (nothing for _check_inplace to
     find), and the torch backend (unforced on the CPU, or forced). Then the torch backend's
     conv_update runs directly and its output is returned; otherwise None, and
-    causal_conv1d_update takes the general path, whose checks name what is wrong. At B=1 this wrapper is a sizeable part of the
-    step, so it makes no call it can avoid (each Python-level call costs ~1 us there)."""
+    causal_conv1d_update takes the general path, whose checks name what is wrong. At B=1 this
+    wrapper is a sizeable part of the step, so it makes no call it can avoid
+    (each Python-level call costs ~1 us there)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() or \
             torch._C._is_torch_function_mode_enabled() or torch.is_autocast_enabled("cpu"):
         return None
