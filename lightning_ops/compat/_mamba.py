@@ -35,6 +35,8 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """causal_conv1d.causal_conv1d_fn (note the order: seq_idx is the fourth argument).
     x [B, D, L], weight [D, W], bias [D], seq_idx [B, L], initial_states [B, D, W-1];
     final_states_out [B, D, W-1] is written (and returned) when return_final_states.
+    A token with seq_idx < 0 is padding: its output is 0 (bias and activation included), as
+    causal-conv1d's kernel since its padding-token support (Dao-AILab/causal-conv1d#78).
     Unlike causal-conv1d, seq_idx may be combined with initial_states / final states, and x
     need not be channel-last to return final states."""
     _check_activation(activation)
@@ -42,9 +44,11 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     res = lo.causal_conv1d_fn(x, weight, bias, initial_states=initial_states,
                               return_final_states=return_final_states, activation=activation,
                               seq_idx=seq_idx)
+    out, final = res if return_final_states else (res, None)
+    if seq_idx is not None:     # no host sync: a masked fill whether or not there is padding
+        out = out.masked_fill((seq_idx < 0).unsqueeze(1), 0)
     if not return_final_states:
-        return res
-    out, final = res
+        return out
     if final_states_out is not None:
         if final_states_out.shape != final.shape:
             raise ValueError(f"final_states_out must have shape {list(final.shape)} "

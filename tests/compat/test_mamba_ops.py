@@ -45,6 +45,39 @@ def test_causal_conv1d_fn_positional_order_and_final_states_out():
         M.causal_conv1d_fn(x, w, activation="relu")
 
 
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv1d_fn_seq_idx_padding_outputs_zero(activation):
+    """Regression (causal-conv1d tests/test_causal_conv1d.py test_causal_conv1d_varlen_padding):
+    a token with seq_idx < 0 is padding and its output is exactly 0 (not the bias, not a
+    window over the other padding tokens), as causal-conv1d's kernel (#78). The other tokens
+    see only their own sequence; gradients follow (no padding output feeds back)."""
+    b, d, L, W = 2, 3, 9, 4
+    x, w, bias = _rand(b, d, L).requires_grad_(), _rand(d, W, seed=1), _rand(d, seed=2)
+    seq_idx = torch.tensor([[0, 0, 0, 1, 1, -1, -1, -1, -1],
+                            [-1, -1, 2, 2, 2, 2, 3, -1, 3]], dtype=torch.int32)
+    out = M.causal_conv1d_fn(x, w, bias, seq_idx, activation=activation)
+    pad = (seq_idx < 0)[:, None].expand(b, d, L)
+    assert torch.equal(out[pad], torch.zeros_like(out[pad]))
+    # the reference, written out: each real token's window over its own sequence only
+    ref = torch.zeros_like(out)
+    for i in range(b):
+        for t in range(L):
+            s = int(seq_idx[i, t])
+            if s < 0:
+                continue
+            acc = bias.clone()
+            for j in range(W):
+                u = t - (W - 1) + j
+                if u >= 0 and int(seq_idx[i, u]) == s:
+                    acc = acc + w[:, j] * x[i, :, u]
+            ref[i, :, t] = F.silu(acc) if activation else acc
+    assert_close("out", out, ref, TOL)
+    g = _rand(b, d, L, seed=3)
+    (dx,) = torch.autograd.grad((out * g).sum(), x)
+    (dx_ref,) = torch.autograd.grad((ref * g).sum(), x)
+    assert_close("dx", dx, dx_ref, TOL)
+
+
 def _ring_update_ref(x, conv_state, weight, bias, activation, cache_seqlens):
     """causal-conv1d's circular-buffer update, written out token by token."""
     b, d, L = x.shape
