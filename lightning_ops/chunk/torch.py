@@ -322,10 +322,8 @@ def causal_decays(g: Tensor) -> Tensor:
     diagonal, [.., C, C] from g [.., C]. The same column-wise sums; the upper triangle (sums of
     nothing) is zeroed after the exp by selection, which costs less than filling it with -inf."""
     C = g.shape[-1]
-    seg = torch.where(_strict_lower(C, g.device), g[..., :, None], 0).cumsum(-2)
-    if seg.requires_grad:  # under autograd (a recomputed forward): exp's saved output intact
-        return seg.exp().tril()
-    return seg.exp_().tril_()
+    M = torch.where(_strict_lower(C, g.device), g[..., :, None], 0).cumsum_(-2).exp_()
+    return M.tril() if M.requires_grad else M.tril_()  # under autograd exp_'s saved output stays
 
 
 def mul_if(x: Tensor, factor: Optional[Tensor]) -> Tensor:

@@ -326,25 +326,6 @@ class _Segments:
         return None if self.cu is None else self.cu.to(ref.device)
 
 
-_STRICT: dict = {}
-
-
-def _strict_lower(C: int, device: torch.device) -> Tensor:
-    """[C, C] bool, i > j (cached)."""
-    key = (C, device)
-    if key not in _STRICT:
-        _STRICT[key] = torch.ones(C, C, dtype=torch.bool, device=device).tril(-1)
-    return _STRICT[key]
-
-
-def _decay_mask(g: Tensor, strict: Tensor) -> Tensor:
-    """exp(sum_{j<s<=i} g_s) for j < i and 1 on the diagonal, [.., C, C] from g [.., C]: the
-    segment sums accumulated down each column over their own tokens (never b_i - b_j, so -inf and
-    huge gates are exact). Above the diagonal it is exp(0) = 1: callers mask the scores there."""
-    seg = torch.where(strict, g[..., :, None], torch.zeros((), dtype=g.dtype, device=g.device))
-    return seg.cumsum_(-2).exp_()
-
-
 def _pair_gate_grad(P: Tensor) -> Tensor:
     """The engine's pair_gate_grad rule in three passes: d g_s = sum over pairs i >= s > j of
     P_ij (only the pairs whose decay contains g_s). With Q = P summed over j <= c (row prefix),
@@ -407,7 +388,7 @@ class _SSDCore:
         """(C B^T per group with zeros above the diagonal [NC, g, C, C] (set by selection, so a
         non-finite later key never reaches an earlier row), decay mask [NC, h, C, C])."""
         CB = (self.Cc @ self.Bc.transpose(-1, -2)).tril_()
-        return CB, _decay_mask(self.g, _strict_lower(self.layout.C, self.X.device))
+        return CB, chunk_engine.causal_decays(self.g)
 
     def forward(self) -> Tensor:
         """The core output o = C H + (C B^T * L) X per chunk, [NC, h, C, p]."""
