@@ -230,15 +230,16 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
                               cu_seqlens: Optional[Tensor] = None, dt_softplus: bool = False,
                               dt_limit: Tuple[float, float] = (0.0, float("inf")),
                               return_final_states: bool = False,
-                              return_varlen_states: bool = False, *,
+                              return_varlen_states: bool = False,
                               state_dtype: Optional[torch.dtype] = None):
     """mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined, with mamba-ssm's semantics:
     sequences are separated by seq_idx only; cu_seqlens is read only for return_varlen_states
     (then batch must be 1 and seq_idx must mark the same sequences). initial_states
     [batch, h, p, n] applies to the tokens of sequence id 0 at the start of each row.
-    Final / varlen states come back in C's dtype, as mamba-ssm. state_dtype is our
-    keyword-only extension (mamba-ssm 2.3.2 has no such parameter): the dtype of the returned
-    states instead of C's; they are accumulated in float32 whatever state_dtype says."""
+    Final / varlen states come back in C's dtype, as mamba-ssm. state_dtype, the 17th parameter
+    as in mamba-ssm's main branch (#972; 2.3.2 has none; there the dtype of its materialized
+    inter-chunk states): the dtype of the returned states instead of C's; ours are accumulated
+    in float32 whatever state_dtype says."""
     fn = "mamba_chunk_scan_combined"
     if state_dtype is not None and state_dtype not in _STATE_DTYPES:
         raise TypeError(f"state_dtype must be None or a float dtype, got {state_dtype!r}")

@@ -709,9 +709,10 @@ def test_mamba_chunk_scan_combined_return_arity():
     y, fin, st = f(x, dt, A, Bm, Cm, 4, seq_idx=seq_idx, cu_seqlens=cu,
                    return_final_states=True, return_varlen_states=True)
     assert fin.shape == (b, h, p, n) and st.shape == (2, h, p, n)
-    with pytest.raises(TypeError):           # state_dtype is keyword-only (ours only)
-        f(x, dt, A, Bm, Cm, 4, None, None, None, None, None, None, False, (0.0, math.inf),
-          False, False, torch.float32)
+    # state_dtype: the 17th parameter, as in mamba-ssm's main branch (positional calls work)
+    y, fin = f(x, dt, A, Bm, Cm, 4, None, None, None, None, None, None, False, (0.0, math.inf),
+               True, False, torch.float64)
+    assert fin.dtype == torch.float64 and y.shape == (b, L, h, p)
 
 
 def test_selective_state_update_returns_output():
