@@ -71,9 +71,9 @@ import torch
 
 from .. import backend as _backend
 from .. import validation as Vd
-from .._custom_op import (contiguous, empty_like_none, forbid_double_backward, grad_by_recompute,
-                          grad_if_present, is_empty, none_if_empty, own_storage, passthrough_grad,
-                          passthrough_state)
+from .._custom_op import (call_op, contiguous, empty_like_none, forbid_double_backward,
+                          grad_by_recompute, grad_if_present, is_empty, none_if_empty, own_storage,
+                          passthrough_grad, passthrough_state, register_autograd)
 from ..chunk.constants import TORCH_CHUNK
 from ..chunk.torch import causal_scores, prefix_sum, segment_sums, suffix_sum_exclusive
 from ..delta.l2norm import l2norm
@@ -356,13 +356,13 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, do, dht, doff):
     q, k, v, g, lam, beta, h0, off, cu = ctx.saved_tensors
     dht = none_if_empty(dht)
-    dq, dk, dv, dg, dl, db, dh0 = _lld_bwd(do.contiguous(), dht, q, k, v, g, lam, beta, h0, off,
-                                           cu, ctx.scale, ctx.use_l2, ctx.chunk_size)
+    dq, dk, dv, dg, dl, db, dh0 = call_op(_lld_bwd, do.contiguous(), dht, q, k, v, g, lam, beta,
+                                          h0, off, cu, ctx.scale, ctx.use_l2, ctx.chunk_size)
     return (dq, dk, dv, dg, dl, db, grad_if_present(dh0, h0), None, None, None, None, None, None,
             None)
 
 
-_lld_fwd.register_autograd(_backward, setup_context=_setup)
+_lld_call = register_autograd(_lld_fwd, _backward, _setup)
 forbid_double_backward(_lld_bwd, lambda inputs: "chunk_log_linear_gated_delta_rule")
 
 
@@ -395,9 +395,9 @@ def chunk_log_linear_gated_delta_rule(
     if off is not None:
         off = off.to(torch.int64)
     q, k, v, g, level_scales, beta, h0, off = contiguous(q, k, v, g, level_scales, beta, h0, off)
-    o, ht, offsets = _lld_fwd(q, k, v, g, level_scales, beta, h0, off, cu_seqlens,
-                              1.0 if scale is None else float(scale), bool(output_final_state),
-                              bool(use_qk_l2norm_in_kernel), int(chunk_size), name)
+    o, ht, offsets = _lld_call(q, k, v, g, level_scales, beta, h0, off, cu_seqlens,
+                               1.0 if scale is None else float(scale), bool(output_final_state),
+                               bool(use_qk_l2norm_in_kernel), int(chunk_size), name)
     return o, (LogLinearAttentionState(ht, offsets) if output_final_state else None)
 
 

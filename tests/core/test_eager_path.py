@@ -30,6 +30,11 @@ def _extra_cases():
         "chunk_log_linear_attn": (lo.chunk_log_linear_attn,
                                   (q, k, v, r(B, T, H, neg=True), r(B, T, H, L).abs()),
                                   dict(output_final_state=True), True),
+        "chunk_log_linear_gated_delta_rule": (
+            lo.chunk_log_linear_gated_delta_rule,
+            (q, k, v, r(B, T, H, neg=True), r(B, T, H, L).abs(),
+             torch.rand(B, T, H, generator=g, dtype=torch.float64)),
+            dict(output_final_state=True), True),
     }
 
 
