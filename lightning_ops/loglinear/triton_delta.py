@@ -63,10 +63,13 @@ offsets and cu_seqlens are read on the device (the varlen chunk table is logline
 built with torch ops). Grouped value heads (H = m G): the kernels read q/k head h // m directly.
 use_qk_l2norm_in_kernel: q and k are normalised by torch ops (fp32) before the kernels.
 
-16-bit inputs: tl.dot on 16-bit operands with fp32 accumulation for products of inputs, the
-states' products in triton_utils.dot_config's DT_S; the k k^T of the WY transform in fp32
-operands with exact_precision (its substitution compounds rounding, as in delta/triton.py);
-fp32 inputs use 3xTF32; the interpreter computes fp32 throughout. float64 inputs are computed
+Products: fp32 operands everywhere, at TF32 for 16-bit inputs and 3xTF32 for fp32 ones
+(triton_utils.dot_config's PREC): unlike the delta family's kernels, almost every operand here
+is a computed fp32 quantity (Qe, w, kd, the level states, Tinv, the weighted scores), which a
+16-bit operand dtype would round on top of the inputs' own rounding; bf16 / fp16 q, k, v are
+exact in TF32. The k k^T of the WY transform in fp32 operands with exact_precision (its
+substitution compounds rounding, as in delta/triton.py); the interpreter computes fp32
+throughout. float64 inputs are computed
 in fp32 and cast back (unforced, the backend choice sends them to torch). Outputs in v's dtype,
 states fp32. Non-finite k, v, g or beta: lightning_ops.nonfinite.NonFiniteGuard around the
 kernels, as the torch forward (a NaN/Inf at token t reaches only outputs from t on).
@@ -451,7 +454,12 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, level_scales: Tensor, be
     in_dtype, f64 = v.dtype, q.dtype == torch.float64
     if f64:
         q, k, v, g, level_scales, beta = (x.float() for x in (q, k, v, g, level_scales, beta))
-    DT, DT_S, PREC = dot_config(q.dtype)
+    # fp32 operands for every product, at the dtype's precision (3xTF32 for fp32 inputs, TF32
+    # for 16-bit ones): the walk's operands (Qe, w, kd, the states) and the chunk kernel's
+    # weighted scores are computed fp32 quantities, not inputs, and a 16-bit rounding of each
+    # would add error beyond the inputs' own; bf16 q, k, v are exact in TF32
+    _, _, PREC = dot_config(q.dtype)
+    DT = DT_S = tl.float32
     if use_qk_l2norm:  # in fp32, as the torch forward
         q, k = l2norm(q.float())[0], l2norm(k.float())[0]
     q, k, v, g, beta, lam = (x.contiguous() for x in (q, k, v, g, beta, level_scales))
