@@ -15,7 +15,7 @@ Tensor = torch.Tensor
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def _plain_eager(tensors: Sequence[object]) -> bool:
+def plain_eager(tensors: Sequence[object]) -> bool:
     """Plain eager mode: not compiling, no dispatch or function mode (fake tensors, make_fx,
     selective checkpointing), no functorch transform (vmap, torch.func.grad), and every tensor a
     plain CPU/CUDA tensor (no subclass such as DTensor, no meta tensor)."""
@@ -31,10 +31,10 @@ def _plain_eager(tensors: Sequence[object]) -> bool:
 
 def eager_direct(tensors: Sequence[Optional[Tensor]]) -> bool:
     """May an op call its implementation directly instead of through its custom op (whose
-    dispatch costs more than a small step on the CPU)? Only in plain eager mode (_plain_eager)
+    dispatch costs more than a small step on the CPU)? Only in plain eager mode (plain_eager)
     with no tensor needing autograd. Everything else (torch.compile, fake tensors, subclasses,
     gradients) takes the custom op."""
-    if not _plain_eager(tensors):
+    if not plain_eager(tensors):
         return False
     if torch.is_grad_enabled():
         for t in tensors:
@@ -75,7 +75,7 @@ def call_op(op, *args):
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> Callable:
     """op.register_autograd(backward, setup_context) and return the caller the public functions
-    use instead of op: in plain eager mode (_plain_eager) it runs op's Python body directly,
+    use instead of op: in plain eager mode (plain_eager) it runs op's Python body directly,
     wrapped in a torch.autograd.Function built from the same setup_context and backward when a
     tensor needs a gradient. torch.library's dispatch of a custom op (defaults filled in,
     redispatch, its generated autograd node) costs several hundred microseconds per forward and
@@ -99,7 +99,7 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> Callab
 
     def call(*args):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if not _plain_eager(tensors):
+        if not plain_eager(tensors):
             fn = op
         elif torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             fn = eager_fn.apply

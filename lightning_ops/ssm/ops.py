@@ -49,8 +49,8 @@ from ..precision import accumulation_dtype
 from .. import validation as V
 from .._custom_op import (PLAIN_TENSORS, autocast_device, call_op, contiguous, eager_direct,
                           empty_like_none, forbid_double_backward, grad_if_present, is_empty,
-                          none_if_empty, passthrough_grad, passthrough_state, register_autograd,
-                          without_autocast, zeros_or_empty)
+                          none_if_empty, passthrough_grad, passthrough_state, plain_eager,
+                          register_autograd, without_autocast, zeros_or_empty)
 
 Tensor = torch.Tensor
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -625,6 +625,15 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     _check_seq_idx(seq_idx, (b, L), "[B, L]", x)
     name = _backend.resolve("conv", x.device, x.dtype)
     x, weight, bias, initial_states = contiguous(x, weight, bias, initial_states)
+    if name == "torch" and not is_empty(x) and \
+            plain_eager((x, weight, bias, initial_states, seq_idx)):
+        # plain eager mode, torch backend: autograd through the conv's own aten ops (as
+        # causal-conv1d's reference), cheaper than the custom op's Python backward
+        args = (x, weight, bias, initial_states, seq_idx, return_final_states, act)
+        run = _backend.implementation("conv", name).conv_autograd
+        dev = autocast_device((x,))
+        out, final = run(*args) if dev is None else without_autocast(dev, run, *args)
+        return (out, final) if return_final_states else out
     # the torch backend keeps SiLU's input when a backward will follow (the Triton one
     # recomputes it inside its fused gradient kernel)
     save_pre = name == "torch" and act == "silu" and seq_idx is None and \

@@ -672,10 +672,11 @@ def _conv_full(xin, w, bias, pad, W):
     """The conv before the activation as F.conv1d returns it: [b, d, L + W - 1] of which the
     first L are the causal outputs (padding W-1), or [b, d, L] when the history is prepended."""
     d = w.shape[0]
+    y = F.conv1d(xin, w[:, None, :], bias, padding=W - 1 if pad is None else 0, groups=d)
     # F.conv1d's result is a squeezed view of its own 4-d output: detached, it owns its whole
-    # storage, so returning it from the custom op costs no defensive copy (own_storage)
-    return F.conv1d(xin, w[:, None, :], bias, padding=W - 1 if pad is None else 0,
-                    groups=d).detach()
+    # storage, so returning it from the custom op costs no defensive copy (own_storage); under
+    # autograd (conv_autograd) it keeps its graph
+    return y if y.requires_grad else y.detach()
 
 
 def _conv_pre(xin, w, bias, pad, W):
@@ -743,6 +744,17 @@ def conv_forward(x, weight, bias, initial_states, seq_idx, return_final_states, 
         out, final, pre = _conv_math(x, weight, bias, initial_states, seq_idx, activation,
                                      save_pre)
     return _own((out, final.contiguous() if return_final_states else None, pre))
+
+
+def conv_autograd(x, weight, bias, initial_states, seq_idx, return_final_states, activation):
+    """-> (out, final or None), differentiable by autograd through the forward's own ops
+    (F.conv1d, SiLU, slices, a concatenation): what the op's plain-eager path runs. A conv and
+    an activation are aten ops whose C++ autograd nodes cost less than any Python backward, and
+    their gradients are the ones conv_backward forms (aten.convolution_backward, silu_backward).
+    final is a copy (never a view of x)."""
+    out, final, _ = _conv_math(x, weight, bias, initial_states, seq_idx, activation)
+    return out, (final.clone(memory_format=torch.contiguous_format) if return_final_states
+                 else None)
 
 
 def conv_backward(x, weight, bias, initial_states, seq_idx, activation, dout, dfinal, pre=None):

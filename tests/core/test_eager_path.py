@@ -93,7 +93,7 @@ def test_eager_path_equals_custom_op_path(name, op_calls):
         assert torch.equal(a, b), f"{name}[{i}]: eager and custom-op paths differ"
 
 
-@pytest.mark.parametrize("name", ["causal_conv1d_fn", "chunk_simple_gla", "selective_scan_fn",
+@pytest.mark.parametrize("name", ["chunk_simple_gla", "selective_scan_fn",
                                   "chunk_gated_delta_rule"])
 def test_eager_path_double_backward_raises(name):
     fn, args, kwargs, _ = CASES[name]
@@ -165,3 +165,22 @@ def test_autocast_leaves_the_decode_steps_alone():
                          lo.causal_conv1d_update(xc, c, w, None, "silu"), c))
     for a, c in zip(*outs):
         assert torch.equal(a, c)
+
+
+def test_conv_eager_path_is_autograd_of_the_conv():
+    """causal_conv1d_fn in plain eager mode (torch backend) is autograd through F.conv1d and
+    SiLU (as causal-conv1d's reference): gradients equal the custom op's, and a second-order
+    gradient (which the custom op refuses) equals the reference composite's."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 11, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    y = lo.causal_conv1d_fn(x, w, b, activation="silu")
+    assert "Silu" in type(y.grad_fn).__name__
+    ref = torch.nn.functional.silu(
+        torch.nn.functional.conv1d(x, w[:, None, :], b, padding=3, groups=6)[..., :11])
+    for out in (y, ref):
+        (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        out._g2 = torch.autograd.grad(gx.square().sum(), (x, w, b))
+    for a, c in zip(y._g2, ref._g2):
+        assert torch.allclose(a, c, rtol=1e-12, atol=1e-12)
