@@ -69,10 +69,17 @@ is a computed fp32 quantity (Qe, w, kd, the level states, Tinv, the weighted sco
 16-bit operand dtype would round on top of the inputs' own rounding; bf16 / fp16 q, k, v are
 exact in TF32. The k k^T of the WY transform in fp32 operands with exact_precision (its
 substitution compounds rounding, as in delta/triton.py); the interpreter computes fp32
-throughout. float64 inputs are computed
-in fp32 and cast back (unforced, the backend choice sends them to torch). Outputs in v's dtype,
-states fp32. Non-finite k, v, g or beta: lightning_ops.nonfinite.NonFiniteGuard around the
-kernels, as the torch forward (a NaN/Inf at token t reaches only outputs from t on).
+throughout. float64 inputs are computed in fp32 and cast back (unforced, the backend choice
+sends them to torch). Outputs in v's dtype, states fp32. Non-finite k, v, g or beta:
+lightning_ops.nonfinite.NonFiniteGuard around the kernels, as the torch forward (a NaN/Inf at
+token t reaches only outputs from t on).
+
+Tiles: K and V in blocks of 32 in both kernels, 8 warps for the chunk kernel at C = 64
+(benchmarks/results/sm90_resources.csv, K <= 256, V <= 512, every dtype: at most 131,072 B of
+shared memory; spills <= 192 B per thread at 16-bit, ~2.5 KB in the fp32 walk with both states,
+where 3xTF32 splits every operand). Work: the chunk kernel O(C^2 (C + K + V)) per chunk; the walk
+O(n_live C K BV) per chunk and V tile, n_live <= n_inter the levels set in the chunk index (not
+tuned on hardware yet: no GPU was at hand when it was written).
 
 Backward: none in Triton. The op (loglinear/delta.py, _lld_bwd) differentiates by recomputing
 the torch chunked forward under autograd (grad_by_recompute), whichever backend ran the forward.
