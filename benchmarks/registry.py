@@ -620,7 +620,7 @@ _add(OpSpec(  # log-linear attention (Guo et al. 2025) over the scalar gate; Tri
     # T = 1024 on one busy core (its fwd+bwd past 60 s), quadratic in time and memory
     peer_refs={"fla-naive": PeerRef("fla.ops.log_linear_attn.naive", "naive_log_linear_attn",
                                     _fla_log_linear, max_T=512)}))
-_add(OpSpec(  # log-linear Gated DeltaNet (Guo et al. 2025, sec. 3.3); torch only; no peer has it
+_add(OpSpec(  # log-linear Gated DeltaNet (Guo et al. 2025, sec. 3.3); Triton forward; no peer
     "chunk_log_linear_gated_delta_rule", "loglinear_delta",
     (TensorSpec("q", ("B", "T", "G", "K")), TensorSpec("k", ("B", "T", "G", "K"), "unit"),
      TensorSpec("v", ("B", "T", "H", "V")), TensorSpec("g", ("B", "T", "H"), "logsigmoid"),
