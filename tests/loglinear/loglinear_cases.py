@@ -31,3 +31,20 @@ def make_inputs(B, T, G, H, K, V, L, lengths=None, offsets=None, fill=None, seed
     if offsets is not None:  # every slot random: the ones absent at the offset are ignored
         init = (rn(N, H, L, K, V).to(device), torch.tensor(offsets, device=device))
     return {n: t.to(device) for n, t in x.items()}, cu, init
+
+
+def assert_compiled_matches_eager(f, args, n_grad: int) -> None:
+    """torch.compile(f, fullgraph=True) against eager f on the same inputs (the first n_grad
+    of args take gradients; f returns (o, LogLinearAttentionState)): o, the final state, its
+    offsets and every gradient bit-for-bit."""
+    def run(fn):
+        leaves = [t.detach().clone().requires_grad_() for t in args[:n_grad]]
+        o, st = fn(*leaves, *args[n_grad:])
+        gen = torch.Generator().manual_seed(7)
+        ((o * torch.randn(o.shape, generator=gen).to(o)).sum() + st.ht.square().sum()).backward()
+        return [o, st.ht, st.offsets] + [t.grad for t in leaves]
+
+    eager = run(f)
+    comp = run(torch.compile(f, fullgraph=True, backend="aot_eager"))
+    for i, (a, b) in enumerate(zip(eager, comp)):
+        assert torch.equal(a, b), i

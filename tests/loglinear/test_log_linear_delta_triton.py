@@ -28,7 +28,7 @@ from lightning_ops import reference as R
 from lightning_ops.loglinear import LogLinearAttentionState, chunk_log_linear_gated_delta_rule
 from helpers import (assert_lowp_parity, nan_filled_empty, rel_rms, requires_gpu,
                      requires_triton)
-from loglinear_cases import DEV, make_inputs
+from loglinear_cases import DEV, assert_compiled_matches_eager, make_inputs
 
 pytestmark = requires_triton
 
@@ -251,17 +251,7 @@ def test_compile_fullgraph_triton():
             return chunk_log_linear_gated_delta_rule(q, k, v, g, lam, beta, 0.5, (h0, off), True,
                                                      cu, chunk_size=16)
 
-    def run(fn):
-        leaves = [t.detach().clone().requires_grad_() for t in args[:7]]
-        o, st = fn(*leaves, args[7], args[8])
-        gen = torch.Generator().manual_seed(7)
-        ((o * torch.randn(o.shape, generator=gen).to(o)).sum() + st.ht.square().sum()).backward()
-        return [o, st.ht, st.offsets] + [t.grad for t in leaves]
-
-    eager = run(f)
-    comp = run(torch.compile(f, fullgraph=True, backend="aot_eager"))
-    for i, (a, b) in enumerate(zip(eager, comp)):
-        assert torch.equal(a, b), i
+    assert_compiled_matches_eager(f, args, 7)
 
 
 @pytest.mark.gpu
