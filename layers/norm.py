@@ -6,7 +6,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .utils import activation_fn, compute_dtype
+from lightning_ops.norm import gated_norm
+
+from .utils import activation_fn
 
 Tensor = torch.Tensor
 
@@ -16,7 +18,8 @@ class RMSNorm(nn.Module):
 
     With a gate: `norm_before_gate=True` gives norm(x) * act(gate) (fla's output norm of GLA and
     Gated DeltaNet); `norm_before_gate=False` gives norm(x * act(gate)) (Mamba-2). Math in
-    float32 (float64 for float64 inputs), output in x's dtype.
+    float32 (float64 for float64 inputs), output in x's dtype: lightning_ops.norm.gated_norm,
+    which also serves mamba-ssm's gated LayerNorm / RMSNorm in lightning_ops.compat.
 
     Args:
         hidden_size: size of the normalised (last) dim.
@@ -42,20 +45,8 @@ class RMSNorm(nn.Module):
             if elementwise_affine else None
 
     def forward(self, x: Tensor, gate: Optional[Tensor] = None) -> Tensor:
-        dtype = x.dtype
-        cd = compute_dtype(x)
-        x = x.to(cd)
-        if gate is not None and not self.norm_before_gate:
-            x = x * self._act(gate.to(cd))
-        shape = x.shape
-        xg = x.reshape(*shape[:-1], shape[-1] // self.group_size, self.group_size)
-        xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
-        x = xg.reshape(shape)
-        if self.weight is not None:
-            x = x * self.weight.to(cd)
-        if gate is not None and self.norm_before_gate:
-            x = x * self._act(gate.to(cd))
-        return x.to(dtype)
+        return gated_norm(x, self.weight, None, gate, self.eps, self.group_size,
+                          self.norm_before_gate, activation=self._act)
 
     def extra_repr(self) -> str:
         return (f"{self.hidden_size}, eps={self.eps}, group_size={self.group_size}, "

@@ -36,6 +36,7 @@ REFERENCES = frozenset({
     "naive_chunk_linear_attn", "delta_rule_recurrence", "naive_recurrent_gated_delta_rule",
     "naive_recurrent_kda", "naive_kda_gate", "naive_kda_lowerbound_gate",
     "naive_parallel_simple_gla", "naive_chunk_kda", "naive_gdn_gate", "naive_log_linear_attn",
+    "rms_norm_ref",
 })
 
 

@@ -160,6 +160,17 @@ MAMBA_SSM = {
         "selective_state_update": "(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, state_batch_indices=None)",
         "selective_state_update_ref": "(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False)",
     },
+    "mamba_ssm.ops.triton.layernorm_gated": {
+        "layernorm_fn": "(x, weight, bias, z=None, eps=1e-06, group_size=None, norm_before_gate=True, is_rms_norm=False)",
+        "rmsnorm_fn": "(x, weight, bias, z=None, eps=1e-06, group_size=None, norm_before_gate=True)",
+        "rms_norm_ref": "(x, weight, bias, z=None, eps=1e-06, group_size=None, norm_before_gate=True, upcast=True)",
+        "LayerNorm": "(hidden_size, eps=1e-05, group_size=None, norm_before_gate=True, device=None, dtype=None)",
+        "LayerNorm.reset_parameters": "()",
+        "LayerNorm.forward": "(x, z=None)",
+        "RMSNorm": "(hidden_size, eps=1e-05, group_size=None, norm_before_gate=True, device=None, dtype=None)",
+        "RMSNorm.reset_parameters": "()",
+        "RMSNorm.forward": "(x, z=None)",
+    },
     "mamba_ssm.modules.mamba_simple": {
         "Mamba": "(d_model, d_state=16, d_conv=4, expand=2, dt_rank='auto', dt_min=0.001, dt_max=0.1, dt_init='random', dt_scale=1.0, dt_init_floor=0.0001, conv_bias=True, bias=False, use_fast_path=True, layer_idx=None, device=None, dtype=None)",
         "Mamba.forward": "(hidden_states, inference_params=None)",
@@ -310,6 +321,8 @@ CLAIMED_MODULES: Dict[str, List[str]] = {
     "mamba_ssm.ops.triton.ssd_combined": ["mamba_chunk_scan_combined"],
     "mamba_ssm.ops.triton.selective_state_update": ["selective_state_update",
                                                     "selective_state_update_ref"],
+    "mamba_ssm.ops.triton.layernorm_gated": ["layernorm_fn", "rmsnorm_fn", "rms_norm_ref",
+                                             "LayerNorm", "RMSNorm"],
     "mamba_ssm.modules": [],
     "mamba_ssm.modules.mamba_simple": ["Mamba"],
     "mamba_ssm.modules.mamba2": ["Mamba2"],
@@ -345,6 +358,8 @@ NOT_SERVED = {
                                           "ssd_chunk_scan_combined_ref", "ssd_selective_scan",
                                           "mamba_conv1d_scan_ref",
                                           "mamba_split_conv1d_scan_ref"],
+    # the autograd.Function behind layernorm_fn (call layernorm_fn / rmsnorm_fn instead)
+    "mamba_ssm.ops.triton.layernorm_gated": ["LayerNormFn"],
 }
 
 
@@ -724,6 +739,20 @@ def test_selective_state_update_returns_output():
     Bm, Cm = _t(b, 1, n, seed=4), _t(b, 1, n, seed=5)
     out = f(state, x, dt, A, Bm, Cm)
     assert isinstance(out, torch.Tensor) and out.shape == (b, h, p)
+
+
+def test_layernorm_gated_returns_tensor_and_modules_hold_peer_parameters():
+    mod = "mamba_ssm.ops.triton.layernorm_gated"
+    x, z = _t(2, 3, 8), _t(2, 3, 8, seed=1)
+    w, b = _t(8, seed=2), _t(8, seed=3)
+    for name, args in (("layernorm_fn", (x, w, b)), ("rmsnorm_fn", (x, w, None)),
+                       ("rms_norm_ref", (x, w, None))):
+        y = our_object(mod, name)(*args, z, 1e-5, 4, False)
+        assert isinstance(y, torch.Tensor) and y.shape == x.shape and y.dtype == x.dtype
+    ln, rms = our_object(mod, "LayerNorm")(8, group_size=4), our_object(mod, "RMSNorm")(8)
+    assert [n for n, _ in ln.named_parameters()] == ["weight", "bias"]
+    assert [n for n, _ in rms.named_parameters()] == ["weight"] and rms.bias is None
+    assert ln(x).shape == x.shape and rms(x, z).shape == x.shape
 
 
 def test_causal_conv1d_returns_out_or_out_and_final_states():
