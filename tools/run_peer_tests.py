@@ -125,9 +125,6 @@ SUITES = {
                                "outside the drop-in: mamba-ssm's internal SSD kernels "
                                "(_chunk_cumsum_fwd, _chunk_state_fwd, chunk_state_varlen, ...) "
                                "called directly",
-                           r"No module named 'mamba_ssm\.ops\.triton\.layernorm_gated'":
-                               "outside the drop-in: the gated LayerNorm / RMSNorm functional "
-                               "(layernorm_fn, rms_norm_ref) is not served",
                            r"complex A":
                                "not served: complex (S4D-style) A; our scan is real "
                                "(UnsupportedArgumentError by design)",
