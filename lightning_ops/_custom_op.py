@@ -62,15 +62,19 @@ def without_autocast(dev: str, fn, *args):
         return fn(*args)
 
 
+def autocast_off(tensors: Sequence[Tensor], fn, *args):
+    """fn(*args), under without_autocast when autocast is on for these tensors' device."""
+    dev = autocast_device(tensors)
+    return fn(*args) if dev is None else without_autocast(dev, fn, *args)
+
+
 def call_op(op, *args):
     """op(*args) for a custom op without autograd of its own (a backward op): its Python body
     directly in plain eager mode when nothing needs a gradient (eager_direct), else through the
     dispatcher (torch.compile, fake tensors, and double backward, which then meets
     forbid_double_backward's error)."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    fn = op._init_fn if eager_direct(tensors) else op
-    dev = autocast_device(tensors)
-    return fn(*args) if dev is None else without_autocast(dev, fn, *args)
+    return autocast_off(tensors, op._init_fn if eager_direct(tensors) else op, *args)
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> Callable:
@@ -105,8 +109,7 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> Callab
             fn = eager_fn.apply
         else:
             fn = body
-        dev = autocast_device(tensors)
-        return fn(*args) if dev is None else without_autocast(dev, fn, *args)
+        return autocast_off(tensors, fn, *args)
     call.op = op
     return call
 

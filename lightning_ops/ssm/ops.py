@@ -47,10 +47,10 @@ import torch
 from .. import backend as _backend
 from ..precision import accumulation_dtype
 from .. import validation as V
-from .._custom_op import (PLAIN_TENSORS, autocast_device, call_op, contiguous, eager_direct,
-                          empty_like_none, forbid_double_backward, grad_if_present, is_empty,
-                          none_if_empty, passthrough_grad, passthrough_state, plain_eager,
-                          register_autograd, without_autocast, zeros_or_empty)
+from .._custom_op import (PLAIN_TENSORS, autocast_device, autocast_off, call_op, contiguous,
+                          eager_direct, empty_like_none, forbid_double_backward, grad_if_present,
+                          is_empty, none_if_empty, passthrough_grad, passthrough_state,
+                          plain_eager, register_autograd, without_autocast, zeros_or_empty)
 
 Tensor = torch.Tensor
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -630,9 +630,8 @@ def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         # plain eager mode, torch backend: autograd through the conv's own aten ops (as
         # causal-conv1d's reference), cheaper than the custom op's Python backward
         args = (x, weight, bias, initial_states, seq_idx, return_final_states, act)
-        run = _backend.implementation("conv", name).conv_autograd
-        dev = autocast_device((x,))
-        out, final = run(*args) if dev is None else without_autocast(dev, run, *args)
+        out, final = autocast_off((x,), _backend.implementation("conv", name).conv_autograd,
+                                  *args)
         return (out, final) if return_final_states else out
     # the torch backend keeps SiLU's input when a backward will follow (the Triton one
     # recomputes it inside its fused gradient kernel)
