@@ -7,6 +7,8 @@ import math
 
 import torch
 
+import lightning_ops as lo
+from lightning_ops.loglinear import LogLinearAttentionState
 from helpers import cu_seqlens_from_lengths, triton_device
 
 F64 = torch.float64
@@ -48,3 +50,28 @@ def assert_compiled_matches_eager(f, args, n_grad: int) -> None:
     comp = run(torch.compile(f, fullgraph=True, backend="aot_eager"))
     for i, (a, b) in enumerate(zip(eager, comp)):
         assert torch.equal(a, b), i
+
+
+def run_op(op, x, cu, init, dtype, want_final=True, chunk_size=16, backend="triton", grad=True,
+           **kwargs):
+    """o, state and (with grad) the gradients of one probe backward of a log-linear op (x the
+    make_inputs tensors by name, init (ht, offsets) or None), on `backend`."""
+    leaves = {n: t.detach().to(dtype).requires_grad_(grad) for n, t in x.items()}
+    h0 = None
+    if init is not None:
+        h0 = LogLinearAttentionState(init[0].detach().float().requires_grad_(grad), init[1])
+    with lo.use_backend(backend):
+        o, st = op(**leaves, initial_state=h0, output_final_state=want_final, cu_seqlens=cu,
+                   chunk_size=chunk_size, **kwargs)
+    grads = {}
+    if grad:
+        gen = torch.Generator().manual_seed(123)
+        loss = (o * torch.randn(o.shape, generator=gen, dtype=F64).to(o)).sum()
+        if want_final:
+            dht = torch.randn(st.ht.shape, generator=gen, dtype=F64).to(st.ht)
+            loss = loss + (st.ht * dht).sum()
+        loss.backward()
+        grads = {n: t.grad for n, t in leaves.items()}
+        if h0 is not None:
+            grads["h0"] = h0.ht.grad
+    return o, st, grads

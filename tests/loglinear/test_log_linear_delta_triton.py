@@ -25,10 +25,10 @@ import torch
 
 import lightning_ops as lo
 from lightning_ops import reference as R
-from lightning_ops.loglinear import LogLinearAttentionState, chunk_log_linear_gated_delta_rule
+from lightning_ops.loglinear import chunk_log_linear_gated_delta_rule
 from helpers import (assert_lowp_parity, nan_filled_empty, rel_rms, requires_gpu,
                      requires_triton)
-from loglinear_cases import DEV, assert_compiled_matches_eager, make_inputs
+from loglinear_cases import DEV, assert_compiled_matches_eager, make_inputs, run_op
 
 pytestmark = requires_triton
 
@@ -56,27 +56,8 @@ def _inputs(B, T, G, H, K, V, L, lengths=None, offsets=None, fill=None, l2=False
 
 def _run(x, cu, init, dtype, want_final=True, chunk_size=16, backend="triton", grad=True,
          l2=False):
-    """o, state and (with grad) the gradients of one probe backward, on `backend`."""
-    leaves = {n: t.detach().to(dtype).requires_grad_(grad) for n, t in x.items()}
-    h0 = None
-    if init is not None:
-        h0 = LogLinearAttentionState(init[0].detach().float().requires_grad_(grad), init[1])
-    with lo.use_backend(backend):
-        o, st = chunk_log_linear_gated_delta_rule(
-            **leaves, initial_state=h0, output_final_state=want_final, cu_seqlens=cu,
-            use_qk_l2norm_in_kernel=l2, chunk_size=chunk_size)
-    grads = {}
-    if grad:
-        gen = torch.Generator().manual_seed(123)
-        loss = (o * torch.randn(o.shape, generator=gen, dtype=F64).to(o)).sum()
-        if want_final:
-            dht = torch.randn(st.ht.shape, generator=gen, dtype=F64).to(st.ht)
-            loss = loss + (st.ht * dht).sum()
-        loss.backward()
-        grads = {n: t.grad for n, t in leaves.items()}
-        if h0 is not None:
-            grads["h0"] = h0.ht.grad
-    return o, st, grads
+    return run_op(chunk_log_linear_gated_delta_rule, x, cu, init, dtype, want_final,
+                  chunk_size, backend, grad, use_qk_l2norm_in_kernel=l2)
 
 
 def _reference(x, cu, init, want_final=True, grad=True, l2=False):

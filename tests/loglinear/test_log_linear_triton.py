@@ -22,10 +22,10 @@ import torch
 
 import lightning_ops as lo
 from lightning_ops import reference as R
-from lightning_ops.loglinear import LogLinearAttentionState, chunk_log_linear_attn
+from lightning_ops.loglinear import chunk_log_linear_attn
 from helpers import (assert_lowp_parity, nan_filled_empty, rel_rms, requires_gpu,
                      requires_triton)
-from loglinear_cases import assert_compiled_matches_eager, make_inputs as _inputs
+from loglinear_cases import assert_compiled_matches_eager, make_inputs as _inputs, run_op
 
 pytestmark = requires_triton
 
@@ -35,26 +35,8 @@ NAMES = ("q", "k", "v", "g", "level_scales")
 
 
 def _run(x, cu, init, dtype, want_final=True, chunk_size=16, backend="triton", grad=True):
-    """o, state and (with grad) the gradients of one probe backward, on `backend`."""
-    leaves = {n: t.detach().to(dtype).requires_grad_(grad) for n, t in x.items()}
-    h0 = None
-    if init is not None:
-        h0 = LogLinearAttentionState(init[0].detach().float().requires_grad_(grad), init[1])
-    with lo.use_backend(backend):
-        o, st = chunk_log_linear_attn(**leaves, initial_state=h0, output_final_state=want_final,
-                                      cu_seqlens=cu, chunk_size=chunk_size)
-    grads = {}
-    if grad:
-        gen = torch.Generator().manual_seed(123)
-        loss = (o * torch.randn(o.shape, generator=gen, dtype=F64).to(o)).sum()
-        if want_final:
-            dht = torch.randn(st.ht.shape, generator=gen, dtype=F64).to(st.ht)
-            loss = loss + (st.ht * dht).sum()
-        loss.backward()
-        grads = {n: t.grad for n, t in leaves.items()}
-        if h0 is not None:
-            grads["h0"] = h0.ht.grad
-    return o, st, grads
+    return run_op(chunk_log_linear_attn, x, cu, init, dtype, want_final, chunk_size, backend,
+                  grad)
 
 
 def _reference(x, cu, init, want_final=True, grad=True):
