@@ -110,7 +110,6 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> Callab
         else:
             fn = body
         return autocast_off(tensors, fn, *args)
-    call.op = op
     return call
 
 
