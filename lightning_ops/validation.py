@@ -15,10 +15,13 @@ import torch
 
 Tensor = torch.Tensor
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# The supported head-dim maxima, the one place they are set: key/query (and SSM state) head dim K,
-# value head dim V (only a tiling loop in the kernels, as in fla).
+# The supported head-dim maxima, the one place they are set: key/query (and SSM state) head dim K
+# of the delta rule, KDA and the scans (the WY inverse and the scans hold whole-K tiles), value
+# head dim V (only a tiling loop in the kernels, as in fla), and gated linear attention's K (a
+# tiling loop there too: fla's own tests run chunk_gla at K = 320 and 512).
 MAX_KEY_DIM = 256
 MAX_VALUE_DIM = 512
+MAX_GLA_KEY_DIM = 512
 MAX_HEAD_DIM = MAX_KEY_DIM  # older name (key dims)
 Dim = Union[int, None]  # None: any size
 
@@ -159,9 +162,10 @@ def _odd_one_out(sizes: Sequence[int]) -> Optional[int]:
     return None
 
 
-def qkv_dims(q: Tensor, k: Tensor, v: Tensor, v_heads_multiple: bool = False
-             ) -> Tuple[int, int, int, int, int]:
-    """Check q [B,T,H,K], k like q, v [B,T,HV,V] (HV == H, or a multiple of H when allowed).
+def qkv_dims(q: Tensor, k: Tensor, v: Tensor, v_heads_multiple: bool = False,
+             max_key: int = MAX_KEY_DIM) -> Tuple[int, int, int, int, int]:
+    """Check q [B,T,H,K], k like q, v [B,T,HV,V] (HV == H, or a multiple of H when allowed),
+    K <= max_key, V <= MAX_VALUE_DIM.
     Returns B, T, H, K, V. A mismatch blames the odd one out of q, k and v (q too: its shape is
     not taken as the truth when k and v agree against it), and shows the shapes compared."""
     for name, x, layout in (("q", q, "[B, T, H, K]"), ("k", k, "[B, T, H, K]"),
@@ -205,7 +209,7 @@ def qkv_dims(q: Tensor, k: Tensor, v: Tensor, v_heads_multiple: bool = False
     if HV != H and not (v_heads_multiple and H > 0 and HV % H == 0):
         need = f"a multiple of q's {H}" if v_heads_multiple else f"q's {H}"
         raise ValueError(f"v must have shape [B, T, H, V] with H = {need}, got {list(v.shape)}")
-    check_head_dim("q/k (K)", K, MAX_KEY_DIM)
+    check_head_dim("q/k (K)", K, max_key)
     check_head_dim("v (V)", v.shape[3], MAX_VALUE_DIM)
     return B, T, H, K, v.shape[3]
 

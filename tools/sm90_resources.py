@@ -110,12 +110,14 @@ class Recorder:
 DTYPES = ("float32", "float16", "bfloat16")
 # (K, V): every supported head-dim block class; V = 512 is the largest supported value dim
 DIMS = ((16, 16), (64, 64), (128, 128), (256, 256), (64, 512), (256, 512))
+# gated linear attention also takes K up to 512 (validation.MAX_GLA_KEY_DIM)
+GLA_DIMS = DIMS + ((512, 64), (512, 512))
 
 
 def _gla_cases(quick: bool):
     gates = ("none", "scalar", "gamma", "scalar+gamma", "vector")
     for dtype in DTYPES:
-        for K, V in DIMS:
+        for K, V in GLA_DIMS:
             for gate in gates:
                 for varlen in (False, True):
                     # varlen changes index loads only: both ways at bf16, off otherwise

@@ -117,7 +117,7 @@ def gated_linear_attention(q, k, v, g, g_gamma, scale, initial_state, output_fin
     """Validate, pick the backend, call the custom op: every public op of the family (and the
     context-parallel wrappers) in one. gate: NO_GATE, SCALAR_GATE or VECTOR_GATE
     (chunk/constants.py); the final state comes back whatever output_final_state says."""
-    B, T, H, K, Vd = V.qkv_dims(q, k, v)
+    B, T, H, K, Vd = V.qkv_dims(q, k, v, max_key=V.MAX_GLA_KEY_DIM)
     if gate == SCALAR_GATE:
         V.check_tensor("g", g, (B, T, H), "[B, T, H]", q)
         V.check_tensor("g_gamma", g_gamma, (H,), "[H]", q)
@@ -168,7 +168,7 @@ def lightning_attn(q: Tensor, k: Tensor, v: Tensor, slope: Tensor, scale: Option
                    cu_seqlens: Optional[Tensor] = None):
     """Lightning Attention (TNL): constant per-head decay exp(-slope[h]). slope takes a gradient
     when it requires one (a learnable decay)."""
-    B, T, H, K, _ = V.qkv_dims(q, k, v)
+    B, T, H, K, _ = V.qkv_dims(q, k, v, max_key=V.MAX_GLA_KEY_DIM)
     V.check_tensor("slope", slope, (H,), "[H]", q)
     return gated_linear_attention(q, k, v, None, -slope, scale, initial_state, output_final_state,
                                   cu_seqlens, "chunk", SCALAR_GATE)
@@ -199,7 +199,7 @@ def fused_recurrent_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initia
 def fused_recurrent_lightning_attn(q, k, v, slope, scale=None, initial_state=None,
                                    output_final_state=False, cu_seqlens=None):
     """Token-by-token form of lightning_attn (decode, short T)."""
-    B, T, H, K, _ = V.qkv_dims(q, k, v)
+    B, T, H, K, _ = V.qkv_dims(q, k, v, max_key=V.MAX_GLA_KEY_DIM)
     V.check_tensor("slope", slope, (H,), "[H]", q)
     return gated_linear_attention(q, k, v, None, -slope, scale, initial_state, output_final_state,
                                   cu_seqlens, "recurrent", SCALAR_GATE)

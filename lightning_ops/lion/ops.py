@@ -93,7 +93,7 @@ def lion_attn(q: Tensor, k: Tensor, v: Tensor, g: Optional[Tensor] = None,
     Returns o [B, T, H, V] in v's dtype. (No state: a bidirectional op has none to carry; the
     LION normalisation, o / (q . sum_j M_ij k_j), is a v column of ones away, see layers.LION.)
     """
-    B, T, H, K, _ = V.qkv_dims(q, k, v)
+    B, T, H, K, _ = V.qkv_dims(q, k, v, max_key=V.MAX_GLA_KEY_DIM)
     V.check_tensor("g", g, (B, T, H), "[B, T, H]", q)
     V.check_tensor("g_gamma", g_gamma, (H,), "[H]", q)
     V.check_scale(scale)

@@ -465,14 +465,22 @@ def test_bad_scale_rejected(name, scale, err, match):
 
 def test_head_dim_maxima():
     from lightning_ops import validation
-    assert (validation.MAX_KEY_DIM, validation.MAX_VALUE_DIM) == (256, 512)
+    assert (validation.MAX_KEY_DIM, validation.MAX_VALUE_DIM, validation.MAX_GLA_KEY_DIM) == \
+        (256, 512, 512)
     q = torch.randn(1, 2, 1, 8)
     with pytest.raises(ValueError, match="v \\(V\\) head dim is 513, over the supported "
                                          "maximum of 512"):
         lo.chunk_linear_attn(q, q, torch.randn(1, 2, 1, 513))
-    k = torch.randn(1, 2, 1, 257)
-    with pytest.raises(ValueError, match="head dim is 257, over the supported maximum of 256"):
-        lo.chunk_linear_attn(k, k, torch.randn(1, 2, 1, 8))
+    q, k, v, G = _inputs(1, 2, 1, K=513, V=8)
+    for name in ("chunk_linear_attn", "chunk_gla", "fused_recurrent_simple_gla"):
+        with pytest.raises(ValueError, match="head dim is 513, over the supported maximum of "
+                                             "512"):
+            GLA_DELTA[name](q, k, v, G)
+    q, k, v, G = _inputs(1, 2, 1, K=257, V=8)  # the delta rule's WY inverse holds whole-K tiles
+    for name in ("chunk_delta_rule", "fused_recurrent_gated_delta_rule"):
+        with pytest.raises(ValueError, match="head dim is 257, over the supported maximum of "
+                                             "256"):
+            GLA_DELTA[name](q, k, v, G)
 
 
 def test_value_head_dim_512_runs_on_torch():

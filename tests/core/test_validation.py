@@ -66,6 +66,9 @@ def test_head_dim_over_maximum():
     q = torch.randn(1, 4, 1, 300)
     v = torch.randn(1, 4, 1, 8)
     with pytest.raises(ValueError, match=r"head dim is 300, over the supported maximum of 256"):
+        lo.chunk_delta_rule(q, q.clone(), v, torch.rand(1, 4, 1))
+    q = torch.randn(1, 4, 1, 513)
+    with pytest.raises(ValueError, match=r"head dim is 513, over the supported maximum of 512"):
         lo.chunk_linear_attn(q, q.clone(), v)
 
 

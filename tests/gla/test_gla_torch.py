@@ -58,7 +58,7 @@ def test_short_sequences(name, mode, T, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# Odd shapes (DESIGN.md): T=1, T < chunk, ragged T, B=H=1, K != V, K, V in {16..256} and non-pow2
+# Odd shapes (DESIGN.md): T=1, T < chunk, ragged T, B=H=1, K != V, K, V in {16..512} and non-pow2
 # ------------------------------------------------------------------------------------------------
 SHAPES = [  # B, T, H, K, V
     (1, 1, 1, 16, 16),
@@ -68,6 +68,7 @@ SHAPES = [  # B, T, H, K, V
     (2, 140, 1, 16, 32),
     (1, 70, 2, 128, 16),
     (1, 12, 1, 256, 256),
+    (1, 9, 1, 512, 20),  # K up to validation.MAX_GLA_KEY_DIM
 ]
 
 

@@ -125,6 +125,8 @@ def test_chunk_varlen(op, lengths, fwd_path, nan_empty):
     ("gla", 2, 128, 256, "single"),
     ("simple_g", 5, 128, 256, "single"),
     ("linear", 4, 100, 200, "two"),
+    ("gla", 3, 512, 40, "two"),  # K up to 512 for this family, as in fla (its tests run 320, 512)
+    ("simple_g", 2, 320, 24, "two"),
 ])
 def test_chunk_large_head_dims(op, T, K, V, path, monkeypatch, nan_empty):
     monkeypatch.setenv("LIGHTNING_OPS_GLA_SINGLE_PASS", "1" if path == "single" else "0")
@@ -149,6 +151,7 @@ def test_chunk_extreme_gates(op, nan_empty):
     ("linear", 2, 1, 1, 16, 200, {}),
     ("simple_g", 1, 12, 1, 16, 16, dict(lengths=[1, 11])),
     ("gla", 1, 3, 1, 256, 256, {}),
+    ("simple_g", 1, 3, 1, 512, 20, {}),
     ("gla", 1, 40, 1, 16, 16, dict(low=-20.0)),
 ])
 def test_recurrent(op, B, T, H, K, V, kw, nan_empty):
