@@ -166,6 +166,8 @@ def kda_ref(q, k, v, g, beta, scale=None, initial_state=None, output_final_state
 # ------------------------------------------------------------------------------------------------
 # Mamba-1 selective scan (mamba-ssm layout): per channel d and state n,
 #   h_t = exp(delta_t A[d, n]) h_{t-1} + delta_t B_t[n] u_t ;  y_t = sum_n C_t[n] h_t + D u_t
+# A complex A (S4D-style, as mamba-ssm allows) makes h, B and C complex and y_t = 2 Re(C_t . h_t):
+# the N complex states stand for their N conjugate pairs.
 # ------------------------------------------------------------------------------------------------
 def _expand_groups(X: Tensor, D: int) -> Tensor:
     """B/C [b, N, L] or [b, G, N, L] -> [b, D, N, L] (channel d reads group d // (D // G))."""
@@ -184,22 +186,25 @@ def selective_scan_ref(
     initial_state: Optional[Tensor] = None,
 ):
     """u, delta, z: [b, D, L]; A: [D, N]; B, C: [b, N, L] or [b, G, N, L]; D, delta_bias: [D];
-    initial_state / last state: [b, D, N]. Returns y, or (y, last_state)."""
+    initial_state / last state: [b, D, N]. Returns y, or (y, last_state). With a complex A, B, C
+    and the states are complex (complex64, or complex128 for float64 u) and y is real."""
     dt = accumulation_dtype(u)
+    st = (torch.complex128 if dt == torch.float64 else torch.complex64) if A.is_complex() else dt
     b, Dm, L = u.shape
-    uf, deltaf, Af = u.to(dt), delta.to(dt), A.to(dt)
+    uf, deltaf, Af = u.to(dt), delta.to(dt), A.to(st)
     if delta_bias is not None:
         deltaf = deltaf + delta_bias.to(dt)[:, None]
     if delta_softplus:
         deltaf = F.softplus(deltaf)
-    Bf, Cf = _expand_groups(B.to(dt), Dm), _expand_groups(C.to(dt), Dm)
-    h = torch.zeros(b, Dm, A.shape[1], dtype=dt, device=u.device)
+    Bf, Cf = _expand_groups(B.to(st), Dm), _expand_groups(C.to(st), Dm)
+    h = torch.zeros(b, Dm, A.shape[1], dtype=st, device=u.device)
     if initial_state is not None:
-        h = initial_state.to(dt).clone()
+        h = initial_state.to(st).clone()
     ys = []
     for t in range(L):
         h = torch.exp(deltaf[:, :, t, None] * Af) * h + (deltaf[:, :, t] * uf[:, :, t])[..., None] * Bf[..., t]
-        ys.append((h * Cf[..., t]).sum(-1))
+        y_t = (h * Cf[..., t]).sum(-1)
+        ys.append(2 * y_t.real if y_t.is_complex() else y_t)
     y = torch.stack(ys, dim=-1) if L > 0 else uf.new_zeros(b, Dm, 0)
     if D is not None:
         y = y + D.to(dt)[:, None] * uf

@@ -148,16 +148,64 @@ def _bc_pair(B: Tensor, C: Tensor, u: Tensor) -> Tuple[Tensor, Tensor]:
     return _per_channel(B, d), _per_channel(C, d)
 
 
+def _complex_bc(name: str, X: Tensor, u: Tensor, n: int) -> Tensor:
+    """A complex A's B / C in mamba-ssm's layouts, as complex [b, D, N, L] or [b, G, N, L]:
+    input-independent [D, N] (complex, or real: promoted), or variable and real with each
+    (real, imag) pair interleaved along the length: [b, N, 2L] / [b, G, N, 2L]."""
+    b, d, L = u.shape
+    ct = torch.complex128 if u.dtype == torch.float64 else torch.complex64
+    if X.dim() == 2:
+        if tuple(X.shape) != (d, n):
+            raise ValueError(f"{name} must have shape [D, N] = [{d}, {n}] (A's), got "
+                             f"{list(X.shape)}")
+        return _fixed_bc(name, X.to(ct), u)
+    if X.is_complex() or not X.is_floating_point():
+        raise TypeError(f"{name} must be a real float tensor when it is variable with a complex "
+                        f"A (its (real, imag) pairs interleaved along L), got {X.dtype}")
+    want = [b, n, 2 * L] if X.dim() == 3 else [b, None, n, 2 * L]
+    if X.dim() not in (3, 4) or any(w is not None and w != s for w, s in zip(want, X.shape)) \
+            or (X.dim() == 4 and (X.shape[1] < 1 or d % X.shape[1])):
+        raise ValueError(f"{name} must have shape [B, N, 2L] = [{b}, {n}, {2 * L}] or "
+                         f"[B, G, N, 2L] with G dividing D = {d} (a complex A's B / C hold "
+                         f"(real, imag) pairs along L), got {list(X.shape)}")
+    real = X.to(torch.float64 if u.dtype == torch.float64 else torch.float32)
+    return torch.view_as_complex(real.reshape(*X.shape[:-1], L, 2).contiguous())
+
+
+def _complex_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """Complex A (S4D-style diagonal, as mamba-ssm): the spec's token loop under autograd, on
+    any device (our kernels are real-only; this path is for parity, not speed)."""
+    from .. import reference as spec
+    from .. import validation as V
+    if A.dtype not in (torch.complex64, torch.complex128):
+        raise TypeError(f"A must be complex64 or complex128 when complex, got {A.dtype}")
+    V.check_float("u", u)
+    if u.dim() != 3:
+        raise ValueError(f"u must have shape [B, D, L] (3 dims), got {list(u.shape)}")
+    b, d, L = u.shape
+    V.check_tensor("delta", delta, (b, d, L), "[B, D, L]", u)
+    V.check_shape("A", A, (d, None), "[D, N]")
+    n = A.shape[1]
+    V.check_tensor("D", D, (d,), "[D]", u)
+    V.check_tensor("z", z, (b, d, L), "[B, D, L]", u)
+    V.check_tensor("delta_bias", delta_bias, (d,), "[D]", u)
+    Bc, Cc = _complex_bc("B", B, u, n), _complex_bc("C", C, u, n)
+    return spec.selective_scan_ref(u, delta, A, Bc, Cc, D, z, delta_bias, bool(delta_softplus),
+                                   bool(return_last_state))
+
+
 def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                       D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                       delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                       return_last_state: bool = False):
     """mamba_ssm.ops.selective_scan_interface.selective_scan_fn. B / C: [B, N, L],
-    [B, G, N, L] or input-independent [D, N], each independently of the other. Complex A is
-    not supported."""
+    [B, G, N, L] or input-independent [D, N], each independently of the other. A complex A
+    (S4D-style) is served as mamba-ssm defines it (variable B / C real [B, N, 2L] with
+    interleaved (real, imag) pairs; y = 2 Re(C . h); last_state complex) by the spec's token
+    loop under autograd: exact, not fast."""
     if A.is_complex():
-        raise unsupported("selective_scan_fn", "A", "complex A (S4D-style) is not supported; "
-                          "use a real A [D, N]")
+        return _complex_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                             return_last_state)
     B, C = _bc_pair(B, C, u)
     return lo.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                 return_last_state)
@@ -185,11 +233,10 @@ def mamba_inner_fn(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tens
     checkpoint_lvl (0 or 1) only trades memory in mamba-ssm; autograd here recomputes nothing."""
     if checkpoint_lvl not in (0, 1):
         raise AssertionError("checkpoint_lvl must be 0 or 1")
-    if A.is_complex():
-        raise unsupported("mamba_inner_fn", "A", "complex A is not supported; use a real A")
     L = xz.shape[-1]
     delta_rank = delta_proj_weight.shape[1]
-    d_state = A.shape[-1]
+    pairs = 2 if A.is_complex() else 1  # a complex A's B / C: (real, imag) column pairs
+    d_state = A.shape[-1] * pairs
     x, z = xz.chunk(2, dim=1)
     w = conv1d_weight.squeeze(1) if conv1d_weight.dim() == 3 else conv1d_weight
     x = lo.causal_conv1d_fn(x, w, conv1d_bias, activation="silu")
@@ -199,13 +246,14 @@ def mamba_inner_fn(xz: Tensor, conv1d_weight: Tensor, conv1d_bias: Optional[Tens
     if dt_rms_weight is not None:
         delta = _rms_norm(delta.transpose(1, 2), dt_rms_weight, b_c_dt_rms_eps).transpose(1, 2)
 
-    def variable(start, bias, rms):                     # (b l, n) -> (b, 1, n, l)
+    def variable(start, bias, rms):     # (b l, n) -> (b, 1, n, l); complex: (b, 1, n, (l two))
         M = x_dbl[:, start:start + d_state]
         if bias is not None:
             M = M + bias.to(M.dtype)
         if rms is not None:
             M = _rms_norm(M, rms, b_c_dt_rms_eps)
-        return M.view(b, L, 1, d_state).permute(0, 2, 3, 1)
+        M = M.view(b, L, 1, d_state // pairs, pairs).permute(0, 2, 3, 1, 4)
+        return M.reshape(b, 1, d_state // pairs, L * pairs)
 
     if B is None:
         B = variable(delta_rank, B_proj_bias, b_rms_weight)

@@ -13,6 +13,9 @@ Where we differ from the peer's reference on purpose (never in the math):
     naive_chunk_linear_attn needs T % 64 == 0; ours takes any T);
   * mamba_inner_ref honours delta_softplus (mamba-ssm 2.3.2's ignores it and always applies
     softplus; the default, True, agrees).
+mamba-ssm's mamba_inner_ref is not a float reference: it is the fused block written as a
+composition of its own causal_conv1d_fn and selective_scan_fn kernels (what test_mamba_inner_fn
+checks is the fusion). So is ours: the same composition over our ops as our mamba_inner_fn.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from lightning_ops import reference as spec
 
 from ._common import unsupported
-from ._mamba import _fixed_bc
+from ._mamba import _complex_scan, _fixed_bc, mamba_inner_fn
 
 Tensor = torch.Tensor
 
@@ -165,12 +168,13 @@ def causal_conv1d_varlen_states_ref(x: Tensor, cu_seqlens: Tensor, state_len: in
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        return_last_state=False):
     """mamba_ssm.ops.selective_scan_interface.selective_scan_ref: u / delta / z [b, D, L],
-    A [D, N] (real), B / C [b, N, L], [b, G, N, L] or input-independent [D, N], D / delta_bias
+    A [D, N], B / C [b, N, L], [b, G, N, L] or input-independent [D, N], D / delta_bias
     [D]. Returns out [b, D, L] (u's dtype), or (out, last_state [b, D, N], float32 / float64).
-    Complex A is not supported (as our selective_scan_fn)."""
+    A complex A as mamba-ssm: variable B / C real [b, N, 2L] with (real, imag) pairs
+    interleaved along L, y = 2 Re(C . h), a complex last_state."""
     if A.is_complex():
-        raise unsupported("selective_scan_ref", "A", "complex A (S4D-style) is not supported; "
-                          "use a real A [D, N]")
+        return _complex_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                             return_last_state)
     return spec.selective_scan_ref(u, delta, A, _fixed_bc("B", B, u), _fixed_bc("C", C, u), D, z,
                                    delta_bias, bool(delta_softplus), bool(return_last_state))
 
@@ -179,30 +183,13 @@ def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_we
                     out_proj_weight, out_proj_bias, A, B=None, C=None, D=None, delta_bias=None,
                     B_proj_bias=None, C_proj_bias=None, delta_softplus=True):
     """mamba_ssm.ops.selective_scan_interface.mamba_inner_ref: Mamba-1's block (conv1d + silu,
-    x_proj, dt_proj, selective scan gated by silu(z), out_proj) over the spec.
-    xz [b, 2*D, L] -> [b, L, d_model]. B / C None: projected from x (plus B/C_proj_bias)."""
-    if A.is_complex():
-        raise unsupported("mamba_inner_ref", "A", "complex A is not supported; use a real A")
-    L = xz.shape[-1]
-    rank, n = delta_proj_weight.shape[1], A.shape[-1]
-    x, z = xz.chunk(2, dim=1)
-    w = conv1d_weight.reshape(conv1d_weight.shape[0], conv1d_weight.shape[-1])
-    x = spec.causal_conv1d_ref(x, w, conv1d_bias, activation="silu")
-    x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)                  # [b, L, rank + 2n]
-    delta = F.linear(x_dbl[..., :rank], delta_proj_weight).transpose(1, 2)   # [b, D, L]
-
-    def variable(cols, bias):                                           # -> [b, n, L]
-        M = x_dbl[..., cols]
-        if bias is not None:
-            M = M + bias.to(M.dtype)
-        return M.transpose(1, 2)
-
-    if B is None:
-        B = variable(slice(rank, rank + n), B_proj_bias)
-    if C is None:
-        C = variable(slice(x_dbl.shape[-1] - n, x_dbl.shape[-1]), C_proj_bias)
-    y = selective_scan_ref(x, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return F.linear(y.transpose(1, 2), out_proj_weight, out_proj_bias)
+    x_proj, dt_proj, selective scan gated by silu(z), out_proj) composed of the served
+    causal_conv1d_fn and selective_scan_fn, as mamba-ssm composes its kernels (see the module
+    docstring). xz [b, 2*D, L] -> [b, L, d_model]. B / C None: projected from x (plus
+    B/C_proj_bias); a complex A takes (real, imag) column pairs."""
+    return mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
+                          out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias,
+                          C_proj_bias, delta_softplus)
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,

@@ -146,8 +146,76 @@ def test_selective_scan_fixed_B_C():
     y_ref, last_ref = R.selective_scan_ref(u, delta, A, Bx, Cx, return_last_state=True)
     assert_close("y", y, y_ref, TOL)
     assert_close("last", last, last_ref, TOL)
-    with pytest.raises(UnsupportedArgumentError, match="complex"):
-        M.selective_scan_fn(u, delta, A.to(torch.complex128), Bf, Cf)
+
+
+# complex A (S4D-style, mamba-ssm's layout): variable B / C real [b, (G,) N, 2L] holding
+# (real, imag) pairs interleaved along L; y = 2 Re(C . h); the last state is complex
+def _pairs(X):
+    """complex [..., L] -> mamba-ssm's real [..., 2L] (real, imag interleaved)."""
+    return torch.view_as_real(X).flatten(-2)
+
+
+@pytest.mark.parametrize("bc", ["variable", "grouped", "fixed"])
+def test_selective_scan_complex_A_on_the_real_axis_is_twice_the_real_scan(bc):
+    """Independent of the complex code: with Im A = Im B = Im C = 0 every state is real and
+    each of the N complex states stands for a conjugate pair, so y = 2 y_real (+ D u)."""
+    b, d, n, L = 2, 4, 3, 7
+    u, delta, z = _rand(b, d, L), _rand(b, d, L, seed=1).sigmoid(), _rand(b, d, L, seed=2)
+    A = -_rand(d, n, seed=3).exp()
+    shape = {"variable": (b, n, L), "grouped": (b, 2, n, L), "fixed": (d, n)}[bc]
+    B, C = _rand(*shape, seed=4), _rand(*shape, seed=5)
+    D = _rand(d, seed=6)
+    y_real, last_real = M.selective_scan_fn(u, delta, A, B, C, None, z, None, True, True)
+
+    def cplx(X):
+        Xc = X.to(torch.complex128)
+        return Xc if bc == "fixed" else _pairs(Xc)
+
+    y, last = M.selective_scan_fn(u, delta, A.to(torch.complex128), cplx(B), cplx(C), D, z,
+                                  None, True, True)
+    assert y.dtype == f64 and last.dtype == torch.complex128
+    assert_close("y", y, 2 * y_real + D[:, None] * u * F.silu(z), TOL)
+    assert_close("last", torch.view_as_real(last),
+                 torch.view_as_real(last_real.to(torch.complex128)), TOL)
+
+
+def test_selective_scan_complex_A_closed_form():
+    """One channel, one state, against the closed form
+    h_t = sum_{s <= t} exp(A sum_{s < r <= t} delta_r) delta_s u_s B_s, y_t = 2 Re(C_t h_t),
+    and torch.autograd.gradcheck through u, delta, A (complex) and the paired B."""
+    L = 6
+    u, delta = _rand(1, 1, L), _rand(1, 1, L, seed=1).sigmoid()
+    A = torch.complex(-_rand(1, 1, seed=2).exp(), _rand(1, 1, seed=3))
+    Bc = torch.complex(_rand(1, 1, L, seed=4), _rand(1, 1, L, seed=5))
+    Cc = torch.complex(_rand(1, 1, L, seed=6), _rand(1, 1, L, seed=7))
+    y, last = M.selective_scan_fn(u, delta, A, _pairs(Bc), _pairs(Cc), return_last_state=True)
+    cum = torch.cumsum(delta[0, 0], 0)
+    t, s = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    decay = torch.exp(A[0, 0] * (cum[:, None] - cum[None, :])) * (s <= t)
+    h = decay @ (delta[0, 0] * u[0, 0] * Bc[0, 0]).to(torch.complex128)
+    assert_close("y", y[0, 0], 2 * (h * Cc[0, 0]).real, TOL)
+    assert_close("last", torch.view_as_real(last[0, 0, 0]), torch.view_as_real(h[-1]), TOL)
+
+    def f(u_, delta_, A_, B_):
+        return M.selective_scan_fn(u_, delta_, A_, B_, _pairs(Cc), return_last_state=True)
+    torch.autograd.gradcheck(f, (u.requires_grad_(), delta.requires_grad_(),
+                                 A.requires_grad_(), _pairs(Bc).requires_grad_()))
+
+
+def test_selective_scan_complex_A_bad_inputs():
+    b, d, n, L = 1, 2, 3, 4
+    u, delta = _rand(b, d, L), _rand(b, d, L, seed=1).sigmoid()
+    A = torch.complex(-_rand(d, n, seed=2).exp(), _rand(d, n, seed=3))
+    B = _rand(b, n, 2 * L, seed=4)
+    with pytest.raises(ValueError, match=r"B must have shape \[B, N, 2L\] = \[1, 3, 8\].*"
+                                         r"got \[1, 3, 4\]"):
+        M.selective_scan_fn(u, delta, A, B[..., :L], B)
+    with pytest.raises(TypeError, match="C must be a real float tensor"):
+        M.selective_scan_fn(u, delta, A, B, B.to(torch.complex128))
+    with pytest.raises(ValueError, match=r"C must have shape \[D, N\] = \[2, 3\]"):
+        M.selective_scan_fn(u, delta, A, B, A[:, :2])
+    with pytest.raises(ValueError, match=r"delta must have shape \[B, D, L\]"):
+        M.selective_scan_fn(u, delta[..., :2], A, B, B)
 
 
 @pytest.mark.parametrize("var_shape", [(2, 4, 5), (2, 1, 4, 5), (2, 3, 4, 5)])
@@ -180,6 +248,37 @@ def test_selective_scan_one_fixed_one_variable(fixed, var_shape):
 
 def _rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+@pytest.mark.parametrize("fixed", [None, "B", "C"])
+def test_mamba_inner_fn_complex_A(fixed):
+    """A complex A: x_proj yields (real, imag) column pairs for B / C (2N columns each), as
+    mamba-ssm lays them out; the same block composed by hand over the scan."""
+    b, d_model, d, n, r, W, L = 2, 6, 4, 3, 2, 4, 5
+    xz = _rand(b, 2 * d, L)
+    conv_w, conv_b = _rand(d, 1, W, seed=1), _rand(d, seed=2)
+    x_proj = _rand(r + (1 if fixed else 2) * 2 * n, d, seed=3)
+    cf = torch.complex(_rand(d, n, seed=13), _rand(d, n, seed=15))
+    Bf, Cf = (cf if fixed == "B" else None), (cf if fixed == "C" else None)
+    dt_proj = _rand(d, r, seed=4)
+    out_w, out_b = _rand(d_model, d, seed=5), _rand(d_model, seed=6)
+    A = torch.complex(-_rand(d, n, seed=7).exp(), _rand(d, n, seed=16))
+    D, dt_bias = _rand(d, seed=8), _rand(d, seed=9)
+    out = M.mamba_inner_fn(xz, conv_w, conv_b, x_proj, dt_proj, out_w, out_b, A, Bf, Cf, D,
+                           dt_bias)
+    x, z = xz.chunk(2, dim=1)
+    x = R.causal_conv1d_ref(x, conv_w[:, 0], conv_b, activation="silu")
+    dbl = x.transpose(1, 2) @ x_proj.t()                            # b l (r + ...)
+    delta = (dbl[..., :r] @ dt_proj.t()).transpose(1, 2)
+
+    def cols(start):                                                # b l 2n -> b 1 n l complex
+        M2 = dbl[..., start:start + 2 * n].reshape(b, L, n, 2)
+        return torch.view_as_complex(M2.contiguous()).transpose(1, 2)[:, None]
+    Bm = cols(r) if Bf is None else Bf[None, :, :, None].expand(b, d, n, L)
+    Cm = cols(dbl.shape[-1] - 2 * n) if Cf is None else Cf[None, :, :, None].expand(b, d, n, L)
+    y = R.selective_scan_ref(x, delta, A, Bm, Cm, D, z, dt_bias, True)
+    ref = y.transpose(1, 2) @ out_w.t() + out_b
+    assert_close("out", out, ref, TOL)
 
 
 @pytest.mark.parametrize("rms,fixed", [(False, None), (True, None), (False, "B"),
