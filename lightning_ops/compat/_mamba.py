@@ -203,6 +203,8 @@ def selective_scan_fn(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     (S4D-style) is served as mamba-ssm defines it (variable B / C real [B, N, 2L] with
     interleaved (real, imag) pairs; y = 2 Re(C . h); last_state complex) by the spec's token
     loop under autograd: exact, not fast."""
+    if delta_softplus is None:  # mamba-ssm's own ssd_selective_scan passes None (pybind: False)
+        delta_softplus = False
     if A.is_complex():
         return _complex_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                              return_last_state)
@@ -332,6 +334,105 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
     return y, varlen
 
 
+def _split_conv1d_dims(zxbcdt, conv1d_weight, dt_bias, A, D, headdim, ngroups):
+    """(nheads, headdim, dstate, d_nonssm) of mamba_split_conv1d_scan_combined's inputs, with
+    mamba-ssm's layout rules, each mismatch named."""
+    fn = "mamba_split_conv1d_scan_combined"
+    if not isinstance(D, Tensor) or D.dim() not in (1, 2):
+        raise ValueError(f"{fn}: D must have shape [nheads] or [nheads, headdim], got "
+                         f"{None if not isinstance(D, Tensor) else list(D.shape)}")
+    if D.dim() == 1:
+        if headdim is None:
+            raise ValueError(f"{fn}: headdim must be given when D has shape [nheads]")
+        nheads = D.shape[0]
+    else:
+        nheads, headdim = D.shape
+    if not isinstance(ngroups, int) or ngroups < 1 or nheads % ngroups:
+        raise ValueError(f"{fn}: ngroups must divide nheads = {nheads}, got {ngroups}")
+    if zxbcdt.dim() != 3:
+        raise ValueError(f"{fn}: zxbcdt must have shape [batch, seqlen, d] (3 dims), got "
+                         f"{list(zxbcdt.shape)}")
+    dim = nheads * headdim
+    if conv1d_weight.dim() != 2 or conv1d_weight.shape[0] <= dim or \
+            (conv1d_weight.shape[0] - dim) % (2 * ngroups):
+        raise ValueError(f"{fn}: conv1d_weight must have shape [dim + 2 * ngroups * dstate, "
+                         f"width] with dim = nheads * headdim = {dim}, ngroups = {ngroups}, "
+                         f"got {list(conv1d_weight.shape)}")
+    dstate = (conv1d_weight.shape[0] - dim) // ngroups // 2
+    rest = zxbcdt.shape[-1] - 2 * dim - 2 * ngroups * dstate - nheads
+    if rest < 0 or rest % 2:
+        raise ValueError(f"{fn}: zxbcdt must have shape [batch, seqlen, 2 * d_nonssm + 2 * dim "
+                         f"+ 2 * ngroups * dstate + nheads] with dim = {dim}, ngroups * dstate "
+                         f"= {ngroups * dstate}, nheads = {nheads}, got {list(zxbcdt.shape)}")
+    for name, t in (("dt_bias", dt_bias), ("A", A)):
+        if not isinstance(t, Tensor) or tuple(t.shape) != (nheads,):
+            raise ValueError(f"{fn}: {name} must have shape [nheads] = [{nheads}], got "
+                             f"{None if not isinstance(t, Tensor) else list(t.shape)}")
+    return nheads, headdim, dstate, rest // 2
+
+
+def mamba_split_conv1d_scan_combined(zxbcdt: Tensor, conv1d_weight: Tensor,
+                                     conv1d_bias: Optional[Tensor], dt_bias: Tensor, A: Tensor,
+                                     D: Tensor, chunk_size: int,
+                                     initial_states: Optional[Tensor] = None,
+                                     seq_idx: Optional[Tensor] = None,
+                                     dt_limit: Tuple[float, float] = (0.0, float("inf")),
+                                     return_final_states: bool = False, activation="silu",
+                                     rmsnorm_weight: Optional[Tensor] = None,
+                                     rmsnorm_eps: float = 1e-6,
+                                     outproj_weight: Optional[Tensor] = None,
+                                     outproj_bias: Optional[Tensor] = None,
+                                     headdim: Optional[int] = None, ngroups: int = 1,
+                                     norm_before_gate: bool = True):
+    """mamba_ssm.ops.triton.ssd_combined.mamba_split_conv1d_scan_combined: Mamba-2's block
+    after in_proj (what mamba-ssm's Mamba2 and Hugging Face's Mamba-2 / Bamba / Nemotron-H /
+    Zamba2 call in training), over our conv, SSD and gated norm:
+
+        zx0 (2 d_nonssm), z, xBC, dt = zxbcdt.split(...);  x, B, C = act(conv1d(xBC))
+        y = ssd(x, dt, A, B, C, D, dt_bias, softplus, dt_limit) (z gate here without the norm)
+        y = rmsnorm(y, gate z, groups of dim / ngroups);  y = [silu(zx0_a) * zx0_b, y]
+        out = outproj(y)
+
+    zxbcdt [batch, seqlen, 2 d_nonssm + 2 dim + 2 ngroups dstate + nheads]; conv1d_weight
+    [dim + 2 ngroups dstate, width]; D [nheads] (then headdim given) or [nheads, headdim];
+    seq_idx [batch, seqlen] resets the conv and the state. Returns out, or (out, final_states
+    [batch, nheads, headdim, dstate]) with return_final_states."""
+    _check_activation(activation)
+    check_bool("mamba_split_conv1d_scan_combined", "return_final_states", return_final_states)
+    h, p, n, d_nonssm = _split_conv1d_dims(zxbcdt, conv1d_weight, dt_bias, A, D, headdim,
+                                           ngroups)
+    b, l, _ = zxbcdt.shape
+    dim, gn = h * p, ngroups * n
+    if rmsnorm_weight is not None and tuple(rmsnorm_weight.shape) != (dim,):
+        raise ValueError(f"mamba_split_conv1d_scan_combined: rmsnorm_weight must have shape "
+                         f"[dim] = [{dim}], got {list(rmsnorm_weight.shape)}")
+    if outproj_weight is None and outproj_bias is not None:
+        raise ValueError("mamba_split_conv1d_scan_combined: outproj_bias without outproj_weight")
+    zx0, z, xBC, dt = torch.split(zxbcdt, [2 * d_nonssm, dim, dim + 2 * gn, h], dim=-1)
+    xBC = causal_conv1d_fn(xBC.transpose(1, 2), conv1d_weight, conv1d_bias, seq_idx,
+                           activation=activation).transpose(1, 2)
+    x, B, C = torch.split(xBC, [dim, gn, gn], dim=-1)
+    z = z.reshape(b, l, h, p)
+    res = mamba_chunk_scan_combined(
+        x.reshape(b, l, h, p), dt, A, B.reshape(b, l, ngroups, n), C.reshape(b, l, ngroups, n),
+        chunk_size, D=D, z=z if rmsnorm_weight is None else None, dt_bias=dt_bias,
+        initial_states=initial_states, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit,
+        return_final_states=return_final_states)
+    y, final = res if return_final_states else (res, None)
+    y = y.reshape(b, l, dim)
+    if rmsnorm_weight is not None:
+        from ..norm import gated_norm
+        y = gated_norm(y, rmsnorm_weight, None, z.reshape(b, l, dim), rmsnorm_eps,
+                       dim // ngroups, bool(norm_before_gate))
+    if d_nonssm:
+        za, zb = zx0.chunk(2, dim=-1)  # swiglu in float32 at least, as mamba-ssm's kernel
+        acc = torch.promote_types(za.dtype, torch.float32)
+        y = torch.cat([(F.silu(za.to(acc)) * zb.to(acc)).to(y.dtype), y], dim=-1)
+    if outproj_weight is not None:
+        y = F.linear(y, outproj_weight, outproj_bias)
+    return (y, final) if return_final_states else y
+
+
 def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor,
                            C: Tensor, D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                            dt_bias: Optional[Tensor] = None, dt_softplus: bool = False,
@@ -348,4 +449,5 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
 
 
 __all__ = ["causal_conv1d_fn", "causal_conv1d_update", "selective_scan_fn", "mamba_inner_fn",
-           "mamba_chunk_scan_combined", "selective_state_update"]
+           "mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined",
+           "selective_state_update"]

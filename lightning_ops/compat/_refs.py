@@ -34,6 +34,7 @@ Tensor = torch.Tensor
 # names the mirror modules export that are references (never patched over an installed peer)
 REFERENCES = frozenset({
     "selective_scan_ref", "mamba_inner_ref", "selective_state_update_ref",
+    "mamba_split_conv1d_scan_ref",
     "causal_conv1d_ref", "causal_conv1d_update_ref", "causal_conv1d_varlen_states_ref",
     "naive_recurrent_gla", "naive_recurrent_simple_gla", "naive_recurrent_linear_attn",
     "naive_chunk_linear_attn", "delta_rule_recurrence", "naive_recurrent_gated_delta_rule",
@@ -190,6 +191,46 @@ def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_we
     return mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                           out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias,
                           C_proj_bias, delta_softplus)
+
+
+def mamba_split_conv1d_scan_ref(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,
+                                dt_limit=(0.0, float("inf")), activation="silu",
+                                rmsnorm_weight=None, rmsnorm_eps=1e-6, outproj_weight=None,
+                                outproj_bias=None, headdim=None, ngroups=1,
+                                norm_before_gate=True):
+    """mamba_ssm.ops.triton.ssd_combined.mamba_split_conv1d_scan_ref: Mamba-2's block after
+    in_proj over the spec (the conv, the SSD token loop, a gated RMSNorm written out), no zx0
+    part (d_nonssm = 0), as mamba-ssm's reference; like it, the RMSNorm spans all of dim even
+    with ngroups > 1 (the fused function normalises each group on its own). chunk_size: unused
+    (the spec has no chunks). Returns out [batch, seqlen, dim or out_dim]."""
+    from .mamba_ssm.ops.triton.layernorm_gated import rms_norm_ref
+    from ._mamba import _check_activation, _split_conv1d_dims
+    _check_activation(activation)
+    h, p, n, d_nonssm = _split_conv1d_dims(zxbcdt, conv1d_weight, dt_bias, A, D, headdim,
+                                           ngroups)
+    if d_nonssm:
+        raise ValueError(f"mamba_split_conv1d_scan_ref: zxbcdt must have shape [batch, seqlen, "
+                         f"2 * dim + 2 * ngroups * dstate + nheads] (no d_nonssm part), got "
+                         f"{list(zxbcdt.shape)}")
+    b, l, _ = zxbcdt.shape
+    dim, gn = h * p, ngroups * n
+    z, xBC, dt = torch.split(zxbcdt, [dim, dim + 2 * gn, h], dim=-1)
+    xBC = spec.causal_conv1d_ref(xBC.transpose(1, 2), conv1d_weight, conv1d_bias,
+                                 activation=activation).transpose(1, 2)
+    x, B, C = torch.split(xBC, [dim, gn, gn], dim=-1)
+    z = z.reshape(b, l, h, p)
+    y, _ = spec.ssd_ref(x.reshape(b, l, h, p), dt, A, B.reshape(b, l, ngroups, n),
+                        C.reshape(b, l, ngroups, n), D=D,
+                        z=z if rmsnorm_weight is None else None, dt_bias=dt_bias,
+                        dt_softplus=True, dt_limit=tuple(dt_limit))
+    y = y.reshape(b, l, dim)
+    if rmsnorm_weight is not None:  # over all of dim, as mamba-ssm's reference (its fused
+        # function and Mamba2 normalise each group of dim / ngroups channels on its own)
+        y = rms_norm_ref(y, rmsnorm_weight, None, z.reshape(b, l, dim), rmsnorm_eps, None,
+                         norm_before_gate)
+    if outproj_weight is not None:
+        y = F.linear(y, outproj_weight, outproj_bias)
+    return y
 
 
 def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,

@@ -399,3 +399,108 @@ def test_selective_state_update_batch_indices():
     o1 = M.selective_state_update(st1, x, dt, A, B, C, D, z, dt_bias, True)
     o2 = lo.selective_state_update(st2, x, dt, A, B, C, D, z, dt_bias, True)
     assert torch.equal(o1, o2) and torch.equal(st1, st2)
+
+
+# ---------------------------------------------------------------------------------------------
+# mamba-ssm: mamba_split_conv1d_scan_combined (Mamba-2's block after in_proj; what mamba-ssm's
+# Mamba2 and Hugging Face's Mamba-2 family call in training)
+# ---------------------------------------------------------------------------------------------
+def _mamba2_layer(d_ssm, ngroups, rmsnorm, norm_before_gate, D_has_hdim):
+    layers = pytest.importorskip("lightning_ops.layers")
+    torch.manual_seed(0)
+    m = layers.Mamba2(d_model=12, d_state=4, d_conv=4, expand=2, headdim=4, d_ssm=d_ssm,
+                      ngroups=ngroups, rmsnorm=rmsnorm, norm_before_gate=norm_before_gate,
+                      D_has_hdim=D_has_hdim, dt_limit=(0.0, 0.3), bias=True, chunk_size=8,
+                      dtype=f64).to(f64)  # A_log, D, dt_bias too (float32 by default)
+    with torch.no_grad():  # away from the init's ones / zeros, so every term shows
+        for p in (m.D, m.conv1d.bias) + ((m.norm.weight,) if rmsnorm else ()):
+            p.copy_(torch.randn(p.shape, generator=_gen(7), dtype=f64))
+    return m
+
+
+def _split_call(m, zxbcdt, **kw):
+    return M.mamba_split_conv1d_scan_combined(
+        zxbcdt, m.conv1d.weight[:, 0], m.conv1d.bias, m.dt_bias, -m.A_log.exp(),
+        m.D.view(m.nheads, m.headdim) if m.D_has_hdim else m.D, m.chunk_size, dt_limit=m.dt_limit, activation="silu",
+        rmsnorm_weight=m.norm.weight if m.rmsnorm else None,
+        rmsnorm_eps=m.norm.eps if m.rmsnorm else 1e-6, outproj_weight=m.out_proj.weight,
+        outproj_bias=m.out_proj.bias, headdim=None if m.D_has_hdim else m.headdim,
+        ngroups=m.ngroups, norm_before_gate=m.norm_before_gate, **kw)
+
+
+@pytest.mark.parametrize("d_ssm,ngroups,rmsnorm,nbg,hdim", [
+    (24, 1, True, False, False),    # Mamba2's defaults
+    (16, 2, True, True, True),      # a zx0 gated-MLP part (d_ssm < d_inner), grouped norm
+    (24, 3, False, False, False),   # no norm: the z gate inside the scan
+])
+def test_split_conv1d_scan_combined_is_the_mamba2_block(d_ssm, ngroups, rmsnorm, nbg, hdim):
+    """Against our Mamba2 layer (its own composition: in_proj split, ShortConvolution, SSD,
+    grouped gated RMSNorm, the gated MLP part, out_proj), outputs and every gradient."""
+    m = _mamba2_layer(d_ssm, ngroups, rmsnorm, nbg, hdim)
+    u = torch.randn(2, 11, 12, generator=_gen(1), dtype=f64, requires_grad=True)
+    ref = m(u)
+    out = _split_call(m, m.in_proj(u))
+    assert_close("out", out, ref, TOL)
+    g = torch.randn(ref.shape, generator=_gen(2), dtype=f64)
+    params = [u] + [p for p in m.parameters()]
+    got = torch.autograd.grad((out * g).sum(), params, allow_unused=True)
+    want = torch.autograd.grad((ref * g).sum(), params, allow_unused=True)
+    for i, (a, r) in enumerate(zip(got, want)):
+        assert (a is None) == (r is None), i
+        if a is not None:
+            assert_close(f"grad {i}", a, r, TOL)
+
+
+def test_split_conv1d_scan_combined_seq_idx_and_states():
+    """seq_idx resets the conv taps and the state; initial_states reach sequence id 0; the
+    final states are the SSD's (checked against the layer run per segment)."""
+    m = _mamba2_layer(24, 1, True, False, False)
+    u = torch.randn(1, 13, 12, generator=_gen(3), dtype=f64)
+    zx = m.in_proj(u)
+    seq_idx = torch.tensor([[0] * 6 + [1] * 7], dtype=torch.int32)
+    out = _split_call(m, zx, seq_idx=seq_idx)
+    parts = torch.cat([_split_call(m, zx[:, :6]), _split_call(m, zx[:, 6:])], dim=1)
+    assert_close("out", out, parts, TOL)
+    h0 = torch.randn(1, 6, 4, 4, generator=_gen(4), dtype=f64)
+    out, fin = _split_call(m, zx, initial_states=h0, return_final_states=True)
+    # the final state written out: the conv and the SSD token loop of the spec
+    xBC = R.causal_conv1d_ref(zx[..., 24:56].transpose(1, 2), m.conv1d.weight[:, 0],
+                              m.conv1d.bias, activation="silu").transpose(1, 2)
+    x, B, C = xBC.split([24, 4, 4], dim=-1)
+    _, fin_ref = R.ssd_ref(x.reshape(1, 13, 6, 4), zx[..., 56:], -m.A_log.exp(),
+                           B.reshape(1, 13, 1, 4), C.reshape(1, 13, 1, 4), m.D,
+                           dt_bias=m.dt_bias, initial_states=h0, dt_softplus=True,
+                           dt_limit=m.dt_limit)
+    assert_close("final", fin, fin_ref, TOL)
+    assert_close("out", out[:, :5], _split_call(m, zx[:, :5], initial_states=h0), TOL)
+
+
+def test_split_conv1d_scan_ref_and_errors():
+    from lightning_ops.compat._refs import mamba_split_conv1d_scan_ref
+    m = _mamba2_layer(24, 1, True, False, False)
+    u = torch.randn(2, 9, 12, generator=_gen(5), dtype=f64)
+    zx = m.in_proj(u)
+    args = (zx, m.conv1d.weight[:, 0], m.conv1d.bias, m.dt_bias, -m.A_log.exp(), m.D, 8)
+    kw = dict(dt_limit=m.dt_limit, rmsnorm_weight=m.norm.weight, rmsnorm_eps=m.norm.eps,
+              outproj_weight=m.out_proj.weight, outproj_bias=m.out_proj.bias, headdim=4,
+              norm_before_gate=False)
+    assert_close("ref", mamba_split_conv1d_scan_ref(*args, **kw),
+                 M.mamba_split_conv1d_scan_combined(*args, **kw), TOL)
+    with pytest.raises(ValueError, match=r"headdim must be given when D has shape \[nheads\]"):
+        M.mamba_split_conv1d_scan_combined(*args)
+    with pytest.raises(ValueError, match=r"zxbcdt must have shape \[batch, seqlen, 2 \* d_nonssm"):
+        M.mamba_split_conv1d_scan_combined(zx[..., 1:], *args[1:], headdim=4)
+    with pytest.raises(ValueError, match=r"A must have shape \[nheads\] = \[6\], got \[5\]"):
+        M.mamba_split_conv1d_scan_combined(*args[:4], args[4][:5], *args[5:], headdim=4)
+    with pytest.raises(ValueError, match=r"ngroups must divide nheads = 6, got 4"):
+        M.mamba_split_conv1d_scan_combined(*args, headdim=4, ngroups=4)
+
+
+def test_selective_scan_delta_softplus_none_is_false():
+    """mamba-ssm's own ssd_selective_scan passes delta_softplus=None (its CUDA binding reads it
+    as False)."""
+    b, d, n, L = 1, 2, 3, 4
+    u, delta = _rand(b, d, L), _rand(b, d, L, seed=1).sigmoid()
+    A, B = -_rand(d, n, seed=2).exp(), _rand(b, n, L, seed=3)
+    assert torch.equal(M.selective_scan_fn(u, delta, A, B, B, delta_softplus=None),
+                       M.selective_scan_fn(u, delta, A, B, B, delta_softplus=False))

@@ -155,6 +155,8 @@ MAMBA_SSM = {
     },
     "mamba_ssm.ops.triton.ssd_combined": {
         "mamba_chunk_scan_combined": "(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float('inf')), return_final_states=False, return_varlen_states=False)",
+        "mamba_split_conv1d_scan_combined": "(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, initial_states=None, seq_idx=None, dt_limit=(0.0, float('inf')), return_final_states=False, activation='silu', rmsnorm_weight=None, rmsnorm_eps=1e-06, outproj_weight=None, outproj_bias=None, headdim=None, ngroups=1, norm_before_gate=True)",
+        "mamba_split_conv1d_scan_ref": "(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, dt_limit=(0.0, float('inf')), activation='silu', rmsnorm_weight=None, rmsnorm_eps=1e-06, outproj_weight=None, outproj_bias=None, headdim=None, ngroups=1, norm_before_gate=True)",
     },
     "mamba_ssm.ops.triton.selective_state_update": {
         "selective_state_update": "(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, state_batch_indices=None)",
@@ -318,7 +320,9 @@ CLAIMED_MODULES: Dict[str, List[str]] = {
     "mamba_ssm.ops.selective_scan_interface": ["selective_scan_fn", "mamba_inner_fn",
                                                "selective_scan_ref", "mamba_inner_ref"],
     "mamba_ssm.ops.triton": [],
-    "mamba_ssm.ops.triton.ssd_combined": ["mamba_chunk_scan_combined"],
+    "mamba_ssm.ops.triton.ssd_combined": ["mamba_chunk_scan_combined",
+                                          "mamba_split_conv1d_scan_combined",
+                                          "mamba_split_conv1d_scan_ref"],
     "mamba_ssm.ops.triton.selective_state_update": ["selective_state_update",
                                                     "selective_state_update_ref"],
     "mamba_ssm.ops.triton.layernorm_gated": ["layernorm_fn", "rmsnorm_fn", "rms_norm_ref",
@@ -354,10 +358,8 @@ NOT_SERVED = {
     "fla.ops.delta_rule.naive": ["delta_rule_chunkwise", "delta_rule_parallel"],
     "mamba_ssm": ["Mamba3", "MambaLMHeadModel"],
     "mamba_ssm.ops.triton.ssd_combined": ["mamba_chunk_scan",
-                                          "mamba_split_conv1d_scan_combined",
                                           "ssd_chunk_scan_combined_ref", "ssd_selective_scan",
-                                          "mamba_conv1d_scan_ref",
-                                          "mamba_split_conv1d_scan_ref"],
+                                          "mamba_conv1d_scan_ref"],
     # the autograd.Function behind layernorm_fn (call layernorm_fn / rmsnorm_fn instead)
     "mamba_ssm.ops.triton.layernorm_gated": ["LayerNormFn"],
 }
