@@ -220,9 +220,8 @@ def patch_fla(layers: bool = True) -> str:
 def patch_mamba_ssm(layers: bool = True) -> str:
     """Make `mamba_ssm` imports resolve to lightning_ops: selective_scan_fn, mamba_inner_fn,
     mamba_chunk_scan_combined, mamba_split_conv1d_scan_combined, selective_state_update, the
-    gated norms of
-    mamba_ssm.ops.triton.layernorm_gated (layernorm_fn, rmsnorm_fn, LayerNorm, RMSNorm) and,
-    unless layers=False, Mamba / Mamba2. Returns 'replace' or 'alias' (see patch_fla)."""
+    gated norms of mamba_ssm.ops.triton.layernorm_gated (layernorm_fn, rmsnorm_fn, LayerNorm,
+    RMSNorm) and, unless layers=False, Mamba / Mamba2. Returns 'replace' or 'alias' (see patch_fla)."""
     return _patch("mamba_ssm", layers)
 
 
