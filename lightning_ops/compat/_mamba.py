@@ -383,7 +383,8 @@ def mamba_split_conv1d_scan_combined(zxbcdt: Tensor, conv1d_weight: Tensor,
                                      outproj_weight: Optional[Tensor] = None,
                                      outproj_bias: Optional[Tensor] = None,
                                      headdim: Optional[int] = None, ngroups: int = 1,
-                                     norm_before_gate: bool = True):
+                                     norm_before_gate: bool = True,
+                                     state_dtype: Optional[torch.dtype] = None):
     """mamba_ssm.ops.triton.ssd_combined.mamba_split_conv1d_scan_combined: Mamba-2's block
     after in_proj (what mamba-ssm's Mamba2 and Hugging Face's Mamba-2 / Bamba / Nemotron-H /
     Zamba2 call in training), over our conv, SSD and gated norm:
@@ -396,7 +397,8 @@ def mamba_split_conv1d_scan_combined(zxbcdt: Tensor, conv1d_weight: Tensor,
     zxbcdt [batch, seqlen, 2 d_nonssm + 2 dim + 2 ngroups dstate + nheads]; conv1d_weight
     [dim + 2 ngroups dstate, width]; D [nheads] (then headdim given) or [nheads, headdim];
     seq_idx [batch, seqlen] resets the conv and the state. Returns out, or (out, final_states
-    [batch, nheads, headdim, dstate]) with return_final_states."""
+    [batch, nheads, headdim, dstate]) with return_final_states: in state_dtype (the last
+    parameter, as in mamba-ssm's main branch) or else x's dtype, as mamba_chunk_scan_combined."""
     _check_activation(activation)
     check_bool("mamba_split_conv1d_scan_combined", "return_final_states", return_final_states)
     h, p, n, d_nonssm = _split_conv1d_dims(zxbcdt, conv1d_weight, dt_bias, A, D, headdim,
@@ -417,7 +419,7 @@ def mamba_split_conv1d_scan_combined(zxbcdt: Tensor, conv1d_weight: Tensor,
         x.reshape(b, l, h, p), dt, A, B.reshape(b, l, ngroups, n), C.reshape(b, l, ngroups, n),
         chunk_size, D=D, z=z if rmsnorm_weight is None else None, dt_bias=dt_bias,
         initial_states=initial_states, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit,
-        return_final_states=return_final_states)
+        return_final_states=return_final_states, state_dtype=state_dtype)
     y, final = res if return_final_states else (res, None)
     y = y.reshape(b, l, dim)
     if rmsnorm_weight is not None:

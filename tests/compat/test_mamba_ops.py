@@ -473,6 +473,9 @@ def test_split_conv1d_scan_combined_seq_idx_and_states():
                            dt_limit=m.dt_limit)
     assert_close("final", fin, fin_ref, TOL)
     assert_close("out", out[:, :5], _split_call(m, zx[:, :5], initial_states=h0), TOL)
+    _, fin32 = _split_call(m, zx, initial_states=h0, return_final_states=True,
+                           state_dtype=torch.float32)
+    assert fin.dtype == f64 and fin32.dtype == torch.float32
 
 
 def test_split_conv1d_scan_ref_and_errors():

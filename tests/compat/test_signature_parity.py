@@ -212,6 +212,8 @@ PEER_SIGNATURES: Dict[str, Dict[str, str]] = {**FLA_OPS, **FLA_LAYERS, **MAMBA_S
 EXTENSIONS: Dict[Tuple[str, str], Dict[str, str]] = {
     ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"): {
         "state_dtype": "dtype of the returned final / varlen states (default: C's, as mamba-ssm)"},
+    ("mamba_ssm.ops.triton.ssd_combined", "mamba_split_conv1d_scan_combined"): {
+        "state_dtype": "dtype of the returned final states (mamba-ssm's main branch)"},
     ("fla.layers", "GatedLinearAttention"): {
         "device": "factory kwargs", "dtype": "factory kwargs",
         "**kwargs": "fla's layers take config extras; ours validate them"},
