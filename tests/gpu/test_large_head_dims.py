@@ -16,7 +16,7 @@ CASES = [(op, K, V) for op in ("chunk_linear_attn", "chunk_simple_gla", "lightni
                                "chunk_gla", "chunk_delta_rule", "chunk_gated_delta_rule",
                                "chunk_kda")
          for K, V in ((256, 256), (128, 512), (256, 512))]
-CASES += [(op, 512, V) for op in ("chunk_simple_gla", "chunk_gla") for V in (64, 512)]
+CASES += [("chunk_gla", 512, 64), ("chunk_simple_gla", 512, 512)]
 CASES += [("mamba_chunk_scan_combined", 256, 64), ("selective_scan_fn", 16, 256)]
 # the log-linear Gated DeltaNet: Triton forward (loglinear/triton_delta.py), torch recompute
 # backward
