@@ -510,14 +510,19 @@ def compile_launches(launches: List[dict], known: Dict[str, dict], jobs: int = 1
         ctx = mp.get_context("fork")
         pool = ctx.Pool(jobs)
         try:
-            for i, ((la, base), res) in enumerate(zip(todo, pool.imap(_compile_safe,
-                                                                      [t[0] for t in todo]))):
+            results = pool.imap(_compile_safe, [t[0] for t in todo])
+            for i, (la, base) in enumerate(todo):
+                left = budget_s - (time.time() - t0) if budget_s else None
+                if left is not None and left <= 0:
+                    break
+                try:  # the budget also cuts a long compile short (a big kernel's ptxas: minutes)
+                    res = results.next(timeout=left)
+                except mp.TimeoutError:
+                    break
                 finish(base, res, i)
                 done += 1
-                if budget_s and time.time() - t0 > budget_s:
-                    break
         finally:
-            pool.terminate()
+            pool.terminate()  # its workers' ptxas children: see _run_own_group
     for la, base in todo[done:]:  # over budget: reported, not written to the table
         rows.append(dict(base, fits="unchecked"))
     return rows
@@ -610,6 +615,23 @@ def _worker_main(argv):
     json.dump(rows, open(argv[2], "w"))
 
 
+def _run_own_group(cmd: List[str], env: dict) -> subprocess.CompletedProcess:
+    """Run cmd in its own process group and kill what is left of the group when it returns: a
+    time budget ends the worker pool with terminate(), which does not reach the ptxas processes
+    the workers started (a large kernel's ptxas runs for minutes, orphaned, on a CPU the rest
+    of the test suite needs)."""
+    import signal
+    p = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        rc = p.wait()
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return subprocess.CompletedProcess(cmd, rc)
+
+
 def check(pythons: List[str], jobs: int, table: str = TABLE, quick: bool = False,
           launches_json: str = "", budget_s: float = 0.0, strict: bool = False,
           record_args=()) -> int:
@@ -638,7 +660,7 @@ def check(pythons: List[str], jobs: int, table: str = TABLE, quick: bool = False
                  r.get("fits") == "NO"}  # compile errors are retried
         kj, oj = os.path.join(tmp, "known.json"), os.path.join(tmp, "rows.json")
         json.dump(known, open(kj, "w"))
-        r = subprocess.run([py, __file__, "compile-worker", lj, kj, oj, str(jobs),
+        r = _run_own_group([py, __file__, "compile-worker", lj, kj, oj, str(jobs),
                             str(budget_s)], env=env)
         if r.returncode:
             print(f"compile worker under {py} failed (exit {r.returncode})", flush=True)

@@ -88,3 +88,27 @@ def test_sm90_resources_fit(tmp_path):
                        timeout=3600)
     print(r.stdout[-6000:])
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+
+
+def test_compile_worker_leaves_no_orphans(tmp_path):
+    """A worker's own children (ptxas, minutes on a large kernel) die with the worker's process
+    group when the budget ends it: nothing keeps burning the CPU the rest of the suite needs."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import sm90_resources as R
+    pid_file = tmp_path / "child.pid"
+    code = ("import subprocess, sys; p = subprocess.Popen(['sleep', '300']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid))")
+    r = R._run_own_group([sys.executable, "-c", code], env=dict(os.environ))
+    assert r.returncode == 0
+    pid = int(pid_file.read_text())
+    import time
+    for _ in range(50):  # gone, or a zombie left for init to reap
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in "ZX":
+                    return
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        time.sleep(0.1)
+    os.kill(pid, 9)
+    raise AssertionError("the worker's child outlived it")
