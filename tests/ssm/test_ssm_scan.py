@@ -18,6 +18,7 @@ ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
     (2, 3, 16, 300, None, True),     # not a multiple of the chunk
     (1, 2, 4, 300, None, False),
     (1, 4, 2, 130, 1, True),         # G = 1 in the 4-dim form
+    (1, 4, 40, 9, 1, True),          # N > 16: fewer channels per Triton program (BD = 2)
 ])
 def test_selective_scan_parity(cfg, b, d, n, L, groups, full):
     backend, dtype, device, tol, metric = cfg
@@ -104,6 +105,15 @@ def test_selective_scan_validation(bad, match):
 
 
 @requires_triton
+def test_triton_scan_tile_shrinks_with_the_state():
+    """[BD, BN, TC] stays at 8 x 16 x 32 elements: BD 8 at N <= 16, 1 at N >= 128 (and never
+    more than the group's channels allow)."""
+    from lightning_ops.ssm import triton as S
+    assert [S._scan_block(64, n) for n in (1, 16, 17, 32, 64, 128, 256)] == [8, 8, 4, 4, 2, 1, 1]
+    assert S._scan_block(6, 16) == 2 and S._scan_block(3, 16) == 1
+
+
+@requires_triton
 @pytest.mark.parametrize("cap", [None, 1], ids=["one-partial-per-block", "capped"])
 def test_triton_scan_partial_buffers_bounded(monkeypatch, cap):
     """The Triton backward sums dB / dC over channel blocks in bounded partial buffers: with
@@ -114,7 +124,7 @@ def test_triton_scan_partial_buffers_bounded(monkeypatch, cap):
     if cap is not None:
         monkeypatch.setattr(S, "PARTIAL_CAP_BYTES", cap)
     b, d, n, L, G = 1, 32, 2, 33, 2       # 16 channels per group: two blocks of 8
-    assert S._blocks_per_partial(b, d // S._scan_block(d // G), G, n, L) == (1 if cap is None
+    assert S._blocks_per_partial(b, d // S._scan_block(d // G, n), G, n, L) == (1 if cap is None
                                                                            else 2)
     inp = scan_inputs(b, d, n, L, G, dtype=torch.float32, device=triton_device(), seed=7)
     ref_in = as_ref(inp)
