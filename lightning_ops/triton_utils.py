@@ -47,19 +47,22 @@ def next_pow2(n: int, minimum: int = 16) -> int:
 #  4. num_warps: 8 once a program holds >= 128 x 64 fp32 of state tile, else 4; num_stages
 #     left at Triton's default (3) unless the table shows the default does not fit: a loop
 #     whose body loads [64, K] tiles with the full K buffers them once per stage, so such loops
-#     take full_k_stages(K) (3 up to K = 64, 2 up to 128, 1 above).
+#     take full_k_stages(K) (3 up to K = 64, 2 up to 128, 1 above; fp32 tiles count double
+#     where the table showed it needed: the walk backward).
 # ---------------------------------------------------------------------------------------------
 SM90_SHARED_LIMIT = 232448       # bytes of shared memory one block may use on sm_90 (227 KB)
 GRID_YZ_MAX = 65535              # CUDA limit on grid axes y and z
 PARTIAL_MAX_BYTES = 256 << 20    # cap on a launcher's scratch of per-block partial sums
 
 
-def full_k_stages(K: int) -> int:
+def full_k_stages(K: int, itemsize: int = 2) -> int:
     """num_stages of a kernel whose pipelined loop loads [64, K] tiles with the whole K (rule 4):
     each stage buffers them, so at K = 256 the default 3 stages need 245-546 KB of shared
     memory (sm_90 has 227 KB); 2 stages at K = 128 (fp16 walk backward: 250 -> 181 KB),
-    1 above."""
-    k = next_pow2(K)
+    1 above. itemsize: bytes per tile element; 4-byte (fp32) tiles count as twice the K (the
+    fp32 walk backward under triton 3.6: 295 KB at K = 64 with 3 stages, 279-328 KB at
+    K = 128 with 2)."""
+    k = next_pow2(K) * max(1, itemsize // 2)
     return 3 if k <= 64 else 2 if k <= 128 else 1
 
 _PRETEND_SMS: list = []          # set by pretend_gpu(): launch rules choose as on that GPU

@@ -684,7 +684,8 @@ def _chunk_backward(q, k, v, g, beta, scale, h0, cu_seqlens, use_l2, do, dht):
         p.q, p.k, w, do, p.gc, Aqk, dhs, dv_new, dht, dh0, p.cu, meta.offsets, scale, T,
         meta.NT, H=H, K=K, V=V, BK=next_pow2(K), BV=BV, GATE=GATE, USE_DHT=dht is not None,
         STORE_DH0=dh0 is not None, IS_VARLEN=meta.is_varlen, DT=DT, DT_S=DT_S, PREC=PREC,
-        num_warps=_walk_warps(K, BV), num_stages=full_k_stages(K))
+        num_warps=_walk_warps(K, BV),
+        num_stages=full_k_stages(K, 4 if DT == tl.float32 else 2))
     # output and state parts of dq, dk, dg: the GLA kernel with v_new for v
     BK, BVo = min(64, next_pow2(K)), min(64, next_pow2(V))
     NK = triton.cdiv(K, BK)
