@@ -334,6 +334,16 @@ def mamba_chunk_scan_combined(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
     return y, varlen
 
 
+def mamba_chunk_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int,
+                     D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                     dt_bias: Optional[Tensor] = None, dt_softplus: bool = False) -> Tensor:
+    """mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan: mamba-ssm's unfused SSD (its chunk
+    kernels called one by one); the same math as mamba_chunk_scan_combined, which serves it.
+    Returns out [b, l, h, p]."""
+    return mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
+                                     dt_softplus=dt_softplus)
+
+
 def _split_conv1d_dims(zxbcdt, conv1d_weight, dt_bias, A, D, headdim, ngroups):
     """(nheads, headdim, dstate, d_nonssm) of mamba_split_conv1d_scan_combined's inputs, with
     mamba-ssm's layout rules, each mismatch named."""
@@ -451,5 +461,5 @@ def selective_state_update(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: T
 
 
 __all__ = ["causal_conv1d_fn", "causal_conv1d_update", "selective_scan_fn", "mamba_inner_fn",
-           "mamba_chunk_scan_combined", "mamba_split_conv1d_scan_combined",
+           "mamba_chunk_scan_combined", "mamba_chunk_scan", "mamba_split_conv1d_scan_combined",
            "selective_state_update"]

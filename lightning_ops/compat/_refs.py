@@ -34,7 +34,8 @@ Tensor = torch.Tensor
 # names the mirror modules export that are references (never patched over an installed peer)
 REFERENCES = frozenset({
     "selective_scan_ref", "mamba_inner_ref", "selective_state_update_ref",
-    "mamba_split_conv1d_scan_ref",
+    "mamba_split_conv1d_scan_ref", "ssd_selective_scan", "ssd_chunk_scan_combined_ref",
+    "mamba_conv1d_scan_ref",
     "causal_conv1d_ref", "causal_conv1d_update_ref", "causal_conv1d_varlen_states_ref",
     "naive_recurrent_gla", "naive_recurrent_simple_gla", "naive_recurrent_linear_attn",
     "naive_chunk_linear_attn", "delta_rule_recurrence", "naive_recurrent_gated_delta_rule",
@@ -191,6 +192,77 @@ def mamba_inner_ref(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_we
     return mamba_inner_fn(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight,
                           out_proj_weight, out_proj_bias, A, B, C, D, delta_bias, B_proj_bias,
                           C_proj_bias, delta_softplus)
+
+
+def ssd_selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                       dt_limit=(0.0, float("inf"))):
+    """mamba_ssm.ops.triton.ssd_combined.ssd_selective_scan: the SSD written as Mamba-1's
+    selective scan over the h * p channels, over the served selective_scan_fn (as mamba-ssm's
+    over its own). x [b, l, h, p]; dt [b, l, h] or [b, l, h, p]; A [h] or [h * p, n]; B / C
+    [b, l, g, n]; D [h] or [h, p]; z x's shape; dt_bias [h] or [h, p]. A dt_limit other than
+    (0, inf) is applied to dt (bias, softplus, clamp) before the scan. Returns [b, l, h, p]."""
+    from ._mamba import selective_scan_fn
+    b, l, h, p = x.shape
+    n = B.shape[-1]
+
+    def per_channel(t):                              # [h] or [h, p] -> [h * p]
+        return t[:, None].expand(h, p).reshape(h * p) if t.dim() == 1 else t.reshape(h * p)
+
+    u = x.reshape(b, l, h * p).transpose(1, 2)
+    delta = (dt[..., None].expand(b, l, h, p) if dt.dim() == 3 else dt)
+    delta = delta.reshape(b, l, h * p).transpose(1, 2)
+    A2 = (A[:, None, None].expand(h, p, n).reshape(h * p, n) if A.dim() == 1 else A).float()
+    bias = None if dt_bias is None else per_channel(dt_bias)
+    softplus = bool(dt_softplus)
+    if tuple(dt_limit) != (0.0, float("inf")):
+        if bias is not None:
+            delta = delta + bias[:, None]
+        if softplus:
+            delta = F.softplus(delta)
+        delta = delta.clamp(min=dt_limit[0], max=dt_limit[1]).to(x.dtype)
+        bias, softplus = None, False
+    out = selective_scan_fn(u, delta, A2, B.permute(0, 2, 3, 1), C.permute(0, 2, 3, 1),
+                            None if D is None else per_channel(D),
+                            None if z is None else z.reshape(b, l, h * p).transpose(1, 2),
+                            bias, softplus)
+    return out.transpose(1, 2).reshape(b, l, h, p)
+
+
+def ssd_chunk_scan_combined_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None,
+                                dt_softplus=False):
+    """mamba_ssm.ops.triton.ssd_combined.ssd_chunk_scan_combined_ref: the SSD over the spec's
+    token loop (chunk_size: unused, the spec has no chunks). Returns out [b, l, h, p]."""
+    return spec.ssd_ref(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
+                        dt_softplus=bool(dt_softplus))[0]
+
+
+def mamba_conv1d_scan_ref(xBC, conv1d_weight, conv1d_bias, dt, A, chunk_size, D=None, z=None,
+                          dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
+                          activation="silu", headdim=None, ngroups=1):
+    """mamba_ssm.ops.triton.ssd_combined.mamba_conv1d_scan_ref: the causal conv of xBC
+    [b, l, dim + 2 ngroups dstate], split into x, B, C, then the SSD, over the spec. z
+    [b, l, dim] (or None: then D [h, p], or D [h] with headdim); dt [b, l, h]. Returns
+    [b, l, dim]."""
+    from ._mamba import _check_activation
+    _check_activation(activation)
+    h = A.shape[0]
+    if z is not None:
+        dim = z.shape[-1]
+    else:
+        if D is None or (D.dim() == 1 and headdim is None):
+            raise ValueError("mamba_conv1d_scan_ref: without z, pass D [h, p] or headdim")
+        dim = h * (D.shape[1] if D.dim() == 2 else headdim)
+    b, l, _ = xBC.shape
+    xBC = spec.causal_conv1d_ref(xBC.transpose(1, 2), conv1d_weight, conv1d_bias,
+                                 activation=activation).transpose(1, 2)
+    n = (xBC.shape[-1] - dim) // ngroups // 2
+    x, B, C = torch.split(xBC, [dim, ngroups * n, ngroups * n], dim=-1)
+    p = dim // h
+    y, _ = spec.ssd_ref(x.reshape(b, l, h, p), dt, A, B.reshape(b, l, ngroups, n),
+                        C.reshape(b, l, ngroups, n), D=D,
+                        z=None if z is None else z.reshape(b, l, h, p), dt_bias=dt_bias,
+                        dt_softplus=bool(dt_softplus), dt_limit=tuple(dt_limit))
+    return y.reshape(b, l, dim)
 
 
 def mamba_split_conv1d_scan_ref(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size,

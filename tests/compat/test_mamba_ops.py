@@ -507,3 +507,39 @@ def test_selective_scan_delta_softplus_none_is_false():
     A, B = -_rand(d, n, seed=2).exp(), _rand(b, n, L, seed=3)
     assert torch.equal(M.selective_scan_fn(u, delta, A, B, B, delta_softplus=None),
                        M.selective_scan_fn(u, delta, A, B, B, delta_softplus=False))
+
+
+def test_ssd_combined_module_references():
+    """mamba-ssm's other ssd_combined names: mamba_chunk_scan (the unfused SSD) is the op;
+    ssd_chunk_scan_combined_ref the spec; ssd_selective_scan the SSD as Mamba-1's scan per
+    channel (A in float32, as mamba-ssm's), also with per-channel dt / dt_bias and an [h * p, n]
+    A; mamba_conv1d_scan_ref the conv and the SSD."""
+    from lightning_ops.compat import _refs as Rf
+    b, l, h, p, g, n = 2, 13, 4, 3, 2, 5
+    x, dt, A = _rand(b, l, h, p), _rand(b, l, h, seed=1).sigmoid(), -_rand(h, seed=2).exp()
+    B, C = _rand(b, l, g, n, seed=3), _rand(b, l, g, n, seed=4)
+    D, z, db = _rand(h, p, seed=5), _rand(b, l, h, p, seed=6), _rand(h, seed=7)
+    y_ref, _ = R.ssd_ref(x, dt, A, B, C, D=D, z=z, dt_bias=db, dt_softplus=True)
+    assert_close("mamba_chunk_scan", M.mamba_chunk_scan(x, dt, A, B, C, 8, D, z, db, True),
+                 y_ref, TOL)
+    assert_close("ssd_chunk_scan_combined_ref",
+                 Rf.ssd_chunk_scan_combined_ref(x, dt, A, B, C, 8, D, z, db, True), y_ref, TOL)
+    A32 = A.float().double()
+    y32, _ = R.ssd_ref(x, dt, A32, B, C, D=D, z=z, dt_bias=db, dt_softplus=True,
+                       dt_limit=(0.0, 0.6))
+    assert_close("ssd_selective_scan",
+                 Rf.ssd_selective_scan(x, dt, A, B, C, D, z, db, True, (0.0, 0.6)), y32, TOL)
+    Ahpn = A32[:, None, None].expand(h, p, n).reshape(h * p, n)
+    got = Rf.ssd_selective_scan(x, dt[..., None].expand(b, l, h, p), Ahpn, B, C, D, z,
+                                db[:, None].expand(h, p), True)
+    y32, _ = R.ssd_ref(x, dt, A32, B, C, D=D, z=z, dt_bias=db, dt_softplus=True)
+    assert_close("ssd_selective_scan per channel", got, y32, TOL)
+    xBC = _rand(b, l, h * p + 2 * g * n, seed=8)
+    w, cb = _rand(h * p + 2 * g * n, 4, seed=9), _rand(h * p + 2 * g * n, seed=10)
+    conv = R.causal_conv1d_ref(xBC.transpose(1, 2), w, cb, activation="silu").transpose(1, 2)
+    xs, Bs, Cs = conv.split([h * p, g * n, g * n], dim=-1)
+    want, _ = R.ssd_ref(xs.reshape(b, l, h, p), dt, A, Bs.reshape(b, l, g, n),
+                        Cs.reshape(b, l, g, n), D=D, z=z, dt_bias=db, dt_softplus=True)
+    got = Rf.mamba_conv1d_scan_ref(xBC, w, cb, dt, A, 8, D, z.reshape(b, l, h * p), db, True,
+                                   ngroups=g)
+    assert_close("mamba_conv1d_scan_ref", got, want.reshape(b, l, h * p), TOL)
