@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from lightning_ops import reference as spec
 
 from ._common import unsupported
-from ._mamba import _complex_scan, _fixed_bc, mamba_inner_fn
+from ._mamba import (_check_activation, _complex_scan, _fixed_bc, _split_conv1d_dims,
+                     mamba_inner_fn, selective_scan_fn)
 
 Tensor = torch.Tensor
 
@@ -201,7 +202,6 @@ def ssd_selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus
     over its own). x [b, l, h, p]; dt [b, l, h] or [b, l, h, p]; A [h] or [h * p, n]; B / C
     [b, l, g, n]; D [h] or [h, p]; z x's shape; dt_bias [h] or [h, p]. A dt_limit other than
     (0, inf) is applied to dt (bias, softplus, clamp) before the scan. Returns [b, l, h, p]."""
-    from ._mamba import selective_scan_fn
     b, l, h, p = x.shape
     n = B.shape[-1]
 
@@ -243,7 +243,6 @@ def mamba_conv1d_scan_ref(xBC, conv1d_weight, conv1d_bias, dt, A, chunk_size, D=
     [b, l, dim + 2 ngroups dstate], split into x, B, C, then the SSD, over the spec. z
     [b, l, dim] (or None: then D [h, p], or D [h] with headdim); dt [b, l, h]. Returns
     [b, l, dim]."""
-    from ._mamba import _check_activation
     _check_activation(activation)
     h = A.shape[0]
     if z is not None:
@@ -276,7 +275,6 @@ def mamba_split_conv1d_scan_ref(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, 
     with ngroups > 1 (the fused function normalises each group on its own). chunk_size: unused
     (the spec has no chunks). Returns out [batch, seqlen, dim or out_dim]."""
     from .mamba_ssm.ops.triton.layernorm_gated import rms_norm_ref
-    from ._mamba import _check_activation, _split_conv1d_dims
     _check_activation(activation)
     h, p, n, d_nonssm = _split_conv1d_dims(zxbcdt, conv1d_weight, dt_bias, A, D, headdim,
                                            ngroups)
@@ -284,22 +282,14 @@ def mamba_split_conv1d_scan_ref(zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, 
         raise ValueError(f"mamba_split_conv1d_scan_ref: zxbcdt must have shape [batch, seqlen, "
                          f"2 * dim + 2 * ngroups * dstate + nheads] (no d_nonssm part), got "
                          f"{list(zxbcdt.shape)}")
-    b, l, _ = zxbcdt.shape
-    dim, gn = h * p, ngroups * n
-    z, xBC, dt = torch.split(zxbcdt, [dim, dim + 2 * gn, h], dim=-1)
-    xBC = spec.causal_conv1d_ref(xBC.transpose(1, 2), conv1d_weight, conv1d_bias,
-                                 activation=activation).transpose(1, 2)
-    x, B, C = torch.split(xBC, [dim, gn, gn], dim=-1)
-    z = z.reshape(b, l, h, p)
-    y, _ = spec.ssd_ref(x.reshape(b, l, h, p), dt, A, B.reshape(b, l, ngroups, n),
-                        C.reshape(b, l, ngroups, n), D=D,
-                        z=z if rmsnorm_weight is None else None, dt_bias=dt_bias,
-                        dt_softplus=True, dt_limit=tuple(dt_limit))
-    y = y.reshape(b, l, dim)
+    dim = h * p
+    z, xBC, dt = torch.split(zxbcdt, [dim, dim + 2 * ngroups * n, h], dim=-1)
+    y = mamba_conv1d_scan_ref(xBC, conv1d_weight, conv1d_bias, dt, A, chunk_size, D,
+                              z if rmsnorm_weight is None else None, dt_bias, True, dt_limit,
+                              activation, p, ngroups)
     if rmsnorm_weight is not None:  # over all of dim, as mamba-ssm's reference (its fused
         # function and Mamba2 normalise each group of dim / ngroups channels on its own)
-        y = rms_norm_ref(y, rmsnorm_weight, None, z.reshape(b, l, dim), rmsnorm_eps, None,
-                         norm_before_gate)
+        y = rms_norm_ref(y, rmsnorm_weight, None, z, rmsnorm_eps, None, norm_before_gate)
     if outproj_weight is not None:
         y = F.linear(y, outproj_weight, outproj_bias)
     return y
